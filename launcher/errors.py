@@ -1,0 +1,50 @@
+"""Error codes (ciao's, so existing controllers understand them) and the exceptions that carry them."""
+
+from __future__ import annotations
+
+# Parsing and validation.
+INVALID_PAYLOAD = "invalid_payload"  # the body cannot be parsed at all
+INVALID_DATA = "invalid_data"  # parsed, but a field is wrong, missing or unknown
+# Admission.
+FULL_CN = "full_cn"
+NODE_MAINTENANCE = "node_maintenance"
+# State conflicts.
+NO_INSTANCE = "no_instance"
+ALREADY_RUNNING = "already_running"
+ALREADY_STOPPED = "already_stopped"
+INSTANCE_EXISTS = "instance_exists"
+INSTANCE_CORRUPT = "instance_corrupt"
+# Our addition: the instance's bounded inbox is full (ciao blocked instead, see reference §18).
+INSTANCE_BUSY = "instance_busy"
+# Virtualizer failures.
+IMAGE_FAILURE = "image_failure"
+NETWORK_FAILURE = "network_failure"
+LAUNCH_FAILURE = "launch_failure"
+STOP_FAILURE = "stop_failure"
+# Transport-level codes of the HTTP API.
+UNAUTHORIZED = "unauthorized"
+NOT_FOUND = "not_found"
+EVENTS_EXPIRED = "events_expired"
+TIMEOUT = "timeout"
+INTERNAL = "internal_error"
+
+
+class LauncherError(Exception):
+    """A failure that is reported to the caller as a ciao error code plus a human reason."""
+
+    def __init__(self, code: str, reason: str, instance_uuid: str = "") -> None:
+        super().__init__(f"{code}: {reason}")
+        self.code = code
+        self.reason = reason
+        self.instance_uuid = instance_uuid
+
+    def as_dict(self) -> dict[str, str]:
+        return {"error": self.code, "reason": self.reason, "instance_uuid": self.instance_uuid}
+
+
+class PayloadError(LauncherError):
+    """A command payload that is unparseable (`invalid_payload`) or wrong (`invalid_data`)."""
+
+
+class VirtualizerError(LauncherError):
+    """A virtualizer call failed; `code` is the ciao code of the phase (image_failure, launch_failure, ...)."""

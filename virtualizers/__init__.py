@@ -1,0 +1,1 @@
+"""Virtualizers: the pluggable backends that actually run VMs (see virtualizers/base.py)."""

@@ -1,0 +1,110 @@
+"""The Virtualizer contract (DESIGN.md §4) and the registry of virtualizer backends.
+
+A *backend* exists once per launcher process and holds what its VMs share (the fake hypervisor of the
+simulation, a libvirt connection and image store for QEMU). It hands out one `Virtualizer` per instance.
+
+Every `Virtualizer` method is called by the instance's actor, strictly one call at a time, so a virtualizer
+needs no locking. Async methods may be cancelled at any await. A failing call raises
+`launcher.errors.VirtualizerError` whose code is the ciao code of the phase (`image_failure`,
+`launch_failure`, ...); any other exception is treated by the actor as a bug of the virtualizer and reported
+with the same phase code.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Mapping
+from contextlib import AbstractAsyncContextManager
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any, Protocol
+
+import attrs
+
+from launcher.payloads import InstanceSpec
+
+ENTRY_POINT_GROUP = "launcher.virtualizers"
+
+
+class MonitorEvent(enum.Enum):
+    CONNECTED = "connected"  # the VM is up
+    CLOSED = "closed"  # the VM is down (or monitoring it became impossible)
+
+
+class MonitorInbox(Protocol):
+    """Where a monitor session posts its events; the actor reads them and calls connected()/lost_vm()."""
+
+    async def send(self, event: MonitorEvent) -> None: ...
+
+
+@attrs.frozen
+class VmStats:
+    """Usage figures of one VM; -1 means "cannot know"."""
+
+    memory_mb: int = -1  # PSS of the VM process, MiB
+    cpu_percent: int = -1  # % of the allotted vCPUs since the previous call (100 = all busy)
+    disk_mb: int = -1  # MiB allocated to the instance's own disk (the overlay)
+
+
+class Virtualizer(Protocol):
+    def init(self, spec: InstanceSpec, instance_dir: Path) -> None:
+        """Remember the instance's spec and directory. No I/O."""
+
+    async def ensure_backing_image(self) -> None:
+        """Make the image the instance boots from available. Fails with image_failure."""
+
+    async def create_image(self, user_data: str, meta_data: str, network_config: str | None) -> None:
+        """Create the per-instance disk and cloud-init seed. Fails with image_failure.
+
+        May be called again after a partial earlier attempt (launcher killed mid-START): it must overwrite."""
+
+    async def delete_image(self) -> None:
+        """Remove per-instance state kept outside the instance dir; never the shared backing image."""
+
+    async def start_vm(self) -> None:
+        """Boot the VM. Fails with launch_failure."""
+
+    async def monitor_vm(self, inbox: MonitorInbox, recover: bool) -> None:
+        """Watch the VM: send CONNECTED once it runs and CLOSED once it does not, then return.
+
+        Cancelling this task stops watching, never the VM. With recover=True (launcher start-up) it must tell
+        a VM that is gone (send CLOSED) from one still running (send CONNECTED)."""
+
+    async def stop_vm(self, grace: float) -> None:
+        """Ask the guest to power off, force it off after `grace` seconds; return once it is down."""
+
+    async def stats(self) -> VmStats:
+        """Current usage figures."""
+
+    def connected(self) -> None:
+        """Bookkeeping when the actor learns the VM is up (e.g. find its pid)."""
+
+    def lost_vm(self) -> None:
+        """Bookkeeping when the actor learns the VM is down."""
+
+
+class Backend(Protocol):
+    """Per-process state of one virtualizer kind."""
+
+    name: str
+
+    def new_virtualizer(self) -> Virtualizer:
+        """A fresh, uninitialised Virtualizer for one instance."""
+
+
+# What the entry point named after a virtualizer must be: called with that virtualizer's section of the
+# launcher config (e.g. the `simulation:` mapping) and the data dir. It raises ValueError on bad settings.
+OpenBackend = Callable[[Mapping[str, Any], Path], AbstractAsyncContextManager[Backend]]
+
+
+def available_backends() -> list[str]:
+    return sorted(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))
+
+
+def load_backend(name: str) -> OpenBackend:
+    """The backend opener registered under `name` in the `launcher.virtualizers` entry-point group."""
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name == name:
+            opener: OpenBackend = ep.load()
+            return opener
+    raise ValueError(f"unknown virtualizer {name!r}; available: {', '.join(available_backends()) or 'none'}")
