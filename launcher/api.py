@@ -1,0 +1,432 @@
+"""The HTTP API (contract in README.md), as a plain ASGI application served by hypercorn's trio worker.
+
+Handlers never wait on an actor while holding anything: they dispatch (synchronous), then wait on their own
+`Ticket` with a timeout. Errors are JSON `{"error", "reason", "instance_uuid"}` with the HTTP status of
+`STATUS_OF`. An unexpected exception is a bug: it is logged with its traceback and answered 500, and the
+launcher keeps serving.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+from urllib.parse import parse_qs
+
+import attrs
+import trio
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+from launcher import errors, payloads
+from launcher.errors import LauncherError
+from launcher.events import EventJournal, EventsExpired
+from launcher.instance import InstanceActor, Ticket
+from launcher.logs import InstanceLogs
+from launcher.payloads import Command, DeleteCommand, RestartCommand, StopCommand
+from launcher.stats import StatsReporter, instance_figures, node_figures
+from launcher.supervisor import Supervisor
+
+log = logging.getLogger(__name__)
+
+STATUS_OF = {
+    errors.INVALID_PAYLOAD: 400,
+    errors.INVALID_DATA: 400,
+    errors.UNAUTHORIZED: 401,
+    errors.NO_INSTANCE: 404,
+    errors.NOT_FOUND: 404,
+    errors.ALREADY_RUNNING: 409,
+    errors.ALREADY_STOPPED: 409,
+    errors.INSTANCE_EXISTS: 409,
+    errors.INSTANCE_CORRUPT: 409,
+    errors.EVENTS_EXPIRED: 410,
+    errors.FULL_CN: 503,
+    errors.NODE_MAINTENANCE: 503,
+    errors.INSTANCE_BUSY: 503,
+    # The command was valid but the virtualizer failed to carry it out.
+    errors.IMAGE_FAILURE: 502,
+    errors.NETWORK_FAILURE: 502,
+    errors.LAUNCH_FAILURE: 502,
+    errors.STOP_FAILURE: 502,
+    errors.INTERNAL: 500,
+}
+
+JSON = "application/json"
+NDJSON = "application/x-ndjson"
+ACCEPT_TIMEOUT_S = 30.0  # how long a START answer may wait for instance.json to be written
+
+
+@attrs.frozen
+class Request:
+    method: str
+    path: str
+    params: dict[str, str]  # from the route's pattern
+    query: dict[str, str]
+    headers: dict[str, str]
+    receive: Callable[[], Awaitable[dict[str, Any]]]
+
+    async def body(self, limit: int) -> bytes:
+        """The whole body; `invalid_payload` past `limit` bytes (read no further than that)."""
+        chunks, size = [], 0
+        while True:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":  # nobody will read the answer, but say why anyway
+                raise LauncherError(errors.INVALID_PAYLOAD, "the client went away before sending the whole body")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise LauncherError(errors.INVALID_PAYLOAD, f"payload is larger than the limit of {limit} bytes")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    def flag(self, name: str) -> bool:
+        return self.query.get(name, "") in ("1", "true", "yes")
+
+    def number(self, name: str, default: float | None) -> float | None:
+        raw = self.query.get(name)
+        if raw is None:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            value = -1.0
+        if not 0 <= value < 1e9:
+            raise LauncherError(errors.INVALID_DATA, f"query parameter {name}: expected a non-negative number")
+        return value
+
+
+@attrs.frozen
+class Response:
+    status: int
+    body: bytes
+    content_type: str = JSON
+
+    @classmethod
+    def json(cls, status: int, obj: Any) -> Response:
+        return cls(status, json.dumps(obj, separators=(",", ":")).encode() + b"\n")
+
+
+@attrs.frozen
+class Stream:
+    """A streamed answer (events, logs): chunks until the source ends or the client goes away."""
+
+    content_type: str
+    chunks: AsyncIterator[bytes]
+
+
+Handler = Callable[[Request], Awaitable[Response | Stream]]
+
+
+class Api:
+    def __init__(
+        self,
+        supervisor: Supervisor,
+        journal: EventJournal,
+        logs: InstanceLogs,
+        stats: StatsReporter,
+        token: str,
+    ) -> None:
+        self.supervisor = supervisor
+        self.journal = journal
+        self.logs = logs
+        self.stats = stats
+        self.token = token
+        self.config = supervisor.config
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_Metrics(supervisor, journal))
+        u = r"(?P<uuid>[^/]+)"
+        self.routes: list[tuple[str, re.Pattern[str], Handler]] = [
+            ("GET", re.compile(r"/healthz"), self.healthz),
+            ("GET", re.compile(r"/metrics"), self.metrics),
+            ("POST", re.compile(r"/v1/instances"), self.start),
+            ("GET", re.compile(r"/v1/instances"), self.list_instances),
+            ("GET", re.compile(rf"/v1/instances/{u}"), self.show_instance),
+            ("DELETE", re.compile(rf"/v1/instances/{u}"), self.delete),
+            ("POST", re.compile(rf"/v1/instances/{u}/stop"), self.stop),
+            ("POST", re.compile(rf"/v1/instances/{u}/restart"), self.restart),
+            ("GET", re.compile(rf"/v1/instances/{u}/log"), self.instance_log),
+            ("POST", re.compile(r"/v1/commands"), self.command),
+            ("GET", re.compile(r"/v1/node"), self.node),
+            ("POST", re.compile(r"/v1/node/evacuate"), self.evacuate),
+            ("POST", re.compile(r"/v1/node/restore"), self.restore),
+            ("GET", re.compile(r"/v1/stats"), self.get_stats),
+            ("GET", re.compile(r"/v1/events"), self.events),
+        ]
+
+    # ----------------------------------------------------------------- ASGI plumbing
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        request = Request(
+            method=scope["method"],
+            path=scope["path"],
+            params={},
+            query={k: v[-1] for k, v in parse_qs(scope["query_string"].decode("latin-1")).items()},
+            headers={k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]},
+            receive=receive,
+        )
+        answer = await self._answer(request)
+        if isinstance(answer, Stream):
+            await _send_stream(answer, receive, send)
+        else:
+            await send({"type": "http.response.start", "status": answer.status,
+                        "headers": [(b"content-type", answer.content_type.encode())]})
+            await send({"type": "http.response.body", "body": answer.body})
+
+    async def _answer(self, request: Request) -> Response | Stream:
+        try:
+            handler, params = self._route(request)
+            if handler not in (self.healthz,):
+                self._authorize(request)
+            return await handler(attrs.evolve(request, params=params))
+        except LauncherError as exc:
+            return Response.json(STATUS_OF.get(exc.code, 500), exc.as_dict())
+        except Exception as exc:  # a bug: report it, keep serving
+            log.exception("%s %s failed", request.method, request.path)
+            return Response.json(500, {"error": errors.INTERNAL, "reason": repr(exc), "instance_uuid": ""})
+
+    def _route(self, request: Request) -> tuple[Handler, dict[str, str]]:
+        methods = []
+        for method, pattern, handler in self.routes:
+            match = pattern.fullmatch(request.path)
+            if match:
+                if method == request.method:
+                    return handler, match.groupdict()
+                methods.append(method)
+        if methods:
+            raise LauncherError(errors.NOT_FOUND, f"{request.method} is not allowed here (use {', '.join(methods)})")
+        raise LauncherError(errors.NOT_FOUND, f"no such endpoint: {request.path}")
+
+    def _authorize(self, request: Request) -> None:
+        given = request.headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.token.encode()):
+            raise LauncherError(errors.UNAUTHORIZED, "missing or wrong bearer token (see <data_dir>/api-token)")
+
+    # ----------------------------------------------------------------- commands
+
+    async def start(self, request: Request) -> Response:
+        body = await request.body(self.config.max_payload_bytes)
+        command = payloads.parse_start(body, request.headers.get("content-type", ""),
+                                       max_bytes=self.config.max_payload_bytes)
+        return await self._run(request, command)
+
+    async def command(self, request: Request) -> Response:
+        body = await request.body(self.config.max_payload_bytes)
+        command = payloads.parse_command(body, request.headers.get("content-type", ""),
+                                         max_bytes=self.config.max_payload_bytes)
+        return await self._run(request, command)
+
+    async def stop(self, request: Request) -> Response:
+        return await self._run(request, StopCommand(self._uuid(request), request.number("grace", None)))
+
+    async def restart(self, request: Request) -> Response:
+        return await self._run(request, RestartCommand(self._uuid(request)))
+
+    async def delete(self, request: Request) -> Response:
+        command = DeleteCommand(self._uuid(request), request.flag("stop"), request.number("grace", None))
+        return await self._run(request, command)
+
+    async def evacuate(self, request: Request) -> Response:
+        return _ticket_answer(self.supervisor.evacuate(), 200)
+
+    async def restore(self, request: Request) -> Response:
+        return _ticket_answer(self.supervisor.restore(), 200)
+
+    async def _run(self, request: Request, command: Command) -> Response:
+        """Dispatch, then answer once accepted (202) or, with ?wait=1, once finished (200) or failed."""
+        ticket = self.supervisor.dispatch(command)
+        if ticket.done.is_set():
+            return _ticket_answer(ticket, 200)
+        with trio.move_on_after(ACCEPT_TIMEOUT_S):
+            await ticket.accepted.wait()
+        if request.flag("wait"):
+            timeout = min(request.number("timeout", self.config.timeouts.wait_s) or 0.0, self.config.timeouts.wait_s)
+            with trio.move_on_after(timeout):
+                await ticket.done.wait()
+        if ticket.done.is_set():
+            return _ticket_answer(ticket, 200)
+        if ticket.error is not None:
+            raise ticket.error
+        return Response.json(202, {"instance_uuid": ticket.instance_uuid, "state": self._state_of(ticket),
+                                   "done": False})
+
+    def _state_of(self, ticket: Ticket) -> str:
+        actor = self.supervisor.instances.get(ticket.instance_uuid)
+        return actor.public_state if actor is not None else "deleted"
+
+    # ----------------------------------------------------------------- reads
+
+    async def healthz(self, request: Request) -> Response:
+        return Response.json(200, {"status": "ok"})
+
+    async def list_instances(self, request: Request) -> Response:
+        return Response.json(200, {"instances": [_summary(a) for a in self.supervisor.instances.values()]})
+
+    async def show_instance(self, request: Request) -> Response:
+        return Response.json(200, _details(self._actor(request)))
+
+    async def node(self, request: Request) -> Response:
+        s = self.supervisor
+        figures = await trio.to_thread.run_sync(node_figures, self.config.data_dir)
+        counts: dict[str, int] = {}
+        for actor in s.instances.values():
+            counts[actor.public_state] = counts.get(actor.public_state, 0) + 1
+        return Response.json(200, {
+            "node_uuid": self.stats.node_id,
+            "status": s.status,
+            "maintenance": s.maintenance,
+            "virtualizer": self.config.virtualizer,
+            "instances": len(s.instances),
+            "instance_states": counts,
+            "allocated": attrs.asdict(s.allocated),
+            "capacity": attrs.asdict(s.capacity),
+            **figures,
+        })
+
+    async def get_stats(self, request: Request) -> Response:
+        return Response(200, self.stats.snapshot_json)
+
+    async def metrics(self, request: Request) -> Response:
+        return Response(200, generate_latest(self.registry), "text/plain; version=0.0.4; charset=utf-8")
+
+    async def events(self, request: Request) -> Stream:
+        since = int(request.number("since", 0) or 0)
+        if since < self.journal.oldest_seq - 1:
+            raise EventsGone(self.journal.oldest_seq)
+        return Stream(NDJSON, _ndjson(self.journal.events_since(since, follow=request.flag("follow"))))
+
+    async def instance_log(self, request: Request) -> Stream:
+        actor = self._actor(request)
+        return Stream("text/plain; charset=utf-8", self.logs.follow(actor.dir, follow=request.flag("follow")))
+
+    # ----------------------------------------------------------------- helpers
+
+    def _uuid(self, request: Request) -> str:
+        value = request.params["uuid"]
+        if not payloads.UUID_RE.fullmatch(value):
+            raise LauncherError(errors.INVALID_DATA, f"instance_uuid: {value!r} is not a valid instance uuid")
+        return value
+
+    def _actor(self, request: Request) -> InstanceActor:
+        uuid = self._uuid(request)
+        actor = self.supervisor.instances.get(uuid)
+        if actor is None:
+            raise LauncherError(errors.NO_INSTANCE, "no such instance", uuid)
+        return actor
+
+
+class EventsGone(LauncherError):
+    def __init__(self, oldest_seq: int) -> None:
+        super().__init__(errors.EVENTS_EXPIRED, f"events before seq {oldest_seq} are no longer kept")
+        self.oldest_seq = oldest_seq
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**super().as_dict(), "oldest_seq": self.oldest_seq}
+
+
+def _ticket_answer(ticket: Ticket, status: int) -> Response:
+    if ticket.error is not None:
+        raise ticket.error
+    return Response.json(status, {"instance_uuid": ticket.instance_uuid, "state": ticket.state, "done": True})
+
+
+def _summary(actor: InstanceActor) -> dict[str, Any]:
+    return {
+        **instance_figures(actor),
+        "activity": actor.activity,
+        "image_uuid": actor.spec.image_uuid,
+        "vcpus": actor.spec.vcpus,
+        "mem_mb": actor.spec.mem_mb,
+        "disk_mb": actor.spec.disk_mb,
+    }
+
+
+def _details(actor: InstanceActor) -> dict[str, Any]:
+    spec = attrs.asdict(actor.spec)
+    # user-data often carries secrets (passwords, keys): show its size and digest, not its text.
+    user_data = spec.pop("user_data").encode()
+    spec["user_data_bytes"] = len(user_data)
+    spec["user_data_sha256"] = hashlib.sha256(user_data).hexdigest()
+    return {**_summary(actor), "dir": str(actor.dir), "queued": actor.queued, "spec": spec}
+
+
+async def _ndjson(events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
+    try:
+        async for event in events:
+            yield json.dumps(event, separators=(",", ":")).encode() + b"\n"
+    except EventsExpired:
+        return  # fell behind what is kept: end the stream; the client resumes and gets 410
+
+
+async def _send_stream(stream: Stream, receive: Any, send: Any) -> None:
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", stream.content_type.encode())]})
+    async with trio.open_nursery() as nursery:
+
+        async def watch_disconnect() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(watch_disconnect)
+        async for chunk in stream.chunks:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+        nursery.cancel_scope.cancel()
+
+
+async def _lifespan(receive: Any, send: Any) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+class _Metrics:
+    """Prometheus collector reading the live state at scrape time."""
+
+    def __init__(self, supervisor: Supervisor, journal: EventJournal) -> None:
+        self.supervisor = supervisor
+        self.journal = journal
+
+    def collect(self) -> Any:
+        s = self.supervisor
+        states = GaugeMetricFamily("launcher_instances", "Instances by state", labels=["state"])
+        counts = dict.fromkeys(("pending", "running", "exited"), 0)
+        for actor in s.instances.values():
+            counts[actor.public_state] = counts.get(actor.public_state, 0) + 1
+        for state, n in counts.items():
+            states.add_metric([state], n)
+        yield states
+        status = GaugeMetricFamily("launcher_node_status", "1 for the node's current status", labels=["status"])
+        for name in ("READY", "FULL", "MAINTENANCE"):
+            status.add_metric([name], 1 if s.status == name else 0)
+        yield status
+        for field in ("vcpus", "mem_mb", "disk_mb"):
+            yield GaugeMetricFamily(f"launcher_allocated_{field}", f"{field} promised to admitted instances",
+                                    value=getattr(s.allocated, field))
+            yield GaugeMetricFamily(f"launcher_capacity_{field}", f"{field} the node may promise",
+                                    value=getattr(s.capacity, field))
+        yield GaugeMetricFamily("launcher_events_last_seq", "Sequence number of the newest event",
+                                value=self.journal.last_seq)
+        for field, help_text in (("memory_mb", "PSS of the VM, MiB"), ("cpu_percent", "CPU, % of its vCPUs"),
+                                 ("disk_mb", "Disk used by the instance, MiB")):
+            family = GaugeMetricFamily(f"launcher_instance_{field}", help_text, labels=["instance_uuid"])
+            for actor in s.instances.values():
+                value = getattr(actor.stats, field)
+                if value >= 0:
+                    family.add_metric([actor.uuid], value)
+            yield family

@@ -1,0 +1,228 @@
+"""The `launcher` command: `serve`, and a client verb for every API call.
+
+Client verbs find the launcher through --url / --data-dir, or LAUNCHER_URL / LAUNCHER_TOKEN. They print
+tables for people and JSON with --json. On failure they print the ciao code and reason on stderr and exit 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from launcher import config as config_module
+from launcher.client import Client, ClientError
+
+EXIT_FAILED = 1  # the launcher refused or failed the command
+EXIT_USAGE = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.verb == "serve":
+        return _serve(args)
+    try:
+        client = Client.discover(args.url, args.data_dir)
+        args.run(client, args)
+    except ClientError as exc:
+        print(f"launcher: {exc.code}: {exc.reason}", file=sys.stderr)
+        return EXIT_FAILED
+    except (OSError, ValueError) as exc:
+        print(f"launcher: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import trio
+
+    from launcher.server import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = config_module.load(args.config, data_dir=args.data_dir, virtualizer=args.virtualizer,
+                                 listen=args.listen)
+    except config_module.ConfigError as exc:
+        print(f"launcher: bad configuration: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        trio.run(serve, cfg)
+    except ValueError as exc:  # e.g. an unknown virtualizer or bad virtualizer settings
+        print(f"launcher: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return 0
+
+
+# ----------------------------------------------------------------- client verbs
+
+
+def _start(client: Client, args: argparse.Namespace) -> None:
+    path: str = args.file
+    body = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
+    content_type = "application/json" if path.endswith(".json") else "application/yaml"
+    _show(args, client.request("POST", "/v1/instances", body, content_type, **_wait(args)), _result_line)
+
+
+def _stop(client: Client, args: argparse.Namespace) -> None:
+    answer = client.request("POST", f"/v1/instances/{args.uuid}/stop", grace=args.grace, **_wait(args))
+    _show(args, answer, _result_line)
+
+
+def _restart(client: Client, args: argparse.Namespace) -> None:
+    _show(args, client.request("POST", f"/v1/instances/{args.uuid}/restart", **_wait(args)), _result_line)
+
+
+def _delete(client: Client, args: argparse.Namespace) -> None:
+    answer = client.request("DELETE", f"/v1/instances/{args.uuid}", stop=args.stop, grace=args.grace, **_wait(args))
+    _show(args, answer, _result_line)
+
+
+def _ls(client: Client, args: argparse.Namespace) -> None:
+    _show(args, client.request("GET", "/v1/instances"), lambda a: _instance_table(a["instances"]))
+
+
+def _show_instance(client: Client, args: argparse.Namespace) -> None:
+    _show(args, client.request("GET", f"/v1/instances/{args.uuid}"), _key_values)
+
+
+def _node(client: Client, args: argparse.Namespace) -> None:
+    _show(args, client.request("GET", "/v1/node"), _key_values)
+
+
+def _stats(client: Client, args: argparse.Namespace) -> None:
+    def human(answer: dict[str, Any]) -> str:
+        node = {k: v for k, v in answer.items() if k != "instances"}
+        return _key_values(node) + "\n\n" + _instance_table(answer.get("instances", []))
+
+    _show(args, client.request("GET", "/v1/stats"), human)
+
+
+def _evacuate(client: Client, args: argparse.Namespace) -> None:
+    _show(args, client.request("POST", "/v1/node/evacuate"), lambda a: f"node is {a['state']}")
+
+
+def _restore(client: Client, args: argparse.Namespace) -> None:
+    _show(args, client.request("POST", "/v1/node/restore"), lambda a: f"node is {a['state']}")
+
+
+def _events(client: Client, args: argparse.Namespace) -> None:
+    for line in _lines(client.stream("/v1/events", since=args.since, follow=args.follow)):
+        if args.json:
+            print(line, flush=True)
+        else:
+            print(_event_line(json.loads(line)), flush=True)
+
+
+def _logs(client: Client, args: argparse.Namespace) -> None:
+    for chunk in client.stream(f"/v1/instances/{args.uuid}/log", follow=args.follow):
+        sys.stdout.write(chunk.decode(errors="replace"))
+        sys.stdout.flush()
+
+
+# ----------------------------------------------------------------- output
+
+
+def _wait(args: argparse.Namespace) -> dict[str, Any]:
+    return {"wait": True, "timeout": args.timeout} if args.wait else {}
+
+
+def _show(args: argparse.Namespace, answer: Any, human: Callable[[Any], str]) -> None:
+    print(json.dumps(answer, indent=2) if args.json else human(answer))
+
+
+def _result_line(answer: dict[str, Any]) -> str:
+    pending = "" if answer.get("done", True) else " (in progress)"
+    return f"{answer.get('instance_uuid') or 'node'}: {answer.get('state')}{pending}"
+
+
+def _key_values(answer: dict[str, Any]) -> str:
+    width = max((len(k) for k in answer), default=0)
+    return "\n".join(f"{k:<{width}}  {json.dumps(v) if isinstance(v, (dict, list)) else v}" for k, v in answer.items())
+
+
+def _instance_table(instances: list[dict[str, Any]]) -> str:
+    columns = [("UUID", "instance_uuid"), ("STATE", "state"), ("ACTIVITY", "activity"), ("VCPUS", "vcpus"),
+               ("MEM_MB", "mem_mb"), ("IMAGE", "image_uuid"), ("CPU%", "cpu_usage"),
+               ("MEM_USED", "memory_usage_mb"), ("DISK_USED", "disk_usage_mb")]
+    columns = [(title, key) for title, key in columns if not instances or key in instances[0]]
+    rows = [[title for title, _ in columns]]
+    rows += [["-" if i.get(key) is None else str(i.get(key)) for _, key in columns] for i in instances]
+    widths = [max(len(row[n]) for row in rows) for n in range(len(columns))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+
+
+def _event_line(event: dict[str, Any]) -> str:
+    rest = {k: v for k, v in event.items() if k not in ("seq", "time", "type", "instances")}
+    if "instances" in event:
+        rest["instances"] = len(event["instances"])
+    return f"{event['seq']:>8} {event['time']} {event['type']:<15} " + " ".join(f"{k}={v}" for k, v in rest.items())
+
+
+def _lines(chunks: Iterable[bytes]) -> Iterable[str]:
+    buffer = b""
+    for chunk in chunks:
+        buffer += chunk
+        *complete, buffer = buffer.split(b"\n")
+        for line in complete:
+            if line:
+                yield line.decode()
+
+
+# ----------------------------------------------------------------- arguments
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="launcher", description="Run virtual machines on ciao commands.")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    serve = verbs.add_parser("serve", help="run the launcher")
+    serve.add_argument("--config", type=Path, help="YAML configuration (default: built-in defaults)")
+    serve.add_argument("--data-dir", type=Path)
+    serve.add_argument("--virtualizer")
+    serve.add_argument("--listen", metavar="HOST:PORT")
+
+    def verb(name: str, run: Callable[[Client, argparse.Namespace], None], help_text: str,
+             waits: bool = False) -> argparse.ArgumentParser:
+        p = verbs.add_parser(name, help=help_text)
+        p.set_defaults(run=run)
+        p.add_argument("--url", help="launcher URL (default: $LAUNCHER_URL, else <data-dir>/api-url)")
+        p.add_argument("--data-dir", type=Path, help="the launcher's data dir, to find its URL and token")
+        p.add_argument("--json", action="store_true", help="print JSON for scripts")
+        if waits:
+            p.add_argument("--wait", action="store_true", help="answer once the command has finished")
+            p.add_argument("--timeout", type=float, help="longest wait, seconds")
+        return p
+
+    verb("start", _start, "START an instance from a ciao payload (YAML, or JSON if FILE ends in .json; - for stdin)",
+         waits=True).add_argument("file", metavar="FILE")
+    p = verb("stop", _stop, "STOP an instance", waits=True)
+    p.add_argument("uuid")
+    p.add_argument("--grace", type=float, help="seconds before a forced power-off")
+    verb("restart", _restart, "RESTART an exited instance", waits=True).add_argument("uuid")
+    p = verb("delete", _delete, "DELETE an instance (its VM is stopped first)", waits=True)
+    p.add_argument("uuid")
+    p.add_argument("--stop", action="store_true", help="ciao's stop:true: shut the guest down gracefully first")
+    p.add_argument("--grace", type=float, help="seconds before a forced power-off")
+    verb("ls", _ls, "list instances")
+    verb("show", _show_instance, "show one instance").add_argument("uuid")
+    verb("node", _node, "node status and resources")
+    verb("stats", _stats, "the latest STATS snapshot")
+    p = verb("events", _events, "print events")
+    p.add_argument("-f", "--follow", action="store_true")
+    p.add_argument("--since", type=int, default=0, help="only events after this seq")
+    p = verb("logs", _logs, "print an instance's launcher log")
+    p.add_argument("-f", "--follow", action="store_true")
+    p.add_argument("uuid")
+    verb("evacuate", _evacuate, "enter maintenance and stop every instance")
+    verb("restore", _restore, "leave maintenance")
+    return parser
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""A small blocking client of the launcher's HTTP API, used by the `launcher` command."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode, urlsplit
+
+from launcher import store
+from launcher.errors import LauncherError
+
+DEFAULT_DATA_DIR = Path("/var/lib/launcher")
+
+
+class ClientError(LauncherError):
+    """The launcher refused or failed a request; `code` is its ciao error code."""
+
+    def __init__(self, code: str, reason: str, instance_uuid: str = "", status: int = 0) -> None:
+        super().__init__(code, reason, instance_uuid)
+        self.status = status
+
+
+class Client:
+    def __init__(self, url: str, token: str, timeout: float = 60.0) -> None:
+        parts = urlsplit(url)
+        if parts.scheme != "http" or not parts.hostname:
+            raise ValueError(f"launcher URL must be http://HOST:PORT, got {url!r}")
+        self.host, self.port = parts.hostname, parts.port or 80
+        self.token = token
+        self.timeout = timeout
+
+    @classmethod
+    def discover(cls, url: str | None, data_dir: Path | None, token: str | None = None) -> Client:
+        """URL and token from the arguments, else LAUNCHER_URL / LAUNCHER_TOKEN, else the data dir's files."""
+        directory = data_dir or Path(os.environ.get("LAUNCHER_DATA_DIR", DEFAULT_DATA_DIR))
+        url = url or os.environ.get("LAUNCHER_URL") or _read(directory / store.URL_FILE, "URL")
+        token = token or os.environ.get("LAUNCHER_TOKEN") or _read(directory / store.TOKEN_FILE, "token")
+        return cls(url, token)
+
+    def request(self, method: str, path: str, body: bytes | None = None, content_type: str = "",
+                **query: Any) -> Any:
+        """One call; the decoded JSON answer, or ClientError with the launcher's code and reason."""
+        conn = self._send(method, path, body, content_type, query)
+        try:
+            response = conn.getresponse()
+            data = response.read()
+        finally:
+            conn.close()
+        answer = json.loads(data) if data else {}
+        if response.status >= 400:
+            raise ClientError(answer.get("error", "http_error"), answer.get("reason", data.decode(errors="replace")),
+                              answer.get("instance_uuid", ""), response.status)
+        return answer
+
+    def stream(self, path: str, **query: Any) -> Iterator[bytes]:
+        """A streamed answer (events, logs), chunk by chunk, until the server ends it."""
+        conn = self._send("GET", path, None, "", query, timeout=None)
+        try:
+            response = conn.getresponse()
+            if response.status >= 400:
+                answer = json.loads(response.read() or b"{}")
+                raise ClientError(answer.get("error", "http_error"), answer.get("reason", ""), "", response.status)
+            while chunk := response.read1(65536):
+                yield chunk
+        finally:
+            conn.close()
+
+    def _send(self, method: str, path: str, body: bytes | None, content_type: str, query: dict[str, Any],
+              timeout: float | None = -1.0) -> http.client.HTTPConnection:
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout if timeout == -1.0 else timeout)
+        headers = {"Authorization": f"Bearer {self.token}"}
+        if content_type:
+            headers["Content-Type"] = content_type
+        params = {k: _query_value(v) for k, v in query.items() if v is not None and v is not False}
+        target = path + (f"?{urlencode(params)}" if params else "")
+        try:
+            conn.request(method, target, body=body, headers=headers)
+        except OSError as exc:
+            conn.close()
+            raise ClientError("unreachable", f"cannot reach the launcher at {self.host}:{self.port}: {exc}") from exc
+        return conn
+
+
+def _query_value(value: Any) -> str:
+    return "1" if value is True else str(value)
+
+
+def _read(path: Path, what: str) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError as exc:
+        raise ClientError("no_launcher", f"no launcher {what}: give --url/--data-dir or set LAUNCHER_URL and "
+                          f"LAUNCHER_TOKEN ({exc})") from exc

@@ -1,0 +1,153 @@
+"""Typed launcher configuration, loaded from YAML (configs/launcher.yaml) and checked strictly.
+
+Every key is optional; a missing key takes the default shown here. An unknown key or a value of the wrong
+type is a `ConfigError` that names the key, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import attrs
+import yaml
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@attrs.frozen
+class Admission:
+    """Limits checked when a START is admitted, against what admitted instances were promised."""
+
+    max_instances: int = 4096
+    keep_free_memory_mb: int = 1024  # host memory never promised to VMs
+    keep_free_disk_mb: int = 4096  # space on the data dir's file system never promised to VMs
+    vcpu_overcommit: float = 4.0  # vCPUs promised per host CPU
+    memory_overcommit: float = 1.0
+    disk_overcommit: float = 1.0
+
+
+@attrs.frozen
+class Defaults:
+    """Resources of a START that does not name them."""
+
+    vcpus: int = 1
+    mem_mb: int = 256
+    disk_mb: int = 0
+
+
+@attrs.frozen
+class Timeouts:
+    """Bounds on each virtualizer call; a call that overruns fails with its phase's ciao code."""
+
+    ensure_image_s: float = 1800.0  # a download can be long
+    create_image_s: float = 120.0
+    start_vm_s: float = 120.0
+    boot_s: float = 300.0  # from start_vm returning to the VM counting as running
+    stop_grace_s: float = 30.0  # STOP: ACPI shutdown, then forced off after this
+    delete_grace_s: float = 0.0  # DELETE without stop:true: its disk goes anyway, so power off at once
+    stop_margin_s: float = 30.0  # stop_vm may take grace + this before it counts as failed
+    delete_image_s: float = 60.0
+    stats_s: float = 10.0
+    wait_s: float = 600.0  # longest ?wait=1 a client may ask for
+
+
+@attrs.frozen
+class Intervals:
+    stats_snapshot_s: float = 6.0  # node STATS snapshot and `stats` event
+    instance_stats_s: float = 30.0  # vm.stats() poll of a running instance
+
+
+@attrs.frozen
+class EventsConfig:
+    rotate_bytes: int = 64 << 20
+    keep_files: int = 4
+    memory_events: int = 20000
+
+
+@attrs.frozen
+class Config:
+    data_dir: Path = Path("/var/lib/launcher")
+    listen: str = "127.0.0.1:7361"  # HOST:PORT; port 0 picks a free port (written to <data_dir>/api-url)
+    virtualizer: str = "simulation"
+    max_payload_bytes: int = 1 << 20
+    inbox_size: int = 16  # commands queued per instance before `instance_busy`
+    log_max_bytes: int = 1 << 20  # per-instance launcher.log, one rotated copy kept
+    worker_threads: int = 8  # shared limit for blocking work (fsync, /proc reads, libvirt calls)
+    admission: Admission = Admission()
+    defaults: Defaults = Defaults()
+    timeouts: Timeouts = Timeouts()
+    intervals: Intervals = Intervals()
+    events: EventsConfig = EventsConfig()
+    # Each virtualizer's own section, checked by that virtualizer: `simulation: {mode: memory, ...}`.
+    virtualizers: dict[str, dict[str, Any]] = attrs.field(factory=dict)
+
+    def virtualizer_settings(self) -> dict[str, Any]:
+        return self.virtualizers.get(self.virtualizer, {})
+
+    @property
+    def instances_dir(self) -> Path:
+        return self.data_dir / "instances"
+
+
+# Top-level keys that hold a virtualizer's section rather than a Config field.
+_VIRTUALIZER_SECTIONS = {"simulation", "qemu"}
+
+
+def load(path: Path | None = None, **overrides: Any) -> Config:
+    """Read `path` (if given), apply non-None `overrides` (command-line options), and check everything."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"{path}: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the configuration must be a mapping")
+        raw = dict(loaded or {})
+    raw.update({k: v for k, v in overrides.items() if v is not None})
+    sections = {k: raw.pop(k) for k in list(raw) if k in _VIRTUALIZER_SECTIONS}
+    for name, section in sections.items():
+        if section is not None and not isinstance(section, dict):
+            raise ConfigError(f"{name}: must be a mapping")
+    raw["virtualizers"] = {k: v or {} for k, v in sections.items()}
+    return _build(Config, raw, "")
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where or 'config'}: must be a mapping")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in attrs.fields(cls)}
+    for key in raw:
+        if key not in known:
+            raise ConfigError(f"{where}{key}: unknown setting (known: {', '.join(sorted(known))})")
+    return cls(**{k: _convert(hints[k], v, f"{where}{k}") for k, v in raw.items()})
+
+
+def _convert(kind: Any, value: Any, where: str) -> Any:
+    if attrs.has(kind):
+        return _build(kind, value, where + ".")
+    if kind is Path:
+        if not isinstance(value, (str, Path)):
+            raise ConfigError(f"{where}: expected a path")
+        return Path(value)
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise ConfigError(f"{where}: expected a non-negative number, got {value!r}")
+        return float(value)
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigError(f"{where}: expected a non-negative integer, got {value!r}")
+        return value
+    if kind is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    if typing.get_origin(kind) in (dict, types.GenericAlias):
+        return value
+    raise ConfigError(f"{where}: unsupported setting type {kind}")  # a bug in this module, not in the file

@@ -1,0 +1,553 @@
+"""`InstanceActor`: one Trio task per instance, the only caller of that instance's virtualizer.
+
+The actor reads one inbox that carries two kinds of message: `Request`s put there by the supervisor (START,
+STOP, RESTART, DELETE, each with a `Ticket` the caller can wait on) and `MonitorNote`s posted by its monitor
+session (CONNECTED / CLOSED). It handles them one at a time, so virtualizer calls never overlap and the
+virtualizer needs no lock (DESIGN.md §3.2). Every virtualizer call is bounded by a configured timeout; an
+overrun or an exception becomes the phase's ciao code, never a crash of the launcher.
+
+States (DESIGN.md §5): pending → running → exited → deleted, with internal stopping / deleting. The monitor
+session runs in the actor's child nursery; each session has a number, and notes from an older session are
+ignored, so a late CLOSED from a monitor that was already ended cannot confuse a newer boot.
+
+The actor also owns its instance directory: it creates it (instance.json written atomically before the
+START is acknowledged), and removes it only after the VM is really down.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import math
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import attrs
+import trio
+
+from launcher import errors, store
+from launcher.config import Config
+from launcher.errors import LauncherError, VirtualizerError
+from launcher.events import EventJournal
+from launcher.logs import InstanceLogs
+from launcher.payloads import DeleteCommand, InstanceSpec, RestartCommand, StartCommand, StopCommand
+from launcher.records import InstanceRecord
+from virtualizers.base import MonitorEvent, Virtualizer, VmStats
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class State(enum.Enum):
+    PENDING = "pending"
+    RUNNING = "running"
+    STOPPING = "stopping"  # internal: a stop_vm call is under way
+    EXITED = "exited"
+    DELETING = "deleting"  # internal: DELETE is under way
+    DELETED = "deleted"
+
+
+# What the outside world sees: the internal states are shown as the state they leave.
+PUBLIC_STATE = {
+    State.PENDING: "pending",
+    State.RUNNING: "running",
+    State.STOPPING: "running",
+    State.EXITED: "exited",
+    State.DELETING: "exited",
+    State.DELETED: "deleted",
+}
+
+
+@attrs.define(eq=False)
+class Ticket:
+    """What the sender of a command waits on.
+
+    `accepted` is set once the command has been taken on (for START: once instance.json is on disk);
+    `done` once it has finished (state running / exited / deleted) or failed (`error` set)."""
+
+    command: str
+    instance_uuid: str
+    accepted: trio.Event = attrs.Factory(trio.Event)
+    done: trio.Event = attrs.Factory(trio.Event)
+    state: str | None = None
+    error: LauncherError | None = None
+
+    def accept(self) -> None:
+        self.accepted.set()
+
+    def finish(self, state: str) -> None:
+        self.state = state
+        self.accepted.set()
+        self.done.set()
+
+    def fail(self, error: LauncherError) -> None:
+        self.error = error
+        self.accepted.set()
+        self.done.set()
+
+
+ActorCommand = StartCommand | StopCommand | RestartCommand | DeleteCommand
+
+
+@attrs.frozen
+class Request:
+    command: ActorCommand
+    ticket: Ticket
+
+
+@attrs.frozen
+class MonitorNote:
+    session: int
+    event: MonitorEvent
+
+
+@attrs.frozen
+class _SessionInbox:
+    """The inbox a monitor session sees: it tags each event with the session's number."""
+
+    send_channel: trio.MemorySendChannel[Request | MonitorNote]
+    session: int
+
+    async def send(self, event: MonitorEvent) -> None:
+        await self.send_channel.send(MonitorNote(self.session, event))
+
+
+@attrs.define(eq=False)
+class ActorContext:
+    """What every actor shares: configuration, the journal, the log writer and the supervisor's hooks."""
+
+    config: Config
+    journal: EventJournal
+    logs: InstanceLogs
+    limiter: trio.CapacityLimiter
+    on_gone: Callable[[InstanceActor], None]  # the instance is deleted; drop it from the table
+
+
+class _Interrupted(Exception):
+    """The START pipeline was cancelled by a DELETE before the VM was started."""
+
+
+class InstanceActor:
+    def __init__(
+        self,
+        ctx: ActorContext,
+        vm: Virtualizer,
+        spec: InstanceSpec,
+        *,
+        created: bool = False,
+        recovered: bool = False,
+    ) -> None:
+        self.ctx = ctx
+        self.vm = vm
+        self.spec = spec
+        self.uuid = spec.instance_uuid
+        self.dir: Path = ctx.config.instances_dir / self.uuid
+        self.state = State.PENDING
+        self.stats = VmStats()
+        # The state this instance will be in once everything queued has run; kept by the supervisor so
+        # that it can refuse a command at once without waiting for the actor (DESIGN.md §3.3).
+        self.projected = State.RUNNING
+        self.queued = 0
+        self.activity: str | None = None  # the command being handled, for `show`
+        self._created = created
+        self._recovered = recovered
+        self._send, self._recv = trio.open_memory_channel[Request | MonitorNote](ctx.config.inbox_size)
+        self._nursery: trio.Nursery | None = None
+        self._session = 0
+        self._monitor_scope: trio.CancelScope | None = None
+        self._boot_ticket: Ticket | None = None
+        self._boot_failure_event = "start_failure"
+        self._boot_deadline = math.inf
+        self._next_stats = math.inf
+        self._interruptible: trio.CancelScope | None = None
+
+    # ----------------------------------------------------------------- called by the supervisor (sync)
+
+    def post(self, command: ActorCommand, ticket: Ticket) -> None:
+        """Queue a command. Raises `instance_busy` if the inbox is full. Never blocks."""
+        try:
+            self._send.send_nowait(Request(command, ticket))
+        except trio.WouldBlock:
+            raise LauncherError(
+                errors.INSTANCE_BUSY, f"{self.queued} commands already queued for this instance", self.uuid
+            ) from None
+        self.queued += 1
+
+    def interrupt_start(self) -> None:
+        """A DELETE arrived: abandon a START that has not yet started the VM."""
+        if self._interruptible is not None:
+            self._interruptible.cancel()
+
+    @property
+    def public_state(self) -> str:
+        return PUBLIC_STATE[self.state]
+
+    # ----------------------------------------------------------------- the task
+
+    async def run(self) -> None:
+        """The actor's task. Returns once the instance is deleted; cancelled when the launcher stops
+        (then the VM keeps running, and a restarted launcher reconnects to it)."""
+        self.vm.init(self.spec, self.dir)
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            if self._recovered:
+                await self._recover()
+            while self.state is not State.DELETED:
+                message = await self._next_message()
+                try:
+                    await self._handle(message)
+                except Exception as exc:  # a bug; the instance must stay reachable
+                    log.exception("instance %s: unexpected error", self.uuid)
+                    self._log(f"internal error: {exc!r}")
+                    if isinstance(message, Request):
+                        message.ticket.fail(LauncherError(errors.INTERNAL, repr(exc), self.uuid))
+                if isinstance(message, Request):
+                    self.queued -= 1
+                    if self.queued == 0:
+                        self.projected = State.RUNNING if self.state is State.PENDING else self.state
+            nursery.cancel_scope.cancel()
+
+    async def _next_message(self) -> Request | MonitorNote | None:
+        """The next inbox message, or None when a timer (boot deadline, stats poll) is due."""
+        with trio.move_on_at(min(self._boot_deadline, self._next_stats)):
+            return await self._recv.receive()
+        return None
+
+    async def _handle(self, message: Request | MonitorNote | None) -> None:
+        if message is None:
+            await self._on_timer()
+        elif isinstance(message, MonitorNote):
+            if message.session == self._session and self._monitor_scope is not None:
+                await self._on_monitor(message.event)
+        else:
+            self.activity = type(message.command).__name__.removesuffix("Command").upper()
+            try:
+                await self._on_request(message.command, message.ticket)
+            finally:
+                self.activity = None
+
+    async def _on_request(self, command: ActorCommand, ticket: Ticket) -> None:
+        if isinstance(command, StartCommand):
+            await self._start(ticket)
+        elif isinstance(command, StopCommand):
+            await self._stop(command, ticket)
+        elif isinstance(command, RestartCommand):
+            await self._restart(ticket)
+        else:
+            await self._delete(command, ticket)
+
+    # ----------------------------------------------------------------- START / RESTART
+
+    async def _start(self, ticket: Ticket) -> None:
+        """START: persist the instance, then ensure image → create image → start VM → monitor."""
+        self._log(f"START accepted (image {self.spec.image_uuid or '-'}, {self.spec.vcpus} vCPU, "
+                  f"{self.spec.mem_mb} MiB)")
+        try:
+            await self._persist_new()
+        except FileExistsError:
+            # Never remove a directory this START did not create (ciao checked this first for that reason).
+            self._fail(ticket, "start_failure", LauncherError(errors.INSTANCE_EXISTS, f"{self.dir} already exists"))
+            self._gone(reason=errors.INSTANCE_EXISTS)
+            return
+        except OSError as exc:
+            await self._fail_start(ticket, LauncherError(errors.IMAGE_FAILURE, f"cannot write instance dir: {exc}"))
+            return
+        ticket.accept()
+        self._emit_state()
+        await self._prepare_and_boot(ticket, "start_failure")
+
+    async def _prepare_and_boot(self, ticket: Ticket, failure_event: str) -> None:
+        """Image phases (which a DELETE may interrupt), then boot."""
+        t = self.ctx.config.timeouts
+        try:
+            with trio.CancelScope() as self._interruptible:
+                await self._call("ensure_backing_image", errors.IMAGE_FAILURE, t.ensure_image_s,
+                                 self.vm.ensure_backing_image)
+                await self._call("create_image", errors.IMAGE_FAILURE, t.create_image_s,
+                                 self.vm.create_image, self.spec.user_data, self.spec.meta_data, None)
+                await self._write_record(created=True)
+            if self._interruptible.cancelled_caught:
+                raise _Interrupted
+        except _Interrupted:
+            self._log("START abandoned: a DELETE arrived before the VM was started")
+            self.state = State.EXITED
+            ticket.fail(LauncherError(errors.NO_INSTANCE, "START abandoned: the instance is being deleted",
+                                      self.uuid))
+            return
+        except VirtualizerError as exc:
+            await self._fail_start(ticket, exc)
+            return
+        except OSError as exc:
+            await self._fail_start(ticket, LauncherError(errors.IMAGE_FAILURE, f"cannot write instance.json: {exc}"))
+            return
+        finally:
+            self._interruptible = None
+        await self._boot(ticket, failure_event)
+
+    async def _fail_start(self, ticket: Ticket, exc: LauncherError) -> None:
+        """A START failed before start_vm: remove what was created, and the instance with it."""
+        self._fail(ticket, "start_failure", exc)
+        await self._call_quietly("delete_image", self.ctx.config.timeouts.delete_image_s, self.vm.delete_image)
+        await self._remove_dir()
+        self._gone(reason=exc.code)
+
+    async def _restart(self, ticket: Ticket) -> None:
+        if self.state is not State.EXITED:
+            code = errors.ALREADY_RUNNING if self.state in (State.PENDING, State.RUNNING) else errors.NO_INSTANCE
+            self._fail(ticket, "restart_failure", LauncherError(code, f"instance is {self.public_state}"))
+            return
+        self._log("RESTART accepted")
+        ticket.accept()
+        self.state = State.PENDING
+        self._emit_state()
+        if not self._created:  # an earlier START never finished making the disk: redo it
+            await self._prepare_and_boot(ticket, "restart_failure")
+        else:
+            await self._boot(ticket, "restart_failure")
+
+    async def _boot(self, ticket: Ticket, failure_event: str) -> None:
+        """start_vm, then wait (in the main loop) for the monitor's CONNECTED, bounded by boot_s."""
+        t = self.ctx.config.timeouts
+        try:
+            await self._call("start_vm", errors.LAUNCH_FAILURE, t.start_vm_s, self.vm.start_vm)
+        except VirtualizerError as exc:
+            self.state = State.EXITED
+            self._fail(ticket, failure_event, exc)
+            self._emit_state(reason=exc.code)
+            return
+        self._boot_ticket = ticket
+        self._boot_failure_event = failure_event
+        self._boot_deadline = trio.current_time() + t.boot_s
+        self._open_monitor(recover=False)
+
+    # ----------------------------------------------------------------- monitor
+
+    def _open_monitor(self, recover: bool) -> None:
+        assert self._nursery is not None
+        self._session += 1
+        self._monitor_scope = trio.CancelScope()
+        self._nursery.start_soon(self._monitor, self._monitor_scope, self._session, recover)
+
+    async def _monitor(self, scope: trio.CancelScope, session: int, recover: bool) -> None:
+        inbox = _SessionInbox(self._send, session)
+        with scope:
+            try:
+                await self.vm.monitor_vm(inbox, recover)
+            except Exception:  # a virtualizer bug: without a monitor, the VM counts as lost
+                log.exception("instance %s: monitor_vm failed", self.uuid)
+                await inbox.send(MonitorEvent.CLOSED)
+
+    def _close_monitor(self) -> None:
+        if self._monitor_scope is not None:
+            self._monitor_scope.cancel()
+            self._monitor_scope = None
+        self._boot_deadline = math.inf
+        self._next_stats = math.inf
+
+    async def _on_monitor(self, event: MonitorEvent) -> None:
+        if event is MonitorEvent.CONNECTED:
+            if self.state is not State.PENDING:
+                return
+            self.vm.connected()
+            self.state = State.RUNNING
+            self._boot_deadline = math.inf
+            self._log("VM is running")
+            if self._boot_ticket is not None:
+                self._boot_ticket.finish("running")
+                self._boot_ticket = None
+            self._emit_state(**({"recovered": True} if self._recovered else {}))
+            self._recovered = False
+            await self._poll_stats()
+        else:
+            was = self.state
+            self._close_monitor()
+            self.vm.lost_vm()
+            self.state = State.EXITED
+            self.stats = VmStats()
+            if self._boot_ticket is not None:
+                exc = LauncherError(errors.LAUNCH_FAILURE, "the VM went down before it was running")
+                self._fail(self._boot_ticket, self._boot_failure_event, exc)
+                self._boot_ticket = None
+            self._log("VM is down" if was is State.PENDING else "VM exited unexpectedly")
+            self._emit_state(reason="vm_exited", **({"recovered": True} if self._recovered else {}))
+            self._recovered = False
+
+    async def _on_timer(self) -> None:
+        now = trio.current_time()
+        if now >= self._boot_deadline and self.state is State.PENDING:
+            t = self.ctx.config.timeouts
+            self._log(f"VM not running after {t.boot_s:g} s: forcing it off")
+            try:
+                await self._power_off(0.0)
+            except VirtualizerError:
+                self._boot_deadline = now + t.stop_margin_s  # still up, or unknown: try again later
+                return
+            ticket, self._boot_ticket = self._boot_ticket, None
+            self.state = State.EXITED
+            exc = LauncherError(errors.LAUNCH_FAILURE, f"the VM was not running within {t.boot_s:g} s")
+            if ticket is not None:
+                self._fail(ticket, self._boot_failure_event, exc)
+            self._emit_state(reason=errors.LAUNCH_FAILURE)
+        if now >= self._next_stats:
+            await self._poll_stats()
+
+    async def _poll_stats(self) -> None:
+        try:
+            self.stats = await self._call("stats", errors.INTERNAL, self.ctx.config.timeouts.stats_s,
+                                          self.vm.stats, quiet=True)
+        except VirtualizerError as exc:
+            self._log(f"stats failed: {exc.reason}")
+            self.stats = VmStats()
+        self._next_stats = trio.current_time() + self.ctx.config.intervals.instance_stats_s
+
+    # ----------------------------------------------------------------- STOP / DELETE
+
+    async def _stop(self, command: StopCommand, ticket: Ticket) -> None:
+        if self.state not in (State.PENDING, State.RUNNING):
+            code = errors.ALREADY_STOPPED if self.state is State.EXITED else errors.NO_INSTANCE
+            self._fail(ticket, "stop_failure", LauncherError(code, f"instance is {self.public_state}"))
+            return
+        grace = self.ctx.config.timeouts.stop_grace_s if command.grace_s is None else command.grace_s
+        self._log(f"STOP accepted (grace {grace:g} s)")
+        ticket.accept()
+        previous, self.state = self.state, State.STOPPING
+        try:
+            await self._power_off(grace)
+        except VirtualizerError as exc:
+            self.state = previous
+            self._fail(ticket, "stop_failure", exc)
+            return
+        self.state = State.EXITED
+        self._abandon_boot("stopped before it was running")
+        ticket.finish("exited")
+        self._emit_state(reason="stopped")
+
+    async def _power_off(self, grace: float) -> None:
+        """stop_vm, then end the monitor session. Raises VirtualizerError if the VM may still be up."""
+        t = self.ctx.config.timeouts
+        await self._call("stop_vm", errors.STOP_FAILURE, grace + t.stop_margin_s, self.vm.stop_vm, grace)
+        self._close_monitor()
+        self.vm.lost_vm()
+        self.stats = VmStats()
+
+    def _abandon_boot(self, why: str) -> None:
+        if self._boot_ticket is not None:
+            self._boot_ticket.finish(self.public_state)
+            self._log(f"boot abandoned: {why}")
+            self._boot_ticket = None
+
+    async def _delete(self, command: DeleteCommand, ticket: Ticket) -> None:
+        """DELETE from any state: the VM goes down first, and only then is anything removed."""
+        t = self.ctx.config.timeouts
+        self._log("DELETE accepted" + (" (stop)" if command.stop else ""))
+        ticket.accept()
+        previous, self.state = self.state, State.DELETING
+        if self._monitor_scope is not None or previous in (State.PENDING, State.RUNNING):
+            if command.grace_s is not None:
+                grace = command.grace_s
+            else:
+                grace = t.stop_grace_s if command.stop else t.delete_grace_s
+            try:
+                await self._power_off(grace)
+            except VirtualizerError as exc:
+                self.state = previous
+                self._fail(ticket, "delete_failure", exc)
+                return
+        self._abandon_boot("deleted")
+        await self._call_quietly("delete_image", t.delete_image_s, self.vm.delete_image)
+        await self._remove_dir()
+        ticket.finish("deleted")
+        self._gone(reason="stop" if command.stop else "deleted")
+
+    def _gone(self, reason: str) -> None:
+        self.state = State.DELETED
+        self._emit_state(reason=reason)
+        self.ctx.on_gone(self)
+
+    # ----------------------------------------------------------------- recovery
+
+    async def _recover(self) -> None:
+        """Launcher start-up: reconnect to the VM, or redo a START that never finished making the disk."""
+        if not self._created:
+            self._log("recovered an unfinished START: running it again")
+            self._recovered = False
+            ticket = Ticket("start", self.uuid)
+            self._emit_state()
+            await self._prepare_and_boot(ticket, "start_failure")
+            return
+        self._log("launcher restarted: reconnecting to the VM")
+        self._boot_deadline = trio.current_time() + self.ctx.config.timeouts.boot_s
+        self._open_monitor(recover=True)
+
+    # ----------------------------------------------------------------- helpers
+
+    async def _call(self, phase: str, code: str, timeout: float, fn: Callable[..., Awaitable[T]], *args: Any,
+                    quiet: bool = False) -> T:
+        """One virtualizer call, bounded by `timeout`; any failure becomes VirtualizerError(code)."""
+        started = trio.current_time()
+        try:
+            with trio.fail_after(timeout):
+                result = await fn(*args)
+        except trio.TooSlowError:
+            exc = VirtualizerError(code, f"{phase} did not finish within {timeout:g} s", self.uuid)
+            self._log(f"{phase} failed: {exc.reason}")
+            raise exc from None
+        except VirtualizerError as exc:
+            exc.instance_uuid = self.uuid
+            self._log(f"{phase} failed after {_ms(started)}: {exc.reason}")
+            raise
+        except Exception as exc:  # the virtualizer's bug, reported as its phase's failure
+            log.exception("instance %s: %s raised", self.uuid, phase)
+            self._log(f"{phase} failed after {_ms(started)}: {exc!r}")
+            raise VirtualizerError(code, f"{phase} raised {exc!r}", self.uuid) from exc
+        if not quiet:
+            self._log(f"{phase} ok in {_ms(started)}")
+        return result
+
+    async def _call_quietly(self, phase: str, timeout: float, fn: Callable[[], Awaitable[None]]) -> None:
+        """A clean-up call whose failure is logged, not fatal (as in ciao's delete)."""
+        try:
+            await self._call(phase, errors.INTERNAL, timeout, fn)
+        except VirtualizerError:
+            pass
+
+    async def _persist_new(self) -> None:
+        record = InstanceRecord(self.spec, created=False)
+
+        def write() -> None:
+            store.create_instance_dir(self.dir)
+            store.atomic_write(self.dir / store.INSTANCE_FILE, record.to_json())
+
+        await trio.to_thread.run_sync(write, limiter=self.ctx.limiter)
+
+    async def _write_record(self, *, created: bool) -> None:
+        data = InstanceRecord(self.spec, created=created).to_json()
+        await trio.to_thread.run_sync(store.atomic_write, self.dir / store.INSTANCE_FILE, data,
+                                      limiter=self.ctx.limiter)
+        self._created = created
+
+    async def _remove_dir(self) -> None:
+        self.ctx.logs.discard(self.dir)
+        try:
+            await trio.to_thread.run_sync(store.remove_tree, self.dir, limiter=self.ctx.limiter)
+        except OSError as exc:
+            log.error("instance %s: cannot remove %s: %s", self.uuid, self.dir, exc)
+
+    def _fail(self, ticket: Ticket, event: str, exc: LauncherError) -> None:
+        exc.instance_uuid = self.uuid
+        ticket.fail(exc)
+        self._log(f"{event}: {exc.code}: {exc.reason}")
+        self.ctx.journal.emit(event, instance_uuid=self.uuid, reason=exc.code, detail=exc.reason)
+
+    def _emit_state(self, **extra: Any) -> None:
+        self.ctx.journal.emit("instance_state", instance_uuid=self.uuid, state=self.public_state, **extra)
+        if self.queued == 0:  # nothing queued that could still change it
+            self.projected = State.RUNNING if self.state is State.PENDING else self.state
+
+    def _log(self, message: str) -> None:
+        self.ctx.logs.write(self.dir, message)
+
+
+def _ms(started: float) -> str:
+    return f"{(trio.current_time() - started) * 1000:.1f} ms"

@@ -1,0 +1,45 @@
+"""`instance.json`: what the launcher keeps about an instance across restarts.
+
+The record holds the START spec and one flag, `created`: whether the per-instance disk and seed were made.
+The VM's state is never stored; at start-up the virtualizer tells whether the VM still runs. A record with
+created=false means the launcher stopped in the middle of a START, which is then run again.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import attrs
+
+from launcher.payloads import InstanceSpec, Networking, StorageEntry
+
+VERSION = 1
+
+
+@attrs.frozen
+class InstanceRecord:
+    spec: InstanceSpec
+    created: bool = False
+
+    def to_json(self) -> bytes:
+        body = {"version": VERSION, "created": self.created, "spec": attrs.asdict(self.spec)}
+        return json.dumps(body, separators=(",", ":"), sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> InstanceRecord:
+        """Raises ValueError (or a subclass) if the file is not a record this launcher wrote."""
+        body = json.loads(data)
+        if not isinstance(body, dict) or body.get("version") != VERSION:
+            raise ValueError(f"not an instance record of version {VERSION}")
+        return cls(spec=_spec_from_dict(body["spec"]), created=bool(body["created"]))
+
+
+def _spec_from_dict(raw: dict[str, Any]) -> InstanceSpec:
+    fields = dict(raw)
+    try:
+        fields["networking"] = Networking(**fields["networking"])
+        fields["storage"] = tuple(StorageEntry(**entry) for entry in fields["storage"])
+        return InstanceSpec(**fields)
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"bad spec in instance record: {exc}") from exc

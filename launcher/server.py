@@ -1,0 +1,88 @@
+"""`launcher serve`: wires the components together and runs them under one root nursery.
+
+Start order: journal and per-instance logs (so everything after can report), the virtualizer backend, the
+supervisor (which recovers the instances on disk), the stats reporter, then the HTTP API. On SIGTERM or
+SIGINT everything is cancelled in the reverse order: actors and monitors stop, VMs keep running (a restarted
+launcher reconnects to them), pending events and log lines are flushed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import signal
+from pathlib import Path
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve as hypercorn_serve
+
+from launcher import store
+from launcher.api import Api
+from launcher.config import Config
+from launcher.events import EventJournal
+from launcher.logs import InstanceLogs
+from launcher.stats import StatsReporter, node_uuid
+from launcher.supervisor import Supervisor
+from virtualizers.base import load_backend
+
+log = logging.getLogger(__name__)
+
+
+def api_token(data_dir: Path) -> str:
+    """The bearer token, created (mode 0600) at first start."""
+    path = data_dir / store.TOKEN_FILE
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        token = secrets.token_urlsafe(32)
+        store.atomic_write(path, token.encode(), mode=0o600)
+        return token
+
+
+async def serve(config: Config) -> None:
+    opener = load_backend(config.virtualizer)
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    config.instances_dir.mkdir(exist_ok=True)
+    token = api_token(config.data_dir)
+    limiter = trio.CapacityLimiter(config.worker_threads)
+    journal = EventJournal(config.data_dir, rotate_bytes=config.events.rotate_bytes,
+                           keep_files=config.events.keep_files, memory_events=config.events.memory_events,
+                           limiter=limiter)
+    logs = InstanceLogs(max_bytes=config.log_max_bytes, limiter=limiter)
+    async with trio.open_nursery() as infrastructure:
+        await infrastructure.start(journal.run)
+        await infrastructure.start(logs.run)
+        async with opener(config.virtualizer_settings(), config.data_dir) as backend:
+            async with trio.open_nursery() as work:
+                work.start_soon(_cancel_on_signal, work.cancel_scope)
+                supervisor = Supervisor(config, backend, journal, logs, limiter)
+                await work.start(supervisor.run)
+                stats = StatsReporter(supervisor, limiter, node_uuid(config.data_dir))
+                await work.start(stats.run)
+                api = Api(supervisor, journal, logs, stats, token)
+                binds = await work.start(hypercorn_serve, api, _hypercorn_config(config.listen))
+                url = binds[0]
+                store.atomic_write(config.data_dir / store.URL_FILE, url.encode())
+                log.info("launcher serving on %s (virtualizer %s, data dir %s, pid %d)",
+                         url, config.virtualizer, config.data_dir, os.getpid())
+        infrastructure.cancel_scope.cancel()
+
+
+async def _cancel_on_signal(scope: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("%s: shutting down; VMs keep running", signal.Signals(signum).name)
+            scope.cancel()
+            return
+
+
+def _hypercorn_config(listen: str) -> HypercornConfig:
+    hc = HypercornConfig()
+    hc.bind = [listen]
+    hc.accesslog = None
+    hc.errorlog = logging.getLogger("hypercorn.error")
+    hc.keep_alive_timeout = 75
+    hc.graceful_timeout = 1  # SIGTERM must end the process within 2 s
+    return hc

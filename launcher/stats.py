@@ -1,0 +1,127 @@
+"""Node and instance statistics, in ciao's STATS shape (reference §5).
+
+Every `stats_snapshot_s` the reporter reads the node's figures (psutil, in a worker thread) and the latest
+figures each actor holds (polled by the actor itself every `instance_stats_s` while it runs), keeps the result
+as the snapshot that `GET /v1/stats` serves, and emits it as a `stats` event.
+
+Differences from ciao, on purpose: disk figures are MiB like memory (ciao mixed decimal MB and MiB), and the
+instance state strings are ours (`running`, not ciao's `active`).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import socket
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import psutil
+import trio
+
+from launcher import store
+from launcher.instance import InstanceActor
+from launcher.payloads import InstanceSpec
+from launcher.supervisor import Supervisor
+
+NODE_ID_FILE = "node-id"
+
+
+def node_uuid(data_dir: Path) -> str:
+    """This node's persistent identity, created at first start (blocking)."""
+    path = data_dir / NODE_ID_FILE
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        value = str(uuid.uuid4())
+        store.atomic_write(path, value.encode())
+        return value
+
+
+def node_figures(data_dir: Path) -> dict[str, Any]:
+    """ciao's READY fields for this host (blocking: reads /proc). -1 where a figure cannot be read."""
+    figures: dict[str, Any] = {"hostname": socket.gethostname(), "cpus_online": psutil.cpu_count() or -1}
+    try:
+        vm = psutil.virtual_memory()
+        figures.update(mem_total_mb=vm.total // 2**20, mem_available_mb=vm.available // 2**20)
+    except OSError:
+        figures.update(mem_total_mb=-1, mem_available_mb=-1)
+    try:
+        du = psutil.disk_usage(str(data_dir))
+        figures.update(disk_total_mb=du.total // 2**20, disk_available_mb=du.free // 2**20)
+    except OSError:
+        figures.update(disk_total_mb=-1, disk_available_mb=-1)
+    figures["load"] = int(os.getloadavg()[0])
+    figures["networks"] = _networks()
+    return figures
+
+
+def _networks() -> list[dict[str, str]]:
+    """(IPv4, MAC) of each interface that has both and is not loopback."""
+    result = []
+    for addrs in psutil.net_if_addrs().values():
+        mac = next((a.address for a in addrs if a.family == psutil.AF_LINK), "")
+        for a in addrs:
+            if a.family == socket.AF_INET and mac and not ipaddress.ip_address(a.address).is_loopback:
+                result.append({"ip": a.address, "mac": mac})
+    return result
+
+
+def ssh_port(spec: InstanceSpec) -> int:
+    """ciao's derived SSH port: 33000 + (ip[2] << 8) + ip[3] of the private IPv4, 0 when not applicable."""
+    if spec.network_node or not spec.networking.private_ip:
+        return 0
+    try:
+        ip = ipaddress.IPv4Address(spec.networking.private_ip).packed
+    except ValueError:
+        return 0
+    port = 33000 + (ip[2] << 8) + ip[3]
+    return port if port < 65535 else 0
+
+
+def instance_figures(actor: InstanceActor) -> dict[str, Any]:
+    spec = actor.spec
+    return {
+        "instance_uuid": actor.uuid,
+        "state": actor.public_state,
+        "ssh_ip": spec.networking.concentrator_ip,
+        "ssh_port": ssh_port(spec),
+        "memory_usage_mb": actor.stats.memory_mb,
+        "disk_usage_mb": actor.stats.disk_mb,
+        "cpu_usage": actor.stats.cpu_percent,
+        "volumes": [entry.id for entry in spec.storage],
+    }
+
+
+class StatsReporter:
+    """Keeps the latest STATS snapshot and emits it as a `stats` event every `stats_snapshot_s`."""
+
+    def __init__(self, supervisor: Supervisor, limiter: trio.CapacityLimiter, node_id: str) -> None:
+        self.supervisor = supervisor
+        self.limiter = limiter
+        self.node_id = node_id
+        self.snapshot: dict[str, Any] = {}
+        self.snapshot_json = b"{}"
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        interval = self.supervisor.config.intervals.stats_snapshot_s
+        await self.refresh()
+        task_status.started()
+        while True:
+            await trio.sleep(interval)
+            await self.refresh()
+            self.supervisor.journal.emit("stats", **self.snapshot)
+
+    async def refresh(self) -> None:
+        node = await trio.to_thread.run_sync(node_figures, self.supervisor.config.data_dir, limiter=self.limiter)
+        self.snapshot = {
+            "time": time.time(),
+            "node_uuid": self.node_id,
+            "status": self.supervisor.status,
+            **node,
+            "instances": [instance_figures(a) for a in list(self.supervisor.instances.values())],
+        }
+        self.snapshot_json = json.dumps(self.snapshot, separators=(",", ":")).encode()

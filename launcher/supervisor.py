@@ -1,0 +1,302 @@
+"""The supervisor: the instance table, admission, routing, node status and recovery at start-up.
+
+Dispatch is synchronous (DESIGN.md §3.3): validate against the instance's *projected* state (the state it
+will be in once its queued commands have run), admit, and put the command into the actor's bounded inbox.
+Nothing here awaits an actor, so a slow or stuck instance never delays commands to the others. The caller
+gets a `Ticket` and waits on it by itself, with its own timeout.
+
+Admission counts what admitted instances were *promised* (vCPUs, memory, disk), updated at the moment a
+START is admitted or an instance is gone, so a burst of STARTs can never overcommit the node (ciao checked a
+value refreshed every 6 s; reference §18). The live free space of the data dir is checked as well.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import attrs
+import psutil
+import trio
+
+from launcher import errors, store
+from launcher.config import Config
+from launcher.errors import LauncherError
+from launcher.events import EventJournal
+from launcher.instance import ActorContext, InstanceActor, State, Ticket
+from launcher.logs import InstanceLogs
+from launcher.payloads import (
+    Command,
+    DeleteCommand,
+    EvacuateCommand,
+    InstanceSpec,
+    RestartCommand,
+    RestoreCommand,
+    StartCommand,
+    StopCommand,
+)
+from launcher.records import InstanceRecord
+from virtualizers.base import Backend
+
+log = logging.getLogger(__name__)
+
+READY, FULL, MAINTENANCE = "READY", "FULL", "MAINTENANCE"
+MAINTENANCE_FILE = "maintenance"
+
+
+@attrs.frozen
+class Resources:
+    vcpus: int = 0
+    mem_mb: int = 0
+    disk_mb: int = 0
+
+    def __add__(self, other: Resources) -> Resources:
+        return Resources(self.vcpus + other.vcpus, self.mem_mb + other.mem_mb, self.disk_mb + other.disk_mb)
+
+    def __sub__(self, other: Resources) -> Resources:
+        return Resources(self.vcpus - other.vcpus, self.mem_mb - other.mem_mb, self.disk_mb - other.disk_mb)
+
+    @classmethod
+    def of(cls, spec: InstanceSpec) -> Resources:
+        return cls(spec.vcpus or 0, spec.mem_mb or 0, spec.disk_mb or 0)
+
+
+@attrs.frozen
+class Capacity:
+    """What the node can promise to VMs, from the host's size and the admission settings."""
+
+    instances: int
+    vcpus: float
+    mem_mb: float
+    disk_mb: float
+
+    @classmethod
+    def measure(cls, config: Config) -> Capacity:
+        a = config.admission
+        total_mem_mb = psutil.virtual_memory().total // 2**20
+        disk_total_mb = psutil.disk_usage(str(config.data_dir)).total // 2**20
+        return cls(
+            instances=a.max_instances,
+            vcpus=(os.cpu_count() or 1) * a.vcpu_overcommit,
+            mem_mb=max(0, total_mem_mb - a.keep_free_memory_mb) * a.memory_overcommit,
+            disk_mb=max(0, disk_total_mb - a.keep_free_disk_mb) * a.disk_overcommit,
+        )
+
+
+class Supervisor:
+    def __init__(
+        self,
+        config: Config,
+        backend: Backend,
+        journal: EventJournal,
+        logs: InstanceLogs,
+        limiter: trio.CapacityLimiter,
+    ) -> None:
+        self.config = config
+        self.backend = backend
+        self.journal = journal
+        self.instances: dict[str, InstanceActor] = {}
+        self.allocated = Resources()
+        self.capacity = Capacity.measure(config)
+        self.maintenance = (config.data_dir / MAINTENANCE_FILE).exists()
+        self.status = READY
+        self._ctx = ActorContext(config, journal, logs, limiter, on_gone=self._on_gone)
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Recover the instances on disk, then run every actor until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            await self._recover_all()
+            self._update_status(force=True)
+            task_status.started()
+            await trio.sleep_forever()
+
+    # ----------------------------------------------------------------- dispatch
+
+    def dispatch(self, command: Command) -> Ticket:
+        """Route one command. Raises LauncherError for a refusal known at once; otherwise the ticket
+        reports the outcome."""
+        if isinstance(command, StartCommand):
+            return self._dispatch_start(command)
+        if isinstance(command, EvacuateCommand):
+            return self.evacuate()
+        if isinstance(command, RestoreCommand):
+            return self.restore()
+        actor = self.instances.get(command.instance_uuid)
+        if actor is None or actor.projected is State.DELETED:
+            raise LauncherError(errors.NO_INSTANCE, "no such instance", command.instance_uuid)
+        if isinstance(command, StopCommand):
+            if actor.projected is State.EXITED:
+                raise LauncherError(errors.ALREADY_STOPPED, "instance is not running", actor.uuid)
+            target = State.EXITED
+        elif isinstance(command, RestartCommand):
+            if actor.projected is not State.EXITED:
+                raise LauncherError(errors.ALREADY_RUNNING, "instance is running or starting", actor.uuid)
+            target = State.RUNNING
+        else:
+            assert isinstance(command, DeleteCommand)
+            target = State.DELETED
+        ticket = Ticket(type(command).__name__.removesuffix("Command").lower(), actor.uuid)
+        actor.post(command, ticket)
+        actor.projected = target
+        if target is State.DELETED:
+            actor.interrupt_start()
+        return ticket
+
+    def _dispatch_start(self, command: StartCommand) -> Ticket:
+        spec = self._with_defaults(command.spec)
+        existing = self.instances.get(spec.instance_uuid)
+        if existing is not None:
+            return self._repeated_start(existing, spec)
+        if self.maintenance:
+            raise LauncherError(errors.NODE_MAINTENANCE, "the node is in maintenance", spec.instance_uuid)
+        need = Resources.of(spec)
+        refusal = self._no_room(need)
+        if refusal:
+            raise LauncherError(errors.FULL_CN, refusal, spec.instance_uuid)
+        actor = self._add(spec, created=False, recovered=False)
+        ticket = Ticket("start", spec.instance_uuid)
+        actor.post(command if command.spec == spec else StartCommand(spec), ticket)
+        self._update_status()
+        return ticket
+
+    def _repeated_start(self, actor: InstanceActor, spec: InstanceSpec) -> Ticket:
+        """Same uuid again: identical payload is idempotent; anything else is a conflict."""
+        if actor.projected is State.DELETED:
+            raise LauncherError(errors.INSTANCE_EXISTS, "the instance is being deleted", actor.uuid)
+        if actor.spec != spec:
+            code = errors.ALREADY_RUNNING if actor.projected is State.RUNNING else errors.INSTANCE_EXISTS
+            raise LauncherError(code, "an instance with this uuid exists with a different payload", actor.uuid)
+        ticket = Ticket("start", actor.uuid)
+        ticket.finish(actor.public_state)
+        return ticket
+
+    def _with_defaults(self, spec: InstanceSpec) -> InstanceSpec:
+        d = self.config.defaults
+        return attrs.evolve(
+            spec,
+            vcpus=spec.vcpus or d.vcpus,
+            mem_mb=spec.mem_mb or d.mem_mb,
+            disk_mb=spec.disk_mb if spec.disk_mb is not None else d.disk_mb,
+        )
+
+    # ----------------------------------------------------------------- admission and node status
+
+    def _no_room(self, need: Resources) -> str:
+        """Why an instance needing `need` cannot be admitted now, or "" if it can."""
+        cap, after = self.capacity, self.allocated + need
+        if len(self.instances) + 1 > cap.instances:
+            return f"{len(self.instances)} instances, the limit is {cap.instances}"
+        if after.vcpus > cap.vcpus:
+            return f"{after.vcpus} vCPUs would be promised, the limit is {cap.vcpus:g}"
+        if after.mem_mb > cap.mem_mb:
+            return f"{after.mem_mb} MiB of memory would be promised, the limit is {cap.mem_mb:g} MiB"
+        if after.disk_mb > cap.disk_mb:
+            return f"{after.disk_mb} MiB of disk would be promised, the limit is {cap.disk_mb:g} MiB"
+        free_mb = _free_disk_mb(self.config.data_dir)
+        if free_mb - need.disk_mb < self.config.admission.keep_free_disk_mb:
+            return f"only {free_mb} MiB free in {self.config.data_dir}"
+        return ""
+
+    def _compute_status(self) -> str:
+        if self.maintenance:
+            return MAINTENANCE
+        d = self.config.defaults
+        return FULL if self._no_room(Resources(d.vcpus, d.mem_mb, d.disk_mb)) else READY
+
+    def _update_status(self, *, force: bool = False) -> None:
+        status = self._compute_status()
+        if force or status != self.status:
+            self.status = status
+            self.journal.emit("node_status", status=status)
+
+    # ----------------------------------------------------------------- evacuate / restore
+
+    def evacuate(self) -> Ticket:
+        """Enter maintenance (no START is admitted) and stop every instance that runs or will run."""
+        self._set_maintenance(True)
+        for actor in list(self.instances.values()):
+            if actor.projected is State.RUNNING:
+                try:
+                    self.dispatch(StopCommand(actor.uuid))
+                except LauncherError as exc:
+                    self.journal.emit("stop_failure", instance_uuid=actor.uuid, reason=exc.code, detail=exc.reason)
+        ticket = Ticket("evacuate", "")
+        ticket.finish(MAINTENANCE)
+        return ticket
+
+    def restore(self) -> Ticket:
+        self._set_maintenance(False)
+        ticket = Ticket("restore", "")
+        ticket.finish(self.status)
+        return ticket
+
+    def _set_maintenance(self, on: bool) -> None:
+        path = self.config.data_dir / MAINTENANCE_FILE
+        if on:
+            store.atomic_write(path, b"")  # small and rare: survives a restart, as in ciao HEAD
+        else:
+            path.unlink(missing_ok=True)
+            store.fsync_dir(path.parent)
+        self.maintenance = on
+        self._update_status()
+
+    # ----------------------------------------------------------------- the table
+
+    def _add(self, spec: InstanceSpec, *, created: bool, recovered: bool) -> InstanceActor:
+        assert self._nursery is not None
+        actor = InstanceActor(self._ctx, self.backend.new_virtualizer(), spec, created=created, recovered=recovered)
+        self.instances[actor.uuid] = actor
+        self.allocated += Resources.of(spec)
+        self._nursery.start_soon(actor.run)
+        return actor
+
+    def _on_gone(self, actor: InstanceActor) -> None:
+        if self.instances.get(actor.uuid) is actor:
+            del self.instances[actor.uuid]
+            self.allocated -= Resources.of(actor.spec)
+            self._update_status()
+
+    # ----------------------------------------------------------------- recovery
+
+    async def _recover_all(self) -> None:
+        """Load every instance dir; the actors then ask the virtualizer whether each VM still runs."""
+        instances_dir = self.config.instances_dir
+        loaded, broken = await trio.to_thread.run_sync(_scan, instances_dir)
+        for path, detail in broken:
+            aside = await trio.to_thread.run_sync(store.move_aside, path, self.config.data_dir / store.CORRUPT)
+            log.error("instance dir %s is unreadable (%s): moved to %s", path, detail, aside)
+            self.journal.emit("instance_corrupt", instance_uuid=path.name, detail=detail, moved_to=str(aside))
+        for record in loaded:
+            self._add(record.spec, created=record.created, recovered=True)
+        if loaded or broken:
+            log.info("recovered %d instances, %d unreadable dirs moved aside", len(loaded), len(broken))
+
+
+def _scan(instances_dir: Path) -> tuple[list[InstanceRecord], list[tuple[Path, str]]]:
+    """Read every instance dir (blocking). Finishes removals a crash interrupted."""
+    instances_dir.mkdir(parents=True, exist_ok=True)
+    loaded: list[InstanceRecord] = []
+    broken: list[tuple[Path, str]] = []
+    for path in sorted(instances_dir.iterdir()):
+        if path.name.startswith(".deleting-"):
+            store.remove_tree(path)
+            continue
+        if path.name.startswith("."):
+            continue
+        try:
+            record = InstanceRecord.from_json((path / store.INSTANCE_FILE).read_bytes())
+            if record.spec.instance_uuid != path.name:
+                raise ValueError(f"the record is for instance {record.spec.instance_uuid}")
+        except (OSError, ValueError) as exc:
+            broken.append((path, str(exc)))
+            continue
+        loaded.append(record)
+    return loaded, broken
+
+
+def _free_disk_mb(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize // 2**20

@@ -1,0 +1,110 @@
+"""Fixtures that run a real `launcher serve` process on a free port with its own data dir."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import yaml
+
+from launcher.client import Client
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "configs" / "examples"
+
+
+class LauncherProcess:
+    """One `launcher serve` child process. `start()` again after `kill()` is a launcher restart."""
+
+    def __init__(self, data_dir: Path, settings: dict[str, Any]) -> None:
+        self.data_dir = data_dir
+        self.config_path = data_dir.parent / f"{data_dir.name}-launcher.yaml"
+        self.config_path.write_text(yaml.safe_dump({"listen": "127.0.0.1:0", **settings}))
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = data_dir.parent / f"{data_dir.name}-serve.log"
+
+    def start(self, timeout: float = 20.0) -> Client:
+        url_file = self.data_dir / "api-url"
+        url_file.unlink(missing_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "launcher.cli", "serve", "--config", str(self.config_path),
+                 "--data-dir", str(self.data_dir)],
+                stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+            )
+        deadline = time.monotonic() + timeout
+        while not url_file.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"launcher did not start:\n{self.log_path.read_text()}")
+            time.sleep(0.05)
+        return self.client()
+
+    def client(self) -> Client:
+        return Client.discover(None, self.data_dir)
+
+    def cli(self, *args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[str]:
+        """Run the `launcher` command against this launcher."""
+        return subprocess.run(
+            [sys.executable, "-m", "launcher.cli", *args[:1], "--data-dir", str(self.data_dir), *args[1:]],
+            input=stdin.decode() if stdin else None, capture_output=True, text=True, timeout=60, cwd=ROOT,
+        )
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=10)
+
+    def output(self) -> str:
+        return self.log_path.read_text()
+
+
+def simvm_processes(data_dir: Path) -> list[psutil.Process]:
+    """Live (non-zombie) fake VM processes of the process-mode simulation under `data_dir`."""
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        cmdline = proc.info["cmdline"] or []
+        if "virtualizers.simvm" in cmdline and any(str(data_dir) in part for part in cmdline) \
+                and proc.info["status"] != psutil.STATUS_ZOMBIE:
+            found.append(proc)
+    return found
+
+
+@pytest.fixture
+def launcher_factory(tmp_path: Path) -> Iterator[Any]:
+    """make(settings) → a LauncherProcess, started; everything (and any fake VM) is killed afterwards."""
+    made: list[LauncherProcess] = []
+
+    def make(settings: dict[str, Any] | None = None, name: str = "data") -> LauncherProcess:
+        data_dir = tmp_path / name
+        data_dir.mkdir(exist_ok=True)
+        launcher = LauncherProcess(data_dir, settings or {})
+        launcher.start()
+        made.append(launcher)
+        return launcher
+
+    yield make
+    for launcher in made:
+        launcher.kill()
+        for proc in simvm_processes(launcher.data_dir):
+            proc.kill()
+
+
+@pytest.fixture
+def launcher(launcher_factory: Any) -> LauncherProcess:
+    return launcher_factory()
+
+
+def example(name: str) -> bytes:
+    return (EXAMPLES / name).read_bytes()
+
+
+os.environ.pop("LAUNCHER_URL", None)  # tests find their launcher through its data dir only
+os.environ.pop("LAUNCHER_TOKEN", None)

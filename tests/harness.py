@@ -1,0 +1,82 @@
+"""An in-process launcher (journal, logs, simulation backend, supervisor) for tests of the control path."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import attrs
+import trio
+
+from launcher import config as config_module
+from launcher.config import Config
+from launcher.events import EventJournal
+from launcher.instance import Ticket
+from launcher.logs import InstanceLogs
+from launcher.payloads import Command, InstanceSpec, StartCommand
+from launcher.supervisor import Supervisor
+from virtualizers.simulation import open_backend
+
+
+@attrs.define
+class Node:
+    config: Config
+    supervisor: Supervisor
+    journal: EventJournal
+    logs: InstanceLogs
+
+    def dispatch(self, command: Command) -> Ticket:
+        return self.supervisor.dispatch(command)
+
+    def start(self, uuid: str, **fields: Any) -> Ticket:
+        return self.dispatch(StartCommand(spec(uuid, **fields)))
+
+    async def done(self, ticket: Ticket, timeout: float = 10.0) -> Ticket:
+        with trio.fail_after(timeout):
+            await ticket.done.wait()
+        return ticket
+
+    def state(self, uuid: str) -> str:
+        actor = self.supervisor.instances.get(uuid)
+        return "deleted" if actor is None else actor.public_state
+
+    async def wait_state(self, uuid: str, state: str, timeout: float = 10.0) -> None:
+        with trio.fail_after(timeout):
+            while self.state(uuid) != state:
+                await trio.sleep(0.01)
+
+    async def events(self, **match: Any) -> list[dict[str, Any]]:
+        """Durable events whose fields equal `match`."""
+        await self.journal.wait_durable(self.journal.last_seq)
+        found = []
+        async for event in self.journal.events_since(0):
+            if all(event.get(k) == v for k, v in match.items()):
+                found.append(event)
+        return found
+
+
+def spec(uuid: str, **fields: Any) -> InstanceSpec:
+    fields.setdefault("image_uuid", "test-image")
+    return InstanceSpec(instance_uuid=uuid, **fields)
+
+
+@asynccontextmanager
+async def running_node(data_dir: Path, simulation: dict[str, Any] | None = None, **settings: Any) -> AsyncIterator[Node]:
+    """A launcher without its HTTP API, with the simulation virtualizer (memory mode unless told)."""
+    config = config_module.load(None, data_dir=data_dir, simulation=simulation or {}, **settings)
+    config.instances_dir.mkdir(parents=True, exist_ok=True)
+    limiter = trio.CapacityLimiter(config.worker_threads)
+    journal = EventJournal(data_dir, limiter=limiter)
+    logs = InstanceLogs(limiter=limiter, flush_interval=0.05)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(journal.run)
+        await nursery.start(logs.run)
+        async with open_backend(config.virtualizer_settings(), data_dir) as backend:
+            async with trio.open_nursery() as work:
+                supervisor = Supervisor(config, backend, journal, logs, limiter)
+                await work.start(supervisor.run)
+                yield Node(config, supervisor, journal, logs)
+                work.cancel_scope.cancel()
+        nursery.cancel_scope.cancel()
