@@ -286,10 +286,11 @@ class InstanceActor:
         await self._boot(ticket, failure_event)
 
     async def _fail_start(self, ticket: Ticket, exc: LauncherError) -> None:
-        """A START failed before start_vm: remove what was created, and the instance with it."""
-        self._fail(ticket, "start_failure", exc)
+        """A START failed before start_vm: remove what was created, and the instance with it; the ticket
+        is answered once that is done."""
         await self._call_quietly("delete_image", self.ctx.config.timeouts.delete_image_s, self.vm.delete_image)
         await self._remove_dir()
+        self._fail(ticket, "start_failure", exc)
         self._gone(reason=exc.code)
 
     async def _restart(self, ticket: Ticket) -> None:

@@ -14,7 +14,6 @@ import ipaddress
 import json
 import os
 import socket
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ import psutil
 import trio
 
 from launcher import store
+from launcher.events import utc_timestamp
 from launcher.instance import InstanceActor
 from launcher.payloads import InstanceSpec
 from launcher.supervisor import Supervisor
@@ -118,7 +118,7 @@ class StatsReporter:
     async def refresh(self) -> None:
         node = await trio.to_thread.run_sync(node_figures, self.supervisor.config.data_dir, limiter=self.limiter)
         self.snapshot = {
-            "time": time.time(),
+            "taken_at": utc_timestamp(),
             "node_uuid": self.node_id,
             "status": self.supervisor.status,
             **node,

@@ -227,9 +227,11 @@ async def test_boot_timeout_forces_the_vm_off(tmp_path: Path) -> None:
 async def test_full_inbox_is_instance_busy(tmp_path: Path) -> None:
     async with running_node(tmp_path, {"stop_delay_s": 5.0}, inbox_size=2) as node:
         await running(node)
-        node.dispatch(StopCommand(U))
+        stop = node.dispatch(StopCommand(U))
+        await stop.accepted.wait()  # the actor is busy with it for 5 s; the inbox holds 2 more
         node.dispatch(RestartCommand(U))
-        refused(node, StopCommand(U), errors.INSTANCE_BUSY)
+        node.dispatch(StopCommand(U))
+        refused(node, RestartCommand(U), errors.INSTANCE_BUSY)
 
 
 async def test_slow_instance_does_not_delay_others(tmp_path: Path) -> None:

@@ -1,0 +1,420 @@
+"""Seq-numbered events and the durable journal they are kept in (DESIGN.md §6, §7).
+
+Every event is a flat JSON object ``{"seq": n, "time": "<RFC 3339 UTC, ms>", "type": ..., ...}``. Seqs are
+gap-free and keep counting across restarts and file rotation, so a client that remembers the last seq it saw can
+resume with ``since=<seq>`` and miss nothing.
+
+:class:`EventJournal` appends events to ``<directory>/events.jsonl`` with *group commit*: :meth:`~EventJournal.emit`
+only queues, and one writer task writes and fsyncs everything queued so far in a single worker-thread call. Readers
+(:meth:`~EventJournal.recent`, :meth:`~EventJournal.events_since`) only ever see events that are already durable, so
+nothing a client has been shown can be lost by a crash. Recent events are served from memory; older ones are read
+back from the journal files in a worker thread.
+
+On disk the journal is ``events.jsonl`` plus up to ``keep_files`` rotated files ``events.jsonl.1`` (newest) ..
+``events.jsonl.N`` (oldest); each holds a contiguous run of seqs, one compact JSON object per line.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import itertools
+import json
+import os
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, BinaryIO, NamedTuple
+
+import trio
+
+from launcher.store import fsync_dir
+
+Event = dict[str, Any]
+
+JOURNAL_FILE = "events.jsonl"
+# Bound on how long a cancelled run() may spend writing out what is still queued.
+_FINAL_FLUSH_SECONDS = 1.0
+# Bytes of journal a reader parses per worker-thread call when it catches up from disk.
+_READ_CHUNK_BYTES = 1 << 20
+# Initial size of the window scanned backwards for the last complete line at start-up.
+_TAIL_WINDOW_BYTES = 1 << 16
+
+_last_second: tuple[int, str] = (-1, "")
+
+
+def utc_timestamp() -> str:
+    """The current time as RFC 3339 UTC with milliseconds, e.g. ``2026-11-21T02:05:59.123Z``."""
+    global _last_second
+    seconds, nanos = divmod(time.time_ns(), 1_000_000_000)
+    cached_seconds, prefix = _last_second
+    if seconds != cached_seconds:
+        # strftime is the slow part, and emit() runs tens of thousands of times a second: once per second is enough.
+        prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+        _last_second = (seconds, prefix)
+    return f"{prefix}.{nanos // 1_000_000:03d}Z"
+
+
+class EventsExpired(Exception):
+    """The requested events have been rotated away; ``oldest_seq`` is the oldest one still kept."""
+
+    def __init__(self, oldest_seq: int) -> None:
+        super().__init__(f"events before seq {oldest_seq} are no longer kept")
+        self.oldest_seq = oldest_seq
+
+
+class _Cursor(NamedTuple):
+    """Where a reader catching up from disk stopped: the file (named by the first seq it holds, which survives
+    rotation), the byte offset in it, and the seq expected next."""
+
+    first_seq: int
+    offset: int
+    next_seq: int
+
+
+class EventJournal:
+    """The durable, rotated event journal in ``directory``.
+
+    Start :meth:`run` in a nursery (``await nursery.start(journal.run)``) before calling anything else; it recovers
+    the seq from disk and then commits emitted events until it is cancelled, at which point it writes out what is
+    still queued (best effort, bounded to about a second).
+
+    Seqs are assigned by :meth:`emit` and become *durable* once written and fsync'd; :attr:`durable_seq` only
+    grows. :meth:`wait_durable`, :meth:`recent` and :meth:`events_since` are defined in terms of durable events.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        rotate_bytes: int = 64 << 20,
+        keep_files: int = 4,
+        memory_events: int = 20000,
+        limiter: trio.CapacityLimiter | None = None,
+    ) -> None:
+        if keep_files < 1:
+            raise ValueError("keep_files must be at least 1")
+        self._directory = Path(directory)
+        self._rotate_bytes = rotate_bytes
+        self._keep_files = keep_files
+        self._limiter = limiter
+        self._ring: collections.deque[Event] = collections.deque(maxlen=memory_events)
+        self._pending: list[Event] = []
+        self._last_seq = 0
+        self._durable_seq = 0
+        # First seq of each journal file, oldest first; the last entry is events.jsonl (for an empty file: the seq
+        # it will get next). Changed only by the writer, under _files_lock.
+        self._segments: list[int] = [1]
+        self._files_lock = trio.Lock()
+        self._fd = -1
+        self._size = 0
+        self._accepting = False
+        self._stopped = False
+        self._work = trio.Event()  # set by emit(): there is something to commit
+        self._committed = trio.Event()  # set and replaced after every commit (and when the journal stops)
+
+    @property
+    def last_seq(self) -> int:
+        """The seq of the last emitted event, durable or not."""
+        return self._last_seq
+
+    @property
+    def durable_seq(self) -> int:
+        """Every event up to and including this seq is on disk."""
+        return self._durable_seq
+
+    @property
+    def oldest_seq(self) -> int:
+        """The oldest seq that can still be read, or ``last_seq + 1`` when there is none."""
+        return self._segments[0]
+
+    # -- writing -------------------------------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Open the journal, report started, then commit emitted events until cancelled."""
+        self._fd, self._size, self._segments, self._last_seq = await trio.to_thread.run_sync(
+            self._open_files, limiter=self._limiter
+        )
+        self._durable_seq = self._last_seq
+        self._accepting = True
+        task_status.started()
+        try:
+            while True:
+                await self._work.wait()
+                self._work = trio.Event()
+                await self._commit()
+                if self._size > self._rotate_bytes:
+                    await self._rotate()
+        except trio.Cancelled:
+            # Only a cancellation leaves the file in a known state (nothing half-written), so only then is it
+            # safe to write once more.
+            with trio.move_on_after(_FINAL_FLUSH_SECONDS, shield=True):
+                await self._commit()
+            raise
+        finally:
+            self._accepting = False
+            self._stopped = True
+            os.close(self._fd)
+            self._committed.set()
+
+    def emit(self, type: str, **fields: Any) -> int:
+        """Queue an event and return its seq. Never blocks; the event becomes durable at the next commit.
+
+        ``fields`` should be JSON values; anything else is written as its ``str()``. They are merged last, so a
+        ``time`` field replaces the journal's timestamp; ``seq`` is reserved.
+        """
+        if not self._accepting:
+            raise RuntimeError("EventJournal.emit() called while run() is not running")
+        if "seq" in fields:
+            raise ValueError("'seq' is assigned by the journal")
+        seq = self._last_seq + 1
+        self._last_seq = seq
+        event: Event = {"seq": seq, "time": utc_timestamp(), "type": type, **fields}
+        self._pending.append(event)
+        self._work.set()
+        return seq
+
+    async def wait_durable(self, seq: int) -> None:
+        """Return once event ``seq`` is on disk. Raises :exc:`trio.ClosedResourceError` if the journal stops
+        first."""
+        if seq > self._last_seq:
+            raise ValueError(f"event {seq} has not been emitted (last seq is {self._last_seq})")
+        while self._durable_seq < seq:
+            if self._stopped:
+                raise trio.ClosedResourceError(f"event journal stopped before event {seq} was written")
+            await self._committed.wait()
+
+    async def _commit(self) -> None:
+        batch = self._pending
+        if not batch:
+            return
+        self._pending = []
+        try:
+            self._size += await trio.to_thread.run_sync(self._write_batch, self._fd, batch, limiter=self._limiter)
+        except trio.Cancelled:
+            # With abandon_on_cancel=False a cancellation can only arrive before the thread starts: nothing was
+            # written, so the batch goes back to the head of the queue.
+            self._pending[:0] = batch
+            raise
+        self._durable_seq = batch[-1]["seq"]
+        self._ring.extend(batch)
+        self._committed.set()
+        self._committed = trio.Event()
+
+    @staticmethod
+    def _write_batch(fd: int, batch: list[Event]) -> int:
+        encode = json.JSONEncoder(separators=(",", ":"), default=str).encode
+        data = "".join([encode(event) + "\n" for event in batch]).encode()
+        _write_all(fd, data)
+        os.fsync(fd)
+        return len(data)
+
+    async def _rotate(self) -> None:
+        async with self._files_lock:
+            self._fd = await trio.to_thread.run_sync(self._rotate_files, self._fd, limiter=self._limiter)
+            self._size = 0
+            self._segments.append(self._durable_seq + 1)
+            del self._segments[: -(self._keep_files + 1)]
+
+    def _rotate_files(self, fd: int) -> int:
+        """events.jsonl.N-1 -> .N, ..., events.jsonl -> .1 (the oldest beyond keep_files is overwritten), then a
+        fresh events.jsonl. Returns its fd."""
+        for k in range(self._keep_files, 0, -1):
+            if self._path(k - 1).exists():
+                os.replace(self._path(k - 1), self._path(k))
+        new_fd = _open_append(self._path(0))
+        fsync_dir(self._directory)  # the renames and the new file's entry, before anything is written into it
+        os.close(fd)
+        return new_fd
+
+    # -- opening -------------------------------------------------------------------------------------------------
+
+    def _path(self, k: int) -> Path:
+        """Journal file k: 0 is events.jsonl, k >= 1 the k-th newest rotated file."""
+        return self._directory / (JOURNAL_FILE if k == 0 else f"{JOURNAL_FILE}.{k}")
+
+    def _open_files(self) -> tuple[int, int, list[int], int]:
+        """Recover the journal: returns (append fd, its size, first seq per file, last seq)."""
+        self._directory.mkdir(parents=True, exist_ok=True)
+        rotated = self._compact_rotated()
+        current = self._path(0)
+        last_seq = _truncate_torn_tail(current) if current.exists() else None
+        if last_seq is None:  # events.jsonl is empty (just rotated) or missing: the newest event is further back
+            found = (_last_seq_in(self._path(k)) for k in range(1, rotated + 1))
+            last_seq = next((seq for seq in found if seq is not None), 0)
+        fd = _open_append(current)
+        fsync_dir(self._directory)
+        # Walk newest to oldest: an empty file "starts" where the file after it does.
+        segments = [_first_seq_in(current) or last_seq + 1]
+        for k in range(1, rotated + 1):
+            segments.insert(0, _first_seq_in(self._path(k)) or segments[0])
+        return fd, os.fstat(fd).st_size, segments, last_seq
+
+    def _compact_rotated(self) -> int:
+        """Renumber rotated files 1..n without holes (a crash mid-rotation can leave one), drop those beyond
+        keep_files, and return how many are left."""
+        prefix = JOURNAL_FILE + "."
+        indices = sorted(
+            int(p.name[len(prefix) :]) for p in self._directory.glob(prefix + "*") if p.name[len(prefix) :].isdigit()
+        )
+        for new, old in enumerate(indices, start=1):
+            if new != old:
+                os.replace(self._path(old), self._path(new))
+        for k in range(self._keep_files + 1, len(indices) + 1):
+            self._path(k).unlink()
+        return min(len(indices), self._keep_files)
+
+    # -- reading -------------------------------------------------------------------------------------------------
+
+    def recent(self, since: int) -> list[Event]:
+        """Durable events with seq > since that are still in memory (all of memory if since is older)."""
+        events = self._from_memory(since)
+        return list(self._ring) if events is None else events
+
+    async def events_since(self, since: int, *, follow: bool = False) -> AsyncIterator[Event]:
+        """Yield every durable event with seq > since, in order and without gaps; with ``follow``, keep waiting
+        for new ones until cancelled (or until the journal stops).
+
+        Raises :exc:`EventsExpired` before yielding anything if events after ``since`` have been rotated away; a
+        follower that falls behind the in-memory events continues from the files, and gets EventsExpired only if
+        it falls behind everything kept on disk too.
+        """
+        if since < self.oldest_seq - 1:
+            raise EventsExpired(self.oldest_seq)
+        next_seq = since + 1
+        cursor: _Cursor | None = None
+        while True:
+            if next_seq > self._durable_seq:
+                if not follow or self._stopped:
+                    return
+                await self._committed.wait()
+                continue
+            events = self._from_memory(next_seq - 1)
+            if events is None:
+                events, cursor = await self._from_disk(next_seq, cursor)
+            for event in events:
+                yield event
+            next_seq = events[-1]["seq"] + 1
+
+    def _from_memory(self, since: int) -> list[Event] | None:
+        """Durable events after since from the ring, or None if the ring does not reach back that far."""
+        count = self._durable_seq - since
+        if count <= 0:
+            return []
+        if count > len(self._ring):
+            return None
+        # Walk from the newest end: followers are usually near it, and deque indexing is O(n).
+        events = list(itertools.islice(reversed(self._ring), count))
+        events.reverse()
+        return events
+
+    async def _from_disk(self, next_seq: int, cursor: _Cursor | None) -> tuple[list[Event], _Cursor]:
+        # The lock keeps rotation from renaming files between choosing a file and opening it.
+        async with self._files_lock:
+            segments = list(self._segments)
+            if next_seq < segments[0]:
+                raise EventsExpired(segments[0])
+            if cursor is None or cursor.next_seq != next_seq or cursor.first_seq < segments[0]:
+                cursor = _Cursor(segments[bisect.bisect_right(segments, next_seq) - 1], 0, next_seq)
+            paths = [self._path(k) for k in range(len(segments) - 1, -1, -1)]
+            events, cursor = await trio.to_thread.run_sync(
+                _read_events, paths, segments, cursor, self._durable_seq, limiter=self._limiter
+            )
+        if not events:
+            raise RuntimeError(f"event journal in {self._directory} is missing event {next_seq}")
+        return events, cursor
+
+
+def _read_events(
+    paths: list[Path], segments: list[int], cursor: _Cursor, durable_seq: int
+) -> tuple[list[Event], _Cursor]:
+    """Read about _READ_CHUNK_BYTES worth of events from cursor on, never past durable_seq, across files
+    (``paths`` and ``segments`` oldest first)."""
+    index = bisect.bisect_right(segments, cursor.first_seq) - 1
+    offset, next_seq = cursor.offset, cursor.next_seq
+    events: list[Event] = []
+    budget = _READ_CHUNK_BYTES
+    while True:
+        with open(paths[index], "rb") as file:
+            file.seek(offset)
+            for line in file:
+                # A line without its newline is being appended right now; it cannot be durable yet.
+                if not line.endswith(b"\n"):
+                    break
+                event = json.loads(line)
+                if event["seq"] > durable_seq:
+                    break
+                offset += len(line)
+                if event["seq"] >= next_seq:
+                    events.append(event)
+                    next_seq = event["seq"] + 1
+                    budget -= len(line)
+                    if budget <= 0 or next_seq > durable_seq:
+                        break
+        if budget <= 0 or next_seq > durable_seq or index == len(paths) - 1:
+            return events, _Cursor(segments[index], offset, next_seq)
+        index += 1
+        offset = 0
+
+
+def _open_append(path: Path) -> int:
+    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _seq_of(line: bytes) -> int | None:
+    try:
+        event = json.loads(line)
+    except ValueError:
+        return None
+    seq = event.get("seq") if isinstance(event, dict) else None
+    return seq if isinstance(seq, int) else None
+
+
+def _first_seq_in(path: Path) -> int | None:
+    with open(path, "rb") as file:
+        line = file.readline()
+    return _seq_of(line) if line.endswith(b"\n") else None
+
+
+def _last_line(file: BinaryIO, end: int) -> tuple[int, int | None]:
+    """Scan backwards from ``end`` for the last complete line holding an event: (the offset just past it, its
+    seq), or (0, None) if there is none."""
+    window = _TAIL_WINDOW_BYTES
+    while True:
+        start = max(0, end - window)
+        file.seek(start)
+        data = file.read(end - start)
+        stop = len(data)
+        while (newline := data.rfind(b"\n", 0, stop)) >= 0:
+            line_start = data.rfind(b"\n", 0, newline) + 1
+            if line_start == 0 and start > 0:
+                break  # the line may begin before the window
+            seq = _seq_of(data[line_start:newline])
+            if seq is not None:
+                return start + newline + 1, seq
+            stop = line_start
+        if start == 0:
+            return 0, None
+        window *= 4
+
+
+def _last_seq_in(path: Path) -> int | None:
+    with open(path, "rb") as file:
+        return _last_line(file, file.seek(0, os.SEEK_END))[1]
+
+
+def _truncate_torn_tail(path: Path) -> int | None:
+    """Cut whatever follows the last complete event (a write torn by a crash) and return that event's seq."""
+    with open(path, "r+b") as file:
+        end = file.seek(0, os.SEEK_END)
+        good_end, seq = _last_line(file, end)
+        if good_end < end:
+            file.truncate(good_end)
+            os.fsync(file.fileno())
+    return seq
