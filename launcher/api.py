@@ -178,8 +178,9 @@ class Api:
         if isinstance(answer, Stream):
             await _send_stream(answer, receive, send)
         else:
-            await send({"type": "http.response.start", "status": answer.status,
-                        "headers": [(b"content-type", answer.content_type.encode())]})
+            headers = [(b"content-type", answer.content_type.encode()),
+                       (b"content-length", str(len(answer.body)).encode())]
+            await send({"type": "http.response.start", "status": answer.status, "headers": headers})
             await send({"type": "http.response.body", "body": answer.body})
 
     async def _answer(self, request: Request) -> Response | Stream:

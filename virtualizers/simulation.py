@@ -1,0 +1,591 @@
+"""The simulation virtualizer: fake VMs for scale runs, demos and tests of the launcher's control path.
+
+It implements the whole Virtualizer contract (virtualizers/base.py) without a hypervisor, in one of two modes
+chosen by the `simulation:` section of the launcher config:
+
+``memory`` (default)
+    A fake VM is an entry in a table held by the backend, keyed by instance uuid: a few hundred bytes and no
+    task of its own, so tens of thousands fit in one launcher. Such VMs die with the launcher process.
+
+``process``
+    A fake VM is a real detached process (``python -m virtualizers.simvm``, see that module) with a pidfile,
+    a console log and a disk file in the instance directory. It outlives the launcher, so recovery after a
+    restart, pid verification and real usage figures are exercised too.
+
+Unlike ciao's simulation (which never reported its VMs as closed), the VMs here really boot, stop and crash.
+
+Settings (unknown keys or bad values raise ValueError naming the key):
+
+``mode``: ``memory`` | ``process``
+``boot_delay_s`` (0.05): time from start_vm until the VM is up (monitor_vm sends CONNECTED).
+``stop_delay_s`` (0.0): how long a graceful shutdown takes in the guest.
+``failures``: a list of failure-injection rules, tried in order; the first whose ``phase`` is the current
+    one, whose ``match`` regex (default: anything) is found in the instance uuid and whose random draw
+    succeeds (``probability``, default 1.0) applies. For ``ensure`` / ``create`` / ``start`` its ``action``
+    is ``fail`` (the call raises VirtualizerError with the phase's code) or ``hang`` (the call never returns,
+    so the launcher's timeouts and cancellation are exercised). For ``crash`` the VM dies ``after_s``
+    seconds after it came up.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeGuard
+
+import attrs
+import psutil
+import trio
+
+from launcher import store
+from launcher.errors import IMAGE_FAILURE, LAUNCH_FAILURE, STOP_FAILURE, VirtualizerError
+from launcher.payloads import InstanceSpec
+from virtualizers import simvm
+from virtualizers.base import MonitorEvent, MonitorInbox, VmStats
+
+SECTION = "simulation"  # the config section these settings come from; error messages name keys under it
+MODES = ("memory", "process")
+PHASES = ("ensure", "create", "start", "crash")
+_PHASE_CODES = {"ensure": IMAGE_FAILURE, "create": IMAGE_FAILURE, "start": LAUNCH_FAILURE}
+_SETTINGS_KEYS = frozenset({"mode", "boot_delay_s", "stop_delay_s", "failures"})
+_RULE_KEYS = frozenset({"phase", "match", "probability", "action", "after_s"})
+
+# What an InstanceSpec leaves open (None) counts as this.
+DEFAULT_VCPUS = 1
+DEFAULT_MEM_MB = 256
+
+SIMVM_MODULE = "virtualizers.simvm"
+DISK_IMAGE = "disk.img"
+SPAWN_TIMEOUT_S = 10.0  # for `python -m virtualizers.simvm` to daemonize
+KILL_WAIT_S = 5.0  # for a SIGKILLed VM process to disappear
+UP_POLL_S = 0.05  # how often monitor_vm looks for vm.up while the VM boots
+PROCESS_POLL_S = 0.1  # how often to check a process without pidfds
+MIB = 1024 * 1024
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Settings
+
+
+@attrs.frozen
+class FailureRule:
+    """One entry of `simulation.failures`; `index` is its position in that list."""
+
+    index: int
+    phase: str
+    match: re.Pattern[str]
+    probability: float = 1.0
+    action: str = "fail"  # "fail" or "hang"; always "fail" for phase "crash"
+    after_s: float = 0.0  # crash only: how long after coming up the VM dies
+
+    def applies(self, phase: str, instance_uuid: str) -> bool:
+        """Whether this rule fires now for `instance_uuid` in `phase` (draws a random number if it could)."""
+        return (
+            phase == self.phase and self.match.search(instance_uuid) is not None and random.random() < self.probability
+        )
+
+
+@attrs.frozen
+class SimulationSettings:
+    """The validated `simulation:` section of the launcher config (defaults: see `parse`)."""
+
+    mode: str
+    boot_delay_s: float
+    stop_delay_s: float
+    failures: tuple[FailureRule, ...]
+
+    @classmethod
+    def parse(cls, raw: Mapping[str, Any]) -> SimulationSettings:
+        """Validate `raw` strictly; ValueError names the first offending key (e.g. `simulation.mode`)."""
+        raw = _mapping(raw, _SETTINGS_KEYS, SECTION)
+        mode = raw.get("mode", "memory")
+        if mode not in MODES:
+            raise ValueError(f"{SECTION}.mode: must be one of {', '.join(MODES)}, got {mode!r}")
+        failures = raw.get("failures", [])
+        if not isinstance(failures, list):
+            raise ValueError(f"{SECTION}.failures: must be a list of rules, got {failures!r}")
+        return cls(
+            mode=mode,
+            boot_delay_s=_seconds(raw.get("boot_delay_s", 0.05), f"{SECTION}.boot_delay_s"),
+            stop_delay_s=_seconds(raw.get("stop_delay_s", 0.0), f"{SECTION}.stop_delay_s"),
+            failures=tuple(_parse_rule(i, rule) for i, rule in enumerate(failures)),
+        )
+
+    def rule_for(self, phase: str, instance_uuid: str) -> FailureRule | None:
+        """The failure rule that applies to this call, if any."""
+        return next((rule for rule in self.failures if rule.applies(phase, instance_uuid)), None)
+
+
+def _mapping(raw: object, allowed: frozenset[str], where: str) -> Mapping[str, Any]:
+    """`raw` as a mapping whose keys are all in `allowed`."""
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"{where}: must be a mapping, got {raw!r}")
+    unknown = sorted(str(key) for key in raw if key not in allowed)
+    if unknown:
+        raise ValueError(f"{where}.{unknown[0]}: unknown setting (known: {', '.join(sorted(allowed))})")
+    return raw
+
+
+def _is_number(value: object) -> TypeGuard[int | float]:
+    # bool is an int to Python, but `boot_delay_s: true` is a mistake, not 1 second.
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _seconds(value: object, key: str) -> float:
+    if not _is_number(value) or not 0 <= value < math.inf:
+        raise ValueError(f"{key}: must be a finite number of seconds >= 0, got {value!r}")
+    return float(value)
+
+
+def _probability(value: object, key: str) -> float:
+    if not _is_number(value) or not 0 <= value <= 1:
+        raise ValueError(f"{key}: must be a number from 0 to 1, got {value!r}")
+    return float(value)
+
+
+def _parse_rule(index: int, raw: object) -> FailureRule:
+    where = f"{SECTION}.failures[{index}]"
+    rule = _mapping(raw, _RULE_KEYS, where)
+    phase = rule.get("phase")
+    if phase not in PHASES:
+        raise ValueError(f"{where}.phase: must be one of {', '.join(PHASES)}, got {phase!r}")
+    pattern = rule.get("match", "")
+    if not isinstance(pattern, str):
+        raise ValueError(f"{where}.match: must be a regular expression string, got {pattern!r}")
+    try:
+        match = re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"{where}.match: invalid regular expression {pattern!r}: {exc}") from None
+    actions = ("fail",) if phase == "crash" else ("fail", "hang")
+    action = rule.get("action", "fail")
+    if action not in actions:
+        raise ValueError(f"{where}.action: must be one of {', '.join(actions)} for phase {phase}, got {action!r}")
+    if "after_s" in rule and phase != "crash":
+        raise ValueError(f"{where}.after_s: only allowed for phase crash")
+    return FailureRule(
+        index=index,
+        phase=phase,
+        match=match,
+        probability=_probability(rule.get("probability", 1.0), f"{where}.probability"),
+        action=action,
+        after_s=_seconds(rule.get("after_s", 0.0), f"{where}.after_s"),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The backend
+
+
+@attrs.define(eq=False)
+class _FakeVm:
+    """A running VM of memory mode: two deadlines and one event. Deliberately tiny (see the module doc)."""
+
+    up_at: float  # trio.current_time() from which it counts as up
+    crash_at: float  # when it dies on its own; math.inf if it does not
+    down: trio.Event = attrs.Factory(trio.Event)
+
+
+@attrs.define(eq=False)
+class SimulationBackend:
+    """The per-launcher part of the simulation: its settings and, in memory mode, the fake VMs themselves."""
+
+    settings: SimulationSettings
+    name: str = attrs.field(default="simulation", init=False)
+    _vms: dict[str, _FakeVm] = attrs.field(factory=dict, init=False)  # memory mode's "hypervisor"
+
+    def new_virtualizer(self) -> SimulationVirtualizer:
+        if self.settings.mode == "process":
+            return ProcessVirtualizer(self)
+        return MemoryVirtualizer(self)
+
+    async def inject(self, phase: str, instance_uuid: str) -> None:
+        """Apply the failure rules of `phase`: raise or hang if one fires, else just checkpoint."""
+        rule = self.settings.rule_for(phase, instance_uuid)
+        if rule is None:
+            await trio.lowlevel.checkpoint()
+            return
+        if rule.action == "hang":
+            await trio.sleep_forever()
+        reason = f"{phase} failure injected by simulation rule {rule.index} ({SECTION}.failures[{rule.index}])"
+        raise VirtualizerError(_PHASE_CODES[phase], reason, instance_uuid)
+
+    def crash_after(self, instance_uuid: str) -> float | None:
+        """Seconds after coming up at which a VM being started now will crash, or None if it will not."""
+        rule = self.settings.rule_for("crash", instance_uuid)
+        return None if rule is None else rule.after_s
+
+    # Memory mode's table. Only actors and their monitor sessions touch it, from the Trio thread.
+
+    def fake_vm(self, instance_uuid: str) -> _FakeVm | None:
+        return self._vms.get(instance_uuid)
+
+    def power_on(self, instance_uuid: str, vm: _FakeVm) -> None:
+        self._vms[instance_uuid] = vm
+
+    def power_off(self, instance_uuid: str, vm: _FakeVm) -> None:
+        """Take `vm` down (idempotent) and wake whoever waits for that."""
+        if self._vms.get(instance_uuid) is vm:
+            del self._vms[instance_uuid]
+        vm.down.set()
+
+
+@asynccontextmanager
+async def open_backend(settings: Mapping[str, Any], data_dir: Path) -> AsyncIterator[SimulationBackend]:
+    """Open the simulation backend (the `simulation` entry point of `launcher.virtualizers`).
+
+    `settings` is the `simulation:` config section; ValueError if it is invalid. `data_dir` is not used: the
+    simulation keeps nothing outside the instance directories. Closing the backend leaves process-mode VMs
+    running (a restarted launcher recovers them); memory-mode VMs live in the backend and end with it.
+    """
+    yield SimulationBackend(SimulationSettings.parse(settings))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Virtualizers
+
+
+@attrs.define(eq=False)
+class _SimulatedInstance:
+    """What both modes' virtualizers share: the instance's identity and the image phases' failure injection."""
+
+    _backend: SimulationBackend
+    _spec: InstanceSpec = attrs.field(init=False)
+    _dir: Path = attrs.field(init=False)
+
+    @property
+    def _uuid(self) -> str:
+        return self._spec.instance_uuid
+
+    def init(self, spec: InstanceSpec, instance_dir: Path) -> None:
+        self._spec = spec
+        self._dir = instance_dir
+
+    async def ensure_backing_image(self) -> None:
+        """There is no backing image to fetch; only the `ensure` failure rules can make this fail."""
+        await self._backend.inject("ensure", self._uuid)
+
+    async def delete_image(self) -> None:
+        """Nothing to do: a simulated instance keeps nothing outside its instance directory."""
+        await trio.lowlevel.checkpoint()
+
+    def connected(self) -> None:
+        pass
+
+    def lost_vm(self) -> None:
+        pass
+
+
+@attrs.define(eq=False)
+class MemoryVirtualizer(_SimulatedInstance):
+    """A simulated instance whose VM is an entry in the backend's table."""
+
+    async def create_image(self, user_data: str, meta_data: str, network_config: str | None) -> None:
+        """There is no disk in memory mode; only the `create` failure rules can make this fail."""
+        await self._backend.inject("create", self._uuid)
+
+    async def start_vm(self) -> None:
+        """Register a fake VM that is up after boot_delay_s. launch_failure if one already runs."""
+        await self._backend.inject("start", self._uuid)
+        if self._backend.fake_vm(self._uuid) is not None:
+            raise VirtualizerError(LAUNCH_FAILURE, "a simulated VM already runs for this instance", self._uuid)
+        up_at = trio.current_time() + self._backend.settings.boot_delay_s
+        crash_after = self._backend.crash_after(self._uuid)
+        crash_at = math.inf if crash_after is None else up_at + crash_after
+        self._backend.power_on(self._uuid, _FakeVm(up_at, crash_at))
+
+    async def monitor_vm(self, inbox: MonitorInbox, recover: bool) -> None:
+        """CONNECTED once the fake VM is up, CLOSED once it is stopped or crashes.
+
+        With no fake VM (never started, or the launcher restarted: memory VMs die with it) CLOSED at once,
+        whatever `recover` says.
+        """
+        vm = self._backend.fake_vm(self._uuid)
+        if vm is None:
+            await inbox.send(MonitorEvent.CLOSED)
+            return
+        with trio.move_on_at(vm.up_at):
+            await vm.down.wait()
+        if not vm.down.is_set():
+            await inbox.send(MonitorEvent.CONNECTED)
+            with trio.move_on_at(vm.crash_at):
+                await vm.down.wait()
+            # Still not down, so the crash deadline passed. Taking the VM down here is the simulated guest
+            # dying, not a change of virtualizer state (which monitors must not make).
+            self._backend.power_off(self._uuid, vm)
+        await inbox.send(MonitorEvent.CLOSED)
+
+    async def stop_vm(self, grace: float) -> None:
+        """The fake VM goes down after min(stop_delay_s, grace) (sooner if it crashes meanwhile).
+
+        If cancelled before then, the VM keeps running."""
+        vm = self._backend.fake_vm(self._uuid)
+        if vm is None:
+            await trio.lowlevel.checkpoint()
+            return
+        with trio.move_on_after(max(0.0, min(self._backend.settings.stop_delay_s, grace))):
+            await vm.down.wait()
+        self._backend.power_off(self._uuid, vm)
+
+    async def stats(self) -> VmStats:
+        """ciao's figures, derived from the spec: a tenth of the memory and disk, an idle CPU."""
+        await trio.lowlevel.checkpoint()
+        if self._backend.fake_vm(self._uuid) is None:
+            return VmStats()
+        mem_mb = DEFAULT_MEM_MB if self._spec.mem_mb is None else self._spec.mem_mb
+        return VmStats(memory_mb=mem_mb // 10, cpu_percent=0, disk_mb=(self._spec.disk_mb or 0) // 10)
+
+
+@attrs.define(eq=False)
+class ProcessVirtualizer(_SimulatedInstance):
+    """A simulated instance whose VM is a detached `virtualizers.simvm` process."""
+
+    _pid: int | None = attrs.field(default=None, init=False)  # set by connected()
+    _cpu_sample: tuple[float, float] | None = attrs.field(default=None, init=False)  # (cpu s, wall s)
+
+    async def create_image(self, user_data: str, meta_data: str, network_config: str | None) -> None:
+        """Write `disk.img`: the cloud-init data, as JSON, replaced atomically."""
+        await self._backend.inject("create", self._uuid)
+        disk = {"user_data": user_data, "meta_data": meta_data, "network_config": network_config}
+        try:
+            await trio.to_thread.run_sync(store.atomic_write, self._dir / DISK_IMAGE, json.dumps(disk).encode())
+        except OSError as exc:
+            raise VirtualizerError(IMAGE_FAILURE, f"cannot write {DISK_IMAGE}: {exc}", self._uuid) from exc
+
+    async def start_vm(self) -> None:
+        """Run simvm, which daemonizes; return once the VM process has written its pidfile.
+
+        launch_failure if a VM process of this instance already runs or simvm fails or takes too long."""
+        await self._backend.inject("start", self._uuid)
+        if _live_vm_pid(self._dir, self._uuid) is not None:
+            raise VirtualizerError(LAUNCH_FAILURE, "a simulated VM already runs for this instance", self._uuid)
+        try:
+            with trio.fail_after(SPAWN_TIMEOUT_S):
+                done = await trio.run_process(
+                    self._simvm_argv(self._backend.crash_after(self._uuid)),
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    capture_stderr=True,
+                    check=False,
+                    deliver_cancel=_kill,
+                )
+        except trio.TooSlowError:
+            reason = f"the simulated VM did not start within {SPAWN_TIMEOUT_S:g} s"
+            raise VirtualizerError(LAUNCH_FAILURE, reason, self._uuid) from None
+        except OSError as exc:
+            raise VirtualizerError(LAUNCH_FAILURE, f"cannot run {SIMVM_MODULE}: {exc}", self._uuid) from exc
+        if done.returncode != 0:
+            detail = done.stderr.decode(errors="replace").strip()[-500:]
+            reason = f"{SIMVM_MODULE} exited with status {done.returncode}: {detail}"
+            raise VirtualizerError(LAUNCH_FAILURE, reason, self._uuid)
+
+    def _simvm_argv(self, crash_after: float | None) -> list[str]:
+        settings = self._backend.settings
+        argv = [sys.executable, "-m", SIMVM_MODULE, "--uuid", self._uuid, "--dir", str(self._dir.absolute())]
+        argv += ["--boot-delay", repr(settings.boot_delay_s), "--stop-delay", repr(settings.stop_delay_s)]
+        if crash_after is not None:
+            argv += ["--crash-after", repr(crash_after)]
+        return argv
+
+    async def monitor_vm(self, inbox: MonitorInbox, recover: bool) -> None:
+        """CONNECTED once the VM process has touched vm.up, CLOSED once the process is gone.
+
+        The process is found through the pidfile and verified (see `_live_vm_pid`), so `recover` needs no
+        special case: a VM that survived a launcher restart is found running, a dead one (or a pidfile whose
+        pid now belongs to another process) gives CLOSED at once.
+        """
+        pid = _live_vm_pid(self._dir, self._uuid)
+        if pid is not None:
+            with _ProcessWatch(pid) as watch:
+                if await self._wait_until_up(watch):
+                    await inbox.send(MonitorEvent.CONNECTED)
+                    await watch.exited_within(math.inf)
+        await inbox.send(MonitorEvent.CLOSED)
+
+    async def _wait_until_up(self, watch: _ProcessWatch) -> bool:
+        """True once vm.up exists, False if the process ended before that."""
+        up_file = self._dir / simvm.UP_FILE
+        while not up_file.exists():
+            if await watch.exited_within(UP_POLL_S):
+                return False
+        return True
+
+    async def stop_vm(self, grace: float) -> None:
+        """SIGTERM (the power button); SIGKILL after `grace` s; return once the process is gone.
+
+        A VM that is already gone is fine. stop_failure if the process outlives SIGKILL by KILL_WAIT_S."""
+        pid = _live_vm_pid(self._dir, self._uuid)
+        if pid is None:
+            await trio.lowlevel.checkpoint()
+            return
+        with _ProcessWatch(pid) as watch:
+            watch.send_signal(signal.SIGTERM)
+            if await watch.exited_within(max(0.0, grace)):
+                return
+            watch.send_signal(signal.SIGKILL)
+            if not await watch.exited_within(KILL_WAIT_S):
+                reason = f"the simulated VM (pid {pid}) is still there {KILL_WAIT_S:g} s after SIGKILL"
+                raise VirtualizerError(STOP_FAILURE, reason, self._uuid)
+
+    async def stats(self) -> VmStats:
+        """Measured figures: PSS, CPU use since the previous call (-1 the first time) and disk.img's size."""
+        sample = await trio.to_thread.run_sync(_measure, self._pid, self._dir / DISK_IMAGE)
+        cpu_percent = -1
+        if sample.cpu_s is not None and self._cpu_sample is not None:
+            cpu_s, wall_s = self._cpu_sample
+            vcpus = self._spec.vcpus or DEFAULT_VCPUS
+            if sample.wall_s > wall_s:
+                cpu_percent = round((sample.cpu_s - cpu_s) / (sample.wall_s - wall_s) / vcpus * 100)
+        self._cpu_sample = None if sample.cpu_s is None else (sample.cpu_s, sample.wall_s)
+        return VmStats(
+            memory_mb=-1 if sample.memory_bytes is None else sample.memory_bytes // MIB,
+            cpu_percent=cpu_percent,
+            disk_mb=-1 if sample.disk_bytes is None else -(-sample.disk_bytes // MIB),  # rounded up
+        )
+
+    def connected(self) -> None:
+        """Remember the VM's pid for stats(); the next CPU figure starts a new measurement."""
+        self._pid = _live_vm_pid(self._dir, self._uuid)
+        self._cpu_sample = None
+
+    def lost_vm(self) -> None:
+        self._pid = None
+        self._cpu_sample = None
+
+
+SimulationVirtualizer = MemoryVirtualizer | ProcessVirtualizer  # what SimulationBackend.new_virtualizer gives
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Process mode helpers
+
+
+async def _kill(process: trio.Process) -> None:
+    # The process trio.run_process runs does nothing but wait for the VM to detach, so killing it outright
+    # is harmless, and a cancelled start (e.g. the launcher shutting down) returns at once.
+    process.kill()
+
+
+def _live_vm_pid(instance_dir: Path, instance_uuid: str) -> int | None:
+    """The pid in the instance's pidfile, if that process is alive and is this instance's simvm.
+
+    Checking the command line guards against a pid reused by an unrelated process after the VM died."""
+    try:
+        pid = int((instance_dir / simvm.PIDFILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if pid <= 0:
+        return None
+    try:
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return None
+        cmdline = process.cmdline()
+    except psutil.Error:
+        return None
+    return pid if SIMVM_MODULE in cmdline and instance_uuid in cmdline else None
+
+
+class _ProcessWatch:
+    """Waits for, and signals, a process that is not our child (the VM was reparented to init).
+
+    Uses a pidfd, which also makes signalling immune to pid reuse; without pidfd support it polls psutil.
+    A context manager: leaving it closes the pidfd.
+    """
+
+    def __init__(self, pid: int) -> None:
+        self._pid = pid
+        self._fd: int | None = None
+        self._exited = False
+        try:
+            self._fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            self._exited = True
+        except OSError:  # no pidfds in this kernel: poll
+            pass
+
+    def __enter__(self) -> _ProcessWatch:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+
+    async def exited_within(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for the process to end; True if it has."""
+        if self._exited:
+            await trio.lowlevel.checkpoint()
+            return True
+        with trio.move_on_after(timeout):
+            await self._wait()
+            self._exited = True
+        return self._exited
+
+    async def _wait(self) -> None:
+        if self._fd is not None:
+            # A pidfd becomes readable when the process exits (zombie or reaped).
+            await trio.lowlevel.wait_readable(self._fd)
+            return
+        while _is_running(self._pid):
+            await trio.sleep(PROCESS_POLL_S)
+
+    def send_signal(self, signum: signal.Signals) -> None:
+        """Send `signum` unless the process is already gone."""
+        try:
+            if self._fd is not None:
+                signal.pidfd_send_signal(self._fd, signum)
+            else:
+                os.kill(self._pid, signum)
+        except ProcessLookupError:
+            pass
+
+
+def _is_running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@attrs.frozen
+class _Sample:
+    """One measurement for stats(); None where it could not be taken."""
+
+    wall_s: float
+    cpu_s: float | None
+    memory_bytes: int | None
+    disk_bytes: int | None
+
+
+def _measure(pid: int | None, disk: Path) -> _Sample:
+    """Read the VM process's CPU time and PSS (RSS where PSS is unreadable) and the disk's size. Blocking."""
+    wall_s = time.monotonic()
+    try:
+        disk_bytes: int | None = disk.stat().st_size
+    except OSError:
+        disk_bytes = None
+    if pid is None:
+        return _Sample(wall_s, None, None, disk_bytes)
+    try:
+        process = psutil.Process(pid)
+        with process.oneshot():
+            times = process.cpu_times()
+            try:
+                memory_bytes = process.memory_full_info().pss
+            except psutil.AccessDenied:  # PSS comes from /proc/<pid>/smaps, which may be off limits
+                memory_bytes = process.memory_info().rss
+    except psutil.Error:
+        return _Sample(wall_s, None, None, disk_bytes)
+    return _Sample(wall_s, times.user + times.system, memory_bytes, disk_bytes)
