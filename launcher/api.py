@@ -314,7 +314,7 @@ class Api:
 
     def _uuid(self, request: Request) -> str:
         value = request.params["uuid"]
-        if not payloads.UUID_RE.fullmatch(value):
+        if not payloads.is_valid_uuid(value):
             raise LauncherError(errors.INVALID_DATA, f"instance_uuid: {value!r} is not a valid instance uuid")
         return value
 

@@ -161,6 +161,7 @@ class InstanceActor:
         self._boot_deadline = math.inf
         self._next_stats = math.inf
         self._interruptible: trio.CancelScope | None = None
+        self._followers: list[Ticket] | None = None  # waiting for the instance to settle (rarely any)
 
     # ----------------------------------------------------------------- called by the supervisor (sync)
 
@@ -179,9 +180,33 @@ class InstanceActor:
         if self._interruptible is not None:
             self._interruptible.cancel()
 
+    def follow(self) -> Ticket:
+        """A ticket finished with the public state once nothing is queued or under way (running, exited
+        or deleted): how a repeated, idempotent START waits."""
+        ticket = Ticket("start", self.uuid)
+        ticket.accept()
+        if self._settled():
+            ticket.finish(self.public_state)
+        else:
+            self._followers = (self._followers or []) + [ticket]
+        return ticket
+
     @property
     def public_state(self) -> str:
         return PUBLIC_STATE[self.state]
+
+    def _settled(self) -> bool:
+        return self.queued == 0 and self.state in (State.RUNNING, State.EXITED, State.DELETED)
+
+    def _sync_projection(self) -> None:
+        """Once nothing is queued, the projected state is the real one; release followers if settled."""
+        if self.queued:
+            return
+        self.projected = State.RUNNING if self.state is State.PENDING else self.state
+        if self._followers and self._settled():
+            for ticket in self._followers:
+                ticket.finish(self.public_state)
+            self._followers = None
 
     # ----------------------------------------------------------------- the task
 
@@ -204,8 +229,7 @@ class InstanceActor:
                         message.ticket.fail(LauncherError(errors.INTERNAL, repr(exc), self.uuid))
                 if isinstance(message, Request):
                     self.queued -= 1
-                    if self.queued == 0:
-                        self.projected = State.RUNNING if self.state is State.PENDING else self.state
+                    self._sync_projection()
             nursery.cancel_scope.cancel()
 
     async def _next_message(self) -> Request | MonitorNote | None:
@@ -543,8 +567,7 @@ class InstanceActor:
 
     def _emit_state(self, **extra: Any) -> None:
         self.ctx.journal.emit("instance_state", instance_uuid=self.uuid, state=self.public_state, **extra)
-        if self.queued == 0:  # nothing queued that could still change it
-            self.projected = State.RUNNING if self.state is State.PENDING else self.state
+        self._sync_projection()
 
     def _log(self, message: str) -> None:
         self.ctx.logs.write(self.dir, message)

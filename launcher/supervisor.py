@@ -169,9 +169,7 @@ class Supervisor:
         if actor.spec != spec:
             code = errors.ALREADY_RUNNING if actor.projected is State.RUNNING else errors.INSTANCE_EXISTS
             raise LauncherError(code, "an instance with this uuid exists with a different payload", actor.uuid)
-        ticket = Ticket("start", actor.uuid)
-        ticket.finish(actor.public_state)
-        return ticket
+        return actor.follow()
 
     def _with_defaults(self, spec: InstanceSpec) -> InstanceSpec:
         d = self.config.defaults

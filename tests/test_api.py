@@ -100,7 +100,8 @@ def test_bad_input_gets_a_code_and_the_launcher_keeps_serving(launcher: Launcher
     assert "fw_type" in fw.reason
     for method, path, status, code in [
         ("POST", "/v1/instances/abcd/stop", 404, "no_instance"),
-        ("POST", "/v1/instances/..%2Fetc/stop", 400, "invalid_data"),
+        ("POST", "/v1/instances/..%2Fetc/stop", 404, "not_found"),  # decoded to a path no route matches
+        ("POST", "/v1/instances/zz..x/stop", 400, "invalid_data"),
         ("GET", "/v1/nothing", 404, "not_found"),
         ("PUT", "/v1/instances", 404, "not_found"),
         ("POST", "/v1/instances/abcd/stop?grace=-1", 400, "invalid_data"),

@@ -77,8 +77,8 @@ async def test_pending_matrix(tmp_path: Path) -> None:
     async with running_node(tmp_path, SLOW_BOOT) as node:
         first = node.start(U)
         await node.wait_state(U, "pending")
-        repeat = node.start(U)
-        assert repeat.done.is_set() and repeat.state == "pending"  # identical payload: idempotent
+        repeat = node.start(U)  # identical payload: idempotent, and settles with the instance
+        assert repeat.accepted.is_set() and not repeat.done.is_set()
         refused(node, StartCommand(spec(U, vcpus=2)), errors.ALREADY_RUNNING)
         refused(node, RestartCommand(U), errors.ALREADY_RUNNING)
         stop = node.dispatch(StopCommand(U, grace_s=0))
@@ -86,6 +86,7 @@ async def test_pending_matrix(tmp_path: Path) -> None:
         assert stop.state == "exited"
         await node.done(first)
         assert first.state == "exited"  # the START was overtaken by the STOP, not failed
+        assert (await node.done(repeat)).state == "exited"
 
 
 async def test_delete_while_pending_boot(tmp_path: Path) -> None:
