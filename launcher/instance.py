@@ -31,6 +31,7 @@ from launcher.config import Config
 from launcher.errors import LauncherError, VirtualizerError
 from launcher.events import EventJournal
 from launcher.logs import InstanceLogs
+from launcher.persist import Persister
 from launcher.payloads import DeleteCommand, InstanceSpec, RestartCommand, StartCommand, StopCommand
 from launcher.records import InstanceRecord
 from virtualizers.base import MonitorEvent, Virtualizer, VmStats
@@ -120,7 +121,7 @@ class ActorContext:
     config: Config
     journal: EventJournal
     logs: InstanceLogs
-    limiter: trio.CapacityLimiter
+    persister: Persister
     on_gone: Callable[[InstanceActor], None]  # the instance is deleted; drop it from the table
 
 
@@ -539,23 +540,17 @@ class InstanceActor:
 
     async def _persist_new(self) -> None:
         record = InstanceRecord(self.spec, created=False)
-
-        def write() -> None:
-            store.create_instance_dir(self.dir)
-            store.atomic_write(self.dir / store.INSTANCE_FILE, record.to_json())
-
-        await trio.to_thread.run_sync(write, limiter=self.ctx.limiter)
+        await self.ctx.persister.create(self.dir / store.INSTANCE_FILE, record.to_json())
 
     async def _write_record(self, *, created: bool) -> None:
-        data = InstanceRecord(self.spec, created=created).to_json()
-        await trio.to_thread.run_sync(store.atomic_write, self.dir / store.INSTANCE_FILE, data,
-                                      limiter=self.ctx.limiter)
+        record = InstanceRecord(self.spec, created=created)
+        await self.ctx.persister.write(self.dir / store.INSTANCE_FILE, record.to_json())
         self._created = created
 
     async def _remove_dir(self) -> None:
         self.ctx.logs.discard(self.dir)
         try:
-            await trio.to_thread.run_sync(store.remove_tree, self.dir, limiter=self.ctx.limiter)
+            await self.ctx.persister.remove(self.dir)
         except OSError as exc:
             log.error("instance %s: cannot remove %s: %s", self.uuid, self.dir, exc)
 

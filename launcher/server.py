@@ -1,6 +1,6 @@
 """`launcher serve`: wires the components together and runs them under one root nursery.
 
-Start order: journal and per-instance logs (so everything after can report), the virtualizer backend, the
+Start order: journal, per-instance logs and the instance-file persister (so everything after can report), the virtualizer backend, the
 supervisor (which recovers the instances on disk), the stats reporter, then the HTTP API. On SIGTERM or
 SIGINT everything is cancelled in the reverse order: actors and monitors stop, VMs keep running (a restarted
 launcher reconnects to them), pending events and log lines are flushed.
@@ -23,6 +23,7 @@ from launcher.api import Api
 from launcher.config import Config
 from launcher.events import EventJournal
 from launcher.logs import InstanceLogs
+from launcher.persist import Persister
 from launcher.stats import StatsReporter, node_uuid
 from launcher.supervisor import Supervisor
 from virtualizers.base import load_backend
@@ -51,13 +52,15 @@ async def serve(config: Config) -> None:
                            keep_files=config.events.keep_files, memory_events=config.events.memory_events,
                            limiter=limiter)
     logs = InstanceLogs(max_bytes=config.log_max_bytes, limiter=limiter)
+    persister = Persister(config.instances_dir, limiter)
     async with trio.open_nursery() as infrastructure:
         await infrastructure.start(journal.run)
         await infrastructure.start(logs.run)
+        await infrastructure.start(persister.run)
         async with opener(config.virtualizer_settings(), config.data_dir) as backend:
             async with trio.open_nursery() as work:
                 work.start_soon(_cancel_on_signal, work.cancel_scope)
-                supervisor = Supervisor(config, backend, journal, logs, limiter)
+                supervisor = Supervisor(config, backend, journal, logs, persister)
                 await work.start(supervisor.run)
                 stats = StatsReporter(supervisor, limiter, node_uuid(config.data_dir))
                 await work.start(stats.run)

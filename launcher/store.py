@@ -2,16 +2,15 @@
 
 Every file that must survive a crash is written as: temp file in the same directory, fsync, rename over the
 target, fsync of the directory. A reader therefore sees either the old or the new content, never a mix.
-These functions block: call them through `trio.to_thread.run_sync`.
+These functions block: call them through `trio.to_thread.run_sync`. Instance files go through
+`launcher.persist.Persister`, which makes many of them durable together.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
 
 INSTANCES = "instances"
 CORRUPT = "corrupt"  # unreadable instance dirs are moved here, never left to block their uuid
@@ -29,9 +28,20 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def tmp_path(path: Path) -> Path:
+    """Where the next content of `path` is written before it is renamed over `path`."""
+    return path.with_name(f".{path.name}.tmp")
+
+
+def doomed_path(directory: Path) -> Path:
+    """Where a directory is renamed before it is removed, so a crash never leaves it half-removed under its
+    own name (the next start-up finishes the removal)."""
+    return directory.with_name(f".deleting-{directory.name}")
+
+
 def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
     """Replace `path` with `data` so that a crash leaves either the old or the new file."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = tmp_path(path)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
         view = memoryview(data)
@@ -44,25 +54,9 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
     fsync_dir(path.parent)
 
 
-def atomic_write_json(path: Path, obj: Any, mode: int = 0o644) -> None:
-    atomic_write(path, json.dumps(obj, separators=(",", ":"), sort_keys=True).encode(), mode)
-
-
-def create_instance_dir(path: Path) -> None:
-    """mkdir that is durable: the new entry in `instances/` survives a crash. Fails if it exists."""
-    path.mkdir(mode=0o755)
-    fsync_dir(path.parent)
-
-
 def remove_tree(path: Path) -> None:
-    """Remove an instance dir durably. Renamed aside first, so a crash never leaves a half-removed dir
-    under its uuid (the next start-up finishes the removal)."""
-    if not path.exists():
-        return
-    doomed = path.with_name(f".deleting-{path.name}")
-    os.replace(path, doomed)
-    fsync_dir(path.parent)
-    shutil.rmtree(doomed, ignore_errors=True)
+    """Remove a directory tree that is already out of the way (a `.deleting-` or never-acknowledged dir)."""
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def move_aside(path: Path, corrupt_dir: Path) -> Path:

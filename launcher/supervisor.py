@@ -26,6 +26,7 @@ from launcher.errors import LauncherError
 from launcher.events import EventJournal
 from launcher.instance import ActorContext, InstanceActor, State, Ticket
 from launcher.logs import InstanceLogs
+from launcher.persist import Persister
 from launcher.payloads import (
     Command,
     DeleteCommand,
@@ -91,7 +92,7 @@ class Supervisor:
         backend: Backend,
         journal: EventJournal,
         logs: InstanceLogs,
-        limiter: trio.CapacityLimiter,
+        persister: Persister,
     ) -> None:
         self.config = config
         self.backend = backend
@@ -101,7 +102,7 @@ class Supervisor:
         self.capacity = Capacity.measure(config)
         self.maintenance = (config.data_dir / MAINTENANCE_FILE).exists()
         self.status = READY
-        self._ctx = ActorContext(config, journal, logs, limiter, on_gone=self._on_gone)
+        self._ctx = ActorContext(config, journal, logs, persister, on_gone=self._on_gone)
         self._nursery: trio.Nursery | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -283,6 +284,9 @@ def _scan(instances_dir: Path) -> tuple[list[InstanceRecord], list[tuple[Path, s
             store.remove_tree(path)
             continue
         if path.name.startswith("."):
+            continue
+        if not (path / store.INSTANCE_FILE).exists() and store.tmp_path(path / store.INSTANCE_FILE).exists():
+            store.remove_tree(path)  # a START that crashed before it was acknowledged: it never existed
             continue
         try:
             record = InstanceRecord.from_json((path / store.INSTANCE_FILE).read_bytes())

@@ -15,6 +15,7 @@ from launcher.config import Config
 from launcher.events import EventJournal
 from launcher.instance import Ticket
 from launcher.logs import InstanceLogs
+from launcher.persist import Persister
 from launcher.payloads import Command, InstanceSpec, StartCommand
 from launcher.supervisor import Supervisor
 from virtualizers.simulation import open_backend
@@ -70,12 +71,14 @@ async def running_node(data_dir: Path, simulation: dict[str, Any] | None = None,
     limiter = trio.CapacityLimiter(config.worker_threads)
     journal = EventJournal(data_dir, limiter=limiter)
     logs = InstanceLogs(limiter=limiter, flush_interval=0.05)
+    persister = Persister(config.instances_dir, limiter)
     async with trio.open_nursery() as nursery:
         await nursery.start(journal.run)
         await nursery.start(logs.run)
+        await nursery.start(persister.run)
         async with open_backend(config.virtualizer_settings(), data_dir) as backend:
             async with trio.open_nursery() as work:
-                supervisor = Supervisor(config, backend, journal, logs, limiter)
+                supervisor = Supervisor(config, backend, journal, logs, persister)
                 await work.start(supervisor.run)
                 yield Node(config, supervisor, journal, logs)
                 work.cancel_scope.cancel()
