@@ -1,30 +1,38 @@
-"""Group commit of instance directories and records: many actors' writes made durable together.
+"""Durable instance files at hundreds of writes a second: a write-ahead log with group commit.
 
-Writing one instance.json crash-safely costs several fsyncs (file, rename, directory); at hundreds of STARTs
-a second that serialises on the disk. The `Persister` takes every operation queued since its last round and,
-in one worker-thread call: writes each new file as a temp file (and makes new dirs, or renames doomed dirs
-aside), calls `syncfs` once, renames the temp files over their targets, and calls `syncfs` again. Each
-caller's `await` returns once its own operation is durable, or raises its own error (e.g. FileExistsError).
+Making one instance.json crash-safe on its own costs several fsyncs (file, rename, directory), each an ext4
+journal commit of a millisecond or more, so a burst of STARTs would queue on the disk. Instead, each round of
+the `Persister` takes every operation queued since the last round and, in one worker-thread call:
 
-What a crash can leave: a dir holding only `.instance.json.tmp` (a START that was never acknowledged, which
-recovery discards) and `.deleting-<uuid>` dirs (which recovery finishes removing).
+1. applies each to the instance dirs, without fsync (temp file + rename; or rename a doomed dir aside and
+   remove it);
+2. appends one line per applied operation to `<data_dir>/instances.wal` and calls `fdatasync` once.
+
+A caller's `await` returns once its operation is in the fsynced log (or raises its own error, such as
+FileExistsError). At start-up, and whenever the log passes `checkpoint_bytes`, the log is replayed onto the
+instance dirs (idempotent: write this content, remove this dir), the file system is flushed with `syncfs`,
+and the log is emptied. So after a crash every acknowledged write is on disk before anything reads the
+instance dirs. An operation applied but not yet logged when the launcher died may or may not survive; it was
+never acknowledged, and a START repeated by its sender is idempotent.
 """
 
 from __future__ import annotations
 
 import ctypes
+import json
 import math
 import os
 import shutil
-from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import attrs
 import trio
 
 from launcher import store
 
-MAX_BATCH = 512
+WAL_FILE = "instances.wal"
+MAX_BATCH = 1024
 
 
 @attrs.define(eq=False)
@@ -35,15 +43,13 @@ class _Op:
     done: trio.Event = attrs.Factory(trio.Event)
     error: OSError | None = None
 
-    @property
-    def tmp(self) -> Path:
-        return store.tmp_path(self.path)
-
 
 class Persister:
-    def __init__(self, root: Path, limiter: trio.CapacityLimiter) -> None:
-        self.root = root  # any path on the file system that holds the instance dirs
+    def __init__(self, data_dir: Path, limiter: trio.CapacityLimiter, *, checkpoint_bytes: int = 4 << 20) -> None:
+        self.data_dir = data_dir
         self.limiter = limiter
+        self.checkpoint_bytes = checkpoint_bytes
+        self._wal: Any = None  # the open log, append mode
         self._send, self._recv = trio.open_memory_channel[_Op](math.inf)
 
     async def create(self, path: Path, data: bytes) -> None:
@@ -51,11 +57,11 @@ class Persister:
         await self._submit(_Op("create", path, data))
 
     async def write(self, path: Path, data: bytes) -> None:
-        """Replace `path` with `data`: a crash leaves the old or the new content."""
+        """Replace `path` with `data`."""
         await self._submit(_Op("write", path, data))
 
     async def remove(self, directory: Path) -> None:
-        """Remove a directory tree; once this returns, a crash cannot bring it back."""
+        """Remove a directory tree."""
         await self._submit(_Op("remove", directory))
 
     async def _submit(self, op: _Op) -> None:
@@ -65,54 +71,102 @@ class Persister:
             raise op.error
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
-        while True:
-            batch = [await self._recv.receive()]
-            while len(batch) < MAX_BATCH:
-                try:
-                    batch.append(self._recv.receive_nowait())
-                except trio.WouldBlock:
-                    break
-            # Not abandoned on cancel: a round is short, and its callers must learn how it ended.
-            await trio.to_thread.run_sync(self._commit, batch, limiter=self.limiter)
-            for op in batch:
-                op.done.set()
-
-    def _commit(self, batch: list[_Op]) -> None:
-        for op in batch:
-            _guard(op, _stage, op)
+        """Replay what an earlier run logged, then serve rounds until cancelled."""
+        await trio.to_thread.run_sync(self._open, limiter=self.limiter)
         try:
-            syncfs(self.root)
-            for op in batch:
-                if op.error is None and op.kind != "remove":
-                    _guard(op, os.replace, op.tmp, op.path)
-            syncfs(self.root)
+            task_status.started()
+            while True:
+                batch = [await self._recv.receive()]
+                while len(batch) < MAX_BATCH:
+                    try:
+                        batch.append(self._recv.receive_nowait())
+                    except trio.WouldBlock:
+                        break
+                # Not abandoned on cancel: a round is short, and its callers must learn how it ended.
+                await trio.to_thread.run_sync(self._round, batch, limiter=self.limiter)
+                for op in batch:
+                    op.done.set()
+        finally:
+            self._wal.close()
+
+    # ----------------------------------------------------------------- worker-thread side
+
+    def _open(self) -> None:
+        self._wal = open(self.data_dir / WAL_FILE, "ab+")
+        self._checkpoint()
+
+    def _round(self, batch: list[_Op]) -> None:
+        lines = []
+        for op in batch:
+            try:
+                _apply(op)
+            except OSError as exc:
+                op.error = exc
+                continue
+            lines.append(_record(self.data_dir, op))
+        if not lines:
+            return
+        try:
+            self._wal.write(b"".join(lines))
+            self._wal.flush()
+            os.fdatasync(self._wal.fileno())
         except OSError as exc:
             for op in batch:
                 op.error = op.error or exc
-        for op in batch:
-            if op.kind == "remove" and op.error is None:
-                shutil.rmtree(store.doomed_path(op.path), ignore_errors=True)
+            return
+        if self._wal.tell() > self.checkpoint_bytes:
+            self._checkpoint()
+
+    def _checkpoint(self) -> None:
+        """Replay the log onto the instance dirs, flush the file system, empty the log."""
+        self._wal.seek(0)
+        for line in self._wal.read().splitlines():
+            try:
+                _replay(self.data_dir, json.loads(line))
+            except ValueError:
+                break  # a torn last line: its round was never acknowledged
+        syncfs(self.data_dir)
+        self._wal.truncate(0)
+        os.fsync(self._wal.fileno())
 
 
-def _stage(op: _Op) -> None:
-    """First half of an operation, before the first sync."""
+def _apply(op: _Op) -> None:
     if op.kind == "remove":
+        doomed = store.doomed_path(op.path)
         if op.path.exists():
-            os.replace(op.path, store.doomed_path(op.path))
+            os.replace(op.path, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
         return
     if op.kind == "create":
         op.path.parent.mkdir(mode=0o755)
-    with open(op.tmp, "wb") as f:
-        f.write(op.data)
+    _write(op.path, op.data)
 
 
-def _guard(op: _Op, fn: Callable[..., object], *args: object) -> None:
-    """Run one step of `op`, recording its failure on the op rather than failing the whole batch."""
-    try:
-        fn(*args)
-    except OSError as exc:
-        op.error = exc
+def _record(data_dir: Path, op: _Op) -> bytes:
+    where = str(op.path.relative_to(data_dir))
+    body = {"remove": where} if op.kind == "remove" else {"write": where, "data": op.data.decode()}
+    return json.dumps(body, separators=(",", ":")).encode() + b"\n"
+
+
+def _replay(data_dir: Path, record: dict[str, Any]) -> None:
+    """Redo one logged operation; doing it again when it already happened changes nothing."""
+    relative = record.get("write") or record.get("remove")
+    if not isinstance(relative, str) or ".." in Path(relative).parts or Path(relative).is_absolute():
+        raise ValueError(f"bad log record {record!r}")
+    path = data_dir / relative
+    if "remove" in record:
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write(path, record["data"].encode())
+
+
+def _write(path: Path, data: bytes) -> None:
+    """Replace `path` (temp file + rename, so a reader never sees half a file); no fsync."""
+    tmp = store.tmp_path(path)
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
 
 
 _libc = ctypes.CDLL(None, use_errno=True)

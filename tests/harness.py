@@ -71,7 +71,7 @@ async def running_node(data_dir: Path, simulation: dict[str, Any] | None = None,
     limiter = trio.CapacityLimiter(config.worker_threads)
     journal = EventJournal(data_dir, limiter=limiter)
     logs = InstanceLogs(limiter=limiter, flush_interval=0.05)
-    persister = Persister(config.instances_dir, limiter)
+    persister = Persister(config.data_dir, limiter)
     async with trio.open_nursery() as nursery:
         await nursery.start(journal.run)
         await nursery.start(logs.run)
