@@ -1,4 +1,4 @@
-"""The HTTP API (contract in README.md), as a plain ASGI application served by hypercorn's trio worker.
+"""The HTTP API (contract in README.md): routing, auth and the handlers, served by launcher.http.
 
 Handlers never wait on an actor while holding anything: they dispatch (synchronous), then wait on their own
 `Ticket` with a timeout. Errors are JSON `{"error", "reason", "instance_uuid"}` with the HTTP status of
@@ -13,9 +13,8 @@ import hmac
 import json
 import logging
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
-from urllib.parse import parse_qs
 
 import attrs
 import trio
@@ -25,6 +24,7 @@ from prometheus_client.core import GaugeMetricFamily
 from launcher import errors, payloads
 from launcher.errors import LauncherError
 from launcher.events import EventJournal, EventsExpired
+from launcher.http import Handler, Request, Response, Stream
 from launcher.instance import InstanceActor, Ticket
 from launcher.logs import InstanceLogs
 from launcher.payloads import Command, DeleteCommand, RestartCommand, StopCommand
@@ -55,71 +55,8 @@ STATUS_OF = {
     errors.INTERNAL: 500,
 }
 
-JSON = "application/json"
 NDJSON = "application/x-ndjson"
 ACCEPT_TIMEOUT_S = 30.0  # how long a START answer may wait for instance.json to be written
-
-
-@attrs.frozen
-class Request:
-    method: str
-    path: str
-    params: dict[str, str]  # from the route's pattern
-    query: dict[str, str]
-    headers: dict[str, str]
-    receive: Callable[[], Awaitable[dict[str, Any]]]
-
-    async def body(self, limit: int) -> bytes:
-        """The whole body; `invalid_payload` past `limit` bytes (read no further than that)."""
-        chunks, size = [], 0
-        while True:
-            message = await self.receive()
-            if message["type"] == "http.disconnect":  # nobody will read the answer, but say why anyway
-                raise LauncherError(errors.INVALID_PAYLOAD, "the client went away before sending the whole body")
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                raise LauncherError(errors.INVALID_PAYLOAD, f"payload is larger than the limit of {limit} bytes")
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks)
-
-    def flag(self, name: str) -> bool:
-        return self.query.get(name, "") in ("1", "true", "yes")
-
-    def number(self, name: str, default: float | None) -> float | None:
-        raw = self.query.get(name)
-        if raw is None:
-            return default
-        try:
-            value = float(raw)
-        except ValueError:
-            value = -1.0
-        if not 0 <= value < 1e9:
-            raise LauncherError(errors.INVALID_DATA, f"query parameter {name}: expected a non-negative number")
-        return value
-
-
-@attrs.frozen
-class Response:
-    status: int
-    body: bytes
-    content_type: str = JSON
-
-    @classmethod
-    def json(cls, status: int, obj: Any) -> Response:
-        return cls(status, json.dumps(obj, separators=(",", ":")).encode() + b"\n")
-
-
-@attrs.frozen
-class Stream:
-    """A streamed answer (events, logs): chunks until the source ends or the client goes away."""
-
-    content_type: str
-    chunks: AsyncIterator[bytes]
-
-
-Handler = Callable[[Request], Awaitable[Response | Stream]]
 
 
 class Api:
@@ -158,32 +95,8 @@ class Api:
             ("GET", re.compile(r"/v1/events"), self.events),
         ]
 
-    # ----------------------------------------------------------------- ASGI plumbing
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            await _lifespan(receive, send)
-            return
-        if scope["type"] != "http":
-            return
-        request = Request(
-            method=scope["method"],
-            path=scope["path"],
-            params={},
-            query={k: v[-1] for k, v in parse_qs(scope["query_string"].decode("latin-1")).items()},
-            headers={k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]},
-            receive=receive,
-        )
-        answer = await self._answer(request)
-        if isinstance(answer, Stream):
-            await _send_stream(answer, receive, send)
-        else:
-            headers = [(b"content-type", answer.content_type.encode()),
-                       (b"content-length", str(len(answer.body)).encode())]
-            await send({"type": "http.response.start", "status": answer.status, "headers": headers})
-            await send({"type": "http.response.body", "body": answer.body})
-
-    async def _answer(self, request: Request) -> Response | Stream:
+    async def handle(self, request: Request) -> Response | Stream:
+        """Answer one request; never raises (but for cancellation)."""
         try:
             handler, params = self._route(request)
             if handler not in (self.healthz,):
@@ -216,25 +129,23 @@ class Api:
     # ----------------------------------------------------------------- commands
 
     async def start(self, request: Request) -> Response:
-        body = await request.body(self.config.max_payload_bytes)
-        command = payloads.parse_start(body, request.headers.get("content-type", ""),
+        command = payloads.parse_start(request.body, request.headers.get("content-type", ""),
                                        max_bytes=self.config.max_payload_bytes)
         return await self._run(request, command)
 
     async def command(self, request: Request) -> Response:
-        body = await request.body(self.config.max_payload_bytes)
-        command = payloads.parse_command(body, request.headers.get("content-type", ""),
+        command = payloads.parse_command(request.body, request.headers.get("content-type", ""),
                                          max_bytes=self.config.max_payload_bytes)
         return await self._run(request, command)
 
     async def stop(self, request: Request) -> Response:
-        return await self._run(request, StopCommand(self._uuid(request), request.number("grace", None)))
+        return await self._run(request, StopCommand(self._uuid(request), _number(request, "grace", None)))
 
     async def restart(self, request: Request) -> Response:
         return await self._run(request, RestartCommand(self._uuid(request)))
 
     async def delete(self, request: Request) -> Response:
-        command = DeleteCommand(self._uuid(request), request.flag("stop"), request.number("grace", None))
+        command = DeleteCommand(self._uuid(request), _flag(request, "stop"), _number(request, "grace", None))
         return await self._run(request, command)
 
     async def evacuate(self, request: Request) -> Response:
@@ -250,8 +161,8 @@ class Api:
             return _ticket_answer(ticket, 200)
         with trio.move_on_after(ACCEPT_TIMEOUT_S):
             await ticket.accepted.wait()
-        if request.flag("wait"):
-            timeout = min(request.number("timeout", self.config.timeouts.wait_s) or 0.0, self.config.timeouts.wait_s)
+        if _flag(request, "wait"):
+            timeout = min(_number(request, "timeout", self.config.timeouts.wait_s) or 0.0, self.config.timeouts.wait_s)
             with trio.move_on_after(timeout):
                 await ticket.done.wait()
         if ticket.done.is_set():
@@ -301,14 +212,14 @@ class Api:
         return Response(200, generate_latest(self.registry), "text/plain; version=0.0.4; charset=utf-8")
 
     async def events(self, request: Request) -> Stream:
-        since = int(request.number("since", 0) or 0)
+        since = int(_number(request, "since", 0) or 0)
         if since < self.journal.oldest_seq - 1:
             raise EventsGone(self.journal.oldest_seq)
-        return Stream(NDJSON, _ndjson(self.journal.events_since(since, follow=request.flag("follow"))))
+        return Stream(NDJSON, _ndjson(self.journal.events_since(since, follow=_flag(request, "follow"))))
 
     async def instance_log(self, request: Request) -> Stream:
         actor = self._actor(request)
-        return Stream("text/plain; charset=utf-8", self.logs.follow(actor.dir, follow=request.flag("follow")))
+        return Stream("text/plain; charset=utf-8", self.logs.follow(actor.dir, follow=_flag(request, "follow")))
 
     # ----------------------------------------------------------------- helpers
 
@@ -333,6 +244,24 @@ class EventsGone(LauncherError):
 
     def as_dict(self) -> dict[str, Any]:
         return {**super().as_dict(), "oldest_seq": self.oldest_seq}
+
+
+def _flag(request: Request, name: str) -> bool:
+    return request.query.get(name, "") in ("1", "true", "yes")
+
+
+def _number(request: Request, name: str, default: float | None) -> float | None:
+    """A non-negative number from the query string, or `default`; invalid_data if malformed."""
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < 1e9:
+        raise LauncherError(errors.INVALID_DATA, f"query parameter {name}: expected a non-negative number")
+    return value
 
 
 def _ticket_answer(ticket: Ticket, status: int) -> Response:
@@ -367,33 +296,6 @@ async def _ndjson(events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]
             yield json.dumps(event, separators=(",", ":")).encode() + b"\n"
     except EventsExpired:
         return  # fell behind what is kept: end the stream; the client resumes and gets 410
-
-
-async def _send_stream(stream: Stream, receive: Any, send: Any) -> None:
-    await send({"type": "http.response.start", "status": 200,
-                "headers": [(b"content-type", stream.content_type.encode())]})
-    async with trio.open_nursery() as nursery:
-
-        async def watch_disconnect() -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            nursery.cancel_scope.cancel()
-
-        nursery.start_soon(watch_disconnect)
-        async for chunk in stream.chunks:
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        await send({"type": "http.response.body", "body": b""})
-        nursery.cancel_scope.cancel()
-
-
-async def _lifespan(receive: Any, send: Any) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return
 
 
 class _Metrics:

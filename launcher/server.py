@@ -12,13 +12,12 @@ import logging
 import os
 import secrets
 import signal
+from functools import partial
 from pathlib import Path
 
 import trio
-from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve as hypercorn_serve
 
-from launcher import store
+from launcher import http, store
 from launcher.api import Api
 from launcher.config import Config
 from launcher.events import EventJournal
@@ -52,7 +51,7 @@ async def serve(config: Config) -> None:
                            keep_files=config.events.keep_files, memory_events=config.events.memory_events,
                            limiter=limiter)
     logs = InstanceLogs(max_bytes=config.log_max_bytes, limiter=limiter)
-    persister = Persister(config.instances_dir, limiter)
+    persister = Persister(config.data_dir, limiter)
     async with trio.open_nursery() as infrastructure:
         await infrastructure.start(journal.run)
         await infrastructure.start(logs.run)
@@ -65,8 +64,9 @@ async def serve(config: Config) -> None:
                 stats = StatsReporter(supervisor, limiter, node_uuid(config.data_dir))
                 await work.start(stats.run)
                 api = Api(supervisor, journal, logs, stats, token)
-                binds = await work.start(hypercorn_serve, api, _hypercorn_config(config.listen))
-                url = binds[0]
+                host, _, port = config.listen.rpartition(":")
+                url = await work.start(partial(http.serve, max_body=config.max_payload_bytes),
+                                       api.handle, host.strip("[]"), int(port))
                 store.atomic_write(config.data_dir / store.URL_FILE, url.encode())
                 log.info("launcher serving on %s (virtualizer %s, data dir %s, pid %d)",
                          url, config.virtualizer, config.data_dir, os.getpid())
@@ -79,13 +79,3 @@ async def _cancel_on_signal(scope: trio.CancelScope) -> None:
             log.info("%s: shutting down; VMs keep running", signal.Signals(signum).name)
             scope.cancel()
             return
-
-
-def _hypercorn_config(listen: str) -> HypercornConfig:
-    hc = HypercornConfig()
-    hc.bind = [listen]
-    hc.accesslog = None
-    hc.errorlog = logging.getLogger("hypercorn.error")
-    hc.keep_alive_timeout = 75
-    hc.graceful_timeout = 1  # SIGTERM must end the process within 2 s
-    return hc

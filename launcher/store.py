@@ -28,11 +28,6 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def tmp_path(path: Path) -> Path:
-    """Where the next content of `path` is written before it is renamed over `path`."""
-    return path.with_name(f".{path.name}.tmp")
-
-
 def doomed_path(directory: Path) -> Path:
     """Where a directory is renamed before it is removed, so a crash never leaves it half-removed under its
     own name (the next start-up finishes the removal)."""
@@ -41,7 +36,7 @@ def doomed_path(directory: Path) -> Path:
 
 def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
     """Replace `path` with `data` so that a crash leaves either the old or the new file."""
-    tmp = tmp_path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
         view = memoryview(data)

@@ -283,10 +283,7 @@ def _scan(instances_dir: Path) -> tuple[list[InstanceRecord], list[tuple[Path, s
         if path.name.startswith(".deleting-"):
             store.remove_tree(path)
             continue
-        if path.name.startswith("."):
-            continue
-        if not (path / store.INSTANCE_FILE).exists() and store.tmp_path(path / store.INSTANCE_FILE).exists():
-            store.remove_tree(path)  # a START that crashed before it was acknowledged: it never existed
+        if path.name.startswith(".") or not path.is_dir():
             continue
         try:
             record = InstanceRecord.from_json((path / store.INSTANCE_FILE).read_bytes())
