@@ -115,7 +115,11 @@ def load(path: Path | None = None, **overrides: Any) -> Config:
         if section is not None and not isinstance(section, dict):
             raise ConfigError(f"{name}: must be a mapping")
     raw["virtualizers"] = {k: v or {} for k, v in sections.items()}
-    return _build(Config, raw, "")
+    config: Config = _build(Config, raw, "")
+    host, _, port = config.listen.rpartition(":")
+    if not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"listen: expected HOST:PORT, got {config.listen!r}")
+    return config
 
 
 def _build(cls: type, raw: Any, where: str) -> Any:

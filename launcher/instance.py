@@ -162,6 +162,7 @@ class InstanceActor:
         self._boot_deadline = math.inf
         self._next_stats = math.inf
         self._interruptible: trio.CancelScope | None = None
+        self._doomed = False  # a DELETE is queued: a START pipeline before it is abandoned
         self._followers: list[Ticket] | None = None  # waiting for the instance to settle (rarely any)
 
     # ----------------------------------------------------------------- called by the supervisor (sync)
@@ -177,7 +178,8 @@ class InstanceActor:
         self.queued += 1
 
     def interrupt_start(self) -> None:
-        """A DELETE arrived: abandon a START that has not yet started the VM."""
+        """A DELETE arrived: abandon a START that has not yet started the VM, now or when it gets there."""
+        self._doomed = True
         if self._interruptible is not None:
             self._interruptible.cancel()
 
@@ -269,7 +271,7 @@ class InstanceActor:
         self._log(f"START accepted (image {self.spec.image_uuid or '-'}, {self.spec.vcpus} vCPU, "
                   f"{self.spec.mem_mb} MiB)")
         try:
-            await self._persist_new()
+            await self._persist_new(on_durable=ticket.accept)  # the START is acknowledged once durable
         except FileExistsError:
             # Never remove a directory this START did not create (ciao checked this first for that reason).
             self._fail(ticket, "start_failure", LauncherError(errors.INSTANCE_EXISTS, f"{self.dir} already exists"))
@@ -287,6 +289,8 @@ class InstanceActor:
         t = self.ctx.config.timeouts
         try:
             with trio.CancelScope() as self._interruptible:
+                if self._doomed:
+                    self._interruptible.cancel()
                 await self._call("ensure_backing_image", errors.IMAGE_FAILURE, t.ensure_image_s,
                                  self.vm.ensure_backing_image)
                 await self._call("create_image", errors.IMAGE_FAILURE, t.create_image_s,
@@ -538,9 +542,9 @@ class InstanceActor:
         except VirtualizerError:
             pass
 
-    async def _persist_new(self) -> None:
+    async def _persist_new(self, on_durable: Callable[[], None]) -> None:
         record = InstanceRecord(self.spec, created=False)
-        await self.ctx.persister.create(self.dir / store.INSTANCE_FILE, record.to_json())
+        await self.ctx.persister.create(self.dir / store.INSTANCE_FILE, record.to_json(), on_durable=on_durable)
 
     async def _write_record(self, *, created: bool) -> None:
         record = InstanceRecord(self.spec, created=created)

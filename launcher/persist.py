@@ -2,21 +2,22 @@
 
 Making one instance.json crash-safe on its own costs several fsyncs (file, rename, directory), each an ext4
 journal commit of a millisecond or more, so a burst of STARTs would queue on the disk. Instead, each round of
-the `Persister` takes every operation queued since the last round and, in one worker-thread call:
-
-1. applies each to the instance dirs, without fsync, several at once in worker threads (creating an inode
-   takes about a millisecond on some virtual disks, and those waits overlap);
-2. appends one line per applied operation to `<data_dir>/instances.wal` and calls `fdatasync` once.
+the `Persister` takes every operation queued since the last round, appends one line per operation to
+`<data_dir>/instances.wal` and calls `fdatasync` once. From then on the operation is durable: its caller's
+`on_durable` is called (a START is acknowledged there). The operation is then applied to the instance dirs,
+without fsync and several at once in worker threads (creating an inode takes about a millisecond on some
+virtual disks, and those waits overlap), and the caller's `await` returns.
 
 Files are written in place, not through a temp file: until the log has been replayed, nobody reads them, and
-the replay rewrites any file a crash left torn.
+the replay rewrites any file a crash left torn. At start-up the log is replayed onto the instance dirs
+(idempotent: write this content, remove this dir), the file system is flushed with `syncfs`, and the log is
+emptied; while running, once the log passes `checkpoint_bytes`, everything logged has been applied, so a
+`syncfs` and an empty log suffice. Either way, after a crash every acknowledged write is on disk before
+anything reads the instance dirs.
 
-A caller's `await` returns once its operation is in the fsynced log (or raises its own error, such as
-FileExistsError). At start-up, and whenever the log passes `checkpoint_bytes`, the log is replayed onto the
-instance dirs (idempotent: write this content, remove this dir), the file system is flushed with `syncfs`,
-and the log is emptied. So after a crash every acknowledged write is on disk before anything reads the
-instance dirs. An operation applied but not yet logged when the launcher died may or may not survive; it was
-never acknowledged, and a START repeated by its sender is idempotent.
+An operation that fails after it was logged (e.g. ENOSPC) raises in its caller, which undoes it with another
+logged operation (a failed START removes its dir), so a replay ends in the state the callers reported.
+Callers must not start two operations on one path at once (an actor awaits each of its own).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import json
 import math
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,21 +45,24 @@ class _Op:
     kind: str  # "create" (new dir + file), "write" (replace a file) or "remove" (a whole dir)
     path: Path  # the file for create/write, the dir for remove
     data: bytes = b""
+    on_durable: Callable[[], None] | None = None
     done: trio.Event = attrs.Factory(trio.Event)
     error: OSError | None = None
 
 
 class Persister:
-    def __init__(self, data_dir: Path, limiter: trio.CapacityLimiter, *, checkpoint_bytes: int = 4 << 20) -> None:
+    def __init__(self, data_dir: Path, limiter: trio.CapacityLimiter, *, checkpoint_bytes: int = 16 << 20) -> None:
         self.data_dir = data_dir
         self.limiter = limiter
         self.checkpoint_bytes = checkpoint_bytes
         self._wal: Any = None  # the open log, append mode
         self._send, self._recv = trio.open_memory_channel[_Op](math.inf)
+        self._applying = 0  # logged operations not yet applied
+        self._all_applied = trio.Event()
 
-    async def create(self, path: Path, data: bytes) -> None:
+    async def create(self, path: Path, data: bytes, *, on_durable: Callable[[], None] | None = None) -> None:
         """Make `path`'s directory (which must not exist: FileExistsError) and write `path` in it."""
-        await self._submit(_Op("create", path, data))
+        await self._submit(_Op("create", path, data, on_durable))
 
     async def write(self, path: Path, data: bytes) -> None:
         """Replace `path` with `data`."""
@@ -77,21 +82,27 @@ class Persister:
         """Replay what an earlier run logged, then serve rounds until cancelled."""
         await trio.to_thread.run_sync(self._open, limiter=self.limiter)
         try:
-            task_status.started()
-            while True:
-                batch = [await self._recv.receive()]
-                while len(batch) < MAX_BATCH:
-                    try:
-                        batch.append(self._recv.receive_nowait())
-                    except trio.WouldBlock:
-                        break
-                async with trio.open_nursery() as nursery:
+            async with trio.open_nursery() as applying:
+                task_status.started()
+                while True:
+                    batch = [await self._recv.receive()]
+                    while len(batch) < MAX_BATCH:
+                        try:
+                            batch.append(self._recv.receive_nowait())
+                        except trio.WouldBlock:
+                            break
+                    # Not abandoned on cancel: a round is short, and its callers must learn how it ended.
+                    await trio.to_thread.run_sync(self._log, batch, limiter=self.limiter)
                     for op in batch:
-                        nursery.start_soon(self._apply, op)
-                # Not abandoned on cancel: a round is short, and its callers must learn how it ended.
-                await trio.to_thread.run_sync(self._log, batch, limiter=self.limiter)
-                for op in batch:
-                    op.done.set()
+                        if op.error is not None:
+                            op.done.set()
+                            continue
+                        if op.on_durable is not None:
+                            op.on_durable()
+                        self._applying += 1
+                        applying.start_soon(self._apply, op)
+                    if self._wal.tell() > self.checkpoint_bytes:
+                        await self._checkpoint_when_applied()
         finally:
             self._wal.close()
 
@@ -100,37 +111,43 @@ class Persister:
             await trio.to_thread.run_sync(_apply, op, limiter=self.limiter)
         except OSError as exc:
             op.error = exc
+        finally:
+            op.done.set()
+            self._applying -= 1
+            if self._applying == 0:
+                self._all_applied.set()
+                self._all_applied = trio.Event()
+
+    async def _checkpoint_when_applied(self) -> None:
+        """Once the log is long and every logged operation is on the file system: flush, empty the log."""
+        while self._applying:
+            await self._all_applied.wait()
+        await trio.to_thread.run_sync(self._flush_and_truncate, limiter=self.limiter)
 
     # ----------------------------------------------------------------- worker-thread side
 
     def _open(self) -> None:
+        """Replay what an earlier run logged (it may not all be on the file system), then empty the log."""
         self._wal = open(self.data_dir / WAL_FILE, "ab+")
-        self._checkpoint()
-
-    def _log(self, batch: list[_Op]) -> None:
-        """Append the applied operations to the log and make them durable."""
-        lines = [_record(self.data_dir, op) for op in batch if op.error is None]
-        if not lines:
-            return
-        try:
-            self._wal.write(b"".join(lines))
-            self._wal.flush()
-            os.fdatasync(self._wal.fileno())
-        except OSError as exc:
-            for op in batch:
-                op.error = op.error or exc
-            return
-        if self._wal.tell() > self.checkpoint_bytes:
-            self._checkpoint()
-
-    def _checkpoint(self) -> None:
-        """Replay the log onto the instance dirs, flush the file system, empty the log."""
         self._wal.seek(0)
         for line in self._wal.read().splitlines():
             try:
                 _replay(self.data_dir, json.loads(line))
             except ValueError:
                 break  # a torn last line: its round was never acknowledged
+        self._flush_and_truncate()
+
+    def _log(self, batch: list[_Op]) -> None:
+        """Append the operations to the log and make them durable (or fail them all)."""
+        try:
+            self._wal.write(b"".join(_record(self.data_dir, op) for op in batch))
+            self._wal.flush()
+            os.fdatasync(self._wal.fileno())
+        except OSError as exc:
+            for op in batch:
+                op.error = exc
+
+    def _flush_and_truncate(self) -> None:
         syncfs(self.data_dir)
         self._wal.truncate(0)
         os.fsync(self._wal.fileno())

@@ -157,6 +157,9 @@ class Supervisor:
         refusal = self._no_room(need)
         if refusal:
             raise LauncherError(errors.FULL_CN, refusal, spec.instance_uuid)
+        if (self.config.instances_dir / spec.instance_uuid).exists():
+            # A dir nobody owns (made by hand since start-up): never let a START write into it or remove it.
+            raise LauncherError(errors.INSTANCE_EXISTS, "an instance dir with this uuid exists", spec.instance_uuid)
         actor = self._add(spec, created=False, recovered=False)
         ticket = Ticket("start", spec.instance_uuid)
         actor.post(command if command.spec == spec else StartCommand(spec), ticket)

@@ -42,8 +42,9 @@ async def test_start_new_instance_runs_and_reports_every_step(tmp_path: Path) ->
         ticket = node.start(U)
         with trio.fail_after(5):
             await ticket.accepted.wait()
-        assert (tmp_path / "instances" / U / "instance.json").exists()  # on disk before it is acknowledged
+        assert U in (tmp_path / "instances.wal").read_text()  # durable before it is acknowledged
         await node.done(ticket)
+        assert (tmp_path / "instances" / U / "instance.json").exists()
         assert ticket.state == "running"
         states = [e["state"] for e in await node.events(type="instance_state", instance_uuid=U)]
         assert states == ["pending", "running"]

@@ -1,0 +1,37 @@
+"""Configuration loading: the shipped file, defaults, strictness."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from launcher import config
+
+SHIPPED = Path(__file__).resolve().parent.parent / "configs" / "launcher.yaml"
+
+
+def test_shipped_file_states_the_defaults() -> None:
+    assert config.load(SHIPPED) == config.load(None, simulation={"mode": "memory", "boot_delay_s": 0.05,
+                                                                  "stop_delay_s": 0.0, "failures": []})
+
+
+def test_overrides_win() -> None:
+    cfg = config.load(SHIPPED, data_dir=Path("/tmp/x"), listen="0.0.0.0:1", virtualizer=None)
+    assert (cfg.data_dir, cfg.listen, cfg.virtualizer) == (Path("/tmp/x"), "0.0.0.0:1", "simulation")
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"admission": {"max_instancs": 3}}, "admission.max_instancs: unknown setting"),
+    ({"timeouts": {"boot_s": "soon"}}, "timeouts.boot_s: expected a non-negative number"),
+    ({"inbox_size": -1}, "inbox_size: expected a non-negative integer"),
+    ({"listen": "7361"}, "listen: expected HOST:PORT"),
+    ({"simulation": [1]}, "simulation: must be a mapping"),
+])
+def test_bad_settings_name_the_key(tmp_path: Path, raw: dict, message: str) -> None:
+    import yaml
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(config.ConfigError, match=message):
+        config.load(path)
