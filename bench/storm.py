@@ -60,7 +60,13 @@ class Connection:
         return data
 
 
-def start_payload(uuid: str) -> bytes:
+def start_payload(uuid: str, as_json: bool = False) -> bytes:
+    """A ciao START: the YAML text controllers send, or the same as JSON."""
+    if as_json:
+        return json.dumps({"start": {
+            "instance_uuid": uuid, "tenant_uuid": "67d86208-000-4465-9018-fe14087d415f", "image_uuid": "bench-image",
+            "fw_type": "legacy", "requested_resources": [{"type": "vcpus", "value": 1, "mandatory": True},
+                                                        {"type": "mem_mb", "value": 16, "mandatory": True}]}}).encode()
     return (f"start:\n  instance_uuid: {uuid}\n  tenant_uuid: 67d86208-000-4465-9018-fe14087d415f\n"
             f"  image_uuid: bench-image\n  fw_type: legacy\n  requested_resources:\n"
             f"    - type: vcpus\n      value: 1\n      mandatory: true\n"
@@ -137,10 +143,11 @@ async def storm(args: argparse.Namespace, data_dir: Path) -> None:
 
         uuids = [f"5a7e0000-0000-4000-8000-{n:012x}" for n in range(args.instances)]
         n, c = args.instances, args.connections
-        print(f"storm: {n} instances, {c} connections, launcher pid {proc.pid}, data dir {data_dir}")
+        content_type = "application/json" if args.json else "application/yaml"
+        print(f"storm: {n} instances, {c} connections, {content_type} STARTs, launcher pid {proc.pid}")
 
         await run_phase("START", host, int(port), token, c,
-                        [("POST", "/v1/instances", start_payload(u), "application/yaml") for u in uuids])
+                        [("POST", "/v1/instances", start_payload(u, args.json), content_type) for u in uuids])
         took = await wait_for(probe, lambda node: node["instance_states"].get("running", 0) == n)
         print(f"        all {n} running {took:.2f} s after the last START was accepted")
 
@@ -178,6 +185,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--instances", type=int, default=10000)
     parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--json", action="store_true", help="send STARTs as JSON instead of ciao YAML")
     parser.add_argument("--settle", type=float, default=8.0, help="seconds idle before measuring RSS")
     parser.add_argument("--data-dir", type=Path, help="default: a fresh temporary dir")
     args = parser.parse_args()

@@ -38,6 +38,7 @@ from launcher import store
 
 WAL_FILE = "instances.wal"
 MAX_BATCH = 1024
+APPLY_THREADS = 4  # own limit, so slow applies never keep a log round (the acknowledgements) waiting
 
 
 @attrs.define(eq=False)
@@ -57,6 +58,7 @@ class Persister:
         self.checkpoint_bytes = checkpoint_bytes
         self._wal: Any = None  # the open log, append mode
         self._send, self._recv = trio.open_memory_channel[_Op](math.inf)
+        self._apply_limiter = trio.CapacityLimiter(APPLY_THREADS)
         self._applying = 0  # logged operations not yet applied
         self._all_applied = trio.Event()
 
@@ -93,27 +95,31 @@ class Persister:
                             break
                     # Not abandoned on cancel: a round is short, and its callers must learn how it ended.
                     await trio.to_thread.run_sync(self._log, batch, limiter=self.limiter)
+                    logged = []
                     for op in batch:
                         if op.error is not None:
                             op.done.set()
                             continue
                         if op.on_durable is not None:
                             op.on_durable()
-                        self._applying += 1
-                        applying.start_soon(self._apply, op)
+                        logged.append(op)
+                    # One thread call per chunk, not per op: a thread hand-off costs the event loop too.
+                    for n in range(min(APPLY_THREADS, len(logged))):
+                        chunk = logged[n::APPLY_THREADS]
+                        self._applying += len(chunk)
+                        applying.start_soon(self._apply, chunk)
                     if self._wal.tell() > self.checkpoint_bytes:
                         await self._checkpoint_when_applied()
         finally:
             self._wal.close()
 
-    async def _apply(self, op: _Op) -> None:
+    async def _apply(self, chunk: list[_Op]) -> None:
         try:
-            await trio.to_thread.run_sync(_apply, op, limiter=self.limiter)
-        except OSError as exc:
-            op.error = exc
+            await trio.to_thread.run_sync(_apply_all, chunk, limiter=self._apply_limiter)
         finally:
-            op.done.set()
-            self._applying -= 1
+            for op in chunk:
+                op.done.set()
+            self._applying -= len(chunk)
             if self._applying == 0:
                 self._all_applied.set()
                 self._all_applied = trio.Event()
@@ -151,6 +157,14 @@ class Persister:
         syncfs(self.data_dir)
         self._wal.truncate(0)
         os.fsync(self._wal.fileno())
+
+
+def _apply_all(chunk: list[_Op]) -> None:
+    for op in chunk:
+        try:
+            _apply(op)
+        except OSError as exc:
+            op.error = exc
 
 
 def _apply(op: _Op) -> None:
