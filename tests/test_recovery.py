@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from conftest import simvm_processes
 from test_api import YAML, start_yaml
 
@@ -22,6 +24,10 @@ def wait_until(predicate: Any, timeout: float = 30.0) -> Any:
         if value or time.monotonic() > deadline:
             return value
         time.sleep(0.1)
+
+
+def pidfile_pids(data_dir: Path) -> set[int]:
+    return {int(path.read_text()) for path in (data_dir / "instances").glob("*/vm.pid")}
 
 
 def states(client: Any) -> dict[str, str]:
@@ -39,8 +45,10 @@ def test_kill_9_with_20_running_instances(launcher_factory: Any) -> None:
     for uuid in uuids:
         client.request("POST", "/v1/instances", start_yaml(uuid), YAML)
     assert wait_until(lambda: set(states(client).values()) == {"running"} and len(states(client)) == 20)
-    pids_before = {p.pid for p in simvm_processes(launcher.data_dir)}
+    pids_before = pidfile_pids(launcher.data_dir)
     assert len(pids_before) == 20
+    # No VM process but these (the intermediate processes of the daemonizing double fork have exited).
+    assert wait_until(lambda: {p.pid for p in simvm_processes(launcher.data_dir)} == pids_before, timeout=5)
 
     launcher.kill(signal.SIGKILL)
     client = launcher.start()
@@ -68,7 +76,7 @@ def test_vm_killed_while_launcher_down_is_reported_exited(launcher_factory: Any)
     for uuid in ("ad-01", "ad-02"):
         client.request("POST", "/v1/instances", start_yaml(uuid), YAML, wait=True)
     launcher.kill(signal.SIGKILL)
-    victim = next(p for p in simvm_processes(launcher.data_dir) if "ad-01" in " ".join(p.cmdline()))
+    victim = psutil.Process(int((launcher.data_dir / "instances" / "ad-01" / "vm.pid").read_text()))
     victim.kill()
     victim.wait(5)
     client = launcher.start()
@@ -80,8 +88,8 @@ def test_vm_crash_is_an_exited_event(launcher_factory: Any) -> None:
     launcher = launcher_factory(PROCESS_MODE)
     client = launcher.client()
     client.request("POST", "/v1/instances", start_yaml("ae-01"), YAML, wait=True)
-    [vm] = simvm_processes(launcher.data_dir)
-    os.kill(vm.pid, signal.SIGKILL)
+    pid = int((launcher.data_dir / "instances" / "ae-01" / "vm.pid").read_text())
+    os.kill(pid, signal.SIGKILL)
     assert wait_until(lambda: states(client) == {"ae-01": "exited"}, timeout=5)
     [event] = [e for e in all_events(client) if e.get("state") == "exited"]
     assert event["reason"] == "vm_exited"
