@@ -56,7 +56,8 @@ class Persister:
         self.data_dir = data_dir
         self.limiter = limiter
         self.checkpoint_bytes = checkpoint_bytes
-        self._wal: Any = None  # the open log, append mode
+        self._wal = -1  # fd of the log, O_APPEND
+        self._wal_bytes = 0
         self._send, self._recv = trio.open_memory_channel[_Op](math.inf)
         self._apply_limiter = trio.CapacityLimiter(APPLY_THREADS)
         self._applying = 0  # logged operations not yet applied
@@ -93,8 +94,7 @@ class Persister:
                             batch.append(self._recv.receive_nowait())
                         except trio.WouldBlock:
                             break
-                    # Not abandoned on cancel: a round is short, and its callers must learn how it ended.
-                    await trio.to_thread.run_sync(self._log, batch, limiter=self.limiter)
+                    await self._log(batch)
                     logged = []
                     for op in batch:
                         if op.error is not None:
@@ -108,10 +108,25 @@ class Persister:
                         chunk = logged[n::APPLY_THREADS]
                         self._applying += len(chunk)
                         applying.start_soon(self._apply, chunk)
-                    if self._wal.tell() > self.checkpoint_bytes:
+                    if self._wal_bytes > self.checkpoint_bytes:
                         await self._checkpoint_when_applied()
         finally:
-            self._wal.close()
+            os.close(self._wal)
+
+    async def _log(self, batch: list[_Op]) -> None:
+        """Append the operations to the log and make them durable (or fail them all).
+
+        The append is a few KiB into the page cache, so it is done right here; only fdatasync goes to a
+        thread: each return from a thread has to win the GIL back from the busy event loop."""
+        data = b"".join(_record(self.data_dir, op) for op in batch)
+        try:
+            _write_all(self._wal, data)
+            self._wal_bytes += len(data)
+            # Not abandoned on cancel: a round is short, and its callers must learn how it ended.
+            await trio.to_thread.run_sync(os.fdatasync, self._wal, limiter=self.limiter)
+        except OSError as exc:
+            for op in batch:
+                op.error = exc
 
     async def _apply(self, chunk: list[_Op]) -> None:
         try:
@@ -134,29 +149,20 @@ class Persister:
 
     def _open(self) -> None:
         """Replay what an earlier run logged (it may not all be on the file system), then empty the log."""
-        self._wal = open(self.data_dir / WAL_FILE, "ab+")
-        self._wal.seek(0)
-        for line in self._wal.read().splitlines():
+        path = self.data_dir / WAL_FILE
+        self._wal = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+        for line in path.read_bytes().splitlines():
             try:
                 _replay(self.data_dir, json.loads(line))
             except ValueError:
                 break  # a torn last line: its round was never acknowledged
         self._flush_and_truncate()
 
-    def _log(self, batch: list[_Op]) -> None:
-        """Append the operations to the log and make them durable (or fail them all)."""
-        try:
-            self._wal.write(b"".join(_record(self.data_dir, op) for op in batch))
-            self._wal.flush()
-            os.fdatasync(self._wal.fileno())
-        except OSError as exc:
-            for op in batch:
-                op.error = exc
-
     def _flush_and_truncate(self) -> None:
         syncfs(self.data_dir)
-        self._wal.truncate(0)
-        os.fsync(self._wal.fileno())
+        os.ftruncate(self._wal, 0)
+        os.fsync(self._wal)
+        self._wal_bytes = 0
 
 
 def _apply_all(chunk: list[_Op]) -> None:
@@ -204,11 +210,15 @@ def _write(path: Path, data: bytes, flags: int = 0) -> None:
     """Write `path` in place; no fsync."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | flags, 0o644)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
+        _write_all(fd, data)
     finally:
         os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
