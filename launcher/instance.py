@@ -33,7 +33,7 @@ from launcher.events import EventJournal
 from launcher.logs import InstanceLogs
 from launcher.persist import Persister
 from launcher.payloads import DeleteCommand, InstanceSpec, RestartCommand, StartCommand, StopCommand
-from launcher.records import InstanceRecord
+from launcher.records import record_json, spec_json
 from virtualizers.base import MonitorEvent, Virtualizer, VmStats
 
 log = logging.getLogger(__name__)
@@ -163,6 +163,7 @@ class InstanceActor:
         self._next_stats = math.inf
         self._interruptible: trio.CancelScope | None = None
         self._doomed = False  # a DELETE is queued: a START pipeline before it is abandoned
+        self._spec_json: bytes | None = None  # the encoded spec, between the two writes of a START
         self._followers: list[Ticket] | None = None  # waiting for the instance to settle (rarely any)
 
     # ----------------------------------------------------------------- called by the supervisor (sync)
@@ -543,12 +544,14 @@ class InstanceActor:
             pass
 
     async def _persist_new(self, on_durable: Callable[[], None]) -> None:
-        record = InstanceRecord(self.spec, created=False)
-        await self.ctx.persister.create(self.dir / store.INSTANCE_FILE, record.to_json(), on_durable=on_durable)
+        self._spec_json = spec_json(self.spec)
+        record = record_json(self._spec_json, created=False)
+        await self.ctx.persister.create(self.dir / store.INSTANCE_FILE, record, on_durable=on_durable)
 
     async def _write_record(self, *, created: bool) -> None:
-        record = InstanceRecord(self.spec, created=created)
-        await self.ctx.persister.write(self.dir / store.INSTANCE_FILE, record.to_json())
+        encoded = self._spec_json or spec_json(self.spec)
+        await self.ctx.persister.write(self.dir / store.INSTANCE_FILE, record_json(encoded, created))
+        self._spec_json = None  # not needed again: keep idle instances small
         self._created = created
 
     async def _remove_dir(self) -> None:

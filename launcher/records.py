@@ -23,8 +23,7 @@ class InstanceRecord:
     created: bool = False
 
     def to_json(self) -> bytes:
-        body = {"version": VERSION, "created": self.created, "spec": attrs.asdict(self.spec)}
-        return json.dumps(body, separators=(",", ":"), sort_keys=True).encode()
+        return record_json(spec_json(self.spec), self.created)
 
     @classmethod
     def from_json(cls, data: bytes) -> InstanceRecord:
@@ -33,6 +32,16 @@ class InstanceRecord:
         if not isinstance(body, dict) or body.get("version") != VERSION:
             raise ValueError(f"not an instance record of version {VERSION}")
         return cls(spec=_spec_from_dict(body["spec"]), created=bool(body["created"]))
+
+
+def spec_json(spec: InstanceSpec) -> bytes:
+    """The spec as the record stores it; encoded once per START, used for both writes of the record."""
+    return json.dumps(attrs.asdict(spec), separators=(",", ":"), sort_keys=True).encode()
+
+
+def record_json(encoded_spec: bytes, created: bool) -> bytes:
+    """instance.json from an already encoded spec."""
+    return b'{"created":%s,"spec":%s,"version":%d}' % (b"true" if created else b"false", encoded_spec, VERSION)
 
 
 def _spec_from_dict(raw: dict[str, Any]) -> InstanceSpec:

@@ -154,7 +154,8 @@ class Supervisor:
         if self.maintenance:
             raise LauncherError(errors.NODE_MAINTENANCE, "the node is in maintenance", spec.instance_uuid)
         need = Resources.of(spec)
-        refusal = self._no_room(need)
+        free_mb = _free_disk_mb(self.config.data_dir)  # read once: statvfs is not free at 500 STARTs/s
+        refusal = self._no_room(need, free_mb)
         if refusal:
             raise LauncherError(errors.FULL_CN, refusal, spec.instance_uuid)
         if (self.config.instances_dir / spec.instance_uuid).exists():
@@ -163,7 +164,7 @@ class Supervisor:
         actor = self._add(spec, created=False, recovered=False)
         ticket = Ticket("start", spec.instance_uuid)
         actor.post(command if command.spec == spec else StartCommand(spec), ticket)
-        self._update_status()
+        self._update_status(free_mb - need.disk_mb)
         return ticket
 
     def _repeated_start(self, actor: InstanceActor, spec: InstanceSpec) -> Ticket:
@@ -186,8 +187,9 @@ class Supervisor:
 
     # ----------------------------------------------------------------- admission and node status
 
-    def _no_room(self, need: Resources) -> str:
-        """Why an instance needing `need` cannot be admitted now, or "" if it can."""
+    def _no_room(self, need: Resources, free_mb: int) -> str:
+        """Why an instance needing `need` cannot be admitted now, or "" if it can; `free_mb` is the free
+        space in the data dir."""
         cap, after = self.capacity, self.allocated + need
         if len(self.instances) + 1 > cap.instances:
             return f"{len(self.instances)} instances, the limit is {cap.instances}"
@@ -197,19 +199,21 @@ class Supervisor:
             return f"{after.mem_mb} MiB of memory would be promised, the limit is {cap.mem_mb:g} MiB"
         if after.disk_mb > cap.disk_mb:
             return f"{after.disk_mb} MiB of disk would be promised, the limit is {cap.disk_mb:g} MiB"
-        free_mb = _free_disk_mb(self.config.data_dir)
         if free_mb - need.disk_mb < self.config.admission.keep_free_disk_mb:
             return f"only {free_mb} MiB free in {self.config.data_dir}"
         return ""
 
-    def _compute_status(self) -> str:
+    def _compute_status(self, free_mb: int | None) -> str:
         if self.maintenance:
             return MAINTENANCE
         d = self.config.defaults
-        return FULL if self._no_room(Resources(d.vcpus, d.mem_mb, d.disk_mb)) else READY
+        if free_mb is None:
+            free_mb = _free_disk_mb(self.config.data_dir)
+        return FULL if self._no_room(Resources(d.vcpus, d.mem_mb, d.disk_mb), free_mb) else READY
 
-    def _update_status(self, *, force: bool = False) -> None:
-        status = self._compute_status()
+    def _update_status(self, free_mb: int | None = None, *, force: bool = False) -> None:
+        """Recompute the node status (emitting `node_status` if it changed); `free_mb` if just read."""
+        status = self._compute_status(free_mb)
         if force or status != self.status:
             self.status = status
             self.journal.emit("node_status", status=status)
