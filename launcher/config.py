@@ -67,6 +67,7 @@ class EventsConfig:
     rotate_bytes: int = 64 << 20
     keep_files: int = 4
     memory_events: int = 20000
+    memory_bytes: int = 16 << 20  # and at most this much (as JSON): `stats` events are large
 
 
 @attrs.frozen

@@ -90,6 +90,7 @@ class EventJournal:
         rotate_bytes: int = 64 << 20,
         keep_files: int = 4,
         memory_events: int = 20000,
+        memory_bytes: int = 16 << 20,
         limiter: trio.CapacityLimiter | None = None,
     ) -> None:
         if keep_files < 1:
@@ -98,7 +99,13 @@ class EventJournal:
         self._rotate_bytes = rotate_bytes
         self._keep_files = keep_files
         self._limiter = limiter
-        self._ring: collections.deque[Event] = collections.deque(maxlen=memory_events)
+        # Newest durable events, bounded by count and by encoded size: a `stats` event carries every
+        # instance, so at 10 000 instances a ring bounded by count alone would hold gigabytes.
+        self._ring: collections.deque[Event] = collections.deque()
+        self._ring_sizes: collections.deque[int] = collections.deque()
+        self._ring_bytes = 0
+        self._memory_events = memory_events
+        self._memory_bytes = memory_bytes
         self._pending: list[Event] = []
         self._last_seq = 0
         self._durable_seq = 0
@@ -190,24 +197,34 @@ class EventJournal:
             return
         self._pending = []
         try:
-            self._size += await trio.to_thread.run_sync(self._write_batch, self._fd, batch, limiter=self._limiter)
+            sizes = await trio.to_thread.run_sync(self._write_batch, self._fd, batch, limiter=self._limiter)
         except trio.Cancelled:
             # With abandon_on_cancel=False a cancellation can only arrive before the thread starts: nothing was
             # written, so the batch goes back to the head of the queue.
             self._pending[:0] = batch
             raise
+        self._size += sum(sizes)
         self._durable_seq = batch[-1]["seq"]
-        self._ring.extend(batch)
+        self._remember(batch, sizes)
         self._committed.set()
         self._committed = trio.Event()
 
+    def _remember(self, batch: list[Event], sizes: list[int]) -> None:
+        self._ring.extend(batch)
+        self._ring_sizes.extend(sizes)
+        self._ring_bytes += sum(sizes)
+        while self._ring and (len(self._ring) > self._memory_events or self._ring_bytes > self._memory_bytes):
+            self._ring.popleft()
+            self._ring_bytes -= self._ring_sizes.popleft()
+
     @staticmethod
-    def _write_batch(fd: int, batch: list[Event]) -> int:
+    def _write_batch(fd: int, batch: list[Event]) -> list[int]:
+        """Write and fsync the batch; the encoded size of each event."""
         encode = json.JSONEncoder(separators=(",", ":"), default=str).encode
-        data = "".join([encode(event) + "\n" for event in batch]).encode()
-        _write_all(fd, data)
+        lines = [(encode(event) + "\n").encode() for event in batch]
+        _write_all(fd, b"".join(lines))
         os.fsync(fd)
-        return len(data)
+        return [len(line) for line in lines]
 
     async def _rotate(self) -> None:
         async with self._files_lock:

@@ -49,7 +49,7 @@ async def serve(config: Config) -> None:
     limiter = trio.CapacityLimiter(config.worker_threads)
     journal = EventJournal(config.data_dir, rotate_bytes=config.events.rotate_bytes,
                            keep_files=config.events.keep_files, memory_events=config.events.memory_events,
-                           limiter=limiter)
+                           memory_bytes=config.events.memory_bytes, limiter=limiter)
     logs = InstanceLogs(max_bytes=config.log_max_bytes, limiter=limiter)
     persister = Persister(config.data_dir, limiter)
     async with trio.open_nursery() as infrastructure:

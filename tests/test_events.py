@@ -316,3 +316,15 @@ async def test_waiters_are_released_when_the_journal_stops(tmp_path: Path, monke
     limiter.release()
     assert sorted(outcomes) == ["follower ended", "waiter released"]
     assert journal.durable_seq == 0
+
+
+async def test_memory_ring_is_bounded_by_bytes_and_older_events_come_from_disk(tmp_path: Path) -> None:
+    journal = EventJournal(tmp_path, memory_events=1000, memory_bytes=10_000)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(journal.run)
+        for n in range(20):
+            journal.emit("stats", instances=["x" * 1000])  # ~1 KB each: only ~10 fit in memory
+        await journal.wait_durable(journal.last_seq)
+        assert len(journal.recent(0)) <= 10
+        assert [e["seq"] async for e in journal.events_since(0)] == list(range(1, 21))
+        nursery.cancel_scope.cancel()
