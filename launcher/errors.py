@@ -25,7 +25,6 @@ STOP_FAILURE = "stop_failure"
 UNAUTHORIZED = "unauthorized"
 NOT_FOUND = "not_found"
 EVENTS_EXPIRED = "events_expired"
-TIMEOUT = "timeout"
 INTERNAL = "internal_error"
 
 
