@@ -7,7 +7,9 @@ virtualizer needs no lock (DESIGN.md §3.2). Every virtualizer call is bounded b
 overrun or an exception becomes the phase's ciao code, never a crash of the launcher.
 
 States (DESIGN.md §5): pending → running → exited → deleted, with internal stopping / deleting. The monitor
-session runs in the actor's child nursery; each session has a number, and notes from an older session are
+session runs in its own cancel scope, which only the actor cancels, in the supervisor's monitor nursery (one
+nursery per actor would triple the cost of cancelling 10 000 of them at shutdown); each session has a
+number, and notes from an older session are
 ignored, so a late CLOSED from a monitor that was already ended cannot confuse a newer boot.
 
 The actor also owns its instance directory: it creates it (instance.json written atomically before the
@@ -19,6 +21,7 @@ from __future__ import annotations
 import enum
 import logging
 import math
+import random
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -123,6 +126,7 @@ class ActorContext:
     logs: InstanceLogs
     persister: Persister
     on_gone: Callable[[InstanceActor], None]  # the instance is deleted; drop it from the table
+    monitors: trio.Nursery | None = None  # where monitor sessions run; set by the supervisor
 
 
 class _Interrupted(Exception):
@@ -154,7 +158,6 @@ class InstanceActor:
         self._created = created
         self._recovered = recovered
         self._send, self._recv = trio.open_memory_channel[Request | MonitorNote](ctx.config.inbox_size)
-        self._nursery: trio.Nursery | None = None
         self._session = 0
         self._monitor_scope: trio.CancelScope | None = None
         self._boot_ticket: Ticket | None = None
@@ -218,8 +221,7 @@ class InstanceActor:
         """The actor's task. Returns once the instance is deleted; cancelled when the launcher stops
         (then the VM keeps running, and a restarted launcher reconnects to it)."""
         self.vm.init(self.spec, self.dir)
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
+        try:
             if self._recovered:
                 await self._recover()
             while self.state is not State.DELETED:
@@ -234,7 +236,8 @@ class InstanceActor:
                 if isinstance(message, Request):
                     self.queued -= 1
                     self._sync_projection()
-            nursery.cancel_scope.cancel()
+        finally:
+            self._close_monitor()  # the session lives in the supervisor's nursery: never outlive the actor
 
     async def _next_message(self) -> Request | MonitorNote | None:
         """The next inbox message, or None when a timer (boot deadline, stats poll) is due."""
@@ -355,10 +358,10 @@ class InstanceActor:
     # ----------------------------------------------------------------- monitor
 
     def _open_monitor(self, recover: bool) -> None:
-        assert self._nursery is not None
+        assert self.ctx.monitors is not None
         self._session += 1
         self._monitor_scope = trio.CancelScope()
-        self._nursery.start_soon(self._monitor, self._monitor_scope, self._session, recover)
+        self.ctx.monitors.start_soon(self._monitor, self._monitor_scope, self._session, recover)
 
     async def _monitor(self, scope: trio.CancelScope, session: int, recover: bool) -> None:
         inbox = _SessionInbox(self._send, session)
@@ -389,7 +392,10 @@ class InstanceActor:
                 self._boot_ticket = None
             self._emit_state(**({"recovered": True} if self._recovered else {}))
             self._recovered = False
-            await self._poll_stats()
+            # First poll at a random point of the interval: instances started (or recovered) together do not
+            # all poll at once, and a START does not pay for a poll.
+            interval = self.ctx.config.intervals.instance_stats_s
+            self._next_stats = trio.current_time() + random.uniform(0, interval)
         else:
             was = self.state
             self._close_monitor()

@@ -8,6 +8,7 @@ launcher reconnects to them), pending events and log lines are flushed.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import secrets
@@ -77,5 +78,8 @@ async def _cancel_on_signal(scope: trio.CancelScope) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
             log.info("%s: shutting down; VMs keep running", signal.Signals(signum).name)
+            # Unwinding 10 000 actors makes a lot of short-lived garbage; collecting it while exiting only
+            # slows the exit (measured: ~0.4 s of 1.6 s at 10 000 instances).
+            gc.disable()
             scope.cancel()
             return

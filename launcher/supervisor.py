@@ -107,8 +107,9 @@ class Supervisor:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Recover the instances on disk, then run every actor until cancelled."""
-        async with trio.open_nursery() as nursery:
+        async with trio.open_nursery() as nursery, trio.open_nursery() as monitors:
             self._nursery = nursery
+            self._ctx.monitors = monitors
             await self._recover_all()
             self._update_status(force=True)
             task_status.started()
