@@ -2,8 +2,9 @@
 
 Runs a real `launcher serve` process (simulation virtualizer, memory mode) on a free port and drives it with
 a concurrent keep-alive HTTP/1.1 client written on Trio. Prints, per phase: requests/s accepted, p50/p99
-request latency and the time until every instance reached the phase's state; then launcher RSS per idle
-instance and the time of one GET /v1/stats with every instance present.
+request latency and the time until every instance reached the phase's state; launcher RSS per idle
+instance; the time of one GET /v1/stats with every instance present; and, between STOP and DELETE, how long
+SIGTERM takes to end the launcher and how long a new one takes to recover every instance.
 
     .venv/bin/python bench/storm.py [--instances 10000] [--connections 32]
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import statistics
 import subprocess
 import sys
@@ -115,6 +117,24 @@ async def wait_for(conn: Connection, predicate: Any, timeout: float = 600.0) -> 
             await trio.sleep(0.2)
 
 
+async def serve(config: Path, data_dir: Path) -> subprocess.Popen[bytes]:
+    """Start `launcher serve` and return once it is listening."""
+    (data_dir / "api-url").unlink(missing_ok=True)
+    log = open(data_dir.parent / "serve.log", "ab")
+    proc = subprocess.Popen([sys.executable, "-m", "launcher.cli", "serve", "--config", str(config),
+                             "--data-dir", str(data_dir)], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    while not (data_dir / "api-url").exists():
+        if proc.poll() is not None:
+            raise SystemExit((data_dir.parent / "serve.log").read_text())
+        await trio.sleep(0.05)
+    return proc
+
+
+def endpoint(data_dir: Path) -> tuple[str, str, str]:
+    host, port = (data_dir / "api-url").read_text().removeprefix("http://").rsplit(":", 1)
+    return host, port, (data_dir / "api-token").read_text().strip()
+
+
 async def storm(args: argparse.Namespace, data_dir: Path) -> None:
     config = data_dir.parent / "storm.yaml"
     config.write_text(yaml.safe_dump({
@@ -125,16 +145,9 @@ async def storm(args: argparse.Namespace, data_dir: Path) -> None:
                       "memory_overcommit": 1000.0, "keep_free_memory_mb": 0},
         "log_max_bytes": 65536,
     }))
-    log = open(data_dir.parent / "serve.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "launcher.cli", "serve", "--config", str(config),
-                             "--data-dir", str(data_dir)], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    proc = await serve(config, data_dir)
     try:
-        while not (data_dir / "api-url").exists():
-            if proc.poll() is not None:
-                raise SystemExit((data_dir.parent / "serve.log").read_text())
-            await trio.sleep(0.05)
-        host, port = (data_dir / "api-url").read_text().removeprefix("http://").rsplit(":", 1)
-        token = (data_dir / "api-token").read_text().strip()
+        host, port, token = endpoint(data_dir)
         probe_stream = await trio.open_tcp_stream(host, int(port))
         probe = Connection(probe_stream, f"{host}:{port}", token)
         launcher = psutil.Process(proc.pid)
@@ -170,6 +183,20 @@ async def storm(args: argparse.Namespace, data_dir: Path) -> None:
                         [("POST", f"/v1/instances/{u}/stop", b"", "") for u in uuids])
         took = await wait_for(probe, lambda node: node["instance_states"].get("exited", 0) == n)
         print(f"        all {n} exited {took:.2f} s after the last STOP was accepted")
+
+        await probe_stream.aclose()
+        started = time.perf_counter()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+        print(f"SIGTERM with {n} instances: the launcher exited in {time.perf_counter() - started:.2f} s "
+              f"(status {proc.returncode})")
+        started = time.perf_counter()
+        proc = await serve(config, data_dir)
+        host, port, token = endpoint(data_dir)
+        probe_stream = await trio.open_tcp_stream(host, int(port))
+        probe = Connection(probe_stream, f"{host}:{port}", token)
+        await wait_for(probe, lambda node: node["instance_states"].get("exited", 0) == n)
+        print(f"restart: {n} instances recovered {time.perf_counter() - started:.2f} s after the new launcher started")
 
         await run_phase("DELETE", host, int(port), token, c,
                         [("DELETE", f"/v1/instances/{u}", b"", "") for u in uuids])
