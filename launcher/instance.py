@@ -21,7 +21,6 @@ from __future__ import annotations
 import enum
 import logging
 import math
-import random
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -100,17 +99,27 @@ class Request:
     ticket: Ticket
 
 
+class _PollStats:
+    """Inbox message from the stats poller: time to call vm.stats()."""
+
+
+POLL_STATS = _PollStats()
+
+
 @attrs.frozen
 class MonitorNote:
     session: int
     event: MonitorEvent
 
 
+Message = Request | MonitorNote | _PollStats
+
+
 @attrs.frozen
 class _SessionInbox:
     """The inbox a monitor session sees: it tags each event with the session's number."""
 
-    send_channel: trio.MemorySendChannel[Request | MonitorNote]
+    send_channel: trio.MemorySendChannel[Message]
     session: int
 
     async def send(self, event: MonitorEvent) -> None:
@@ -157,13 +166,13 @@ class InstanceActor:
         self.activity: str | None = None  # the command being handled, for `show`
         self._created = created
         self._recovered = recovered
-        self._send, self._recv = trio.open_memory_channel[Request | MonitorNote](ctx.config.inbox_size)
+        self._send, self._recv = trio.open_memory_channel[Message](ctx.config.inbox_size)
         self._session = 0
         self._monitor_scope: trio.CancelScope | None = None
         self._boot_ticket: Ticket | None = None
         self._boot_failure_event = "start_failure"
         self._boot_deadline = math.inf
-        self._next_stats = math.inf
+        self._poll_posted = False  # a POLL_STATS is in the inbox
         self._interruptible: trio.CancelScope | None = None
         self._doomed = False  # a DELETE is queued: a START pipeline before it is abandoned
         self._spec_json: bytes | None = None  # the encoded spec, between the two writes of a START
@@ -180,6 +189,16 @@ class InstanceActor:
                 errors.INSTANCE_BUSY, f"{self.queued} commands already queued for this instance", self.uuid
             ) from None
         self.queued += 1
+
+    def poll_stats(self) -> None:
+        """Ask a running instance to refresh its stats (from the stats poller; never blocks, and a busy
+        instance simply misses one round)."""
+        if self.state is State.RUNNING and not self._poll_posted:
+            try:
+                self._send.send_nowait(POLL_STATS)
+                self._poll_posted = True
+            except trio.WouldBlock:
+                pass
 
     def interrupt_start(self) -> None:
         """A DELETE arrived: abandon a START that has not yet started the VM, now or when it gets there."""
@@ -239,15 +258,21 @@ class InstanceActor:
         finally:
             self._close_monitor()  # the session lives in the supervisor's nursery: never outlive the actor
 
-    async def _next_message(self) -> Request | MonitorNote | None:
-        """The next inbox message, or None when a timer (boot deadline, stats poll) is due."""
-        with trio.move_on_at(min(self._boot_deadline, self._next_stats)):
+    async def _next_message(self) -> Message | None:
+        """The next inbox message, or None when the boot deadline has passed."""
+        if self._boot_deadline == math.inf:
+            return await self._recv.receive()  # no cancel scope per message when there is no deadline
+        with trio.move_on_at(self._boot_deadline):
             return await self._recv.receive()
         return None
 
-    async def _handle(self, message: Request | MonitorNote | None) -> None:
+    async def _handle(self, message: Message | None) -> None:
         if message is None:
-            await self._on_timer()
+            await self._on_boot_deadline()
+        elif message is POLL_STATS:
+            self._poll_posted = False
+            if self.state is State.RUNNING:
+                await self._poll_stats()
         elif isinstance(message, MonitorNote):
             if message.session == self._session and self._monitor_scope is not None:
                 await self._on_monitor(message.event)
@@ -377,7 +402,6 @@ class InstanceActor:
             self._monitor_scope.cancel()
             self._monitor_scope = None
         self._boot_deadline = math.inf
-        self._next_stats = math.inf
 
     async def _on_monitor(self, event: MonitorEvent) -> None:
         if event is MonitorEvent.CONNECTED:
@@ -392,10 +416,6 @@ class InstanceActor:
                 self._boot_ticket = None
             self._emit_state(**({"recovered": True} if self._recovered else {}))
             self._recovered = False
-            # First poll at a random point of the interval: instances started (or recovered) together do not
-            # all poll at once, and a START does not pay for a poll.
-            interval = self.ctx.config.intervals.instance_stats_s
-            self._next_stats = trio.current_time() + random.uniform(0, interval)
         else:
             was = self.state
             self._close_monitor()
@@ -410,9 +430,9 @@ class InstanceActor:
             self._emit_state(reason="vm_exited", **({"recovered": True} if self._recovered else {}))
             self._recovered = False
 
-    async def _on_timer(self) -> None:
+    async def _on_boot_deadline(self) -> None:
         now = trio.current_time()
-        if now >= self._boot_deadline and self.state is State.PENDING:
+        if self.state is State.PENDING:
             t = self.ctx.config.timeouts
             self._log(f"VM not running after {t.boot_s:g} s: forcing it off")
             try:
@@ -426,8 +446,8 @@ class InstanceActor:
             if ticket is not None:
                 self._fail(ticket, self._boot_failure_event, exc)
             self._emit_state(reason=errors.LAUNCH_FAILURE)
-        if now >= self._next_stats:
-            await self._poll_stats()
+        else:
+            self._boot_deadline = math.inf
 
     async def _poll_stats(self) -> None:
         try:
@@ -436,7 +456,6 @@ class InstanceActor:
         except VirtualizerError as exc:
             self._log(f"stats failed: {exc.reason}")
             self.stats = VmStats()
-        self._next_stats = trio.current_time() + self.ctx.config.intervals.instance_stats_s
 
     # ----------------------------------------------------------------- STOP / DELETE
 
