@@ -190,16 +190,13 @@ class Api:
     async def node(self, request: Request) -> Response:
         s = self.supervisor
         figures = await trio.to_thread.run_sync(node_figures, self.config.data_dir)
-        counts: dict[str, int] = {}
-        for actor in s.instances.values():
-            counts[actor.public_state] = counts.get(actor.public_state, 0) + 1
         return Response.json(200, {
             "node_uuid": self.stats.node_id,
             "status": s.status,
             "maintenance": s.maintenance,
             "virtualizer": self.config.virtualizer,
             "instances": len(s.instances),
-            "instance_states": counts,
+            "instance_states": s.state_counts(),
             "allocated": attrs.asdict(s.allocated),
             "capacity": attrs.asdict(s.capacity),
             **figures,
@@ -308,10 +305,7 @@ class _Metrics:
     def collect(self) -> Any:
         s = self.supervisor
         states = GaugeMetricFamily("launcher_instances", "Instances by state", labels=["state"])
-        counts = dict.fromkeys(("pending", "running", "exited"), 0)
-        for actor in s.instances.values():
-            counts[actor.public_state] = counts.get(actor.public_state, 0) + 1
-        for state, n in counts.items():
+        for state, n in s.state_counts().items():
             states.add_metric([state], n)
         yield states
         status = GaugeMetricFamily("launcher_node_status", "1 for the node's current status", labels=["status"])

@@ -14,6 +14,8 @@ from typing import Any
 import attrs
 import yaml
 
+from virtualizers.base import available_backends
+
 
 class ConfigError(ValueError):
     pass
@@ -95,10 +97,6 @@ class Config:
         return self.data_dir / "instances"
 
 
-# Top-level keys that hold a virtualizer's section rather than a Config field.
-_VIRTUALIZER_SECTIONS = {"simulation", "qemu"}
-
-
 def load(path: Path | None = None, **overrides: Any) -> Config:
     """Read `path` (if given), apply non-None `overrides` (command-line options), and check everything."""
     raw: dict[str, Any] = {}
@@ -111,7 +109,9 @@ def load(path: Path | None = None, **overrides: Any) -> Config:
             raise ConfigError(f"{path}: the configuration must be a mapping")
         raw = dict(loaded or {})
     raw.update({k: v for k, v in overrides.items() if v is not None})
-    sections = {k: raw.pop(k) for k in list(raw) if k in _VIRTUALIZER_SECTIONS}
+    # A top-level key naming a registered virtualizer is that virtualizer's own section.
+    registered = set(available_backends())
+    sections = {k: raw.pop(k) for k in list(raw) if k in registered}
     for name, section in sections.items():
         if section is not None and not isinstance(section, dict):
             raise ConfigError(f"{name}: must be a mapping")

@@ -22,6 +22,8 @@ import attrs
 import h11
 import trio
 
+from launcher.errors import INVALID_PAYLOAD, LauncherError
+
 log = logging.getLogger(__name__)
 
 IDLE_TIMEOUT_S = 75.0  # keep-alive: a connection with no complete request for this long is closed
@@ -101,9 +103,8 @@ class _Connection:
             try:
                 request = await self._read_request(event)
             except BodyTooLarge:
-                await self._send(Response.json(400, {
-                    "error": "invalid_payload", "reason": f"payload is larger than the limit of {self.max_body} bytes",
-                    "instance_uuid": ""}), close=True)
+                error = LauncherError(INVALID_PAYLOAD, f"payload is larger than the limit of {self.max_body} bytes")
+                await self._send(Response.json(400, error.as_dict()), close=True)
                 return
             answer = await self.handler(request)
             if isinstance(answer, Stream):

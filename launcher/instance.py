@@ -69,7 +69,6 @@ class Ticket:
     `accepted` is set once the command has been taken on (for START: once instance.json is on disk);
     `done` once it has finished (state running / exited / deleted) or failed (`error` set)."""
 
-    command: str
     instance_uuid: str
     accepted: trio.Event = attrs.Factory(trio.Event)
     done: trio.Event = attrs.Factory(trio.Event)
@@ -209,7 +208,7 @@ class InstanceActor:
     def follow(self) -> Ticket:
         """A ticket finished with the public state once nothing is queued or under way (running, exited
         or deleted): how a repeated, idempotent START waits."""
-        ticket = Ticket("start", self.uuid)
+        ticket = Ticket(self.uuid)
         ticket.accept()
         if self._settled():
             ticket.finish(self.public_state)
@@ -277,7 +276,7 @@ class InstanceActor:
             if message.session == self._session and self._monitor_scope is not None:
                 await self._on_monitor(message.event)
         else:
-            self.activity = type(message.command).__name__.removesuffix("Command").upper()
+            self.activity = type(message.command).__name__.removesuffix("Command").upper()  # e.g. STOP
             try:
                 await self._on_request(message.command, message.ticket)
             finally:
@@ -309,7 +308,6 @@ class InstanceActor:
         except OSError as exc:
             await self._fail_start(ticket, LauncherError(errors.IMAGE_FAILURE, f"cannot write instance dir: {exc}"))
             return
-        ticket.accept()
         self._emit_state()
         await self._prepare_and_boot(ticket, "start_failure")
 
@@ -528,7 +526,7 @@ class InstanceActor:
         if not self._created:
             self._log("recovered an unfinished START: running it again")
             self._recovered = False
-            ticket = Ticket("start", self.uuid)
+            ticket = Ticket(self.uuid)
             self._emit_state()
             await self._prepare_and_boot(ticket, "start_failure")
             return

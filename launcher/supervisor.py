@@ -140,7 +140,7 @@ class Supervisor:
         else:
             assert isinstance(command, DeleteCommand)
             target = State.DELETED
-        ticket = Ticket(type(command).__name__.removesuffix("Command").lower(), actor.uuid)
+        ticket = Ticket(actor.uuid)
         actor.post(command, ticket)
         actor.projected = target
         if target is State.DELETED:
@@ -163,8 +163,8 @@ class Supervisor:
             # A dir nobody owns (made by hand since start-up): never let a START write into it or remove it.
             raise LauncherError(errors.INSTANCE_EXISTS, "an instance dir with this uuid exists", spec.instance_uuid)
         actor = self._add(spec, created=False, recovered=False)
-        ticket = Ticket("start", spec.instance_uuid)
-        actor.post(command if command.spec == spec else StartCommand(spec), ticket)
+        ticket = Ticket(spec.instance_uuid)
+        actor.post(StartCommand(spec), ticket)
         self._update_status(free_mb - need.disk_mb)
         return ticket
 
@@ -176,6 +176,13 @@ class Supervisor:
             code = errors.ALREADY_RUNNING if actor.projected is State.RUNNING else errors.INSTANCE_EXISTS
             raise LauncherError(code, "an instance with this uuid exists with a different payload", actor.uuid)
         return actor.follow()
+
+    def state_counts(self) -> dict[str, int]:
+        """How many instances are in each public state (pending, running, exited all present)."""
+        counts = dict.fromkeys(("pending", "running", "exited"), 0)
+        for actor in self.instances.values():
+            counts[actor.public_state] += 1
+        return counts
 
     def _with_defaults(self, spec: InstanceSpec) -> InstanceSpec:
         d = self.config.defaults
@@ -230,13 +237,13 @@ class Supervisor:
                     self.dispatch(StopCommand(actor.uuid))
                 except LauncherError as exc:
                     self.journal.emit("stop_failure", instance_uuid=actor.uuid, reason=exc.code, detail=exc.reason)
-        ticket = Ticket("evacuate", "")
+        ticket = Ticket("")
         ticket.finish(MAINTENANCE)
         return ticket
 
     def restore(self) -> Ticket:
         self._set_maintenance(False)
-        ticket = Ticket("restore", "")
+        ticket = Ticket("")
         ticket.finish(self.status)
         return ticket
 
