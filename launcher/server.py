@@ -13,9 +13,12 @@ import logging
 import os
 import secrets
 import signal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
 
+import attrs
 import trio
 
 from launcher import http, store
@@ -42,11 +45,24 @@ def api_token(data_dir: Path) -> str:
         return token
 
 
-async def serve(config: Config) -> None:
+@attrs.frozen
+class Core:
+    """The running launcher without its transports: what `serve` and in-process tests share."""
+
+    config: Config
+    limiter: trio.CapacityLimiter
+    journal: EventJournal
+    logs: InstanceLogs
+    supervisor: Supervisor
+
+
+@asynccontextmanager
+async def running_core(config: Config) -> AsyncIterator[Core]:
+    """Journal, logs and persister, then the virtualizer backend, then the supervisor (which recovers the
+    instances on disk). Leaving the block stops them in the reverse order; VMs keep running."""
     opener = load_backend(config.virtualizer)
     config.data_dir.mkdir(parents=True, exist_ok=True)
     config.instances_dir.mkdir(exist_ok=True)
-    token = api_token(config.data_dir)
     limiter = trio.CapacityLimiter(config.worker_threads)
     journal = EventJournal(config.data_dir, rotate_bytes=config.events.rotate_bytes,
                            keep_files=config.events.keep_files, memory_events=config.events.memory_events,
@@ -58,20 +74,29 @@ async def serve(config: Config) -> None:
         await infrastructure.start(logs.run)
         await infrastructure.start(persister.run)
         async with opener(config.virtualizer_settings(), config.data_dir) as backend:
-            async with trio.open_nursery() as work:
-                work.start_soon(_cancel_on_signal, work.cancel_scope)
+            async with trio.open_nursery() as actors:
                 supervisor = Supervisor(config, backend, journal, logs, persister)
-                await work.start(supervisor.run)
-                stats = StatsReporter(supervisor, limiter, node_uuid(config.data_dir))
-                await work.start(stats.run)
-                api = Api(supervisor, journal, logs, stats, token)
-                host, _, port = config.listen.rpartition(":")
-                url = await work.start(partial(http.serve, max_body=config.max_payload_bytes),
-                                       api.handle, host.strip("[]"), int(port))
-                store.atomic_write(config.data_dir / store.URL_FILE, url.encode())
-                log.info("launcher serving on %s (virtualizer %s, data dir %s, pid %d)",
-                         url, config.virtualizer, config.data_dir, os.getpid())
+                await actors.start(supervisor.run)
+                yield Core(config, limiter, journal, logs, supervisor)
+                actors.cancel_scope.cancel()
         infrastructure.cancel_scope.cancel()
+
+
+async def serve(config: Config) -> None:
+    """`launcher serve`: the core, the stats reporter and the HTTP API, until SIGTERM or SIGINT."""
+    async with running_core(config) as core:
+        token = api_token(config.data_dir)
+        async with trio.open_nursery() as work:
+            work.start_soon(_cancel_on_signal, work.cancel_scope)
+            stats = StatsReporter(core.supervisor, core.limiter, node_uuid(config.data_dir))
+            await work.start(stats.run)
+            api = Api(core.supervisor, core.journal, core.logs, stats, token)
+            host, _, port = config.listen.rpartition(":")
+            url = await work.start(partial(http.serve, max_body=config.max_payload_bytes),
+                                   api.handle, host.strip("[]"), int(port))
+            store.atomic_write(config.data_dir / store.URL_FILE, url.encode())
+            log.info("launcher serving on %s (virtualizer %s, data dir %s, pid %d)",
+                     url, config.virtualizer, config.data_dir, os.getpid())
 
 
 async def _cancel_on_signal(scope: trio.CancelScope) -> None:

@@ -1,4 +1,4 @@
-"""An in-process launcher (journal, logs, simulation backend, supervisor) for tests of the control path."""
+"""An in-process launcher (the real core of `launcher serve`, without HTTP) for tests of the control path."""
 
 from __future__ import annotations
 
@@ -15,10 +15,9 @@ from launcher.config import Config
 from launcher.events import EventJournal
 from launcher.instance import Ticket
 from launcher.logs import InstanceLogs
-from launcher.persist import Persister
 from launcher.payloads import Command, InstanceSpec, StartCommand
+from launcher.server import running_core
 from launcher.supervisor import Supervisor
-from virtualizers.simulation import open_backend
 
 
 @attrs.define
@@ -67,19 +66,5 @@ def spec(uuid: str, **fields: Any) -> InstanceSpec:
 async def running_node(data_dir: Path, simulation: dict[str, Any] | None = None, **settings: Any) -> AsyncIterator[Node]:
     """A launcher without its HTTP API, with the simulation virtualizer (memory mode unless told)."""
     config = config_module.load(None, data_dir=data_dir, simulation=simulation or {}, **settings)
-    config.instances_dir.mkdir(parents=True, exist_ok=True)
-    limiter = trio.CapacityLimiter(config.worker_threads)
-    journal = EventJournal(data_dir, limiter=limiter)
-    logs = InstanceLogs(limiter=limiter, flush_interval=0.05)
-    persister = Persister(config.data_dir, limiter)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(journal.run)
-        await nursery.start(logs.run)
-        await nursery.start(persister.run)
-        async with open_backend(config.virtualizer_settings(), data_dir) as backend:
-            async with trio.open_nursery() as work:
-                supervisor = Supervisor(config, backend, journal, logs, persister)
-                await work.start(supervisor.run)
-                yield Node(config, supervisor, journal, logs)
-                work.cancel_scope.cancel()
-        nursery.cancel_scope.cancel()
+    async with running_core(config) as core:
+        yield Node(config, core.supervisor, core.journal, core.logs)
