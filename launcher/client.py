@@ -44,7 +44,7 @@ class Client:
     def request(self, method: str, path: str, body: bytes | None = None, content_type: str = "",
                 **query: Any) -> Any:
         """One call; the decoded JSON answer, or ClientError with the launcher's code and reason."""
-        conn = self._send(method, path, body, content_type, query)
+        conn = self._send(method, path, body, content_type, query, self.timeout)
         try:
             response = conn.getresponse()
             data = response.read()
@@ -56,9 +56,10 @@ class Client:
                               answer.get("instance_uuid", ""), response.status)
         return answer
 
-    def stream(self, path: str, **query: Any) -> Iterator[bytes]:
-        """A streamed answer (events, logs), chunk by chunk, until the server ends it."""
-        conn = self._send("GET", path, None, "", query, timeout=None)
+    def stream(self, path: str, read_timeout: float | None = None, **query: Any) -> Iterator[bytes]:
+        """A streamed answer (events, logs), chunk by chunk, until the server ends it. `read_timeout`
+        bounds each wait for data (None: wait as long as it takes, as `events -f` should)."""
+        conn = self._send("GET", path, None, "", query, timeout=read_timeout)
         try:
             response = conn.getresponse()
             if response.status >= 400:
@@ -70,8 +71,8 @@ class Client:
             conn.close()
 
     def _send(self, method: str, path: str, body: bytes | None, content_type: str, query: dict[str, Any],
-              timeout: float | None = -1.0) -> http.client.HTTPConnection:
-        conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout if timeout == -1.0 else timeout)
+              timeout: float | None) -> http.client.HTTPConnection:
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
         headers = {"Authorization": f"Bearer {self.token}"}
         if content_type:
             headers["Content-Type"] = content_type

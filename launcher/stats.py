@@ -106,7 +106,7 @@ class StatsReporter:
         self.limiter = limiter
         self.node_id = node_id
         self.snapshot: dict[str, Any] = {}
-        self.snapshot_json = b"{}"
+        self._encoded: tuple[dict[str, Any], bytes] | None = None  # (snapshot, its JSON), made on demand
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         await self.refresh()
@@ -142,4 +142,11 @@ class StatsReporter:
             **node,
             "instances": [instance_figures(a) for a in list(self.supervisor.instances.values())],
         }
-        self.snapshot_json = json.dumps(self.snapshot, separators=(",", ":")).encode()
+
+    @property
+    def snapshot_json(self) -> bytes:
+        """The snapshot as JSON, encoded at most once per snapshot and only if someone asks (it is 1.6 MB
+        at 10 000 instances, and the `stats` event is encoded separately by the journal's writer)."""
+        if self._encoded is None or self._encoded[0] is not self.snapshot:
+            self._encoded = (self.snapshot, json.dumps(self.snapshot, separators=(",", ":")).encode())
+        return self._encoded[1]

@@ -171,7 +171,7 @@ def test_events_resume_without_gap_and_expire(launcher_factory: Any) -> None:
 
 def test_events_follow_streams_new_events(launcher: LauncherProcess) -> None:
     client = launcher.client()
-    stream = client.stream("/v1/events", follow=True)
+    stream = client.stream("/v1/events", read_timeout=10, follow=True)  # fails rather than hangs
     client.request("POST", "/v1/instances", start_yaml("dd-01"), YAML)
     seen: list[dict[str, Any]] = []
     buffer = b""
@@ -189,7 +189,7 @@ def test_instance_log_follow(launcher: LauncherProcess) -> None:
     client = launcher.client()
     client.request("POST", "/v1/instances", start_yaml("ff-01"), YAML, wait=True)
     text = b""
-    for chunk in client.stream("/v1/instances/ff-01/log", follow=True):
+    for chunk in client.stream("/v1/instances/ff-01/log", read_timeout=10, follow=True):
         text += chunk
         if b"VM is running" in text:
             break
