@@ -412,8 +412,7 @@ class InstanceActor:
             if self._boot_ticket is not None:
                 self._boot_ticket.finish("running")
                 self._boot_ticket = None
-            self._emit_state(**({"recovered": True} if self._recovered else {}))
-            self._recovered = False
+            self._emit_state(**self._recovery_mark())
         else:
             was = self.state
             self._close_monitor()
@@ -425,8 +424,7 @@ class InstanceActor:
                 self._fail(self._boot_ticket, self._boot_failure_event, exc)
                 self._boot_ticket = None
             self._log("VM is down" if was is State.PENDING else "VM exited unexpectedly")
-            self._emit_state(reason="vm_exited", **({"recovered": True} if self._recovered else {}))
-            self._recovered = False
+            self._emit_state(reason="vm_exited", **self._recovery_mark())
 
     async def _on_boot_deadline(self) -> None:
         now = trio.current_time()
@@ -589,6 +587,11 @@ class InstanceActor:
         ticket.fail(exc)
         self._log(f"{event}: {exc.code}: {exc.reason}")
         self.ctx.journal.emit(event, instance_uuid=self.uuid, reason=exc.code, detail=exc.reason)
+
+    def _recovery_mark(self) -> dict[str, bool]:
+        """`recovered: true` on the first state a recovered instance reports, once."""
+        recovered, self._recovered = self._recovered, False
+        return {"recovered": True} if recovered else {}
 
     def _emit_state(self, **extra: Any) -> None:
         self.ctx.journal.emit("instance_state", instance_uuid=self.uuid, state=self.public_state, **extra)

@@ -9,7 +9,6 @@ These functions block: call them through `trio.to_thread.run_sync`. Instance fil
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 INSTANCES = "instances"
@@ -47,11 +46,6 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
         os.close(fd)
     os.replace(tmp, path)
     fsync_dir(path.parent)
-
-
-def remove_tree(path: Path) -> None:
-    """Remove a directory tree that is already out of the way (a `.deleting-` or never-acknowledged dir)."""
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def move_aside(path: Path, corrupt_dir: Path) -> Path:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import attrs
@@ -296,7 +297,7 @@ def _scan(instances_dir: Path) -> tuple[list[InstanceRecord], list[tuple[Path, s
     broken: list[tuple[Path, str]] = []
     for path in sorted(instances_dir.iterdir()):
         if path.name.startswith(".deleting-"):
-            store.remove_tree(path)
+            shutil.rmtree(path, ignore_errors=True)  # a removal that a crash interrupted
             continue
         if path.name.startswith(".") or not path.is_dir():
             continue
