@@ -116,14 +116,18 @@ def load(path: Path | None = None, **overrides: Any) -> Config:
         if section is not None and not isinstance(section, dict):
             raise ConfigError(f"{name}: must be a mapping")
     raw["virtualizers"] = {k: v or {} for k, v in sections.items()}
-    config: Config = _build(Config, raw, "")
+    config: Config = parse_section(Config, raw, "")
     host, _, port = config.listen.rpartition(":")
     if not host or not port.isdigit() or int(port) > 65535:
         raise ConfigError(f"listen: expected HOST:PORT, got {config.listen!r}")
     return config
 
 
-def _build(cls: type, raw: Any, where: str) -> Any:
+def parse_section(cls: type, raw: Any, where: str) -> Any:
+    """An instance of the attrs class `cls` from the mapping `raw`, checked strictly.
+
+    `where` prefixes the keys in error messages (e.g. "qemu."). Virtualizers use it for their own sections.
+    Field validators of `cls` may raise ValueError; it is reported as a ConfigError naming `where`."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{where or 'config'}: must be a mapping")
     hints = typing.get_type_hints(cls)
@@ -131,12 +135,18 @@ def _build(cls: type, raw: Any, where: str) -> Any:
     for key in raw:
         if key not in known:
             raise ConfigError(f"{where}{key}: unknown setting (known: {', '.join(sorted(known))})")
-    return cls(**{k: _convert(hints[k], v, f"{where}{k}") for k, v in raw.items()})
+    values = {k: _convert(hints[k], v, f"{where}{k}") for k, v in raw.items()}
+    try:
+        return cls(**values)
+    except ConfigError:
+        raise
+    except ValueError as exc:
+        raise ConfigError(f"{where}{exc}") from exc
 
 
 def _convert(kind: Any, value: Any, where: str) -> Any:
     if attrs.has(kind):
-        return _build(kind, value, where + ".")
+        return parse_section(kind, value, where + ".")
     if kind is Path:
         if not isinstance(value, (str, Path)):
             raise ConfigError(f"{where}: expected a path")
@@ -153,6 +163,15 @@ def _convert(kind: Any, value: Any, where: str) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
         return value
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if typing.get_origin(kind) is tuple and typing.get_args(kind)[1:] == (Ellipsis,):
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        item = typing.get_args(kind)[0]
+        return tuple(_convert(item, v, f"{where}[{i}]") for i, v in enumerate(value))
     if typing.get_origin(kind) in (dict, types.GenericAlias):
         return value
     raise ConfigError(f"{where}: unsupported setting type {kind}")  # a bug in this module, not in the file

@@ -29,7 +29,7 @@ from launcher.logs import InstanceLogs
 from launcher.persist import Persister
 from launcher.stats import StatsReporter, node_uuid
 from launcher.supervisor import Supervisor
-from virtualizers.base import load_backend
+from virtualizers.base import BackendHost, load_backend
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,8 @@ async def running_core(config: Config) -> AsyncIterator[Core]:
         await infrastructure.start(journal.run)
         await infrastructure.start(logs.run)
         await infrastructure.start(persister.run)
-        async with opener(config.virtualizer_settings(), config.data_dir) as backend:
+        host = BackendHost(config.data_dir, limiter, journal.emit, logs.write)
+        async with opener(config.virtualizer_settings(), host) as backend:
             async with trio.open_nursery() as actors:
                 supervisor = Supervisor(config, backend, journal, logs, persister)
                 await actors.start(supervisor.run)

@@ -18,7 +18,7 @@ import trio
 
 from launcher.errors import IMAGE_FAILURE, LAUNCH_FAILURE, VirtualizerError
 from launcher.payloads import InstanceSpec
-from virtualizers.base import MonitorEvent, VmStats, load_backend
+from virtualizers.base import BackendHost, MonitorEvent, VmStats, load_backend
 from virtualizers.simulation import SIMVM_MODULE, SimulationBackend, SimulationVirtualizer, open_backend
 
 CONNECTED = MonitorEvent.CONNECTED
@@ -61,9 +61,15 @@ def read_pid(instance_dir: Path) -> int:
     return int((instance_dir / "vm.pid").read_text())
 
 
+def host_for(data_dir: Path) -> BackendHost:
+    """A host whose events and log lines go nowhere: the simulation reports nothing of its own."""
+    return BackendHost(data_dir, trio.CapacityLimiter(2), emit=lambda type, **fields: None,
+                       log=lambda instance_dir, message: None)
+
+
 @asynccontextmanager
 async def backend(tmp_path: Path, **settings: Any) -> AsyncIterator[SimulationBackend]:
-    async with open_backend(settings, tmp_path) as opened:
+    async with open_backend(settings, host_for(tmp_path)) as opened:
         yield opened
 
 
@@ -152,7 +158,7 @@ async def test_defaults(tmp_path: Path) -> None:
 )
 async def test_invalid_settings_name_the_key(tmp_path: Path, settings: Mapping[str, Any], key: str) -> None:
     with pytest.raises(ValueError, match=rf"^{re.escape(key)}:"):
-        async with open_backend(settings, tmp_path):
+        async with open_backend(settings, host_for(tmp_path)):
             pass
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import attrs
+import trio
 
 from launcher.payloads import InstanceSpec
 
@@ -92,9 +93,27 @@ class Backend(Protocol):
         """A fresh, uninitialised Virtualizer for one instance."""
 
 
+@attrs.frozen
+class BackendHost:
+    """What the launcher lends a backend: where its data lives and how it reports.
+
+    `emit(type, **fields)` appends an event to the launcher's journal (e.g. `image_progress`);
+    `log(instance_dir, message)` appends a line to that instance's launcher.log. Both are synchronous and
+    must be called from the Trio thread. `limiter` bounds the worker threads of blocking work.
+    `instance_dir(uuid)` is where the launcher keeps that instance (it may not exist)."""
+
+    data_dir: Path
+    limiter: trio.CapacityLimiter
+    emit: Callable[..., object]
+    log: Callable[[Path, str], None]
+
+    def instance_dir(self, instance_uuid: str) -> Path:
+        return self.data_dir / "instances" / instance_uuid
+
+
 # What the entry point named after a virtualizer must be: called with that virtualizer's section of the
-# launcher config (e.g. the `simulation:` mapping) and the data dir. It raises ValueError on bad settings.
-OpenBackend = Callable[[Mapping[str, Any], Path], AbstractAsyncContextManager[Backend]]
+# launcher config (e.g. the `simulation:` mapping) and the host. It raises ValueError on bad settings.
+OpenBackend = Callable[[Mapping[str, Any], BackendHost], AbstractAsyncContextManager[Backend]]
 
 
 def available_backends() -> list[str]:

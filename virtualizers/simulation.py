@@ -52,7 +52,7 @@ from launcher import store
 from launcher.errors import IMAGE_FAILURE, LAUNCH_FAILURE, STOP_FAILURE, VirtualizerError
 from launcher.payloads import InstanceSpec
 from virtualizers import simvm
-from virtualizers.base import MonitorEvent, MonitorInbox, VmStats
+from virtualizers.base import BackendHost, MonitorEvent, MonitorInbox, VmStats
 
 SECTION = "simulation"  # the config section these settings come from; error messages name keys under it
 MODES = ("memory", "process")
@@ -241,11 +241,11 @@ class SimulationBackend:
 
 
 @asynccontextmanager
-async def open_backend(settings: Mapping[str, Any], data_dir: Path) -> AsyncIterator[SimulationBackend]:
+async def open_backend(settings: Mapping[str, Any], host: BackendHost) -> AsyncIterator[SimulationBackend]:
     """Open the simulation backend (the `simulation` entry point of `launcher.virtualizers`).
 
-    `settings` is the `simulation:` config section; ValueError if it is invalid. `data_dir` is not used: the
-    simulation keeps nothing outside the instance directories. Closing the backend leaves process-mode VMs
+    `settings` is the `simulation:` config section; ValueError if it is invalid. `host` is not used: the
+    simulation keeps nothing outside the instance directories and reports nothing of its own. Closing the backend leaves process-mode VMs
     running (a restarted launcher recovers them); memory-mode VMs live in the backend and end with it.
     """
     yield SimulationBackend(SimulationSettings.parse(settings))

@@ -1,0 +1,182 @@
+"""The libvirt domain XML of one instance, built with ElementTree so every value is escaped.
+
+`domain_xml(params)` is pure: the QEMU virtualizer fills a `DomainParams` from the instance's spec, its
+directory and the `qemu:` settings, and defines the result with libvirt. `read_metadata(xml)` reads back
+the launcher's `<metadata>` element, which is how the launcher tells its own domains from any others on
+the host (and from those of another launcher with a different data dir).
+
+The domain:
+
+- is named `launcher-<instance uuid>`; its libvirt `<uuid>` is the instance uuid when that is a valid
+  RFC 4122 UUID (ciao's instance uuids need not be), else libvirt picks one;
+- boots with SeaBIOS (legacy) or OVMF (EFI, `<loader>` + a per-instance `<nvram>` copied from the vars
+  template by libvirt);
+- has the overlay as a virtio disk (`vda`), the cloud-init seed as a read-only SATA cdrom, one virtio NIC
+  with the payload's MAC on a libvirt network or a bridge (or none), a virtio RNG (guests boot faster with
+  entropy), no graphics;
+- logs its serial console through virtlogd to `console.log` in the instance dir (virtlogd bounds its size:
+  `max_size` / `max_backups` in virtlogd.conf) while keeping it reachable with `virsh console`;
+- has a qemu-guest-agent channel (`org.qemu.guest_agent.0`);
+- powers off into "shut off" and stays defined: `on_poweroff`/`on_crash` = destroy.
+"""
+
+from __future__ import annotations
+
+import uuid as uuid_module
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import attrs
+
+METADATA_NS = "http://launcher.invalid/xmlns/instance/1"  # our key for virDomainGetMetadata
+METADATA_PREFIX = "launcher"
+DOMAIN_PREFIX = "launcher-"
+GUEST_AGENT_CHANNEL = "org.qemu.guest_agent.0"
+OVERLAY_TARGET = "vda"
+NETWORK_KINDS = ("network", "bridge", "none")
+
+
+@attrs.frozen
+class Firmware:
+    """Legacy BIOS when `efi` is False; else OVMF with its code and vars template."""
+
+    efi: bool
+    ovmf_code: Path = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
+    ovmf_vars_template: Path = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+
+
+@attrs.frozen
+class DomainParams:
+    """Everything the domain XML depends on."""
+
+    instance_uuid: str
+    data_dir: Path
+    instance_dir: Path
+    vcpus: int
+    mem_mb: int
+    kvm: bool  # True: hardware virtualization (domain type kvm, host CPU); False: TCG (type qemu)
+    machine: str  # e.g. "q35"
+    firmware: Firmware
+    overlay: Path
+    seed: Path
+    network_kind: str  # "network", "bridge" or "none"
+    network_source: str  # the libvirt network's or bridge's name
+    mac: str  # "" lets libvirt pick one
+    console_log: Path
+    nvram: Path
+
+    @property
+    def name(self) -> str:
+        return domain_name(self.instance_uuid)
+
+
+@attrs.frozen
+class DomainMetadata:
+    instance_uuid: str
+    data_dir: str
+
+
+def domain_name(instance_uuid: str) -> str:
+    return DOMAIN_PREFIX + instance_uuid
+
+
+def libvirt_uuid(instance_uuid: str) -> str | None:
+    """The instance uuid in libvirt's canonical form if it is a real UUID, else None."""
+    try:
+        parsed = uuid_module.UUID(instance_uuid)
+    except ValueError:
+        return None
+    return str(parsed) if str(parsed) == instance_uuid.lower() else None
+
+
+def domain_xml(params: DomainParams) -> str:
+    domain = ET.Element("domain", type="kvm" if params.kvm else "qemu")
+    _text(domain, "name", params.name)
+    canonical = libvirt_uuid(params.instance_uuid)
+    if canonical is not None:
+        _text(domain, "uuid", canonical)
+    _metadata(ET.SubElement(domain, "metadata"), params)
+    _text(domain, "memory", str(params.mem_mb), unit="MiB")
+    _text(domain, "vcpu", str(params.vcpus), placement="static")
+    _os(ET.SubElement(domain, "os"), params)
+    features = ET.SubElement(domain, "features")
+    ET.SubElement(features, "acpi")  # the ACPI power button is how stop_vm asks the guest to power off
+    ET.SubElement(features, "apic")
+    if params.kvm:
+        ET.SubElement(domain, "cpu", mode="host-passthrough")
+    ET.SubElement(domain, "clock", offset="utc")
+    _text(domain, "on_poweroff", "destroy")
+    _text(domain, "on_reboot", "restart")
+    _text(domain, "on_crash", "destroy")
+    _devices(ET.SubElement(domain, "devices"), params)
+    ET.indent(domain)
+    return ET.tostring(domain, encoding="unicode")
+
+
+def read_metadata(xml: str) -> DomainMetadata | None:
+    """The launcher metadata of a domain's XML (from XMLDesc), or None if it has none."""
+    root = ET.fromstring(xml)
+    element = root.find(f"metadata/{{{METADATA_NS}}}instance")
+    if element is None:
+        return None
+    return DomainMetadata(
+        instance_uuid=element.findtext(f"{{{METADATA_NS}}}uuid", ""),
+        data_dir=element.findtext(f"{{{METADATA_NS}}}data-dir", ""),
+    )
+
+
+def _text(parent: ET.Element, tag: str, text: str, **attributes: str) -> ET.Element:
+    element = ET.SubElement(parent, tag, attributes)
+    element.text = text
+    return element
+
+
+def _metadata(metadata: ET.Element, params: DomainParams) -> None:
+    ET.register_namespace(METADATA_PREFIX, METADATA_NS)
+    instance = ET.SubElement(metadata, f"{{{METADATA_NS}}}instance")
+    _text(instance, f"{{{METADATA_NS}}}uuid", params.instance_uuid)
+    _text(instance, f"{{{METADATA_NS}}}data-dir", str(params.data_dir))
+
+
+def _os(os_element: ET.Element, params: DomainParams) -> None:
+    _text(os_element, "type", "hvm", arch="x86_64", machine=params.machine)
+    firmware = params.firmware
+    if firmware.efi:
+        _text(os_element, "loader", str(firmware.ovmf_code), readonly="yes", type="pflash")
+        _text(os_element, "nvram", str(params.nvram), template=str(firmware.ovmf_vars_template))
+    ET.SubElement(os_element, "boot", dev="hd")
+
+
+def _devices(devices: ET.Element, params: DomainParams) -> None:
+    disk = ET.SubElement(devices, "disk", type="file", device="disk")
+    ET.SubElement(disk, "driver", name="qemu", type="qcow2", discard="unmap")
+    ET.SubElement(disk, "source", file=str(params.overlay))
+    ET.SubElement(disk, "target", dev=OVERLAY_TARGET, bus="virtio")
+
+    cdrom = ET.SubElement(devices, "disk", type="file", device="cdrom")
+    ET.SubElement(cdrom, "driver", name="qemu", type="raw")
+    ET.SubElement(cdrom, "source", file=str(params.seed))
+    ET.SubElement(cdrom, "target", dev="sda", bus="sata")
+    ET.SubElement(cdrom, "readonly")
+
+    if params.network_kind != "none":
+        nic = ET.SubElement(devices, "interface", type=params.network_kind)
+        if params.mac:
+            ET.SubElement(nic, "mac", address=params.mac.lower())
+        ET.SubElement(nic, "source", {params.network_kind: params.network_source})
+        ET.SubElement(nic, "model", type="virtio")
+
+    serial = ET.SubElement(devices, "serial", type="pty")
+    ET.SubElement(serial, "log", file=str(params.console_log), append="on")
+    ET.SubElement(serial, "target", port="0")
+    console = ET.SubElement(devices, "console", type="pty")
+    ET.SubElement(console, "target", type="serial", port="0")
+
+    channel = ET.SubElement(devices, "channel", type="unix")
+    ET.SubElement(channel, "target", type="virtio", name=GUEST_AGENT_CHANNEL)
+
+    rng = ET.SubElement(devices, "rng", model="virtio")
+    _text(rng, "backend", "/dev/urandom", model="random")
+    video = ET.SubElement(devices, "video")
+    ET.SubElement(video, "model", type="none")
+    ET.SubElement(devices, "memballoon", model="none")

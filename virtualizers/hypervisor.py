@@ -1,0 +1,273 @@
+"""One libvirt connection shared by every QEMU instance of a launcher, and libvirt's events handed to Trio.
+
+Concurrency (DESIGN.md §3.4): libvirt's blocking API runs in Trio worker threads under the launcher's shared
+CapacityLimiter (`Hypervisor.call`). libvirt's own event loop (keepalives, lifecycle events, the close
+callback) runs in the one bare thread the launcher has, started and joined by `open_hypervisor`. Its callbacks
+never touch Trio state directly: they hand the event over with `TrioToken.run_sync_soon`, which does not
+block the libvirt thread.
+
+Watching a domain: `watch(name)` gives a `DomainWatch` whose `wait(timeout)` returns when a lifecycle event
+for that domain arrived (or the connection came back) or after `timeout`. Callers always re-read the state
+after a wake-up, so a lost or coalesced event costs at most one `timeout`, never a wrong answer.
+
+Connection loss (libvirtd restarted or killed): every call fails with `Disconnected`, and a reconnect task
+retries with backoff. Watches are woken once the connection is back, so monitors re-read their domain's
+state; a VM keeps running while libvirtd is away, and no monitor takes "no answer" for "down".
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from typing import TypeVar
+
+import attrs
+import libvirt
+import trio
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+RECONNECT_MIN_S = 0.2
+RECONNECT_MAX_S = 5.0
+KEEPALIVE_INTERVAL_S = 2  # libvirt pings the daemon this often ...
+KEEPALIVE_COUNT = 3  # ... and declares it dead after this many unanswered pings
+EVENT_THREAD_JOIN_S = 5.0
+
+# Errors that mean "the connection is gone", not "this call failed".
+_CONNECTION_ERROR_CODES = frozenset({
+    libvirt.VIR_ERR_SYSTEM_ERROR,
+    libvirt.VIR_ERR_RPC,
+    libvirt.VIR_ERR_NO_CONNECT,
+    libvirt.VIR_ERR_INVALID_CONN,
+    libvirt.VIR_ERR_AUTH_FAILED,
+})
+_CONNECTION_ERROR_DOMAINS = frozenset({libvirt.VIR_FROM_RPC, libvirt.VIR_FROM_REMOTE})
+
+
+class Disconnected(Exception):
+    """libvirt is not reachable right now; the reconnect task is on it."""
+
+
+def is_connection_error(exc: libvirt.libvirtError) -> bool:
+    return (exc.get_error_code() in _CONNECTION_ERROR_CODES
+            or exc.get_error_domain() in _CONNECTION_ERROR_DOMAINS)
+
+
+def error_text(exc: libvirt.libvirtError) -> str:
+    """libvirt's own message, without the Python wrapper's decoration."""
+    return exc.get_error_message() or str(exc)
+
+
+@attrs.define(eq=False)
+class DomainWatch:
+    """Wake-ups for one domain's lifecycle events (see the module doc)."""
+
+    name: str
+    _event: trio.Event = attrs.field(factory=trio.Event, init=False)
+
+    def _wake(self) -> None:
+        self._event.set()
+
+    async def wait(self, timeout: float) -> None:
+        with trio.move_on_after(timeout):
+            await self._event.wait()
+        self._event = trio.Event()
+
+
+@attrs.define(eq=False)
+class Hypervisor:
+    """The shared connection. Create it with `open_hypervisor`."""
+
+    uri: str
+    _limiter: trio.CapacityLimiter
+    _token: trio.lowlevel.TrioToken
+    _conn: libvirt.virConnect | None = attrs.field(default=None, init=False)
+    _lost: trio.Event = attrs.field(factory=trio.Event, init=False)
+    _back: trio.Event = attrs.field(factory=trio.Event, init=False)
+    _watches: dict[str, set[DomainWatch]] = attrs.field(factory=dict, init=False)
+    _on_event: Callable[[str, int, int], None] | None = attrs.field(default=None, init=False)
+
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None
+
+    def on_lifecycle(self, handler: Callable[[str, int, int], None]) -> None:
+        """Also call handler(domain name, event, detail) for every lifecycle event (in the Trio thread)."""
+        self._on_event = handler
+
+    async def call(self, fn: Callable[[libvirt.virConnect], T]) -> T:
+        """fn(connection) in a worker thread. Disconnected if libvirt is unreachable; other libvirtErrors
+        propagate."""
+        conn = self._conn
+        if conn is None:
+            raise Disconnected(f"not connected to libvirt at {self.uri}")
+        try:
+            return await trio.to_thread.run_sync(fn, conn, limiter=self._limiter)
+        except libvirt.libvirtError as exc:
+            if is_connection_error(exc) or not await trio.to_thread.run_sync(conn.isAlive, limiter=self._limiter):
+                self._mark_lost(conn, error_text(exc))
+                raise Disconnected(f"lost the connection to libvirt at {self.uri}: {error_text(exc)}") from exc
+            raise
+
+    async def wait_connected(self) -> None:
+        """Return once the connection is up (at once if it is). Cancel it to give up."""
+        while self._conn is None:
+            await self._back.wait()
+
+    @contextmanager
+    def watch(self, name: str) -> Iterator[DomainWatch]:
+        watch = DomainWatch(name)
+        self._watches.setdefault(name, set()).add(watch)
+        try:
+            yield watch
+        finally:
+            watchers = self._watches[name]
+            watchers.discard(watch)
+            if not watchers:
+                del self._watches[name]
+
+    # -- connection management ---------------------------------------------------------------------------
+
+    def _connect(self) -> libvirt.virConnect:
+        """Open and set up a connection (worker thread)."""
+        conn = libvirt.open(self.uri)
+        try:
+            conn.setKeepAlive(KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT)
+            conn.registerCloseCallback(self._closed_callback, None)
+            conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._lifecycle_callback, None)
+        except libvirt.libvirtError:
+            conn.close()
+            raise
+        return conn
+
+    async def connect(self) -> None:
+        """First connection; raises libvirt.libvirtError with libvirt's reason if it fails."""
+        conn = await trio.to_thread.run_sync(self._connect, limiter=self._limiter)
+        self._up(conn)
+
+    def _up(self, conn: libvirt.virConnect) -> None:
+        self._conn = conn
+        self._lost = trio.Event()
+        self._back.set()
+        self._back = trio.Event()
+        for watchers in self._watches.values():
+            for watch in watchers:
+                watch._wake()
+
+    def _mark_lost(self, conn: libvirt.virConnect, why: str) -> None:
+        if self._conn is conn:
+            log.warning("lost the connection to libvirt at %s: %s; reconnecting", self.uri, why)
+            self._conn = None
+            self._lost.set()
+
+    async def reconnect_forever(self) -> None:
+        """Re-open the connection whenever it is lost, with a growing backoff."""
+        while True:
+            await self._lost.wait()
+            delay = RECONNECT_MIN_S
+            while self._conn is None:
+                await trio.sleep(delay)
+                try:
+                    conn = await trio.to_thread.run_sync(self._connect, limiter=self._limiter)
+                except libvirt.libvirtError as exc:
+                    log.debug("reconnecting to %s: %s", self.uri, error_text(exc))
+                    delay = min(delay * 2, RECONNECT_MAX_S)
+                    continue
+                log.warning("reconnected to libvirt at %s", self.uri)
+                self._up(conn)
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await trio.to_thread.run_sync(_close_quietly, conn, limiter=self._limiter)
+
+    # -- libvirt callbacks: these run in the event-loop thread ------------------------------------------------
+
+    def _closed_callback(self, conn: libvirt.virConnect, reason: int, opaque: object) -> None:
+        self._to_trio(self._mark_lost, conn, f"connection closed (reason {reason})")
+
+    def _lifecycle_callback(self, conn: libvirt.virConnect, dom: libvirt.virDomain, event: int, detail: int,
+                            opaque: object) -> None:
+        self._to_trio(self._deliver, dom.name(), event, detail)
+
+    def _to_trio(self, fn: Callable[..., None], *args: object) -> None:
+        try:
+            self._token.run_sync_soon(fn, *args)
+        except trio.RunFinishedError:
+            pass  # the launcher is exiting; nobody is listening any more
+
+    def _deliver(self, name: str, event: int, detail: int) -> None:
+        for watch in self._watches.get(name, ()):
+            watch._wake()
+        if self._on_event is not None:
+            self._on_event(name, event, detail)
+
+
+def _close_quietly(conn: libvirt.virConnect) -> None:
+    try:
+        conn.close()
+    except libvirt.libvirtError:
+        pass
+
+
+# -- libvirt's event loop thread ---------------------------------------------------------------------------
+
+_default_impl_registered = False
+
+
+def _register_default_impl() -> None:
+    """libvirt needs its event implementation registered once per process, before any connection."""
+    global _default_impl_registered
+    if not _default_impl_registered:
+        libvirt.virEventRegisterDefaultImpl()
+        # libvirt prints every error to stderr by default; the launcher reports them itself.
+        libvirt.registerErrorHandler(lambda ctx, err: None, None)
+        _default_impl_registered = True
+
+
+class _EventLoopThread:
+    """Runs virEventRunDefaultImpl until stopped. The launcher's only bare thread (DESIGN.md §3.4)."""
+
+    def __init__(self) -> None:
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="libvirt-events", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stopping:
+            libvirt.virEventRunDefaultImpl()
+
+    async def stop(self) -> None:
+        self._stopping = True
+        # A zero timeout wakes the loop's poll() so it sees the flag; it removes itself when it fires.
+        libvirt.virEventAddTimeout(0, lambda timer, opaque: libvirt.virEventRemoveTimeout(timer), None)
+        await trio.to_thread.run_sync(self._thread.join, EVENT_THREAD_JOIN_S)
+
+
+@asynccontextmanager
+async def open_hypervisor(uri: str, limiter: trio.CapacityLimiter) -> AsyncIterator[Hypervisor]:
+    """Connect to libvirt at `uri` and keep the connection up until the block ends.
+
+    Raises libvirt.libvirtError (libvirt's reason) if the first connection fails."""
+    _register_default_impl()
+    events = _EventLoopThread()
+    events.start()
+    try:
+        hypervisor = Hypervisor(uri, limiter, trio.lowlevel.current_trio_token())
+        await hypervisor.connect()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(hypervisor.reconnect_forever)
+                yield hypervisor
+                nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                await hypervisor.close()
+    finally:
+        with trio.CancelScope(shield=True):
+            await events.stop()

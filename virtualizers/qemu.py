@@ -1,0 +1,550 @@
+"""The QEMU/KVM virtualizer: real VMs through libvirt.
+
+Per instance (all files in the instance dir, DESIGN.md §6):
+
+``ensure_backing_image``
+    the image store (`virtualizers.images`) provides `<data_dir>/images/<image_uuid>.img`, importing it once
+    from a configured directory or URL if needed.
+``create_image``
+    ``overlay.qcow2``: a qcow2 overlay on the backing image, backing file and backing format explicit; its
+    size is the payload's disk size (raised to the image's size if smaller), else the image's.
+    ``seed.iso``: the cloud-init seed (`virtualizers.cloudinit`), NoCloud or ConfigDrive.
+``start_vm``
+    defines the persistent domain (`virtualizers.domain`) and starts it.
+``monitor_vm``
+    follows the domain's state through libvirt's lifecycle events (`virtualizers.hypervisor`): CONNECTED once
+    the domain is active, CLOSED once it is shut off or gone. A guest paused by an I/O error (a full disk) is
+    reported with an `instance_paused` event and a log line, and stays paused for the operator.
+``stop_vm(grace)``
+    ACPI power button, then destroy once `grace` seconds have passed.
+``delete_image``
+    destroys the domain if it still runs and undefines it with its NVRAM. The backing image stays.
+``stats``
+    PSS of the QEMU process, CPU time from libvirt normalised to the allotted vCPUs, bytes allocated to the
+    overlay.
+
+Backend-wide: one libvirt connection, the image store, and at start-up the orphan scan: a domain carrying our
+metadata for this data dir but without an instance dir is reported (`orphan_domain` event) and destroyed only
+when `destroy_orphans` is set.
+
+Settings (the `qemu:` config section, every key optional; see `QemuSettings`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import attrs
+import libvirt
+import psutil
+import trio
+
+from launcher.config import parse_section
+from launcher.errors import IMAGE_FAILURE, LAUNCH_FAILURE, STOP_FAILURE, VirtualizerError
+from launcher.payloads import InstanceSpec
+from launcher.store import fsync_dir
+from virtualizers import cloudinit, domain
+from virtualizers.base import BackendHost, MonitorEvent, MonitorInbox, VmStats
+from virtualizers.hypervisor import Disconnected, Hypervisor, error_text, open_hypervisor
+from virtualizers.images import ImageInfo, ImageStore, ImportProgress
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+SECTION = "qemu"
+ACCELS = ("auto", "kvm", "tcg")
+OVERLAY = "overlay.qcow2"
+SEED = "seed.iso"
+NVRAM = "nvram.fd"
+CONSOLE_LOG = "console.log"
+QEMU_IMG_TIMEOUT_S = 60.0
+STATE_POLL_S = 5.0  # re-read a domain's state this often even without events (a backstop, see hypervisor.py)
+DEFAULT_VCPUS = 1
+DEFAULT_MEM_MB = 256
+MIB = 1 << 20
+QEMU_PID_DIR = Path("/run/libvirt/qemu")  # where the system libvirtd writes <domain>.pid
+
+# Domain states in which QEMU runs (the VM is "up" for the launcher).
+_ACTIVE_STATES = frozenset({
+    libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_BLOCKED, libvirt.VIR_DOMAIN_PAUSED,
+    libvirt.VIR_DOMAIN_SHUTDOWN, libvirt.VIR_DOMAIN_PMSUSPENDED,
+})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Settings
+
+
+def _one_of(choices: tuple[str, ...]) -> Callable[[Any, attrs.Attribute[str], str], None]:
+    def check(instance: Any, attribute: attrs.Attribute[str], value: str) -> None:
+        if value not in choices:
+            raise ValueError(f"{attribute.name}: must be one of {', '.join(choices)}, got {value!r}")
+    return check
+
+
+@attrs.frozen
+class NetworkSettings:
+    """Where each VM's NIC is plugged: a libvirt network, a host bridge, or nowhere (`kind: none`)."""
+
+    kind: str = attrs.field(default="network", validator=_one_of(domain.NETWORK_KINDS))
+    source: str = "default"  # the network's or the bridge's name
+
+
+@attrs.frozen
+class QemuSettings:
+    """The `qemu:` section of the launcher config."""
+
+    uri: str = "qemu:///system"
+    accel: str = attrs.field(default="auto", validator=_one_of(ACCELS))  # auto: kvm when it really works
+    machine: str = "q35"
+    seed_format: str = attrs.field(default="nocloud", validator=_one_of(cloudinit.SEED_FORMATS))
+    network: NetworkSettings = NetworkSettings()
+    image_dirs: tuple[Path, ...] = ()  # searched for <image_uuid>[.img|.qcow2|.raw] before image_url
+    image_url: str = ""  # e.g. https://images.example/{id}.qcow2 (also file://); "" for none
+    image_gc_age_s: float = 7 * 86400.0  # `launcher images gc` removes unused images older than this
+    ovmf_code: Path = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
+    ovmf_vars: Path = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+    destroy_orphans: bool = False  # destroy domains of ours that have no instance dir (else report only)
+
+
+def kvm_usable() -> bool:
+    """Hardware virtualization really works: a vendor KVM module is loaded and /dev/kvm is usable.
+
+    /dev/kvm alone is not enough: a nested paravirtual KVM (kvm_pvm) provides it but cannot boot ordinary
+    guests."""
+    vendor_module = any(Path("/sys/module", name).exists() for name in ("kvm_intel", "kvm_amd"))
+    return vendor_module and os.access("/dev/kvm", os.R_OK | os.W_OK)
+
+
+def resolve_accel(accel: str) -> bool:
+    """True for KVM, False for TCG."""
+    return accel == "kvm" or (accel == "auto" and kvm_usable())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The backend
+
+
+@attrs.define(eq=False)
+class QemuBackend:
+    """What the QEMU instances of one launcher share."""
+
+    settings: QemuSettings
+    host: BackendHost
+    hypervisor: Hypervisor
+    images: ImageStore
+    kvm: bool
+    name: str = attrs.field(default="qemu", init=False)
+
+    def new_virtualizer(self) -> QemuVirtualizer:
+        return QemuVirtualizer(self)
+
+    def domain_params(self, spec: InstanceSpec, instance_dir: Path) -> domain.DomainParams:
+        s = self.settings
+        return domain.DomainParams(
+            instance_uuid=spec.instance_uuid,
+            data_dir=self.host.data_dir.absolute(),
+            instance_dir=instance_dir,
+            vcpus=spec.vcpus or DEFAULT_VCPUS,
+            mem_mb=spec.mem_mb or DEFAULT_MEM_MB,
+            kvm=self.kvm,
+            machine=s.machine,
+            firmware=domain.Firmware(efi=not spec.legacy_boot, ovmf_code=s.ovmf_code, ovmf_vars_template=s.ovmf_vars),
+            overlay=instance_dir / OVERLAY,
+            seed=instance_dir / SEED,
+            network_kind=s.network.kind,
+            network_source=s.network.source,
+            mac=spec.networking.vnic_mac,
+            console_log=instance_dir / CONSOLE_LOG,
+            nvram=instance_dir / NVRAM,
+        )
+
+    def report_progress(self, progress: ImportProgress) -> None:
+        self.host.emit("image_progress", image_uuid=progress.image_id, done_bytes=progress.done_bytes,
+                       total_bytes=progress.total_bytes, source=progress.source, finished=progress.finished)
+        total = "?" if progress.total_bytes is None else f"{progress.total_bytes / MIB:.1f}"
+        log.info("image %s: %.1f of %s MiB from %s%s", progress.image_id, progress.done_bytes / MIB, total,
+                 progress.source, " (done)" if progress.finished else "")
+
+    async def our_domains(self) -> list[domain.DomainMetadata]:
+        """The launcher metadata of every domain that belongs to this data dir."""
+        data_dir = str(self.host.data_dir.absolute())
+
+        def scan(conn: libvirt.virConnect) -> list[domain.DomainMetadata]:
+            found = []
+            for dom in conn.listAllDomains():
+                try:
+                    meta = domain.read_metadata(dom.XMLDesc(0))
+                except libvirt.libvirtError:
+                    continue  # undefined meanwhile
+                if meta is not None and meta.data_dir == data_dir:
+                    found.append(meta)
+            return found
+
+        return await self.hypervisor.call(scan)
+
+    async def handle_orphans(self) -> None:
+        """Report (and, if configured, destroy) our domains whose instance dir is gone."""
+        for meta in await self.our_domains():
+            if self.host.instance_dir(meta.instance_uuid).exists():
+                continue
+            destroy = self.settings.destroy_orphans
+            name = domain.domain_name(meta.instance_uuid)
+            log.warning("orphan domain %s: no instance dir for %s; %s", name, meta.instance_uuid,
+                        "destroying it" if destroy else "left alone (qemu.destroy_orphans is false)")
+            self.host.emit("orphan_domain", instance_uuid=meta.instance_uuid, domain=name, destroyed=destroy)
+            if destroy:
+                await self.hypervisor.call(lambda conn, name=name: remove_domain(conn, name))
+
+
+def remove_domain(conn: libvirt.virConnect, name: str) -> bool:
+    """Destroy (if active) and undefine domain `name` with its NVRAM; False if there was none. Blocking."""
+    try:
+        dom = conn.lookupByName(name)
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+            return False
+        raise
+    try:
+        if dom.isActive():
+            dom.destroy()
+        dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE)
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+            raise
+    return True
+
+
+@asynccontextmanager
+async def open_backend(raw: Mapping[str, Any], host: BackendHost) -> AsyncIterator[QemuBackend]:
+    """Open the QEMU backend (the `qemu` entry point of `launcher.virtualizers`).
+
+    ValueError if the settings are invalid or libvirt cannot be reached (with libvirt's reason)."""
+    settings: QemuSettings = parse_section(QemuSettings, dict(raw), f"{SECTION}.")
+    images = ImageStore(host.data_dir / "images", search_dirs=settings.image_dirs,
+                        url_template=settings.image_url or None, limiter=host.limiter)
+    await images.open()
+    try:
+        hypervisor_cm = open_hypervisor(settings.uri, host.limiter)
+        hypervisor = await hypervisor_cm.__aenter__()
+    except libvirt.libvirtError as exc:
+        raise ValueError(f"{SECTION}: cannot connect to libvirt at {settings.uri}: {error_text(exc)} "
+                         "(is libvirtd running? `bash .ci/install` starts it)") from exc
+    try:
+        backend = QemuBackend(settings, host, hypervisor, images, resolve_accel(settings.accel))
+        images.on_progress = backend.report_progress
+        log.info("qemu virtualizer: libvirt %s, accel %s, seed %s, network %s:%s", settings.uri,
+                 "kvm" if backend.kvm else "tcg", settings.seed_format, settings.network.kind,
+                 settings.network.source)
+        await backend.handle_orphans()
+        yield backend
+    except BaseException as exc:
+        if not await hypervisor_cm.__aexit__(type(exc), exc, exc.__traceback__):
+            raise
+    else:
+        await hypervisor_cm.__aexit__(None, None, None)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One instance
+
+
+@attrs.define(eq=False)
+class QemuVirtualizer:
+    """One instance's VM. Called by its actor only, one call at a time (virtualizers/base.py)."""
+
+    _backend: QemuBackend
+    _spec: InstanceSpec = attrs.field(init=False)
+    _dir: Path = attrs.field(init=False)
+    _image: ImageInfo | None = attrs.field(default=None, init=False)
+    _pid: int | None = attrs.field(default=None, init=False)  # QEMU's, found by stats()
+    _cpu_sample: tuple[int, float] | None = attrs.field(default=None, init=False)  # (cpu ns, monotonic s)
+    _paused_reported: bool = attrs.field(default=False, init=False)
+
+    @property
+    def _name(self) -> str:
+        return domain.domain_name(self._spec.instance_uuid)
+
+    @property
+    def _uuid(self) -> str:
+        return self._spec.instance_uuid
+
+    def init(self, spec: InstanceSpec, instance_dir: Path) -> None:
+        self._spec = spec
+        self._dir = instance_dir
+
+    def _log(self, message: str) -> None:
+        self._backend.host.log(self._dir, message)
+
+    def _fail(self, code: str, reason: str) -> VirtualizerError:
+        return VirtualizerError(code, reason, self._uuid)
+
+    # -- images --------------------------------------------------------------------------------------------
+
+    async def ensure_backing_image(self) -> None:
+        if not self._spec.image_uuid:
+            raise self._fail(IMAGE_FAILURE, "the START names no image_uuid; the qemu virtualizer boots every "
+                                            "instance from a backing image")
+        started = time.monotonic()
+        image = await self._backend.images.ensure(self._spec.image_uuid)  # ImageError is an image_failure
+        self._image = image
+        self._log(f"step image: {image.id} ({image.format}, {image.virtual_size / MIB:.0f} MiB virtual) "
+                  f"ready in {_ms(started)} ms")
+
+    async def create_image(self, user_data: str, meta_data: str, network_config: str | None) -> None:
+        """The overlay, then the seed. `network_config`, when given, replaces NoCloud's derived one."""
+        image = self._image or await self._backend.images.ensure(self._spec.image_uuid)
+        started = time.monotonic()
+        size = await self._create_overlay(image)
+        self._log(f"step overlay: {OVERLAY} ({size / MIB:.0f} MiB on {image.id}) in {_ms(started)} ms")
+        started = time.monotonic()
+        fmt = self._backend.settings.seed_format
+        try:
+            seed = cloudinit.make_seed(fmt, self._uuid, user_data, meta_data, self._spec.networking)
+            if network_config is not None and fmt == "nocloud":
+                seed = attrs.evolve(seed, files={**seed.files, "network-config": network_config.encode()})
+            await trio.to_thread.run_sync(cloudinit.write_seed, seed, self._dir / SEED,
+                                          limiter=self._backend.host.limiter)
+        except (cloudinit.SeedError, OSError) as exc:
+            raise self._fail(IMAGE_FAILURE, f"cannot write {SEED}: {exc}") from exc
+        self._log(f"step seed: {SEED} ({fmt}, instance-id {seed.instance_id}, hostname {seed.hostname}) "
+                  f"in {_ms(started)} ms")
+
+    async def _create_overlay(self, image: ImageInfo) -> int:
+        """overlay.qcow2 (via a temp name, so a half-made overlay never has the real name); its size."""
+        size = image.virtual_size
+        if self._spec.disk_mb:
+            wanted = self._spec.disk_mb * MIB
+            if wanted < size:
+                self._log(f"disk_mb {self._spec.disk_mb} is smaller than image {image.id}; "
+                          f"using the image's {size / MIB:.0f} MiB")
+            size = max(size, wanted)
+        overlay = self._dir / OVERLAY
+        tmp = overlay.with_name(OVERLAY + ".tmp")
+        argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(image.path.absolute()), "-F", image.format,
+                str(tmp), str(size)]
+        try:
+            with trio.fail_after(QEMU_IMG_TIMEOUT_S):
+                done = await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False)
+            if done.returncode != 0:
+                raise self._fail(IMAGE_FAILURE, f"qemu-img create {OVERLAY} failed: "
+                                                f"{done.stderr.decode(errors='replace').strip()}")
+            await trio.to_thread.run_sync(_commit_file, tmp, overlay, limiter=self._backend.host.limiter)
+        except trio.TooSlowError:
+            raise self._fail(IMAGE_FAILURE, f"qemu-img create took more than {QEMU_IMG_TIMEOUT_S:g} s") from None
+        except OSError as exc:
+            raise self._fail(IMAGE_FAILURE, f"cannot create {OVERLAY}: {exc}") from exc
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(_unlink_quietly, tmp, limiter=self._backend.host.limiter)
+        return size
+
+    async def delete_image(self) -> None:
+        """Destroy the domain if it still runs, and undefine it with its NVRAM; the actor removes the dir."""
+        try:
+            removed = await self._backend.hypervisor.call(lambda conn: remove_domain(conn, self._name))
+        except (Disconnected, libvirt.libvirtError) as exc:
+            message = str(exc) if isinstance(exc, Disconnected) else error_text(exc)
+            self._log(f"cannot undefine domain {self._name}: {message}")
+            raise self._fail(STOP_FAILURE, f"cannot undefine domain {self._name}: {message}") from exc
+        if removed:
+            self._log(f"domain {self._name} undefined")
+
+    # -- lifecycle -----------------------------------------------------------------------------------------
+
+    async def start_vm(self) -> None:
+        xml = domain.domain_xml(self._backend.domain_params(self._spec, self._dir))
+        started = time.monotonic()
+        try:
+            dom = await self._backend.hypervisor.call(lambda conn: conn.defineXML(xml))
+            self._log(f"step define: domain {self._name} in {_ms(started)} ms")
+            started = time.monotonic()
+            await self._backend.hypervisor.call(lambda conn: _create(dom))
+        except Disconnected as exc:
+            raise self._fail(LAUNCH_FAILURE, str(exc)) from exc
+        except libvirt.libvirtError as exc:
+            raise self._fail(LAUNCH_FAILURE, f"libvirt could not start {self._name}: {error_text(exc)}") from exc
+        self._paused_reported = False
+        self._log(f"step start: domain {self._name} started in {_ms(started)} ms "
+                  f"({'kvm' if self._backend.kvm else 'tcg'})")
+
+    async def monitor_vm(self, inbox: MonitorInbox, recover: bool) -> None:
+        hypervisor = self._backend.hypervisor
+        sent_connected = False
+        with hypervisor.watch(self._name) as watch:
+            while True:
+                try:
+                    state, reason = await self._state()
+                except Disconnected:
+                    await hypervisor.wait_connected()  # the VM does not stop because libvirtd did
+                    continue
+                if state not in _ACTIVE_STATES:
+                    await inbox.send(MonitorEvent.CLOSED)
+                    return
+                if not sent_connected:
+                    await inbox.send(MonitorEvent.CONNECTED)
+                    sent_connected = True
+                self._check_paused(state, reason)
+                await watch.wait(STATE_POLL_S)
+
+    def _check_paused(self, state: int, reason: int) -> None:
+        """Report a guest that QEMU paused on an I/O error (e.g. ENOSPC), once per pause."""
+        paused = state == libvirt.VIR_DOMAIN_PAUSED and reason == libvirt.VIR_DOMAIN_PAUSED_IOERROR
+        if paused and not self._paused_reported:
+            detail = "QEMU paused the guest after a disk I/O error (is the data dir's file system full?)"
+            self._log(f"VM paused: {detail}")
+            self._backend.host.emit("instance_paused", instance_uuid=self._uuid, reason="io_error", detail=detail)
+        self._paused_reported = paused
+
+    async def _state(self) -> tuple[int, int]:
+        """(libvirt state, reason); VIR_DOMAIN_SHUTOFF if the domain does not exist. Disconnected passes."""
+        def read(conn: libvirt.virConnect) -> tuple[int, int]:
+            try:
+                state, reason = conn.lookupByName(self._name).state()
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    return libvirt.VIR_DOMAIN_SHUTOFF, 0
+                raise
+            return state, reason
+
+        return await self._backend.hypervisor.call(read)
+
+    async def stop_vm(self, grace: float) -> None:
+        """ACPI power button; after `grace` seconds (at once if 0) destroy. Returns once the domain is off."""
+        hypervisor = self._backend.hypervisor
+        with hypervisor.watch(self._name) as watch:
+            try:
+                if await self._is_active() and grace > 0:
+                    await hypervisor.call(lambda conn: _press_power_button(conn, self._name))
+                    self._log(f"ACPI shutdown sent; forced off after {grace:g} s")
+                    with trio.move_on_after(grace):
+                        while await self._is_active():
+                            await watch.wait(min(STATE_POLL_S, 0.5))
+                if await self._is_active():
+                    await hypervisor.call(lambda conn: _destroy(conn, self._name))
+                    self._log("domain destroyed" + (" (the guest did not power off in time)" if grace > 0 else ""))
+                else:
+                    self._log("guest powered off")
+            except (Disconnected, libvirt.libvirtError) as exc:
+                message = str(exc) if isinstance(exc, Disconnected) else error_text(exc)
+                raise self._fail(STOP_FAILURE, f"cannot stop {self._name}: {message}") from exc
+
+    async def _is_active(self) -> bool:
+        state, _ = await self._state()
+        return state in _ACTIVE_STATES
+
+    # -- figures -------------------------------------------------------------------------------------------
+
+    async def stats(self) -> VmStats:
+        disk_mb = await trio.to_thread.run_sync(_allocated_mb, self._dir / OVERLAY, limiter=self._backend.host.limiter)
+        try:
+            info = await self._backend.hypervisor.call(lambda conn: conn.lookupByName(self._name).info())
+        except (Disconnected, libvirt.libvirtError):
+            return VmStats(disk_mb=disk_mb)
+        state, _max_kib, _kib, vcpus, cpu_ns = info
+        if state not in _ACTIVE_STATES:
+            return VmStats(disk_mb=disk_mb)
+        now = time.monotonic()
+        cpu_percent = -1
+        if self._cpu_sample is not None:
+            prev_ns, prev_s = self._cpu_sample
+            if now > prev_s:
+                cpu_percent = round(100 * (cpu_ns - prev_ns) / 1e9 / (now - prev_s) / max(vcpus, 1))
+        self._cpu_sample = (cpu_ns, now)
+        memory_mb = await trio.to_thread.run_sync(self._pss_mb, limiter=self._backend.host.limiter)
+        return VmStats(memory_mb=memory_mb, cpu_percent=max(cpu_percent, -1), disk_mb=disk_mb)
+
+    def _pss_mb(self) -> int:
+        """PSS of the QEMU process in MiB, -1 if it cannot be found (worker thread)."""
+        if self._pid is None:
+            self._pid = _qemu_pid(self._name)
+        if self._pid is None:
+            return -1
+        try:
+            return psutil.Process(self._pid).memory_full_info().pss // MIB
+        except (psutil.Error, OSError):
+            self._pid = None
+            return -1
+
+    def connected(self) -> None:
+        self._pid = None
+        self._cpu_sample = None
+
+    def lost_vm(self) -> None:
+        self._pid = None
+        self._cpu_sample = None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Blocking helpers (worker threads)
+
+
+def _ms(since: float) -> int:
+    return round((time.monotonic() - since) * 1000)
+
+
+def _commit_file(tmp: Path, final: Path) -> None:
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def _create(dom: libvirt.virDomain) -> None:
+    dom.create()
+
+
+def _press_power_button(conn: libvirt.virConnect, name: str) -> None:
+    try:
+        conn.lookupByName(name).shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() not in (libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_OPERATION_INVALID):
+            raise  # else it went down meanwhile
+
+
+def _destroy(conn: libvirt.virConnect, name: str) -> None:
+    try:
+        conn.lookupByName(name).destroy()
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() not in (libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_OPERATION_INVALID):
+            raise
+
+
+def _allocated_mb(path: Path) -> int:
+    try:
+        return os.stat(path).st_blocks * 512 // MIB
+    except OSError:
+        return -1
+
+
+def _qemu_pid(name: str) -> int | None:
+    """The pid of domain `name`'s QEMU: libvirtd's pidfile, checked against the process's command line."""
+    try:
+        pid = int((QEMU_PID_DIR / f"{name}.pid").read_text().strip())
+        if f"guest={name}," in " ".join(psutil.Process(pid).cmdline()):
+            return pid
+    except (OSError, ValueError, psutil.Error):
+        pass
+    return None
+
+
+def run_qemu_img(*args: str) -> subprocess.CompletedProcess[bytes]:
+    """`qemu-img ARGS` (blocking; used by `launcher hard-reset` and tests)."""
+    return subprocess.run(["qemu-img", *args], capture_output=True, check=False, timeout=QEMU_IMG_TIMEOUT_S)
