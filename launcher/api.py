@@ -25,6 +25,7 @@ from launcher import errors, payloads
 from launcher.errors import LauncherError
 from launcher.events import EventJournal, EventsExpired
 from launcher.http import Handler, Request, Response, Stream
+from launcher.image_routes import ImageRoutes
 from launcher.instance import InstanceActor, Ticket
 from launcher.logs import InstanceLogs
 from launcher.payloads import Command, DeleteCommand, RestartCommand, StopCommand
@@ -43,6 +44,7 @@ STATUS_OF = {
     errors.ALREADY_STOPPED: 409,
     errors.INSTANCE_EXISTS: 409,
     errors.INSTANCE_CORRUPT: 409,
+    errors.IMAGE_IN_USE: 409,
     errors.EVENTS_EXPIRED: 410,
     errors.FULL_CN: 503,
     errors.NODE_MAINTENANCE: 503,
@@ -93,6 +95,7 @@ class Api:
             ("POST", re.compile(r"/v1/node/restore"), self.restore),
             ("GET", re.compile(r"/v1/stats"), self.get_stats),
             ("GET", re.compile(r"/v1/events"), self.events),
+            *ImageRoutes(supervisor).routes(),
         ]
 
     async def handle(self, request: Request) -> Response | Stream:

@@ -26,6 +26,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.verb == "serve":
         return _serve(args)
+    if args.verb == "hard-reset":
+        return _hard_reset(args)
     try:
         client = Client.discover(args.url, args.data_dir)
         args.run(client, args)
@@ -63,6 +65,26 @@ def _serve(args: argparse.Namespace) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def _hard_reset(args: argparse.Namespace) -> int:
+    import trio
+
+    from launcher.reset import hard_reset
+
+    if not args.yes:
+        print("launcher: hard-reset destroys every VM of this data dir and forgets every instance; "
+              "add --yes to do it", file=sys.stderr)
+        return EXIT_USAGE
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = config_module.load(args.config, data_dir=args.data_dir, virtualizer=args.virtualizer)
+        destroyed, removed = trio.run(hard_reset, cfg)
+    except (OSError, ValueError) as exc:
+        print(f"launcher: hard-reset: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"destroyed {len(destroyed)} VMs, removed {len(removed)} instances from {cfg.data_dir}")
+    return 0
 
 
 # ----------------------------------------------------------------- client verbs
@@ -131,6 +153,63 @@ def _logs(client: Client, args: argparse.Namespace) -> None:
         sys.stdout.flush()
 
 
+def _images_ls(client: Client, args: argparse.Namespace) -> None:
+    def table(answer: dict[str, Any]) -> str:
+        columns = ["id", "format", "virtual_size", "size", "in_use", "last_used", "source"]
+        rows = [[c.upper() for c in columns]]
+        rows += [[_human_size(i[c]) if c.endswith("size") else str(i[c]) for c in columns] for i in answer["images"]]
+        return _table(rows)
+
+    _show(args, client.request("GET", "/v1/images"), table)
+
+
+def _images_import(client: Client, args: argparse.Namespace) -> None:
+    """Stream the import's progress; a progress bar on stderr for people, the NDJSON lines with --json."""
+    source = args.source
+    if "://" not in source:
+        source = str(Path(source).absolute())  # the launcher resolves paths itself, from its own cwd
+    final: dict[str, Any] = {}
+    for line in _lines(client.stream("/v1/images", method="POST", source=source, id=args.id, sha256=args.sha256)):
+        if args.json:
+            print(line, flush=True)
+        answer = json.loads(line)
+        if "progress" in answer:
+            if not args.json:
+                _progress_bar(answer["progress"])
+        else:
+            final = answer
+    if not args.json and sys.stderr.isatty():
+        sys.stderr.write("\n")
+    if "error" in final:
+        raise ClientError(final["error"], final.get("reason", ""))
+    if not final:
+        raise ClientError("import_interrupted", "the launcher ended the import without an answer")
+    if not args.json:
+        image = final["image"]
+        print(f"{image['id']}: {image['format']}, {_human_size(image['virtual_size'])} virtual, "
+              f"sha256 {image['sha256']}{' (verified)' if image['sha256_verified'] else ''}")
+
+
+def _progress_bar(progress: dict[str, Any]) -> None:
+    done, total = progress["done_bytes"], progress["total_bytes"]
+    if total:
+        filled = int(30 * done / total)
+        bar = f"[{'#' * filled}{'.' * (30 - filled)}] {100 * done // total:3d}% of {_human_size(total)}"
+    else:
+        bar = f"{_human_size(done)}"
+    sys.stderr.write(f"\r{progress['image_id']}: {bar}" if sys.stderr.isatty() else f"{progress['image_id']}: {bar}\n")
+    sys.stderr.flush()
+
+
+def _images_rm(client: Client, args: argparse.Namespace) -> None:
+    _show(args, client.request("DELETE", f"/v1/images/{args.id}"), lambda a: f"removed {a['removed']}")
+
+
+def _images_gc(client: Client, args: argparse.Namespace) -> None:
+    answer = client.request("POST", "/v1/images/gc", older_than=args.older_than)
+    _show(args, answer, lambda a: "removed " + (", ".join(a["removed"]) or "nothing"))
+
+
 # ----------------------------------------------------------------- output
 
 
@@ -159,8 +238,20 @@ def _instance_table(instances: list[dict[str, Any]]) -> str:
     columns = [(title, key) for title, key in columns if not instances or key in instances[0]]
     rows = [[title for title, _ in columns]]
     rows += [["-" if i.get(key) is None else str(i.get(key)) for _, key in columns] for i in instances]
-    widths = [max(len(row[n]) for row in rows) for n in range(len(columns))]
+    return _table(rows)
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(row[n]) for row in rows) for n in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+
+
+def _human_size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    raise AssertionError("unreachable")
 
 
 def _event_line(event: dict[str, Any]) -> str:
@@ -193,9 +284,15 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--virtualizer")
     serve.add_argument("--listen", metavar="HOST:PORT")
 
+    reset = verbs.add_parser("hard-reset", help="with the launcher stopped: destroy its VMs, forget every instance")
+    reset.add_argument("--config", type=Path, help="YAML configuration (default: built-in defaults)")
+    reset.add_argument("--data-dir", type=Path)
+    reset.add_argument("--virtualizer")
+    reset.add_argument("--yes", action="store_true", help="really do it")
+
     def verb(name: str, run: Callable[[Client, argparse.Namespace], None], help_text: str,
-             waits: bool = False) -> argparse.ArgumentParser:
-        p = verbs.add_parser(name, help=help_text)
+             waits: bool = False, group: Any = verbs) -> argparse.ArgumentParser:
+        p = group.add_parser(name, help=help_text)
         p.set_defaults(run=run)
         p.add_argument("--url", help="launcher URL (default: $LAUNCHER_URL, else <data-dir>/api-url)")
         p.add_argument("--data-dir", type=Path, help="the launcher's data dir, to find its URL and token")
@@ -225,6 +322,19 @@ def _parser() -> argparse.ArgumentParser:
     p = verb("logs", _logs, "print an instance's launcher log")
     p.add_argument("-f", "--follow", action="store_true")
     p.add_argument("uuid")
+    images = verbs.add_parser("images", help="backing images (qemu): ls | import SRC --id ID | rm ID | gc")
+    image_verbs = images.add_subparsers(dest="image_verb", required=True, metavar="IMAGE_VERB")
+    verb("ls", _images_ls, "list the backing images", group=image_verbs)
+    p = verb("import", _images_import, "import an image (a path on the node, or a file/http/https URL)",
+             group=image_verbs)
+    p.add_argument("source", metavar="SRC")
+    p.add_argument("--id", required=True, help="the image_uuid STARTs will name")
+    p.add_argument("--sha256", help="the digest the image must have (else SRC.sha256 if published)")
+    p = verb("rm", _images_rm, "remove an image no instance uses", group=image_verbs)
+    p.add_argument("id")
+    p = verb("gc", _images_gc, "remove unused images not used for a while", group=image_verbs)
+    p.add_argument("--older-than", type=float, metavar="SECONDS", help="default: the virtualizer's image_gc_age_s")
+
     verb("evacuate", _evacuate, "enter maintenance and stop every instance")
     verb("restore", _restore, "leave maintenance")
     return parser

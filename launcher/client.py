@@ -56,10 +56,11 @@ class Client:
                               answer.get("instance_uuid", ""), response.status)
         return answer
 
-    def stream(self, path: str, read_timeout: float | None = None, **query: Any) -> Iterator[bytes]:
-        """A streamed answer (events, logs), chunk by chunk, until the server ends it. `read_timeout`
-        bounds each wait for data (None: wait as long as it takes, as `events -f` should)."""
-        conn = self._send("GET", path, None, "", query, timeout=read_timeout)
+    def stream(self, path: str, read_timeout: float | None = None, method: str = "GET",
+               **query: Any) -> Iterator[bytes]:
+        """A streamed answer (events, logs, import progress), chunk by chunk, until the server ends it.
+        `read_timeout` bounds each wait for data (None: wait as long as it takes, as `events -f` should)."""
+        conn = self._send(method, path, None, "", query, timeout=read_timeout)
         try:
             response = conn.getresponse()
             if response.status >= 400:

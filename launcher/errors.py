@@ -21,6 +21,8 @@ IMAGE_FAILURE = "image_failure"
 NETWORK_FAILURE = "network_failure"
 LAUNCH_FAILURE = "launch_failure"
 STOP_FAILURE = "stop_failure"
+# Our addition: `launcher images rm` of an image that an instance uses.
+IMAGE_IN_USE = "image_in_use"
 # Transport-level codes of the HTTP API.
 UNAUTHORIZED = "unauthorized"
 NOT_FOUND = "not_found"

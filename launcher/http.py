@@ -51,12 +51,20 @@ class Response:
         return cls(status, json.dumps(obj, separators=(",", ":")).encode() + b"\n")
 
 
+Write = Callable[[bytes], Awaitable[None]]
+
+
 @attrs.frozen
 class Stream:
-    """A streamed answer (events, logs): chunks until the source ends or the client goes away."""
+    """A streamed answer (events, logs, import progress) until its source ends or the client goes away.
+
+    The source is either `chunks`, an async iterator, or `produce`, an async function that is given a `write`
+    and returns when the answer is complete (for producers that need tasks of their own, which an async
+    generator cannot hold across a yield). If the client goes away, either is cancelled."""
 
     content_type: str
-    chunks: AsyncIterator[bytes]
+    chunks: AsyncIterator[bytes] | None = None
+    produce: Callable[[Write], Awaitable[None]] | None = None
 
 
 Handler = Callable[[Request], Awaitable[Response | Stream]]
@@ -166,7 +174,14 @@ class _Connection:
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(watch_disconnect)
-            async for chunk in stream.chunks:
+
+            async def write(chunk: bytes) -> None:
                 await self.stream.send_all(self.conn.send(h11.Data(data=chunk)))
+
+            if stream.produce is not None:
+                await stream.produce(write)
+            elif stream.chunks is not None:
+                async for chunk in stream.chunks:
+                    await write(chunk)
             await self.stream.send_all(self.conn.send(h11.EndOfMessage()))
             nursery.cancel_scope.cancel()

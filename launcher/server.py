@@ -29,7 +29,7 @@ from launcher.logs import InstanceLogs
 from launcher.persist import Persister
 from launcher.stats import StatsReporter, node_uuid
 from launcher.supervisor import Supervisor
-from virtualizers.base import BackendHost, load_backend
+from virtualizers.base import BackendHost, OpenBackend, load_backend
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,16 @@ async def running_core(config: Config) -> AsyncIterator[Core]:
     instances on disk). Leaving the block stops them in the reverse order; VMs keep running."""
     opener = load_backend(config.virtualizer)
     config.data_dir.mkdir(parents=True, exist_ok=True)
+    lock = store.lock_data_dir(config.data_dir)
+    try:
+        async with _core_under_lock(config, opener) as core:
+            yield core
+    finally:
+        os.close(lock)
+
+
+@asynccontextmanager
+async def _core_under_lock(config: Config, opener: OpenBackend) -> AsyncIterator[Core]:
     config.instances_dir.mkdir(exist_ok=True)
     limiter = trio.CapacityLimiter(config.worker_threads)
     journal = EventJournal(config.data_dir, rotate_bytes=config.events.rotate_bytes,

@@ -8,6 +8,7 @@ These functions block: call them through `trio.to_thread.run_sync`. Instance fil
 
 from __future__ import annotations
 
+import fcntl
 import os
 from pathlib import Path
 
@@ -17,6 +18,7 @@ INSTANCE_FILE = "instance.json"
 LOG_FILE = "launcher.log"
 TOKEN_FILE = "api-token"
 URL_FILE = "api-url"
+LOCK_FILE = "launcher.lock"  # held (flock) by the one process that owns the data dir
 
 
 def fsync_dir(path: Path) -> None:
@@ -59,3 +61,23 @@ def move_aside(path: Path, corrupt_dir: Path) -> Path:
     os.replace(path, target)
     fsync_dir(path.parent)
     return target
+
+
+class DataDirBusy(ValueError):
+    """Another launcher process owns this data dir."""
+
+
+def lock_data_dir(data_dir: Path) -> int:
+    """Take the data dir's exclusive lock; the returned fd holds it until closed (or the process ends).
+
+    DataDirBusy if another process holds it: two launchers on one data dir would corrupt each other."""
+    fd = os.open(data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise DataDirBusy(f"another launcher (pid {holder}) is using the data dir {data_dir}") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd

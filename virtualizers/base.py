@@ -13,7 +13,7 @@ with the same phase code.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from contextlib import AbstractAsyncContextManager
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -91,6 +91,40 @@ class Backend(Protocol):
 
     def new_virtualizer(self) -> Virtualizer:
         """A fresh, uninitialised Virtualizer for one instance."""
+
+    # A backend with backing images also has `images: ImageCatalog` (see `image_catalog`).
+
+
+def image_catalog(backend: Backend) -> ImageCatalog | None:
+    catalog: ImageCatalog | None = getattr(backend, "images", None)
+    return catalog
+
+
+class ImageRecord(Protocol):
+    id: str
+    last_used: float  # epoch seconds
+
+    def record(self) -> dict[str, Any]:
+        """What the image is (format, sizes, digest, source, ...), as JSON-able data."""
+
+
+class ImageCatalog(Protocol):
+    """A backend's store of backing images, if it has one (its `images` attribute); served at /v1/images.
+
+    `in_use` arguments are live collections of the image ids that instances use: an image in use is never
+    removed. Failures raise VirtualizerError (code image_failure, or image_in_use)."""
+
+    gc_age_s: float  # what `gc` removes by default: images unused for longer than this
+
+    def list(self) -> list[ImageRecord]: ...
+
+    async def import_(self, source: str, image_id: str, *, expected_sha256: str | None = None,
+                      on_progress: Callable[[Any], None] | None = None) -> ImageRecord:
+        """on_progress gets attrs objects with (at least) done_bytes, total_bytes and finished."""
+
+    async def remove(self, image_id: str, in_use: Collection[str]) -> None: ...
+
+    async def gc(self, in_use: Collection[str], older_than_s: float) -> list[str]: ...
 
 
 @attrs.frozen

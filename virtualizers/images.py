@@ -44,7 +44,7 @@ import attrs
 import httpx
 import trio
 
-from launcher.errors import IMAGE_FAILURE, VirtualizerError
+from launcher.errors import IMAGE_FAILURE, IMAGE_IN_USE, VirtualizerError
 from launcher.store import atomic_write, fsync_dir
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,11 @@ class ImageError(VirtualizerError):
 
 
 class ImageInUse(ImageError):
-    """`ImageStore.remove` was asked to remove an image that an instance uses."""
+    """`ImageStore.remove` was asked to remove an image that an instance uses (code ``image_in_use``)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.code = IMAGE_IN_USE
 
 
 class ImageNotFound(ImageError):
@@ -128,14 +132,16 @@ class ImageStore:
     `ensure` looks for an image it does not have. `limiter` is the launcher's shared limiter of worker threads.
     `on_progress` receives the progress of imports that were not given their own callback, at most every
     `progress_interval_s` while copying plus once when finished. `http_timeout_s` bounds each HTTP wait
-    (connect, every read), not a whole download.
+    (connect, every read), not a whole download. `gc_age_s` is the age past which an unused image is garbage
+    when the caller of `gc` does not say.
 
     Call `open` before anything else. All methods must be called from the Trio thread.
     """
 
     def __init__(self, root: Path, *, search_dirs: Sequence[Path] = (), url_template: str | None = None,
                  limiter: trio.CapacityLimiter, on_progress: ProgressCallback | None = None,
-                 progress_interval_s: float = 1.0, http_timeout_s: float = 60.0) -> None:
+                 progress_interval_s: float = 1.0, http_timeout_s: float = 60.0,
+                 gc_age_s: float = 7 * 86400.0) -> None:
         if url_template is not None:
             try:
                 url_template.format(id="")
@@ -148,6 +154,7 @@ class ImageStore:
         self._on_progress = on_progress
         self._progress_interval_s = progress_interval_s
         self._http_timeout_s = http_timeout_s
+        self.gc_age_s = gc_age_s
         self._index: dict[str, ImageInfo] = {}
         self._locks: dict[str, _IdLock] = {}
 

@@ -166,13 +166,6 @@ class QemuBackend:
             nvram=instance_dir / NVRAM,
         )
 
-    def report_progress(self, progress: ImportProgress) -> None:
-        self.host.emit("image_progress", image_uuid=progress.image_id, done_bytes=progress.done_bytes,
-                       total_bytes=progress.total_bytes, source=progress.source, finished=progress.finished)
-        total = "?" if progress.total_bytes is None else f"{progress.total_bytes / MIB:.1f}"
-        log.info("image %s: %.1f of %s MiB from %s%s", progress.image_id, progress.done_bytes / MIB, total,
-                 progress.source, " (done)" if progress.finished else "")
-
     async def our_domains(self) -> list[domain.DomainMetadata]:
         """The launcher metadata of every domain that belongs to this data dir."""
         data_dir = str(self.host.data_dir.absolute())
@@ -190,6 +183,14 @@ class QemuBackend:
 
         return await self.hypervisor.call(scan)
 
+    async def destroy_all(self) -> list[str]:
+        """Destroy and undefine every domain of this data dir (`launcher hard-reset`); their names."""
+        names = [domain.domain_name(meta.instance_uuid) for meta in await self.our_domains()]
+        for name in names:
+            await self.hypervisor.call(lambda conn, name=name: remove_domain(conn, name))
+            log.warning("hard reset: domain %s destroyed and undefined", name)
+        return names
+
     async def handle_orphans(self) -> None:
         """Report (and, if configured, destroy) our domains whose instance dir is gone."""
         for meta in await self.our_domains():
@@ -202,6 +203,15 @@ class QemuBackend:
             self.host.emit("orphan_domain", instance_uuid=meta.instance_uuid, domain=name, destroyed=destroy)
             if destroy:
                 await self.hypervisor.call(lambda conn, name=name: remove_domain(conn, name))
+
+
+def report_progress(host: BackendHost, progress: ImportProgress) -> None:
+    """An import's progress as an `image_progress` event and a launcher log line."""
+    host.emit("image_progress", image_uuid=progress.image_id, done_bytes=progress.done_bytes,
+              total_bytes=progress.total_bytes, source=progress.source, finished=progress.finished)
+    total = "?" if progress.total_bytes is None else f"{progress.total_bytes / MIB:.1f}"
+    log.info("image %s: %.1f of %s MiB from %s%s", progress.image_id, progress.done_bytes / MIB, total,
+             progress.source, " (done)" if progress.finished else "")
 
 
 def remove_domain(conn: libvirt.virConnect, name: str) -> bool:
@@ -229,7 +239,9 @@ async def open_backend(raw: Mapping[str, Any], host: BackendHost) -> AsyncIterat
     ValueError if the settings are invalid or libvirt cannot be reached (with libvirt's reason)."""
     settings: QemuSettings = parse_section(QemuSettings, dict(raw), f"{SECTION}.")
     images = ImageStore(host.data_dir / "images", search_dirs=settings.image_dirs,
-                        url_template=settings.image_url or None, limiter=host.limiter)
+                        url_template=settings.image_url or None, limiter=host.limiter,
+                        on_progress=lambda progress: report_progress(host, progress),
+                        gc_age_s=settings.image_gc_age_s)
     await images.open()
     try:
         hypervisor_cm = open_hypervisor(settings.uri, host.limiter)
@@ -239,7 +251,6 @@ async def open_backend(raw: Mapping[str, Any], host: BackendHost) -> AsyncIterat
                          "(is libvirtd running? `bash .ci/install` starts it)") from exc
     try:
         backend = QemuBackend(settings, host, hypervisor, images, resolve_accel(settings.accel))
-        images.on_progress = backend.report_progress
         log.info("qemu virtualizer: libvirt %s, accel %s, seed %s, network %s:%s", settings.uri,
                  "kvm" if backend.kvm else "tcg", settings.seed_format, settings.network.kind,
                  settings.network.source)

@@ -1,0 +1,145 @@
+"""The /v1/images endpoints: the backing images of a virtualizer that keeps them (qemu does; simulation not).
+
+    GET    /v1/images                      {"images": [{id, format, virtual_size, ..., last_used, in_use}]}
+    POST   /v1/images?source=S&id=ID[&sha256=H]
+                                           NDJSON: {"progress": {...}} lines, then {"image": {...}} or {"error": ...}
+    DELETE /v1/images/{id}                 {"removed": id}; 409 image_in_use if an instance uses it
+    POST   /v1/images/gc[?older_than=S]    {"removed": [ids]}: unused images not used for S seconds (default:
+                                           the virtualizer's setting)
+
+An image is "in use" while any instance the supervisor knows (in whatever state, pending included) names it:
+the check is made under the image's lock, against the live instance table.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import re
+from collections.abc import Collection, Iterator
+from typing import Any
+
+import attrs
+import trio
+
+from launcher import errors
+from launcher.errors import LauncherError
+from launcher.http import Handler, Request, Response, Stream, Write
+from launcher.supervisor import Supervisor
+from virtualizers.base import ImageCatalog, ImageRecord, image_catalog
+
+NDJSON = "application/x-ndjson"
+_ID_RE = re.compile(r"[A-Za-z0-9._-]+")
+
+
+class ImagesInUse(Collection[str]):
+    """The image ids that the supervisor's instances use, read live at each question."""
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self._supervisor = supervisor
+
+    def _ids(self) -> set[str]:
+        return {actor.spec.image_uuid for actor in self._supervisor.instances.values() if actor.spec.image_uuid}
+
+    def __contains__(self, image_id: object) -> bool:
+        return any(actor.spec.image_uuid == image_id for actor in self._supervisor.instances.values())
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._ids())
+
+    def __len__(self) -> int:
+        return len(self._ids())
+
+
+class ImageRoutes:
+    def __init__(self, supervisor: Supervisor) -> None:
+        self.supervisor = supervisor
+        self.in_use = ImagesInUse(supervisor)
+
+    def routes(self) -> list[tuple[str, re.Pattern[str], Handler]]:
+        i = r"(?P<image_id>[^/]+)"
+        return [
+            ("GET", re.compile(r"/v1/images"), self.list_images),
+            ("POST", re.compile(r"/v1/images"), self.import_image),
+            ("POST", re.compile(r"/v1/images/gc"), self.gc),
+            ("DELETE", re.compile(rf"/v1/images/{i}"), self.remove),
+        ]
+
+    def _catalog(self) -> ImageCatalog:
+        catalog = image_catalog(self.supervisor.backend)
+        if catalog is None:
+            raise LauncherError(errors.NOT_FOUND, f"the {self.supervisor.config.virtualizer} virtualizer keeps "
+                                                  "no backing images")
+        return catalog
+
+    async def list_images(self, request: Request) -> Response:
+        in_use = self.in_use._ids()
+        return Response.json(200, {"images": [_describe(image, image.id in in_use)
+                                              for image in self._catalog().list()]})
+
+    async def import_image(self, request: Request) -> Stream:
+        catalog = self._catalog()
+        source = request.query.get("source", "")
+        image_id = request.query.get("id", "")
+        if not source:
+            raise LauncherError(errors.INVALID_DATA, "source: required (a path on the node, or a file://, http:// "
+                                                     "or https:// URL)")
+        _check_id(image_id)
+        sha256 = request.query.get("sha256") or None
+
+        async def produce(write: Write) -> None:
+            send, receive = trio.open_memory_channel[bytes](64)
+
+            def progress(report: Any) -> None:
+                try:
+                    send.send_nowait(_line({"progress": attrs.asdict(report)}))
+                except trio.WouldBlock:
+                    pass  # the client reads slowly: skip a report, a newer one follows
+
+            async def run_import() -> None:
+                async with send:
+                    try:
+                        image = await catalog.import_(source, image_id, expected_sha256=sha256, on_progress=progress)
+                    except LauncherError as exc:
+                        await send.send(_line(exc.as_dict()))
+                    else:
+                        await send.send(_line({"image": _describe(image, image.id in self.in_use)}))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(run_import)
+                async with receive:
+                    async for line in receive:
+                        await write(line)
+
+        return Stream(NDJSON, produce=produce)
+
+    async def remove(self, request: Request) -> Response:
+        image_id = request.params["image_id"]
+        _check_id(image_id)
+        await self._catalog().remove(image_id, self.in_use)
+        return Response.json(200, {"removed": image_id})
+
+    async def gc(self, request: Request) -> Response:
+        catalog = self._catalog()
+        raw = request.query.get("older_than")
+        try:
+            older_than = catalog.gc_age_s if raw is None else float(raw)
+        except ValueError:
+            older_than = -1.0
+        if not 0 <= older_than < 1e12:
+            raise LauncherError(errors.INVALID_DATA, "query parameter older_than: expected a number of seconds >= 0")
+        return Response.json(200, {"removed": await catalog.gc(self.in_use, older_than)})
+
+
+def _check_id(image_id: str) -> None:
+    if not _ID_RE.fullmatch(image_id) or image_id in (".", ".."):
+        raise LauncherError(errors.INVALID_DATA, f"id: {image_id!r} is not a valid image id ([A-Za-z0-9._-]+)")
+
+
+def _describe(image: ImageRecord, in_use: bool) -> dict[str, Any]:
+    last_used = datetime.datetime.fromtimestamp(image.last_used, datetime.UTC)
+    return {**image.record(), "last_used": last_used.isoformat(timespec="seconds"), "in_use": in_use}
+
+
+def _line(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), default=str).encode() + b"\n"

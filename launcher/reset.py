@@ -1,0 +1,65 @@
+"""`launcher hard-reset`: forget every instance of a data dir, and destroy their VMs.
+
+For when the node must start from a clean slate (ciao-launcher had the same command). With the launcher
+stopped (the data dir's lock proves it), it opens the configured virtualizer's backend, lets it destroy and
+undefine every VM it made for this data dir (`Backend.destroy_all`, if the backend has VMs outside the
+launcher process), then removes every instance directory and the instance write-ahead log. Backing images,
+the event journal (which records a `hard_reset` event), the API token and the node id stay.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import trio
+
+from launcher import store
+from launcher.config import Config
+from launcher.events import EventJournal
+from launcher.persist import WAL_FILE
+from virtualizers.base import BackendHost, load_backend
+
+log = logging.getLogger(__name__)
+
+
+async def hard_reset(config: Config) -> tuple[list[str], list[str]]:
+    """Destroy our VMs and remove every instance; (names of the destroyed VMs, uuids of removed instances).
+
+    DataDirBusy if a launcher is running on this data dir; ValueError if the virtualizer cannot be opened."""
+    opener = load_backend(config.virtualizer)
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    lock = store.lock_data_dir(config.data_dir)
+    try:
+        limiter = trio.CapacityLimiter(4)
+        journal = EventJournal(config.data_dir, rotate_bytes=config.events.rotate_bytes,
+                               keep_files=config.events.keep_files, memory_events=100, memory_bytes=1 << 20,
+                               limiter=limiter)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(journal.run)
+            host = BackendHost(config.data_dir, limiter, journal.emit, log=lambda instance_dir, message: None)
+            async with opener(config.virtualizer_settings(), host) as backend:
+                destroy_all: Callable[[], Awaitable[list[str]]] | None = getattr(backend, "destroy_all", None)
+                destroyed = [] if destroy_all is None else await destroy_all()
+            removed = await trio.to_thread.run_sync(_remove_instances, config.data_dir)
+            journal.emit("hard_reset", destroyed_vms=len(destroyed), removed_instances=len(removed))
+            await journal.wait_durable(journal.last_seq)
+            nursery.cancel_scope.cancel()
+    finally:
+        os.close(lock)
+    return destroyed, removed
+
+
+def _remove_instances(data_dir: Path) -> list[str]:
+    """Remove the instance dirs and the instance log (blocking); the uuids removed."""
+    instances = data_dir / store.INSTANCES
+    removed = sorted(p.name for p in instances.iterdir()) if instances.is_dir() else []
+    # The write-ahead log goes first: replayed later, it would bring instances back.
+    (data_dir / WAL_FILE).unlink(missing_ok=True)
+    for name in removed:
+        shutil.rmtree(instances / name)
+    store.fsync_dir(data_dir)
+    return removed
