@@ -76,7 +76,7 @@ class EventsConfig:
 class Config:
     data_dir: Path = Path("/var/lib/launcher")
     listen: str = "127.0.0.1:7361"  # HOST:PORT; port 0 picks a free port (written to <data_dir>/api-url)
-    virtualizer: str = "simulation"
+    virtualizer: str = "qemu"
     max_payload_bytes: int = 1 << 20
     inbox_size: int = 16  # commands queued per instance before `instance_busy`
     log_max_bytes: int = 1 << 20  # per-instance launcher.log, one rotated copy kept

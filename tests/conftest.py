@@ -28,7 +28,7 @@ class LauncherProcess:
         self.data_dir = data_dir
         self.config_path = data_dir.parent / f"{data_dir.name}-launcher.yaml"
         # This 2-CPU machine admits 8 vCPUs by default; tests start more small instances than that.
-        base = {"listen": "127.0.0.1:0", "admission": {"vcpu_overcommit": 64.0}}
+        base = {"listen": "127.0.0.1:0", "virtualizer": "simulation", "admission": {"vcpu_overcommit": 64.0}}
         self.config_path.write_text(yaml.safe_dump({**base, **settings}))
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = data_dir.parent / f"{data_dir.name}-serve.log"

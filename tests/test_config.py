@@ -7,17 +7,23 @@ from pathlib import Path
 import pytest
 
 from launcher import config
+from virtualizers.qemu import QemuSettings
 
 SHIPPED = Path(__file__).resolve().parent.parent / "configs" / "launcher.yaml"
 
 
 def test_shipped_file_states_the_defaults() -> None:
-    assert config.load(SHIPPED) == config.load(None, simulation={"mode": "memory", "boot_delay_s": 0.05,
-                                                                  "stop_delay_s": 0.0, "failures": []})
+    shipped = config.load(SHIPPED)
+    qemu = config.parse_section(QemuSettings, shipped.virtualizers["qemu"], "qemu.")
+    assert qemu == QemuSettings()
+    assert shipped == config.load(None, qemu=shipped.virtualizers["qemu"],
+                                  simulation={"mode": "memory", "boot_delay_s": 0.05, "stop_delay_s": 0.0,
+                                              "failures": []})
+    assert shipped.virtualizer == "qemu"
 
 
 def test_overrides_win() -> None:
-    cfg = config.load(SHIPPED, data_dir=Path("/tmp/x"), listen="0.0.0.0:1", virtualizer=None)
+    cfg = config.load(SHIPPED, data_dir=Path("/tmp/x"), listen="0.0.0.0:1", virtualizer="simulation")
     assert (cfg.data_dir, cfg.listen, cfg.virtualizer) == (Path("/tmp/x"), "0.0.0.0:1", "simulation")
 
 
