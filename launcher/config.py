@@ -117,6 +117,8 @@ def load(path: Path | None = None, **overrides: Any) -> Config:
             raise ConfigError(f"{name}: must be a mapping")
     raw["virtualizers"] = {k: v or {} for k, v in sections.items()}
     config: Config = parse_section(Config, raw, "")
+    # Paths handed to libvirt, QEMU and virtlogd (other processes, other working dirs) must be absolute.
+    config = attrs.evolve(config, data_dir=config.data_dir.absolute())
     host, _, port = config.listen.rpartition(":")
     if not host or not port.isdigit() or int(port) > 65535:
         raise ConfigError(f"listen: expected HOST:PORT, got {config.listen!r}")
@@ -129,7 +131,7 @@ def parse_section(cls: type, raw: Any, where: str) -> Any:
     `where` prefixes the keys in error messages (e.g. "qemu."). Virtualizers use it for their own sections.
     Field validators of `cls` may raise ValueError; it is reported as a ConfigError naming `where`."""
     if not isinstance(raw, dict):
-        raise ConfigError(f"{where or 'config'}: must be a mapping")
+        raise ConfigError(f"{where.rstrip('.') or 'config'}: must be a mapping")
     hints = typing.get_type_hints(cls)
     known = {f.name for f in attrs.fields(cls)}
     for key in raw:

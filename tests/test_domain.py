@@ -33,6 +33,7 @@ from virtualizers.domain import (
     DomainParams,
     Firmware,
     domain_xml,
+    canonical_uuid,
     libvirt_uuid,
     read_metadata,
 )
@@ -202,8 +203,9 @@ def test_xml_meaning(efi: bool, kvm: bool, network: tuple[str, str], mac: str, u
     assert root.findtext("name") == f"launcher-{params.instance_uuid}" == params.name
     if uuid_kind == "uuid":
         assert root.findtext("uuid") == UUID
-    else:
-        assert root.find("uuid") is None  # libvirt picks one
+    else:  # a stable UUID derived from the ciao id, so a RESTART redefines the same domain
+        assert root.findtext("uuid") == libvirt_uuid(params.instance_uuid) == str(
+            uuid.uuid5(uuid.uuid5(uuid.NAMESPACE_URL, domain.METADATA_NS), params.instance_uuid))
     assert read_metadata(ET.tostring(root, encoding="unicode")) == domain.DomainMetadata(
         params.instance_uuid, str(DATA_DIR))
     assert (root.findtext("memory"), root.find("memory").get("unit")) == ("384", "MiB")
@@ -281,8 +283,10 @@ def test_upper_case_uuid_is_canonical_in_uuid_but_kept_in_name_and_metadata() ->
     ("", None),
     ("g" + UUID[1:], None),
 ])
-def test_libvirt_uuid(given: str, expected: str | None) -> None:
-    assert libvirt_uuid(given) == expected
+def test_canonical_uuid(given: str, expected: str | None) -> None:
+    assert canonical_uuid(given) == expected
+    assert libvirt_uuid(given) == (expected or libvirt_uuid(given))
+    assert str(uuid.UUID(libvirt_uuid(given))) == libvirt_uuid(given)  # always a canonical UUID
 
 
 def test_domain_params_from_a_spec() -> None:
@@ -366,13 +370,7 @@ def test_test_driver_defines_every_combination(conn: libvirt.virConnect) -> None
             dom.undefine()
 
 
-@pytest.mark.parametrize("kind", [
-    "uuid",
-    pytest.param("ciao", marks=pytest.mark.xfail(
-        strict=True, raises=libvirt.libvirtError,
-        reason="bug: without <uuid> libvirt picks a new one on every define, and a second define of the same "
-               "name fails ('already exists with uuid'), so RESTART of a stopped ciao-uuid instance fails")),
-])
+@pytest.mark.parametrize("kind", ["uuid", "ciao"])
 def test_define_twice_as_restart_does(conn: libvirt.virConnect, kind: str) -> None:
     """start_vm defines the domain on every START/RESTART; the domain stays defined after a stop."""
     params = make_params(instance_uuid(kind, unique=True), efi=False, kvm=False)

@@ -8,7 +8,8 @@ the host (and from those of another launcher with a different data dir).
 The domain:
 
 - is named `launcher-<instance uuid>`; its libvirt `<uuid>` is the instance uuid when that is a valid
-  RFC 4122 UUID (ciao's instance uuids need not be), else libvirt picks one;
+  RFC 4122 UUID (ciao's instance uuids need not be), else a UUID derived from it (uuid5), so that defining
+  the domain again (RESTART) names the same domain;
 - boots with SeaBIOS (legacy) or OVMF (EFI, `<loader>` + a per-instance `<nvram>` copied from the vars
   template by libvirt);
 - has the overlay as a virtio disk (`vda`), the cloud-init seed as a read-only SATA cdrom, one virtio NIC
@@ -34,6 +35,7 @@ DOMAIN_PREFIX = "launcher-"
 GUEST_AGENT_CHANNEL = "org.qemu.guest_agent.0"
 OVERLAY_TARGET = "vda"
 NETWORK_KINDS = ("network", "bridge", "none")
+_UUID_NAMESPACE = uuid_module.uuid5(uuid_module.NAMESPACE_URL, METADATA_NS)
 
 
 @attrs.frozen
@@ -80,7 +82,7 @@ def domain_name(instance_uuid: str) -> str:
     return DOMAIN_PREFIX + instance_uuid
 
 
-def libvirt_uuid(instance_uuid: str) -> str | None:
+def canonical_uuid(instance_uuid: str) -> str | None:
     """The instance uuid in libvirt's canonical form if it is a real UUID, else None."""
     try:
         parsed = uuid_module.UUID(instance_uuid)
@@ -89,12 +91,15 @@ def libvirt_uuid(instance_uuid: str) -> str | None:
     return str(parsed) if str(parsed) == instance_uuid.lower() else None
 
 
+def libvirt_uuid(instance_uuid: str) -> str:
+    """The domain's libvirt UUID: the instance uuid if it is one, else a stable UUID derived from it."""
+    return canonical_uuid(instance_uuid) or str(uuid_module.uuid5(_UUID_NAMESPACE, instance_uuid))
+
+
 def domain_xml(params: DomainParams) -> str:
     domain = ET.Element("domain", type="kvm" if params.kvm else "qemu")
     _text(domain, "name", params.name)
-    canonical = libvirt_uuid(params.instance_uuid)
-    if canonical is not None:
-        _text(domain, "uuid", canonical)
+    _text(domain, "uuid", libvirt_uuid(params.instance_uuid))
     _metadata(ET.SubElement(domain, "metadata"), params)
     _text(domain, "memory", str(params.mem_mb), unit="MiB")
     _text(domain, "vcpu", str(params.vcpus), placement="static")

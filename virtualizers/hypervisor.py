@@ -51,6 +51,10 @@ class Disconnected(Exception):
     """libvirt is not reachable right now; the reconnect task is on it."""
 
 
+class Unreachable(ValueError):
+    """The first connection failed (a ValueError, so `launcher serve` reports it as a set-up problem)."""
+
+
 def is_connection_error(exc: libvirt.libvirtError) -> bool:
     return (exc.get_error_code() in _CONNECTION_ERROR_CODES
             or exc.get_error_domain() in _CONNECTION_ERROR_DOMAINS)
@@ -144,8 +148,12 @@ class Hypervisor:
         return conn
 
     async def connect(self) -> None:
-        """First connection; raises libvirt.libvirtError with libvirt's reason if it fails."""
-        conn = await trio.to_thread.run_sync(self._connect, limiter=self._limiter)
+        """First connection; Unreachable with libvirt's reason if it fails."""
+        try:
+            conn = await trio.to_thread.run_sync(self._connect, limiter=self._limiter)
+        except libvirt.libvirtError as exc:
+            raise Unreachable(f"cannot connect to libvirt at {self.uri}: {error_text(exc)} (is libvirtd running? "
+                              "`bash .ci/install` starts it)") from exc
         self._up(conn)
 
     def _up(self, conn: libvirt.virConnect) -> None:
@@ -253,7 +261,7 @@ class _EventLoopThread:
 async def open_hypervisor(uri: str, limiter: trio.CapacityLimiter) -> AsyncIterator[Hypervisor]:
     """Connect to libvirt at `uri` and keep the connection up until the block ends.
 
-    Raises libvirt.libvirtError (libvirt's reason) if the first connection fails."""
+    Raises Unreachable if the first connection fails."""
     _register_default_impl()
     events = _EventLoopThread()
     events.start()

@@ -53,7 +53,7 @@ from launcher.store import fsync_dir
 from virtualizers import cloudinit, domain
 from virtualizers.base import BackendHost, MonitorEvent, MonitorInbox, VmStats
 from virtualizers.hypervisor import Disconnected, Hypervisor, error_text, open_hypervisor
-from virtualizers.images import ImageInfo, ImageStore, ImportProgress
+from virtualizers.images import ImageError, ImageInfo, ImageStore, ImportProgress
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -150,7 +150,7 @@ class QemuBackend:
         s = self.settings
         return domain.DomainParams(
             instance_uuid=spec.instance_uuid,
-            data_dir=self.host.data_dir.absolute(),
+            data_dir=self.host.data_dir,
             instance_dir=instance_dir,
             vcpus=spec.vcpus or DEFAULT_VCPUS,
             mem_mb=spec.mem_mb or DEFAULT_MEM_MB,
@@ -225,6 +225,10 @@ def remove_domain(conn: libvirt.virConnect, name: str) -> bool:
     try:
         if dom.isActive():
             dom.destroy()
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() not in (libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_OPERATION_INVALID):
+            raise  # else it went down (or away) meanwhile
+    try:
         dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE)
     except libvirt.libvirtError as exc:
         if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
@@ -236,31 +240,24 @@ def remove_domain(conn: libvirt.virConnect, name: str) -> bool:
 async def open_backend(raw: Mapping[str, Any], host: BackendHost) -> AsyncIterator[QemuBackend]:
     """Open the QEMU backend (the `qemu` entry point of `launcher.virtualizers`).
 
-    ValueError if the settings are invalid or libvirt cannot be reached (with libvirt's reason)."""
+    ValueError if the settings are invalid or libvirt cannot be reached (hypervisor.Unreachable, with
+    libvirt's reason)."""
     settings: QemuSettings = parse_section(QemuSettings, dict(raw), f"{SECTION}.")
     images = ImageStore(host.data_dir / "images", search_dirs=settings.image_dirs,
                         url_template=settings.image_url or None, limiter=host.limiter,
                         on_progress=lambda progress: report_progress(host, progress),
                         gc_age_s=settings.image_gc_age_s)
-    await images.open()
     try:
-        hypervisor_cm = open_hypervisor(settings.uri, host.limiter)
-        hypervisor = await hypervisor_cm.__aenter__()
-    except libvirt.libvirtError as exc:
-        raise ValueError(f"{SECTION}: cannot connect to libvirt at {settings.uri}: {error_text(exc)} "
-                         "(is libvirtd running? `bash .ci/install` starts it)") from exc
-    try:
+        await images.open()
+    except ImageError as exc:
+        raise ValueError(f"{SECTION}: {exc}") from exc
+    async with open_hypervisor(settings.uri, host.limiter) as hypervisor:
         backend = QemuBackend(settings, host, hypervisor, images, resolve_accel(settings.accel))
         log.info("qemu virtualizer: libvirt %s, accel %s, seed %s, network %s:%s", settings.uri,
                  "kvm" if backend.kvm else "tcg", settings.seed_format, settings.network.kind,
                  settings.network.source)
         await backend.handle_orphans()
         yield backend
-    except BaseException as exc:
-        if not await hypervisor_cm.__aexit__(type(exc), exc, exc.__traceback__):
-            raise
-    else:
-        await hypervisor_cm.__aexit__(None, None, None)
 
 
 # ---------------------------------------------------------------------------------------------------------
