@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -55,7 +57,7 @@ class LauncherProcess:
     def cli(self, *args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[str]:
         """Run the `launcher` command against this launcher."""
         return subprocess.run(
-            [sys.executable, "-m", "launcher.cli", *args[:1], "--data-dir", str(self.data_dir), *args[1:]],
+            [sys.executable, "-m", "launcher.cli", *args, "--data-dir", str(self.data_dir)],
             input=stdin.decode() if stdin else None, capture_output=True, text=True, timeout=60, cwd=ROOT,
         )
 
@@ -110,3 +112,60 @@ def example(name: str) -> bytes:
 
 os.environ.pop("LAUNCHER_URL", None)  # tests find their launcher through its data dir only
 os.environ.pop("LAUNCHER_TOKEN", None)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The qemu virtualizer: real libvirtd, real QEMU (TCG here), the test guest of tests/guest/.
+
+QEMU_TEST_ROOT = Path("/var/tmp/launcher-tests")  # QEMU runs as libvirt-qemu: it must reach the data dirs
+GUEST_CACHE = ROOT / ".cache" / "guest"
+# The image ids of the bundled example payloads; each is the test guest.
+EXAMPLE_IMAGE_IDS = ("b286cd45-7d0c-4525-a140-4db6c95e41fa", "clear-1ff6bf3883708a56446d863f20c810c99b3aea6f")
+
+
+@pytest.fixture(scope="session")
+def guest_image() -> Path:
+    sys.path.insert(0, str(ROOT / "tests" / "guest"))
+    from build import ensure_guest_image
+
+    return ensure_guest_image(GUEST_CACHE)
+
+
+@pytest.fixture(scope="session")
+def guest_image_dir(guest_image: Path) -> Iterator[Path]:
+    """A directory where each example image id is the test guest (what `qemu.image_dirs` points at)."""
+    QEMU_TEST_ROOT.mkdir(mode=0o711, exist_ok=True)
+    directory = Path(tempfile.mkdtemp(prefix="images-", dir=QEMU_TEST_ROOT))
+    for image_id in EXAMPLE_IMAGE_IDS:
+        (directory / f"{image_id}.qcow2").symlink_to(guest_image)
+    yield directory
+    shutil.rmtree(directory)
+
+
+@pytest.fixture
+def qemu_factory(guest_image_dir: Path) -> Iterator[Any]:
+    """make(qemu_settings, **settings) → a started `launcher serve` with the qemu virtualizer.
+
+    Its data dir is under /var/tmp (QEMU, running as libvirt-qemu, cannot enter pytest's 0700 tmp dirs).
+    Afterwards the launcher is killed, its VMs destroyed (`launcher hard-reset`) and the data dir removed."""
+    made: list[LauncherProcess] = []
+    root = Path(tempfile.mkdtemp(prefix="test-", dir=QEMU_TEST_ROOT))
+    root.chmod(0o711)
+
+    def make(qemu: dict[str, Any] | None = None, name: str = "data", **settings: Any) -> LauncherProcess:
+        data_dir = root / name
+        data_dir.mkdir(mode=0o711, exist_ok=True)
+        qemu_settings = {"image_dirs": [str(guest_image_dir)], **(qemu or {})}
+        launcher = LauncherProcess(data_dir, {"virtualizer": "qemu", "qemu": qemu_settings, **settings})
+        launcher.start(timeout=60)
+        made.append(launcher)
+        return launcher
+
+    yield make
+    for launcher in made:
+        launcher.kill()
+        reset = subprocess.run(
+            [sys.executable, "-m", "launcher.cli", "hard-reset", "--yes", "--config", str(launcher.config_path),
+             "--data-dir", str(launcher.data_dir)], capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert reset.returncode == 0, reset.stderr
+    shutil.rmtree(root)

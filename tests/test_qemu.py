@@ -1,0 +1,296 @@
+"""The qemu virtualizer end to end: a real `launcher serve`, real libvirtd, real QEMU (TCG here) and the test
+guest of tests/guest/, which prints `guest-ready instance-id=… hostname=… … boots=N` on its serial console."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import libvirt
+import pytest
+import yaml
+
+from conftest import LauncherProcess, example
+from launcher.client import Client
+
+LEGACY_UUID = "d7d86208-b46c-4465-9018-fe14087d415f"  # configs/examples/start_legacy.yaml
+EFI_UUID = "67d86208-b46c-4465-9018-fe14087d415"  # configs/examples/start_efi.yaml (ciao-style, not a UUID)
+IMAGE_ID = "b286cd45-7d0c-4525-a140-4db6c95e41fa"
+BOOT_TIMEOUT_S = 180.0  # a TCG guest on a busy 2-core machine
+
+
+def conn() -> libvirt.virConnect:
+    return libvirt.open("qemu:///system")
+
+
+def domain_of(uuid: str) -> libvirt.virDomain | None:
+    try:
+        return conn().lookupByName(f"launcher-{uuid}")
+    except libvirt.libvirtError:
+        return None
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float = BOOT_TIMEOUT_S, every: float = 0.1) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(every)
+
+
+def console(launcher: LauncherProcess, uuid: str) -> str:
+    path = launcher.data_dir / "instances" / uuid / "console.log"
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def guest_lines(launcher: LauncherProcess, uuid: str) -> list[dict[str, str]]:
+    """The guest-ready lines of the console so far, as dicts."""
+    return [dict(re.findall(r"(\S+?)=(\S*)", line)) for line in console(launcher, uuid).splitlines()
+            if line.startswith("guest-ready ")]
+
+
+def wait_guest_ready(launcher: LauncherProcess, uuid: str, boots: int = 1) -> dict[str, str]:
+    def ready() -> dict[str, str] | None:
+        lines = guest_lines(launcher, uuid)
+        return lines[-1] if len(lines) >= boots else None
+
+    return wait_for(f"guest-ready #{boots} on {uuid}'s console", ready, every=0.5)
+
+
+def start(client: Client, payload: bytes, **query: Any) -> dict[str, Any]:
+    answer: dict[str, Any] = client.request("POST", "/v1/instances", payload, "application/yaml", **query)
+    return answer
+
+
+def state(client: Client, uuid: str) -> str:
+    return str(client.request("GET", f"/v1/instances/{uuid}")["state"])
+
+
+def events(client: Client, **match: Any) -> list[dict[str, Any]]:
+    lines = b"".join(client.stream("/v1/events", read_timeout=10)).splitlines()
+    found = [json.loads(line) for line in lines if line]
+    return [e for e in found if all(e.get(k) == v for k, v in match.items())]
+
+
+def payload_for(name: str, uuid: str) -> bytes:
+    """An example payload with its instance uuid (and MAC, which libvirt wants unique) replaced."""
+    text = example(name).decode()
+    original = re.search(r"instance_uuid: (\S+)", text)
+    assert original is not None
+    mac = "02:00:00:%02x:%02x:%02x" % tuple(bytes.fromhex(uuid.replace("-", "")[-6:]))
+    text = re.sub(r"vnic_mac: \S+", f"vnic_mac: {mac}", text.replace(original.group(1), uuid))
+    return text.encode()
+
+
+def test_example_lifecycle_legacy_nocloud(qemu_factory: Any) -> None:
+    """START → running with the guest line; STOP (ACPI) → exited; RESTART keeps the disk; DELETE cleans up."""
+    launcher = qemu_factory()
+    client = launcher.client()
+    answer = start(client, example("start_legacy.yaml"), wait=1, timeout=120)
+    assert answer == {"instance_uuid": LEGACY_UUID, "state": "running", "done": True}
+    line = wait_guest_ready(launcher, LEGACY_UUID)
+    # The example's meta-data is {"uuid": "ciao", "hostname": "ciao"}; its user-data goes through unchanged.
+    assert (line["instance-id"], line["hostname"], line["datasource"], line["boots"]) == \
+        ("ciao", "ciao", "nocloud", "1")
+    instance_dir = launcher.data_dir / "instances" / LEGACY_UUID
+    seed_user_data = _user_data_of(example("start_legacy.yaml"))
+    assert line["user-data-sha256"] == _sha256(seed_user_data)
+    domain = domain_of(LEGACY_UUID)
+    assert domain is not None and domain.isPersistent() and domain.isActive()
+
+    stopped = client.request("POST", f"/v1/instances/{LEGACY_UUID}/stop", wait=1, timeout=120)
+    assert stopped["state"] == "exited"
+    assert "guest-poweroff" in console(launcher, LEGACY_UUID), "the guest did not power off through ACPI"
+    log = b"".join(client.stream(f"/v1/instances/{LEGACY_UUID}/log", read_timeout=10)).decode()
+    assert "guest powered off" in log and "destroyed" not in log
+
+    restarted = client.request("POST", f"/v1/instances/{LEGACY_UUID}/restart", wait=1, timeout=120)
+    assert restarted["state"] == "running"
+    assert wait_guest_ready(launcher, LEGACY_UUID, boots=2)["boots"] == "2"  # the first boot's marker is kept
+
+    deleted = client.request("DELETE", f"/v1/instances/{LEGACY_UUID}", wait=1, timeout=120)
+    assert deleted["state"] == "deleted"
+    assert domain_of(LEGACY_UUID) is None
+    assert not instance_dir.exists()
+    images = client.request("GET", "/v1/images")["images"]
+    assert [i["id"] for i in images] == [IMAGE_ID] and not images[0]["in_use"]
+    assert (launcher.data_dir / "images" / f"{IMAGE_ID}.img").exists()
+    assert [e["state"] for e in events(client, type="instance_state", instance_uuid=LEGACY_UUID)] == \
+        ["pending", "running", "exited", "pending", "running", "deleted"]
+
+
+@pytest.mark.parametrize("example_name, uuid, seed_format, efi", [
+    ("start_efi.yaml", EFI_UUID, "configdrive", True),
+    ("start_efi.yaml", EFI_UUID, "nocloud", True),
+    ("start_legacy.yaml", LEGACY_UUID, "configdrive", False),
+])
+def test_boot_matrix(qemu_factory: Any, example_name: str, uuid: str, seed_format: str, efi: bool) -> None:
+    launcher = qemu_factory({"seed_format": seed_format})
+    client = launcher.client()
+    assert start(client, example(example_name), wait=1, timeout=120)["state"] == "running"
+    line = wait_guest_ready(launcher, uuid)
+    assert (line["instance-id"], line["hostname"], line["datasource"]) == ("ciao", "ciao", seed_format)
+    xml = domain_of(uuid).XMLDesc(0)  # type: ignore[union-attr]
+    assert ("OVMF_CODE" in xml) is efi
+    assert client.request("DELETE", f"/v1/instances/{uuid}", wait=1, timeout=60)["state"] == "deleted"
+    assert domain_of(uuid) is None
+
+
+def test_five_concurrent_starts_import_the_image_once(qemu_factory: Any) -> None:
+    launcher = qemu_factory()
+    client = launcher.client()
+    uuids = [f"5a1e0000-0000-4000-8000-00000000000{n}" for n in range(5)]
+    for uuid in uuids:
+        assert start(client, payload_for("start_legacy.yaml", uuid))["state"] == "pending"
+    wait_for("five running instances", lambda: all(state(client, u) == "running" for u in uuids), every=0.5)
+    finished = [e for e in events(client, type="image_progress") if e["finished"]]
+    assert [e["image_uuid"] for e in finished] == [IMAGE_ID]
+    assert all(domain_of(u).isActive() for u in uuids)  # type: ignore[union-attr]
+
+
+def test_qemu_killed_from_outside_is_exited_within_two_seconds(qemu_factory: Any) -> None:
+    launcher = qemu_factory()
+    client = launcher.client()
+    start(client, example("start_legacy.yaml"), wait=1, timeout=120)
+    pid = int(Path(f"/run/libvirt/qemu/launcher-{LEGACY_UUID}.pid").read_text())
+    os.kill(pid, signal.SIGKILL)
+    killed = time.monotonic()
+    wait_for("the exited event", lambda: events(client, type="instance_state", state="exited"), timeout=2.0,
+             every=0.05)
+    assert time.monotonic() - killed <= 2.0
+    assert state(client, LEGACY_UUID) == "exited"
+
+
+def _three_running(launcher: LauncherProcess) -> list[str]:
+    client = launcher.client()
+    uuids = [f"3e3e0000-0000-4000-8000-00000000000{n}" for n in range(3)]
+    for uuid in uuids:
+        start(client, payload_for("start_legacy.yaml", uuid))
+    wait_for("three running instances", lambda: all(state(client, u) == "running" for u in uuids), every=0.5)
+    return uuids
+
+
+def _stats_resume(client: Client, uuids: list[str], after: float) -> None:
+    """A stats snapshot taken after `after` has real memory figures for every instance."""
+    def fresh() -> bool:
+        snapshot = client.request("GET", "/v1/stats")
+        figures = {i["instance_uuid"]: i for i in snapshot["instances"]}
+        return all(figures[u]["memory_usage_mb"] > 0 for u in uuids) and _epoch(snapshot) > after
+
+    wait_for("stats with memory figures", fresh, timeout=60, every=0.5)
+
+
+def _epoch(snapshot: dict[str, Any]) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(snapshot["taken_at"].replace("Z", "+00:00")).timestamp()
+
+
+FAST_STATS = {"intervals": {"instance_stats_s": 1, "stats_snapshot_s": 1}}
+
+
+def test_launcher_killed_and_restarted_reconnects(qemu_factory: Any) -> None:
+    launcher = qemu_factory(**FAST_STATS)
+    uuids = _three_running(launcher)
+    launcher.kill(signal.SIGKILL)
+    client = launcher.start(timeout=60)
+    restarted = time.time()
+    wait_for("recovered instances", lambda: all(state(client, u) == "running" for u in uuids), timeout=30)
+    assert events(client, type="instance_state", state="exited") == []
+    assert all(domain_of(u).isActive() for u in uuids)  # type: ignore[union-attr]
+    _stats_resume(client, uuids, restarted)
+
+
+def test_libvirtd_restarted_under_a_running_launcher(qemu_factory: Any) -> None:
+    launcher = qemu_factory(**FAST_STATS)
+    uuids = _three_running(launcher)
+    client = launcher.client()
+    subprocess.run(["pkill", "-x", "libvirtd"], check=True)
+    wait_for("libvirtd to exit", lambda: subprocess.run(["pgrep", "-x", "libvirtd"]).returncode != 0, timeout=30)
+    subprocess.run(["libvirtd", "--daemon"], check=True)
+    restarted = time.time()
+    wait_for("libvirtd to answer", lambda: subprocess.run(["virsh", "-c", "qemu:///system", "version"],
+                                                          capture_output=True).returncode == 0, timeout=30)
+    _stats_resume(client, uuids, restarted)
+    assert events(client, type="instance_state", state="exited") == []
+    assert all(state(client, u) == "running" for u in uuids)
+    # The reconnected launcher still drives libvirt.
+    assert client.request("POST", f"/v1/instances/{uuids[0]}/stop", grace=0, wait=1, timeout=60)["state"] == "exited"
+
+
+def test_orphan_domains_are_reported_and_destroyed_only_if_configured(qemu_factory: Any) -> None:
+    launcher = qemu_factory()
+    client = launcher.client()
+    start(client, example("start_legacy.yaml"), wait=1, timeout=120)
+    launcher.kill(signal.SIGKILL)
+    # The instance dir disappears behind the launcher's back: its domain is now an orphan.
+    subprocess.run(["rm", "-rf", str(launcher.data_dir / "instances" / LEGACY_UUID)], check=True)
+    subprocess.run(["rm", "-f", str(launcher.data_dir / "instances.wal")], check=True)
+    client = launcher.start(timeout=60)
+    orphans = events(client, type="orphan_domain")
+    assert [(e["instance_uuid"], e["destroyed"]) for e in orphans] == [(LEGACY_UUID, False)]
+    assert domain_of(LEGACY_UUID).isActive()  # type: ignore[union-attr]
+    launcher.kill(signal.SIGTERM)
+    config = yaml.safe_load(launcher.config_path.read_text())
+    config["qemu"]["destroy_orphans"] = True
+    launcher.config_path.write_text(yaml.safe_dump(config))
+    client = launcher.start(timeout=60)
+    assert [e["destroyed"] for e in events(client, type="orphan_domain")] == [False, True]
+    assert domain_of(LEGACY_UUID) is None
+
+
+def test_hard_reset_destroys_our_domains_and_instances(qemu_factory: Any) -> None:
+    launcher = qemu_factory()
+    client = launcher.client()
+    start(client, example("start_legacy.yaml"), wait=1, timeout=120)
+    refused = launcher.cli("hard-reset", "--yes", "--config", str(launcher.config_path))
+    assert refused.returncode == 2 and "another launcher" in refused.stderr  # it runs: refused
+    launcher.kill(signal.SIGTERM)
+    assert domain_of(LEGACY_UUID).isActive()  # type: ignore[union-attr]  # VMs outlive the launcher
+    done = launcher.cli("hard-reset", "--yes", "--config", str(launcher.config_path))
+    assert done.returncode == 0, done.stderr
+    assert "destroyed 1 VMs, removed 1 instances" in done.stdout
+    assert domain_of(LEGACY_UUID) is None
+    assert list((launcher.data_dir / "instances").iterdir()) == []
+    assert (launcher.data_dir / "images" / f"{IMAGE_ID}.img").exists()
+
+
+def test_images_cli_import_ls_rm_gc(qemu_factory: Any, guest_image: Path) -> None:
+    launcher = qemu_factory()
+    imported = launcher.cli("images", "import", str(guest_image), "--id", "guest")
+    assert imported.returncode == 0, imported.stderr
+    assert imported.stdout.startswith("guest: qcow2")
+    client = launcher.client()
+    start(client, payload_for("start_legacy.yaml", LEGACY_UUID).replace(IMAGE_ID.encode(), b"guest"),
+          wait=1, timeout=120)
+    listed = json.loads(launcher.cli("images", "ls", "--json").stdout)["images"]
+    assert [(i["id"], i["in_use"]) for i in listed] == [("guest", True)]
+    refused = launcher.cli("images", "rm", "guest")
+    assert refused.returncode == 1 and "image_in_use" in refused.stderr
+    gc = launcher.cli("images", "gc", "--older-than", "0")
+    assert gc.returncode == 0 and "removed nothing" in gc.stdout
+    client.request("DELETE", f"/v1/instances/{LEGACY_UUID}", wait=1, timeout=60)
+    assert launcher.cli("images", "gc", "--older-than", "0").stdout.strip() == "removed guest"
+    assert json.loads(launcher.cli("images", "ls", "--json").stdout)["images"] == []
+
+
+def _user_data_of(payload: bytes) -> bytes:
+    from launcher.payloads import parse_start
+
+    return parse_start(payload, "application/yaml", max_bytes=1 << 20).spec.user_data.encode()
+
+
+def _sha256(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
