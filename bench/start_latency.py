@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/start_latency.py [--runs 20]
 
-Each round, interleaved:
+Each round, interleaved (alternating which goes first):
 - launcher: `POST /v1/instances?wait=1` of the example payload (configs/examples/start_legacy.yaml) to a real
   `launcher serve`, timed until it answers `running` (image check, overlay, seed, define, start, monitor);
   then the instance is deleted (not timed). Its per-step times come from the instance's launcher.log.
@@ -131,12 +131,15 @@ def main() -> None:
         launcher_times: list[float] = []
         bare_times: list[float] = []
         steps: dict[str, list[int]] = {name: [] for name in STEPS}
-        for _ in range(args.runs):
+        for n in range(args.runs):
+            if n % 2:  # alternate which goes first, so neither always follows the other's tear-down
+                bare_times.append(bare_round(conn, xml))
             elapsed, step_ms = launcher_round(client, payload, uuid)
             launcher_times.append(elapsed)
             for name in STEPS:
                 steps[name].append(step_ms.get(name, -1))
-            bare_times.append(bare_round(conn, xml))
+            if not n % 2:
+                bare_times.append(bare_round(conn, xml))
     finally:
         proc.terminate()
         proc.wait(timeout=30)
