@@ -47,7 +47,6 @@ from __future__ import annotations
 import io
 import ipaddress
 import json
-import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -60,7 +59,7 @@ import yaml
 from pycdlib.pycdlibexception import PyCdlibException
 
 from launcher.payloads import Networking
-from launcher.store import fsync_dir
+from launcher.store import atomic_write
 
 SEED_FORMATS = ("nocloud", "configdrive")
 
@@ -269,7 +268,7 @@ def write_seed(seed: Seed, path: Path) -> None:
     `path`, then the directory is fsynced: `path` is never seen half-written, and on failure the temporary file
     is removed (an earlier `path` stays as it was). Raises `SeedError` if the seed cannot be laid out as an ISO
     (a label longer than 32 characters, two paths that map to one ISO 9660 name) and OSError if writing fails."""
-    _replace(path, _master(seed))
+    atomic_write(path, _master(seed))
 
 
 def _master(seed: Seed) -> bytes:
@@ -332,22 +331,3 @@ def _iso9660_file_name(name: str) -> str:
 
 def _d_characters(text: str) -> str:
     return _NOT_D_CHARACTER.sub("_", text.upper())
-
-
-def _replace(path: Path, image: bytes) -> None:
-    """Atomically replace `path` with `image` (temp file, fsync, rename, fsync of the directory)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        try:
-            view = memoryview(image)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)

@@ -34,12 +34,11 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import attrs
 import libvirt
@@ -56,7 +55,7 @@ from virtualizers.hypervisor import Disconnected, Hypervisor, error_text, open_h
 from virtualizers.images import ImageError, ImageInfo, ImageStore, ImportProgress
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
+
 
 SECTION = "qemu"
 ACCELS = ("auto", "kvm", "tcg")
@@ -552,7 +551,3 @@ def _qemu_pid(name: str) -> int | None:
         pass
     return None
 
-
-def run_qemu_img(*args: str) -> subprocess.CompletedProcess[bytes]:
-    """`qemu-img ARGS` (blocking; used by `launcher hard-reset` and tests)."""
-    return subprocess.run(["qemu-img", *args], capture_output=True, check=False, timeout=QEMU_IMG_TIMEOUT_S)
