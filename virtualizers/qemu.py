@@ -56,7 +56,6 @@ from virtualizers.images import ImageError, ImageInfo, ImageStore, ImportProgres
 
 log = logging.getLogger(__name__)
 
-
 SECTION = "qemu"
 ACCELS = ("auto", "kvm", "tcg")
 OVERLAY = "overlay.qcow2"
