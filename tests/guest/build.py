@@ -1,0 +1,336 @@
+"""Build the small bootable guest disk image used by the tests and the README demo.
+
+Contract
+--------
+``ensure_guest_image(cache_dir)`` returns ``cache_dir/guest-<key>.qcow2``, building it first if it
+is absent. ``<key>`` is a short hash of this file, of the files it puts in the guest (``init``,
+``power-button``) and of the Debian package versions used, so any change to them makes a new image.
+The image is built into a temporary file and renamed into place; an exclusive lock on
+``cache_dir/build.lock`` keeps concurrent callers from building it twice. Old images are left in
+place (overlays may still use them as backing files).
+
+CLI: ``python tests/guest/build.py [--cache-dir DIR]`` prints the image path (default cache dir:
+``<repo>/.cache/guest``).
+
+The image (qcow2, usable as a backing file) boots on QEMU q35 with SeaBIOS or OVMF (no Secure
+Boot), 256 MiB of RAM being enough, its disk attached as virtio-blk. Layout (MBR, 37 MiB):
+
+- sector 0: GRUB's ``boot.img``; sectors 1..2047: GRUB's ``core.img`` (legacy BIOS);
+- partition 1, FAT, label GUESTBOOT, type EF (the EFI system partition): ``/vmlinuz``,
+  ``/initrd.img``, systemd-boot as ``/EFI/BOOT/BOOTX64.EFI`` and its ``/loader`` config;
+- partition 2, FAT, label GUESTDATA: the guest's writable partition (``/boots``, the boot counter).
+
+Both bootloaders start the kernel at once (no menu, no timeout) with ``KERNEL_CMDLINE``
+(serial console on ttyS0). The initramfs holds a static busybox, the kernel modules of
+``MODULES`` (and their dependencies) and the ``init`` script next to this file, which runs as
+PID 1 and never exits. On each boot the guest prints one line on ttyS0::
+
+    guest-ready instance-id=<id> hostname=<name> user-data-sha256=<hex> datasource=<nocloud|configdrive|none> boots=<n>
+
+from an ISO 9660 NoCloud (volume ``cidata``) or ConfigDrive (volume ``config-2``) seed, e.g. a
+SATA cdrom; ``boots`` counts the boots of this disk (or of the overlay on top of it) including
+this one. An ACPI power button press makes it print ``guest-poweroff``, sync, unmount its disk
+and power off.
+
+Inputs come only from Debian packages, fetched with ``apt-get download`` (the apt lists must be
+up to date) and unpacked with ``dpkg-deb -x``: ``linux-image-amd64`` (resolved to its
+``linux-image-<abi>-amd64``), ``busybox-static``, ``grub-pc-bin``, ``systemd-boot-efi``.
+Host tools, from these Debian 12 packages: apt, dpkg, grub-common (grub-mkimage), mtools
+(mformat, mcopy), qemu-utils (qemu-img). No root, loop device or mount is needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import gzip
+import hashlib
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_CACHE_DIR = HERE.parent.parent / ".cache" / "guest"
+GUEST_FILES = (HERE / "init", HERE / "power-button")
+
+KERNEL_METAPACKAGE = "linux-image-amd64"
+PACKAGES = ("busybox-static", "grub-pc-bin", "systemd-boot-efi")
+
+# Loaded by init in this order, each after its dependencies: the virtio disk, the SATA cdrom
+# and its file system, the FAT data partition, the ACPI power button as an input device.
+MODULES = (
+    "virtio_pci", "virtio_blk",
+    "ahci", "sr_mod", "isofs", "nls_utf8",
+    "vfat", "nls_cp437", "nls_ascii",
+    "button", "evdev",
+)
+KERNEL_CMDLINE = "console=ttyS0,115200 quiet loglevel=3"
+
+SECTOR = 512
+MIB = 1024 * 1024 // SECTOR  # in sectors
+BOOT_PARTITION = (1 * MIB, 32 * MIB)  # (first sector, sectors)
+DATA_PARTITION = (33 * MIB, 4 * MIB)
+DISK_SECTORS = 37 * MIB
+DISK_SIGNATURE = 0x4C41554E
+
+
+def run(*argv: str | Path, cwd: Path | None = None) -> str:
+    """Run a host tool; raise with its output if it fails."""
+    proc = subprocess.run([str(a) for a in argv], cwd=cwd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, argv))} failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}")
+    return proc.stdout
+
+
+# --- package versions and cache key -------------------------------------------------------------
+
+def apt_candidates(packages: list[str]) -> dict[str, dict[str, str]]:
+    """The apt candidate stanza (Version, Depends, ...) of each package."""
+    stanzas: dict[str, dict[str, str]] = {}
+    for block in run("apt-cache", "show", "--no-all-versions", *packages).split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line and line[0] != " ")
+        if "Package" in fields:
+            stanzas[fields["Package"]] = fields
+    missing = set(packages) - stanzas.keys()
+    if missing:
+        raise RuntimeError(f"apt has no candidate for {sorted(missing)} (run apt-get update?)")
+    return stanzas
+
+
+def package_versions() -> dict[str, str]:
+    """Map each input package (kernel metapackage resolved) to its apt candidate version."""
+    meta = apt_candidates([KERNEL_METAPACKAGE])[KERNEL_METAPACKAGE]
+    kernel = next(dep.split()[0] for dep in meta["Depends"].split(", ") if dep.startswith("linux-image-"))
+    stanzas = apt_candidates([kernel, *PACKAGES])
+    return {name: stanzas[name]["Version"] for name in (kernel, *PACKAGES)}
+
+
+def cache_key(versions: dict[str, str]) -> str:
+    """Short hash of everything the image is made from."""
+    digest = hashlib.sha256()
+    for path in (Path(__file__).resolve(), *GUEST_FILES):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    for name, version in sorted(versions.items()):
+        digest.update(f"{name}={version}\n".encode())
+    return digest.hexdigest()[:12]
+
+
+# --- Debian inputs -------------------------------------------------------------------------------
+
+def fetch_packages(versions: dict[str, str], scratch: Path) -> dict[str, Path]:
+    """Download the exact package versions and unpack each into ``scratch/<name>``."""
+    debs = scratch / "debs"
+    debs.mkdir()
+    run("apt-get", "download", "-q", *(f"{name}={version}" for name, version in versions.items()), cwd=debs)
+    roots = {}
+    for name in versions:
+        (deb,) = debs.glob(f"{name}_*.deb")
+        roots[name] = scratch / name
+        run("dpkg-deb", "-x", deb, roots[name])
+    return roots
+
+
+def elf_modinfo(ko: Path) -> dict[str, str]:
+    """The ``.modinfo`` section of a kernel module (ELF64 little endian)."""
+    data = ko.read_bytes()
+    shoff, = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
+
+    def section(index: int) -> tuple[int, int, int]:
+        name, _, _, _, offset, size = struct.unpack_from("<IIQQQQ", data, shoff + index * shentsize)
+        return name, offset, size
+
+    _, strtab, _ = section(shstrndx)
+    for index in range(shnum):
+        name, offset, size = section(index)
+        if data[strtab + name:data.index(b"\0", strtab + name)] == b".modinfo":
+            pairs = (item.decode().split("=", 1) for item in data[offset:offset + size].split(b"\0") if b"=" in item)
+            return {key: value for key, value in pairs}
+    raise RuntimeError(f"{ko}: no .modinfo section")
+
+
+def module_name(name: str) -> str:
+    """The kernel treats "-" and "_" in module names alike."""
+    return name.replace("-", "_")
+
+
+def module_closure(moddir: Path, wanted: tuple[str, ...]) -> list[Path]:
+    """The .ko files of ``wanted`` and their dependencies, dependencies first; built-ins skipped."""
+    files = {module_name(ko.stem): ko for ko in (moddir / "kernel").rglob("*.ko")}
+    builtin = {module_name(Path(line).stem) for line in (moddir / "modules.builtin").read_text().split()}
+    ordered: list[Path] = []
+
+    def visit(name: str) -> None:
+        name = module_name(name)
+        if name in builtin or files.get(name) in ordered:
+            return
+        if name not in files:
+            raise RuntimeError(f"kernel module {name} not found in {moddir}")
+        for dep in filter(None, elf_modinfo(files[name]).get("depends", "").split(",")):
+            visit(dep)
+        ordered.append(files[name])
+
+    for name in wanted:
+        visit(name)
+    return ordered
+
+
+# --- initramfs -----------------------------------------------------------------------------------
+
+def cpio_newc(entries: list[tuple[str, int, bytes, int]]) -> bytes:
+    """A newc cpio archive of (path, mode, data, rdev) entries, owned by root, mtime 0."""
+    out = bytearray()
+
+    def pad() -> None:
+        out.extend(b"\0" * (-len(out) % 4))
+
+    for ino, (path, mode, data, rdev) in enumerate([*entries, ("TRAILER!!!", 0, b"", 0)], start=1):
+        name = path.encode() + b"\0"
+        fields = (ino, mode, 0, 0, 1, 0, len(data), 0, 0, os.major(rdev), os.minor(rdev), len(name), 0)
+        out += b"070701" + "".join(f"{f:08X}" for f in fields).encode() + name
+        pad()
+        out += data
+        pad()
+    return bytes(out)
+
+
+def initramfs(busybox: Path, modules: list[Path]) -> bytes:
+    """The gzip'ed initramfs: busybox, the init script, the acpid handler, the modules."""
+    directory, executable, regular = 0o040755, 0o100755, 0o100644
+    entries: list[tuple[str, int, bytes, int]] = [
+        (name, directory, b"", 0)
+        for name in ("bin", "dev", "proc", "sys", "run", "mnt", "mnt/seed", "mnt/data", "etc", "etc/acpi",
+                     "etc/acpi/PWRF", "lib", "lib/modules")
+    ]
+    entries += [
+        ("dev/console", 0o020600, b"", os.makedev(5, 1)),
+        ("bin/busybox", executable, busybox.read_bytes(), 0),
+        ("bin/sh", 0o120777, b"busybox", 0),
+        ("init", executable, (HERE / "init").read_bytes(), 0),
+        # busybox acpid runs /etc/acpi/PWRF/00000080 for the power button (its default table).
+        ("etc/acpi/PWRF/00000080", executable, (HERE / "power-button").read_bytes(), 0),
+        ("lib/modules/load.list", regular, "".join(f"{ko.stem}\n" for ko in modules).encode(), 0),
+    ]
+    entries += [(f"lib/modules/{ko.name}", regular, ko.read_bytes(), 0) for ko in modules]
+    return gzip.compress(cpio_newc(entries), compresslevel=6, mtime=0)
+
+
+# --- bootloaders and disk ------------------------------------------------------------------------
+
+def grub_core(grub_pc: Path, scratch: Path) -> Path:
+    """GRUB's BIOS core.img, which boots /vmlinuz of partition 1 at once.
+
+    "(,msdos1)" means partition 1 of the disk GRUB was loaded from. The embedded config runs
+    in GRUB's rescue parser: no menu, no timeout.
+    """
+    config, core = scratch / "grub.cfg", scratch / "core.img"
+    config.write_text(f"linux /vmlinuz {KERNEL_CMDLINE}\ninitrd /initrd.img\nboot\n")
+    run("grub-mkimage", "-O", "i386-pc", "-d", grub_pc / "usr/lib/grub/i386-pc", "-o", core,
+        "-c", config, "-p", "(,msdos1)/", "biosdisk", "part_msdos", "fat", "linux")
+    if core.stat().st_size > (BOOT_PARTITION[0] - 1) * SECTOR:
+        raise RuntimeError("core.img does not fit before the first partition")
+    return core
+
+
+def efi_tree(tree: Path, systemd_boot: Path) -> None:
+    """systemd-boot as the removable-media loader, with one entry and no menu.
+
+    Not GRUB: GRUB 2.06 keeps a quarter of the RAM as its heap and then fails to find the
+    64 MiB the kernel needs to decompress in a 256 MiB guest.
+    """
+    (tree / "EFI/BOOT").mkdir(parents=True)
+    shutil.copyfile(systemd_boot / "usr/lib/systemd/boot/efi/systemd-bootx64.efi", tree / "EFI/BOOT/BOOTX64.EFI")
+    (tree / "loader/entries").mkdir(parents=True)
+    (tree / "loader/loader.conf").write_text("timeout 0\ndefault guest.conf\neditor no\n")
+    (tree / "loader/entries/guest.conf").write_text(
+        f"title Launcher test guest\nlinux /vmlinuz\ninitrd /initrd.img\noptions {KERNEL_CMDLINE}\n"
+    )
+
+
+def fat_image(path: Path, sectors: int, label: str, tree: Path | None = None) -> None:
+    """A FAT file system image of ``sectors``, holding a copy of the directory ``tree``."""
+    with path.open("wb") as image:
+        image.truncate(sectors * SECTOR)
+    # The geometry only feeds mformat's arithmetic; -N fixes the volume serial number.
+    run("mformat", "-i", path, "-T", str(sectors), "-h", "64", "-s", "32", "-N", "4c41554e", "-v", label, "::")
+    if tree is not None:
+        run("mcopy", "-s", "-i", path, *sorted(tree.iterdir()), "::/")
+
+
+def mbr(boot_code: bytes, partitions: list[tuple[int, int, int, bool]]) -> bytes:
+    """Sector 0: GRUB's boot code and a partition table of (first sector, sectors, type, active)."""
+    sector = bytearray(SECTOR)
+    sector[:440] = boot_code[:440]  # boot.img reads core.img from sector 1, its default
+    struct.pack_into("<I", sector, 440, DISK_SIGNATURE)
+    chs_lba = b"\xfe\xff\xff"  # "use the LBA fields"
+    for index, (first, count, kind, active) in enumerate(partitions):
+        entry = struct.pack("<B3sB3sII", 0x80 if active else 0, chs_lba, kind, chs_lba, first, count)
+        sector[446 + 16 * index:462 + 16 * index] = entry
+    sector[510:] = b"\x55\xaa"
+    return bytes(sector)
+
+
+def raw_disk(path: Path, boot_img: Path, core: Path, boot_fs: Path, data_fs: Path) -> None:
+    """Assemble the sparse raw disk: MBR, core.img, the two partitions."""
+    partitions = [(*BOOT_PARTITION, 0xEF, True), (*DATA_PARTITION, 0x0E, False)]
+    with path.open("wb") as disk:
+        disk.truncate(DISK_SECTORS * SECTOR)
+        disk.write(mbr(boot_img.read_bytes(), partitions))
+        disk.write(core.read_bytes())
+        for (first, _), image in ((BOOT_PARTITION, boot_fs), (DATA_PARTITION, data_fs)):
+            disk.seek(first * SECTOR)
+            with image.open("rb") as source:
+                shutil.copyfileobj(source, disk)
+
+
+def build_image(versions: dict[str, str], dest: Path, scratch: Path) -> None:
+    """Build the qcow2 image at ``dest`` from the packages, working in ``scratch``."""
+    roots = fetch_packages(versions, scratch)
+    kernel_root = next(root for name, root in roots.items() if name.startswith("linux-image-"))
+    (vmlinuz,) = (kernel_root / "boot").glob("vmlinuz-*")
+    moddir = kernel_root / "lib/modules" / vmlinuz.name.removeprefix("vmlinuz-")
+
+    tree = scratch / "boot"  # the boot partition's files
+    efi_tree(tree, roots["systemd-boot-efi"])
+    shutil.copyfile(vmlinuz, tree / "vmlinuz")
+    modules = module_closure(moddir, MODULES)
+    (tree / "initrd.img").write_bytes(initramfs(roots["busybox-static"] / "bin/busybox", modules))
+    core = grub_core(roots["grub-pc-bin"], scratch)
+
+    boot_fs, data_fs, raw = scratch / "boot.fat", scratch / "data.fat", scratch / "disk.raw"
+    fat_image(boot_fs, BOOT_PARTITION[1], "GUESTBOOT", tree)
+    fat_image(data_fs, DATA_PARTITION[1], "GUESTDATA")
+    raw_disk(raw, roots["grub-pc-bin"] / "usr/lib/grub/i386-pc/boot.img", core, boot_fs, data_fs)
+    run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, dest)
+
+
+def ensure_guest_image(cache_dir: Path) -> Path:
+    """Return the cached guest image for the current inputs, building it if it is absent."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    versions = package_versions()
+    image = cache_dir / f"guest-{cache_key(versions)}.qcow2"
+    with (cache_dir / "build.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not image.exists():
+            # Scratch space next to the cache, not in /tmp: the kernel package unpacks to ~400 MB.
+            with tempfile.TemporaryDirectory(prefix="build-", dir=cache_dir) as scratch:
+                partial = Path(scratch) / image.name
+                build_image(versions, partial, Path(scratch))
+                os.replace(partial, image)
+    return image
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Build (or find in the cache) the test guest image.")
+    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
+    args = parser.parse_args(argv)
+    print(ensure_guest_image(args.cache_dir))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
