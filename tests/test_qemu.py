@@ -55,8 +55,9 @@ def console(launcher: LauncherProcess, uuid: str) -> str:
 
 def guest_lines(launcher: LauncherProcess, uuid: str) -> list[dict[str, str]]:
     """The guest-ready lines of the console so far, as dicts."""
-    return [dict(re.findall(r"(\S+?)=(\S*)", line)) for line in console(launcher, uuid).splitlines()
-            if line.startswith("guest-ready ")]
+    # Firmware or kernel text may precede the line on the same console line.
+    return [dict(re.findall(r"(\S+?)=(\S*)", line.split("guest-ready ", 1)[1]))
+            for line in console(launcher, uuid).splitlines() if "guest-ready " in line]
 
 
 def wait_guest_ready(launcher: LauncherProcess, uuid: str, boots: int = 1) -> dict[str, str]:
