@@ -188,9 +188,17 @@ def _apply(op: _Op) -> None:
 
 
 def _record(data_dir: Path, op: _Op) -> bytes:
-    where = str(op.path.relative_to(data_dir))
+    where = _relative(data_dir, op.path)
     body = {"remove": where} if op.kind == "remove" else {"write": where, "data": op.data.decode()}
     return json.dumps(body, separators=(",", ":")).encode() + b"\n"
+
+
+def _relative(data_dir: Path, path: Path) -> str:
+    """str(path.relative_to(data_dir)) for a path under data_dir, by string: relative_to costs ~4 us."""
+    prefix, text = f"{data_dir}{os.sep}", str(path)
+    if not text.startswith(prefix):
+        raise ValueError(f"{path} is not under {data_dir}")
+    return text[len(prefix) :]
 
 
 def _replay(data_dir: Path, record: dict[str, Any]) -> None:
