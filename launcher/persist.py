@@ -29,12 +29,15 @@ import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
 
 from launcher import store
+
+if TYPE_CHECKING:
+    import outcome
 
 WAL_FILE = "instances.wal"
 MAX_BATCH = 1024
@@ -122,8 +125,7 @@ class Persister:
         try:
             _write_all(self._wal, data)
             self._wal_bytes += len(data)
-            # Not abandoned on cancel: a round is short, and its callers must learn how it ended.
-            await trio.to_thread.run_sync(os.fdatasync, self._wal, limiter=self.limiter)
+            await _in_thread(os.fdatasync, self._wal)
         except OSError as exc:
             for op in batch:
                 op.error = exc
@@ -163,6 +165,24 @@ class Persister:
         os.ftruncate(self._wal, 0)
         os.fsync(self._wal)
         self._wal_bytes = 0
+
+
+async def _in_thread(fn: Callable[[int], None], fd: int) -> None:
+    """fn(fd) in a worker thread, for the log's fdatasync.
+
+    Not trio.to_thread.run_sync: taking a limiter token first is a checkpoint, so the thread would start only
+    on the event loop's next pass, and every acknowledgement of the round waits for it. There is never more
+    than one of these threads (rounds do not overlap), so the shared limiter has nothing to bound. Like
+    to_thread.run_sync without abandon_on_cancel, it is not abandoned on cancel: a round is short, and its
+    callers must learn how it ended."""
+    token = trio.lowlevel.current_trio_token()
+    task = trio.lowlevel.current_task()
+
+    def deliver(result: outcome.Outcome[None]) -> None:  # in the worker thread
+        token.run_sync_soon(trio.lowlevel.reschedule, task, result)
+
+    trio.lowlevel.start_thread_soon(lambda: fn(fd), deliver, name="launcher wal fdatasync")
+    await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)
 
 
 def _apply_all(chunk: list[_Op]) -> None:
