@@ -104,7 +104,9 @@ class Api:
             handler, params = self._route(request)
             if handler not in (self.healthz,):
                 self._authorize(request)
-            return await handler(attrs.evolve(request, params=params))
+            if params:
+                request = attrs.evolve(request, params=params)
+            return await handler(request)
         except LauncherError as exc:
             return Response.json(STATUS_OF.get(exc.code, 500), exc.as_dict())
         except Exception as exc:  # a bug: report it, keep serving

@@ -539,8 +539,11 @@ class InstanceActor:
         """One virtualizer call, bounded by `timeout`; any failure becomes VirtualizerError(code)."""
         started = trio.current_time()
         try:
-            with trio.fail_after(timeout):
+            # fail_after, without its generator-based context manager (three calls per START)
+            with trio.CancelScope(deadline=started + timeout) as scope:
                 result = await fn(*args)
+            if scope.cancelled_caught:
+                raise trio.TooSlowError
         except trio.TooSlowError:
             exc = VirtualizerError(code, f"{phase} did not finish within {timeout:g} s", self.uuid)
             self._log(f"{phase} failed: {exc.reason}")

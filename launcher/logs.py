@@ -124,15 +124,23 @@ def _append_all(batch: dict[Path, list[str]], max_bytes: int) -> None:
 
 
 def _append(log: Path, data: bytes, max_bytes: int) -> None:
+    # Plain os calls: open(log, "ab") adds an ioctl, an lseek and a buffer per file, and every system call in
+    # this thread is a chance for it to take the GIL from the event loop.
+    # O_CREAT never creates missing parent dirs: a deleted instance dir raises FileNotFoundError here. Mode 0o666
+    # (less the umask) is what open() gives a new file.
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
     try:
-        size = os.stat(log).st_size
-    except FileNotFoundError:
-        size = 0
-    if size and size + len(data) > max_bytes:
-        os.replace(log, log.with_name(ROTATED_LOG_FILE))
-    # "a" never creates missing parent dirs: a deleted instance dir raises FileNotFoundError here.
-    with open(log, "ab") as file:
-        file.write(data)
+        size = os.fstat(fd).st_size
+        if size and size + len(data) > max_bytes:
+            os.replace(log, log.with_name(ROTATED_LOG_FILE))
+            fresh = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
+            os.close(fd)
+            fd = fresh
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
 
 
 class _Tail(NamedTuple):

@@ -93,8 +93,16 @@ async def _core_under_lock(config: Config, opener: OpenBackend) -> AsyncIterator
         infrastructure.cancel_scope.cancel()
 
 
+# Garbage collector thresholds for `launcher serve` (CPython's defaults are 700, 10, 10). Each instance keeps
+# ~100 tracked objects alive, so with the defaults a storm of STARTs triggers a full collection at every 25 % of
+# heap growth: 9 of them, ~0.2 s each at 10 000 instances, plus frequent young ones. Measured over 10 000 STARTs:
+# 2.7 s of collection with the defaults, 0.7 s with these; young collections stay short (10 000 objects).
+GC_THRESHOLDS = (10_000, 10, 100)
+
+
 async def serve(config: Config) -> None:
     """`launcher serve`: the core, the stats reporter and the HTTP API, until SIGTERM or SIGINT."""
+    gc.set_threshold(*GC_THRESHOLDS)
     async with running_core(config) as core:
         token = api_token(config.data_dir)
         async with trio.open_nursery() as work:

@@ -91,7 +91,9 @@ def test_vm_crash_is_an_exited_event(launcher_factory: Any) -> None:
     pid = int((launcher.data_dir / "instances" / "ae-01" / "vm.pid").read_text())
     os.kill(pid, signal.SIGKILL)
     assert wait_until(lambda: states(client) == {"ae-01": "exited"}, timeout=5)
-    [event] = [e for e in all_events(client) if e.get("state") == "exited"]
+    # The table changes first; the event is served once its journal commit is durable, a moment later.
+    exited = wait_until(lambda: [e for e in all_events(client) if e.get("state") == "exited"], timeout=5)
+    [event] = exited
     assert event["reason"] == "vm_exited"
 
 
