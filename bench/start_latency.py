@@ -89,7 +89,7 @@ def bare_setup(work: Path, image: Path, payload: bytes) -> str:
     seed = cloudinit.make_seed("nocloud", spec.instance_uuid, spec.user_data, spec.meta_data, spec.networking)
     cloudinit.write_seed(seed, instance_dir / "seed.iso")
     params = domain.DomainParams(
-        instance_uuid="bare0000-0000-4000-8000-000000000000", data_dir=work, instance_dir=instance_dir,
+        instance_uuid="bare0000-0000-4000-8000-000000000000", data_dir=work,
         vcpus=spec.vcpus or 1, mem_mb=spec.mem_mb or 256, kvm=False, machine="q35",
         firmware=domain.Firmware(efi=False), overlay=overlay, seed=instance_dir / "seed.iso",
         network_kind="network", network_source="default", mac="02:00:00:be:4e:01",

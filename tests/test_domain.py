@@ -80,7 +80,6 @@ def make_params(uuid_: str = UUID, data_dir: Path = DATA_DIR, *, efi: bool = Tru
     return DomainParams(
         instance_uuid=uuid_,
         data_dir=data_dir,
-        instance_dir=instance_dir,
         vcpus=2,
         mem_mb=384,
         kvm=kvm,

@@ -53,7 +53,6 @@ class DomainParams:
 
     instance_uuid: str
     data_dir: Path
-    instance_dir: Path
     vcpus: int
     mem_mb: int
     kvm: bool  # True: hardware virtualization (domain type kvm, host CPU); False: TCG (type qemu)

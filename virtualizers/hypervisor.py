@@ -92,15 +92,10 @@ class Hypervisor:
     _lost: trio.Event = attrs.field(factory=trio.Event, init=False)
     _back: trio.Event = attrs.field(factory=trio.Event, init=False)
     _watches: dict[str, set[DomainWatch]] = attrs.field(factory=dict, init=False)
-    _on_event: Callable[[str, int, int], None] | None = attrs.field(default=None, init=False)
 
     @property
     def connected(self) -> bool:
         return self._conn is not None
-
-    def on_lifecycle(self, handler: Callable[[str, int, int], None]) -> None:
-        """Also call handler(domain name, event, detail) for every lifecycle event (in the Trio thread)."""
-        self._on_event = handler
 
     async def call(self, fn: Callable[[libvirt.virConnect], T]) -> T:
         """fn(connection) in a worker thread. Disconnected if libvirt is unreachable; other libvirtErrors
@@ -199,7 +194,7 @@ class Hypervisor:
 
     def _lifecycle_callback(self, conn: libvirt.virConnect, dom: libvirt.virDomain, event: int, detail: int,
                             opaque: object) -> None:
-        self._to_trio(self._deliver, dom.name(), event, detail)
+        self._to_trio(self._deliver, dom.name())
 
     def _to_trio(self, fn: Callable[..., None], *args: object) -> None:
         try:
@@ -207,11 +202,10 @@ class Hypervisor:
         except trio.RunFinishedError:
             pass  # the launcher is exiting; nobody is listening any more
 
-    def _deliver(self, name: str, event: int, detail: int) -> None:
+    def _deliver(self, name: str) -> None:
+        """Which event it was does not matter: a woken watcher re-reads the domain's state."""
         for watch in self._watches.get(name, ()):
             watch._wake()
-        if self._on_event is not None:
-            self._on_event(name, event, detail)
 
 
 def _close_quietly(conn: libvirt.virConnect) -> None:

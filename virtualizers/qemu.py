@@ -149,7 +149,6 @@ class QemuBackend:
         return domain.DomainParams(
             instance_uuid=spec.instance_uuid,
             data_dir=self.host.data_dir,
-            instance_dir=instance_dir,
             vcpus=spec.vcpus or DEFAULT_VCPUS,
             mem_mb=spec.mem_mb or DEFAULT_MEM_MB,
             kvm=self.kvm,
