@@ -25,11 +25,11 @@ import trio
 from launcher import errors
 from launcher.errors import LauncherError
 from launcher.http import Handler, Request, Response, Stream, Write
+from launcher.payloads import is_valid_image_id
 from launcher.supervisor import Supervisor
 from virtualizers.base import ImageCatalog, ImageRecord, image_catalog
 
 NDJSON = "application/x-ndjson"
-_ID_RE = re.compile(r"[A-Za-z0-9._-]+")
 
 
 class ImagesInUse(Collection[str]):
@@ -42,7 +42,7 @@ class ImagesInUse(Collection[str]):
         return {actor.spec.image_uuid for actor in self._supervisor.instances.values() if actor.spec.image_uuid}
 
     def __contains__(self, image_id: object) -> bool:
-        return any(actor.spec.image_uuid == image_id for actor in self._supervisor.instances.values())
+        return image_id in self._ids()
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._ids())
@@ -73,7 +73,7 @@ class ImageRoutes:
         return catalog
 
     async def list_images(self, request: Request) -> Response:
-        in_use = self.in_use._ids()
+        in_use = set(self.in_use)
         return Response.json(200, {"images": [_describe(image, image.id in in_use)
                                               for image in self._catalog().list()]})
 
@@ -132,8 +132,9 @@ class ImageRoutes:
 
 
 def _check_id(image_id: str) -> None:
-    if not _ID_RE.fullmatch(image_id) or image_id in (".", ".."):
-        raise LauncherError(errors.INVALID_DATA, f"id: {image_id!r} is not a valid image id ([A-Za-z0-9._-]+)")
+    if not is_valid_image_id(image_id):
+        raise LauncherError(errors.INVALID_DATA, f"id: {image_id!r} is not a valid image id (letters, digits, "
+                                                 "'.', '_' and '-', not '.' or '..')")
 
 
 def _describe(image: ImageRecord, in_use: bool) -> dict[str, Any]:

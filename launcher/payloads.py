@@ -764,6 +764,11 @@ def _check_uuid(value: str, path: str) -> None:
         raise _data_error(path, f"invalid uuid {_show(value)} (expected hex groups joined by '-')")
 
 
+def is_valid_image_id(image: str) -> bool:
+    """An image name that is a plain file name: letters, digits, '.', '_' and '-', not '.' or '..'."""
+    return len(image) <= MAX_IMAGE_LEN and IMAGE_RE.fullmatch(image) is not None and image not in (".", "..")
+
+
 def _image_uuid(image: str, storage: tuple[StorageEntry, ...], path: str) -> str:
     """The backing image's name: a plain file name, never a path. Optional only with a bootable volume."""
     if not image:

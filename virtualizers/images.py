@@ -45,6 +45,7 @@ import httpx
 import trio
 
 from launcher.errors import IMAGE_FAILURE, IMAGE_IN_USE, VirtualizerError
+from launcher.payloads import is_valid_image_id
 from launcher.store import atomic_write, fsync_dir
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,6 @@ QEMU_IMG_TIMEOUT_S = 60.0
 MAX_DIGEST_FILE = 64 << 10  # a "digest file" larger than this is something else
 NOT_FOUND_STATUSES = (404, 410)
 _RECORD_FIELDS = ("id", "format", "virtual_size", "size", "sha256", "source", "imported_at", "sha256_verified")
-_ID_RE = re.compile(r"[A-Za-z0-9._-]+")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 
 
@@ -597,7 +597,7 @@ def _check_image(info: dict[str, Any], source: str, size: int) -> tuple[str, int
 
 
 def _check_id(image_id: str) -> None:
-    if not _ID_RE.fullmatch(image_id) or image_id in (".", ".."):
+    if not is_valid_image_id(image_id):
         raise ImageError(f"invalid image id {image_id!r}")
 
 
