@@ -19,8 +19,8 @@ import trio
 
 from launcher import store
 from launcher.config import Config
-from launcher.events import EventJournal
 from launcher.persist import WAL_FILE
+from launcher.server import journal_for
 from virtualizers.base import BackendHost, load_backend
 
 log = logging.getLogger(__name__)
@@ -34,10 +34,8 @@ async def hard_reset(config: Config) -> tuple[list[str], list[str]]:
     config.data_dir.mkdir(parents=True, exist_ok=True)
     lock = store.lock_data_dir(config.data_dir)
     try:
-        limiter = trio.CapacityLimiter(4)
-        journal = EventJournal(config.data_dir, rotate_bytes=config.events.rotate_bytes,
-                               keep_files=config.events.keep_files, memory_events=100, memory_bytes=1 << 20,
-                               limiter=limiter)
+        limiter = trio.CapacityLimiter(config.worker_threads)
+        journal = journal_for(config, limiter)
         async with trio.open_nursery() as nursery:
             await nursery.start(journal.run)
             host = BackendHost(config.data_dir, limiter, journal.emit, log=lambda instance_dir, message: None)

@@ -45,6 +45,13 @@ def api_token(data_dir: Path) -> str:
         return token
 
 
+def journal_for(config: Config, limiter: trio.CapacityLimiter) -> EventJournal:
+    """The data dir's event journal, as the config sets it up (not yet running)."""
+    e = config.events
+    return EventJournal(config.data_dir, rotate_bytes=e.rotate_bytes, keep_files=e.keep_files,
+                        memory_events=e.memory_events, memory_bytes=e.memory_bytes, limiter=limiter)
+
+
 @attrs.frozen
 class Core:
     """The running launcher without its transports: what `serve` and in-process tests share."""
@@ -74,9 +81,7 @@ async def running_core(config: Config) -> AsyncIterator[Core]:
 async def _core_under_lock(config: Config, opener: OpenBackend) -> AsyncIterator[Core]:
     config.instances_dir.mkdir(exist_ok=True)
     limiter = trio.CapacityLimiter(config.worker_threads)
-    journal = EventJournal(config.data_dir, rotate_bytes=config.events.rotate_bytes,
-                           keep_files=config.events.keep_files, memory_events=config.events.memory_events,
-                           memory_bytes=config.events.memory_bytes, limiter=limiter)
+    journal = journal_for(config, limiter)
     logs = InstanceLogs(max_bytes=config.log_max_bytes, limiter=limiter)
     persister = Persister(config.data_dir, limiter)
     async with trio.open_nursery() as infrastructure:
