@@ -244,17 +244,23 @@ async def test_slow_follower_falls_back_to_disk_without_gaps(tmp_path: Path) -> 
     assert seen == list(range(1, 65))
 
 
+async def start_in_own_scope(nursery: trio.Nursery, journal: EventJournal) -> trio.CancelScope:
+    """Start journal.run in `nursery` inside a scope of its own, so a test can cancel only the journal."""
+    scope = trio.CancelScope()
+
+    async def run_journal(task_status: trio.TaskStatus[None]) -> None:
+        with scope:
+            await journal.run(task_status=task_status)
+
+    await nursery.start(run_journal)
+    return scope
+
+
 async def test_cancelling_run_flushes_pending_events(tmp_path: Path) -> None:
     limiter = trio.CapacityLimiter(1)
     journal = EventJournal(tmp_path, limiter=limiter)
     async with trio.open_nursery() as nursery:
-        run_scope = trio.CancelScope()
-
-        async def run_journal(task_status: trio.TaskStatus[None]) -> None:
-            with run_scope:
-                await journal.run(task_status=task_status)
-
-        await nursery.start(run_journal)
+        run_scope = await start_in_own_scope(nursery, journal)
         await limiter.acquire()  # the writer cannot reach its thread: events stay queued
         for i in range(10):
             journal.emit("pending", i=i)
@@ -300,13 +306,7 @@ async def test_waiters_are_released_when_the_journal_stops(tmp_path: Path, monke
 
     with trio.fail_after(2):
         async with trio.open_nursery() as nursery:
-            run_scope = trio.CancelScope()
-
-            async def run_journal(task_status: trio.TaskStatus[None]) -> None:
-                with run_scope:
-                    await journal.run(task_status=task_status)
-
-            await nursery.start(run_journal)
+            run_scope = await start_in_own_scope(nursery, journal)
             await limiter.acquire()  # the event can never be written: the final flush gives up
             journal.emit("stuck")
             nursery.start_soon(wait_for_event)
