@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from ipaddress import AddressValueError, IPv4Address, IPv4Network, NetmaskValueError
 from typing import Any, ClassVar, NoReturn, TypeVar
 
@@ -486,10 +486,26 @@ _SAFE_INDICATOR_COUNT = 1000
 
 
 def _check_yaml_depth(text: str) -> None:
+    """PayloadError if `text` nests collections deeper than MAX_YAML_DEPTH.
+
+    The event stream is walked with libyaml; if libyaml fails first (some releases refuse deep nesting with
+    their own error, worded their own way), the walk is repeated with PyYAML's pure-Python parser, which has
+    no limit of its own, so that the reason is ours whatever libyaml release is installed. A YAML error that
+    is not about depth is left for the loader to report."""
     if sum(text.count(c) for c in _NESTING_INDICATORS) <= _SAFE_INDICATOR_COUNT:
         return
+    try:
+        _walk_depth(yaml.parse(text, Loader=_Loader))
+    except yaml.YAMLError:
+        try:
+            _walk_depth(yaml.parse(text, Loader=yaml.SafeLoader))
+        except yaml.YAMLError:
+            pass
+
+
+def _walk_depth(events: Iterator[yaml.Event]) -> None:
     depth = 0
-    for event in yaml.parse(text, Loader=_Loader):
+    for event in events:
         if isinstance(event, yaml.CollectionStartEvent):
             depth += 1
             if depth > MAX_YAML_DEPTH:
