@@ -11,12 +11,13 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from launcher import config as config_module
 from launcher.client import Client, ClientError
+from launcher.errors import SetupError
 
 EXIT_FAILED = 1  # the launcher refused or failed the command
 EXIT_USAGE = 2
@@ -51,14 +52,9 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         cfg = config_module.load(args.config, data_dir=args.data_dir, virtualizer=args.virtualizer,
                                  listen=args.listen)
-    except config_module.ConfigError as exc:
-        print(f"launcher: bad configuration: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    try:
         trio.run(serve, cfg)
-    except ValueError as exc:  # e.g. an unknown virtualizer or bad virtualizer settings
-        print(f"launcher: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    except (SetupError, BaseExceptionGroup) as exc:
+        return _report_setup_errors(exc)
     # Everything durable is flushed and closed; freeing a heap of 10 000 instances object by object would
     # only delay the exit that SIGTERM asked for (DESIGN.md §3.5: within 2 s).
     logging.shutdown()
@@ -80,11 +76,39 @@ def _hard_reset(args: argparse.Namespace) -> int:
     try:
         cfg = config_module.load(args.config, data_dir=args.data_dir, virtualizer=args.virtualizer)
         destroyed, removed = trio.run(hard_reset, cfg)
-    except (OSError, ValueError) as exc:
+    except (SetupError, BaseExceptionGroup) as exc:
+        return _report_setup_errors(exc)
+    except OSError as exc:
         print(f"launcher: hard-reset: {exc}", file=sys.stderr)
         return EXIT_USAGE
     print(f"destroyed {len(destroyed)} VMs, removed {len(removed)} instances from {cfg.data_dir}")
     return 0
+
+
+def _report_setup_errors(exc: SetupError | BaseExceptionGroup[BaseException]) -> int:
+    """Print a set-up problem as one line per error and return EXIT_USAGE; re-raise anything else.
+
+    Trio wraps an error raised inside a nursery in an ExceptionGroup (nested once per nursery), so a
+    SetupError from a virtualizer's opener arrives wrapped. A group that holds anything besides SetupErrors
+    is a bug, and is re-raised whole, traceback and all."""
+    if isinstance(exc, BaseExceptionGroup):
+        setup, rest = exc.split(SetupError)
+        if setup is None or rest is not None:
+            raise exc
+        problems = list(_leaves(setup))
+    else:
+        problems = [exc]
+    for problem in problems:
+        print(f"launcher: {problem}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            yield from _leaves(exc)
+        else:
+            yield exc
 
 
 # ----------------------------------------------------------------- client verbs

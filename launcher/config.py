@@ -14,11 +14,12 @@ from typing import Any
 import attrs
 import yaml
 
+from launcher.errors import SetupError
 from virtualizers.base import available_backends
 
 
-class ConfigError(ValueError):
-    pass
+class ConfigError(SetupError):
+    """A setting that is unknown, of the wrong type or out of range; the message names its key."""
 
 
 @attrs.frozen
@@ -80,7 +81,7 @@ class Config:
     max_payload_bytes: int = 1 << 20
     inbox_size: int = 16  # commands queued per instance before `instance_busy`
     log_max_bytes: int = 1 << 20  # per-instance launcher.log, one rotated copy kept
-    worker_threads: int = 8  # shared limit for blocking work (fsync, /proc reads, libvirt calls)
+    worker_threads: int = 8  # shared limit for blocking work (fsync, /proc reads); libvirt has its own
     admission: Admission = Admission()
     defaults: Defaults = Defaults()
     timeouts: Timeouts = Timeouts()
@@ -140,8 +141,6 @@ def parse_section(cls: type, raw: Any, where: str) -> Any:
     values = {k: _convert(hints[k], v, f"{where}{k}") for k, v in raw.items()}
     try:
         return cls(**values)
-    except ConfigError:
-        raise
     except ValueError as exc:
         raise ConfigError(f"{where}{exc}") from exc
 

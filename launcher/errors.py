@@ -30,6 +30,13 @@ EVENTS_EXPIRED = "events_expired"
 INTERNAL = "internal_error"
 
 
+class SetupError(Exception):
+    """The launcher cannot run as configured: a wrong setting or a host that is not ready (libvirt unreachable,
+    a data dir QEMU cannot reach, ...). An operator's problem, not a bug: `launcher serve` and
+    `launcher hard-reset` print the message as one line, which says what to do, and exit with status 2.
+    Virtualizer backends raise it from their opener (`virtualizers.base.OpenBackend`)."""
+
+
 class LauncherError(Exception):
     """A failure that is reported to the caller as a ciao error code plus a human reason."""
 

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 async def hard_reset(config: Config) -> tuple[list[str], list[str]]:
     """Destroy our VMs and remove every instance; (names of the destroyed VMs, uuids of removed instances).
 
-    DataDirBusy if a launcher is running on this data dir; ValueError if the virtualizer cannot be opened."""
+    SetupError (DataDirBusy) if a launcher is running on this data dir, or if the virtualizer cannot be opened."""
     opener = load_backend(config.virtualizer)
     config.data_dir.mkdir(parents=True, exist_ok=True)
     lock = store.lock_data_dir(config.data_dir)

@@ -12,6 +12,8 @@ import fcntl
 import os
 from pathlib import Path
 
+from launcher.errors import SetupError
+
 INSTANCES = "instances"
 CORRUPT = "corrupt"  # unreadable instance dirs are moved here, never left to block their uuid
 INSTANCE_FILE = "instance.json"
@@ -69,7 +71,7 @@ def move_aside(path: Path, corrupt_dir: Path) -> Path:
     return target
 
 
-class DataDirBusy(ValueError):
+class DataDirBusy(SetupError):
     """Another launcher process owns this data dir."""
 
 

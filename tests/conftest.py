@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -13,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import libvirt
 import psutil
 import pytest
 import yaml
@@ -142,30 +144,106 @@ def guest_image_dir(guest_image: Path) -> Iterator[Path]:
     shutil.rmtree(directory)
 
 
+@pytest.fixture(scope="session")
+def stale_test_runs_removed() -> None:
+    """Clear what killed test runs left behind: their launchers, domains and data dirs (see `QemuTestRoot`)."""
+    QEMU_TEST_ROOT.mkdir(mode=0o711, exist_ok=True)
+    for root in QEMU_TEST_ROOT.glob("test-*"):
+        if root.is_dir() and not QemuTestRoot(root).owner_alive():
+            QemuTestRoot(root).remove()
+
+
+class QemuTestRoot:
+    """The directory of one qemu test's data dirs, /var/tmp/launcher-tests/test-*, owned by one pytest process.
+
+    `remove()` kills the launchers serving from it, destroys and undefines every libvirt domain whose launcher
+    metadata names a data dir under it (straight through libvirt, so it works whatever state the launcher or
+    its config is in), then deletes it. A run killed before its teardown leaves its root behind: the next
+    session removes it, knowing it stale by its owner pid."""
+
+    OWNER_FILE = "owner-pid"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @classmethod
+    def create(cls) -> QemuTestRoot:
+        root = cls(Path(tempfile.mkdtemp(prefix="test-", dir=QEMU_TEST_ROOT)))
+        root.path.chmod(0o711)
+        (root.path / cls.OWNER_FILE).write_text(str(os.getpid()))
+        return root
+
+    def owner_alive(self) -> bool:
+        try:
+            return psutil.pid_exists(int((self.path / self.OWNER_FILE).read_text()))
+        except (OSError, ValueError):
+            return False
+
+    def remove(self) -> list[str]:
+        """Remove everything of this root; the names of the domains it destroyed."""
+        for proc in psutil.process_iter(["cmdline"]):
+            cmdline = proc.info["cmdline"] or []
+            if "serve" in cmdline and any(part.startswith(str(self.path) + "/") for part in cmdline):
+                with contextlib.suppress(psutil.Error):
+                    proc.kill()
+        removed = remove_domains_under(self.path)
+        shutil.rmtree(self.path, ignore_errors=True)
+        return removed
+
+
+def remove_domains_under(root: Path) -> list[str]:
+    """Destroy and undefine every domain of a launcher whose data dir is under `root`; their names."""
+    from virtualizers.domain import read_metadata
+    from virtualizers.qemu import remove_domain
+
+    prefix = str(root.absolute()) + "/"
+    connection = libvirt.open("qemu:///system")
+    removed = []
+    try:
+        for dom in connection.listAllDomains():
+            try:
+                meta = read_metadata(dom.XMLDesc(0))
+            except libvirt.libvirtError:
+                continue  # undefined meanwhile
+            if meta is not None and (meta.data_dir + "/").startswith(prefix):
+                remove_domain(connection, dom.name())
+                removed.append(dom.name())
+    finally:
+        connection.close()
+    return removed
+
+
 @pytest.fixture
-def qemu_factory(guest_image_dir: Path) -> Iterator[Any]:
+def qemu_factory(guest_image_dir: Path, stale_test_runs_removed: None) -> Iterator[Any]:
     """make(qemu_settings, **settings) → a started `launcher serve` with the qemu virtualizer.
 
     Its data dir is under /var/tmp (QEMU, running as libvirt-qemu, cannot enter pytest's 0700 tmp dirs).
-    Afterwards the launcher is killed, its VMs destroyed (`launcher hard-reset`) and the data dir removed."""
+    Afterwards, whatever the test's outcome, each launcher is killed and its VMs destroyed with
+    `launcher hard-reset` (which must succeed, or the teardown fails), and then the test root is removed with
+    every domain still left under it (`QemuTestRoot.remove`), so that no failure leaves a domain defined."""
     made: list[LauncherProcess] = []
-    root = Path(tempfile.mkdtemp(prefix="test-", dir=QEMU_TEST_ROOT))
-    root.chmod(0o711)
+    root = QemuTestRoot.create()
 
     def make(qemu: dict[str, Any] | None = None, name: str = "data", **settings: Any) -> LauncherProcess:
-        data_dir = root / name
+        data_dir = root.path / name
         data_dir.mkdir(mode=0o711, exist_ok=True)
         qemu_settings = {"image_dirs": [str(guest_image_dir)], **(qemu or {})}
         launcher = LauncherProcess(data_dir, {"virtualizer": "qemu", "qemu": qemu_settings, **settings})
-        launcher.start(timeout=60)
         made.append(launcher)
+        launcher.start(timeout=60)
         return launcher
 
     yield make
-    for launcher in made:
-        launcher.kill()
-        reset = subprocess.run(
-            [sys.executable, "-m", "launcher.cli", "hard-reset", "--yes", "--config", str(launcher.config_path),
-             "--data-dir", str(launcher.data_dir)], capture_output=True, text=True, timeout=120, cwd=ROOT)
-        assert reset.returncode == 0, reset.stderr
-    shutil.rmtree(root)
+    failed_resets = []
+    try:
+        for launcher in made:
+            launcher.kill()
+            reset = subprocess.run(
+                [sys.executable, "-m", "launcher.cli", "hard-reset", "--yes", "--config",
+                 str(launcher.config_path), "--data-dir", str(launcher.data_dir)],
+                capture_output=True, text=True, timeout=120, cwd=ROOT)
+            if reset.returncode != 0:
+                failed_resets.append(f"{launcher.data_dir}: {reset.stderr.strip()}")
+    finally:
+        root.remove()
+    assert not failed_resets, f"launcher hard-reset failed: {failed_resets}"

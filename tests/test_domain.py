@@ -27,7 +27,7 @@ import trio
 
 from launcher.config import ConfigError, parse_section
 from launcher.payloads import InstanceSpec, Networking
-from virtualizers import domain, qemu
+from virtualizers import domain, preflight, qemu
 from virtualizers.base import BackendHost
 from virtualizers.domain import (
     DomainParams,
@@ -41,7 +41,6 @@ from virtualizers.qemu import (
     NetworkSettings,
     QemuBackend,
     QemuSettings,
-    kvm_usable,
     remove_domain,
     resolve_accel,
 )
@@ -466,13 +465,13 @@ def test_settings_full_section() -> None:
         "uri": "qemu+ssh://host/system", "accel": "tcg", "machine": "pc", "seed_format": "configdrive",
         "network": {"kind": "bridge", "source": "br0"}, "image_dirs": ["/srv/images", "rel"],
         "image_url": "https://images.example/{id}.qcow2", "image_gc_age_s": 3600, "ovmf_code": "/o/CODE.fd",
-        "ovmf_vars": "/o/VARS.fd", "destroy_orphans": True,
+        "ovmf_vars": "/o/VARS.fd", "destroy_orphans": True, "libvirt_threads": 3, "libvirt_timeout_s": 7,
     }
     assert parse_section(QemuSettings, raw, "qemu.") == QemuSettings(
         uri="qemu+ssh://host/system", accel="tcg", machine="pc", seed_format="configdrive",
         network=NetworkSettings(kind="bridge", source="br0"), image_dirs=(Path("/srv/images"), Path("rel")),
         image_url="https://images.example/{id}.qcow2", image_gc_age_s=3600.0, ovmf_code=Path("/o/CODE.fd"),
-        ovmf_vars=Path("/o/VARS.fd"), destroy_orphans=True,
+        ovmf_vars=Path("/o/VARS.fd"), destroy_orphans=True, libvirt_threads=3, libvirt_timeout_s=7.0,
     )
     assert {f.name for f in attrs.fields(QemuSettings)} == set(raw)  # the section above is complete
 
@@ -494,39 +493,36 @@ def test_settings_errors_name_the_key(raw: dict[str, Any], key: str) -> None:
 def test_resolve_accel(monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_accel("tcg") is False
     assert resolve_accel("kvm") is True
-    assert resolve_accel("auto") == kvm_usable()
-    for usable in (True, False):
-        monkeypatch.setattr(qemu, "kvm_usable", lambda usable=usable: usable)
-        assert resolve_accel("auto") is usable
+    assert resolve_accel("auto") == (preflight.kvm_problem() is None)
+    for problem in (None, "no module"):
+        monkeypatch.setattr(preflight, "kvm_problem", lambda problem=problem: problem)
+        assert resolve_accel("auto") is (problem is None)
         assert resolve_accel("tcg") is False
 
 
-def test_kvm_usable_on_this_machine() -> None:
+def test_kvm_on_this_machine() -> None:
     """The expectation comes from /sys/module and /dev/kvm: a paravirtual kvm_pvm alone is not enough."""
     modules = Path("/sys/module")
     vendor = (modules / "kvm_intel").exists() or (modules / "kvm_amd").exists()
     expected = vendor and os.access("/dev/kvm", os.R_OK | os.W_OK)
-    assert kvm_usable() is expected
+    assert (preflight.kvm_problem() is None) is expected
     if (modules / "kvm_pvm").exists() and not vendor:
-        assert kvm_usable() is False
+        assert "no kvm_intel or kvm_amd module" in str(preflight.kvm_problem())
 
 
-@pytest.mark.parametrize(("modules", "dev_kvm", "expected"), [
-    ({"kvm", "kvm_intel"}, True, True),
-    ({"kvm", "kvm_amd"}, True, True),
-    ({"kvm", "kvm_intel"}, False, False),
-    ({"kvm", "kvm_pvm"}, True, False),
-    (set(), False, False),
+@pytest.mark.parametrize(("modules", "dev_kvm", "problem"), [
+    ({"kvm", "kvm_intel"}, True, None),
+    ({"kvm", "kvm_amd"}, True, None),
+    ({"kvm", "kvm_intel"}, False, "kvm does not exist"),
+    ({"kvm", "kvm_pvm"}, True, "no kvm_intel or kvm_amd module is loaded"),
+    (set(), False, "no kvm_intel or kvm_amd module is loaded"),
 ])
-def test_kvm_usable_needs_a_vendor_module_and_dev_kvm(monkeypatch: pytest.MonkeyPatch, modules: set[str],
-                                                       dev_kvm: bool, expected: bool) -> None:
-    class FakePath:
-        def __init__(self, *parts: str) -> None:
-            self.parts = parts
-
-        def exists(self) -> bool:
-            return self.parts[0] == "/sys/module" and self.parts[1] in modules
-
-    monkeypatch.setattr(qemu, "Path", FakePath)
-    monkeypatch.setattr(qemu.os, "access", lambda path, mode: path == "/dev/kvm" and dev_kvm)
-    assert kvm_usable() is expected
+def test_kvm_needs_a_vendor_module_and_dev_kvm(tmp_path: Path, modules: set[str], dev_kvm: bool,
+                                              problem: str | None) -> None:
+    for name in modules:
+        (tmp_path / "module" / name).mkdir(parents=True)
+    device = tmp_path / "kvm"
+    if dev_kvm:
+        device.write_bytes(b"")
+    found = preflight.kvm_problem(tmp_path / "module", device)
+    assert found is None if problem is None else problem in str(found), found

@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import time
+import uuid as uuid_module
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,10 +21,15 @@ import yaml
 from conftest import LauncherProcess, example
 from launcher.client import Client
 
-LEGACY_UUID = "d7d86208-b46c-4465-9018-fe14087d415f"  # configs/examples/start_legacy.yaml
-EFI_UUID = "67d86208-b46c-4465-9018-fe14087d415"  # configs/examples/start_efi.yaml (ciao-style, not a UUID)
 IMAGE_ID = "b286cd45-7d0c-4525-a140-4db6c95e41fa"
 BOOT_TIMEOUT_S = 180.0  # a TCG guest on a busy 2-core machine
+
+
+def new_uuid(ciao_style: bool = False) -> str:
+    """A fresh instance uuid, so that domain names (`launcher-<uuid>`) never collide with another run's.
+    ciao-style: a uuid missing its last digit, as in configs/examples/start_efi.yaml (not an RFC 4122 UUID)."""
+    fresh = str(uuid_module.uuid4())
+    return fresh[:-1] if ciao_style else fresh
 
 
 def conn() -> libvirt.virConnect:
@@ -97,48 +103,50 @@ def test_example_lifecycle_legacy_nocloud(qemu_factory: Any) -> None:
     """START → running with the guest line; STOP (ACPI) → exited; RESTART keeps the disk; DELETE cleans up."""
     launcher = qemu_factory()
     client = launcher.client()
-    answer = start(client, example("start_legacy.yaml"), wait=1, timeout=120)
-    assert answer == {"instance_uuid": LEGACY_UUID, "state": "running", "done": True}
-    line = wait_guest_ready(launcher, LEGACY_UUID)
+    uuid = new_uuid()
+    answer = start(client, payload_for("start_legacy.yaml", uuid), wait=1, timeout=120)
+    assert answer == {"instance_uuid": uuid, "state": "running", "done": True}
+    line = wait_guest_ready(launcher, uuid)
     # The example's meta-data is {"uuid": "ciao", "hostname": "ciao"}; its user-data goes through unchanged.
     assert (line["instance-id"], line["hostname"], line["datasource"], line["boots"]) == \
         ("ciao", "ciao", "nocloud", "1")
-    instance_dir = launcher.data_dir / "instances" / LEGACY_UUID
+    instance_dir = launcher.data_dir / "instances" / uuid
     seed_user_data = _user_data_of(example("start_legacy.yaml"))
     assert line["user-data-sha256"] == _sha256(seed_user_data)
-    domain = domain_of(LEGACY_UUID)
+    domain = domain_of(uuid)
     assert domain is not None and domain.isPersistent() and domain.isActive()
 
-    stopped = client.request("POST", f"/v1/instances/{LEGACY_UUID}/stop", wait=1, timeout=120)
+    stopped = client.request("POST", f"/v1/instances/{uuid}/stop", wait=1, timeout=120)
     assert stopped["state"] == "exited"
-    assert "guest-poweroff" in console(launcher, LEGACY_UUID), "the guest did not power off through ACPI"
-    log = b"".join(client.stream(f"/v1/instances/{LEGACY_UUID}/log", read_timeout=10)).decode()
+    assert "guest-poweroff" in console(launcher, uuid), "the guest did not power off through ACPI"
+    log = b"".join(client.stream(f"/v1/instances/{uuid}/log", read_timeout=10)).decode()
     assert "guest powered off" in log and "destroyed" not in log
 
-    restarted = client.request("POST", f"/v1/instances/{LEGACY_UUID}/restart", wait=1, timeout=120)
+    restarted = client.request("POST", f"/v1/instances/{uuid}/restart", wait=1, timeout=120)
     assert restarted["state"] == "running"
-    assert wait_guest_ready(launcher, LEGACY_UUID, boots=2)["boots"] == "2"  # the first boot's marker is kept
+    assert wait_guest_ready(launcher, uuid, boots=2)["boots"] == "2"  # the first boot's marker is kept
 
-    deleted = client.request("DELETE", f"/v1/instances/{LEGACY_UUID}", wait=1, timeout=120)
+    deleted = client.request("DELETE", f"/v1/instances/{uuid}", wait=1, timeout=120)
     assert deleted["state"] == "deleted"
-    assert domain_of(LEGACY_UUID) is None
+    assert domain_of(uuid) is None
     assert not instance_dir.exists()
     images = client.request("GET", "/v1/images")["images"]
     assert [i["id"] for i in images] == [IMAGE_ID] and not images[0]["in_use"]
     assert (launcher.data_dir / "images" / f"{IMAGE_ID}.img").exists()
-    assert [e["state"] for e in events(client, type="instance_state", instance_uuid=LEGACY_UUID)] == \
+    assert [e["state"] for e in events(client, type="instance_state", instance_uuid=uuid)] == \
         ["pending", "running", "exited", "pending", "running", "deleted"]
 
 
-@pytest.mark.parametrize("example_name, uuid, seed_format, efi", [
-    ("start_efi.yaml", EFI_UUID, "configdrive", True),
-    ("start_efi.yaml", EFI_UUID, "nocloud", True),
-    ("start_legacy.yaml", LEGACY_UUID, "configdrive", False),
+@pytest.mark.parametrize("example_name, seed_format, efi", [
+    ("start_efi.yaml", "configdrive", True),  # its instance uuid is ciao-style, not an RFC 4122 UUID
+    ("start_efi.yaml", "nocloud", True),
+    ("start_legacy.yaml", "configdrive", False),
 ])
-def test_boot_matrix(qemu_factory: Any, example_name: str, uuid: str, seed_format: str, efi: bool) -> None:
+def test_boot_matrix(qemu_factory: Any, example_name: str, seed_format: str, efi: bool) -> None:
     launcher = qemu_factory({"seed_format": seed_format})
     client = launcher.client()
-    assert start(client, example(example_name), wait=1, timeout=120)["state"] == "running"
+    uuid = new_uuid(ciao_style=example_name == "start_efi.yaml")
+    assert start(client, payload_for(example_name, uuid), wait=1, timeout=120)["state"] == "running"
     line = wait_guest_ready(launcher, uuid)
     assert (line["instance-id"], line["hostname"], line["datasource"]) == ("ciao", "ciao", seed_format)
     xml = domain_of(uuid).XMLDesc(0)  # type: ignore[union-attr]
@@ -150,7 +158,7 @@ def test_boot_matrix(qemu_factory: Any, example_name: str, uuid: str, seed_forma
 def test_five_concurrent_starts_import_the_image_once(qemu_factory: Any) -> None:
     launcher = qemu_factory()
     client = launcher.client()
-    uuids = [f"5a1e0000-0000-4000-8000-00000000000{n}" for n in range(5)]
+    uuids = [new_uuid() for _ in range(5)]
     for uuid in uuids:
         assert start(client, payload_for("start_legacy.yaml", uuid))["state"] == "pending"
     wait_for("five running instances", lambda: all(state(client, u) == "running" for u in uuids), every=0.5)
@@ -162,19 +170,20 @@ def test_five_concurrent_starts_import_the_image_once(qemu_factory: Any) -> None
 def test_qemu_killed_from_outside_is_exited_within_two_seconds(qemu_factory: Any) -> None:
     launcher = qemu_factory()
     client = launcher.client()
-    start(client, example("start_legacy.yaml"), wait=1, timeout=120)
-    pid = int(Path(f"/run/libvirt/qemu/launcher-{LEGACY_UUID}.pid").read_text())
+    uuid = new_uuid()
+    start(client, payload_for("start_legacy.yaml", uuid), wait=1, timeout=120)
+    pid = int(Path(f"/run/libvirt/qemu/launcher-{uuid}.pid").read_text())
     os.kill(pid, signal.SIGKILL)
     killed = time.monotonic()
     wait_for("the exited event", lambda: events(client, type="instance_state", state="exited"), timeout=2.0,
              every=0.05)
     assert time.monotonic() - killed <= 2.0
-    assert state(client, LEGACY_UUID) == "exited"
+    assert state(client, uuid) == "exited"
 
 
 def _three_running(launcher: LauncherProcess) -> list[str]:
     client = launcher.client()
-    uuids = [f"3e3e0000-0000-4000-8000-00000000000{n}" for n in range(3)]
+    uuids = [new_uuid() for _ in range(3)]
     for uuid in uuids:
         start(client, payload_for("start_legacy.yaml", uuid))
     wait_for("three running instances", lambda: all(state(client, u) == "running" for u in uuids), every=0.5)
@@ -229,39 +238,75 @@ def test_libvirtd_restarted_under_a_running_launcher(qemu_factory: Any) -> None:
     assert client.request("POST", f"/v1/instances/{uuids[0]}/stop", grace=0, wait=1, timeout=60)["state"] == "exited"
 
 
+def test_libvirt_calls_are_bounded_while_libvirtd_is_stopped(qemu_factory: Any) -> None:
+    """libvirtd frozen (SIGSTOP): STARTs fail with launch_failure within their phase bound instead of hanging,
+    and the API keeps answering; once libvirtd runs again, the same instances start.
+
+    This freezes the shared system libvirtd (tests run one at a time, and it is resumed in `finally`): a second
+    system-mode libvirtd cannot run beside it (its paths under /run/libvirt are fixed), and a session-mode one
+    would run QEMU as another user than the launcher's real set-up does."""
+    launcher = qemu_factory({"libvirt_threads": 2}, timeouts={"start_vm_s": 3})
+    client = launcher.client()
+    uuids = [new_uuid() for _ in range(3)]  # more STARTs than libvirt threads
+    libvirtd = int(subprocess.run(["pgrep", "-x", "libvirtd"], capture_output=True, text=True,
+                                  check=True).stdout.split()[0])
+    os.kill(libvirtd, signal.SIGSTOP)
+    try:
+        for uuid in uuids:
+            assert start(client, payload_for("start_legacy.yaml", uuid))["state"] == "pending"
+        wait_for("the STARTs to fail", lambda: all(state(client, u) == "exited" for u in uuids), timeout=90)
+        failures = events(client, type="start_failure")
+        assert sorted(e["instance_uuid"] for e in failures) == sorted(uuids)
+        assert {e["reason"] for e in failures} == {"launch_failure"}, failures
+        assert any("start_vm did not finish within 3 s" in e["detail"] for e in failures), failures
+        # Everything that does not need libvirt still answers while it is frozen.
+        assert client.request("GET", "/healthz") == {"status": "ok"}
+        assert len(client.request("GET", "/v1/instances")["instances"]) == 3
+        assert "instances" in client.request("GET", "/v1/stats")
+        assert subprocess.run(["pgrep", "-x", "libvirtd"], capture_output=True).returncode == 0  # still frozen
+    finally:
+        os.kill(libvirtd, signal.SIGCONT)
+    for uuid in uuids:
+        answer = client.request("POST", f"/v1/instances/{uuid}/restart", wait=1, timeout=120)
+        assert answer["state"] == "running", answer
+    assert all(domain_of(u).isActive() for u in uuids)  # type: ignore[union-attr]
+
+
 def test_orphan_domains_are_reported_and_destroyed_only_if_configured(qemu_factory: Any) -> None:
     launcher = qemu_factory()
     client = launcher.client()
-    start(client, example("start_legacy.yaml"), wait=1, timeout=120)
+    uuid = new_uuid()
+    start(client, payload_for("start_legacy.yaml", uuid), wait=1, timeout=120)
     launcher.kill(signal.SIGKILL)
     # The instance dir disappears behind the launcher's back: its domain is now an orphan.
-    subprocess.run(["rm", "-rf", str(launcher.data_dir / "instances" / LEGACY_UUID)], check=True)
+    subprocess.run(["rm", "-rf", str(launcher.data_dir / "instances" / uuid)], check=True)
     subprocess.run(["rm", "-f", str(launcher.data_dir / "instances.wal")], check=True)
     client = launcher.start(timeout=60)
     orphans = events(client, type="orphan_domain")
-    assert [(e["instance_uuid"], e["destroyed"]) for e in orphans] == [(LEGACY_UUID, False)]
-    assert domain_of(LEGACY_UUID).isActive()  # type: ignore[union-attr]
+    assert [(e["instance_uuid"], e["destroyed"]) for e in orphans] == [(uuid, False)]
+    assert domain_of(uuid).isActive()  # type: ignore[union-attr]
     launcher.kill(signal.SIGTERM)
     config = yaml.safe_load(launcher.config_path.read_text())
     config["qemu"]["destroy_orphans"] = True
     launcher.config_path.write_text(yaml.safe_dump(config))
     client = launcher.start(timeout=60)
     assert [e["destroyed"] for e in events(client, type="orphan_domain")] == [False, True]
-    assert domain_of(LEGACY_UUID) is None
+    assert domain_of(uuid) is None
 
 
 def test_hard_reset_destroys_our_domains_and_instances(qemu_factory: Any) -> None:
     launcher = qemu_factory()
     client = launcher.client()
-    start(client, example("start_legacy.yaml"), wait=1, timeout=120)
+    uuid = new_uuid()
+    start(client, payload_for("start_legacy.yaml", uuid), wait=1, timeout=120)
     refused = launcher.cli("hard-reset", "--yes", "--config", str(launcher.config_path))
     assert refused.returncode == 2 and "another launcher" in refused.stderr  # it runs: refused
     launcher.kill(signal.SIGTERM)
-    assert domain_of(LEGACY_UUID).isActive()  # type: ignore[union-attr]  # VMs outlive the launcher
+    assert domain_of(uuid).isActive()  # type: ignore[union-attr]  # VMs outlive the launcher
     done = launcher.cli("hard-reset", "--yes", "--config", str(launcher.config_path))
     assert done.returncode == 0, done.stderr
     assert "destroyed 1 VMs, removed 1 instances" in done.stdout
-    assert domain_of(LEGACY_UUID) is None
+    assert domain_of(uuid) is None
     assert list((launcher.data_dir / "instances").iterdir()) == []
     assert (launcher.data_dir / "images" / f"{IMAGE_ID}.img").exists()
 
@@ -272,15 +317,15 @@ def test_images_cli_import_ls_rm_gc(qemu_factory: Any, guest_image: Path) -> Non
     assert imported.returncode == 0, imported.stderr
     assert imported.stdout.startswith("guest: qcow2")
     client = launcher.client()
-    start(client, payload_for("start_legacy.yaml", LEGACY_UUID).replace(IMAGE_ID.encode(), b"guest"),
-          wait=1, timeout=120)
+    uuid = new_uuid()
+    start(client, payload_for("start_legacy.yaml", uuid).replace(IMAGE_ID.encode(), b"guest"), wait=1, timeout=120)
     listed = json.loads(launcher.cli("images", "ls", "--json").stdout)["images"]
     assert [(i["id"], i["in_use"]) for i in listed] == [("guest", True)]
     refused = launcher.cli("images", "rm", "guest")
     assert refused.returncode == 1 and "image_in_use" in refused.stderr
     gc = launcher.cli("images", "gc", "--older-than", "0")
     assert gc.returncode == 0 and "removed nothing" in gc.stdout
-    client.request("DELETE", f"/v1/instances/{LEGACY_UUID}", wait=1, timeout=60)
+    client.request("DELETE", f"/v1/instances/{uuid}", wait=1, timeout=60)
     assert launcher.cli("images", "gc", "--older-than", "0").stdout.strip() == "removed guest"
     assert json.loads(launcher.cli("images", "ls", "--json").stdout)["images"] == []
 

@@ -16,7 +16,7 @@ import psutil
 import pytest
 import trio
 
-from launcher.errors import IMAGE_FAILURE, LAUNCH_FAILURE, VirtualizerError
+from launcher.errors import IMAGE_FAILURE, LAUNCH_FAILURE, SetupError, VirtualizerError
 from launcher.payloads import InstanceSpec
 from virtualizers.base import BackendHost, MonitorEvent, VmStats, load_backend
 from virtualizers.simulation import SIMVM_MODULE, SimulationBackend, SimulationVirtualizer, open_backend
@@ -157,7 +157,7 @@ async def test_defaults(tmp_path: Path) -> None:
     ],
 )
 async def test_invalid_settings_name_the_key(tmp_path: Path, settings: Mapping[str, Any], key: str) -> None:
-    with pytest.raises(ValueError, match=rf"^{re.escape(key)}:"):
+    with pytest.raises(SetupError, match=rf"^{re.escape(key)}:"):
         async with open_backend(settings, host_for(tmp_path)):
             pass
 

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 import attrs
 import trio
 
+from launcher.errors import SetupError
 from launcher.payloads import InstanceSpec
 
 ENTRY_POINT_GROUP = "launcher.virtualizers"
@@ -146,7 +147,8 @@ class BackendHost:
 
 
 # What the entry point named after a virtualizer must be: called with that virtualizer's section of the
-# launcher config (e.g. the `simulation:` mapping) and the host. It raises ValueError on bad settings.
+# launcher config (e.g. the `simulation:` mapping) and the host. It raises launcher.errors.SetupError (one line
+# that says what to do) on bad settings or a host it cannot run on.
 OpenBackend = Callable[[Mapping[str, Any], BackendHost], AbstractAsyncContextManager[Backend]]
 
 
@@ -160,4 +162,4 @@ def load_backend(name: str) -> OpenBackend:
         if ep.name == name:
             opener: OpenBackend = ep.load()
             return opener
-    raise ValueError(f"unknown virtualizer {name!r}; available: {', '.join(available_backends()) or 'none'}")
+    raise SetupError(f"unknown virtualizer {name!r}; available: {', '.join(available_backends()) or 'none'}")

@@ -1,17 +1,26 @@
 """One libvirt connection shared by every QEMU instance of a launcher, and libvirt's events handed to Trio.
 
-Concurrency (DESIGN.md §3.4): libvirt's blocking API runs in Trio worker threads under the launcher's shared
-CapacityLimiter (`Hypervisor.call`). libvirt's own event loop (keepalives, lifecycle events, the close
-callback) runs in the one bare thread the launcher has, started and joined by `open_hypervisor`. Its callbacks
-never touch Trio state directly: they hand the event over with `TrioToken.run_sync_soon`, which does not
-block the libvirt thread.
+Concurrency (DESIGN.md §3.4): libvirt's blocking API runs in Trio worker threads (`Hypervisor.call`) under a
+CapacityLimiter of the hypervisor's own, never the launcher's shared one. Every call is bounded: a call that
+does not return within its bound (the caller's deadline, e.g. the actor's phase timeout, or the hypervisor's
+`call_timeout_s`, whichever comes first) fails with `Unresponsive` (or the caller's Cancelled), and its thread
+is abandoned: a libvirt call cannot be interrupted, so the thread keeps its limiter token until libvirt
+answers (libvirt's keepalive ends calls on a dead daemon; a live daemon that never answers, e.g. one stuck
+re-probing QEMU, keeps them). Abandoned threads can therefore use up the hypervisor's threads, which makes
+later libvirt calls time out too, but they never hold a token that file I/O, the API or the persister need.
+
+libvirt's own event loop (keepalives, lifecycle events, the close callback) runs in the one bare thread the
+launcher has, started and joined by `open_hypervisor`. Its callbacks never touch Trio state directly: they
+hand the event over with `TrioToken.run_sync_soon`, which does not block the libvirt thread.
 
 Watching a domain: `watch(name)` gives a `DomainWatch` whose `wait(timeout)` returns when a lifecycle event
 for that domain arrived (or the connection came back) or after `timeout`. Callers always re-read the state
 after a wake-up, so a lost or coalesced event costs at most one `timeout`, never a wrong answer.
 
-Connection loss (libvirtd restarted or killed): every call fails with `Disconnected`, and a reconnect task
-retries with backoff. Watches are woken once the connection is back, so monitors re-read their domain's
+Connection loss (libvirtd restarted or killed) is decided by the connection, never by an error code: after a
+failed call the connection is asked `isAlive()` (a local check, no round trip), and only a dead connection is
+dropped. An error of one domain (QEMU cannot open a disk: VIR_ERR_SYSTEM_ERROR) leaves the connection alone.
+Once it is lost, every call fails with `Disconnected`, and a reconnect task retries with backoff. Watches are woken once the connection is back, so monitors re-read their domain's
 state; a VM keeps running while libvirtd is away, and no monitor takes "no answer" for "down".
 """
 
@@ -27,6 +36,8 @@ import attrs
 import libvirt
 import trio
 
+from launcher.errors import SetupError
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -35,29 +46,23 @@ RECONNECT_MAX_S = 5.0
 KEEPALIVE_INTERVAL_S = 2  # libvirt pings the daemon this often ...
 KEEPALIVE_COUNT = 3  # ... and declares it dead after this many unanswered pings
 EVENT_THREAD_JOIN_S = 5.0
-
-# Errors that mean "the connection is gone", not "this call failed".
-_CONNECTION_ERROR_CODES = frozenset({
-    libvirt.VIR_ERR_SYSTEM_ERROR,
-    libvirt.VIR_ERR_RPC,
-    libvirt.VIR_ERR_NO_CONNECT,
-    libvirt.VIR_ERR_INVALID_CONN,
-    libvirt.VIR_ERR_AUTH_FAILED,
-})
-_CONNECTION_ERROR_DOMAINS = frozenset({libvirt.VIR_FROM_RPC, libvirt.VIR_FROM_REMOTE})
+CLOSE_TIMEOUT_S = 5.0  # closing the connection at shutdown
 
 
-class Disconnected(Exception):
+class Unavailable(Exception):
+    """libvirt did not answer this call: see `Disconnected` and `Unresponsive`."""
+
+
+class Disconnected(Unavailable):
     """libvirt is not reachable right now; the reconnect task is on it."""
 
 
-class Unreachable(ValueError):
-    """The first connection failed (a ValueError, so `launcher serve` reports it as a set-up problem)."""
+class Unresponsive(Unavailable):
+    """The call did not return within its bound; its thread was abandoned (module doc)."""
 
 
-def is_connection_error(exc: libvirt.libvirtError) -> bool:
-    return (exc.get_error_code() in _CONNECTION_ERROR_CODES
-            or exc.get_error_domain() in _CONNECTION_ERROR_DOMAINS)
+class Unreachable(SetupError):
+    """The first connection failed: `launcher serve` reports it as a set-up problem and exits."""
 
 
 def error_text(exc: libvirt.libvirtError) -> str:
@@ -86,7 +91,8 @@ class Hypervisor:
     """The shared connection. Create it with `open_hypervisor`."""
 
     uri: str
-    _limiter: trio.CapacityLimiter
+    _limiter: trio.CapacityLimiter  # the hypervisor's own threads (module doc)
+    _call_timeout_s: float
     _token: trio.lowlevel.TrioToken
     _conn: libvirt.virConnect | None = attrs.field(default=None, init=False)
     _lost: trio.Event = attrs.field(factory=trio.Event, init=False)
@@ -98,18 +104,27 @@ class Hypervisor:
         return self._conn is not None
 
     async def call(self, fn: Callable[[libvirt.virConnect], T]) -> T:
-        """fn(connection) in a worker thread. Disconnected if libvirt is unreachable; other libvirtErrors
-        propagate."""
+        """fn(connection) in a worker thread, bounded by `call_timeout_s` (and by the caller's deadline).
+
+        Disconnected if libvirt is unreachable or the connection died during the call; Unresponsive if it
+        did not return in time; any other libvirtError (this call failed, the connection is fine) propagates."""
         conn = self._conn
         if conn is None:
             raise Disconnected(f"not connected to libvirt at {self.uri}")
-        try:
-            return await trio.to_thread.run_sync(fn, conn, limiter=self._limiter)
-        except libvirt.libvirtError as exc:
-            if is_connection_error(exc) or not await trio.to_thread.run_sync(conn.isAlive, limiter=self._limiter):
-                self._mark_lost(conn, error_text(exc))
-                raise Disconnected(f"lost the connection to libvirt at {self.uri}: {error_text(exc)}") from exc
-            raise
+        failure: libvirt.libvirtError
+        with trio.move_on_after(self._call_timeout_s):
+            try:
+                return await self._in_thread(fn, conn)
+            except libvirt.libvirtError as exc:
+                failure = exc
+            if await self._in_thread(_is_alive, conn):
+                raise failure
+            self._mark_lost(conn, error_text(failure))
+            raise Disconnected(f"lost the connection to libvirt at {self.uri}: {error_text(failure)}") from failure
+        raise Unresponsive(f"libvirt at {self.uri} did not answer within {self._call_timeout_s:g} s")
+
+    async def _in_thread(self, fn: Callable[[libvirt.virConnect], T], conn: libvirt.virConnect) -> T:
+        return await trio.to_thread.run_sync(fn, conn, limiter=self._limiter, abandon_on_cancel=True)
 
     async def wait_connected(self) -> None:
         """Return once the connection is up (at once if it is). Cancel it to give up."""
@@ -142,13 +157,21 @@ class Hypervisor:
             raise
         return conn
 
+    async def _open(self) -> libvirt.virConnect | None:
+        """A new, set-up connection; None if it did not open within `call_timeout_s` (libvirtError passes)."""
+        with trio.move_on_after(self._call_timeout_s):
+            return await trio.to_thread.run_sync(self._connect, limiter=self._limiter, abandon_on_cancel=True)
+        return None
+
     async def connect(self) -> None:
         """First connection; Unreachable with libvirt's reason if it fails."""
+        hint = "is libvirtd running? `bash .ci/libvirt-up` starts it"
         try:
-            conn = await trio.to_thread.run_sync(self._connect, limiter=self._limiter)
+            conn = await self._open()
         except libvirt.libvirtError as exc:
-            raise Unreachable(f"cannot connect to libvirt at {self.uri}: {error_text(exc)} (is libvirtd running? "
-                              "`bash .ci/install` starts it)") from exc
+            raise Unreachable(f"cannot connect to libvirt at {self.uri}: {error_text(exc)} ({hint})") from exc
+        if conn is None:
+            raise Unreachable(f"libvirt at {self.uri} did not answer within {self._call_timeout_s:g} s ({hint})")
         self._up(conn)
 
     def _up(self, conn: libvirt.virConnect) -> None:
@@ -174,9 +197,11 @@ class Hypervisor:
             while self._conn is None:
                 await trio.sleep(delay)
                 try:
-                    conn = await trio.to_thread.run_sync(self._connect, limiter=self._limiter)
+                    conn = await self._open()
                 except libvirt.libvirtError as exc:
                     log.debug("reconnecting to %s: %s", self.uri, error_text(exc))
+                    conn = None
+                if conn is None:
                     delay = min(delay * 2, RECONNECT_MAX_S)
                     continue
                 log.warning("reconnected to libvirt at %s", self.uri)
@@ -185,7 +210,8 @@ class Hypervisor:
     async def close(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
-            await trio.to_thread.run_sync(_close_quietly, conn, limiter=self._limiter)
+            with trio.move_on_after(CLOSE_TIMEOUT_S):
+                await trio.to_thread.run_sync(_close_quietly, conn, limiter=self._limiter, abandon_on_cancel=True)
 
     # -- libvirt callbacks: these run in the event-loop thread ------------------------------------------------
 
@@ -206,6 +232,13 @@ class Hypervisor:
         """Which event it was does not matter: a woken watcher re-reads the domain's state."""
         for watch in self._watches.get(name, ()):
             watch._wake()
+
+
+def _is_alive(conn: libvirt.virConnect) -> bool:
+    try:
+        return bool(conn.isAlive())
+    except libvirt.libvirtError:
+        return False
 
 
 def _close_quietly(conn: libvirt.virConnect) -> None:
@@ -252,15 +285,16 @@ class _EventLoopThread:
 
 
 @asynccontextmanager
-async def open_hypervisor(uri: str, limiter: trio.CapacityLimiter) -> AsyncIterator[Hypervisor]:
+async def open_hypervisor(uri: str, *, threads: int, call_timeout_s: float) -> AsyncIterator[Hypervisor]:
     """Connect to libvirt at `uri` and keep the connection up until the block ends.
 
+    `threads` bounds the worker threads in libvirt calls at once, `call_timeout_s` each call (module doc).
     Raises Unreachable if the first connection fails."""
     _register_default_impl()
     events = _EventLoopThread()
     events.start()
     try:
-        hypervisor = Hypervisor(uri, limiter, trio.lowlevel.current_trio_token())
+        hypervisor = Hypervisor(uri, trio.CapacityLimiter(threads), call_timeout_s, trio.lowlevel.current_trio_token())
         await hypervisor.connect()
         try:
             async with trio.open_nursery() as nursery:

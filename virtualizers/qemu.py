@@ -46,18 +46,19 @@ import psutil
 import trio
 
 from launcher.config import parse_section
-from launcher.errors import IMAGE_FAILURE, LAUNCH_FAILURE, STOP_FAILURE, VirtualizerError
+from launcher.errors import IMAGE_FAILURE, LAUNCH_FAILURE, STOP_FAILURE, SetupError, VirtualizerError
 from launcher.payloads import InstanceSpec
 from launcher.store import fsync_dir
-from virtualizers import cloudinit, domain
+from virtualizers import cloudinit, domain, preflight
 from virtualizers.base import BackendHost, MonitorEvent, MonitorInbox, VmStats
-from virtualizers.hypervisor import Disconnected, Hypervisor, error_text, open_hypervisor
+from virtualizers.hypervisor import Disconnected, Hypervisor, Unavailable, Unresponsive, error_text, open_hypervisor
 from virtualizers.images import ImageError, ImageInfo, ImageStore, ImportProgress
 
 log = logging.getLogger(__name__)
 
 SECTION = "qemu"
 ACCELS = ("auto", "kvm", "tcg")
+IMAGES_DIR = "images"  # the image store, under the data dir
 OVERLAY = "overlay.qcow2"
 SEED = "seed.iso"
 NVRAM = "nvram.fd"
@@ -110,20 +111,13 @@ class QemuSettings:
     ovmf_code: Path = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
     ovmf_vars: Path = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
     destroy_orphans: bool = False  # destroy domains of ours that have no instance dir (else report only)
-
-
-def kvm_usable() -> bool:
-    """Hardware virtualization really works: a vendor KVM module is loaded and /dev/kvm is usable.
-
-    /dev/kvm alone is not enough: a nested paravirtual KVM (kvm_pvm) provides it but cannot boot ordinary
-    guests."""
-    vendor_module = any(Path("/sys/module", name).exists() for name in ("kvm_intel", "kvm_amd"))
-    return vendor_module and os.access("/dev/kvm", os.R_OK | os.W_OK)
+    libvirt_threads: int = 8  # worker threads in libvirt calls at once (hypervisor.py: hung calls keep theirs)
+    libvirt_timeout_s: float = 60.0  # bound on any one libvirt call (commands are also bound by their phase)
 
 
 def resolve_accel(accel: str) -> bool:
-    """True for KVM, False for TCG."""
-    return accel == "kvm" or (accel == "auto" and kvm_usable())
+    """True for KVM, False for TCG. `auto` is KVM where it really works (`preflight.kvm_problem`)."""
+    return accel == "kvm" or (accel == "auto" and preflight.kvm_problem() is None)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -162,6 +156,15 @@ class QemuBackend:
             console_log=instance_dir / CONSOLE_LOG,
             nvram=instance_dir / NVRAM,
         )
+
+    async def preflight(self) -> None:
+        """SetupError, with what to do, if this host cannot run the VMs as configured (`virtualizers.preflight`)."""
+        s = self.settings
+        preflight.check_accel(s.accel)
+        preflight.check_firmware({f"{SECTION}.ovmf_code": s.ovmf_code, f"{SECTION}.ovmf_vars": s.ovmf_vars})
+        await preflight.check_capabilities(self.hypervisor, s.machine, self.kvm)
+        data_dir = self.host.data_dir
+        await preflight.check_reachable(self.hypervisor, [data_dir / "instances", data_dir / IMAGES_DIR])
 
     async def our_domains(self) -> list[domain.DomainMetadata]:
         """The launcher metadata of every domain that belongs to this data dir."""
@@ -237,19 +240,21 @@ def remove_domain(conn: libvirt.virConnect, name: str) -> bool:
 async def open_backend(raw: Mapping[str, Any], host: BackendHost) -> AsyncIterator[QemuBackend]:
     """Open the QEMU backend (the `qemu` entry point of `launcher.virtualizers`).
 
-    ValueError if the settings are invalid or libvirt cannot be reached (hypervisor.Unreachable, with
-    libvirt's reason)."""
+    SetupError if the settings are invalid, libvirt cannot be reached (hypervisor.Unreachable, with libvirt's
+    reason) or the host cannot run the VMs as configured (`virtualizers.preflight`)."""
     settings: QemuSettings = parse_section(QemuSettings, dict(raw), f"{SECTION}.")
-    images = ImageStore(host.data_dir / "images", search_dirs=settings.image_dirs,
+    images = ImageStore(host.data_dir / IMAGES_DIR, search_dirs=settings.image_dirs,
                         url_template=settings.image_url or None, limiter=host.limiter,
                         on_progress=lambda progress: report_progress(host, progress),
                         gc_age_s=settings.image_gc_age_s)
     try:
         await images.open()
     except ImageError as exc:
-        raise ValueError(f"{SECTION}: {exc}") from exc
-    async with open_hypervisor(settings.uri, host.limiter) as hypervisor:
+        raise SetupError(f"{SECTION}: {exc}") from exc
+    async with open_hypervisor(settings.uri, threads=settings.libvirt_threads,
+                               call_timeout_s=settings.libvirt_timeout_s) as hypervisor:
         backend = QemuBackend(settings, host, hypervisor, images, resolve_accel(settings.accel))
+        await backend.preflight()
         log.info("qemu virtualizer: libvirt %s, accel %s, seed %s, network %s:%s", settings.uri,
                  "kvm" if backend.kvm else "tcg", settings.seed_format, settings.network.kind,
                  settings.network.source)
@@ -355,8 +360,8 @@ class QemuVirtualizer:
         """Destroy the domain if it still runs, and undefine it with its NVRAM; the actor removes the dir."""
         try:
             removed = await self._backend.hypervisor.call(lambda conn: remove_domain(conn, self._name))
-        except (Disconnected, libvirt.libvirtError) as exc:
-            message = str(exc) if isinstance(exc, Disconnected) else error_text(exc)
+        except (Unavailable, libvirt.libvirtError) as exc:
+            message = str(exc) if isinstance(exc, Unavailable) else error_text(exc)
             self._log(f"cannot undefine domain {self._name}: {message}")
             raise self._fail(STOP_FAILURE, f"cannot undefine domain {self._name}: {message}") from exc
         if removed:
@@ -372,7 +377,7 @@ class QemuVirtualizer:
             self._log(f"step define: domain {self._name} in {_ms(started)} ms")
             started = time.monotonic()
             await self._backend.hypervisor.call(lambda conn: _create(dom))
-        except Disconnected as exc:
+        except Unavailable as exc:
             raise self._fail(LAUNCH_FAILURE, str(exc)) from exc
         except libvirt.libvirtError as exc:
             raise self._fail(LAUNCH_FAILURE, f"libvirt could not start {self._name}: {error_text(exc)}") from exc
@@ -389,6 +394,9 @@ class QemuVirtualizer:
                     state, reason = await self._state()
                 except Disconnected:
                     await hypervisor.wait_connected()  # the VM does not stop because libvirtd did
+                    continue
+                except Unresponsive:
+                    await watch.wait(STATE_POLL_S)  # no answer is not "down": ask again
                     continue
                 if state not in _ACTIVE_STATES:
                     await inbox.send(MonitorEvent.CLOSED)
@@ -409,7 +417,7 @@ class QemuVirtualizer:
         self._paused_reported = paused
 
     async def _state(self) -> tuple[int, int]:
-        """(libvirt state, reason); VIR_DOMAIN_SHUTOFF if the domain does not exist. Disconnected passes."""
+        """(libvirt state, reason); VIR_DOMAIN_SHUTOFF if the domain does not exist. Unavailable passes."""
         def read(conn: libvirt.virConnect) -> tuple[int, int]:
             try:
                 state, reason = conn.lookupByName(self._name).state()
@@ -437,8 +445,8 @@ class QemuVirtualizer:
                     self._log("domain destroyed" + (" (the guest did not power off in time)" if grace > 0 else ""))
                 else:
                     self._log("guest powered off")
-            except (Disconnected, libvirt.libvirtError) as exc:
-                message = str(exc) if isinstance(exc, Disconnected) else error_text(exc)
+            except (Unavailable, libvirt.libvirtError) as exc:
+                message = str(exc) if isinstance(exc, Unavailable) else error_text(exc)
                 raise self._fail(STOP_FAILURE, f"cannot stop {self._name}: {message}") from exc
 
     async def _is_active(self) -> bool:
@@ -451,7 +459,7 @@ class QemuVirtualizer:
         disk_mb = await trio.to_thread.run_sync(_allocated_mb, self._dir / OVERLAY, limiter=self._backend.host.limiter)
         try:
             info = await self._backend.hypervisor.call(lambda conn: conn.lookupByName(self._name).info())
-        except (Disconnected, libvirt.libvirtError):
+        except (Unavailable, libvirt.libvirtError):
             return VmStats(disk_mb=disk_mb)
         state, _max_kib, _kib, vcpus, cpu_ns = info
         if state not in _ACTIVE_STATES:
@@ -513,7 +521,10 @@ def _unlink_quietly(path: Path) -> None:
 
 
 def _create(dom: libvirt.virDomain) -> None:
-    dom.create()
+    """Boot the defined domain. One that already runs counts as started: an earlier start_vm that overran its
+    timeout may have started it after all (its abandoned thread's call went through), and a RESTART adopts it."""
+    if not dom.isActive():
+        dom.create()
 
 
 def _press_power_button(conn: libvirt.virConnect, name: str) -> None:

@@ -50,7 +50,7 @@ import psutil
 import trio
 
 from launcher import store
-from launcher.errors import IMAGE_FAILURE, LAUNCH_FAILURE, STOP_FAILURE, VirtualizerError
+from launcher.errors import IMAGE_FAILURE, LAUNCH_FAILURE, STOP_FAILURE, SetupError, VirtualizerError
 from launcher.payloads import InstanceSpec
 from virtualizers import simvm
 from virtualizers.base import BackendHost, MonitorEvent, MonitorInbox, VmStats
@@ -266,11 +266,15 @@ class SimulationBackend:
 async def open_backend(settings: Mapping[str, Any], host: BackendHost) -> AsyncIterator[SimulationBackend]:
     """Open the simulation backend (the `simulation` entry point of `launcher.virtualizers`).
 
-    `settings` is the `simulation:` config section; ValueError if it is invalid. `host` is not used: the
+    `settings` is the `simulation:` config section; SetupError (naming the key) if it is invalid. `host` is not used: the
     simulation keeps nothing outside the instance directories and reports nothing of its own. Closing the backend leaves process-mode VMs
     running (a restarted launcher recovers them); memory-mode VMs live in the backend and end with it.
     """
-    backend = SimulationBackend(SimulationSettings.parse(settings))
+    try:
+        parsed = SimulationSettings.parse(settings)
+    except ValueError as exc:
+        raise SetupError(str(exc)) from None
+    backend = SimulationBackend(parsed)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(backend.run_boot_clock)
         yield backend
