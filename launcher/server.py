@@ -13,7 +13,7 @@ import logging
 import os
 import secrets
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -65,8 +65,8 @@ class Core:
 
 @asynccontextmanager
 async def running_core(config: Config) -> AsyncIterator[Core]:
-    """Journal, logs and persister, then the virtualizer backend, then the supervisor (which recovers the
-    instances on disk). Leaving the block stops them in the reverse order; VMs keep running."""
+    """Journal, logs and persister, then the virtualizer backend and its preflight, then the supervisor (which
+    recovers the instances on disk). Leaving the block stops them in the reverse order; VMs keep running."""
     opener = load_backend(config.virtualizer)
     config.data_dir.mkdir(parents=True, exist_ok=True)
     lock = store.lock_data_dir(config.data_dir)
@@ -90,6 +90,9 @@ async def _core_under_lock(config: Config, opener: OpenBackend) -> AsyncIterator
         await infrastructure.start(persister.run)
         host = BackendHost(config.data_dir, limiter, journal.emit, logs.write)
         async with opener(config.virtualizer_settings(), host) as backend:
+            preflight: Callable[[], Awaitable[None]] | None = getattr(backend, "preflight", None)
+            if preflight is not None:
+                await preflight()  # SetupError: `launcher serve` prints it and exits 2
             async with trio.open_nursery() as actors:
                 supervisor = Supervisor(config, backend, journal, logs, persister)
                 await actors.start(supervisor.run)

@@ -94,6 +94,8 @@ class Backend(Protocol):
         """A fresh, uninitialised Virtualizer for one instance."""
 
     # A backend with backing images also has `images: ImageCatalog` (see `image_catalog`).
+    # A backend may also have `async preflight() -> None`, which raises SetupError (one line that says what to
+    # do) if the host cannot run its VMs as configured; `launcher serve` awaits it before it serves.
 
 
 def image_catalog(backend: Backend) -> ImageCatalog | None:

@@ -240,8 +240,9 @@ def remove_domain(conn: libvirt.virConnect, name: str) -> bool:
 async def open_backend(raw: Mapping[str, Any], host: BackendHost) -> AsyncIterator[QemuBackend]:
     """Open the QEMU backend (the `qemu` entry point of `launcher.virtualizers`).
 
-    SetupError if the settings are invalid, libvirt cannot be reached (hypervisor.Unreachable, with libvirt's
-    reason) or the host cannot run the VMs as configured (`virtualizers.preflight`)."""
+    SetupError if the settings are invalid or libvirt cannot be reached (hypervisor.Unreachable, with libvirt's
+    reason). Whether the host can run the VMs as configured is `QemuBackend.preflight`'s job, which
+    `launcher serve` calls (`launcher hard-reset` does not: it must clean up even a host that cannot run VMs)."""
     settings: QemuSettings = parse_section(QemuSettings, dict(raw), f"{SECTION}.")
     images = ImageStore(host.data_dir / IMAGES_DIR, search_dirs=settings.image_dirs,
                         url_template=settings.image_url or None, limiter=host.limiter,
@@ -254,7 +255,6 @@ async def open_backend(raw: Mapping[str, Any], host: BackendHost) -> AsyncIterat
     async with open_hypervisor(settings.uri, threads=settings.libvirt_threads,
                                call_timeout_s=settings.libvirt_timeout_s) as hypervisor:
         backend = QemuBackend(settings, host, hypervisor, images, resolve_accel(settings.accel))
-        await backend.preflight()
         log.info("qemu virtualizer: libvirt %s, accel %s, seed %s, network %s:%s", settings.uri,
                  "kvm" if backend.kvm else "tcg", settings.seed_format, settings.network.kind,
                  settings.network.source)
