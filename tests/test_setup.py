@@ -70,7 +70,8 @@ def test_unreachable_libvirt_is_one_line_and_exit_2(tmp_path: Path) -> None:
 
 def test_data_dir_qemu_cannot_reach_is_refused_before_serving(tmp_path: Path) -> None:
     """pytest's tmp dirs sit under a 0700 dir: QEMU (libvirt-qemu) could not open the disks there."""
-    blocked = next(p for p in [*reversed(tmp_path.parents), tmp_path] if not stat.S_IMODE(p.stat().st_mode) & stat.S_IXOTH)
+    chain = [*reversed(tmp_path.parents), tmp_path]
+    blocked = next(p for p in chain if not stat.S_IMODE(p.stat().st_mode) & stat.S_IXOTH)
     done = serve(tmp_path, {"virtualizer": "qemu"})
     line = refusal(done)
     assert f"which cannot enter {blocked} (mode " in line and "QEMU runs as libvirt-qemu" in line, line

@@ -20,8 +20,9 @@ after a wake-up, so a lost or coalesced event costs at most one `timeout`, never
 Connection loss (libvirtd restarted or killed) is decided by the connection, never by an error code: after a
 failed call the connection is asked `isAlive()` (a local check, no round trip), and only a dead connection is
 dropped. An error of one domain (QEMU cannot open a disk: VIR_ERR_SYSTEM_ERROR) leaves the connection alone.
-Once it is lost, every call fails with `Disconnected`, and a reconnect task retries with backoff. Watches are woken once the connection is back, so monitors re-read their domain's
-state; a VM keeps running while libvirtd is away, and no monitor takes "no answer" for "down".
+Once it is lost, every call fails with `Disconnected`, and a reconnect task retries with backoff. Watches are
+woken once the connection is back, so monitors re-read their domain's state; a VM keeps running while libvirtd
+is away, and no monitor takes "no answer" (`Disconnected` or `Unresponsive`) for "down".
 """
 
 from __future__ import annotations

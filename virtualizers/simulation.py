@@ -266,9 +266,10 @@ class SimulationBackend:
 async def open_backend(settings: Mapping[str, Any], host: BackendHost) -> AsyncIterator[SimulationBackend]:
     """Open the simulation backend (the `simulation` entry point of `launcher.virtualizers`).
 
-    `settings` is the `simulation:` config section; SetupError (naming the key) if it is invalid. `host` is not used: the
-    simulation keeps nothing outside the instance directories and reports nothing of its own. Closing the backend leaves process-mode VMs
-    running (a restarted launcher recovers them); memory-mode VMs live in the backend and end with it.
+    `settings` is the `simulation:` config section; SetupError (naming the key) if it is invalid. `host` is not
+    used: the simulation keeps nothing outside the instance directories and reports nothing of its own. Closing
+    the backend leaves process-mode VMs running (a restarted launcher recovers them); memory-mode VMs live in
+    the backend and end with it.
     """
     try:
         parsed = SimulationSettings.parse(settings)
