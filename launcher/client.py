@@ -14,6 +14,8 @@ from launcher import store
 from launcher.errors import LauncherError
 
 DEFAULT_DATA_DIR = Path("/var/lib/launcher")
+DEFAULT_WAIT_S = 600.0  # `?wait=1` without a timeout: as long as the launcher's default `timeouts.wait_s`
+WAIT_MARGIN_S = 30.0  # a waited-for answer may arrive this long after the wait's own timeout
 
 
 class ClientError(LauncherError):
@@ -43,11 +45,21 @@ class Client:
 
     def request(self, method: str, path: str, body: bytes | None = None, content_type: str = "",
                 **query: Any) -> Any:
-        """One call; the decoded JSON answer, or ClientError with the launcher's code and reason."""
-        conn = self._send(method, path, body, content_type, query, self.timeout)
+        """One call; the decoded JSON answer, or ClientError with the launcher's code and reason.
+
+        With `wait`, the launcher answers only once the command has finished or `timeout` (sent explicitly,
+        DEFAULT_WAIT_S if not given) has passed, so the socket waits that long plus WAIT_MARGIN_S."""
+        read_timeout = self.timeout
+        if query.get("wait"):
+            query["timeout"] = query.get("timeout") or DEFAULT_WAIT_S
+            read_timeout = max(read_timeout, float(query["timeout"]) + WAIT_MARGIN_S)
+        conn = self._send(method, path, body, content_type, query, read_timeout)
         try:
             response = conn.getresponse()
             data = response.read()
+        except TimeoutError:
+            raise ClientError("no_answer", f"the launcher at {self.host}:{self.port} did not answer within "
+                                           f"{read_timeout:g} s") from None
         finally:
             conn.close()
         answer = json.loads(data) if data else {}

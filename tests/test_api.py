@@ -228,3 +228,26 @@ def test_sigterm_ends_the_launcher_promptly(launcher_factory: Any) -> None:
     launcher.proc.send_signal(signal.SIGTERM)
     assert launcher.proc.wait(timeout=10) == 0
     assert "Traceback" not in launcher.output()
+
+
+def test_a_wait_longer_than_the_clients_socket_timeout_is_waited_for(launcher_factory: Any) -> None:
+    """`?wait=1&timeout=S` beyond the client's own socket timeout: the client waits for the launcher's answer
+    (it used to give up first, while the launcher was still waiting on the command)."""
+    launcher = launcher_factory({"simulation": {"boot_delay_s": 1.5}})
+    client = launcher.client()
+    client.timeout = 0.5
+    answer = client.request("POST", "/v1/instances", start_yaml(LEGACY), YAML, wait=1, timeout=30)
+    assert answer == {"instance_uuid": LEGACY, "state": "running", "done": True}
+
+
+def test_a_launcher_that_does_not_answer_is_a_client_error(launcher: LauncherProcess) -> None:
+    client = launcher.client()
+    client.timeout = 0.5
+    assert launcher.proc is not None
+    launcher.proc.send_signal(signal.SIGSTOP)
+    try:
+        error = error_of(lambda: client.request("GET", "/v1/instances"))
+    finally:
+        launcher.proc.send_signal(signal.SIGCONT)
+    assert (error.code, error.reason) == ("no_answer", f"the launcher at {client.host}:{client.port} did not "
+                                                       "answer within 0.5 s")
