@@ -46,6 +46,8 @@ STATUS_OF = {
     errors.INSTANCE_CORRUPT: 409,
     errors.IMAGE_IN_USE: 409,
     errors.EVENTS_EXPIRED: 410,
+    errors.REQUEST_TIMEOUT: 408,
+    errors.TOO_MANY_CONNECTIONS: 503,
     errors.FULL_CN: 503,
     errors.NODE_MAINTENANCE: 503,
     errors.INSTANCE_BUSY: 503,

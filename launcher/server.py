@@ -21,7 +21,7 @@ from pathlib import Path
 import attrs
 import trio
 
-from launcher import http, store
+from launcher import fdlimit, http, store
 from launcher.api import Api
 from launcher.config import Config
 from launcher.events import EventJournal
@@ -111,6 +111,7 @@ GC_THRESHOLDS = (10_000, 10, 100)
 async def serve(config: Config) -> None:
     """`launcher serve`: the core, the stats reporter and the HTTP API, until SIGTERM or SIGINT."""
     gc.set_threshold(*GC_THRESHOLDS)
+    limits = _http_limits(config)
     async with running_core(config) as core:
         token = api_token(config.data_dir)
         async with trio.open_nursery() as work:
@@ -119,11 +120,23 @@ async def serve(config: Config) -> None:
             await work.start(stats.run)
             api = Api(core.supervisor, core.journal, core.logs, stats, token)
             host, _, port = config.listen.rpartition(":")
-            url = await work.start(partial(http.serve, max_body=config.max_payload_bytes),
-                                   api.handle, host.strip("[]"), int(port))
+            listeners, url = await http.open_tcp(host.strip("[]"), int(port))
+            await work.start(partial(http.serve, max_body=config.max_payload_bytes, limits=limits),
+                             api.handle, listeners)
             store.atomic_write(config.data_dir / store.URL_FILE, url.encode())
             log.info("launcher serving on %s (virtualizer %s, data dir %s, pid %d)",
                      url, config.virtualizer, config.data_dir, os.getpid())
+
+
+def _http_limits(config: Config) -> http.Limits:
+    """The config's HTTP limits, with max_connections cut to what the open-file limit (raised first) allows."""
+    open_files = fdlimit.raise_open_file_limit()
+    budget = fdlimit.connection_budget(config.http.max_connections, open_files)
+    if budget < config.http.max_connections:
+        log.warning("http.max_connections is %d, but the open-file limit (%d) allows only %d connections; "
+                    "raise the hard limit (e.g. LimitNOFILE= in the systemd unit)",
+                    config.http.max_connections, open_files, budget)
+    return attrs.evolve(config.http, max_connections=budget)
 
 
 async def _cancel_on_signal(scope: trio.CancelScope) -> None:
