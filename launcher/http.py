@@ -37,7 +37,8 @@ from launcher.errors import INVALID_PAYLOAD, REQUEST_TIMEOUT, TOO_MANY_CONNECTIO
 
 log = logging.getLogger(__name__)
 
-MAX_HEADER_BYTES = 64 * 1024  # a longer request head is answered 431
+MAX_HEADER_BYTES = 64 * 1024  # a request head longer than this (plus at most RECEIVE_BYTES) is answered 431
+RECEIVE_BYTES = 16 * 1024  # h11 checks the head's size between receives, so this bounds the overshoot
 LINGER_S = 2.0  # after an error answer, how long the client's remaining bytes are read and dropped
 LINGER_BYTES = 1 << 20  # ... and at most this many
 
@@ -225,7 +226,7 @@ class _Connection:
             event = self.conn.next_event()
             if event is not h11.NEED_DATA:
                 return event
-            data = await self.stream.receive_some(65536)
+            data = await self.stream.receive_some(RECEIVE_BYTES)
             self.conn.receive_data(data)  # b"" means the peer closed
 
     async def _read_request(self, head: h11.Request) -> Request:

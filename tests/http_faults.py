@@ -70,3 +70,29 @@ def assert_serving(launcher: LauncherProcess) -> None:
     assert launcher.proc is not None and launcher.proc.poll() is None, launcher.output()[-3000:]
     assert "instances" in launcher.client().request("GET", "/v1/instances")
     assert launcher.client().request("GET", "/healthz") == {"status": "ok"}
+
+
+def is_closed_by_peer(sock: socket.socket, timeout: float = 5.0) -> bool:
+    """Whether the launcher closed this (otherwise silent) connection, waiting up to `timeout` for it."""
+    sock.settimeout(timeout)
+    try:
+        return sock.recv(1, socket.MSG_PEEK) == b""
+    except TimeoutError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+def is_open(sock: socket.socket) -> bool:
+    """Whether this silent connection is open now (nothing to read, no end of stream)."""
+    timeout = sock.gettimeout()
+    sock.settimeout(0)
+    try:
+        sock.recv(1, socket.MSG_PEEK)
+    except BlockingIOError:
+        return True
+    except ConnectionResetError:
+        return False
+    finally:
+        sock.settimeout(timeout)
+    return False
