@@ -56,6 +56,22 @@ def read_all(sock: socket.socket) -> bytes:
     return data
 
 
+def read_for(sock: socket.socket, seconds: float) -> tuple[bytes, bool]:
+    """What arrives within `seconds`, and whether the launcher closed the connection by then."""
+    data = b""
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        sock.settimeout(left)
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            break
+        if not chunk:
+            return data, True
+        data += chunk
+    return data, False
+
+
 def status_of(answer: bytes) -> int:
     return int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/1.1 ") else 0
 
