@@ -98,7 +98,7 @@ class Stream:
 Handler = Callable[[Request], Awaitable[Response | Stream]]
 
 # What a client can do to its own connection; nothing to answer, nothing to log.
-CLIENT_GONE = (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError, ConnectionError)
+CLIENT_GONE = (trio.BrokenResourceError, trio.ClosedResourceError, h11.RemoteProtocolError, ConnectionError)
 
 
 async def serve(handler: Handler, listeners: Sequence[trio.SocketListener], *, max_body: int,
@@ -180,6 +180,7 @@ class _Connection:
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
         self.scope = trio.CancelScope()
         self.phase = _Phase.HEAD
+        self.answering_head = False  # the request is a HEAD: answers get their head only (RFC 9110 §9.3.2)
         self.idle: dict[_Connection, None] = {}  # where it is listed while it waits for a request head
 
     async def run(self) -> None:
@@ -203,6 +204,7 @@ class _Connection:
                 self.idle.pop(self, None)
                 if not isinstance(event, h11.Request):  # ConnectionClosed
                     return
+                self.answering_head = event.method == b"HEAD"
                 self._enter(_Phase.BODY, self.limits.body_timeout_s)
                 request = await self._read_request(event)
             except h11.RemoteProtocolError as exc:
@@ -214,7 +216,7 @@ class _Connection:
             self._enter(_Phase.HANDLER, math.inf)
             answer = await self.handler(request)
             if isinstance(answer, Stream):
-                await self._send_stream(answer)
+                await (self._send_stream_head(answer) if self.answering_head else self._send_stream(answer))
                 return  # a streamed answer ends the connection
             await self._send(answer)
             if self.conn.our_state is h11.MUST_CLOSE:
@@ -265,9 +267,17 @@ class _Connection:
         if close:
             headers.append(("connection", "close"))
         data = self.conn.send(h11.Response(status_code=response.status, headers=headers))
-        data += self.conn.send(h11.Data(data=response.body)) + self.conn.send(h11.EndOfMessage())
+        if not self.answering_head:
+            data += self.conn.send(h11.Data(data=response.body))
+        data += self.conn.send(h11.EndOfMessage())
         self._enter(_Phase.SEND, self.limits.send_timeout_s)
         await self.stream.send_all(data)
+
+    async def _send_stream_head(self, stream: Stream) -> None:
+        """A HEAD of a streamed answer: its head, of unknown length, so the connection ends after it."""
+        head = h11.Response(status_code=200, headers=[("content-type", stream.content_type), ("connection", "close")])
+        self._enter(_Phase.SEND, self.limits.send_timeout_s)
+        await self.stream.send_all(self.conn.send(head) + self.conn.send(h11.EndOfMessage()))
 
     async def _send_stream(self, stream: Stream) -> None:
         head = h11.Response(status_code=200, headers=[("content-type", stream.content_type),

@@ -255,3 +255,15 @@ def test_two_thousand_idle_connections_stay_open_and_the_api_answers(
     finally:
         for sock in idle:
             sock.close()
+
+
+def test_head_is_answered_with_the_head_of_get(launcher: LauncherProcess) -> None:
+    """Found by the fuzzer: a HEAD got no answer at all (h11 refused the body of the 404 it was given)."""
+    for target, status in (("/healthz", 200), ("/v1/instances", 200), ("/v1/events", 200), ("/nowhere", 404)):
+        sock = connect(launcher)
+        sock.sendall(head(launcher, "HEAD", target, "Connection: close\r\n"))
+        answer = read_all(sock)
+        assert status_of(answer) == status, answer
+        assert answer.endswith(b"\r\n\r\n")  # a head, no body
+    assert "Traceback" not in launcher.output()
+    assert_serving(launcher)

@@ -56,7 +56,6 @@ async def get(port: int, path: str) -> bytes:
         return data
 
 
-
 @pytest.fixture
 async def port(nursery: trio.Nursery) -> int:
     listeners, url = await http.open_tcp("127.0.0.1", 0)
