@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import socket
 from typing import Any
+from urllib.parse import quote
 
 import yaml
 from hypothesis import strategies as st
@@ -37,6 +38,30 @@ YAML_TOKENS = ["start:", "stop:", "\n", "  ", "instance_uuid: ", "image_uuid: ",
 yaml_like = st.lists(st.sampled_from(YAML_TOKENS) | st.text(max_size=5), max_size=40).map("".join)
 
 
+valid_uuids = st.lists(st.sampled_from("0123456789abcdef"), min_size=1, max_size=12).map("".join).map(
+    lambda h: f"{h}-0000-4000-8000-000000000000")
+plausible = {
+    "image_uuid": st.sampled_from(["test-image", "..", "a/b", "", "x" * 300]),
+    "fw_type": st.sampled_from(["legacy", "efi", "", "bios"]),
+    "vm_type": st.sampled_from(["qemu", "", "docker"]),
+    "tenant_uuid": st.sampled_from(["", "67d86208-b46c-4465-9018-fe14087d415f", "-x"]),
+    "requirements": st.fixed_dictionaries({}, optional={k: st.integers(-1, 2**20) | scalars for k in (
+        "vcpus", "mem_mb", "disk_mb")}),
+    "requested_resources": st.lists(st.fixed_dictionaries(
+        {"type": st.sampled_from(["vcpus", "mem_mb", "disk_mb", "network_node", "bogus"]),
+         "value": st.integers(-1, 2**21) | scalars}, optional={"mandatory": st.booleans()}), max_size=4),
+    "networking": st.fixed_dictionaries({}, optional={
+        "vnic_mac": st.sampled_from(["02:00:de:ad:be:ef", "zz", "02:00:de:ad:be"]),
+        "private_ip": st.sampled_from(["10.0.0.1", "300.1.1.1", "::1"]),
+        "subnet": st.sampled_from(["10.0.0.0/24", "10.0.0.1/24", "x"])}),
+    "storage": st.lists(st.fixed_dictionaries({"id": st.sampled_from(UUIDS)},
+                                              optional={"boot": st.booleans(), "size": scalars}), max_size=2),
+}
+# STARTs that are valid but for a field or two: they reach the validation of each field, and the launcher.
+near_valid_starts = st.tuples(valid_uuids, st.fixed_dictionaries({}, optional=plausible)).map(
+    lambda args: {"start": {"instance_uuid": args[0], **args[1]}})
+
+
 def encode(document: Any, syntax: str) -> bytes:
     if syntax == "json":
         return json.dumps(document, default=str).encode()
@@ -45,6 +70,7 @@ def encode(document: Any, syntax: str) -> bytes:
 
 bodies = st.one_of(
     st.binary(max_size=300),
+    st.tuples(near_valid_starts, st.sampled_from(["json", "yaml"])).map(lambda args: encode(*args)),
     yaml_like.map(lambda text: text.encode("utf-8", "surrogatepass")),
     st.tuples(documents, st.sampled_from(["json", "yaml"])).map(lambda args: encode(*args)),
     st.tuples(documents, st.sampled_from(["json", "yaml"]), st.sampled_from(payloads.COMMAND_KEYS)).map(
@@ -88,10 +114,37 @@ HEADER_LINES = st.sampled_from([
 ])
 
 
+ROUTES = [("GET", "/healthz"), ("GET", "/metrics"), ("POST", "/v1/instances"), ("GET", "/v1/instances"),
+          ("GET", "/v1/instances/{u}"), ("DELETE", "/v1/instances/{u}"), ("POST", "/v1/instances/{u}/stop"),
+          ("POST", "/v1/instances/{u}/restart"), ("GET", "/v1/instances/{u}/log"), ("POST", "/v1/commands"),
+          ("GET", "/v1/node"), ("POST", "/v1/node/evacuate"), ("POST", "/v1/node/restore"), ("GET", "/v1/stats"),
+          ("GET", "/v1/events"), ("GET", "/v1/images"), ("POST", "/v1/images"), ("DELETE", "/v1/images/{u}"),
+          ("POST", "/v1/images/gc")]
+
+
+@st.composite
+def api_calls(draw: st.DrawFn, token: str) -> bytes:
+    """A well-formed call of one of the API's routes (right method, token, Content-Type and Content-Length),
+    with fuzzed uuids, query and body: these get past the HTTP layer into the handlers."""
+    method, path = draw(st.sampled_from(ROUTES))
+    while "{u}" in path:
+        path = path.replace("{u}", draw(st.sampled_from(UUIDS) | valid_uuids), 1)
+    query = draw(st.lists(st.tuples(st.sampled_from(QUERY_KEYS), QUERY_VALUES.filter(str.isascii)), max_size=3))
+    target = path + ("?" + "&".join(f"{k}={quote(v)}" for k, v in query) if query else "")
+    syntax = draw(st.sampled_from(["json", "yaml"]))
+    commands = st.tuples(st.sampled_from(payloads.COMMAND_KEYS), documents).map(lambda args: {args[0]: args[1]})
+    body = encode(draw(near_valid_starts | commands), syntax) if method == "POST" else b""
+    return (f"{method} {target} HTTP/1.1\r\nHost: launcher\r\nConnection: close\r\n"
+            f"Authorization: Bearer {token}\r\nContent-Type: application/{syntax}\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+
+
 @st.composite
 def requests(draw: st.DrawFn, token: str) -> bytes:
-    """One HTTP request as bytes: mostly well-formed with fuzzed parts, sometimes raw garbage."""
-    if draw(st.integers(0, 19)) == 0:
+    """One HTTP request as bytes: half well-formed API calls, half fuzzed at the HTTP level (any method, path,
+    header or body), some raw garbage."""
+    if draw(st.booleans()):
+        return draw(api_calls(token))
+    if draw(st.integers(0, 9)) == 0:
         return draw(st.binary(max_size=200))
     method = draw(st.sampled_from(METHODS))
     path = draw(st.sampled_from(ENDPOINTS))
