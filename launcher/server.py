@@ -22,6 +22,7 @@ import attrs
 import trio
 
 from launcher import fdlimit, http, store
+from launcher.unix_listener import open_unix_listener, remove_socket
 from launcher.api import Api
 from launcher.config import Config
 from launcher.events import EventJournal
@@ -121,11 +122,15 @@ async def serve(config: Config) -> None:
             api = Api(core.supervisor, core.journal, core.logs, stats, token)
             host, _, port = config.listen.rpartition(":")
             listeners, url = await http.open_tcp(host.strip("[]"), int(port))
+            if config.listen_unix:
+                listeners.append(await open_unix_listener(Path(config.listen_unix)))
+                work.start_soon(_remove_on_exit, Path(config.listen_unix))
             await work.start(partial(http.serve, max_body=config.max_payload_bytes, limits=limits),
                              api.handle, listeners)
             store.atomic_write(config.data_dir / store.URL_FILE, url.encode())
-            log.info("launcher serving on %s (virtualizer %s, data dir %s, pid %d)",
-                     url, config.virtualizer, config.data_dir, os.getpid())
+            log.info("launcher serving on %s%s (virtualizer %s, data dir %s, pid %d)", url,
+                     f" and unix://{config.listen_unix}" if config.listen_unix else "", config.virtualizer,
+                     config.data_dir, os.getpid())
 
 
 def _http_limits(config: Config) -> http.Limits:
@@ -137,6 +142,14 @@ def _http_limits(config: Config) -> http.Limits:
                     "raise the hard limit (e.g. LimitNOFILE= in the systemd unit)",
                     config.http.max_connections, open_files, budget)
     return attrs.evolve(config.http, max_connections=budget)
+
+
+async def _remove_on_exit(path: Path) -> None:
+    """Wait until the launcher stops, then remove its unix socket."""
+    try:
+        await trio.sleep_forever()
+    finally:
+        remove_socket(path)
 
 
 async def _cancel_on_signal(scope: trio.CancelScope) -> None:
