@@ -135,7 +135,8 @@ def api_calls(draw: st.DrawFn, token: str) -> bytes:
     commands = st.tuples(st.sampled_from(payloads.COMMAND_KEYS), documents).map(lambda args: {args[0]: args[1]})
     body = encode(draw(near_valid_starts | commands), syntax) if method == "POST" else b""
     return (f"{method} {target} HTTP/1.1\r\nHost: launcher\r\nConnection: close\r\n"
-            f"Authorization: Bearer {token}\r\nContent-Type: application/{syntax}\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+            f"Authorization: Bearer {token}\r\nContent-Type: application/{syntax}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
 
 
 @st.composite

@@ -105,7 +105,8 @@ MALFORMED = {
     "header name with a space": (b"GET /healthz HTTP/1.1\r\nHost: x\r\nBad Name: 1\r\n\r\n", 400),
     "no Host": (b"GET /healthz HTTP/1.1\r\n\r\n", 400),
     "oversize head": (b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n", 431),
-    "bad chunk size": (b"POST /v1/instances HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nab\r\n", 400),
+    "bad chunk size": (b"POST /v1/instances HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                       b"zz\r\nab\r\n", 400),
     "chunk longer than its size": (b"POST /v1/commands HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
                                    b"2\r\nabcdef\r\n0\r\n\r\n", 400),
     "Content-Length not a number": (b"POST /v1/commands HTTP/1.1\r\nHost: x\r\nContent-Length: ten\r\n\r\n", 400),
