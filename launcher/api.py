@@ -54,6 +54,7 @@ STATUS_OF = {
     errors.NETWORK_FAILURE: 502,
     errors.LAUNCH_FAILURE: 502,
     errors.STOP_FAILURE: 502,
+    errors.STORAGE_FULL: 507,
     errors.INTERNAL: 500,
 }
 

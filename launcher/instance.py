@@ -306,7 +306,7 @@ class InstanceActor:
             self._gone(reason=errors.INSTANCE_EXISTS)
             return
         except OSError as exc:
-            await self._fail_start(ticket, LauncherError(errors.IMAGE_FAILURE, f"cannot write instance dir: {exc}"))
+            await self._fail_start(ticket, errors.write_failure(exc, "the instance dir", errors.IMAGE_FAILURE))
             return
         self._emit_state()
         await self._prepare_and_boot(ticket, "start_failure")
@@ -335,7 +335,7 @@ class InstanceActor:
             await self._fail_start(ticket, exc)
             return
         except OSError as exc:
-            await self._fail_start(ticket, LauncherError(errors.IMAGE_FAILURE, f"cannot write instance.json: {exc}"))
+            await self._fail_start(ticket, errors.write_failure(exc, store.INSTANCE_FILE, errors.IMAGE_FAILURE))
             return
         finally:
             self._interruptible = None

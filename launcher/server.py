@@ -83,7 +83,8 @@ async def _core_under_lock(config: Config, opener: OpenBackend) -> AsyncIterator
     limiter = trio.CapacityLimiter(config.worker_threads)
     journal = journal_for(config, limiter)
     logs = InstanceLogs(max_bytes=config.log_max_bytes, limiter=limiter)
-    persister = Persister(config.data_dir, limiter)
+    persister = Persister(config.data_dir, limiter,
+                          on_dropped=lambda detail: journal.emit("wal_record_dropped", detail=detail))
     async with trio.open_nursery() as infrastructure:
         await infrastructure.start(journal.run)
         await infrastructure.start(logs.run)
@@ -121,9 +122,27 @@ async def serve(config: Config) -> None:
             host, _, port = config.listen.rpartition(":")
             url = await work.start(partial(http.serve, max_body=config.max_payload_bytes),
                                    api.handle, host.strip("[]"), int(port))
-            store.atomic_write(config.data_dir / store.URL_FILE, url.encode())
+            work.start_soon(_publish_url, config.data_dir / store.URL_FILE, url)
             log.info("launcher serving on %s (virtualizer %s, data dir %s, pid %d)",
                      url, config.virtualizer, config.data_dir, os.getpid())
+
+
+URL_RETRY_MAX_S = 5.0
+
+
+async def _publish_url(path: Path, url: str) -> None:
+    """Write the bound URL where the CLI looks for it. The API serves whether or not this works: on a full disk
+    the write is retried, with a growing pause, until it goes through."""
+    pause = 0.2
+    while True:
+        try:
+            await trio.to_thread.run_sync(store.atomic_write, path, url.encode())
+            return
+        except OSError as exc:
+            if pause == 0.2:
+                log.error("cannot write %s (%s): serving anyway, retrying until it can be written", path, exc)
+            await trio.sleep(pause)
+            pause = min(pause * 2, URL_RETRY_MAX_S)
 
 
 async def _cancel_on_signal(scope: trio.CancelScope) -> None:

@@ -250,11 +250,14 @@ class Supervisor:
 
     def _set_maintenance(self, on: bool) -> None:
         path = self.config.data_dir / MAINTENANCE_FILE
-        if on:
-            store.atomic_write(path, b"")  # small and rare: survives a restart, as in ciao HEAD
-        else:
-            path.unlink(missing_ok=True)
-            store.fsync_dir(path.parent)
+        try:
+            if on:
+                store.atomic_write(path, b"")  # small and rare: survives a restart, as in ciao HEAD
+            else:
+                path.unlink(missing_ok=True)
+                store.fsync_dir(path.parent)
+        except OSError as exc:
+            raise errors.write_failure(exc, MAINTENANCE_FILE, errors.INTERNAL) from exc
         self.maintenance = on
         self._update_status()
 
@@ -305,8 +308,8 @@ def _scan(instances_dir: Path) -> tuple[list[InstanceRecord], list[tuple[Path, s
             record = InstanceRecord.from_json((path / store.INSTANCE_FILE).read_bytes())
             if record.spec.instance_uuid != path.name:
                 raise ValueError(f"the record is for instance {record.spec.instance_uuid}")
-        except (OSError, ValueError) as exc:
-            broken.append((path, str(exc)))
+        except (OSError, ValueError, RecursionError) as exc:  # RecursionError: JSON nested absurdly deep
+            broken.append((path, str(exc) or type(exc).__name__))
             continue
         loaded.append(record)
     return loaded, broken
