@@ -208,7 +208,9 @@ class Api:
             **figures,
         })
 
-    async def get_stats(self, request: Request) -> Response:
+    async def get_stats(self, request: Request) -> Response | Stream:
+        if _flag(request, "follow"):
+            return Stream(NDJSON, self.stats.follow())
         return Response(200, self.stats.snapshot_json)
 
     async def metrics(self, request: Request) -> Response:

@@ -264,3 +264,34 @@ def test_a_write_error_other_than_enospc_keeps_its_phase_code() -> None:
     assert (error.code, error.reason) == (IMAGE_FAILURE, "cannot write x: [Errno 5] Input/output error")
     error = write_failure(OSError(errno.EDQUOT, "Disk quota exceeded"), "x", IMAGE_FAILURE)
     assert (error.code, error.reason) == (STORAGE_FULL, "node storage full: cannot write x: Disk quota exceeded")
+
+
+# ------------------------------------------------------------------------------------------------ events vs stats
+
+
+def test_stats_are_served_live_and_never_crowd_state_changes_out_of_the_journal(launcher_factory: Any) -> None:
+    """Snapshots every 50 ms of 30 instances, and a journal that rotates past 20 kB keeping one old file: if the
+    snapshots went into the journal, the state changes would be rotated away within a second."""
+    launcher = launcher_factory({"intervals": {"stats_snapshot_s": 0.05},
+                                 "events": {"rotate_bytes": 20_000, "keep_files": 1, "memory_events": 10}})
+    client = launcher.client()
+    uuids = [f"5a7e-{n:04}" for n in range(30)]
+    for uuid in uuids:
+        client.request("POST", "/v1/instances", start_yaml(uuid), YAML, wait=1)
+    snapshots = []
+    stream = client.stream("/v1/stats", read_timeout=10, follow=1)
+    buffered = b""
+    for chunk in stream:
+        buffered += chunk
+        *lines, buffered = buffered.split(b"\n")
+        snapshots += [json.loads(line) for line in lines if line]
+        if len(snapshots) >= 25:
+            break
+    stream.close()
+    taken = [s["taken_at"] for s in snapshots]
+    assert taken == sorted(taken) and len(set(taken)) >= 20  # each line a newer snapshot
+    assert {i["instance_uuid"] for i in snapshots[-1]["instances"]} == set(uuids)
+    events = all_events(client)  # since=0: nothing has expired
+    assert events[0]["seq"] == 1 and not [e for e in events if e["type"] == "stats"]
+    running = {e["instance_uuid"] for e in events if e.get("state") == "running"}
+    assert running == set(uuids)
