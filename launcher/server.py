@@ -136,7 +136,7 @@ async def _publish_url(path: Path, url: str) -> None:
     pause = 0.2
     while True:
         try:
-            await trio.to_thread.run_sync(store.atomic_write, path, url.encode())
+            await trio.to_thread.run_sync(partial(store.atomic_write, path, url.encode(), mode=0o644))
             return
         except OSError as exc:
             if pause == 0.2:

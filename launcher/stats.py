@@ -40,7 +40,7 @@ def node_uuid(data_dir: Path) -> str:
         return path.read_text().strip()
     except FileNotFoundError:
         value = str(uuid.uuid4())
-        store.atomic_write(path, value.encode())
+        store.atomic_write(path, value.encode(), mode=0o644)
         return value
 
 

@@ -308,6 +308,7 @@ def _scan(instances_dir: Path) -> tuple[list[InstanceRecord], list[tuple[Path, s
             record = InstanceRecord.from_json((path / store.INSTANCE_FILE).read_bytes())
             if record.spec.instance_uuid != path.name:
                 raise ValueError(f"the record is for instance {record.spec.instance_uuid}")
+            store.make_private(path)
         except (OSError, ValueError, RecursionError) as exc:  # RecursionError: JSON nested absurdly deep
             broken.append((path, str(exc) or type(exc).__name__))
             continue

@@ -3,10 +3,12 @@ guest of tests/guest/, which prints `guest-ready instance-id=… hostname=… �
 
 from __future__ import annotations
 
+import grp
 import json
 import os
 import re
 import signal
+import stat
 import subprocess
 import time
 import uuid as uuid_module
@@ -115,6 +117,11 @@ def test_example_lifecycle_legacy_nocloud(qemu_factory: Any) -> None:
     assert line["user-data-sha256"] == _sha256(seed_user_data)
     domain = domain_of(uuid)
     assert domain is not None and domain.isPersistent() and domain.isActive()
+    # The guest booted from files only the launcher's user and (through libvirt) QEMU can read.
+    info = instance_dir.stat()
+    assert (stat.S_IMODE(info.st_mode), grp.getgrgid(info.st_gid).gr_name) == (0o710, "libvirt-qemu")
+    assert {stat.S_IMODE((instance_dir / name).stat().st_mode) for name in ("seed.iso", "overlay.qcow2",
+                                                                             "instance.json")} == {0o600}
 
     stopped = client.request("POST", f"/v1/instances/{uuid}/stop", wait=1, timeout=120)
     assert stopped["state"] == "exited"

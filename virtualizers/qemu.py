@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -48,7 +49,7 @@ import trio
 from launcher.config import parse_section
 from launcher.errors import IMAGE_FAILURE, LAUNCH_FAILURE, STOP_FAILURE, SetupError, VirtualizerError
 from launcher.payloads import InstanceSpec
-from launcher.store import fsync_dir
+from launcher.store import INSTANCE_DIR_MODE, fsync_dir
 from virtualizers import cloudinit, domain, preflight
 from virtualizers.base import BackendHost, MonitorEvent, MonitorInbox, VmStats
 from virtualizers.hypervisor import Disconnected, Hypervisor, Unavailable, Unresponsive, error_text, open_hypervisor
@@ -134,6 +135,8 @@ class QemuBackend:
     images: ImageStore
     kvm: bool
     name: str = attrs.field(default="qemu", init=False)
+    # Whom QEMU runs as, found by the preflight: its group may search instance dirs (which are 0700 otherwise).
+    qemu_user: preflight.QemuUser | None = attrs.field(default=None, init=False)
 
     def new_virtualizer(self) -> QemuVirtualizer:
         return QemuVirtualizer(self)
@@ -164,7 +167,8 @@ class QemuBackend:
         preflight.check_firmware({f"{SECTION}.ovmf_code": s.ovmf_code, f"{SECTION}.ovmf_vars": s.ovmf_vars})
         await preflight.check_capabilities(self.hypervisor, s.machine, self.kvm)
         data_dir = self.host.data_dir
-        await preflight.check_reachable(self.hypervisor, [data_dir / "instances", data_dir / IMAGES_DIR])
+        self.qemu_user = await preflight.check_reachable(self.hypervisor,
+                                                         [data_dir / "instances", data_dir / IMAGES_DIR])
 
     async def our_domains(self) -> list[domain.DomainMetadata]:
         """The launcher metadata of every domain that belongs to this data dir."""
@@ -371,6 +375,13 @@ class QemuVirtualizer:
 
     async def start_vm(self) -> None:
         xml = domain.domain_xml(self._backend.domain_params(self._spec, self._dir))
+        user = self._backend.qemu_user
+        if user is not None:
+            try:
+                await trio.to_thread.run_sync(_let_group_search, self._dir, user.gid,
+                                              limiter=self._backend.host.limiter)
+            except OSError as exc:
+                raise self._fail(LAUNCH_FAILURE, f"cannot let QEMU ({user.name}) into {self._dir}: {exc}") from exc
         started = time.monotonic()
         try:
             dom = await self._backend.hypervisor.call(lambda conn: conn.defineXML(xml))
@@ -503,9 +514,18 @@ def _ms(since: float) -> int:
     return round((time.monotonic() - since) * 1000)
 
 
+def _let_group_search(directory: Path, gid: int) -> None:
+    """QEMU's group may enter the instance dir, nobody else: its files stay the launcher's user's only, and
+    libvirt hands QEMU the disks it needs (dynamic_ownership) while the VM runs."""
+    os.chown(directory, -1, gid)
+    os.chmod(directory, INSTANCE_DIR_MODE | stat.S_IXGRP)
+
+
 def _commit_file(tmp: Path, final: Path) -> None:
+    """fsync `tmp`, make it private (it holds the guest's disk) and rename it to `final`."""
     fd = os.open(tmp, os.O_RDONLY)
     try:
+        os.fchmod(fd, 0o600)
         os.fsync(fd)
     finally:
         os.close(fd)
