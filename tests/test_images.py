@@ -325,8 +325,9 @@ async def test_bad_sources_and_ids(tmp_path: Path) -> None:
         await store.import_(str(tmp_path / "nope.qcow2"), "nope")
     with pytest.raises(SourceRefused):  # not a scheme the allow-list can hold
         await store.import_("ftp://example.com/x.img", "x")
+    (tmp_path / "dir").mkdir()
     with pytest.raises(ImageError, match="is not a regular file"):
-        await store.import_(str(tmp_path), "dir")
+        await store.import_(str(tmp_path / "dir"), "dir")
     with pytest.raises(ImageError, match="invalid image id '../x'"):
         await store.import_(str(tmp_path), "../x")
     await store.import_(str(make_qcow2(tmp_path / "one.qcow2")), "one")
