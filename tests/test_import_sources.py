@@ -5,15 +5,20 @@ read. Real files, the real qemu-img and real HTTP servers on 127.0.0.1."""
 from __future__ import annotations
 
 import functools
+import json
 import os
 import stat
 from pathlib import Path
 
+import httpx
+import libvirt
 import pytest
 import trio
 
+from conftest import LauncherProcess, QemuTestRoot
 from test_images import MiB, files_in, http_response, make_qcow2, make_raw, open_store
 from test_setup import refusal, serve
+from virtualizers import preflight
 from virtualizers.images import ImageError
 from virtualizers.import_policy import REFUSED, SourceRefused
 
@@ -203,3 +208,43 @@ async def test_imported_images_are_readable_by_owner_and_qemus_group_only(tmp_pa
 ])
 def test_bad_import_settings_are_one_line_and_exit_2(tmp_path: Path, qemu: dict[str, object], message: str) -> None:
     assert refusal(serve(tmp_path, {"virtualizer": "qemu", "qemu": qemu})).startswith(message)
+
+
+def test_the_images_api_refuses_alike_and_imports_from_the_allow_list(stale_test_runs_removed: None) -> None:
+    """A real `launcher serve` (qemu virtualizer, the system libvirtd; no VM is started): refused sources are
+    400 invalid_data with the same body whether the file exists or not, before any streaming; an allowed import
+    is committed readable by the owner and QEMU's group only."""
+    root = QemuTestRoot.create()
+    try:
+        allowed = root.path / "allowed"
+        allowed.mkdir()
+        make_qcow2(allowed / "good.qcow2")
+        data_dir = root.path / "data"
+        data_dir.mkdir(mode=0o711)
+        launcher = LauncherProcess(data_dir, {"virtualizer": "qemu", "qemu": {"import_sources": [str(allowed)]}})
+        launcher.start(timeout=60)
+        url = (data_dir / "api-url").read_text()
+        headers = {"Authorization": f"Bearer {(data_dir / 'api-token').read_text().strip()}"}
+
+        def post(source: str, image_id: str = "x") -> httpx.Response:
+            return httpx.post(f"{url}/v1/images", params={"source": source, "id": image_id}, headers=headers,
+                              timeout=60)
+
+        refusals = [post(source) for source in ("/etc/shadow", "/etc/no-such-file", f"{allowed}/../data/api-token",
+                                                "http://169.254.169.254/latest/meta-data/")]
+        assert len({r.content for r in refusals}) == 1  # byte for byte the same answer
+        assert [(r.status_code, r.json()) for r in refusals[:1]] == [
+            (400, {"error": "invalid_data", "reason": REFUSED, "instance_uuid": ""})]
+        answer = post(str(allowed / "good.qcow2"), "good")
+        assert answer.status_code == 200 and '"image"' in answer.text.splitlines()[-1], answer.text
+        image = (data_dir / "images" / "good.img").stat()
+        connection = libvirt.open("qemu:///system")
+        try:
+            user = preflight.qemu_user(connection.getCapabilities())
+        finally:
+            connection.close()
+        assert stat.S_IMODE(image.st_mode) == 0o640
+        assert user is None or user.uid == 0 or image.st_gid == user.gid
+        launcher.kill()
+    finally:
+        root.remove()
