@@ -14,6 +14,9 @@ data file, not empty), fsyncs it, renames it into place and writes the json. A f
 before the json is written leaves nothing behind; what a crash leaves (temp files, images without json) is
 removed by `ImageStore.open`. One process owns a store.
 
+`ImageStore.import_` (the images API) reads only from the allow-list of `virtualizers.import_policy`; redirects
+are followed only within it, by every import; no import may be larger than the store's `max_bytes`.
+
 Concurrency: every operation on an image id holds that id's lock, so concurrent `ImageStore.ensure` calls import
 an image once (the others wait, then find it in the store), and `remove` / `gc` never delete an image that is
 being imported or ensured. File work runs in worker threads under the shared limiter, one chunk per thread call,

@@ -89,15 +89,15 @@ class ImportPolicy:
             _add(entry, "import_sources", directories, prefixes)
         return cls(tuple(directories), tuple(prefixes))
 
-    def check(self, source: str) -> str:
-        """`source` as the import should read it: the real path of an allowed local source (a path or a file://
-        URL), or the allowed http(s) URL itself. SourceRefused otherwise. Blocks (resolves symlinks)."""
+    def check(self, source: str) -> None:
+        """SourceRefused unless `source` (a path, a file:// URL or an http(s) URL) is allowed: a local one by its
+        real path. Blocks (resolves symlinks)."""
         scheme = urlsplit(source).scheme.lower() if "://" in source else ""
         if scheme in DEFAULT_PORTS:
             url = _parse_url(source)
             if url is None or not self.allows_url(url):
                 raise SourceRefused()
-            return source
+            return
         path = _local_path(source, scheme)
         if path is None:
             raise SourceRefused()
@@ -107,7 +107,6 @@ class ImportPolicy:
             raise SourceRefused() from None
         if not self.allows_path(real):
             raise SourceRefused()
-        return real
 
     def allows_path(self, real: str) -> bool:
         """Whether the real (resolved, absolute) path `real` lies under an allowed directory."""
