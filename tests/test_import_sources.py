@@ -9,6 +9,7 @@ import json
 import os
 import stat
 from pathlib import Path
+from typing import Any
 
 import httpx
 import libvirt
@@ -248,3 +249,18 @@ def test_the_images_api_refuses_alike_and_imports_from_the_allow_list(stale_test
         launcher.kill()
     finally:
         root.remove()
+
+
+def test_a_vm_boots_from_an_image_imported_0640(qemu_factory: Any) -> None:
+    """START's automatic import (from image_dirs, through the links the fixture puts there) keeps working, and
+    QEMU (libvirt-qemu) can open the 0640 backing image: the domain runs."""
+    from test_qemu import IMAGE_ID, new_uuid, payload_for, start
+
+    launcher = qemu_factory()
+    client = launcher.client()
+    uuid = new_uuid()
+    answer = start(client, payload_for("start_legacy.yaml", uuid), wait=1, timeout=180)
+    assert answer["state"] == "running", answer
+    image = (launcher.data_dir / "images" / f"{IMAGE_ID}.img").stat()
+    assert stat.S_IMODE(image.st_mode) == 0o640
+    client.request("DELETE", f"/v1/instances/{uuid}", wait=1, timeout=120)

@@ -138,7 +138,8 @@ class ImageStore:
     `search_dirs` and `url_template` (``str.format`` with ``{id}``: a path or a file/http/https URL) are where
     `ensure` looks for an image it does not have. `import_` reads only from those places and `import_sources`
     (`virtualizers.import_policy`); every HTTP redirect, of `ensure` too, must stay within them. No import may be
-    larger than `max_bytes`. Imported images have mode `IMAGE_MODE` (group: see `share_with_group`). `limiter` is the launcher's shared limiter of worker threads.
+    larger than `max_bytes`. Imported images have mode `IMAGE_MODE` (group: see `share_with_group`).
+    `limiter` is the launcher's shared limiter of worker threads.
     `on_progress` receives the progress of imports that were not given their own callback, at most every
     `progress_interval_s` while copying plus once when finished. `http_timeout_s` bounds each HTTP wait
     (connect, every read), not a whole download. `gc_age_s` is the age past which an unused image is garbage
@@ -225,7 +226,8 @@ class ImageStore:
                       on_progress: ProgressCallback | None = None) -> ImageInfo:
         """Import `source` (a local path, or a file://, http:// or https:// URL) as `image_id`.
 
-        SourceRefused (``invalid_data``) if `source` is not within the allow-list (`check_source`). The image's sha256 must be `expected_sha256` if given, else the digest the source publishes in
+        SourceRefused (``invalid_data``) if `source` is not within the allow-list (`check_source`). The
+        image's sha256 must be `expected_sha256` if given, else the digest the source publishes in
         ``<source>.sha256`` if it does. Replaces nothing: ImageError if `image_id` exists. ImageNotFound if the
         source does not exist; ImageError for any other failure. Either way, and if cancelled, nothing is left
         in the store."""
