@@ -1,7 +1,8 @@
 """`launcher serve`: wires the components together and runs them under one root nursery.
 
-Start order: journal, per-instance logs and the instance-file persister (so everything after can report), the virtualizer backend, the
-supervisor (which recovers the instances on disk), the stats reporter, then the HTTP API. On SIGTERM or
+Start order: the API token (checked, or created, before anything else: `launcher.api_token`), journal,
+per-instance logs and the instance-file persister (so everything after can report), the virtualizer backend,
+the supervisor (which recovers the instances on disk), the stats reporter, then the HTTP API. On SIGTERM or
 SIGINT everything is cancelled in the reverse order: actors and monitors stop, VMs keep running (a restarted
 launcher reconnects to them), pending events and log lines are flushed.
 """
@@ -11,17 +12,15 @@ from __future__ import annotations
 import gc
 import logging
 import os
-import secrets
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
-from pathlib import Path
 
 import attrs
 import trio
 
-from launcher import http, store
+from launcher import api_token, http, store
 from launcher.api import Api
 from launcher.config import Config
 from launcher.events import EventJournal
@@ -32,17 +31,6 @@ from launcher.supervisor import Supervisor
 from virtualizers.base import BackendHost, OpenBackend, load_backend
 
 log = logging.getLogger(__name__)
-
-
-def api_token(data_dir: Path) -> str:
-    """The bearer token, created (mode 0600) at first start."""
-    path = data_dir / store.TOKEN_FILE
-    try:
-        return path.read_text().strip()
-    except FileNotFoundError:
-        token = secrets.token_urlsafe(32)
-        store.atomic_write(path, token.encode(), mode=0o600)
-        return token
 
 
 def journal_for(config: Config, limiter: trio.CapacityLimiter) -> EventJournal:
@@ -112,8 +100,8 @@ GC_THRESHOLDS = (10_000, 10, 100)
 async def serve(config: Config) -> None:
     """`launcher serve`: the core, the stats reporter and the HTTP API, until SIGTERM or SIGINT."""
     gc.set_threshold(*GC_THRESHOLDS)
+    token = api_token.load_or_create(config.data_dir)  # SetupError: refused before anything starts
     async with running_core(config) as core:
-        token = api_token(config.data_dir)
         async with trio.open_nursery() as work:
             work.start_soon(_cancel_on_signal, work.cancel_scope)
             stats = StatsReporter(core.supervisor, core.limiter, node_uuid(config.data_dir))

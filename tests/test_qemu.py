@@ -319,7 +319,7 @@ def test_hard_reset_destroys_our_domains_and_instances(qemu_factory: Any) -> Non
 
 
 def test_images_cli_import_ls_rm_gc(qemu_factory: Any, guest_image: Path) -> None:
-    launcher = qemu_factory()
+    launcher = qemu_factory({"import_sources": [str(guest_image.parent)]})  # import reads allowed places only
     imported = launcher.cli("images", "import", str(guest_image), "--id", "guest")
     assert imported.returncode == 0, imported.stderr
     assert imported.stdout.startswith("guest: qcow2")

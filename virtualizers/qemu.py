@@ -53,7 +53,8 @@ from launcher.store import INSTANCE_DIR_MODE, fsync_dir
 from virtualizers import cloudinit, domain, preflight
 from virtualizers.base import BackendHost, MonitorEvent, MonitorInbox, VmStats
 from virtualizers.hypervisor import Disconnected, Hypervisor, Unavailable, Unresponsive, error_text, open_hypervisor
-from virtualizers.images import ImageError, ImageInfo, ImageStore, ImportProgress
+from virtualizers.images import DEFAULT_MAX_BYTES, ImageError, ImageInfo, ImageStore, ImportProgress
+from virtualizers.import_policy import ImportPolicy
 
 log = logging.getLogger(__name__)
 
@@ -108,12 +109,18 @@ class QemuSettings:
     network: NetworkSettings = NetworkSettings()
     image_dirs: tuple[Path, ...] = ()  # searched for <image_uuid>[.img|.qcow2|.raw] before image_url
     image_url: str = ""  # e.g. https://images.example/{id}.qcow2 (also file://); "" for none
+    # Where `launcher images import` may also read from: absolute dirs, file:// dirs, http(s):// URL prefixes.
+    import_sources: tuple[str, ...] = ()
+    image_max_bytes: int = DEFAULT_MAX_BYTES  # no import may be larger (64 GiB)
     image_gc_age_s: float = 7 * 86400.0  # `launcher images gc` removes unused images older than this
     ovmf_code: Path = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
     ovmf_vars: Path = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
     destroy_orphans: bool = False  # destroy domains of ours that have no instance dir (else report only)
     libvirt_threads: int = 8  # worker threads in libvirt calls at once (hypervisor.py: hung calls keep theirs)
     libvirt_timeout_s: float = 60.0  # bound on any one libvirt call (commands are also bound by their phase)
+
+    def __attrs_post_init__(self) -> None:
+        ImportPolicy.from_settings(self.image_dirs, self.image_url or None, self.import_sources)  # ValueError
 
 
 def resolve_accel(accel: str) -> bool:
@@ -169,6 +176,8 @@ class QemuBackend:
         data_dir = self.host.data_dir
         self.qemu_user = await preflight.check_reachable(self.hypervisor,
                                                          [data_dir / "instances", data_dir / IMAGES_DIR])
+        if self.qemu_user is not None:
+            self.images.share_with_group(self.qemu_user.gid)  # QEMU reads the images even without libvirt's chown
 
     async def our_domains(self) -> list[domain.DomainMetadata]:
         """The launcher metadata of every domain that belongs to this data dir."""
@@ -251,7 +260,8 @@ async def open_backend(raw: Mapping[str, Any], host: BackendHost) -> AsyncIterat
     images = ImageStore(host.data_dir / IMAGES_DIR, search_dirs=settings.image_dirs,
                         url_template=settings.image_url or None, limiter=host.limiter,
                         on_progress=lambda progress: report_progress(host, progress),
-                        gc_age_s=settings.image_gc_age_s)
+                        gc_age_s=settings.image_gc_age_s, import_sources=settings.import_sources,
+                        max_bytes=settings.image_max_bytes)
     try:
         await images.open()
     except ImageError as exc:
