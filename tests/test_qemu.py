@@ -7,6 +7,7 @@ import grp
 import json
 import os
 import re
+import shutil
 import signal
 import stat
 import subprocess
@@ -319,8 +320,13 @@ def test_hard_reset_destroys_our_domains_and_instances(qemu_factory: Any) -> Non
 
 
 def test_images_cli_import_ls_rm_gc(qemu_factory: Any, guest_image: Path) -> None:
-    launcher = qemu_factory({"import_sources": [str(guest_image.parent)]})  # import reads allowed places only
-    imported = launcher.cli("images", "import", str(guest_image), "--id", "guest")
+    launcher = qemu_factory()  # import reads allowed places only: by default <data_dir>/import/
+    refused = launcher.cli("images", "import", str(guest_image), "--id", "guest")
+    assert refused.returncode == 1 and "invalid_data: source: not an allowed import source" in refused.stderr
+    drop_dir = launcher.data_dir / "import"
+    assert stat.S_IMODE(drop_dir.stat().st_mode) == 0o700
+    shutil.copyfile(guest_image, drop_dir / "guest.qcow2")
+    imported = launcher.cli("images", "import", str(drop_dir / "guest.qcow2"), "--id", "guest")
     assert imported.returncode == 0, imported.stderr
     assert imported.stdout.startswith("guest: qcow2")
     client = launcher.client()

@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 SECTION = "qemu"
 ACCELS = ("auto", "kvm", "tcg")
 IMAGES_DIR = "images"  # the image store, under the data dir
+IMPORT_DIR = "import"  # under the data dir: where an operator stages files for `launcher images import`
 OVERLAY = "overlay.qcow2"
 SEED = "seed.iso"
 NVRAM = "nvram.fd"
@@ -260,8 +261,10 @@ async def open_backend(raw: Mapping[str, Any], host: BackendHost) -> AsyncIterat
     images = ImageStore(host.data_dir / IMAGES_DIR, search_dirs=settings.image_dirs,
                         url_template=settings.image_url or None, limiter=host.limiter,
                         on_progress=lambda progress: report_progress(host, progress),
-                        gc_age_s=settings.image_gc_age_s, import_sources=settings.import_sources,
+                        gc_age_s=settings.image_gc_age_s,
+                        import_sources=(*settings.import_sources, str(host.data_dir / IMPORT_DIR)),
                         max_bytes=settings.image_max_bytes)
+    (host.data_dir / IMPORT_DIR).mkdir(mode=0o700, exist_ok=True)
     try:
         await images.open()
     except ImageError as exc:
