@@ -9,14 +9,15 @@ from __future__ import annotations
 import json
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
 from conftest import LauncherProcess, simvm_processes
-from launcher.records import InstanceRecord, record_json, spec_json
 from launcher.payloads import InstanceSpec
+from launcher.records import InstanceRecord, record_json, spec_json
 from test_api import YAML, start_yaml
 from test_recovery import all_events, states, wait_until
 
@@ -33,8 +34,10 @@ def events_after(client: Any, seq: int, uuid: str) -> list[dict[str, Any]]:
     return [e for e in all_events(client) if e["seq"] > seq and e.get("instance_uuid") == uuid]
 
 
-def last_seq(client: Any) -> int:
-    return all_events(client)[-1]["seq"]
+def journal_seq(data_dir: Path) -> int:
+    """The last seq in the journal of a launcher that is not running: where its successor will go on from."""
+    lines = (data_dir / "events.jsonl").read_bytes().splitlines()
+    return max(json.loads(line)["seq"] for line in lines if line.endswith(b"}"))
 
 
 def instance_log(client: Any, uuid: str) -> str:
@@ -58,8 +61,8 @@ def test_start_interrupted_by_kill_9_is_carried_to_running(launcher_factory: Any
         # Gives the launcher before this fix the time to write its `created: true` after create_image (the
         # reported bug); the launcher with the fix writes nothing more until start_vm has returned.
         time.sleep(0.5)
-    seq = last_seq(client)
     launcher.kill(signal.SIGKILL)
+    seq = journal_seq(launcher.data_dir)
     assert not simvm_processes(launcher.data_dir)  # the VM was never started
 
     set_settings(launcher, {"simulation": PROCESS})
@@ -109,8 +112,8 @@ def test_stop_interrupted_by_kill_9_is_finished(launcher_factory: Any) -> None:
     launcher, client, uuid = slow_shutdown_launcher(launcher_factory)
     answer = client.request("POST", f"/v1/instances/{uuid}/stop", grace=120)
     assert answer["done"] is False  # acknowledged; the guest is shutting down
-    seq = last_seq(client)
     launcher.kill(signal.SIGKILL)
+    seq = journal_seq(launcher.data_dir)
     assert len(simvm_processes(launcher.data_dir)) == 1  # still shutting down
 
     set_settings(launcher, {"timeouts": {"stop_grace_s": 0.5}})
@@ -125,8 +128,8 @@ def test_delete_interrupted_by_kill_9_is_finished(launcher_factory: Any) -> None
     launcher, client, uuid = slow_shutdown_launcher(launcher_factory)
     answer = client.request("DELETE", f"/v1/instances/{uuid}", stop=1, grace=120)
     assert answer["done"] is False
-    seq = last_seq(client)
     launcher.kill(signal.SIGKILL)
+    seq = journal_seq(launcher.data_dir)
 
     client = launcher.start()
     assert wait_until(lambda: states(client) == {}, timeout=20), states(client)
