@@ -364,7 +364,7 @@ class InstanceActor:
         try:
             await self._set_goal("running")
         except OSError as exc:
-            self._fail(ticket, "restart_failure", LauncherError(errors.LAUNCH_FAILURE, f"cannot write instance.json: {exc}"))
+            self._fail(ticket, "restart_failure", _unwritable(errors.LAUNCH_FAILURE, exc))
             return
         self._log("RESTART accepted")
         ticket.accept()
@@ -521,7 +521,7 @@ class InstanceActor:
         try:
             await self._set_goal("exited")
         except OSError as exc:
-            self._fail(ticket, "stop_failure", LauncherError(errors.STOP_FAILURE, f"cannot write instance.json: {exc}"))
+            self._fail(ticket, "stop_failure", _unwritable(errors.STOP_FAILURE, exc))
             return
         self._log(f"STOP accepted (grace {grace:g} s)")
         ticket.accept()
@@ -560,7 +560,7 @@ class InstanceActor:
             if goal != "deleted":  # else recovery is finishing a DELETE that was acknowledged
                 await self._set_goal("deleted")
         except OSError as exc:
-            self._fail(ticket, "delete_failure", LauncherError(errors.STOP_FAILURE, f"cannot write instance.json: {exc}"))
+            self._fail(ticket, "delete_failure", _unwritable(errors.STOP_FAILURE, exc))
             return
         self._log("DELETE accepted" + (" (stop)" if command.stop else ""))
         ticket.accept()
@@ -596,6 +596,9 @@ class InstanceActor:
         if self._goal == "deleted":
             self._log("launcher restarted during a DELETE: finishing it")
             await self._delete(DeleteCommand(self.uuid), Ticket(self.uuid))
+            if self.state is not State.DELETED:  # delete_failure: a DELETE may try again
+                self.projected = State.EXITED
+                self._settle()
             return
         self._log("launcher restarted: looking for the VM")
         self._boot_deadline = trio.current_time() + self.ctx.config.timeouts.boot_s
@@ -712,13 +715,22 @@ class InstanceActor:
             self._recovered = False
             extra["recovered"] = True
         self.ctx.journal.emit("instance_state", instance_uuid=self.uuid, state=self.public_state, **extra)
-        if self._unsettled and self.state in (State.RUNNING, State.EXITED, State.DELETED):
+        if self.state in (State.RUNNING, State.EXITED, State.DELETED):
+            self._settle()
+        self._sync_projection()
+
+    def _settle(self) -> None:
+        if self._unsettled:
             self._unsettled = False
             self.ctx.recovery.settled()
-        self._sync_projection()
 
     def _log(self, message: str) -> None:
         self.ctx.logs.write(self.dir, message)
+
+
+def _unwritable(code: str, exc: OSError) -> LauncherError:
+    """A command refused because its new goal could not be made durable."""
+    return LauncherError(code, f"cannot write instance.json: {exc}")
 
 
 def _ms(started: float) -> str:
