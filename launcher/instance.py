@@ -392,9 +392,9 @@ class InstanceActor:
             await self._call("start_vm", errors.LAUNCH_FAILURE, t.start_vm_s, self.vm.start_vm)
         except VirtualizerError as exc:
             self._release_boot_slot()
-            self.state = State.EXITED
             self._created = True
-            await self._set_goal_quietly("exited")
+            await self._set_goal_quietly("exited")  # before anyone hears of the failure
+            self.state = State.EXITED
             self._fail(ticket, failure_event, exc)
             self._emit_state(reason=exc.code)
             return
@@ -476,10 +476,12 @@ class InstanceActor:
         self._emit_state()
 
     def _on_down(self) -> None:
+        """The VM is down (a monitor said so): the instance is exited from now on, for commands too."""
         self._close_monitor()
         self.vm.lost_vm()
         self.state = State.EXITED
         self.stats = VmStats()
+        self._sync_projection()
 
     async def _on_boot_deadline(self) -> None:
         now = trio.current_time()
@@ -491,9 +493,9 @@ class InstanceActor:
             except VirtualizerError:
                 self._boot_deadline = now + t.stop_margin_s  # still up, or unknown: try again later
                 return
+            await self._set_goal_quietly("exited")
             ticket, self._boot_ticket = self._boot_ticket, None
             self.state = State.EXITED
-            await self._set_goal_quietly("exited")
             exc = LauncherError(errors.LAUNCH_FAILURE, f"the VM was not running within {t.boot_s:g} s")
             if ticket is not None:
                 self._fail(ticket, self._boot_failure_event, exc)
@@ -553,19 +555,23 @@ class InstanceActor:
             self._boot_ticket = None
 
     async def _delete(self, command: DeleteCommand, ticket: Ticket) -> None:
-        """DELETE from any state: the VM goes down first, and only then is anything removed."""
+        """DELETE from any state: the VM goes down first, and only then is anything removed.
+
+        With a VM to power off, the DELETE is acknowledged once the goal `deleted` is durable (a restarted
+        launcher finishes it); without one, once it is done (its one write is the removal)."""
         t = self.ctx.config.timeouts
         goal = self._goal
-        try:
-            if goal != "deleted":  # else recovery is finishing a DELETE that was acknowledged
+        power_off = self._monitor_scope is not None or self.state in (State.PENDING, State.RUNNING)
+        if power_off and goal != "deleted":  # goal deleted: recovery is finishing an acknowledged DELETE
+            try:
                 await self._set_goal("deleted")
-        except OSError as exc:
-            self._fail(ticket, "delete_failure", _unwritable(errors.STOP_FAILURE, exc))
-            return
+            except OSError as exc:
+                self._fail(ticket, "delete_failure", _unwritable(errors.STOP_FAILURE, exc))
+                return
         self._log("DELETE accepted" + (" (stop)" if command.stop else ""))
-        ticket.accept()
         previous, self.state = self.state, State.DELETING
-        if self._monitor_scope is not None or previous in (State.PENDING, State.RUNNING):
+        if power_off:
+            ticket.accept()
             if command.grace_s is not None:
                 grace = command.grace_s
             else:
@@ -630,6 +636,7 @@ class InstanceActor:
         elif recovery.host_rebooted and recovery.restarts(self.spec):
             self._log(f"the host rebooted: starting the VM again (recovery.restart_running: {recovery.policy})")
             self.state = State.PENDING
+            self._sync_projection()  # while it waits for a boot slot, it is one that will run
             await self._boot(Ticket(self.uuid), "restart_failure", limited=True, announce="host_restart")
         elif recovery.host_rebooted:
             self._log(f"the host rebooted; not restarting the VM (recovery.restart_running: {recovery.policy})")
