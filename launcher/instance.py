@@ -558,7 +558,7 @@ class InstanceActor:
         """DELETE from any state: the VM goes down first, and only then is anything removed.
 
         With a VM to power off, the DELETE is acknowledged once the goal `deleted` is durable (a restarted
-        launcher finishes it); without one, once it is done (its one write is the removal)."""
+        launcher finishes it); without one, once the removal is (its one write)."""
         t = self.ctx.config.timeouts
         goal = self._goal
         power_off = self._monitor_scope is not None or self.state in (State.PENDING, State.RUNNING)
@@ -585,7 +585,7 @@ class InstanceActor:
                 return
         self._abandon_boot("deleted")
         await self._call_quietly("delete_image", t.delete_image_s, self.vm.delete_image)
-        await self._remove_dir()
+        await self._remove_dir(on_durable=ticket.accept)
         ticket.finish("deleted")
         self._gone(reason="stop" if command.stop else "deleted")
 
@@ -702,10 +702,10 @@ class InstanceActor:
             log.error("instance %s: cannot write instance.json: %s", self.uuid, exc)
             self._log(f"cannot write instance.json (goal {goal}): {exc}")
 
-    async def _remove_dir(self) -> None:
+    async def _remove_dir(self, on_durable: Callable[[], None] | None = None) -> None:
         self.ctx.logs.discard(self.dir)
         try:
-            await self.ctx.persister.remove(self.dir)
+            await self.ctx.persister.remove(self.dir, on_durable=on_durable)
         except OSError as exc:
             log.error("instance %s: cannot remove %s: %s", self.uuid, self.dir, exc)
 
