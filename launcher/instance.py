@@ -454,14 +454,13 @@ class InstanceActor:
             if self.state is State.PENDING:
                 self._on_running()
         else:
-            was = self.state
+            self._log("VM is down" if self.state is State.PENDING else "VM exited unexpectedly")
+            await self._set_goal_quietly("exited")  # not restarted unasked, not even after a host reboot
             self._on_down()
             if self._boot_ticket is not None:
                 exc = LauncherError(errors.LAUNCH_FAILURE, "the VM went down before it was running")
                 self._fail(self._boot_ticket, self._boot_failure_event, exc)
                 self._boot_ticket = None
-            self._log("VM is down" if was is State.PENDING else "VM exited unexpectedly")
-            await self._set_goal_quietly("exited")  # not restarted unasked, not even after a host reboot
             self._emit_state(reason="vm_exited")
 
     def _on_running(self) -> None:
@@ -476,12 +475,11 @@ class InstanceActor:
         self._emit_state()
 
     def _on_down(self) -> None:
-        """The VM is down (a monitor said so): the instance is exited from now on, for commands too."""
+        """The VM is down (a monitor said so): the instance is exited. The caller reports it at once."""
         self._close_monitor()
         self.vm.lost_vm()
         self.state = State.EXITED
         self.stats = VmStats()
-        self._sync_projection()
 
     async def _on_boot_deadline(self) -> None:
         now = trio.current_time()
@@ -624,28 +622,27 @@ class InstanceActor:
                 self._created = True
                 await self._set_goal_quietly("running")
             return
-        self._on_down()
         if self._goal == "exited":
             self._log("the VM is down, as it was when the launcher stopped")
+            self._on_down()
             self._emit_state()
         elif not self._created:
             self._log("the launcher restarted during a START: carrying it on")
-            self.state = State.PENDING
+            self._close_monitor()  # still pending: the START goes on
             self._emit_state(reason="start_resumed")
             await self._prepare_and_boot(Ticket(self.uuid), "start_failure", limited=True)
         elif recovery.host_rebooted and recovery.restarts(self.spec):
             self._log(f"the host rebooted: starting the VM again (recovery.restart_running: {recovery.policy})")
-            self.state = State.PENDING
-            self._sync_projection()  # while it waits for a boot slot, it is one that will run
+            self._close_monitor()  # still pending: reported once its boot begins (after a boot slot)
             await self._boot(Ticket(self.uuid), "restart_failure", limited=True, announce="host_restart")
-        elif recovery.host_rebooted:
-            self._log(f"the host rebooted; not restarting the VM (recovery.restart_running: {recovery.policy})")
-            await self._set_goal_quietly("exited")
-            self._emit_state(reason="host_restart")
         else:
-            self._log("the VM exited while the launcher was down")
-            await self._set_goal_quietly("exited")
-            self._emit_state(reason="vm_exited")
+            if recovery.host_rebooted:
+                self._log(f"the host rebooted; not restarting the VM (recovery.restart_running: {recovery.policy})")
+            else:
+                self._log("the VM exited while the launcher was down")
+            await self._set_goal_quietly("exited")  # recorded before it is reported
+            self._on_down()
+            self._emit_state(reason="host_restart" if recovery.host_rebooted else "vm_exited")
 
     # ----------------------------------------------------------------- helpers
 

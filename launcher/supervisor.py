@@ -8,6 +8,10 @@ gets a `Ticket` and waits on it by itself, with its own timeout.
 Admission counts what admitted instances were *promised* (vCPUs, memory, disk), updated at the moment a
 START is admitted or an instance is gone, so a burst of STARTs can never overcommit the node (ciao checked a
 value refreshed every 6 s; reference §18). The live free space of the data dir is checked as well.
+
+Recovery at start-up: each instance dir becomes an actor that reconciles its record with its VM
+(InstanceActor._recover); whether the host rebooted since the last run (launcher/bootid.py) and the
+`recovery:` policy are shared through a RecoveryPlan.
 """
 
 from __future__ import annotations
@@ -104,8 +108,9 @@ class Supervisor:
         self.capacity = Capacity.measure(config)
         self.maintenance = (config.data_dir / MAINTENANCE_FILE).exists()
         self.status = READY
+        self._boot = bootid.detect(config.data_dir)  # two small reads, once, like the maintenance check above
         self._ctx = ActorContext(config, journal, logs, persister, on_gone=self._on_gone,
-                                 recovery=RecoveryPlan(config.recovery, host_rebooted=False))
+                                 recovery=RecoveryPlan(config.recovery, host_rebooted=self._boot.rebooted))
         self._nursery: trio.Nursery | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -113,13 +118,11 @@ class Supervisor:
         async with trio.open_nursery() as nursery, trio.open_nursery() as monitors:
             self._nursery = nursery
             self._ctx.monitors = monitors
-            boot = await trio.to_thread.run_sync(bootid.detect, self.config.data_dir)
-            self._ctx.recovery = RecoveryPlan(self.config.recovery, host_rebooted=boot.rebooted)
-            if boot.rebooted:
+            if self._boot.rebooted:
                 log.warning("the host rebooted since the launcher last ran (recovery.restart_running: %s)",
                             self.config.recovery.restart_running)
             await self._recover_all()
-            nursery.start_soon(self._remember_boot, boot)
+            nursery.start_soon(self._remember_boot)
             self._update_status(force=True)
             task_status.started()
             await trio.sleep_forever()
@@ -285,11 +288,11 @@ class Supervisor:
 
     # ----------------------------------------------------------------- recovery
 
-    async def _remember_boot(self, boot: bootid.HostBoot) -> None:
+    async def _remember_boot(self) -> None:
         """Once every recovered instance has settled, record this boot as the one they were recovered in."""
         await self._ctx.recovery.all_settled.wait()
         try:
-            await trio.to_thread.run_sync(bootid.remember, self.config.data_dir, boot)
+            await trio.to_thread.run_sync(bootid.remember, self.config.data_dir, self._boot)
         except OSError as exc:
             log.error("cannot record the boot id in %s: %s", self.config.data_dir, exc)
 
