@@ -362,7 +362,7 @@ class InstanceActor:
             self._fail(ticket, "restart_failure", LauncherError(code, f"instance is {self.public_state}"))
             return
         try:
-            await self._set_goal("running")
+            await self._set_goal("starting")
         except OSError as exc:
             self._fail(ticket, "restart_failure", _unwritable(errors.LAUNCH_FAILURE, exc))
             return
@@ -381,7 +381,8 @@ class InstanceActor:
 
         `limited`: a boot that recovery starts on its own holds one of RecoveryPlan.boot_slots until the VM
         runs or the boot fails. `announce`: the reason of the `pending` event emitted once the boot begins.
-        Once start_vm has returned, or failed, the record says `created` (no START will redo the disk)."""
+        Once start_vm has returned, the record says `created` and goal `running` (a START's or RESTART's
+        second write); once it has failed, `created` and goal `exited`."""
         t = self.ctx.config.timeouts
         if limited and not await self._take_boot_slot():
             self._abandon_start(ticket)
@@ -402,9 +403,9 @@ class InstanceActor:
         self._boot_failure_event = failure_event
         self._boot_deadline = trio.current_time() + t.boot_s
         self._open_monitor(recover=False)
-        if not self._created:
+        if not self._created or self._goal == "starting":
             self._created = True
-            await self._set_goal_quietly("running")  # the START's second write: created, VM started
+            await self._set_goal_quietly("running")  # the second write: the VM was started
 
     async def _take_boot_slot(self) -> bool:
         """Wait for a boot slot; False if a DELETE came first. Bounded: each holder's boot is (boot_s)."""
@@ -618,7 +619,7 @@ class InstanceActor:
                 await self._stop(StopCommand(self.uuid), Ticket(self.uuid))
                 return
             self._on_running()
-            if not self._created:  # the START had started the VM; its second write was lost
+            if not self._created or self._goal == "starting":  # start_vm had returned; the write was lost
                 self._created = True
                 await self._set_goal_quietly("running")
             return
@@ -631,6 +632,11 @@ class InstanceActor:
             self._close_monitor()  # still pending: the START goes on
             self._emit_state(reason="start_resumed")
             await self._prepare_and_boot(Ticket(self.uuid), "start_failure", limited=True)
+        elif self._goal == "starting":
+            self._log("the launcher restarted during a RESTART: carrying it on")
+            self._close_monitor()  # still pending: the RESTART goes on
+            self._emit_state(reason="restart_resumed")
+            await self._boot(Ticket(self.uuid), "restart_failure", limited=True)
         elif recovery.host_rebooted and recovery.restarts(self.spec):
             self._log(f"the host rebooted: starting the VM again (recovery.restart_running: {recovery.policy})")
             self._close_monitor()  # still pending: reported once its boot begins (after a boot slot)

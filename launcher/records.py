@@ -6,9 +6,9 @@ The record holds the START spec and two facts:
   returned, or failed with launch_failure). A record with created=false means the launcher stopped in the
   middle of a START (before or during start_vm), which is then carried on.
 - `goal`: the state the launcher keeps the instance in, written before the command that sets it is
-  acknowledged: `running` (START, RESTART), `exited` (a STOP, or the VM went down on its own or never came
-  up: the launcher does not restart it unasked) or `deleted` (a DELETE under way). Records written before
-  this field existed have none; they count as `running`.
+  acknowledged: `running` (START; a RESTART once start_vm has returned), `starting` (a RESTART until then),
+  `exited` (a STOP, or the VM went down on its own or never came up: the launcher does not restart it unasked)
+  or `deleted` (a DELETE under way). Records written before this field existed have none: `running`.
 
 Whether the VM runs is never stored; at start-up the virtualizer tells, and recovery reconciles that with the
 goal (see InstanceActor._recover).
@@ -24,7 +24,7 @@ import attrs
 from launcher.payloads import InstanceSpec, Networking, StorageEntry
 
 VERSION = 1
-GOALS = ("running", "exited", "deleted")
+GOALS = ("running", "starting", "exited", "deleted")
 
 
 @attrs.frozen

@@ -147,3 +147,30 @@ def test_records_of_older_launchers_read_as_goal_running() -> None:
         assert InstanceRecord.from_json(record_json(spec_json(spec), False, goal)).goal == goal
     with pytest.raises(ValueError, match="goal"):
         InstanceRecord.from_json(record_json(spec_json(spec), False, "paused"))
+
+
+def test_restart_interrupted_by_kill_9_is_carried_to_running(launcher_factory: Any) -> None:
+    launcher = launcher_factory({"simulation": PROCESS})
+    client = launcher.client()
+    uuid = "a5-0001"
+    client.request("POST", "/v1/instances", start_yaml(uuid), YAML, wait=True)
+    client.request("POST", f"/v1/instances/{uuid}/stop", wait=True)
+    launcher.kill(signal.SIGKILL)
+    set_settings(launcher, {"simulation": {**PROCESS, "failures": [{"phase": "start", "action": "hang"}]}})
+    client = launcher.start()
+    assert wait_until(lambda: states(client) == {uuid: "exited"}, timeout=20)
+    answer = client.request("POST", f"/v1/instances/{uuid}/restart")
+    assert answer["done"] is False  # acknowledged; start_vm hangs
+    launcher.kill(signal.SIGKILL)
+    seq = journal_seq(launcher.data_dir)
+
+    set_settings(launcher, {"simulation": PROCESS})
+    client = launcher.start()
+    assert wait_until(lambda: states(client) == {uuid: "running"}, timeout=20), states(client)
+    assert len(simvm_processes(launcher.data_dir)) == 1
+    events = wait_until(lambda: [e for e in events_after(client, seq, uuid) if e["state"] == "running"] and
+                        events_after(client, seq, uuid))
+    assert [(e["state"], e.get("reason"), e.get("recovered")) for e in events] == [
+        ("pending", "restart_resumed", True), ("running", None, None)]
+    record = InstanceRecord.from_json((launcher.data_dir / "instances" / uuid / "instance.json").read_bytes())
+    assert record.goal == "running"
