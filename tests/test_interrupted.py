@@ -143,7 +143,7 @@ def test_records_of_older_launchers_read_as_goal_running() -> None:
     spec = InstanceSpec(instance_uuid="a4-0001")
     old = json.dumps({"created": True, "spec": json.loads(spec_json(spec)), "version": 1}).encode()
     assert InstanceRecord.from_json(old) == InstanceRecord(spec, created=True, goal="running")
-    for goal in ("running", "exited", "deleted"):
+    for goal in ("running", "starting", "exited", "deleted"):
         assert InstanceRecord.from_json(record_json(spec_json(spec), False, goal)).goal == goal
     with pytest.raises(ValueError, match="goal"):
         InstanceRecord.from_json(record_json(spec_json(spec), False, "paused"))
