@@ -89,9 +89,9 @@ class Persister:
         """Replace `path` with `data`."""
         await self._submit(_Op("write", path, data))
 
-    async def remove(self, directory: Path) -> None:
+    async def remove(self, directory: Path, *, on_durable: Callable[[], None] | None = None) -> None:
         """Remove a directory tree."""
-        await self._submit(_Op("remove", directory))
+        await self._submit(_Op("remove", directory, on_durable=on_durable))
 
     async def _submit(self, op: _Op) -> None:
         self._send.send_nowait(op)

@@ -1,8 +1,17 @@
 """`instance.json`: what the launcher keeps about an instance across restarts.
 
-The record holds the START spec and one flag, `created`: whether the per-instance disk and seed were made.
-The VM's state is never stored; at start-up the virtualizer tells whether the VM still runs. A record with
-created=false means the launcher stopped in the middle of a START, which is then run again.
+The record holds the START spec and two facts:
+
+- `created`: whether the per-instance disk and seed were made *and the VM was started on them* (start_vm
+  returned, or failed with launch_failure). A record with created=false means the launcher stopped in the
+  middle of a START (before or during start_vm), which is then carried on.
+- `goal`: the state the launcher keeps the instance in, written before the command that sets it is
+  acknowledged: `running` (START; a RESTART once start_vm has returned), `starting` (a RESTART until then),
+  `exited` (a STOP, or the VM went down on its own or never came up: the launcher does not restart it unasked)
+  or `deleted` (a DELETE under way). Records written before this field existed have none: `running`.
+
+Whether the VM runs is never stored; at start-up the virtualizer tells, and recovery reconciles that with the
+goal (see InstanceActor._recover).
 """
 
 from __future__ import annotations
@@ -17,15 +26,17 @@ from launcher.payloads import InstanceSpec, Networking, StorageEntry
 
 VERSION = 1
 T = TypeVar("T")
+GOALS = ("running", "starting", "exited", "deleted")
 
 
 @attrs.frozen
 class InstanceRecord:
     spec: InstanceSpec
     created: bool = False
+    goal: str = "running"
 
     def to_json(self) -> bytes:
-        return record_json(spec_json(self.spec), self.created)
+        return record_json(spec_json(self.spec), self.created, self.goal)
 
     @classmethod
     def from_json(cls, data: bytes) -> InstanceRecord:
@@ -34,11 +45,14 @@ class InstanceRecord:
         body = json.loads(data)
         if not isinstance(body, dict) or body.get("version") != VERSION:
             raise ValueError(f"not an instance record of version {VERSION}")
-        if set(body) != {"version", "spec", "created"}:
-            raise ValueError(f"instance record keys are {sorted(body)}, expected created, spec and version")
+        if not {"version", "spec", "created"} <= set(body) <= {"version", "spec", "created", "goal"}:
+            raise ValueError(f"instance record keys are {sorted(body)}, expected created, goal, spec and version")
         if not isinstance(body["created"], bool):
             raise ValueError(f"created: expected true or false, got {body['created']!r}")
-        return cls(spec=_decode(InstanceSpec, body["spec"], "spec"), created=body["created"])
+        goal = body.get("goal", "running")  # absent in records of older launchers
+        if goal not in GOALS:
+            raise ValueError(f"goal: expected one of {', '.join(GOALS)}, got {goal!r}")
+        return cls(spec=_decode(InstanceSpec, body["spec"], "spec"), created=body["created"], goal=goal)
 
 
 _SPEC_FIELDS = sorted(attrs.fields_dict(InstanceSpec))
@@ -58,9 +72,10 @@ def spec_json(spec: InstanceSpec) -> bytes:
     return _encode(body).encode()
 
 
-def record_json(encoded_spec: bytes, created: bool) -> bytes:
+def record_json(encoded_spec: bytes, created: bool, goal: str = "running") -> bytes:
     """instance.json from an already encoded spec."""
-    return b'{"created":%s,"spec":%s,"version":%d}' % (b"true" if created else b"false", encoded_spec, VERSION)
+    return b'{"created":%s,"goal":"%s","spec":%s,"version":%d}' % (
+        b"true" if created else b"false", goal.encode(), encoded_spec, VERSION)
 
 
 def _decode(cls: type[T], raw: Any, where: str) -> T:
