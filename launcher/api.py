@@ -21,7 +21,7 @@ import trio
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
-from launcher import errors, payloads
+from launcher import api_token, errors, payloads
 from launcher.errors import LauncherError
 from launcher.events import EventJournal, EventsExpired
 from launcher.http import Handler, Request, Response, Stream
@@ -56,6 +56,7 @@ STATUS_OF = {
     errors.NETWORK_FAILURE: 502,
     errors.LAUNCH_FAILURE: 502,
     errors.STOP_FAILURE: 502,
+    errors.STORAGE_FULL: 507,
     errors.INTERNAL: 500,
 }
 
@@ -76,6 +77,8 @@ class Api:
         self.journal = journal
         self.logs = logs
         self.stats = stats
+        if len(token) < api_token.MIN_LENGTH:
+            raise ValueError(f"the API token must have at least {api_token.MIN_LENGTH} characters")
         self.token = token
         self.config = supervisor.config
         self.registry = CollectorRegistry(auto_describe=False)
@@ -210,7 +213,9 @@ class Api:
             **figures,
         })
 
-    async def get_stats(self, request: Request) -> Response:
+    async def get_stats(self, request: Request) -> Response | Stream:
+        if _flag(request, "follow"):
+            return Stream(NDJSON, self.stats.follow())
         return Response(200, self.stats.snapshot_json)
 
     async def metrics(self, request: Request) -> Response:

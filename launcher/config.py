@@ -74,6 +74,29 @@ class EventsConfig:
     memory_bytes: int = 16 << 20  # and at most this much (as JSON): `stats` events are large
 
 
+RESTART_POLICIES = ("never", "requested", "always")
+
+
+def _restart_policy(instance: object, attribute: attrs.Attribute[str], value: str) -> None:
+    if value not in RESTART_POLICIES:
+        raise ValueError(f"{attribute.name}: must be one of {', '.join(RESTART_POLICIES)}, got {value!r}")
+
+
+def _at_least_one(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
+    if value < 1:
+        raise ValueError(f"{attribute.name}: must be at least 1, got {value!r}")
+
+
+@attrs.frozen
+class Recovery:
+    """What a launcher does at start-up with instances whose VM is gone (README "After a restart")."""
+
+    # After a host reboot, instances that were running: never restarted, restarted if their START said
+    # `restart: true` (requested), or always.
+    restart_running: str = attrs.field(default="always", validator=_restart_policy)
+    max_parallel: int = attrs.field(default=4, validator=_at_least_one)  # VMs booted by recovery at once
+
+
 @attrs.frozen
 class Config:
     data_dir: Path = Path("/var/lib/launcher")
@@ -89,6 +112,7 @@ class Config:
     timeouts: Timeouts = Timeouts()
     intervals: Intervals = Intervals()
     events: EventsConfig = EventsConfig()
+    recovery: Recovery = Recovery()
     http: HttpLimits = HttpLimits()
     # Each virtualizer's own section, checked by that virtualizer: `simulation: {mode: memory, ...}`.
     virtualizers: dict[str, dict[str, Any]] = attrs.field(factory=dict)

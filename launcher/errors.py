@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 # Parsing and validation.
 INVALID_PAYLOAD = "invalid_payload"  # the body cannot be parsed at all
 INVALID_DATA = "invalid_data"  # parsed, but a field is wrong, missing or unknown
@@ -23,6 +25,8 @@ LAUNCH_FAILURE = "launch_failure"
 STOP_FAILURE = "stop_failure"
 # Our addition: `launcher images rm` of an image that an instance uses.
 IMAGE_IN_USE = "image_in_use"
+# Our addition: the data dir's file system is full (ENOSPC, EDQUOT): the command could not be made durable.
+STORAGE_FULL = "storage_full"
 # Transport-level codes of the HTTP API.
 UNAUTHORIZED = "unauthorized"
 NOT_FOUND = "not_found"
@@ -50,6 +54,14 @@ class LauncherError(Exception):
 
     def as_dict(self) -> dict[str, str]:
         return {"error": self.code, "reason": self.reason, "instance_uuid": self.instance_uuid}
+
+
+def write_failure(exc: OSError, what: str, code: str, instance_uuid: str = "") -> LauncherError:
+    """A LauncherError for a failed write of `what`: STORAGE_FULL when the file system is full (or over its
+    quota), `code` for any other error."""
+    full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    reason = f"node storage full: cannot write {what}: {exc.strerror or exc}" if full else f"cannot write {what}: {exc}"
+    return LauncherError(STORAGE_FULL if full else code, reason, instance_uuid)
 
 
 class PayloadError(LauncherError):

@@ -12,14 +12,22 @@ back from the journal files in a worker thread.
 
 On disk the journal is ``events.jsonl`` plus up to ``keep_files`` rotated files ``events.jsonl.1`` (newest) ..
 ``events.jsonl.N`` (oldest); each holds a contiguous run of seqs, one compact JSON object per line.
+
+A write that fails (a full disk) never ends the launcher and never leaves half an event behind: the file is cut
+back to its last whole event, the batch goes back to the head of the queue, and the writer tries again with a
+growing pause (up to ``_RETRY_MAX_SECONDS``) until the disk takes it. Meanwhile events wait in memory, not yet
+durable, so no reader sees them and ``wait_durable`` waits. A line that is not an event (garbage written
+behind the launcher's back) is skipped by readers, with a warning, and never hides the events after it.
 """
 
 from __future__ import annotations
 
 import bisect
 import collections
+import contextlib
 import itertools
 import json
+import logging
 import os
 import time
 from collections.abc import AsyncIterator
@@ -30,9 +38,12 @@ import trio
 
 from launcher.store import fsync_dir
 
+log = logging.getLogger(__name__)
+
 Event = dict[str, Any]
 
 JOURNAL_FILE = "events.jsonl"
+_FRESH_FILE = JOURNAL_FILE + ".fresh"  # the next events.jsonl, while a rotation makes it
 # Bound on how long a cancelled run() may spend writing out what is still queued.
 _FINAL_FLUSH_SECONDS = 1.0
 # Bytes of journal a reader parses per worker-thread call when it catches up from disk. Each reader holds one
@@ -41,6 +52,9 @@ _FINAL_FLUSH_SECONDS = 1.0
 _READ_CHUNK_BYTES = 64 << 10
 # Initial size of the window scanned backwards for the last complete line at start-up.
 _TAIL_WINDOW_BYTES = 1 << 16
+# Pauses between attempts to write the journal while the disk refuses (doubling from the first).
+_RETRY_MIN_SECONDS = 0.2
+_RETRY_MAX_SECONDS = 5.0
 
 _last_second: tuple[int, str] = (-1, "")
 
@@ -121,6 +135,7 @@ class EventJournal:
         self._stopped = False
         self._work = trio.Event()  # set by emit(): there is something to commit
         self._committed = trio.Event()  # set and replaced after every commit (and when the journal stops)
+        self.write_error: str | None = None  # why the journal cannot be written right now, if it cannot
 
     @property
     def last_seq(self) -> int:
@@ -151,14 +166,17 @@ class EventJournal:
             while True:
                 await self._work.wait()
                 self._work = trio.Event()
-                await self._commit()
+                await self._commit_until_written()
                 if self._size > self._rotate_bytes:
                     await self._rotate()
         except trio.Cancelled:
             # Only a cancellation leaves the file in a known state (nothing half-written), so only then is it
             # safe to write once more.
             with trio.move_on_after(_FINAL_FLUSH_SECONDS, shield=True):
-                await self._commit()
+                try:
+                    await self._commit()
+                except OSError as exc:
+                    log.error("event journal: %d events not written at shutdown: %s", len(self._pending), exc)
             raise
         finally:
             self._accepting = False
@@ -193,16 +211,40 @@ class EventJournal:
                 raise trio.ClosedResourceError(f"event journal stopped before event {seq} was written")
             await self._committed.wait()
 
+    async def _commit_until_written(self) -> None:
+        """Commit what is queued; while the disk refuses, keep trying with a growing pause (module doc)."""
+        pause = _RETRY_MIN_SECONDS
+        failing_since: float | None = None
+        while True:
+            try:
+                await self._commit()
+            except OSError as exc:
+                if failing_since is None:
+                    failing_since = time.monotonic()
+                    log.error("event journal: cannot write %s: %s; retrying, %d events wait in memory",
+                              JOURNAL_FILE, exc, len(self._pending))
+                self.write_error = f"cannot write {JOURNAL_FILE}: {exc}"
+                await trio.sleep(pause)
+                pause = min(pause * 2, _RETRY_MAX_SECONDS)
+                continue
+            if failing_since is not None:
+                log.warning("event journal: written again after %.1f s", time.monotonic() - failing_since)
+                self.write_error = None
+            return
+
     async def _commit(self) -> None:
+        """Write and fsync the queued events. OSError if the disk refuses: the batch is queued again and the
+        file is as it was."""
         batch = self._pending
         if not batch:
             return
         self._pending = []
         try:
-            sizes = await trio.to_thread.run_sync(self._write_batch, self._fd, batch, limiter=self._limiter)
-        except trio.Cancelled:
+            sizes = await trio.to_thread.run_sync(self._write_batch, self._fd, self._size, batch,
+                                                  limiter=self._limiter)
+        except (trio.Cancelled, OSError):
             # With abandon_on_cancel=False a cancellation can only arrive before the thread starts: nothing was
-            # written, so the batch goes back to the head of the queue.
+            # written. A failed write was cut back. Either way the batch goes back to the head of the queue.
             self._pending[:0] = batch
             raise
         self._size += sum(sizes)
@@ -220,28 +262,42 @@ class EventJournal:
             self._ring_bytes -= self._ring_sizes.popleft()
 
     @staticmethod
-    def _write_batch(fd: int, batch: list[Event]) -> list[int]:
-        """Write and fsync the batch; the encoded size of each event."""
+    def _write_batch(fd: int, size: int, batch: list[Event]) -> list[int]:
+        """Append and fsync the batch to the file of `size` bytes; the encoded size of each event. On OSError
+        the file is cut back to `size` first (if even that fails, the next start-up cuts the torn tail)."""
         encode = json.JSONEncoder(separators=(",", ":"), default=str).encode
         lines = [(encode(event) + "\n").encode() for event in batch]
-        _write_all(fd, b"".join(lines))
-        os.fsync(fd)
+        try:
+            _write_all(fd, b"".join(lines))
+            os.fsync(fd)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, size)
+            raise
         return [len(line) for line in lines]
 
     async def _rotate(self) -> None:
         async with self._files_lock:
-            self._fd = await trio.to_thread.run_sync(self._rotate_files, self._fd, limiter=self._limiter)
+            try:
+                self._fd = await trio.to_thread.run_sync(self._rotate_files, self._fd, limiter=self._limiter)
+            except OSError as exc:
+                log.error("event journal: cannot rotate %s: %s; trying again after the next commit", JOURNAL_FILE,
+                          exc)
+                return
             self._size = 0
             self._segments.append(self._durable_seq + 1)
             del self._segments[: -(self._keep_files + 1)]
 
     def _rotate_files(self, fd: int) -> int:
         """events.jsonl.N-1 -> .N, ..., events.jsonl -> .1 (the oldest beyond keep_files is overwritten), then a
-        fresh events.jsonl. Returns its fd."""
+        fresh events.jsonl. Returns its fd. The new file is made first (under a temp name), so that a failure
+        (a full disk) changes nothing."""
+        fresh = self._directory / _FRESH_FILE
+        new_fd = _open_append(fresh)
         for k in range(self._keep_files, 0, -1):
             if self._path(k - 1).exists():
                 os.replace(self._path(k - 1), self._path(k))
-        new_fd = _open_append(self._path(0))
+        os.replace(fresh, self._path(0))
         fsync_dir(self._directory)  # the renames and the new file's entry, before anything is written into it
         os.close(fd)
         return new_fd
@@ -255,6 +311,7 @@ class EventJournal:
     def _open_files(self) -> tuple[int, int, list[int], int]:
         """Recover the journal: returns (append fd, its size, first seq per file, last seq)."""
         self._directory.mkdir(parents=True, exist_ok=True)
+        (self._directory / _FRESH_FILE).unlink(missing_ok=True)  # a rotation that did not finish
         rotated = self._compact_rotated()
         current = self._path(0)
         last_seq = _truncate_torn_tail(current) if current.exists() else None
@@ -360,7 +417,12 @@ def _read_events(
                 # A line without its newline is being appended right now; it cannot be durable yet.
                 if not line.endswith(b"\n"):
                     break
-                event = json.loads(line)
+                event = _event_of(line)
+                if event is None:  # not an event: skipped, never a reason to stop
+                    log.warning("event journal: %s, byte %d: skipped a line that is not an event", paths[index],
+                                offset)
+                    offset += len(line)
+                    continue
                 if event["seq"] > durable_seq:
                     break
                 offset += len(line)
@@ -386,19 +448,32 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
-def _seq_of(line: bytes) -> int | None:
+def _event_of(line: bytes) -> Event | None:
+    """The event on a journal line, or None if the line holds none (a JSON object with an integer seq)."""
     try:
         event = json.loads(line)
     except ValueError:
         return None
-    seq = event.get("seq") if isinstance(event, dict) else None
-    return seq if isinstance(seq, int) else None
+    if not isinstance(event, dict) or type(event.get("seq")) is not int:
+        return None
+    return event
+
+
+def _seq_of(line: bytes) -> int | None:
+    event = _event_of(line)
+    return None if event is None else int(event["seq"])
 
 
 def _first_seq_in(path: Path) -> int | None:
+    """The seq of the first event in the file (lines that hold none are skipped)."""
     with open(path, "rb") as file:
-        line = file.readline()
-    return _seq_of(line) if line.endswith(b"\n") else None
+        for line in file:
+            if not line.endswith(b"\n"):
+                return None
+            seq = _seq_of(line)
+            if seq is not None:
+                return seq
+    return None
 
 
 def _last_line(file: BinaryIO, end: int) -> tuple[int, int | None]:

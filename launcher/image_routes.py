@@ -83,8 +83,9 @@ class ImageRoutes:
         image_id = request.query.get("id", "")
         if not source:
             raise LauncherError(errors.INVALID_DATA, "source: required (a path on the node, or a file://, http:// "
-                                                     "or https:// URL)")
+                                                     "or https:// URL, within the allowed import sources)")
         _check_id(image_id)
+        await catalog.check_source(source)  # 400 invalid_data before the stream starts, if not allowed
         sha256 = request.query.get("sha256") or None
 
         async def produce(write: Write) -> None:

@@ -13,7 +13,9 @@ number, and notes from an older session are
 ignored, so a late CLOSED from a monitor that was already ended cannot confuse a newer boot.
 
 The actor also owns its instance directory: it creates it (instance.json written atomically before the
-START is acknowledged), and removes it only after the VM is really down.
+START is acknowledged), and removes it only after the VM is really down. instance.json also holds the
+instance's goal (launcher/records.py), written before a STOP, RESTART or DELETE is acknowledged, so that a
+launcher restarted after `kill -9` carries on every acknowledged command (`_recover`).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from launcher.logs import InstanceLogs
 from launcher.persist import Persister
 from launcher.payloads import DeleteCommand, InstanceSpec, RestartCommand, StartCommand, StopCommand
 from launcher.records import record_json, spec_json
+from launcher.recovery import RecoveryPlan
 from virtualizers.base import MonitorEvent, Virtualizer, VmStats
 
 log = logging.getLogger(__name__)
@@ -134,6 +137,7 @@ class ActorContext:
     logs: InstanceLogs
     persister: Persister
     on_gone: Callable[[InstanceActor], None]  # the instance is deleted; drop it from the table
+    recovery: RecoveryPlan  # this start-up's host-reboot policy and boot slots
     monitors: trio.Nursery | None = None  # where monitor sessions run; set by the supervisor
 
 
@@ -150,6 +154,7 @@ class InstanceActor:
         *,
         created: bool = False,
         recovered: bool = False,
+        goal: str = "running",
     ) -> None:
         self.ctx = ctx
         self.vm = vm
@@ -160,11 +165,15 @@ class InstanceActor:
         self.stats = VmStats()
         # The state this instance will be in once everything queued has run; kept by the supervisor so
         # that it can refuse a command at once without waiting for the actor (DESIGN.md §3.3).
-        self.projected = State.RUNNING
+        self.projected = State.DELETED if goal == "deleted" else State.RUNNING
         self.queued = 0
         self.activity: str | None = None  # the command being handled, for `show`
-        self._created = created
-        self._recovered = recovered
+        self._created = created  # the disk was made and the VM started on it (records.py)
+        self._goal = goal  # as instance.json says
+        self._recovered = recovered  # the next state reported is marked `recovered: true`
+        self._unsettled = recovered  # RecoveryPlan.settled() is still to be called
+        self._probing = False  # the recovery monitor session has not yet said whether the VM runs
+        self._holds_boot_slot = False  # of RecoveryPlan.boot_slots
         self._send, self._recv = trio.open_memory_channel[Message](ctx.config.inbox_size)
         self._session = 0
         self._monitor_scope: trio.CancelScope | None = None
@@ -255,7 +264,7 @@ class InstanceActor:
                     self.queued -= 1
                     self._sync_projection()
         finally:
-            self._close_monitor()  # the session lives in the supervisor's nursery: never outlive the actor
+            self._close_monitor()  # the session lives in the supervisor's nursery (and a boot slot is freed)
 
     async def _next_message(self) -> Message | None:
         """The next inbox message, or None when the boot deadline has passed."""
@@ -306,13 +315,13 @@ class InstanceActor:
             self._gone(reason=errors.INSTANCE_EXISTS)
             return
         except OSError as exc:
-            await self._fail_start(ticket, LauncherError(errors.IMAGE_FAILURE, f"cannot write instance dir: {exc}"))
+            await self._fail_start(ticket, errors.write_failure(exc, "the instance dir", errors.IMAGE_FAILURE))
             return
         self._emit_state()
         await self._prepare_and_boot(ticket, "start_failure")
 
-    async def _prepare_and_boot(self, ticket: Ticket, failure_event: str) -> None:
-        """Image phases (which a DELETE may interrupt), then boot."""
+    async def _prepare_and_boot(self, ticket: Ticket, failure_event: str, *, limited: bool = False) -> None:
+        """Image phases (which a DELETE may interrupt), then boot (see `_boot` for `limited`)."""
         t = self.ctx.config.timeouts
         try:
             with trio.CancelScope() as self._interruptible:
@@ -322,24 +331,22 @@ class InstanceActor:
                                  self.vm.ensure_backing_image)
                 await self._call("create_image", errors.IMAGE_FAILURE, t.create_image_s,
                                  self.vm.create_image, self.spec.user_data, self.spec.meta_data, None)
-                await self._write_record(created=True)
             if self._interruptible.cancelled_caught:
                 raise _Interrupted
         except _Interrupted:
-            self._log("START abandoned: a DELETE arrived before the VM was started")
-            self.state = State.EXITED
-            ticket.fail(LauncherError(errors.NO_INSTANCE, "START abandoned: the instance is being deleted",
-                                      self.uuid))
+            self._abandon_start(ticket)
             return
         except VirtualizerError as exc:
             await self._fail_start(ticket, exc)
             return
-        except OSError as exc:
-            await self._fail_start(ticket, LauncherError(errors.IMAGE_FAILURE, f"cannot write instance.json: {exc}"))
-            return
         finally:
             self._interruptible = None
-        await self._boot(ticket, failure_event)
+        await self._boot(ticket, failure_event, limited=limited)
+
+    def _abandon_start(self, ticket: Ticket) -> None:
+        self._log("START abandoned: a DELETE arrived before the VM was started")
+        self.state = State.EXITED
+        ticket.fail(LauncherError(errors.NO_INSTANCE, "START abandoned: the instance is being deleted", self.uuid))
 
     async def _fail_start(self, ticket: Ticket, exc: LauncherError) -> None:
         """A START failed before start_vm: remove what was created, and the instance with it; the ticket
@@ -354,6 +361,12 @@ class InstanceActor:
             code = errors.ALREADY_RUNNING if self.state in (State.PENDING, State.RUNNING) else errors.NO_INSTANCE
             self._fail(ticket, "restart_failure", LauncherError(code, f"instance is {self.public_state}"))
             return
+        try:
+            await self._set_goal("starting")
+        except OSError as exc:
+            self._fail(ticket, "restart_failure",
+                       errors.write_failure(exc, store.INSTANCE_FILE, errors.LAUNCH_FAILURE))
+            return
         self._log("RESTART accepted")
         ticket.accept()
         self.state = State.PENDING
@@ -363,12 +376,26 @@ class InstanceActor:
         else:
             await self._boot(ticket, "restart_failure")
 
-    async def _boot(self, ticket: Ticket, failure_event: str) -> None:
-        """start_vm, then wait (in the main loop) for the monitor's CONNECTED, bounded by boot_s."""
+    async def _boot(self, ticket: Ticket, failure_event: str, *, limited: bool = False,
+                    announce: str | None = None) -> None:
+        """start_vm, then wait (in the main loop) for the monitor's CONNECTED, bounded by boot_s.
+
+        `limited`: a boot that recovery starts on its own holds one of RecoveryPlan.boot_slots until the VM
+        runs or the boot fails. `announce`: the reason of the `pending` event emitted once the boot begins.
+        Once start_vm has returned, the record says `created` and goal `running` (a START's or RESTART's
+        second write); once it has failed, `created` and goal `exited`."""
         t = self.ctx.config.timeouts
+        if limited and not await self._take_boot_slot():
+            self._abandon_start(ticket)
+            return
+        if announce is not None:
+            self._emit_state(reason=announce)
         try:
             await self._call("start_vm", errors.LAUNCH_FAILURE, t.start_vm_s, self.vm.start_vm)
         except VirtualizerError as exc:
+            self._release_boot_slot()
+            self._created = True
+            await self._set_goal_quietly("exited")  # before anyone hears of the failure
             self.state = State.EXITED
             self._fail(ticket, failure_event, exc)
             self._emit_state(reason=exc.code)
@@ -377,6 +404,24 @@ class InstanceActor:
         self._boot_failure_event = failure_event
         self._boot_deadline = trio.current_time() + t.boot_s
         self._open_monitor(recover=False)
+        if not self._created or self._goal == "starting":
+            self._created = True
+            await self._set_goal_quietly("running")  # the second write: the VM was started
+
+    async def _take_boot_slot(self) -> bool:
+        """Wait for a boot slot; False if a DELETE came first. Bounded: each holder's boot is (boot_s)."""
+        with trio.CancelScope() as self._interruptible:
+            if self._doomed:
+                self._interruptible.cancel()
+            await self.ctx.recovery.boot_slots.acquire_on_behalf_of(self)
+            self._holds_boot_slot = True
+        self._interruptible = None
+        return self._holds_boot_slot
+
+    def _release_boot_slot(self) -> None:
+        if self._holds_boot_slot:
+            self._holds_boot_slot = False
+            self.ctx.recovery.boot_slots.release_on_behalf_of(self)
 
     # ----------------------------------------------------------------- monitor
 
@@ -400,31 +445,43 @@ class InstanceActor:
             self._monitor_scope.cancel()
             self._monitor_scope = None
         self._boot_deadline = math.inf
+        self._probing = False
+        self._release_boot_slot()
 
     async def _on_monitor(self, event: MonitorEvent) -> None:
-        if event is MonitorEvent.CONNECTED:
-            if self.state is not State.PENDING:
-                return
-            self.vm.connected()
-            self.state = State.RUNNING
-            self._boot_deadline = math.inf
-            self._log("VM is running")
-            if self._boot_ticket is not None:
-                self._boot_ticket.finish("running")
-                self._boot_ticket = None
-            self._emit_state(**self._recovery_mark())
+        if self._probing:
+            self._probing = False
+            await self._reconcile(event)
+        elif event is MonitorEvent.CONNECTED:
+            if self.state is State.PENDING:
+                self._on_running()
         else:
-            was = self.state
-            self._close_monitor()
-            self.vm.lost_vm()
-            self.state = State.EXITED
-            self.stats = VmStats()
+            self._log("VM is down" if self.state is State.PENDING else "VM exited unexpectedly")
+            await self._set_goal_quietly("exited")  # not restarted unasked, not even after a host reboot
+            self._on_down()
             if self._boot_ticket is not None:
                 exc = LauncherError(errors.LAUNCH_FAILURE, "the VM went down before it was running")
                 self._fail(self._boot_ticket, self._boot_failure_event, exc)
                 self._boot_ticket = None
-            self._log("VM is down" if was is State.PENDING else "VM exited unexpectedly")
-            self._emit_state(reason="vm_exited", **self._recovery_mark())
+            self._emit_state(reason="vm_exited")
+
+    def _on_running(self) -> None:
+        self.vm.connected()
+        self.state = State.RUNNING
+        self._boot_deadline = math.inf
+        self._release_boot_slot()
+        self._log("VM is running")
+        if self._boot_ticket is not None:
+            self._boot_ticket.finish("running")
+            self._boot_ticket = None
+        self._emit_state()
+
+    def _on_down(self) -> None:
+        """The VM is down (a monitor said so): the instance is exited. The caller reports it at once."""
+        self._close_monitor()
+        self.vm.lost_vm()
+        self.state = State.EXITED
+        self.stats = VmStats()
 
     async def _on_boot_deadline(self) -> None:
         now = trio.current_time()
@@ -436,6 +493,7 @@ class InstanceActor:
             except VirtualizerError:
                 self._boot_deadline = now + t.stop_margin_s  # still up, or unknown: try again later
                 return
+            await self._set_goal_quietly("exited")
             ticket, self._boot_ticket = self._boot_ticket, None
             self.state = State.EXITED
             exc = LauncherError(errors.LAUNCH_FAILURE, f"the VM was not running within {t.boot_s:g} s")
@@ -461,6 +519,13 @@ class InstanceActor:
             self._fail(ticket, "stop_failure", LauncherError(code, f"instance is {self.public_state}"))
             return
         grace = self.ctx.config.timeouts.stop_grace_s if command.grace_s is None else command.grace_s
+        goal = self._goal
+        try:
+            await self._set_goal("exited")
+        except OSError as exc:
+            self._fail(ticket, "stop_failure",
+                       errors.write_failure(exc, store.INSTANCE_FILE, errors.STOP_FAILURE))
+            return
         self._log(f"STOP accepted (grace {grace:g} s)")
         ticket.accept()
         previous, self.state = self.state, State.STOPPING
@@ -468,6 +533,7 @@ class InstanceActor:
             await self._power_off(grace)
         except VirtualizerError as exc:
             self.state = previous
+            await self._set_goal_quietly(goal)
             self._fail(ticket, "stop_failure", exc)
             return
         self.state = State.EXITED
@@ -490,12 +556,24 @@ class InstanceActor:
             self._boot_ticket = None
 
     async def _delete(self, command: DeleteCommand, ticket: Ticket) -> None:
-        """DELETE from any state: the VM goes down first, and only then is anything removed."""
+        """DELETE from any state: the VM goes down first, and only then is anything removed.
+
+        With a VM to power off, the DELETE is acknowledged once the goal `deleted` is durable (a restarted
+        launcher finishes it); without one, once the removal is (its one write)."""
         t = self.ctx.config.timeouts
+        goal = self._goal
+        power_off = self._monitor_scope is not None or self.state in (State.PENDING, State.RUNNING)
+        if power_off and goal != "deleted":  # goal deleted: recovery is finishing an acknowledged DELETE
+            try:
+                await self._set_goal("deleted")
+            except OSError as exc:
+                self._fail(ticket, "delete_failure",
+                           errors.write_failure(exc, store.INSTANCE_FILE, errors.STOP_FAILURE))
+                return
         self._log("DELETE accepted" + (" (stop)" if command.stop else ""))
-        ticket.accept()
         previous, self.state = self.state, State.DELETING
-        if self._monitor_scope is not None or previous in (State.PENDING, State.RUNNING):
+        if power_off:
+            ticket.accept()
             if command.grace_s is not None:
                 grace = command.grace_s
             else:
@@ -504,11 +582,12 @@ class InstanceActor:
                 await self._power_off(grace)
             except VirtualizerError as exc:
                 self.state = previous
+                await self._set_goal_quietly(goal)
                 self._fail(ticket, "delete_failure", exc)
                 return
         self._abandon_boot("deleted")
         await self._call_quietly("delete_image", t.delete_image_s, self.vm.delete_image)
-        await self._remove_dir()
+        await self._remove_dir(on_durable=ticket.accept)
         ticket.finish("deleted")
         self._gone(reason="stop" if command.stop else "deleted")
 
@@ -520,17 +599,59 @@ class InstanceActor:
     # ----------------------------------------------------------------- recovery
 
     async def _recover(self) -> None:
-        """Launcher start-up: reconnect to the VM, or redo a START that never finished making the disk."""
-        if not self._created:
-            self._log("recovered an unfinished START: running it again")
-            self._recovered = False
-            ticket = Ticket(self.uuid)
-            self._emit_state()
-            await self._prepare_and_boot(ticket, "start_failure")
+        """Launcher start-up: finish an acknowledged DELETE, or ask the virtualizer whether the VM runs (the
+        answer goes to `_reconcile`), bounded by boot_s."""
+        if self._goal == "deleted":
+            self._log("launcher restarted during a DELETE: finishing it")
+            await self._delete(DeleteCommand(self.uuid), Ticket(self.uuid))
+            if self.state is not State.DELETED:  # delete_failure: a DELETE may try again
+                self.projected = State.EXITED
+                self._settle()
             return
-        self._log("launcher restarted: reconnecting to the VM")
+        self._log("launcher restarted: looking for the VM")
         self._boot_deadline = trio.current_time() + self.ctx.config.timeouts.boot_s
         self._open_monitor(recover=True)
+        self._probing = True
+
+    async def _reconcile(self, event: MonitorEvent) -> None:
+        """The recovery probe's answer, against the record's goal (the table in README "After a restart")."""
+        recovery = self.ctx.recovery
+        if event is MonitorEvent.CONNECTED:
+            if self._goal == "exited":
+                self._log("the VM runs, but the instance was stopped: finishing the STOP")
+                await self._stop(StopCommand(self.uuid), Ticket(self.uuid))
+                return
+            self._on_running()
+            if not self._created or self._goal == "starting":  # start_vm had returned; the write was lost
+                self._created = True
+                await self._set_goal_quietly("running")
+            return
+        if self._goal == "exited":
+            self._log("the VM is down, as it was when the launcher stopped")
+            self._on_down()
+            self._emit_state()
+        elif not self._created:
+            self._log("the launcher restarted during a START: carrying it on")
+            self._close_monitor()  # still pending: the START goes on
+            self._emit_state(reason="start_resumed")
+            await self._prepare_and_boot(Ticket(self.uuid), "start_failure", limited=True)
+        elif self._goal == "starting":
+            self._log("the launcher restarted during a RESTART: carrying it on")
+            self._close_monitor()  # still pending: the RESTART goes on
+            self._emit_state(reason="restart_resumed")
+            await self._boot(Ticket(self.uuid), "restart_failure", limited=True)
+        elif recovery.host_rebooted and recovery.restarts(self.spec):
+            self._log(f"the host rebooted: starting the VM again (recovery.restart_running: {recovery.policy})")
+            self._close_monitor()  # still pending: reported once its boot begins (after a boot slot)
+            await self._boot(Ticket(self.uuid), "restart_failure", limited=True, announce="host_restart")
+        else:
+            if recovery.host_rebooted:
+                self._log(f"the host rebooted; not restarting the VM (recovery.restart_running: {recovery.policy})")
+            else:
+                self._log("the VM exited while the launcher was down")
+            await self._set_goal_quietly("exited")  # recorded before it is reported
+            self._on_down()
+            self._emit_state(reason="host_restart" if recovery.host_rebooted else "vm_exited")
 
     # ----------------------------------------------------------------- helpers
 
@@ -572,16 +693,25 @@ class InstanceActor:
         record = record_json(self._spec_json, created=False)
         await self.ctx.persister.create(self.dir / store.INSTANCE_FILE, record, on_durable=on_durable)
 
-    async def _write_record(self, *, created: bool) -> None:
+    async def _set_goal(self, goal: str) -> None:
+        """Write instance.json with `goal` (and `_created`); durable when this returns. Raises OSError."""
         encoded = self._spec_json or spec_json(self.spec)
-        await self.ctx.persister.write(self.dir / store.INSTANCE_FILE, record_json(encoded, created))
+        await self.ctx.persister.write(self.dir / store.INSTANCE_FILE, record_json(encoded, self._created, goal))
         self._spec_json = None  # not needed again: keep idle instances small
-        self._created = created
+        self._goal = goal
 
-    async def _remove_dir(self) -> None:
+    async def _set_goal_quietly(self, goal: str) -> None:
+        """`_set_goal` where a failed write cannot undo what happened: it is logged."""
+        try:
+            await self._set_goal(goal)
+        except OSError as exc:
+            log.error("instance %s: cannot write instance.json: %s", self.uuid, exc)
+            self._log(f"cannot write instance.json (goal {goal}): {exc}")
+
+    async def _remove_dir(self, on_durable: Callable[[], None] | None = None) -> None:
         self.ctx.logs.discard(self.dir)
         try:
-            await self.ctx.persister.remove(self.dir)
+            await self.ctx.persister.remove(self.dir, on_durable=on_durable)
         except OSError as exc:
             log.error("instance %s: cannot remove %s: %s", self.uuid, self.dir, exc)
 
@@ -591,14 +721,21 @@ class InstanceActor:
         self._log(f"{event}: {exc.code}: {exc.reason}")
         self.ctx.journal.emit(event, instance_uuid=self.uuid, reason=exc.code, detail=exc.reason)
 
-    def _recovery_mark(self) -> dict[str, bool]:
-        """`recovered: true` on the first state a recovered instance reports, once."""
-        recovered, self._recovered = self._recovered, False
-        return {"recovered": True} if recovered else {}
-
     def _emit_state(self, **extra: Any) -> None:
+        """Report the public state; a recovered instance's first report is marked `recovered: true`, and its
+        first settled one (running, exited, deleted) counts it as settled for the RecoveryPlan."""
+        if self._recovered:
+            self._recovered = False
+            extra["recovered"] = True
         self.ctx.journal.emit("instance_state", instance_uuid=self.uuid, state=self.public_state, **extra)
+        if self.state in (State.RUNNING, State.EXITED, State.DELETED):
+            self._settle()
         self._sync_projection()
+
+    def _settle(self) -> None:
+        if self._unsettled:
+            self._unsettled = False
+            self.ctx.recovery.settled()
 
     def _log(self, message: str) -> None:
         self.ctx.logs.write(self.dir, message)

@@ -18,18 +18,27 @@ anything reads the instance dirs.
 An operation that fails after it was logged (e.g. ENOSPC) raises in its caller, which undoes it with another
 logged operation (a failed START removes its dir), so a replay ends in the state the callers reported.
 Callers must not start two operations on one path at once (an actor awaits each of its own).
+
+The log is self-delimiting and checked record by record: each line is ``<crc32, 8 hex digits> <JSON>\n``. An
+append that fails (a full disk, a failed fdatasync) fails every operation of its round, and the log is cut back
+to its length before the round, so no fragment is left for the next round's records to be glued onto (should
+even the cut fail, the next round starts with a newline, which ends the fragment). A replay applies every good
+record and skips a bad one (torn, wrong checksum, not a record, or one that cannot be applied) without losing
+those after it; each skipped record is logged and passed to `on_dropped`.
 """
 
 from __future__ import annotations
 
 import ctypes
 import json
+import logging
 import math
 import os
 import shutil
+import zlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import attrs
 import trio
@@ -38,6 +47,8 @@ from launcher import store
 
 if TYPE_CHECKING:
     import outcome
+
+log = logging.getLogger(__name__)
 
 WAL_FILE = "instances.wal"
 MAX_BATCH = 1024
@@ -55,12 +66,16 @@ class _Op:
 
 
 class Persister:
-    def __init__(self, data_dir: Path, limiter: trio.CapacityLimiter, *, checkpoint_bytes: int = 16 << 20) -> None:
+    def __init__(self, data_dir: Path, limiter: trio.CapacityLimiter, *, checkpoint_bytes: int = 16 << 20,
+                 on_dropped: Callable[[str], None] | None = None) -> None:
+        """`on_dropped(detail)` hears of each log record the start-up replay had to skip."""
         self.data_dir = data_dir
         self.limiter = limiter
         self.checkpoint_bytes = checkpoint_bytes
+        self._on_dropped = on_dropped
         self._wal = -1  # fd of the log, O_APPEND
         self._wal_bytes = 0
+        self._fragment = False  # a failed append may have left a partial line that could not be cut off
         self._send, self._recv = trio.open_memory_channel[_Op](math.inf)
         self._apply_limiter = trio.CapacityLimiter(APPLY_THREADS)
         self._applying = 0  # logged operations not yet applied
@@ -74,9 +89,9 @@ class Persister:
         """Replace `path` with `data`."""
         await self._submit(_Op("write", path, data))
 
-    async def remove(self, directory: Path) -> None:
+    async def remove(self, directory: Path, *, on_durable: Callable[[], None] | None = None) -> None:
         """Remove a directory tree."""
-        await self._submit(_Op("remove", directory))
+        await self._submit(_Op("remove", directory, on_durable=on_durable))
 
     async def _submit(self, op: _Op) -> None:
         self._send.send_nowait(op)
@@ -86,7 +101,11 @@ class Persister:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Replay what an earlier run logged, then serve rounds until cancelled."""
-        await trio.to_thread.run_sync(self._open, limiter=self.limiter)
+        dropped = await trio.to_thread.run_sync(self._open, limiter=self.limiter)
+        for detail in dropped:
+            log.error("instance log replay: skipped %s", detail)
+            if self._on_dropped is not None:
+                self._on_dropped(detail)
         try:
             async with trio.open_nursery() as applying:
                 task_status.started()
@@ -122,13 +141,28 @@ class Persister:
         The append is a few KiB into the page cache, so it is done right here; only fdatasync goes to a
         thread: each return from a thread has to win the GIL back from the busy event loop."""
         data = b"".join(_record(self.data_dir, op) for op in batch)
+        if self._fragment:
+            data = b"\n" + data
+        before = self._wal_bytes
         try:
             _write_all(self._wal, data)
             self._wal_bytes += len(data)
+            self._fragment = False
             await _in_thread(os.fdatasync, self._wal)
         except OSError as exc:
+            log.error("instance log: cannot append to %s: %s", WAL_FILE, exc)
+            self._cut_back(before)
             for op in batch:
                 op.error = exc
+
+    def _cut_back(self, length: int) -> None:
+        """Cut the log back to `length` after a failed append (a quick metadata change, done right here)."""
+        self._wal_bytes = length
+        try:
+            os.ftruncate(self._wal, length)
+        except OSError as exc:
+            log.error("instance log: cannot cut %s back after a failed append: %s", WAL_FILE, exc)
+            self._fragment = True
 
     async def _apply(self, chunk: list[_Op]) -> None:
         try:
@@ -149,16 +183,14 @@ class Persister:
 
     # ----------------------------------------------------------------- worker-thread side
 
-    def _open(self) -> None:
-        """Replay what an earlier run logged (it may not all be on the file system), then empty the log."""
+    def _open(self) -> list[str]:
+        """Replay what an earlier run logged (it may not all be on the file system), then empty the log.
+        Returns what the replay skipped."""
         path = self.data_dir / WAL_FILE
         self._wal = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
-        for line in path.read_bytes().splitlines():
-            try:
-                _replay(self.data_dir, json.loads(line))
-            except ValueError:
-                break  # a torn last line: its round was never acknowledged
+        dropped = replay_log(self.data_dir, path.read_bytes())
         self._flush_and_truncate()
+        return dropped
 
     def _flush_and_truncate(self) -> None:
         syncfs(self.data_dir)
@@ -201,16 +233,55 @@ def _apply(op: _Op) -> None:
             os.replace(op.path, doomed)
         shutil.rmtree(doomed, ignore_errors=True)
     elif op.kind == "create":
-        op.path.parent.mkdir(mode=0o755)
+        op.path.parent.mkdir(mode=store.INSTANCE_DIR_MODE)
         _write(op.path, op.data, os.O_EXCL)
     else:
         _write(op.path, op.data)
 
 
 def _record(data_dir: Path, op: _Op) -> bytes:
+    """One log line: `<crc32 of the JSON, 8 hex digits> <JSON>\n`."""
     where = _relative(data_dir, op.path)
     body = {"remove": where} if op.kind == "remove" else {"write": where, "data": op.data.decode()}
-    return json.dumps(body, separators=(",", ":")).encode() + b"\n"
+    encoded = json.dumps(body, separators=(",", ":")).encode()
+    return b"%08x %s\n" % (zlib.crc32(encoded), encoded)
+
+
+def replay_log(data_dir: Path, log_bytes: bytes) -> list[str]:
+    """Redo every good record of a log onto `data_dir` (blocking); a description of each record skipped.
+
+    Records are independent (write this file, remove this dir), so a bad one is skipped and the replay goes
+    on. A last line without its newline is a torn append, whose round was never acknowledged."""
+    dropped = []
+    lines = log_bytes.split(b"\n")
+    for number, line in enumerate(lines, start=1):
+        if not line:
+            continue
+        torn = number == len(lines)
+        try:
+            _replay(data_dir, _parse_record(line))
+        except (ValueError, OSError) as exc:
+            dropped.append(f"record {number} of {WAL_FILE}" + (" (torn, never acknowledged)" if torn else "")
+                           + f": {exc}")
+    return dropped
+
+
+def _parse_record(line: bytes) -> dict[str, str]:
+    """The operation of one log line; ValueError if the line is not a whole, intact record.
+
+    A line that starts with `{` was written by a launcher before checksums (replayed once after an upgrade)."""
+    if line.startswith(b"{"):
+        encoded = line
+    else:
+        checksum, _, encoded = line.partition(b" ")
+        if len(checksum) != 8 or int(checksum, 16) != zlib.crc32(encoded):
+            raise ValueError("bad checksum")
+    record = json.loads(encoded)
+    if not isinstance(record, dict) or not all(isinstance(v, str) for v in record.values()):
+        raise ValueError("not a log record")
+    if set(record) not in ({"remove"}, {"write", "data"}):
+        raise ValueError(f"not a log record: keys {sorted(record)}")
+    return record
 
 
 def _relative(data_dir: Path, path: Path) -> str:
@@ -221,16 +292,16 @@ def _relative(data_dir: Path, path: Path) -> str:
     return text[len(prefix) :]
 
 
-def _replay(data_dir: Path, record: dict[str, Any]) -> None:
+def _replay(data_dir: Path, record: dict[str, str]) -> None:
     """Redo one logged operation; doing it again when it already happened changes nothing."""
     relative = record.get("write") or record.get("remove")
-    if not isinstance(relative, str) or ".." in Path(relative).parts or Path(relative).is_absolute():
-        raise ValueError(f"bad log record {record!r}")
+    if not relative or ".." in Path(relative).parts or Path(relative).is_absolute():
+        raise ValueError(f"not a path inside the data dir: {relative!r}")
     path = data_dir / relative
     if "remove" in record:
         shutil.rmtree(path, ignore_errors=True)
     else:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=store.INSTANCE_DIR_MODE, parents=True, exist_ok=True)
         _write(path, record["data"].encode())
 
 
@@ -241,7 +312,7 @@ def _write(path: Path, data: bytes, flags: int = 0) -> None:
     closing a file that was truncated to zero and written again starts its writeback right away (auto_da_alloc),
     which made the second write of every START cost ~0.1-0.5 ms instead of ~20 us. Torn content is no concern
     here: until the log has been replayed nobody reads these files, and the replay rewrites them."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | flags, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | flags, store.INSTANCE_FILE_MODE)
     try:
         _write_all(fd, data)
         if not flags & os.O_EXCL:  # a file just created is empty: nothing to cut

@@ -1,37 +1,58 @@
 """`instance.json`: what the launcher keeps about an instance across restarts.
 
-The record holds the START spec and one flag, `created`: whether the per-instance disk and seed were made.
-The VM's state is never stored; at start-up the virtualizer tells whether the VM still runs. A record with
-created=false means the launcher stopped in the middle of a START, which is then run again.
+The record holds the START spec and two facts:
+
+- `created`: whether the per-instance disk and seed were made *and the VM was started on them* (start_vm
+  returned, or failed with launch_failure). A record with created=false means the launcher stopped in the
+  middle of a START (before or during start_vm), which is then carried on.
+- `goal`: the state the launcher keeps the instance in, written before the command that sets it is
+  acknowledged: `running` (START; a RESTART once start_vm has returned), `starting` (a RESTART until then),
+  `exited` (a STOP, or the VM went down on its own or never came up: the launcher does not restart it unasked)
+  or `deleted` (a DELETE under way). Records written before this field existed have none: `running`.
+
+Whether the VM runs is never stored; at start-up the virtualizer tells, and recovery reconciles that with the
+goal (see InstanceActor._recover).
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+import typing
+from typing import Any, TypeVar
 
 import attrs
 
 from launcher.payloads import InstanceSpec, Networking, StorageEntry
 
 VERSION = 1
+T = TypeVar("T")
+GOALS = ("running", "starting", "exited", "deleted")
 
 
 @attrs.frozen
 class InstanceRecord:
     spec: InstanceSpec
     created: bool = False
+    goal: str = "running"
 
     def to_json(self) -> bytes:
-        return record_json(spec_json(self.spec), self.created)
+        return record_json(spec_json(self.spec), self.created, self.goal)
 
     @classmethod
     def from_json(cls, data: bytes) -> InstanceRecord:
-        """Raises ValueError (or a subclass) if the file is not a record this launcher wrote."""
+        """Raises ValueError (or a subclass) naming what is wrong if the file is not a record this launcher
+        wrote: not JSON, another version, a missing or unknown key, or a value of the wrong type anywhere."""
         body = json.loads(data)
         if not isinstance(body, dict) or body.get("version") != VERSION:
             raise ValueError(f"not an instance record of version {VERSION}")
-        return cls(spec=_spec_from_dict(body["spec"]), created=bool(body["created"]))
+        if not {"version", "spec", "created"} <= set(body) <= {"version", "spec", "created", "goal"}:
+            raise ValueError(f"instance record keys are {sorted(body)}, expected created, goal, spec and version")
+        if not isinstance(body["created"], bool):
+            raise ValueError(f"created: expected true or false, got {body['created']!r}")
+        goal = body.get("goal", "running")  # absent in records of older launchers
+        if goal not in GOALS:
+            raise ValueError(f"goal: expected one of {', '.join(GOALS)}, got {goal!r}")
+        return cls(spec=_decode(InstanceSpec, body["spec"], "spec"), created=body["created"], goal=goal)
 
 
 _SPEC_FIELDS = sorted(attrs.fields_dict(InstanceSpec))
@@ -51,16 +72,43 @@ def spec_json(spec: InstanceSpec) -> bytes:
     return _encode(body).encode()
 
 
-def record_json(encoded_spec: bytes, created: bool) -> bytes:
+def record_json(encoded_spec: bytes, created: bool, goal: str = "running") -> bytes:
     """instance.json from an already encoded spec."""
-    return b'{"created":%s,"spec":%s,"version":%d}' % (b"true" if created else b"false", encoded_spec, VERSION)
+    return b'{"created":%s,"goal":"%s","spec":%s,"version":%d}' % (
+        b"true" if created else b"false", goal.encode(), encoded_spec, VERSION)
 
 
-def _spec_from_dict(raw: dict[str, Any]) -> InstanceSpec:
-    fields = dict(raw)
-    try:
-        fields["networking"] = Networking(**fields["networking"])
-        fields["storage"] = tuple(StorageEntry(**entry) for entry in fields["storage"])
-        return InstanceSpec(**fields)
-    except (KeyError, TypeError) as exc:
-        raise ValueError(f"bad spec in instance record: {exc}") from exc
+def _decode(cls: type[T], raw: Any, where: str) -> T:
+    """An instance of the attrs class `cls` from a JSON object, every value checked against its field's type
+    (str, bool, int, int | None, nested attrs classes, tuples of them). A missing key takes the field's
+    default; an unknown key, a missing required one or a wrong type raises ValueError naming it."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: expected an object, got {type(raw).__name__}")
+    fields = attrs.fields_dict(cls)
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ValueError(f"{where}.{unknown[0]}: unknown field")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, field in fields.items():
+        if name in raw:
+            values[name] = _value(hints[name], raw[name], f"{where}.{name}")
+        elif field.default is attrs.NOTHING:
+            raise ValueError(f"{where}.{name}: missing")
+    return cls(**values)
+
+
+def _value(kind: Any, value: Any, where: str) -> Any:
+    if attrs.has(kind):
+        return _decode(kind, value, where)
+    if typing.get_origin(kind) is tuple:
+        if not isinstance(value, list):
+            raise ValueError(f"{where}: expected a list, got {type(value).__name__}")
+        item = typing.get_args(kind)[0]
+        return tuple(_value(item, v, f"{where}[{i}]") for i, v in enumerate(value))
+    allowed = typing.get_args(kind) or (kind,)  # int | None -> (int, NoneType)
+    # bool is an int to Python; a record holds true/false only where the field is a bool.
+    if not any(type(value) is t for t in allowed):
+        names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+        raise ValueError(f"{where}: expected {names}, got {type(value).__name__}")
+    return value

@@ -1,7 +1,8 @@
 """`launcher serve`: wires the components together and runs them under one root nursery.
 
-Start order: journal, per-instance logs and the instance-file persister (so everything after can report), the virtualizer backend, the
-supervisor (which recovers the instances on disk), the stats reporter, then the HTTP API. On SIGTERM or
+Start order: the API token (checked, or created, before anything else: `launcher.api_token`), journal,
+per-instance logs and the instance-file persister (so everything after can report), the virtualizer backend,
+the supervisor (which recovers the instances on disk), the stats reporter, then the HTTP API. On SIGTERM or
 SIGINT everything is cancelled in the reverse order: actors and monitors stop, VMs keep running (a restarted
 launcher reconnects to them), pending events and log lines are flushed.
 """
@@ -11,17 +12,15 @@ from __future__ import annotations
 import gc
 import logging
 import os
-import secrets
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
-from pathlib import Path
 
 import attrs
 import trio
 
-from launcher import fdlimit, http, store
+from launcher import api_token, fdlimit, http, store
 from launcher.unix_listener import open_unix_listener, remove_socket
 from launcher.api import Api
 from launcher.config import Config
@@ -33,17 +32,6 @@ from launcher.supervisor import Supervisor
 from virtualizers.base import BackendHost, OpenBackend, load_backend
 
 log = logging.getLogger(__name__)
-
-
-def api_token(data_dir: Path) -> str:
-    """The bearer token, created (mode 0600) at first start."""
-    path = data_dir / store.TOKEN_FILE
-    try:
-        return path.read_text().strip()
-    except FileNotFoundError:
-        token = secrets.token_urlsafe(32)
-        store.atomic_write(path, token.encode(), mode=0o600)
-        return token
 
 
 def journal_for(config: Config, limiter: trio.CapacityLimiter) -> EventJournal:
@@ -84,7 +72,8 @@ async def _core_under_lock(config: Config, opener: OpenBackend) -> AsyncIterator
     limiter = trio.CapacityLimiter(config.worker_threads)
     journal = journal_for(config, limiter)
     logs = InstanceLogs(max_bytes=config.log_max_bytes, limiter=limiter)
-    persister = Persister(config.data_dir, limiter)
+    persister = Persister(config.data_dir, limiter,
+                          on_dropped=lambda detail: journal.emit("wal_record_dropped", detail=detail))
     async with trio.open_nursery() as infrastructure:
         await infrastructure.start(journal.run)
         await infrastructure.start(logs.run)
@@ -112,9 +101,9 @@ GC_THRESHOLDS = (10_000, 10, 100)
 async def serve(config: Config) -> None:
     """`launcher serve`: the core, the stats reporter and the HTTP API, until SIGTERM or SIGINT."""
     gc.set_threshold(*GC_THRESHOLDS)
+    token = api_token.load_or_create(config.data_dir)  # SetupError: refused before anything starts
     limits = _http_limits(config)
     async with running_core(config) as core:
-        token = api_token(config.data_dir)
         async with trio.open_nursery() as work:
             work.start_soon(_cancel_on_signal, work.cancel_scope)
             stats = StatsReporter(core.supervisor, core.limiter, node_uuid(config.data_dir))
@@ -127,7 +116,7 @@ async def serve(config: Config) -> None:
                 work.start_soon(_remove_on_exit, Path(config.listen_unix))
             await work.start(partial(http.serve, max_body=config.max_payload_bytes, limits=limits),
                              api.handle, listeners)
-            store.atomic_write(config.data_dir / store.URL_FILE, url.encode())
+            work.start_soon(_publish_url, config.data_dir / store.URL_FILE, url)
             log.info("launcher serving on %s%s (virtualizer %s, data dir %s, pid %d)", url,
                      f" and unix://{config.listen_unix}" if config.listen_unix else "", config.virtualizer,
                      config.data_dir, os.getpid())
@@ -150,6 +139,24 @@ async def _remove_on_exit(path: Path) -> None:
         await trio.sleep_forever()
     finally:
         remove_socket(path)
+
+
+URL_RETRY_MAX_S = 5.0
+
+
+async def _publish_url(path: Path, url: str) -> None:
+    """Write the bound URL where the CLI looks for it. The API serves whether or not this works: on a full disk
+    the write is retried, with a growing pause, until it goes through."""
+    pause = 0.2
+    while True:
+        try:
+            await trio.to_thread.run_sync(partial(store.atomic_write, path, url.encode(), mode=0o644))
+            return
+        except OSError as exc:
+            if pause == 0.2:
+                log.error("cannot write %s (%s): serving anyway, retrying until it can be written", path, exc)
+            await trio.sleep(pause)
+            pause = min(pause * 2, URL_RETRY_MAX_S)
 
 
 async def _cancel_on_signal(scope: trio.CancelScope) -> None:

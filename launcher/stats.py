@@ -17,6 +17,7 @@ import json
 import os
 import socket
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ def node_uuid(data_dir: Path) -> str:
         return path.read_text().strip()
     except FileNotFoundError:
         value = str(uuid.uuid4())
-        store.atomic_write(path, value.encode())
+        store.atomic_write(path, value.encode(), mode=0o644)
         return value
 
 
@@ -99,7 +100,11 @@ def instance_figures(actor: InstanceActor) -> dict[str, Any]:
 
 
 class StatsReporter:
-    """Keeps the latest STATS snapshot and emits it as a `stats` event every `stats_snapshot_s`."""
+    """Keeps the latest STATS snapshot, taken every `stats_snapshot_s`, for `GET /v1/stats` (and its follow
+    stream) and `/metrics`.
+
+    Snapshots are served live and never go into the event journal: at 10 000 instances each is 1.6 MB, and
+    the journal keeps state changes, which a controller must be able to catch up on after a day away."""
 
     def __init__(self, supervisor: Supervisor, limiter: trio.CapacityLimiter, node_id: str) -> None:
         self.supervisor = supervisor
@@ -107,6 +112,7 @@ class StatsReporter:
         self.node_id = node_id
         self.snapshot: dict[str, Any] = {}
         self._encoded: tuple[dict[str, Any], bytes] | None = None  # (snapshot, its JSON), made on demand
+        self._taken = trio.Event()  # set (and replaced) each time a snapshot is taken
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         await self.refresh()
@@ -117,7 +123,6 @@ class StatsReporter:
             while True:
                 await trio.sleep(interval)
                 await self.refresh()
-                self.supervisor.journal.emit("stats", **self.snapshot)
 
     async def _poll_instances(self) -> None:
         """Ask every running instance for fresh figures once per `instance_stats_s`, evenly spread."""
@@ -142,11 +147,20 @@ class StatsReporter:
             **node,
             "instances": [instance_figures(a) for a in list(self.supervisor.instances.values())],
         }
+        self._taken.set()
+        self._taken = trio.Event()
+
+    async def follow(self) -> AsyncIterator[bytes]:
+        """The current snapshot, then each new one as it is taken, as NDJSON lines, until cancelled."""
+        while True:
+            taken = self._taken
+            yield self.snapshot_json + b"\n"
+            await taken.wait()
 
     @property
     def snapshot_json(self) -> bytes:
         """The snapshot as JSON, encoded at most once per snapshot and only if someone asks (it is 1.6 MB
-        at 10 000 instances, and the `stats` event is encoded separately by the journal's writer)."""
+        at 10 000 instances)."""
         if self._encoded is None or self._encoded[0] is not self.snapshot:
             self._encoded = (self.snapshot, json.dumps(self.snapshot, separators=(",", ":")).encode())
         return self._encoded[1]

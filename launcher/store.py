@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import stat
 from pathlib import Path
 
 from launcher.errors import SetupError
@@ -21,6 +22,21 @@ LOG_FILE = "launcher.log"
 TOKEN_FILE = "api-token"
 URL_FILE = "api-url"
 LOCK_FILE = "launcher.lock"  # held (flock) by the one process that owns the data dir
+# Instance dirs and their files hold user-data: the launcher's user only. A virtualizer whose VMs run as another
+# user lets that user's group search the dir (not list it), as the qemu virtualizer does for QEMU.
+INSTANCE_DIR_MODE = 0o700
+INSTANCE_FILE_MODE = 0o600
+
+
+def make_private(instance_dir: Path) -> None:
+    """Take from an instance dir made by an older launcher every permission others had: the dir keeps at most
+    search for its group (see INSTANCE_DIR_MODE), instance.json becomes INSTANCE_FILE_MODE."""
+    mode = stat.S_IMODE(instance_dir.stat().st_mode)
+    if mode & ~(INSTANCE_DIR_MODE | stat.S_IXGRP):
+        os.chmod(instance_dir, mode & (INSTANCE_DIR_MODE | stat.S_IXGRP))
+    record = instance_dir / INSTANCE_FILE
+    if stat.S_IMODE(record.stat().st_mode) & ~INSTANCE_FILE_MODE:
+        os.chmod(record, INSTANCE_FILE_MODE)
 
 
 def fsync_dir(path: Path) -> None:
@@ -37,8 +53,9 @@ def doomed_path(directory: Path) -> Path:
     return directory.with_name(f".deleting-{directory.name}")
 
 
-def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Replace `path` with `data` so that a crash leaves either the old or the new file.
+def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Replace `path` with `data` so that a crash leaves either the old or the new file. Private to the
+    launcher's user unless `mode` says otherwise (what it writes often holds what users gave it).
 
     If writing fails, the temp file is removed and `path` is left as it was."""
     tmp = path.with_name(f".{path.name}.tmp")

@@ -8,6 +8,10 @@ gets a `Ticket` and waits on it by itself, with its own timeout.
 Admission counts what admitted instances were *promised* (vCPUs, memory, disk), updated at the moment a
 START is admitted or an instance is gone, so a burst of STARTs can never overcommit the node (ciao checked a
 value refreshed every 6 s; reference §18). The live free space of the data dir is checked as well.
+
+Recovery at start-up: each instance dir becomes an actor that reconciles its record with its VM
+(InstanceActor._recover); whether the host rebooted since the last run (launcher/bootid.py) and the
+`recovery:` policy are shared through a RecoveryPlan.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import attrs
 import psutil
 import trio
 
-from launcher import errors, store
+from launcher import bootid, errors, store
 from launcher.config import Config
 from launcher.errors import LauncherError
 from launcher.events import EventJournal
@@ -39,6 +43,7 @@ from launcher.payloads import (
     StopCommand,
 )
 from launcher.records import InstanceRecord
+from launcher.recovery import RecoveryPlan
 from virtualizers.base import Backend
 
 log = logging.getLogger(__name__)
@@ -103,7 +108,9 @@ class Supervisor:
         self.capacity = Capacity.measure(config)
         self.maintenance = (config.data_dir / MAINTENANCE_FILE).exists()
         self.status = READY
-        self._ctx = ActorContext(config, journal, logs, persister, on_gone=self._on_gone)
+        self._boot = bootid.detect(config.data_dir)  # two small reads, once, like the maintenance check above
+        self._ctx = ActorContext(config, journal, logs, persister, on_gone=self._on_gone,
+                                 recovery=RecoveryPlan(config.recovery, host_rebooted=self._boot.rebooted))
         self._nursery: trio.Nursery | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -111,7 +118,11 @@ class Supervisor:
         async with trio.open_nursery() as nursery, trio.open_nursery() as monitors:
             self._nursery = nursery
             self._ctx.monitors = monitors
+            if self._boot.rebooted:
+                log.warning("the host rebooted since the launcher last ran (recovery.restart_running: %s)",
+                            self.config.recovery.restart_running)
             await self._recover_all()
+            nursery.start_soon(self._remember_boot)
             self._update_status(force=True)
             task_status.started()
             await trio.sleep_forever()
@@ -250,19 +261,23 @@ class Supervisor:
 
     def _set_maintenance(self, on: bool) -> None:
         path = self.config.data_dir / MAINTENANCE_FILE
-        if on:
-            store.atomic_write(path, b"")  # small and rare: survives a restart, as in ciao HEAD
-        else:
-            path.unlink(missing_ok=True)
-            store.fsync_dir(path.parent)
+        try:
+            if on:
+                store.atomic_write(path, b"")  # small and rare: survives a restart, as in ciao HEAD
+            else:
+                path.unlink(missing_ok=True)
+                store.fsync_dir(path.parent)
+        except OSError as exc:
+            raise errors.write_failure(exc, MAINTENANCE_FILE, errors.INTERNAL) from exc
         self.maintenance = on
         self._update_status()
 
     # ----------------------------------------------------------------- the table
 
-    def _add(self, spec: InstanceSpec, *, created: bool, recovered: bool) -> InstanceActor:
+    def _add(self, spec: InstanceSpec, *, created: bool, recovered: bool, goal: str = "running") -> InstanceActor:
         assert self._nursery is not None
-        actor = InstanceActor(self._ctx, self.backend.new_virtualizer(), spec, created=created, recovered=recovered)
+        actor = InstanceActor(self._ctx, self.backend.new_virtualizer(), spec, created=created, recovered=recovered,
+                              goal=goal)
         self.instances[actor.uuid] = actor
         self.allocated += Resources.of(spec)
         self._nursery.start_soon(actor.run)
@@ -276,6 +291,14 @@ class Supervisor:
 
     # ----------------------------------------------------------------- recovery
 
+    async def _remember_boot(self) -> None:
+        """Once every recovered instance has settled, record this boot as the one they were recovered in."""
+        await self._ctx.recovery.all_settled.wait()
+        try:
+            await trio.to_thread.run_sync(bootid.remember, self.config.data_dir, self._boot)
+        except OSError as exc:
+            log.error("cannot record the boot id in %s: %s", self.config.data_dir, exc)
+
     async def _recover_all(self) -> None:
         """Load every instance dir; the actors then ask the virtualizer whether each VM still runs."""
         instances_dir = self.config.instances_dir
@@ -284,8 +307,9 @@ class Supervisor:
             aside = await trio.to_thread.run_sync(store.move_aside, path, self.config.data_dir / store.CORRUPT)
             log.error("instance dir %s is unreadable (%s): moved to %s", path, detail, aside)
             self.journal.emit("instance_corrupt", instance_uuid=path.name, detail=detail, moved_to=str(aside))
+        self._ctx.recovery.expect(len(loaded))
         for record in loaded:
-            self._add(record.spec, created=record.created, recovered=True)
+            self._add(record.spec, created=record.created, recovered=True, goal=record.goal)
         if loaded or broken:
             log.info("recovered %d instances, %d unreadable dirs moved aside", len(loaded), len(broken))
 
@@ -305,8 +329,9 @@ def _scan(instances_dir: Path) -> tuple[list[InstanceRecord], list[tuple[Path, s
             record = InstanceRecord.from_json((path / store.INSTANCE_FILE).read_bytes())
             if record.spec.instance_uuid != path.name:
                 raise ValueError(f"the record is for instance {record.spec.instance_uuid}")
-        except (OSError, ValueError) as exc:
-            broken.append((path, str(exc)))
+            store.make_private(path)
+        except (OSError, ValueError, RecursionError) as exc:  # RecursionError: JSON nested absurdly deep
+            broken.append((path, str(exc) or type(exc).__name__))
             continue
         loaded.append(record)
     return loaded, broken

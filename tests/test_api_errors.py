@@ -15,7 +15,10 @@ from launcher.http import Request
 from launcher.stats import StatsReporter
 
 
-def request(method: str, path: str, token: str = "t", body: bytes = b"") -> Request:
+TOKEN = "t" * 32
+
+
+def request(method: str, path: str, token: str = TOKEN, body: bytes = b"") -> Request:
     return Request(method=method, path=path, query={}, body=body,
                    headers={"authorization": f"Bearer {token}", "content-type": "application/yaml"})
 
@@ -23,7 +26,7 @@ def request(method: str, path: str, token: str = "t", body: bytes = b"") -> Requ
 async def test_unexpected_exception_is_500_logged_and_serving_goes_on(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     async with running_node(tmp_path) as node:
-        api = Api(node.supervisor, node.journal, node.logs, StatsReporter(node.supervisor, None, "n"), "t")
+        api = Api(node.supervisor, node.journal, node.logs, StatsReporter(node.supervisor, None, "n"), TOKEN)
 
         def broken(command: object) -> None:
             raise RuntimeError("a bug")

@@ -33,6 +33,8 @@ def test_overrides_win() -> None:
     ({"inbox_size": -1}, "inbox_size: expected a non-negative integer"),
     ({"listen": "7361"}, "listen: expected HOST:PORT"),
     ({"simulation": [1]}, "simulation: must be a mapping"),
+    ({"recovery": {"restart_running": "sometimes"}}, "recovery.restart_running: must be one of never, requested"),
+    ({"recovery": {"max_parallel": 0}}, "recovery.max_parallel: must be at least 1"),
 ])
 def test_bad_settings_name_the_key(tmp_path: Path, raw: dict, message: str) -> None:
     import yaml

@@ -466,12 +466,14 @@ def test_settings_full_section() -> None:
         "network": {"kind": "bridge", "source": "br0"}, "image_dirs": ["/srv/images", "rel"],
         "image_url": "https://images.example/{id}.qcow2", "image_gc_age_s": 3600, "ovmf_code": "/o/CODE.fd",
         "ovmf_vars": "/o/VARS.fd", "destroy_orphans": True, "libvirt_threads": 3, "libvirt_timeout_s": 7,
+        "import_sources": ["/srv/more", "https://mirror.example/images"], "image_max_bytes": 1 << 30,
     }
     assert parse_section(QemuSettings, raw, "qemu.") == QemuSettings(
         uri="qemu+ssh://host/system", accel="tcg", machine="pc", seed_format="configdrive",
         network=NetworkSettings(kind="bridge", source="br0"), image_dirs=(Path("/srv/images"), Path("rel")),
         image_url="https://images.example/{id}.qcow2", image_gc_age_s=3600.0, ovmf_code=Path("/o/CODE.fd"),
         ovmf_vars=Path("/o/VARS.fd"), destroy_orphans=True, libvirt_threads=3, libvirt_timeout_s=7.0,
+        import_sources=("/srv/more", "https://mirror.example/images"), image_max_bytes=1 << 30,
     )
     assert {f.name for f in attrs.fields(QemuSettings)} == set(raw)  # the section above is complete
 
@@ -482,6 +484,8 @@ def test_settings_full_section() -> None:
     ({"network": {"kind": "macvtap"}}, "qemu.network.kind"),
     ({"image_dirs": "/srv/images"}, "qemu.image_dirs"),
     ({"destroy_orphans": "yes"}, "qemu.destroy_orphans"),
+    ({"import_sources": ["ftp://x/"]}, "qemu.import_sources"),
+    ({"image_max_bytes": -1}, "qemu.image_max_bytes"),
     ({"bogus": 1}, "qemu.bogus"),
 ])
 def test_settings_errors_name_the_key(raw: dict[str, Any], key: str) -> None:

@@ -23,6 +23,7 @@ import pytest
 import trio
 
 from virtualizers.images import ImageError, ImageInUse, ImageNotFound, ImageStore, ImportProgress
+from virtualizers.import_policy import SourceRefused
 
 MiB = 1 << 20
 
@@ -59,6 +60,9 @@ def committed(*ids: str) -> set[str]:
 
 
 async def open_store(root: Path, **kw: Any) -> ImageStore:
+    """A store under `root` that may import from anywhere under `root`'s parent (the test's tmp dir), unless the
+    test says otherwise."""
+    kw.setdefault("import_sources", [str(root.parent)])
     store = ImageStore(root, limiter=trio.CapacityLimiter(4), **kw)
     await store.open()
     return store
@@ -319,10 +323,11 @@ async def test_bad_sources_and_ids(tmp_path: Path) -> None:
     store = await open_store(root)
     with pytest.raises(ImageNotFound, match="does not exist"):
         await store.import_(str(tmp_path / "nope.qcow2"), "nope")
-    with pytest.raises(ImageError, match="unsupported image source 'ftp://"):
+    with pytest.raises(SourceRefused):  # not a scheme the allow-list can hold
         await store.import_("ftp://example.com/x.img", "x")
+    (tmp_path / "dir").mkdir()
     with pytest.raises(ImageError, match="is not a regular file"):
-        await store.import_(str(tmp_path), "dir")
+        await store.import_(str(tmp_path / "dir"), "dir")
     with pytest.raises(ImageError, match="invalid image id '../x'"):
         await store.import_(str(tmp_path), "../x")
     await store.import_(str(make_qcow2(tmp_path / "one.qcow2")), "one")
@@ -341,7 +346,7 @@ async def test_http_errors_and_redirects(tmp_path: Path, nursery: trio.Nursery) 
         "/locked.img.sha256": http_response("403 Forbidden"),
     })
     root = tmp_path / "store"
-    store = await open_store(root)
+    store = await open_store(root, import_sources=[base, "http://127.0.0.1:1/"])
     info = await store.import_(f"{base}/moved.img", "moved")
     assert (info.format, info.size, info.source) == ("raw", MiB, f"{base}/moved.img")
     with pytest.raises(ImageError) as caught:
@@ -359,7 +364,7 @@ async def test_a_stalled_download_times_out_and_leaves_nothing(tmp_path: Path, n
     stalled = http_response("200 OK", b"\0" * MiB, length=8 * MiB)
     base = await tiny_server(nursery, {"/stalled.img": stalled}, stall={"/stalled.img"})
     root = tmp_path / "store"
-    store = await open_store(root, http_timeout_s=0.5)
+    store = await open_store(root, http_timeout_s=0.5, import_sources=[base])
     with trio.fail_after(10):
         with pytest.raises(ImageError, match=f"cannot download {base}/stalled.img: ReadTimeout"):
             await store.import_(f"{base}/stalled.img", "stalled")
@@ -370,7 +375,7 @@ async def test_cancellation_mid_download_leaves_nothing(tmp_path: Path, nursery:
     stalled = http_response("200 OK", b"\0" * 3 * MiB, length=64 * MiB)
     base = await tiny_server(nursery, {"/stalled.img": stalled}, stall={"/stalled.img"})
     root = tmp_path / "store"
-    store = await open_store(root, url_template=f"{base}/{{id}}.img")
+    store = await open_store(root, url_template=f"{base}/{{id}}.img", import_sources=[str(tmp_path)])
     copying = trio.Event()
     reports = Recorder()
 

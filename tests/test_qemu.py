@@ -3,10 +3,13 @@ guest of tests/guest/, which prints `guest-ready instance-id=… hostname=… �
 
 from __future__ import annotations
 
+import grp
 import json
 import os
 import re
+import shutil
 import signal
+import stat
 import subprocess
 import time
 import uuid as uuid_module
@@ -115,6 +118,11 @@ def test_example_lifecycle_legacy_nocloud(qemu_factory: Any) -> None:
     assert line["user-data-sha256"] == _sha256(seed_user_data)
     domain = domain_of(uuid)
     assert domain is not None and domain.isPersistent() and domain.isActive()
+    # The guest booted from files only the launcher's user and (through libvirt) QEMU can read.
+    info = instance_dir.stat()
+    assert (stat.S_IMODE(info.st_mode), grp.getgrgid(info.st_gid).gr_name) == (0o710, "libvirt-qemu")
+    assert {stat.S_IMODE((instance_dir / name).stat().st_mode) for name in ("seed.iso", "overlay.qcow2",
+                                                                             "instance.json")} == {0o600}
 
     stopped = client.request("POST", f"/v1/instances/{uuid}/stop", wait=1, timeout=120)
     assert stopped["state"] == "exited"
@@ -312,8 +320,13 @@ def test_hard_reset_destroys_our_domains_and_instances(qemu_factory: Any) -> Non
 
 
 def test_images_cli_import_ls_rm_gc(qemu_factory: Any, guest_image: Path) -> None:
-    launcher = qemu_factory()
-    imported = launcher.cli("images", "import", str(guest_image), "--id", "guest")
+    launcher = qemu_factory()  # import reads allowed places only: by default <data_dir>/import/
+    refused = launcher.cli("images", "import", str(guest_image), "--id", "guest")
+    assert refused.returncode == 1 and "invalid_data: source: not an allowed import source" in refused.stderr
+    drop_dir = launcher.data_dir / "import"
+    assert stat.S_IMODE(drop_dir.stat().st_mode) == 0o700
+    shutil.copyfile(guest_image, drop_dir / "guest.qcow2")
+    imported = launcher.cli("images", "import", str(drop_dir / "guest.qcow2"), "--id", "guest")
     assert imported.returncode == 0, imported.stderr
     assert imported.stdout.startswith("guest: qcow2")
     client = launcher.client()

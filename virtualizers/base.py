@@ -125,6 +125,9 @@ class ImageCatalog(Protocol):
                       on_progress: Callable[[Any], None] | None = None) -> ImageRecord:
         """on_progress gets attrs objects with (at least) done_bytes, total_bytes and finished."""
 
+    async def check_source(self, source: str) -> None:
+        """A LauncherError (invalid_data) if `source` may not be imported from; `import_` checks it too."""
+
     async def remove(self, image_id: str, in_use: Collection[str]) -> None: ...
 
     async def gc(self, in_use: Collection[str], older_than_s: float) -> list[str]: ...

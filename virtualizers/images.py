@@ -14,6 +14,9 @@ data file, not empty), fsyncs it, renames it into place and writes the json. A f
 before the json is written leaves nothing behind; what a crash leaves (temp files, images without json) is
 removed by `ImageStore.open`. One process owns a store.
 
+`ImageStore.import_` (the images API) reads only from the allow-list of `virtualizers.import_policy`; redirects
+are followed only within it, by every import; no import may be larger than the store's `max_bytes`.
+
 Concurrency: every operation on an image id holds that id's lock, so concurrent `ImageStore.ensure` calls import
 an image once (the others wait, then find it in the store), and `remove` / `gc` never delete an image that is
 being imported or ensured. File work runs in worker threads under the shared limiter, one chunk per thread call,
@@ -47,6 +50,7 @@ import trio
 from launcher.errors import IMAGE_FAILURE, IMAGE_IN_USE, VirtualizerError
 from launcher.payloads import is_valid_image_id
 from launcher.store import atomic_write, fsync_dir
+from virtualizers.import_policy import ImportPolicy, SourceRefused
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +67,9 @@ SECTOR_SIZE = 512  # a raw disk image is a whole number of sectors
 QEMU_IMG_TIMEOUT_S = 60.0
 MAX_DIGEST_FILE = 64 << 10  # a "digest file" larger than this is something else
 NOT_FOUND_STATUSES = (404, 410)
+MAX_REDIRECTS = 5  # each target is checked against the allow-list
+DEFAULT_MAX_BYTES = 64 << 30  # qemu.image_max_bytes: no import may be larger (the download is stopped there)
+IMAGE_MODE = 0o640  # owner (the launcher) and QEMU's group read it; nobody else (see `ImageStore.share_with_group`)
 _RECORD_FIELDS = ("id", "format", "virtual_size", "size", "sha256", "source", "imported_at", "sha256_verified")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 
@@ -129,7 +136,10 @@ class ImageStore:
     """The backing images of one node, under `root`.
 
     `search_dirs` and `url_template` (``str.format`` with ``{id}``: a path or a file/http/https URL) are where
-    `ensure` looks for an image it does not have. `limiter` is the launcher's shared limiter of worker threads.
+    `ensure` looks for an image it does not have. `import_` reads only from those places and `import_sources`
+    (`virtualizers.import_policy`); every HTTP redirect, of `ensure` too, must stay within them. No import may be
+    larger than `max_bytes`. Imported images have mode `IMAGE_MODE` (group: see `share_with_group`).
+    `limiter` is the launcher's shared limiter of worker threads.
     `on_progress` receives the progress of imports that were not given their own callback, at most every
     `progress_interval_s` while copying plus once when finished. `http_timeout_s` bounds each HTTP wait
     (connect, every read), not a whole download. `gc_age_s` is the age past which an unused image is garbage
@@ -141,12 +151,16 @@ class ImageStore:
     def __init__(self, root: Path, *, search_dirs: Sequence[Path] = (), url_template: str | None = None,
                  limiter: trio.CapacityLimiter, on_progress: ProgressCallback | None = None,
                  progress_interval_s: float = 1.0, http_timeout_s: float = 60.0,
-                 gc_age_s: float = 7 * 86400.0) -> None:
+                 gc_age_s: float = 7 * 86400.0, import_sources: Sequence[str] = (),
+                 max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         if url_template is not None:
             try:
                 url_template.format(id="")
             except (KeyError, IndexError, ValueError) as exc:
                 raise ValueError(f"url_template {url_template!r} must use {{id}} only: {exc!r}") from None
+        self._policy = ImportPolicy.from_settings(search_dirs, url_template, import_sources)
+        self._max_bytes = max_bytes
+        self._group: int | None = None
         self._root = root
         self._search_dirs = tuple(search_dirs)
         self._url_template = url_template
@@ -157,6 +171,11 @@ class ImageStore:
         self.gc_age_s = gc_age_s
         self._index: dict[str, ImageInfo] = {}
         self._locks: dict[str, _IdLock] = {}
+
+    def share_with_group(self, gid: int) -> None:
+        """Give the images imported from now on to group `gid` (QEMU's, so that it can read them even where
+        libvirt does not chown disks); until then they keep the launcher's group."""
+        self._group = gid
 
     async def open(self) -> None:
         """Create the store if needed, remove what a crash left (temp files, images without json, json without
@@ -190,14 +209,15 @@ class ImageStore:
             except OSError as exc:
                 raise ImageError(f"cannot search for image {image_id!r}: {exc}") from exc
             if found is not None:
-                return await self._import_locked(str(found), image_id, None, None)
+                return await self._import_locked(str(found), image_id, None, None, confined=False)
             places = [f"not in the store {self._root}"]
             if self._search_dirs:
                 names = ", ".join(name.format(id=image_id) for name in SEARCH_NAMES)
                 places.append(f"not in {', '.join(map(str, self._search_dirs))} (as {names})")
             if self._url_template is not None:
                 try:
-                    return await self._import_locked(self._url_template.format(id=image_id), image_id, None, None)
+                    return await self._import_locked(self._url_template.format(id=image_id), image_id, None, None,
+                                                     confined=False)
                 except ImageNotFound as exc:
                     places.append(str(exc))
             raise ImageNotFound(f"image {image_id!r} not found: {'; '.join(places)}")
@@ -206,13 +226,19 @@ class ImageStore:
                       on_progress: ProgressCallback | None = None) -> ImageInfo:
         """Import `source` (a local path, or a file://, http:// or https:// URL) as `image_id`.
 
-        The image's sha256 must be `expected_sha256` if given, else the digest the source publishes in
+        SourceRefused (``invalid_data``) if `source` is not within the allow-list (`check_source`). The
+        image's sha256 must be `expected_sha256` if given, else the digest the source publishes in
         ``<source>.sha256`` if it does. Replaces nothing: ImageError if `image_id` exists. ImageNotFound if the
         source does not exist; ImageError for any other failure. Either way, and if cancelled, nothing is left
         in the store."""
         _check_id(image_id)
+        await self.check_source(source)
         async with self._locked(image_id):
-            return await self._import_locked(source, image_id, expected_sha256, on_progress)
+            return await self._import_locked(source, image_id, expected_sha256, on_progress, confined=True)
+
+    async def check_source(self, source: str) -> None:
+        """SourceRefused unless `source` is within the allow-list; the same answer whatever is at that place."""
+        await self._run(self._policy.check, source)
 
     async def remove(self, image_id: str, in_use: Collection[str]) -> None:
         """Remove `image_id`. ImageInUse if it is in `in_use`, ImageNotFound if the store does not have it."""
@@ -244,15 +270,16 @@ class ImageStore:
     # Imports.
 
     async def _import_locked(self, source: str, image_id: str, expected_sha256: str | None,
-                             on_progress: ProgressCallback | None) -> ImageInfo:
-        """import_() with the id's lock held."""
+                             on_progress: ProgressCallback | None, *, confined: bool) -> ImageInfo:
+        """import_() with the id's lock held. `confined`: a local source must be within the allow-list (else it
+        is one of the search dirs' files that `ensure` found, which the operator put there, links included)."""
         if image_id in self._index:
             raise ImageError(f"image {image_id!r} already exists in the store")
         expected = None if expected_sha256 is None else _parse_digest(expected_sha256.encode(), "expected_sha256")
         progress = _Progress(on_progress or self._on_progress, image_id, source, self._progress_interval_s)
         tmp = self._root / TMP_DIR / f"{image_id}.{secrets.token_hex(4)}"
         try:
-            info = await self._import_into(tmp, source, image_id, expected, progress)
+            info = await self._import_into(tmp, source, image_id, expected, progress, confined)
         except BaseException:
             with trio.CancelScope(shield=True):
                 await self._run(_remove_quietly, tmp)
@@ -262,10 +289,10 @@ class ImageStore:
         return info
 
     async def _import_into(self, tmp: Path, source: str, image_id: str, expected: str | None,
-                           progress: _Progress) -> ImageInfo:
+                           progress: _Progress, confined: bool) -> ImageInfo:
         """Download `source` to `tmp`, verify it and commit it; the caller removes `tmp` if this fails."""
         try:
-            async with self._open_source(source) as src:
+            async with self._open_source(source, confined) as src:
                 if expected is None:
                     expected = await src.published_digest()
                     verified_by = "published"
@@ -286,21 +313,22 @@ class ImageStore:
             raise ImageError(f"cannot download {source}: {_describe(exc)}") from exc
 
     @contextlib.asynccontextmanager
-    async def _open_source(self, source: str) -> AsyncIterator[_Source]:
-        """The source behind `source` (an HTTP one holds a client until the context exits)."""
+    async def _open_source(self, source: str, confined: bool) -> AsyncIterator[_Source]:
+        """The source behind `source` (an HTTP one holds a client until the context exits). Redirects are
+        followed only within the allow-list; a `confined` local source is checked again once opened."""
         scheme = urlsplit(source).scheme.lower() if "://" in source else ""
         if scheme in ("http", "https"):
-            async with httpx.AsyncClient(follow_redirects=True, timeout=self._http_timeout_s,
+            async with httpx.AsyncClient(follow_redirects=False, timeout=self._http_timeout_s,
                                          headers={"Accept-Encoding": "identity"}) as client:
-                yield _HttpSource(source, client)
+                yield _HttpSource(source, client, self._policy)
         else:
-            yield _LocalSource(_local_path(source, scheme), self._limiter)
+            yield _LocalSource(_local_path(source, scheme), self._limiter, self._policy if confined else None)
 
     async def _download(self, src: _Source, tmp: Path, progress: _Progress) -> tuple[str, int]:
         """Copy `src` into the new file `tmp` and fsync it; its sha256 and size."""
         file = await self._run(_create, tmp)
         with file:
-            sink = _Sink(file, self._limiter, progress)
+            sink = _Sink(file, self._limiter, progress, self._max_bytes)
             await src.copy_to(sink)
             size = await self._run(sink.sync)
         return sink.sha256.hexdigest(), size
@@ -310,6 +338,9 @@ class ImageStore:
         fails, neither file is left. Blocks."""
         record = self._record_path(info.id)
         try:
+            if self._group is not None:
+                os.chown(tmp, -1, self._group)
+            os.chmod(tmp, IMAGE_MODE)
             os.replace(tmp, info.path)
             fsync_dir(self._root)  # the image's name is durable before the json that commits it
             atomic_write(record, json.dumps(info.record(), indent=2, sort_keys=True).encode() + b"\n")
@@ -467,7 +498,15 @@ class _Sink:
     file: BinaryIO
     limiter: trio.CapacityLimiter
     progress: _Progress
+    max_bytes: int  # ImageError once more than this has come
     sha256: Any = attrs.Factory(hashlib.sha256)
+    written: int = 0
+
+    def expect(self, total: int | None) -> None:
+        """The source's announced size (None: unknown); ImageError at once if it is over the limit."""
+        self.progress.total = total
+        if total is not None and total > self.max_bytes:
+            raise self._too_large()
 
     async def write(self, chunk: bytes) -> None:
         await trio.to_thread.run_sync(self._write, chunk, limiter=self.limiter)
@@ -487,8 +526,15 @@ class _Sink:
         return os.fstat(self.file.fileno()).st_size
 
     def _write(self, chunk: bytes) -> None:
+        self.written += len(chunk)
+        if self.written > self.max_bytes:
+            raise self._too_large()
         self.sha256.update(chunk)
         self.file.write(chunk)
+
+    def _too_large(self) -> ImageError:
+        return ImageError(f"{self.progress.source}: refused, larger than qemu.image_max_bytes "
+                          f"({self.max_bytes} bytes)")
 
     def _pull(self, source: BinaryIO) -> int:
         chunk = source.read(CHUNK_SIZE)
@@ -508,16 +554,18 @@ class _Source(Protocol):
 class _LocalSource:
     path: Path
     limiter: trio.CapacityLimiter
+    policy: ImportPolicy | None  # if set, the opened files must be within it
 
     async def published_digest(self) -> str | None:
         sidecar = self.path.with_name(self.path.name + DIGEST_SUFFIX)
-        data = await trio.to_thread.run_sync(_read_small_file, sidecar, limiter=self.limiter)
+        data = await trio.to_thread.run_sync(_read_small_file, sidecar, self.policy, limiter=self.limiter)
         return None if data is None else _parse_digest(data, str(sidecar))
 
     async def copy_to(self, sink: _Sink) -> None:
-        file, size = await trio.to_thread.run_sync(_open_regular_file, self.path, limiter=self.limiter)
+        file, size = await trio.to_thread.run_sync(_open_regular_file, self.path, self.policy,
+                                                   limiter=self.limiter)
         with file:
-            sink.progress.total = size
+            sink.expect(size)
             while await sink.pull(file):
                 pass
 
@@ -525,12 +573,13 @@ class _LocalSource:
 @attrs.frozen
 class _HttpSource:
     url: str
-    client: httpx.AsyncClient
+    client: httpx.AsyncClient  # does not follow redirects: `_get` does, within `policy`
+    policy: ImportPolicy
 
     async def published_digest(self) -> str | None:
         parts = urlsplit(self.url)
         url = urlunsplit(parts._replace(path=parts.path + DIGEST_SUFFIX))
-        async with self.client.stream("GET", url) as response:
+        async with self._get(url) as response:
             if response.status_code in NOT_FOUND_STATUSES:
                 return None
             _check_status(response, url)
@@ -542,12 +591,31 @@ class _HttpSource:
         return _parse_digest(data, url)
 
     async def copy_to(self, sink: _Sink) -> None:
-        async with self.client.stream("GET", self.url) as response:
+        async with self._get(self.url) as response:
             _check_status(response, self.url)
             length = response.headers.get("Content-Length", "")
-            sink.progress.total = int(length) if length.isdigit() else None
+            sink.expect(int(length) if length.isdigit() else None)
             async for chunk in response.aiter_bytes(CHUNK_SIZE):
                 await sink.write(chunk)
+
+    @contextlib.asynccontextmanager
+    async def _get(self, url: str) -> AsyncIterator[httpx.Response]:
+        """The streamed answer to GET `url`, after at most MAX_REDIRECTS redirects, each to a URL within the
+        allow-list (ImageError otherwise, before anything is asked of that URL)."""
+        request = self.client.build_request("GET", url)
+        for _ in range(MAX_REDIRECTS + 1):
+            response = await self.client.send(request, stream=True)
+            try:
+                if response.next_request is None:
+                    yield response
+                    return
+                request = response.next_request
+                if not self.policy.allows_url(request.url):
+                    raise ImageError(f"GET {url} answered HTTP {response.status_code}, a redirect outside the "
+                                     "allowed import sources: refused")
+            finally:
+                await response.aclose()
+        raise ImageError(f"GET {url}: more than {MAX_REDIRECTS} redirects")
 
 
 def _check_status(response: httpx.Response, url: str) -> None:
@@ -620,13 +688,17 @@ def _local_path(source: str, scheme: str) -> Path:
     raise ImageError(f"unsupported image source {source!r}: expected a path or a file://, http:// or https:// URL")
 
 
-def _open_regular_file(path: Path) -> tuple[BinaryIO, int]:
+def _open_regular_file(path: Path, policy: ImportPolicy | None) -> tuple[BinaryIO, int]:
     """`path` opened for reading, and its size; refuses anything but a regular file (a FIFO would block, a
-    device might never end). Blocks."""
+    device might never end) and, with a `policy`, a file that turns out to be outside it once opened (a symlink
+    swapped in after the check): SourceRefused. Blocks."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise ImageNotFound(f"{path} does not exist") from None
+    if policy is not None and not policy.allows_path(os.readlink(f"/proc/self/fd/{fd}")):
+        os.close(fd)
+        raise SourceRefused()
     info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode):
         os.close(fd)
@@ -634,10 +706,10 @@ def _open_regular_file(path: Path) -> tuple[BinaryIO, int]:
     return os.fdopen(fd, "rb"), info.st_size
 
 
-def _read_small_file(path: Path) -> bytes | None:
+def _read_small_file(path: Path, policy: ImportPolicy | None) -> bytes | None:
     """The content of the digest file `path`, None if it does not exist. Blocks."""
     try:
-        file, _ = _open_regular_file(path)
+        file, _ = _open_regular_file(path, policy)
     except ImageNotFound:
         return None
     with file:
@@ -648,7 +720,8 @@ def _read_small_file(path: Path) -> bytes | None:
 
 
 def _create(path: Path) -> BinaryIO:
-    return open(path, "xb")
+    """A new file that only the launcher can read until it is committed (`ImageStore._commit` sets its mode)."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), "wb")
 
 
 def _touch(path: Path) -> float:

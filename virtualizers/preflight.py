@@ -90,10 +90,11 @@ class QemuUser:
     groups: frozenset[int]  # gid and the user's supplementary groups (libvirt gives QEMU those too)
 
 
-async def check_reachable(hypervisor: Hypervisor, directories: list[Path]) -> None:
-    """SetupError unless QEMU's user can traverse every directory of each path in `directories`."""
+async def check_reachable(hypervisor: Hypervisor, directories: list[Path]) -> QemuUser | None:
+    """SetupError unless QEMU's user can traverse every directory of each path in `directories`. Returns that
+    user, or None if there is none to care about (a remote libvirt, no DAC security model, QEMU run as root)."""
     if not is_local(hypervisor.uri):
-        return
+        return None
     try:
         capabilities = await hypervisor.call(lambda conn: conn.getCapabilities())
     except (Unavailable, libvirt.libvirtError) as exc:
@@ -101,7 +102,7 @@ async def check_reachable(hypervisor: Hypervisor, directories: list[Path]) -> No
         raise SetupError(f"cannot read libvirt's capabilities at {hypervisor.uri}: {message}") from exc
     user = qemu_user(capabilities)
     if user is None or user.uid == 0:
-        return
+        return None
     for directory in directories:
         blocked = first_blocked(directory, user)
         if blocked is not None:
@@ -110,6 +111,7 @@ async def check_reachable(hypervisor: Hypervisor, directories: list[Path]) -> No
                 f"QEMU runs as {user.name} (uid {user.uid}), which cannot enter {blocked} (mode {mode:04o}), so it "
                 f"could not open the disks under {directory}: allow it (e.g. chmod o+x {blocked}) or use a data "
                 "dir on a path it can traverse, such as /var/lib/launcher")
+    return user
 
 
 def is_local(uri: str) -> bool:

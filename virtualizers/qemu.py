@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -48,17 +49,19 @@ import trio
 from launcher.config import parse_section
 from launcher.errors import IMAGE_FAILURE, LAUNCH_FAILURE, STOP_FAILURE, SetupError, VirtualizerError
 from launcher.payloads import InstanceSpec
-from launcher.store import fsync_dir
+from launcher.store import INSTANCE_DIR_MODE, fsync_dir
 from virtualizers import cloudinit, domain, preflight
 from virtualizers.base import BackendHost, MonitorEvent, MonitorInbox, VmStats
 from virtualizers.hypervisor import Disconnected, Hypervisor, Unavailable, Unresponsive, error_text, open_hypervisor
-from virtualizers.images import ImageError, ImageInfo, ImageStore, ImportProgress
+from virtualizers.images import DEFAULT_MAX_BYTES, ImageError, ImageInfo, ImageStore, ImportProgress
+from virtualizers.import_policy import ImportPolicy
 
 log = logging.getLogger(__name__)
 
 SECTION = "qemu"
 ACCELS = ("auto", "kvm", "tcg")
 IMAGES_DIR = "images"  # the image store, under the data dir
+IMPORT_DIR = "import"  # under the data dir: where an operator stages files for `launcher images import`
 OVERLAY = "overlay.qcow2"
 SEED = "seed.iso"
 NVRAM = "nvram.fd"
@@ -107,12 +110,18 @@ class QemuSettings:
     network: NetworkSettings = NetworkSettings()
     image_dirs: tuple[Path, ...] = ()  # searched for <image_uuid>[.img|.qcow2|.raw] before image_url
     image_url: str = ""  # e.g. https://images.example/{id}.qcow2 (also file://); "" for none
+    # Where `launcher images import` may also read from: absolute dirs, file:// dirs, http(s):// URL prefixes.
+    import_sources: tuple[str, ...] = ()
+    image_max_bytes: int = DEFAULT_MAX_BYTES  # no import may be larger (64 GiB)
     image_gc_age_s: float = 7 * 86400.0  # `launcher images gc` removes unused images older than this
     ovmf_code: Path = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
     ovmf_vars: Path = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
     destroy_orphans: bool = False  # destroy domains of ours that have no instance dir (else report only)
     libvirt_threads: int = 8  # worker threads in libvirt calls at once (hypervisor.py: hung calls keep theirs)
     libvirt_timeout_s: float = 60.0  # bound on any one libvirt call (commands are also bound by their phase)
+
+    def __attrs_post_init__(self) -> None:
+        ImportPolicy.from_settings(self.image_dirs, self.image_url or None, self.import_sources)  # ValueError
 
 
 def resolve_accel(accel: str) -> bool:
@@ -134,6 +143,8 @@ class QemuBackend:
     images: ImageStore
     kvm: bool
     name: str = attrs.field(default="qemu", init=False)
+    # Whom QEMU runs as, found by the preflight: its group may search instance dirs (which are 0700 otherwise).
+    qemu_user: preflight.QemuUser | None = attrs.field(default=None, init=False)
 
     def new_virtualizer(self) -> QemuVirtualizer:
         return QemuVirtualizer(self)
@@ -164,7 +175,10 @@ class QemuBackend:
         preflight.check_firmware({f"{SECTION}.ovmf_code": s.ovmf_code, f"{SECTION}.ovmf_vars": s.ovmf_vars})
         await preflight.check_capabilities(self.hypervisor, s.machine, self.kvm)
         data_dir = self.host.data_dir
-        await preflight.check_reachable(self.hypervisor, [data_dir / "instances", data_dir / IMAGES_DIR])
+        self.qemu_user = await preflight.check_reachable(self.hypervisor,
+                                                         [data_dir / "instances", data_dir / IMAGES_DIR])
+        if self.qemu_user is not None:
+            self.images.share_with_group(self.qemu_user.gid)  # QEMU reads the images even without libvirt's chown
 
     async def our_domains(self) -> list[domain.DomainMetadata]:
         """The launcher metadata of every domain that belongs to this data dir."""
@@ -247,7 +261,10 @@ async def open_backend(raw: Mapping[str, Any], host: BackendHost) -> AsyncIterat
     images = ImageStore(host.data_dir / IMAGES_DIR, search_dirs=settings.image_dirs,
                         url_template=settings.image_url or None, limiter=host.limiter,
                         on_progress=lambda progress: report_progress(host, progress),
-                        gc_age_s=settings.image_gc_age_s)
+                        gc_age_s=settings.image_gc_age_s,
+                        import_sources=(*settings.import_sources, str(host.data_dir / IMPORT_DIR)),
+                        max_bytes=settings.image_max_bytes)
+    (host.data_dir / IMPORT_DIR).mkdir(mode=0o700, exist_ok=True)
     try:
         await images.open()
     except ImageError as exc:
@@ -371,6 +388,13 @@ class QemuVirtualizer:
 
     async def start_vm(self) -> None:
         xml = domain.domain_xml(self._backend.domain_params(self._spec, self._dir))
+        user = self._backend.qemu_user
+        if user is not None:
+            try:
+                await trio.to_thread.run_sync(_let_group_search, self._dir, user.gid,
+                                              limiter=self._backend.host.limiter)
+            except OSError as exc:
+                raise self._fail(LAUNCH_FAILURE, f"cannot let QEMU ({user.name}) into {self._dir}: {exc}") from exc
         started = time.monotonic()
         try:
             dom = await self._backend.hypervisor.call(lambda conn: conn.defineXML(xml))
@@ -503,9 +527,18 @@ def _ms(since: float) -> int:
     return round((time.monotonic() - since) * 1000)
 
 
+def _let_group_search(directory: Path, gid: int) -> None:
+    """QEMU's group may enter the instance dir, nobody else: its files stay the launcher's user's only, and
+    libvirt hands QEMU the disks it needs (dynamic_ownership) while the VM runs."""
+    os.chown(directory, -1, gid)
+    os.chmod(directory, INSTANCE_DIR_MODE | stat.S_IXGRP)
+
+
 def _commit_file(tmp: Path, final: Path) -> None:
+    """fsync `tmp`, make it private (it holds the guest's disk) and rename it to `final`."""
     fd = os.open(tmp, os.O_RDONLY)
     try:
+        os.fchmod(fd, 0o600)
         os.fsync(fd)
     finally:
         os.close(fd)
