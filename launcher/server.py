@@ -16,12 +16,12 @@ import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
+from pathlib import Path
 
 import attrs
 import trio
 
 from launcher import api_token, fdlimit, http, store
-from launcher.unix_listener import open_unix_listener, remove_socket
 from launcher.api import Api
 from launcher.config import Config
 from launcher.events import EventJournal
@@ -29,6 +29,7 @@ from launcher.logs import InstanceLogs
 from launcher.persist import Persister
 from launcher.stats import StatsReporter, node_uuid
 from launcher.supervisor import Supervisor
+from launcher.unix_listener import open_unix_listener, remove_socket
 from virtualizers.base import BackendHost, OpenBackend, load_backend
 
 log = logging.getLogger(__name__)

@@ -30,10 +30,11 @@ def start_yaml(uuid: str) -> bytes:
 # ----------------------------------------------------------------------------------------- resets
 
 
-def test_reset_of_an_events_follower_leaves_the_launcher_serving(launcher: LauncherProcess) -> None:
+@pytest.mark.parametrize("target", ["/v1/events?since=0&follow=1", "/v1/stats?follow=1"])
+def test_reset_of_an_events_follower_leaves_the_launcher_serving(launcher: LauncherProcess, target: str) -> None:
     for _ in range(5):
         sock = connect(launcher)
-        sock.sendall(head(launcher, "GET", "/v1/events?since=0&follow=1"))
+        sock.sendall(head(launcher, "GET", target))
         assert status_of(read_until(sock, b"\r\n\r\n")) == 200
         reset(sock)
     assert_serving(launcher)
