@@ -46,6 +46,8 @@ STATUS_OF = {
     errors.INSTANCE_CORRUPT: 409,
     errors.IMAGE_IN_USE: 409,
     errors.EVENTS_EXPIRED: 410,
+    errors.REQUEST_TIMEOUT: 408,
+    errors.TOO_MANY_CONNECTIONS: 503,
     errors.FULL_CN: 503,
     errors.NODE_MAINTENANCE: 503,
     errors.INSTANCE_BUSY: 503,
@@ -118,10 +120,11 @@ class Api:
 
     def _route(self, request: Request) -> tuple[Handler, dict[str, str]]:
         methods = []
+        wanted = "GET" if request.method == "HEAD" else request.method  # launcher.http drops a HEAD's body
         for method, pattern, handler in self.routes:
             match = pattern.fullmatch(request.path)
             if match:
-                if method == request.method:
+                if method == wanted:
                     return handler, match.groupdict()
                 methods.append(method)
         if methods:

@@ -321,7 +321,8 @@ def _parser() -> argparse.ArgumentParser:
              waits: bool = False, group: Any = verbs) -> argparse.ArgumentParser:
         p = group.add_parser(name, help=help_text)
         p.set_defaults(run=run)
-        p.add_argument("--url", help="launcher URL (default: $LAUNCHER_URL, else <data-dir>/api-url)")
+        p.add_argument("--url", help="http://HOST:PORT or unix:///PATH (listen_unix); default: $LAUNCHER_URL, "
+                                     "else <data-dir>/api-url")
         p.add_argument("--data-dir", type=Path, help="the launcher's data dir, to find its URL and token")
         p.add_argument("--json", action="store_true", help="print JSON for scripts")
         if waits:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,9 +30,11 @@ class ClientError(LauncherError):
 class Client:
     def __init__(self, url: str, token: str, timeout: float = 60.0) -> None:
         parts = urlsplit(url)
-        if parts.scheme != "http" or not parts.hostname:
-            raise ValueError(f"launcher URL must be http://HOST:PORT, got {url!r}")
-        self.host, self.port = parts.hostname, parts.port or 80
+        self.unix_path = parts.path if parts.scheme == "unix" and parts.path else ""
+        if not self.unix_path and (parts.scheme != "http" or not parts.hostname):
+            raise ValueError(f"launcher URL must be http://HOST:PORT or unix:///PATH, got {url!r}")
+        self.host, self.port = parts.hostname or "localhost", parts.port or 80
+        self.where = f"unix://{self.unix_path}" if self.unix_path else f"{self.host}:{self.port}"
         self.token = token
         self.timeout = timeout
 
@@ -58,7 +61,7 @@ class Client:
             response = conn.getresponse()
             data = response.read()
         except TimeoutError:
-            raise ClientError("no_answer", f"the launcher at {self.host}:{self.port} did not answer within "
+            raise ClientError("no_answer", f"the launcher at {self.where} did not answer within "
                                            f"{read_timeout:g} s") from None
         finally:
             conn.close()
@@ -85,7 +88,8 @@ class Client:
 
     def _send(self, method: str, path: str, body: bytes | None, content_type: str, query: dict[str, Any],
               timeout: float | None) -> http.client.HTTPConnection:
-        conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+        conn = (_UnixHTTPConnection(self.unix_path, timeout) if self.unix_path
+                else http.client.HTTPConnection(self.host, self.port, timeout=timeout))
         headers = {"Authorization": f"Bearer {self.token}"}
         if content_type:
             headers["Content-Type"] = content_type
@@ -95,8 +99,26 @@ class Client:
             conn.request(method, target, body=body, headers=headers)
         except OSError as exc:
             conn.close()
-            raise ClientError("unreachable", f"cannot reach the launcher at {self.host}:{self.port}: {exc}") from exc
+            raise ClientError("unreachable", f"cannot reach the launcher at {self.where}: {exc}") from exc
         return conn
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP over the launcher's unix socket (`listen_unix:`)."""
+
+    def __init__(self, path: str, timeout: float | None) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.unix_path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.unix_path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
 
 
 def _query_value(value: Any) -> str:

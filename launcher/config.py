@@ -15,6 +15,7 @@ import attrs
 import yaml
 
 from launcher.errors import SetupError
+from launcher.http import Limits as HttpLimits
 from virtualizers.base import available_backends
 
 
@@ -100,6 +101,7 @@ class Recovery:
 class Config:
     data_dir: Path = Path("/var/lib/launcher")
     listen: str = "127.0.0.1:7361"  # HOST:PORT; port 0 picks a free port (written to <data_dir>/api-url)
+    listen_unix: str = ""  # a unix socket path (mode 0600) served beside `listen`; "" for none
     virtualizer: str = "qemu"
     max_payload_bytes: int = 1 << 20
     inbox_size: int = 16  # commands queued per instance before `instance_busy`
@@ -111,6 +113,7 @@ class Config:
     intervals: Intervals = Intervals()
     events: EventsConfig = EventsConfig()
     recovery: Recovery = Recovery()
+    http: HttpLimits = HttpLimits()
     # Each virtualizer's own section, checked by that virtualizer: `simulation: {mode: memory, ...}`.
     virtualizers: dict[str, dict[str, Any]] = attrs.field(factory=dict)
 

@@ -31,6 +31,8 @@ STORAGE_FULL = "storage_full"
 UNAUTHORIZED = "unauthorized"
 NOT_FOUND = "not_found"
 EVENTS_EXPIRED = "events_expired"
+REQUEST_TIMEOUT = "request_timeout"  # a request body that did not arrive in time (HTTP 408)
+TOO_MANY_CONNECTIONS = "too_many_connections"  # every allowed connection is busy (HTTP 503)
 INTERNAL = "internal_error"
 
 

@@ -4,18 +4,28 @@ Why not an ASGI server: hypercorn's layers (ASGI wrapping, a task group per requ
 about 1.2 ms of CPU per request on the target machine, half of the budget of a START at 500/s. h11 is the
 HTTP/1.1 state machine hypercorn itself uses; this module keeps only the connection loop around it.
 
-Contract: `serve(handler, host, port, max_body=...)` calls `handler(request)` once per request, with the
-body already read (a body over `max_body` is answered 400 here). The handler returns a `Response` (sent with
-Content-Length) or a `Stream` (sent chunked until its iterator ends or the client goes away). Connections
-are kept alive; an idle or slow client is dropped after `IDLE_TIMEOUT_S`.
+Contract: `serve(handler, listeners, max_body=..., limits=...)` calls `handler(request)` once per request, with
+the body already read. The handler returns a `Response` (sent with Content-Length) or a `Stream` (sent chunked
+until its iterator ends or the client goes away). Connections are kept alive.
+
+Whatever a client does, only its own connection suffers (README "HTTP robustness"):
+- Every error of a connection (a reset, a half-close, a broken pipe, even a bug in a stream's source) ends in
+  that connection's task; Trio's ExceptionGroups are unwrapped there with `except*`.
+- A request HTTP cannot parse is answered `400 invalid_payload` (431 for a head over `MAX_HEADER_BYTES`), a
+  body over `max_body` `400 invalid_payload`, and the connection is closed.
+- Every wait on a client is bounded (`Limits`): the head of a request (keep-alive idle time), its body, and
+  every write (a reader that does not take what it is sent is dropped, so it holds one chunk, never a queue).
+- At most `Limits.max_connections` connections are open: a new one closes the one idle the longest (waiting
+  for a request head), or is answered `503 too_many_connections` when none is idle.
 """
 
 from __future__ import annotations
 
+import enum
 import json
 import logging
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -23,12 +33,24 @@ import attrs
 import h11
 import trio
 
-from launcher.errors import INVALID_PAYLOAD, LauncherError
+from launcher.errors import INVALID_PAYLOAD, REQUEST_TIMEOUT, TOO_MANY_CONNECTIONS, LauncherError
 
 log = logging.getLogger(__name__)
 
-IDLE_TIMEOUT_S = 75.0  # keep-alive: a connection with no complete request for this long is closed
-MAX_HEADER_BYTES = 64 * 1024
+MAX_HEADER_BYTES = 64 * 1024  # a request head longer than this (plus at most RECEIVE_BYTES) is answered 431
+RECEIVE_BYTES = 16 * 1024  # h11 checks the head's size between receives, so this bounds the overshoot
+LINGER_S = 2.0  # after an error answer, how long the client's remaining bytes are read and dropped
+LINGER_BYTES = 1 << 20  # ... and at most this many
+
+
+@attrs.frozen
+class Limits:
+    """Bounds on what a client may hold (the `http:` section of the config)."""
+
+    idle_timeout_s: float = 75.0  # a request head must be complete this long after the connection is ready
+    body_timeout_s: float = 60.0  # its body this long after the head; else 408 request_timeout
+    send_timeout_s: float = 60.0  # a write the client has not taken after this ends the connection
+    max_connections: int = 4096  # open connections at once (also bounded by the open-file limit)
 
 
 @attrs.frozen
@@ -51,6 +73,10 @@ class Response:
     def json(cls, status: int, obj: Any) -> Response:
         return cls(status, json.dumps(obj, separators=(",", ":")).encode() + b"\n")
 
+    @classmethod
+    def error(cls, status: int, code: str, reason: str) -> Response:
+        return cls.json(status, LauncherError(code, reason).as_dict())
+
 
 Write = Callable[[bytes], Awaitable[None]]
 
@@ -61,7 +87,8 @@ class Stream:
 
     The source is either `chunks`, an async iterator, or `produce`, an async function that is given a `write`
     and returns when the answer is complete (for producers that need tasks of their own, which an async
-    generator cannot hold across a yield). If the client goes away, either is cancelled."""
+    generator cannot hold across a yield). If the client goes away, either is cancelled. A `write` returns
+    once the client's socket has taken the chunk, so a producer never runs ahead of a slow reader."""
 
     content_type: str
     chunks: AsyncIterator[bytes] | None = None
@@ -70,59 +97,126 @@ class Stream:
 
 Handler = Callable[[Request], Awaitable[Response | Stream]]
 
+# What a client can do to its own connection; nothing to answer, nothing to log.
+CLIENT_GONE = (trio.BrokenResourceError, trio.ClosedResourceError, h11.RemoteProtocolError, ConnectionError)
 
-class BodyTooLarge(Exception):
-    pass
 
-
-async def serve(handler: Handler, host: str, port: int, *, max_body: int,
-                task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
-    """Listen on host:port and serve until cancelled; task_status gets the URL actually bound."""
+async def serve(handler: Handler, listeners: Sequence[trio.SocketListener], *, max_body: int,
+                limits: Limits = Limits(), task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve HTTP on `listeners` until cancelled; each connection in a task of its own, whose errors stay there."""
+    connections = _Connections(limits.max_connections)
 
     async def connection(stream: trio.SocketStream) -> None:
         try:
-            await _Connection(stream, handler, max_body).run()
-        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError, ConnectionError):
+            await connections.serve(_Connection(stream, handler, max_body, limits))
+        except* CLIENT_GONE:
             pass  # the client went away or spoke nonsense: nothing to answer
+        except* Exception:
+            log.exception("an HTTP connection failed (a bug; only this connection was closed)")
         finally:
             await trio.aclose_forcefully(stream)
 
-    listeners = await trio.open_tcp_listeners(port, host=host)
-    bound = listeners[0].socket.getsockname()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(trio.serve_listeners, connection, listeners)
-        task_status.started(f"http://{bound[0]}:{bound[1]}")
+        task_status.started()
+
+
+async def open_tcp(host: str, port: int) -> tuple[list[trio.SocketListener], str]:
+    """Listeners on host:port (port 0: a free one) and the URL actually bound."""
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    bound = listeners[0].socket.getsockname()
+    return listeners, f"http://{bound[0]}:{bound[1]}"
+
+
+class _Phase(enum.Enum):
+    HEAD = "waiting for a request head"
+    BODY = "reading a request body"
+    HANDLER = "handling a request"
+    SEND = "sending"
+
+
+class _Connections:
+    """The open connections, and which of them wait for a request head (oldest first): those can be closed
+    without losing a request, to make room at `limit`."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.count = 0
+        self.idle: dict[_Connection, None] = {}  # insertion order: the longest idle first
+
+    async def serve(self, connection: _Connection) -> None:
+        """Run `connection` if there is room, making room by closing the longest idle connection if needed."""
+        if self.count >= self.limit and not self._close_longest_idle():
+            await connection.refuse(503, TOO_MANY_CONNECTIONS,
+                                    f"the launcher already has {self.count} open connections, none of them idle "
+                                    "(http.max_connections)")
+            return
+        self.count += 1
+        connection.idle = self.idle
+        try:
+            await connection.run()
+        finally:
+            self.count -= 1
+            self.idle.pop(connection, None)
+
+    def _close_longest_idle(self) -> bool:
+        """Cancel the connection that has waited longest for a request head; it closes at once (so the limit is
+        exceeded only until then)."""
+        for victim in self.idle:
+            del self.idle[victim]
+            victim.scope.cancel()
+            return True
+        return False
 
 
 class _Connection:
-    def __init__(self, stream: trio.SocketStream, handler: Handler, max_body: int) -> None:
+    """One client connection: requests in turn, under one cancel scope whose deadline bounds each phase."""
+
+    def __init__(self, stream: trio.SocketStream, handler: Handler, max_body: int, limits: Limits) -> None:
         self.stream = stream
         self.handler = handler
         self.max_body = max_body
+        self.limits = limits
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
+        self.scope = trio.CancelScope()
+        self.phase = _Phase.HEAD
+        self.answering_head = False  # the request is a HEAD: answers get their head only (RFC 9110 §9.3.2)
+        self.idle: dict[_Connection, None] = {}  # where it is listed while it waits for a request head
 
     async def run(self) -> None:
-        # One cancel scope for the connection, armed only while waiting for a request's head: moving a deadline
-        # costs about half as much as a new scope per request.
-        with trio.CancelScope() as idle:
-            await self._serve(idle)
+        with self.scope:
+            await self._serve()
+        if self.scope.cancelled_caught and self.phase is _Phase.BODY:
+            await self.refuse(408, REQUEST_TIMEOUT,
+                              f"the request body did not arrive within {self.limits.body_timeout_s:g} s")
 
-    async def _serve(self, idle: trio.CancelScope) -> None:
+    def _enter(self, phase: _Phase, timeout: float) -> None:
+        """Start a phase, bounded by `timeout` seconds (inf: unbounded)."""
+        self.phase = phase
+        self.scope.deadline = trio.current_time() + timeout
+
+    async def _serve(self) -> None:
         while True:
-            idle.deadline = trio.current_time() + IDLE_TIMEOUT_S
-            event = await self._next_event()
-            idle.deadline = math.inf
-            if not isinstance(event, h11.Request):  # ConnectionClosed, or nonsense
-                return
+            self._enter(_Phase.HEAD, self.limits.idle_timeout_s)
+            self.idle[self] = None
             try:
+                event = await self._next_event()
+                self.idle.pop(self, None)
+                if not isinstance(event, h11.Request):  # ConnectionClosed
+                    return
+                self.answering_head = event.method == b"HEAD"
+                self._enter(_Phase.BODY, self.limits.body_timeout_s)
                 request = await self._read_request(event)
-            except BodyTooLarge:
-                error = LauncherError(INVALID_PAYLOAD, f"payload is larger than the limit of {self.max_body} bytes")
-                await self._send(Response.json(400, error.as_dict()), close=True)
+            except h11.RemoteProtocolError as exc:
+                await self.refuse(exc.error_status_hint, INVALID_PAYLOAD, f"malformed HTTP request: {exc}")
                 return
+            except _BodyTooLarge:
+                await self.refuse(400, INVALID_PAYLOAD, f"payload is larger than the limit of {self.max_body} bytes")
+                return
+            self._enter(_Phase.HANDLER, math.inf)
             answer = await self.handler(request)
             if isinstance(answer, Stream):
-                await self._send_stream(answer)
+                await (self._send_stream_head(answer) if self.answering_head else self._send_stream(answer))
                 return  # a streamed answer ends the connection
             await self._send(answer)
             if self.conn.our_state is h11.MUST_CLOSE:
@@ -134,10 +228,13 @@ class _Connection:
             event = self.conn.next_event()
             if event is not h11.NEED_DATA:
                 return event
-            data = await self.stream.receive_some(65536)
+            data = await self.stream.receive_some(RECEIVE_BYTES)
             self.conn.receive_data(data)  # b"" means the peer closed
 
     async def _read_request(self, head: h11.Request) -> Request:
+        for name, value in head.headers:
+            if name == b"content-length" and int(value) > self.max_body:  # h11 checked that it is digits
+                raise _BodyTooLarge
         chunks: list[bytes] = []
         size = 0
         while True:
@@ -145,7 +242,7 @@ class _Connection:
             if isinstance(event, h11.Data):
                 size += len(event.data)
                 if size > self.max_body:
-                    raise BodyTooLarge
+                    raise _BodyTooLarge
                 chunks.append(event.data)
             elif isinstance(event, h11.EndOfMessage):
                 break
@@ -170,12 +267,22 @@ class _Connection:
         if close:
             headers.append(("connection", "close"))
         data = self.conn.send(h11.Response(status_code=response.status, headers=headers))
-        data += self.conn.send(h11.Data(data=response.body)) + self.conn.send(h11.EndOfMessage())
+        if not self.answering_head:
+            data += self.conn.send(h11.Data(data=response.body))
+        data += self.conn.send(h11.EndOfMessage())
+        self._enter(_Phase.SEND, self.limits.send_timeout_s)
         await self.stream.send_all(data)
+
+    async def _send_stream_head(self, stream: Stream) -> None:
+        """A HEAD of a streamed answer: its head, of unknown length, so the connection ends after it."""
+        head = h11.Response(status_code=200, headers=[("content-type", stream.content_type), ("connection", "close")])
+        self._enter(_Phase.SEND, self.limits.send_timeout_s)
+        await self.stream.send_all(self.conn.send(head) + self.conn.send(h11.EndOfMessage()))
 
     async def _send_stream(self, stream: Stream) -> None:
         head = h11.Response(status_code=200, headers=[("content-type", stream.content_type),
                                                         ("connection", "close")])
+        self._enter(_Phase.SEND, self.limits.send_timeout_s)
         await self.stream.send_all(self.conn.send(head))
         async with trio.open_nursery() as nursery:
 
@@ -187,12 +294,32 @@ class _Connection:
             nursery.start_soon(watch_disconnect)
 
             async def write(chunk: bytes) -> None:
+                self._enter(_Phase.SEND, self.limits.send_timeout_s)
                 await self.stream.send_all(self.conn.send(h11.Data(data=chunk)))
+                self._enter(_Phase.HANDLER, math.inf)  # waiting for the source (a follower waits for news)
 
+            self._enter(_Phase.HANDLER, math.inf)
             if stream.produce is not None:
                 await stream.produce(write)
             elif stream.chunks is not None:
                 async for chunk in stream.chunks:
                     await write(chunk)
+            self._enter(_Phase.SEND, self.limits.send_timeout_s)
             await self.stream.send_all(self.conn.send(h11.EndOfMessage()))
             nursery.cancel_scope.cancel()
+
+    async def refuse(self, status: int, code: str, reason: str) -> None:
+        """Answer an error and close: the answer bounded by `send_timeout_s`, then a half-close and a bounded
+        read of what the client still sends, so that the kernel does not reset the connection (and lose the
+        answer) because unread bytes were left when it closed."""
+        with trio.move_on_after(self.limits.send_timeout_s):
+            await self._send(Response.error(status, code, reason), close=True)
+        with trio.move_on_after(LINGER_S):
+            await self.stream.send_eof()
+            received = 0
+            while received < LINGER_BYTES and (data := await self.stream.receive_some(65536)):
+                received += len(data)
+
+
+class _BodyTooLarge(Exception):
+    pass

@@ -16,11 +16,12 @@ import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
+from pathlib import Path
 
 import attrs
 import trio
 
-from launcher import api_token, http, store
+from launcher import api_token, fdlimit, http, store
 from launcher.api import Api
 from launcher.config import Config
 from launcher.events import EventJournal
@@ -28,6 +29,7 @@ from launcher.logs import InstanceLogs
 from launcher.persist import Persister
 from launcher.stats import StatsReporter, node_uuid
 from launcher.supervisor import Supervisor
+from launcher.unix_listener import open_unix_listener, remove_socket
 from virtualizers.base import BackendHost, OpenBackend, load_backend
 
 log = logging.getLogger(__name__)
@@ -101,6 +103,7 @@ async def serve(config: Config) -> None:
     """`launcher serve`: the core, the stats reporter and the HTTP API, until SIGTERM or SIGINT."""
     gc.set_threshold(*GC_THRESHOLDS)
     token = api_token.load_or_create(config.data_dir)  # SetupError: refused before anything starts
+    limits = _http_limits(config)
     async with running_core(config) as core:
         async with trio.open_nursery() as work:
             work.start_soon(_cancel_on_signal, work.cancel_scope)
@@ -108,11 +111,35 @@ async def serve(config: Config) -> None:
             await work.start(stats.run)
             api = Api(core.supervisor, core.journal, core.logs, stats, token)
             host, _, port = config.listen.rpartition(":")
-            url = await work.start(partial(http.serve, max_body=config.max_payload_bytes),
-                                   api.handle, host.strip("[]"), int(port))
+            listeners, url = await http.open_tcp(host.strip("[]"), int(port))
+            if config.listen_unix:
+                listeners.append(await open_unix_listener(Path(config.listen_unix)))
+                work.start_soon(_remove_on_exit, Path(config.listen_unix))
+            await work.start(partial(http.serve, max_body=config.max_payload_bytes, limits=limits),
+                             api.handle, listeners)
             work.start_soon(_publish_url, config.data_dir / store.URL_FILE, url)
-            log.info("launcher serving on %s (virtualizer %s, data dir %s, pid %d)",
-                     url, config.virtualizer, config.data_dir, os.getpid())
+            log.info("launcher serving on %s%s (virtualizer %s, data dir %s, pid %d)", url,
+                     f" and unix://{config.listen_unix}" if config.listen_unix else "", config.virtualizer,
+                     config.data_dir, os.getpid())
+
+
+def _http_limits(config: Config) -> http.Limits:
+    """The config's HTTP limits, with max_connections cut to what the open-file limit (raised first) allows."""
+    open_files = fdlimit.raise_open_file_limit()
+    budget = fdlimit.connection_budget(config.http.max_connections, open_files)
+    if budget < config.http.max_connections:
+        log.warning("http.max_connections is %d, but the open-file limit (%d) allows only %d connections; "
+                    "raise the hard limit (e.g. LimitNOFILE= in the systemd unit)",
+                    config.http.max_connections, open_files, budget)
+    return attrs.evolve(config.http, max_connections=budget)
+
+
+async def _remove_on_exit(path: Path) -> None:
+    """Wait until the launcher stops, then remove its unix socket."""
+    try:
+        await trio.sleep_forever()
+    finally:
+        remove_socket(path)
 
 
 URL_RETRY_MAX_S = 5.0
