@@ -305,8 +305,6 @@ class InstanceActor:
 
     async def _start(self, ticket: Ticket) -> None:
         """START: persist the instance, then ensure image → create image → start VM → monitor."""
-        self._log(f"START accepted (image {self.spec.image_uuid or '-'}, {self.spec.vcpus} vCPU, "
-                  f"{self.spec.mem_mb} MiB)")
         try:
             await self._persist_new(on_durable=ticket.accept)  # the START is acknowledged once durable
         except FileExistsError:
@@ -317,6 +315,9 @@ class InstanceActor:
         except OSError as exc:
             await self._fail_start(ticket, errors.write_failure(exc, "the instance dir", errors.IMAGE_FAILURE))
             return
+        # Only now: the log is kept in the instance dir, which exists once the record is written.
+        self._log(f"START accepted (image {self.spec.image_uuid or '-'}, {self.spec.vcpus} vCPU, "
+                  f"{self.spec.mem_mb} MiB)")
         self._emit_state()
         await self._prepare_and_boot(ticket, "start_failure")
 
