@@ -26,6 +26,7 @@ import threading
 import time
 import uuid as uuid_module
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -105,12 +106,12 @@ class Cycler:
         while not self._stopping.is_set():
             uuid = str(uuid_module.uuid4())
             steps = [
-                ("START", lambda: client.request("POST", "/v1/instances", self.payload(uuid), "application/yaml",
-                                                 wait=1, timeout=300)),
-                ("STOP", lambda: client.request("POST", f"/v1/instances/{uuid}/stop", grace=self.grace, wait=1,
-                                                timeout=300)),
-                ("RESTART", lambda: client.request("POST", f"/v1/instances/{uuid}/restart", wait=1, timeout=300)),
-                ("DELETE", lambda: client.request("DELETE", f"/v1/instances/{uuid}", wait=1, timeout=300)),
+                ("START", partial(client.request, "POST", "/v1/instances", self.payload(uuid), "application/yaml",
+                                  wait=1, timeout=300)),
+                ("STOP", partial(client.request, "POST", f"/v1/instances/{uuid}/stop", grace=self.grace, wait=1,
+                                 timeout=300)),
+                ("RESTART", partial(client.request, "POST", f"/v1/instances/{uuid}/restart", wait=1, timeout=300)),
+                ("DELETE", partial(client.request, "DELETE", f"/v1/instances/{uuid}", wait=1, timeout=300)),
             ]
             for name, step in steps:
                 try:
@@ -212,7 +213,7 @@ def _soak(args: argparse.Namespace, launchers: list[tuple[Launcher, Cycler]]) ->
     sample()
     result = {"minutes": args.minutes, "launchers": {
         name: {"samples": rows, "first": rows[0], "last": rows[-1],
-               "failures": next(c.failures for l, c in launchers if l.name == name)}
+               "failures": next(c.failures for launcher, c in launchers if launcher.name == name)}
         for name, rows in samples.items()}}
     if args.json:
         print(json.dumps(result))

@@ -267,7 +267,7 @@ def _instance_table(instances: list[dict[str, Any]]) -> str:
 
 def _table(rows: list[list[str]]) -> str:
     widths = [max(len(row[n]) for row in rows) for n in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)
 
 
 def _human_size(n: int) -> str:

@@ -35,8 +35,8 @@ from launcher.config import Config
 from launcher.errors import LauncherError, VirtualizerError
 from launcher.events import EventJournal
 from launcher.logs import InstanceLogs
-from launcher.persist import Persister
 from launcher.payloads import DeleteCommand, InstanceSpec, RestartCommand, StartCommand, StopCommand
+from launcher.persist import Persister
 from launcher.records import record_json, spec_json
 from launcher.recovery import RecoveryPlan
 from virtualizers.base import MonitorEvent, Virtualizer, VmStats

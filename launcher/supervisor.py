@@ -31,7 +31,6 @@ from launcher.errors import LauncherError
 from launcher.events import EventJournal
 from launcher.instance import ActorContext, InstanceActor, State, Ticket
 from launcher.logs import InstanceLogs
-from launcher.persist import Persister
 from launcher.payloads import (
     Command,
     DeleteCommand,
@@ -42,6 +41,7 @@ from launcher.payloads import (
     StartCommand,
     StopCommand,
 )
+from launcher.persist import Persister
 from launcher.records import InstanceRecord
 from launcher.recovery import RecoveryPlan
 from virtualizers.base import Backend

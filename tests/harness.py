@@ -63,7 +63,8 @@ def spec(uuid: str, **fields: Any) -> InstanceSpec:
 
 
 @asynccontextmanager
-async def running_node(data_dir: Path, simulation: dict[str, Any] | None = None, **settings: Any) -> AsyncIterator[Node]:
+async def running_node(data_dir: Path, simulation: dict[str, Any] | None = None,
+                       **settings: Any) -> AsyncIterator[Node]:
     """A launcher without its HTTP API, with the simulation virtualizer (memory mode unless told)."""
     settings.setdefault("virtualizer", "simulation")
     config = config_module.load(None, data_dir=data_dir, simulation=simulation or {}, **settings)

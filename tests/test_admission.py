@@ -6,8 +6,8 @@ import os
 from pathlib import Path
 
 import pytest
-
 from harness import running_node
+
 from launcher import errors
 from launcher.errors import LauncherError
 from launcher.payloads import DeleteCommand, EvacuateCommand, RestoreCommand

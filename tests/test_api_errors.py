@@ -8,12 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from harness import running_node
+
 from launcher.api import Api
 from launcher.http import Request
 from launcher.stats import StatsReporter
-
 
 TOKEN = "t" * 32
 

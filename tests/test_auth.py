@@ -11,10 +11,10 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-
 from conftest import LauncherProcess
-from launcher import api_token
 from test_setup import refusal, serve
+
+from launcher import api_token
 
 SIMULATION = {"virtualizer": "simulation"}
 

@@ -32,8 +32,8 @@ from virtualizers.base import BackendHost
 from virtualizers.domain import (
     DomainParams,
     Firmware,
-    domain_xml,
     canonical_uuid,
+    domain_xml,
     libvirt_uuid,
     read_metadata,
 )

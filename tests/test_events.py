@@ -322,7 +322,7 @@ async def test_memory_ring_is_bounded_by_bytes_and_older_events_come_from_disk(t
     journal = EventJournal(tmp_path, memory_events=1000, memory_bytes=10_000)
     async with trio.open_nursery() as nursery:
         await nursery.start(journal.run)
-        for n in range(20):
+        for _ in range(20):
             journal.emit("stats", instances=["x" * 1000])  # ~1 KB each: only ~10 fit in memory
         await journal.wait_durable(journal.last_seq)
         assert len(journal.recent(0)) <= 10

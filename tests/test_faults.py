@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from conftest import ROOT, LauncherProcess
+from test_api import YAML, start_yaml
+
 from launcher.client import Client, ClientError
 from launcher.persist import WAL_FILE, _Op, _record
-from test_api import YAML, start_yaml
 
 STORAGE_FULL = "storage_full"
 NO_DISK_RESERVE = {"admission": {"keep_free_disk_mb": 0}}  # the tmpfs is tiny: admit on what is there

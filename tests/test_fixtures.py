@@ -10,7 +10,6 @@ import uuid
 
 import libvirt
 import pytest
-
 from conftest import ROOT
 
 

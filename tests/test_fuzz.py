@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
-
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from conftest import ROOT, LauncherProcess
 from fuzz_cases import CONTENT_TYPES, bodies, check_answer, check_parser_case, exchange, requests
 from http_faults import address, assert_serving, token
-
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 
 def fast(max_examples: int) -> settings:

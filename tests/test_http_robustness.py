@@ -14,10 +14,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from conftest import LauncherProcess
-from http_faults import (assert_serving, connect, head, is_closed_by_peer, is_open, json_body, read_all, read_for,
-                         read_until, reset, status_of)
+from http_faults import (
+    assert_serving,
+    connect,
+    head,
+    is_closed_by_peer,
+    is_open,
+    json_body,
+    read_all,
+    read_for,
+    read_until,
+    reset,
+    status_of,
+)
 
 SHORT = {"idle_timeout_s": 1.0, "body_timeout_s": 1.0, "send_timeout_s": 1.0}
 HANG_UUID = "5a5a0000-0000-4000-8000-000000000001"  # the simulation hangs in `ensure` for this one

@@ -5,7 +5,6 @@ read. Real files, the real qemu-img and real HTTP servers on 127.0.0.1."""
 from __future__ import annotations
 
 import functools
-import json
 import os
 import stat
 from pathlib import Path
@@ -15,10 +14,10 @@ import httpx
 import libvirt
 import pytest
 import trio
-
 from conftest import LauncherProcess, QemuTestRoot
 from test_images import MiB, files_in, http_response, make_qcow2, make_raw, open_store
 from test_setup import refusal, serve
+
 from virtualizers import preflight
 from virtualizers.images import ImageError
 from virtualizers.import_policy import REFUSED, SourceRefused

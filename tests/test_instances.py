@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import trio
-
 from harness import Node, running_node, spec
+
 from launcher import errors
 from launcher.errors import LauncherError
 from launcher.payloads import DeleteCommand, RestartCommand, StartCommand, StopCommand

@@ -10,12 +10,11 @@ from __future__ import annotations
 from typing import Any
 
 import schemathesis
+from conftest import ROOT, LauncherProcess
+from http_faults import token
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import content_type_conformance, not_a_server_error
 from schemathesis.specs.openapi.checks import response_schema_conformance, status_code_conformance
-
-from conftest import ROOT, LauncherProcess
-from http_faults import token
 
 OPENAPI = ROOT / "docs" / "openapi.yaml"
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]

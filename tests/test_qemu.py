@@ -20,8 +20,8 @@ from typing import Any
 import libvirt
 import pytest
 import yaml
-
 from conftest import LauncherProcess, example
+
 from launcher.client import Client
 
 IMAGE_ID = "b286cd45-7d0c-4525-a140-4db6c95e41fa"

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-
 from conftest import simvm_processes
 from test_api import YAML, start_yaml
 

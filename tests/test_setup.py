@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 import yaml
-
 from conftest import QEMU_TEST_ROOT, ROOT
+
 from virtualizers import preflight
 
 EXIT_USAGE = 2
