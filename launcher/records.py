@@ -35,9 +35,6 @@ class InstanceRecord:
     created: bool = False
     goal: str = "running"
 
-    def to_json(self) -> bytes:
-        return record_json(spec_json(self.spec), self.created, self.goal)
-
     @classmethod
     def from_json(cls, data: bytes) -> InstanceRecord:
         """Raises ValueError (or a subclass) naming what is wrong if the file is not a record this launcher
