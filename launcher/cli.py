@@ -319,7 +319,7 @@ def _parser() -> argparse.ArgumentParser:
 
     def verb(name: str, run: Callable[[Client, argparse.Namespace], None], help_text: str,
              waits: bool = False, group: Any = verbs) -> argparse.ArgumentParser:
-        p = group.add_parser(name, help=help_text)
+        p: argparse.ArgumentParser = group.add_parser(name, help=help_text)
         p.set_defaults(run=run)
         p.add_argument("--url", help="http://HOST:PORT or unix:///PATH (listen_unix); default: $LAUNCHER_URL, "
                                      "else <data-dir>/api-url")

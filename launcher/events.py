@@ -396,7 +396,7 @@ class EventJournal:
             events, cursor = await trio.to_thread.run_sync(
                 _read_events, paths, segments, cursor, self._durable_seq, limiter=self._limiter
             )
-        if not events:
+        if not events or cursor is None:
             raise RuntimeError(f"event journal in {self._directory} is missing event {next_seq}")
         return events, cursor
 

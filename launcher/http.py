@@ -26,6 +26,7 @@ import json
 import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from functools import partial
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -117,7 +118,7 @@ async def serve(handler: Handler, listeners: Sequence[trio.SocketListener], *, m
             await trio.aclose_forcefully(stream)
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(trio.serve_listeners, connection, listeners)
+        nursery.start_soon(partial(trio.serve_listeners, connection, list(listeners)))
         task_status.started()
 
 

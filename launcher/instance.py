@@ -284,7 +284,7 @@ class InstanceActor:
         elif isinstance(message, MonitorNote):
             if message.session == self._session and self._monitor_scope is not None:
                 await self._on_monitor(message.event)
-        else:
+        elif isinstance(message, Request):
             self.activity = type(message.command).__name__.removesuffix("Command").upper()  # e.g. STOP
             try:
                 await self._on_request(message.command, message.ticket)

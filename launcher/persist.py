@@ -67,7 +67,7 @@ class _Op:
 
 class Persister:
     def __init__(self, data_dir: Path, limiter: trio.CapacityLimiter, *, checkpoint_bytes: int = 16 << 20,
-                 on_dropped: Callable[[str], None] | None = None) -> None:
+                 on_dropped: Callable[[str], object] | None = None) -> None:
         """`on_dropped(detail)` hears of each log record the start-up replay had to skip."""
         self.data_dir = data_dir
         self.limiter = limiter

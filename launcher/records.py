@@ -25,7 +25,7 @@ import attrs
 from launcher.payloads import InstanceSpec, Networking, StorageEntry
 
 VERSION = 1
-T = TypeVar("T")
+T = TypeVar("T", bound=attrs.AttrsInstance)
 GOALS = ("running", "starting", "exited", "deleted")
 
 

@@ -12,6 +12,7 @@ with the same phase code.
 
 from __future__ import annotations
 
+import builtins
 import enum
 from collections.abc import Callable, Collection, Mapping
 from contextlib import AbstractAsyncContextManager
@@ -130,7 +131,7 @@ class ImageCatalog(Protocol):
 
     async def remove(self, image_id: str, in_use: Collection[str]) -> None: ...
 
-    async def gc(self, in_use: Collection[str], older_than_s: float) -> list[str]: ...
+    async def gc(self, in_use: Collection[str], older_than_s: float) -> builtins.list[str]: ...
 
 
 @attrs.frozen

@@ -51,7 +51,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NamedTuple
 
 import attrs
 import pycdlib
@@ -79,12 +79,16 @@ class SeedError(ValueError):
     """The seed cannot be made from these inputs; the message names the field at fault."""
 
 
+def _frozen_files(files: Mapping[str, bytes]) -> Mapping[str, bytes]:
+    return MappingProxyType(dict(files))
+
+
 @attrs.frozen
 class Seed:
     """The content of one seed ISO: its volume label and its files (ISO path -> content, in writing order)."""
 
     label: str
-    files: Mapping[str, bytes] = attrs.field(converter=lambda files: MappingProxyType(dict(files)))
+    files: Mapping[str, bytes] = attrs.field(converter=_frozen_files)
     instance_id: str
     hostname: str
 
@@ -240,7 +244,7 @@ def _network_data(address: _Address) -> dict[str, Any]:
 
 
 def _yaml(value: Mapping[str, Any]) -> str:
-    return yaml.dump(value, Dumper=_YAML_DUMPER, sort_keys=False, allow_unicode=True, width=_YAML_WIDTH)
+    return str(yaml.dump(value, Dumper=_YAML_DUMPER, sort_keys=False, allow_unicode=True, width=_YAML_WIDTH))
 
 
 def _json(value: Mapping[str, Any]) -> bytes:
@@ -281,8 +285,9 @@ def _master(seed: Seed) -> bytes:
         for name, data in seed.files.items():
             _add_parents(iso, name, claimed)
             names = _names(name, is_directory=False)
-            _claim(claimed, name, names["iso_path"])
-            iso.add_fp(io.BytesIO(data), len(data), **names)
+            _claim(claimed, name, names.iso_path)
+            iso.add_fp(io.BytesIO(data), len(data), iso_path=names.iso_path, rr_name=names.rr_name,
+                       joliet_path=names.joliet_path)
         image = io.BytesIO()
         iso.write_fp(image)
     except PyCdlibException as exc:
@@ -296,8 +301,8 @@ def _add_parents(iso: pycdlib.PyCdlib, name: str, claimed: dict[str, str]) -> No
     for depth in range(1, len(parts)):
         directory = "/".join(parts[:depth])
         names = _names(directory, is_directory=True)
-        if _claim(claimed, directory, names["iso_path"]):
-            iso.add_directory(**names)
+        if _claim(claimed, directory, names.iso_path):
+            iso.add_directory(iso_path=names.iso_path, rr_name=names.rr_name, joliet_path=names.joliet_path)
 
 
 def _claim(claimed: dict[str, str], path: str, iso_path: str) -> bool:
@@ -314,13 +319,19 @@ def _claim(claimed: dict[str, str], path: str, iso_path: str) -> bool:
     return False
 
 
-def _names(path: str, *, is_directory: bool) -> dict[str, str]:
+class _IsoNames(NamedTuple):
+    iso_path: str
+    rr_name: str
+    joliet_path: str
+
+
+def _names(path: str, *, is_directory: bool) -> _IsoNames:
     """pycdlib's three names of `path`: ISO 9660 (level 3 d-characters), Rock Ridge (the last component) and
     Joliet (the path as is)."""
     *parents, last = path.split("/")
     leaf = _d_characters(last) if is_directory else _iso9660_file_name(last)
     iso_path = "/" + "/".join([*map(_d_characters, parents), leaf])
-    return {"iso_path": iso_path, "rr_name": last, "joliet_path": "/" + path}
+    return _IsoNames(iso_path=iso_path, rr_name=last, joliet_path="/" + path)
 
 
 def _iso9660_file_name(name: str) -> str:

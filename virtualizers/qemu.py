@@ -38,6 +38,7 @@ import stat
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -201,7 +202,7 @@ class QemuBackend:
         """Destroy and undefine every domain of this data dir (`launcher hard-reset`); their names."""
         names = [domain.domain_name(meta.instance_uuid) for meta in await self.our_domains()]
         for name in names:
-            await self.hypervisor.call(lambda conn, name=name: remove_domain(conn, name))
+            await self.hypervisor.call(partial(remove_domain, name=name))
             log.warning("hard reset: domain %s destroyed and undefined", name)
         return names
 
@@ -216,7 +217,7 @@ class QemuBackend:
                         "destroying it" if destroy else "left alone (qemu.destroy_orphans is false)")
             self.host.emit("orphan_domain", instance_uuid=meta.instance_uuid, domain=name, destroyed=destroy)
             if destroy:
-                await self.hypervisor.call(lambda conn, name=name: remove_domain(conn, name))
+                await self.hypervisor.call(partial(remove_domain, name=name))
 
 
 def report_progress(host: BackendHost, progress: ImportProgress) -> None:
@@ -505,7 +506,7 @@ class QemuVirtualizer:
         if self._pid is None:
             return -1
         try:
-            return psutil.Process(self._pid).memory_full_info().pss // MIB
+            return int(psutil.Process(self._pid).memory_full_info().pss) // MIB
         except (psutil.Error, OSError):
             self._pid = None
             return -1
