@@ -250,7 +250,7 @@ class InstanceActor:
         self.vm.init(self.spec, self.dir)
         try:
             if self._recovered:
-                await self._recover()
+                await self._recover_or_exit()
             while self.state is not State.DELETED:
                 message = await self._next_message()
                 try:
@@ -265,6 +265,18 @@ class InstanceActor:
                     self._sync_projection()
         finally:
             self._close_monitor()  # the session lives in the supervisor's nursery (and a boot slot is freed)
+
+    async def _recover_or_exit(self) -> None:
+        """Recovery; a bug in it leaves this instance `exited` (reachable: RESTART, DELETE), never the launcher
+        down with it."""
+        try:
+            await self._recover()
+        except Exception as exc:
+            log.exception("instance %s: recovery failed", self.uuid)
+            self._log(f"internal error during recovery: {exc!r}")
+            self._close_monitor()
+            self.state = State.EXITED
+            self._emit_state(reason=errors.INTERNAL)
 
     async def _next_message(self) -> Message | None:
         """The next inbox message, or None when the boot deadline has passed."""
@@ -353,7 +365,10 @@ class InstanceActor:
         """A START failed before start_vm: remove what was created, and the instance with it; the ticket
         is answered once that is done."""
         await self._call_quietly("delete_image", self.ctx.config.timeouts.delete_image_s, self.vm.delete_image)
-        await self._remove_dir()
+        try:
+            await self._remove_dir()
+        except OSError as error:  # a full disk: what is on disk stays (README "What is not covered")
+            log.error("instance %s: cannot remove %s: %s", self.uuid, self.dir, error)
         self._fail(ticket, "start_failure", exc)
         self._gone(reason=exc.code)
 
@@ -588,7 +603,15 @@ class InstanceActor:
                 return
         self._abandon_boot("deleted")
         await self._call_quietly("delete_image", t.delete_image_s, self.vm.delete_image)
-        await self._remove_dir(on_durable=ticket.accept)
+        try:
+            await self._remove_dir(on_durable=ticket.accept)
+        except OSError as exc:
+            # Not removed: the instance stays (its VM is down) and the DELETE can be sent again. If the DELETE
+            # was acknowledged (goal `deleted` is on disk), a restarted launcher finishes it.
+            self.state = State.EXITED
+            self._fail(ticket, "delete_failure",
+                       errors.write_failure(exc, "the instance's removal", errors.STOP_FAILURE))
+            return
         ticket.finish("deleted")
         self._gone(reason="stop" if command.stop else "deleted")
 
@@ -710,11 +733,10 @@ class InstanceActor:
             self._log(f"cannot write instance.json (goal {goal}): {exc}")
 
     async def _remove_dir(self, on_durable: Callable[[], None] | None = None) -> None:
+        """Remove the instance dir through the log; OSError if the removal cannot be logged (then nothing
+        was removed)."""
         self.ctx.logs.discard(self.dir)
-        try:
-            await self.ctx.persister.remove(self.dir, on_durable=on_durable)
-        except OSError as exc:
-            log.error("instance %s: cannot remove %s: %s", self.uuid, self.dir, exc)
+        await self.ctx.persister.remove(self.dir, on_durable=on_durable)
 
     def _fail(self, ticket: Ticket, event: str, exc: LauncherError) -> None:
         exc.instance_uuid = self.uuid
