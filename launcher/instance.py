@@ -172,6 +172,9 @@ class InstanceActor:
         self._goal = goal  # as instance.json says
         self._recovered = recovered  # the next state reported is marked `recovered: true`
         self._unsettled = recovered  # RecoveryPlan.settled() is still to be called
+        # instance.json is durable (a recovered instance's always is; a new one's once its START's round is).
+        self._recorded = recovered
+        self._awaiting_record: list[Ticket] = []  # repeated STARTs, acknowledged once the record is durable
         self._probing = False  # the recovery monitor session has not yet said whether the VM runs
         self._holds_boot_slot = False  # of RecoveryPlan.boot_slots
         self._send, self._recv = trio.open_memory_channel[Message](ctx.config.inbox_size)
@@ -218,7 +221,10 @@ class InstanceActor:
         """A ticket finished with the public state once nothing is queued or under way (running, exited
         or deleted): how a repeated, idempotent START waits."""
         ticket = Ticket(self.uuid)
-        ticket.accept()
+        if self._recorded:
+            ticket.accept()
+        else:
+            self._awaiting_record.append(ticket)  # acknowledged with the first START, never before it
         if self._settled():
             ticket.finish(self.public_state)
         else:
@@ -318,7 +324,7 @@ class InstanceActor:
     async def _start(self, ticket: Ticket) -> None:
         """START: persist the instance, then ensure image → create image → start VM → monitor."""
         try:
-            await self._persist_new(on_durable=ticket.accept)  # the START is acknowledged once durable
+            await self._persist_new(on_durable=lambda: self._record_durable(ticket))  # acknowledged once durable
         except FileExistsError:
             # Never remove a directory this START did not create (ciao checked this first for that reason).
             self._fail(ticket, "start_failure", LauncherError(errors.INSTANCE_EXISTS, f"{self.dir} already exists"))
@@ -711,6 +717,14 @@ class InstanceActor:
             await self._call(phase, errors.INTERNAL, timeout, fn)
         except VirtualizerError:
             pass
+
+    def _record_durable(self, ticket: Ticket) -> None:
+        """The START's record is on disk: acknowledge it, and any repeat of it that came meanwhile."""
+        self._recorded = True
+        ticket.accept()
+        for waiting in self._awaiting_record:
+            waiting.accept()
+        self._awaiting_record = []
 
     async def _persist_new(self, on_durable: Callable[[], None]) -> None:
         self._spec_json = spec_json(self.spec)

@@ -79,7 +79,9 @@ async def test_pending_matrix(tmp_path: Path) -> None:
         first = node.start(U)
         await node.wait_state(U, "pending")
         repeat = node.start(U)  # identical payload: idempotent, and settles with the instance
-        assert repeat.accepted.is_set() and not repeat.done.is_set()
+        with trio.fail_after(10):
+            await repeat.accepted.wait()  # acknowledged with the first START, never before it is durable
+        assert first.accepted.is_set() and not repeat.done.is_set()
         refused(node, StartCommand(spec(U, vcpus=2)), errors.ALREADY_RUNNING)
         refused(node, RestartCommand(U), errors.ALREADY_RUNNING)
         stop = node.dispatch(StopCommand(U, grace_s=0))
