@@ -200,7 +200,7 @@ class Api:
 
     async def node(self, request: Request) -> Response:
         s = self.supervisor
-        figures = await trio.to_thread.run_sync(node_figures, self.config.data_dir)
+        figures = await trio.to_thread.run_sync(node_figures, self.config.data_dir, limiter=self.stats.limiter)
         return Response.json(200, {
             "node_uuid": self.stats.node_id,
             "status": s.status,

@@ -295,16 +295,19 @@ class Supervisor:
         """Once every recovered instance has settled, record this boot as the one they were recovered in."""
         await self._ctx.recovery.all_settled.wait()
         try:
-            await trio.to_thread.run_sync(bootid.remember, self.config.data_dir, self._boot)
+            await trio.to_thread.run_sync(bootid.remember, self.config.data_dir, self._boot,
+                                          limiter=self._ctx.persister.limiter)
         except OSError as exc:
             log.error("cannot record the boot id in %s: %s", self.config.data_dir, exc)
 
     async def _recover_all(self) -> None:
         """Load every instance dir; the actors then ask the virtualizer whether each VM still runs."""
         instances_dir = self.config.instances_dir
-        loaded, broken = await trio.to_thread.run_sync(_scan, instances_dir)
+        limiter = self._ctx.persister.limiter
+        loaded, broken = await trio.to_thread.run_sync(_scan, instances_dir, limiter=limiter)
         for path, detail in broken:
-            aside = await trio.to_thread.run_sync(store.move_aside, path, self.config.data_dir / store.CORRUPT)
+            aside = await trio.to_thread.run_sync(store.move_aside, path, self.config.data_dir / store.CORRUPT,
+                                                  limiter=limiter)
             log.error("instance dir %s is unreadable (%s): moved to %s", path, detail, aside)
             self.journal.emit("instance_corrupt", instance_uuid=path.name, detail=detail, moved_to=str(aside))
         self._ctx.recovery.expect(len(loaded))

@@ -203,6 +203,7 @@ class SimulationBackend:
     """The per-launcher part of the simulation: its settings and, in memory mode, the fake VMs themselves."""
 
     settings: SimulationSettings
+    limiter: trio.CapacityLimiter  # the launcher's shared limit on worker threads (BackendHost.limiter)
     name: str = attrs.field(default="simulation", init=False)
     _vms: dict[str, _FakeVm] = attrs.field(factory=dict, init=False)  # memory mode's "hypervisor"
     _booting: collections.deque[_FakeVm] = attrs.field(factory=collections.deque, init=False)  # by up_at
@@ -266,8 +267,9 @@ class SimulationBackend:
 async def open_backend(settings: Mapping[str, Any], host: BackendHost) -> AsyncIterator[SimulationBackend]:
     """Open the simulation backend (the `simulation` entry point of `launcher.virtualizers`).
 
-    `settings` is the `simulation:` config section; SetupError (naming the key) if it is invalid. `host` is not
-    used: the simulation keeps nothing outside the instance directories and reports nothing of its own. Closing
+    `settings` is the `simulation:` config section; SetupError (naming the key) if it is invalid. Of `host`
+    only the worker-thread limiter is used: the simulation keeps nothing outside the instance directories and
+    reports nothing of its own. Closing
     the backend leaves process-mode VMs running (a restarted launcher recovers them); memory-mode VMs live in
     the backend and end with it.
     """
@@ -275,7 +277,7 @@ async def open_backend(settings: Mapping[str, Any], host: BackendHost) -> AsyncI
         parsed = SimulationSettings.parse(settings)
     except ValueError as exc:
         raise SetupError(str(exc)) from None
-    backend = SimulationBackend(parsed)
+    backend = SimulationBackend(parsed, host.limiter)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(backend.run_boot_clock)
         yield backend
@@ -391,7 +393,8 @@ class ProcessVirtualizer(_SimulatedInstance):
         await self._backend.inject("create", self._uuid)
         disk = {"user_data": user_data, "meta_data": meta_data, "network_config": network_config}
         try:
-            await trio.to_thread.run_sync(store.atomic_write, self._dir / DISK_IMAGE, json.dumps(disk).encode())
+            await trio.to_thread.run_sync(store.atomic_write, self._dir / DISK_IMAGE, json.dumps(disk).encode(),
+                                          limiter=self._backend.limiter)
         except OSError as exc:
             raise VirtualizerError(IMAGE_FAILURE, f"cannot write {DISK_IMAGE}: {exc}", self._uuid) from exc
 
@@ -472,7 +475,8 @@ class ProcessVirtualizer(_SimulatedInstance):
 
     async def stats(self) -> VmStats:
         """Measured figures: PSS, CPU use since the previous call (-1 the first time) and disk.img's size."""
-        sample = await trio.to_thread.run_sync(_measure, self._pid, self._dir / DISK_IMAGE)
+        sample = await trio.to_thread.run_sync(_measure, self._pid, self._dir / DISK_IMAGE,
+                                               limiter=self._backend.limiter)
         cpu_percent = -1
         if sample.cpu_s is not None and self._cpu_sample is not None:
             cpu_s, wall_s = self._cpu_sample
