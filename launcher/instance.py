@@ -383,11 +383,7 @@ class InstanceActor:
             code = errors.ALREADY_RUNNING if self.state in (State.PENDING, State.RUNNING) else errors.NO_INSTANCE
             self._fail(ticket, "restart_failure", LauncherError(code, f"instance is {self.public_state}"))
             return
-        try:
-            await self._set_goal("starting")
-        except OSError as exc:
-            self._fail(ticket, "restart_failure",
-                       errors.write_failure(exc, store.INSTANCE_FILE, errors.LAUNCH_FAILURE))
+        if not await self._commit_goal("starting", ticket, "restart_failure", errors.LAUNCH_FAILURE):
             return
         self._log("RESTART accepted")
         ticket.accept()
@@ -542,11 +538,7 @@ class InstanceActor:
             return
         grace = self.ctx.config.timeouts.stop_grace_s if command.grace_s is None else command.grace_s
         goal = self._goal
-        try:
-            await self._set_goal("exited")
-        except OSError as exc:
-            self._fail(ticket, "stop_failure",
-                       errors.write_failure(exc, store.INSTANCE_FILE, errors.STOP_FAILURE))
+        if not await self._commit_goal("exited", ticket, "stop_failure", errors.STOP_FAILURE):
             return
         self._log(f"STOP accepted (grace {grace:g} s)")
         ticket.accept()
@@ -585,13 +577,10 @@ class InstanceActor:
         t = self.ctx.config.timeouts
         goal = self._goal
         power_off = self._monitor_scope is not None or self.state in (State.PENDING, State.RUNNING)
-        if power_off and goal != "deleted":  # goal deleted: recovery is finishing an acknowledged DELETE
-            try:
-                await self._set_goal("deleted")
-            except OSError as exc:
-                self._fail(ticket, "delete_failure",
-                           errors.write_failure(exc, store.INSTANCE_FILE, errors.STOP_FAILURE))
-                return
+        # Goal deleted already: recovery is finishing an acknowledged DELETE.
+        if power_off and goal != "deleted" and \
+                not await self._commit_goal("deleted", ticket, "delete_failure", errors.STOP_FAILURE):
+            return
         self._log("DELETE accepted" + (" (stop)" if command.stop else ""))
         previous, self.state = self.state, State.DELETING
         if power_off:
@@ -737,6 +726,16 @@ class InstanceActor:
         await self.ctx.persister.write(self.dir / store.INSTANCE_FILE, record_json(encoded, self._created, goal))
         self._spec_json = None  # not needed again: keep idle instances small
         self._goal = goal
+
+    async def _commit_goal(self, goal: str, ticket: Ticket, failure_event: str, code: str) -> bool:
+        """`_set_goal` before a command is acknowledged: if the write fails, the command fails (`code`, or
+        storage_full) and False is returned."""
+        try:
+            await self._set_goal(goal)
+        except OSError as exc:
+            self._fail(ticket, failure_event, errors.write_failure(exc, store.INSTANCE_FILE, code))
+            return False
+        return True
 
     async def _set_goal_quietly(self, goal: str) -> None:
         """`_set_goal` where a failed write cannot undo what happened: it is logged."""
