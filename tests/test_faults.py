@@ -13,7 +13,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,31 +20,14 @@ from typing import Any
 import pytest
 from conftest import ROOT, LauncherProcess
 from test_api import YAML, start_yaml
+from test_qemu import wait_for
+from test_recovery import all_events, states
 
 from launcher.client import Client, ClientError
 from launcher.persist import WAL_FILE, _Op, _record
 
 STORAGE_FULL = "storage_full"
 NO_DISK_RESERVE = {"admission": {"keep_free_disk_mb": 0}}  # the tmpfs is tiny: admit on what is there
-
-
-def wait_until(what: str, predicate: Any, timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.05)
-
-
-def all_events(client: Client) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in b"".join(client.stream("/v1/events", read_timeout=10)).splitlines()]
-
-
-def states(client: Client) -> dict[str, str]:
-    return {i["instance_uuid"]: i["state"] for i in client.request("GET", "/v1/instances")["instances"]}
 
 
 @pytest.fixture
@@ -101,7 +83,7 @@ def test_full_disk_fails_commands_with_storage_full_and_keeps_serving(launcher_f
         assert (refused.value.code, refused.value.status) == (STORAGE_FULL, 507)
         assert refused.value.reason.startswith("node storage full: cannot write the instance dir: ")
     # The journal cannot take the failures' events either: the launcher holds them back, and keeps serving.
-    wait_until("the journal to hit the full disk", lambda: "event journal: cannot write" in launcher.output())
+    wait_for("the journal to hit the full disk", lambda: "event journal: cannot write" in launcher.output())
     assert serving(launcher)
     assert states(client) == {"f1-01": "running"}
     with pytest.raises(ClientError) as refused:  # a STOP is acknowledged only once its goal is on disk
@@ -110,7 +92,7 @@ def test_full_disk_fails_commands_with_storage_full_and_keeps_serving(launcher_f
 
     filler.free()
     # Writes resume by themselves: the held-back events reach the journal, in order, and new STARTs work.
-    failures = wait_until("every start_failure event", lambda: len(refused_uuids) == len(
+    failures = wait_for("every start_failure event", lambda: len(refused_uuids) == len(
         events := [e for e in all_events(client) if e["type"] == "start_failure"]) and events)
     assert [(e["instance_uuid"], e["reason"]) for e in failures] == [(u, STORAGE_FULL) for u in refused_uuids]
     seqs = [e["seq"] for e in all_events(client)]
@@ -128,7 +110,7 @@ def test_launcher_starts_and_serves_on_a_full_disk(launcher_factory: Any, small_
     launcher.kill(signal.SIGKILL)
     for _ in range(3):  # until a start-up writes nothing (recovery records what it found), so the next frees nothing
         launcher.start()  # replays and empties the instance log
-        wait_until("recovery", lambda: states(launcher.client()) == {"f2-01": "exited"})
+        wait_for("recovery", lambda: states(launcher.client()) == {"f2-01": "exited"})
         launcher.kill(signal.SIGTERM)
         if (launcher.data_dir / WAL_FILE).stat().st_size == 0:
             break
@@ -144,12 +126,12 @@ def test_launcher_starts_and_serves_on_a_full_disk(launcher_factory: Any, small_
             stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     launcher.proc = proc
     try:
-        wait_until("the API", lambda: _answers(client) or proc.poll() is not None)
+        wait_for("the API", lambda: _answers(client) or proc.poll() is not None)
         assert proc.poll() is None, output.read_text()
         assert states(client) == {"f2-01": "exited"}  # memory-mode VMs end with their launcher
         assert not url_file.exists()
         filler.free()
-        assert wait_until("api-url, written once there is room", url_file.exists)
+        assert wait_for("api-url, written once there is room", url_file.exists)
         assert url_file.read_text() == f"http://{url[0]}:{url[1]}"
     finally:
         proc.kill()
@@ -186,7 +168,7 @@ def test_failed_append_leaves_no_fragment_for_the_next_start(launcher_factory: A
     filler.free()
     assert client.request("POST", "/v1/instances", start_yaml("f3-02"), YAML)["state"] == "pending"  # durable
     applied = launcher.data_dir / "instances" / "f3-02"
-    wait_until("the START's files", applied.exists)
+    wait_for("the START's files", applied.exists)
     launcher.kill(signal.SIGKILL)
     shutil.rmtree(applied)
     client = launcher.start()

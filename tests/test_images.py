@@ -108,9 +108,11 @@ def http_response(status: str, body: bytes = b"", *, length: int | None = None, 
     return head.encode() + body
 
 
-async def tiny_server(nursery: trio.Nursery, routes: dict[str, bytes], stall: Collection[str] = ()) -> str:
+async def tiny_server(nursery: trio.Nursery, routes: dict[str, bytes], stall: Collection[str] = (),
+                      asked: list[str] | None = None) -> str:
     """An HTTP server that answers GET <path> with the raw bytes routes[path] (404 for other paths) and then,
-    for a path in `stall`, sends nothing more while keeping the connection open. Returns its base URL."""
+    for a path in `stall`, sends nothing more while keeping the connection open. Each path asked for is
+    appended to `asked`, if given. Returns its base URL."""
 
     async def handle(stream: trio.SocketStream) -> None:
         request = b""
@@ -121,6 +123,8 @@ async def tiny_server(nursery: trio.Nursery, routes: dict[str, bytes], stall: Co
                     return
                 request += data
         path = request.split(b" ", 2)[1].decode()
+        if asked is not None:
+            asked.append(path)
         try:
             await stream.send_all(routes.get(path, http_response("404 Not Found")))
             if path in stall:

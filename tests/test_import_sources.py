@@ -4,7 +4,6 @@ read. Real files, the real qemu-img and real HTTP servers on 127.0.0.1."""
 
 from __future__ import annotations
 
-import functools
 import os
 import stat
 from pathlib import Path
@@ -15,7 +14,7 @@ import libvirt
 import pytest
 import trio
 from conftest import LauncherProcess, QemuTestRoot
-from test_images import MiB, files_in, http_response, make_qcow2, make_raw, open_store
+from test_images import MiB, files_in, http_response, make_qcow2, make_raw, open_store, tiny_server
 from test_setup import refusal, serve
 
 from virtualizers import preflight
@@ -99,28 +98,9 @@ async def test_ensure_reads_the_search_dirs_and_their_links(tmp_path: Path, plac
 
 
 async def counting_server(nursery: trio.Nursery, routes: dict[str, bytes]) -> tuple[str, list[str]]:
-    """An HTTP server on 127.0.0.1 answering GET <path> with routes[path] (404 otherwise); (base URL, the paths
-    asked for, in order)."""
+    """`tiny_server`, and the paths it is asked for, in order."""
     asked: list[str] = []
-
-    async def handle(stream: trio.SocketStream) -> None:
-        request = b""
-        with trio.move_on_after(5):
-            while b"\r\n\r\n" not in request:
-                data = await stream.receive_some(4096)
-                if not data:
-                    return
-                request += data
-        path = request.split(b" ", 2)[1].decode()
-        asked.append(path)
-        try:
-            await stream.send_all(routes.get(path, http_response("404 Not Found")))
-            await stream.aclose()
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-
-    listeners = await nursery.start(functools.partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
-    return f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}", asked
+    return await tiny_server(nursery, routes, asked=asked), asked
 
 
 async def test_urls_outside_the_prefixes_are_refused_before_any_request(tmp_path: Path,

@@ -40,6 +40,20 @@ def journal_seq(data_dir: Path) -> int:
     return max(json.loads(line)["seq"] for line in lines if line.endswith(b"}"))
 
 
+def restarted_carries_on(launcher: LauncherProcess, uuid: str, seq: int, reason: str) -> InstanceRecord:
+    """Start the killed launcher again (VMs that start at once): the interrupted command is carried on to
+    `running` with one VM, reported `pending` (`reason`, recovered) then `running`. Returns the record."""
+    set_settings(launcher, {"simulation": PROCESS})
+    client = launcher.start()
+    assert wait_until(lambda: states(client) == {uuid: "running"}, timeout=20), states(client)
+    assert len(simvm_processes(launcher.data_dir)) == 1
+    events = wait_until(lambda: [e for e in events_after(client, seq, uuid) if e["state"] == "running"] and
+                        events_after(client, seq, uuid))
+    assert [(e["state"], e.get("reason"), e.get("recovered")) for e in events] == [
+        ("pending", reason, True), ("running", None, None)]
+    return InstanceRecord.from_json((launcher.data_dir / "instances" / uuid / "instance.json").read_bytes())
+
+
 def instance_log(client: Any, uuid: str) -> str:
     return b"".join(client.stream(f"/v1/instances/{uuid}/log")).decode()
 
@@ -65,15 +79,7 @@ def test_start_interrupted_by_kill_9_is_carried_to_running(launcher_factory: Any
     seq = journal_seq(launcher.data_dir)
     assert not simvm_processes(launcher.data_dir)  # the VM was never started
 
-    set_settings(launcher, {"simulation": PROCESS})
-    client = launcher.start()
-    assert wait_until(lambda: states(client) == {uuid: "running"}, timeout=20), states(client)
-    assert len(simvm_processes(launcher.data_dir)) == 1
-    events = wait_until(lambda: [e for e in events_after(client, seq, uuid) if e["state"] == "running"] and
-                        events_after(client, seq, uuid))
-    assert [(e["state"], e.get("reason"), e.get("recovered")) for e in events] == [
-        ("pending", "start_resumed", True), ("running", None, None)]
-    record = InstanceRecord.from_json((launcher.data_dir / "instances" / uuid / "instance.json").read_bytes())
+    record = restarted_carries_on(launcher, uuid, seq, "start_resumed")
     assert (record.created, record.goal) == (True, "running")
 
 
@@ -164,13 +170,4 @@ def test_restart_interrupted_by_kill_9_is_carried_to_running(launcher_factory: A
     launcher.kill(signal.SIGKILL)
     seq = journal_seq(launcher.data_dir)
 
-    set_settings(launcher, {"simulation": PROCESS})
-    client = launcher.start()
-    assert wait_until(lambda: states(client) == {uuid: "running"}, timeout=20), states(client)
-    assert len(simvm_processes(launcher.data_dir)) == 1
-    events = wait_until(lambda: [e for e in events_after(client, seq, uuid) if e["state"] == "running"] and
-                        events_after(client, seq, uuid))
-    assert [(e["state"], e.get("reason"), e.get("recovered")) for e in events] == [
-        ("pending", "restart_resumed", True), ("running", None, None)]
-    record = InstanceRecord.from_json((launcher.data_dir / "instances" / uuid / "instance.json").read_bytes())
-    assert record.goal == "running"
+    assert restarted_carries_on(launcher, uuid, seq, "restart_resumed").goal == "running"
