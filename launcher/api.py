@@ -21,7 +21,7 @@ import trio
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
-from launcher import api_token, errors, payloads
+from launcher import errors, payloads
 from launcher.errors import LauncherError
 from launcher.events import EventJournal, EventsExpired
 from launcher.http import Handler, Request, Response, Stream
@@ -77,8 +77,6 @@ class Api:
         self.journal = journal
         self.logs = logs
         self.stats = stats
-        if len(token) < api_token.MIN_LENGTH:
-            raise ValueError(f"the API token must have at least {api_token.MIN_LENGTH} characters")
         self.token = token
         self.config = supervisor.config
         self.registry = CollectorRegistry(auto_describe=False)
