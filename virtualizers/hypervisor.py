@@ -31,7 +31,7 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import attrs
 import libvirt
@@ -124,8 +124,9 @@ class Hypervisor:
             raise Disconnected(f"lost the connection to libvirt at {self.uri}: {error_text(failure)}") from failure
         raise Unresponsive(f"libvirt at {self.uri} did not answer within {self._call_timeout_s:g} s")
 
-    async def _in_thread(self, fn: Callable[[libvirt.virConnect], T], conn: libvirt.virConnect) -> T:
-        return await trio.to_thread.run_sync(fn, conn, limiter=self._limiter, abandon_on_cancel=True)
+    async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        """fn(*args) on one of the hypervisor's threads, abandoned if cancelled (module doc)."""
+        return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter, abandon_on_cancel=True)
 
     async def wait_connected(self) -> None:
         """Return once the connection is up (at once if it is). Cancel it to give up."""
@@ -161,7 +162,7 @@ class Hypervisor:
     async def _open(self) -> libvirt.virConnect | None:
         """A new, set-up connection; None if it did not open within `call_timeout_s` (libvirtError passes)."""
         with trio.move_on_after(self._call_timeout_s):
-            return await trio.to_thread.run_sync(self._connect, limiter=self._limiter, abandon_on_cancel=True)
+            return await self._in_thread(self._connect)
         return None
 
     async def connect(self) -> None:
@@ -212,7 +213,7 @@ class Hypervisor:
         conn, self._conn = self._conn, None
         if conn is not None:
             with trio.move_on_after(CLOSE_TIMEOUT_S):
-                await trio.to_thread.run_sync(_close_quietly, conn, limiter=self._limiter, abandon_on_cancel=True)
+                await self._in_thread(_close_quietly, conn)
 
     # -- libvirt callbacks: these run in the event-loop thread ------------------------------------------------
 
