@@ -135,7 +135,6 @@ class EventJournal:
         self._stopped = False
         self._work = trio.Event()  # set by emit(): there is something to commit
         self._committed = trio.Event()  # set and replaced after every commit (and when the journal stops)
-        self.write_error: str | None = None  # why the journal cannot be written right now, if it cannot
 
     @property
     def last_seq(self) -> int:
@@ -223,13 +222,11 @@ class EventJournal:
                     failing_since = time.monotonic()
                     log.error("event journal: cannot write %s: %s; retrying, %d events wait in memory",
                               JOURNAL_FILE, exc, len(self._pending))
-                self.write_error = f"cannot write {JOURNAL_FILE}: {exc}"
                 await trio.sleep(pause)
                 pause = min(pause * 2, _RETRY_MAX_SECONDS)
                 continue
             if failing_since is not None:
                 log.warning("event journal: written again after %.1f s", time.monotonic() - failing_since)
-                self.write_error = None
             return
 
     async def _commit(self) -> None:
