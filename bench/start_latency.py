@@ -6,7 +6,7 @@ Each round, interleaved (alternating which goes first):
 - launcher: `POST /v1/instances?wait=1` of the example payload (configs/examples/start_legacy.yaml) to a real
   `launcher serve`, timed until it answers `running` (image check, overlay, seed, define, start, monitor);
   then the instance is deleted (not timed). Its per-step times come from the instance's launcher.log.
-- bare: the same domain XML (virtualizers.domain, same image, same overlay and seed made beforehand, not
+- bare: the same domain XML (virtualizers.qemu.domain, same image, same overlay and seed made beforehand, not
   timed) defined and started with libvirt-python directly, timed until `create()` returns; then destroyed
   and undefined.
 
@@ -36,7 +36,7 @@ from build import ensure_guest_image  # noqa: E402  (tests/guest/build.py)
 
 from launcher.client import Client  # noqa: E402
 from launcher.payloads import parse_start  # noqa: E402
-from virtualizers import cloudinit, domain  # noqa: E402
+from virtualizers.qemu import cloudinit, domain  # noqa: E402
 
 EXAMPLE = ROOT / "configs" / "examples" / "start_legacy.yaml"
 WORK_ROOT = Path("/var/tmp/launcher-bench")  # QEMU runs as libvirt-qemu: it must reach these files

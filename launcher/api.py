@@ -21,14 +21,15 @@ import trio
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
-from launcher import errors, payloads
-from launcher.errors import LauncherError
+from launcher import payloads
 from launcher.events import EventJournal, EventsExpired
 from launcher.http import Handler, Request, Response, Stream
 from launcher.image_routes import ImageRoutes
 from launcher.instance import InstanceActor, Ticket
 from launcher.logs import InstanceLogs
 from launcher.payloads import Command, DeleteCommand, RestartCommand, StopCommand
+from launcher.plugin import errors
+from launcher.plugin.errors import LauncherError
 from launcher.stats import StatsReporter, instance_figures, node_figures
 from launcher.supervisor import Supervisor
 

@@ -17,7 +17,8 @@ import stat
 from pathlib import Path
 
 from launcher import store
-from launcher.errors import SetupError
+from launcher.plugin import files
+from launcher.plugin.errors import SetupError
 
 MIN_LENGTH = 32  # characters; a generated token (secrets.token_urlsafe(32)) has 43
 MAX_FILE_BYTES = 4096  # a token file larger than this is something else
@@ -98,4 +99,4 @@ def _create(path: Path, token: str) -> None:
             pass  # another launcher created it first: theirs is the token
     finally:
         tmp.unlink()
-    store.fsync_dir(path.parent)
+    files.fsync_dir(path.parent)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import attrs
 
-from launcher import store
+from launcher.plugin import files
 
 KERNEL_BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 BOOT_ID_FILE = "boot-id"
@@ -38,7 +38,7 @@ def detect(data_dir: Path) -> HostBoot:
 def remember(data_dir: Path, boot: HostBoot) -> None:
     """Record `boot` as the boot the data dir's instances were last recovered in (blocking; durable)."""
     if boot.current is not None:
-        store.atomic_write(data_dir / BOOT_ID_FILE, boot.current.encode() + b"\n")
+        files.atomic_write(data_dir / BOOT_ID_FILE, boot.current.encode() + b"\n")
 
 
 def _read(path: Path) -> str | None:

@@ -17,7 +17,7 @@ from typing import Any
 
 from launcher import config as config_module
 from launcher.client import Client, ClientError
-from launcher.errors import SetupError
+from launcher.plugin.errors import SetupError
 
 EXIT_FAILED = 1  # the launcher refused or failed the command
 EXIT_USAGE = 2

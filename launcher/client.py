@@ -12,7 +12,7 @@ from typing import Any
 from urllib.parse import urlencode, urlsplit
 
 from launcher import store
-from launcher.errors import LauncherError
+from launcher.plugin.errors import LauncherError
 
 DEFAULT_DATA_DIR = Path("/var/lib/launcher")
 DEFAULT_WAIT_S = 600.0  # `?wait=1` without a timeout: as long as the launcher's default `timeouts.wait_s`

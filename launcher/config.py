@@ -6,21 +6,15 @@ type is a `ConfigError` that names the key, so a typo never silently falls back 
 
 from __future__ import annotations
 
-import types
-import typing
 from pathlib import Path
 from typing import Any
 
 import attrs
 import yaml
 
-from launcher.errors import SetupError
+from launcher.backends import available_backends
 from launcher.http import Limits as HttpLimits
-from virtualizers.base import available_backends
-
-
-class ConfigError(SetupError):
-    """A setting that is unknown, of the wrong type or out of range; the message names its key."""
+from launcher.plugin.settings import ConfigError, parse_section
 
 
 @attrs.frozen
@@ -151,55 +145,3 @@ def load(path: Path | None = None, **overrides: Any) -> Config:
     if not host or not port.isdigit() or int(port) > 65535:
         raise ConfigError(f"listen: expected HOST:PORT, got {config.listen!r}")
     return config
-
-
-def parse_section(cls: type, raw: Any, where: str) -> Any:
-    """An instance of the attrs class `cls` from the mapping `raw`, checked strictly.
-
-    `where` prefixes the keys in error messages (e.g. "qemu."). Virtualizers use it for their own sections.
-    Field validators of `cls` may raise ValueError; it is reported as a ConfigError naming `where`."""
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where.rstrip('.') or 'config'}: must be a mapping")
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in attrs.fields(cls)}
-    for key in raw:
-        if key not in known:
-            raise ConfigError(f"{where}{key}: unknown setting (known: {', '.join(sorted(known))})")
-    values = {k: _convert(hints[k], v, f"{where}{k}") for k, v in raw.items()}
-    try:
-        return cls(**values)
-    except ValueError as exc:
-        raise ConfigError(f"{where}{exc}") from exc
-
-
-def _convert(kind: Any, value: Any, where: str) -> Any:
-    if attrs.has(kind):
-        return parse_section(kind, value, where + ".")
-    if kind is Path:
-        if not isinstance(value, (str, Path)):
-            raise ConfigError(f"{where}: expected a path")
-        return Path(value)
-    if kind is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            raise ConfigError(f"{where}: expected a non-negative number, got {value!r}")
-        return float(value)
-    if kind is int:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ConfigError(f"{where}: expected a non-negative integer, got {value!r}")
-        return value
-    if kind is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return value
-    if kind is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {value!r}")
-        return value
-    if typing.get_origin(kind) is tuple and typing.get_args(kind)[1:] == (Ellipsis,):
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        item = typing.get_args(kind)[0]
-        return tuple(_convert(item, v, f"{where}[{i}]") for i, v in enumerate(value))
-    if typing.get_origin(kind) in (dict, types.GenericAlias):
-        return value
-    raise ConfigError(f"{where}: unsupported setting type {kind}")  # a bug in this module, not in the file

@@ -36,7 +36,7 @@ from typing import Any, BinaryIO, NamedTuple
 
 import trio
 
-from launcher.store import fsync_dir
+from launcher.plugin.files import fsync_dir
 
 log = logging.getLogger(__name__)
 

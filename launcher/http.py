@@ -34,7 +34,7 @@ import attrs
 import h11
 import trio
 
-from launcher.errors import INVALID_PAYLOAD, REQUEST_TIMEOUT, TOO_MANY_CONNECTIONS, LauncherError
+from launcher.plugin.errors import INVALID_PAYLOAD, REQUEST_TIMEOUT, TOO_MANY_CONNECTIONS, LauncherError
 
 log = logging.getLogger(__name__)
 

@@ -22,12 +22,12 @@ from typing import Any
 import attrs
 import trio
 
-from launcher import errors
-from launcher.errors import LauncherError
 from launcher.http import Handler, Request, Response, Stream, Write
-from launcher.payloads import is_valid_image_id
+from launcher.plugin import errors
+from launcher.plugin.errors import LauncherError
+from launcher.plugin.protocol import ImageCatalog, ImageRecord, image_catalog
+from launcher.plugin.spec import is_valid_image_id
 from launcher.supervisor import Supervisor
-from virtualizers.base import ImageCatalog, ImageRecord, image_catalog
 
 NDJSON = "application/x-ndjson"
 

@@ -30,16 +30,18 @@ from typing import Any, TypeVar
 import attrs
 import trio
 
-from launcher import errors, store
+from launcher import store
 from launcher.config import Config
-from launcher.errors import LauncherError, VirtualizerError
 from launcher.events import EventJournal
 from launcher.logs import InstanceLogs
-from launcher.payloads import DeleteCommand, InstanceSpec, RestartCommand, StartCommand, StopCommand
+from launcher.payloads import DeleteCommand, RestartCommand, StartCommand, StopCommand
 from launcher.persist import Persister
+from launcher.plugin import errors
+from launcher.plugin.errors import LauncherError, VirtualizerError
+from launcher.plugin.protocol import MonitorEvent, Virtualizer, VmStats
+from launcher.plugin.spec import InstanceSpec
 from launcher.records import record_json, spec_json
 from launcher.recovery import RecoveryPlan
-from virtualizers.base import MonitorEvent, Virtualizer, VmStats
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

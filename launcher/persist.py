@@ -44,6 +44,7 @@ import attrs
 import trio
 
 from launcher import store
+from launcher.plugin import files
 
 if TYPE_CHECKING:
     import outcome
@@ -233,7 +234,7 @@ def _apply(op: _Op) -> None:
             os.replace(op.path, doomed)
         shutil.rmtree(doomed, ignore_errors=True)
     elif op.kind == "create":
-        op.path.parent.mkdir(mode=store.INSTANCE_DIR_MODE)
+        op.path.parent.mkdir(mode=files.INSTANCE_DIR_MODE)
         _write(op.path, op.data, os.O_EXCL)
     else:
         _write(op.path, op.data)
@@ -301,7 +302,7 @@ def _replay(data_dir: Path, record: dict[str, str]) -> None:
     if "remove" in record:
         shutil.rmtree(path, ignore_errors=True)
     else:
-        path.parent.mkdir(mode=store.INSTANCE_DIR_MODE, parents=True, exist_ok=True)
+        path.parent.mkdir(mode=files.INSTANCE_DIR_MODE, parents=True, exist_ok=True)
         _write(path, record["data"].encode())
 
 
@@ -312,7 +313,7 @@ def _write(path: Path, data: bytes, flags: int = 0) -> None:
     closing a file that was truncated to zero and written again starts its writeback right away (auto_da_alloc),
     which made the second write of every START cost ~0.1-0.5 ms instead of ~20 us. Torn content is no concern
     here: until the log has been replayed nobody reads these files, and the replay rewrites them."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | flags, store.INSTANCE_FILE_MODE)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | flags, files.INSTANCE_FILE_MODE)
     try:
         _write_all(fd, data)
         if not flags & os.O_EXCL:  # a file just created is empty: nothing to cut

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 import attrs
 
-from launcher.payloads import InstanceSpec, Networking, StorageEntry
+from launcher.plugin.spec import InstanceSpec, Networking, StorageEntry
 
 VERSION = 1
 T = TypeVar("T", bound=attrs.AttrsInstance)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import trio
 
 from launcher.config import Recovery
-from launcher.payloads import InstanceSpec
+from launcher.plugin.spec import InstanceSpec
 
 
 class RecoveryPlan:

@@ -18,10 +18,12 @@ from pathlib import Path
 import trio
 
 from launcher import store
+from launcher.backends import load_backend
 from launcher.config import Config
 from launcher.persist import WAL_FILE
+from launcher.plugin import files
+from launcher.plugin.host import BackendHost
 from launcher.server import journal_for
-from virtualizers.base import BackendHost, load_backend
 
 log = logging.getLogger(__name__)
 
@@ -59,5 +61,5 @@ def _remove_instances(data_dir: Path) -> list[str]:
     (data_dir / WAL_FILE).unlink(missing_ok=True)
     for name in removed:
         shutil.rmtree(instances / name)
-    store.fsync_dir(data_dir)
+    files.fsync_dir(data_dir)
     return removed

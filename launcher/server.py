@@ -23,14 +23,17 @@ import trio
 
 from launcher import api_token, fdlimit, http, store
 from launcher.api import Api
+from launcher.backends import load_backend
 from launcher.config import Config
 from launcher.events import EventJournal
 from launcher.logs import InstanceLogs
 from launcher.persist import Persister
+from launcher.plugin import files
+from launcher.plugin.host import BackendHost
+from launcher.plugin.protocol import OpenBackend
 from launcher.stats import StatsReporter, node_uuid
 from launcher.supervisor import Supervisor
 from launcher.unix_listener import open_unix_listener, remove_socket
-from virtualizers.base import BackendHost, OpenBackend, load_backend
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +154,7 @@ async def _publish_url(path: Path, url: str) -> None:
     pause = 0.2
     while True:
         try:
-            await trio.to_thread.run_sync(partial(store.atomic_write, path, url.encode(), mode=0o644))
+            await trio.to_thread.run_sync(partial(files.atomic_write, path, url.encode(), mode=0o644))
             return
         except OSError as exc:
             if pause == 0.2:

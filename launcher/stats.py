@@ -24,10 +24,10 @@ from typing import Any
 import psutil
 import trio
 
-from launcher import store
 from launcher.events import utc_timestamp
 from launcher.instance import InstanceActor, State
-from launcher.payloads import InstanceSpec
+from launcher.plugin import files
+from launcher.plugin.spec import InstanceSpec
 from launcher.supervisor import Supervisor
 
 NODE_ID_FILE = "node-id"
@@ -40,7 +40,7 @@ def node_uuid(data_dir: Path) -> str:
         return path.read_text().strip()
     except FileNotFoundError:
         value = str(uuid.uuid4())
-        store.atomic_write(path, value.encode(), mode=0o644)
+        files.atomic_write(path, value.encode(), mode=0o644)
         return value
 
 

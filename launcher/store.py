@@ -1,7 +1,6 @@
-"""The on-disk layout (DESIGN.md §6) and crash-safe writes.
+"""The data dir's layout: file names, instance dir privacy, moving unreadable dirs aside, the data dir lock.
 
-Every file that must survive a crash is written as: temp file in the same directory, fsync, rename over the
-target, fsync of the directory. A reader therefore sees either the old or the new content, never a mix.
+Crash-safe single-file writes (`atomic_write`) are in `launcher.plugin.files`, shared with virtualizers.
 These functions block: call them through `trio.to_thread.run_sync`. Instance files go through
 `launcher.persist.Persister`, which makes many of them durable together.
 """
@@ -13,7 +12,8 @@ import os
 import stat
 from pathlib import Path
 
-from launcher.errors import SetupError
+from launcher.plugin.errors import SetupError
+from launcher.plugin.files import INSTANCE_DIR_MODE, INSTANCE_FILE_MODE, fsync_dir
 
 INSTANCES = "instances"
 CORRUPT = "corrupt"  # unreadable instance dirs are moved here, never left to block their uuid
@@ -22,10 +22,6 @@ LOG_FILE = "launcher.log"
 TOKEN_FILE = "api-token"
 URL_FILE = "api-url"
 LOCK_FILE = "launcher.lock"  # held (flock) by the one process that owns the data dir
-# Instance dirs and their files hold user-data: the launcher's user only. A virtualizer whose VMs run as another
-# user lets that user's group search the dir (not list it), as the qemu virtualizer does for QEMU.
-INSTANCE_DIR_MODE = 0o700
-INSTANCE_FILE_MODE = 0o600
 
 
 def make_private(instance_dir: Path) -> None:
@@ -39,40 +35,10 @@ def make_private(instance_dir: Path) -> None:
         os.chmod(record, INSTANCE_FILE_MODE)
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def doomed_path(directory: Path) -> Path:
     """Where a directory is renamed before it is removed, so a crash never leaves it half-removed under its
     own name (the next start-up finishes the removal)."""
     return directory.with_name(f".deleting-{directory.name}")
-
-
-def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Replace `path` with `data` so that a crash leaves either the old or the new file. Private to the
-    launcher's user unless `mode` says otherwise (what it writes often holds what users gave it).
-
-    If writing fails, the temp file is removed and `path` is left as it was."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
 
 
 def move_aside(path: Path, corrupt_dir: Path) -> Path:

@@ -25,9 +25,8 @@ import attrs
 import psutil
 import trio
 
-from launcher import bootid, errors, store
+from launcher import bootid, store
 from launcher.config import Config
-from launcher.errors import LauncherError
 from launcher.events import EventJournal
 from launcher.instance import ActorContext, InstanceActor, State, Ticket
 from launcher.logs import InstanceLogs
@@ -35,16 +34,18 @@ from launcher.payloads import (
     Command,
     DeleteCommand,
     EvacuateCommand,
-    InstanceSpec,
     RestartCommand,
     RestoreCommand,
     StartCommand,
     StopCommand,
 )
 from launcher.persist import Persister
+from launcher.plugin import errors, files
+from launcher.plugin.errors import LauncherError
+from launcher.plugin.protocol import Backend
+from launcher.plugin.spec import InstanceSpec
 from launcher.records import InstanceRecord
 from launcher.recovery import RecoveryPlan
-from virtualizers.base import Backend
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ class Resources:
 
     @classmethod
     def of(cls, spec: InstanceSpec) -> Resources:
-        return cls(spec.vcpus or 0, spec.mem_mb or 0, spec.disk_mb or 0)
+        return cls(spec.vcpus, spec.mem_mb, spec.disk_mb)
 
 
 @attrs.frozen
@@ -160,7 +161,7 @@ class Supervisor:
         return ticket
 
     def _dispatch_start(self, command: StartCommand) -> Ticket:
-        spec = self._with_defaults(command.spec)
+        spec = self._with_defaults(command)
         existing = self.instances.get(spec.instance_uuid)
         if existing is not None:
             return self._repeated_start(existing, spec)
@@ -196,14 +197,9 @@ class Supervisor:
             counts[actor.public_state] += 1
         return counts
 
-    def _with_defaults(self, spec: InstanceSpec) -> InstanceSpec:
+    def _with_defaults(self, command: StartCommand) -> InstanceSpec:
         d = self.config.defaults
-        return attrs.evolve(
-            spec,
-            vcpus=spec.vcpus or d.vcpus,
-            mem_mb=spec.mem_mb or d.mem_mb,
-            disk_mb=spec.disk_mb if spec.disk_mb is not None else d.disk_mb,
-        )
+        return command.with_defaults(vcpus=d.vcpus, mem_mb=d.mem_mb, disk_mb=d.disk_mb)
 
     # ----------------------------------------------------------------- admission and node status
 
@@ -263,10 +259,10 @@ class Supervisor:
         path = self.config.data_dir / MAINTENANCE_FILE
         try:
             if on:
-                store.atomic_write(path, b"")  # small and rare: survives a restart, as in ciao HEAD
+                files.atomic_write(path, b"")  # small and rare: survives a restart, as in ciao HEAD
             else:
                 path.unlink(missing_ok=True)
-                store.fsync_dir(path.parent)
+                files.fsync_dir(path.parent)
         except OSError as exc:
             raise errors.write_failure(exc, MAINTENANCE_FILE, errors.INTERNAL) from exc
         self.maintenance = on

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import trio
 
-from launcher.errors import SetupError
+from launcher.plugin.errors import SetupError
 
 MAX_PATH_BYTES = 100  # sun_path holds 108 bytes; the temporary name adds a few
 

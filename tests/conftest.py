@@ -77,7 +77,7 @@ def simvm_processes(data_dir: Path) -> list[psutil.Process]:
     found = []
     for proc in psutil.process_iter(["cmdline", "status"]):
         cmdline = proc.info["cmdline"] or []
-        if "virtualizers.simvm" in cmdline and any(str(data_dir) in part for part in cmdline) \
+        if "virtualizers.simulation.simvm" in cmdline and any(str(data_dir) in part for part in cmdline) \
                 and proc.info["status"] != psutil.STATUS_ZOMBIE:
             found.append(proc)
     return found
@@ -193,8 +193,8 @@ class QemuTestRoot:
 
 def remove_domains_under(root: Path) -> list[str]:
     """Destroy and undefine every domain of a launcher whose data dir is under `root`; their names."""
-    from virtualizers.domain import read_metadata
-    from virtualizers.qemu import remove_domain
+    from virtualizers.qemu.backend import remove_domain
+    from virtualizers.qemu.domain import read_metadata
 
     prefix = str(root.absolute()) + "/"
     connection = libvirt.open("qemu:///system")

@@ -15,7 +15,8 @@ from launcher.config import Config
 from launcher.events import EventJournal
 from launcher.instance import Ticket
 from launcher.logs import InstanceLogs
-from launcher.payloads import Command, InstanceSpec, StartCommand
+from launcher.payloads import RESOURCE_FIELDS, Command, StartCommand
+from launcher.plugin.spec import InstanceSpec
 from launcher.server import running_core
 from launcher.supervisor import Supervisor
 
@@ -31,7 +32,7 @@ class Node:
         return self.supervisor.dispatch(command)
 
     def start(self, uuid: str, **fields: Any) -> Ticket:
-        return self.dispatch(StartCommand(spec(uuid, **fields)))
+        return self.dispatch(start_command(uuid, **fields))
 
     async def done(self, ticket: Ticket, timeout: float = 10.0) -> Ticket:
         with trio.fail_after(timeout):
@@ -70,3 +71,8 @@ async def running_node(data_dir: Path, simulation: dict[str, Any] | None = None,
     config = config_module.load(None, data_dir=data_dir, simulation=simulation or {}, **settings)
     async with running_core(config) as core:
         yield Node(config, core.supervisor, core.journal, core.logs)
+
+
+def start_command(uuid: str, **fields: Any) -> StartCommand:
+    """A START as the parser makes it: the resources not in `fields` are left to the node's defaults."""
+    return StartCommand(spec(uuid, **fields), frozenset(RESOURCE_FIELDS) - fields.keys())

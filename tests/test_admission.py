@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from harness import running_node
 
-from launcher import errors
-from launcher.errors import LauncherError
 from launcher.payloads import DeleteCommand, EvacuateCommand, RestoreCommand
+from launcher.plugin import errors
+from launcher.plugin.errors import LauncherError
 
 
 async def test_burst_of_starts_is_counted_at_admission(tmp_path: Path) -> None:

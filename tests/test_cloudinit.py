@@ -1,4 +1,4 @@
-"""Tests for virtualizers.cloudinit: the seed's content (identity, user-data, network config), its errors, and the
+"""Tests for virtualizers.qemu.cloudinit: the seed's content (identity, user-data, network config), its errors, and the
 ISO image read back with pycdlib and with an OS tool."""
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ import pytest
 import yaml
 
 from launcher import store
-from launcher.payloads import Networking, parse_start
-from virtualizers.cloudinit import SEED_FORMATS, Seed, SeedError, make_seed, write_seed
+from launcher.payloads import parse_start
+from launcher.plugin.spec import Networking
+from virtualizers.qemu.cloudinit import SEED_FORMATS, Seed, SeedError, make_seed, write_seed
 
 UUID = "d7d86208-b46c-4465-9018-fe14087d415f"
 CIAO_META = '{\n  "uuid": "ciao",\n  "hostname": "ciao"\n}\n'

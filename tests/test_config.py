@@ -7,14 +7,15 @@ from pathlib import Path
 import pytest
 
 from launcher import config
-from virtualizers.qemu import QemuSettings
+from launcher.plugin.settings import ConfigError, parse_section
+from virtualizers.qemu.backend import QemuSettings
 
 SHIPPED = Path(__file__).resolve().parent.parent / "configs" / "launcher.yaml"
 
 
 def test_shipped_file_states_the_defaults() -> None:
     shipped = config.load(SHIPPED)
-    qemu = config.parse_section(QemuSettings, shipped.virtualizers["qemu"], "qemu.")
+    qemu = parse_section(QemuSettings, shipped.virtualizers["qemu"], "qemu.")
     assert qemu == QemuSettings()
     assert shipped == config.load(None, qemu=shipped.virtualizers["qemu"],
                                   simulation={"mode": "memory", "boot_delay_s": 0.05, "stop_delay_s": 0.0,
@@ -41,5 +42,5 @@ def test_bad_settings_name_the_key(tmp_path: Path, raw: dict, message: str) -> N
 
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(raw))
-    with pytest.raises(config.ConfigError, match=message):
+    with pytest.raises(ConfigError, match=message):
         config.load(path)

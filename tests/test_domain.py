@@ -1,6 +1,6 @@
-"""Tests for virtualizers.domain (the libvirt domain XML of an instance) and the parts of virtualizers.qemu that
-need no VM: remove_domain / our_domains / handle_orphans against libvirt's in-process test driver, the `qemu:`
-settings, and the choice between KVM and TCG.
+"""Tests for virtualizers.qemu.domain (the libvirt domain XML of an instance) and the parts of
+virtualizers.qemu.backend that need no VM: remove_domain / our_domains / handle_orphans against libvirt's
+in-process test driver, the `qemu:` settings, and the choice between KVM and TCG.
 
 The XML is checked three ways: against libvirt's RELAX NG schema (`virt-xml-validate`, for every combination
 of the settings that change its shape), for its meaning (parsed back with ElementTree), and by defining it
@@ -25,25 +25,13 @@ import libvirt
 import pytest
 import trio
 
-from launcher.config import ConfigError, parse_section
-from launcher.payloads import InstanceSpec, Networking
-from virtualizers import domain, preflight, qemu
-from virtualizers.base import BackendHost
-from virtualizers.domain import (
-    DomainParams,
-    Firmware,
-    canonical_uuid,
-    domain_xml,
-    libvirt_uuid,
-    read_metadata,
-)
-from virtualizers.qemu import (
-    NetworkSettings,
-    QemuBackend,
-    QemuSettings,
-    remove_domain,
-    resolve_accel,
-)
+from launcher.plugin.host import BackendHost
+from launcher.plugin.settings import ConfigError, parse_section
+from launcher.plugin.spec import InstanceSpec, Networking
+from virtualizers.qemu import backend as qemu
+from virtualizers.qemu import domain, preflight
+from virtualizers.qemu.backend import NetworkSettings, QemuBackend, QemuSettings, remove_domain, resolve_accel
+from virtualizers.qemu.domain import DomainParams, Firmware, canonical_uuid, domain_xml, libvirt_uuid, read_metadata
 
 UUID = "d7d86208-b46c-4465-9018-fe14087d415f"
 CIAO_UUID = "67d86208-000-4465-9018-fe14087d415f"  # a ciao instance uuid that is no RFC 4122 UUID
@@ -298,9 +286,9 @@ def test_domain_params_from_a_spec() -> None:
     params = backend.domain_params(spec, instance_dir)
     expected = make_params(UUID, kvm=False, network=("bridge", "br7"), machine="pc")
     assert params == attrs.evolve(expected, vcpus=3, mem_mb=640)
-    legacy = backend.domain_params(attrs.evolve(spec, fw_type="legacy", vcpus=None, mem_mb=None), instance_dir)
+    legacy = backend.domain_params(attrs.evolve(spec, fw_type="legacy"), instance_dir)
     assert not legacy.firmware.efi
-    assert (legacy.vcpus, legacy.mem_mb) == (qemu.DEFAULT_VCPUS, qemu.DEFAULT_MEM_MB)
+    assert (legacy.vcpus, legacy.mem_mb) == (3, 640)
 
 
 # ---------------------------------------------------------------------------------------------------------

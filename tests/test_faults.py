@@ -205,7 +205,7 @@ def test_ill_shaped_records_go_aside_and_every_other_instance_comes_back(launche
     assert states(client) == {"acce-0001": "exited", "acce-0002": "exited"}
     corrupt = {e["instance_uuid"]: e["detail"] for e in all_events(client) if e["type"] == "instance_corrupt"}
     assert sorted(corrupt) == [*BAD_RECORDS, "ba-0007"]
-    assert corrupt["ba-0003"] == "spec.vcpus: expected int or null, got str"
+    assert corrupt["ba-0003"] == "spec.vcpus: expected int, got str"
     assert corrupt["ba-0005"] == "created: expected true or false, got 'yes'"
     assert sorted(p.name for p in (launcher.data_dir / "corrupt").iterdir()) == sorted(corrupt)
 
@@ -248,7 +248,7 @@ def test_garbage_line_in_the_journal_hides_no_event(launcher_factory: Any) -> No
 
 
 def test_a_write_error_other_than_enospc_keeps_its_phase_code() -> None:
-    from launcher.errors import IMAGE_FAILURE, write_failure
+    from launcher.plugin.errors import IMAGE_FAILURE, write_failure
 
     error = write_failure(OSError(errno.EIO, "Input/output error"), "x", IMAGE_FAILURE)
     assert (error.code, error.reason) == (IMAGE_FAILURE, "cannot write x: [Errno 5] Input/output error")

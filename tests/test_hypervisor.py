@@ -1,4 +1,5 @@
-"""`virtualizers.hypervisor` against the real system libvirtd: what counts as a lost connection, and bounded calls."""
+"""`virtualizers.qemu.hypervisor` against the real system libvirtd: what counts as a lost connection, and bounded
+calls."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import libvirt
 import pytest
 import trio
 
-from virtualizers.hypervisor import Hypervisor, Unresponsive, open_hypervisor
+from virtualizers.qemu.hypervisor import Hypervisor, Unresponsive, open_hypervisor
 
 URI = "qemu:///system"
 

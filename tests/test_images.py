@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 import trio
 
-from virtualizers.images import ImageError, ImageInUse, ImageNotFound, ImageStore, ImportProgress
-from virtualizers.import_policy import SourceRefused
+from virtualizers.qemu.images import ImageError, ImageInUse, ImageNotFound, ImageStore, ImportProgress
+from virtualizers.qemu.import_policy import SourceRefused
 
 MiB = 1 << 20
 
@@ -461,7 +461,7 @@ async def test_open_removes_crash_leftovers(tmp_path: Path) -> None:
     (root / ".tmp" / "stray").mkdir()
     (root / ".tmp" / "stray" / "x").write_bytes(b"x")
     (root / "uncommitted.img").write_bytes(b"\0" * 512)  # renamed into place, crashed before its json
-    (root / ".kept.json.tmp").write_bytes(b"{")  # store.atomic_write's temp file
+    (root / ".kept.json.tmp").write_bytes(b"{")  # files.atomic_write's temp file
     (root / "ghost.json").write_text(json.dumps({**json.loads((root / "kept.json").read_text()), "id": "ghost"}))
     (root / "broken.img").write_bytes(b"\0" * 512)
     (root / "broken.json").write_text("{not json")

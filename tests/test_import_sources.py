@@ -17,9 +17,9 @@ from conftest import LauncherProcess, QemuTestRoot
 from test_images import MiB, files_in, http_response, make_qcow2, make_raw, open_store, tiny_server
 from test_setup import refusal, serve
 
-from virtualizers import preflight
-from virtualizers.images import ImageError
-from virtualizers.import_policy import REFUSED, SourceRefused
+from virtualizers.qemu import preflight
+from virtualizers.qemu.images import ImageError
+from virtualizers.qemu.import_policy import REFUSED, SourceRefused
 
 
 @pytest.fixture

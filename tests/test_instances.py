@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 import trio
-from harness import Node, running_node, spec
+from harness import Node, running_node, start_command
 
-from launcher import errors
-from launcher.errors import LauncherError
-from launcher.payloads import DeleteCommand, RestartCommand, StartCommand, StopCommand
+from launcher.payloads import DeleteCommand, RestartCommand, StopCommand
+from launcher.plugin import errors
+from launcher.plugin.errors import LauncherError
 
 U = "0a1b2c3d-0001"
 SLOW_BOOT = {"boot_delay_s": 30.0}
@@ -82,7 +82,7 @@ async def test_pending_matrix(tmp_path: Path) -> None:
         with trio.fail_after(10):
             await repeat.accepted.wait()  # acknowledged with the first START, never before it is durable
         assert first.accepted.is_set() and not repeat.done.is_set()
-        refused(node, StartCommand(spec(U, vcpus=2)), errors.ALREADY_RUNNING)
+        refused(node, start_command(U, vcpus=2), errors.ALREADY_RUNNING)
         refused(node, RestartCommand(U), errors.ALREADY_RUNNING)
         stop = node.dispatch(StopCommand(U, grace_s=0))
         await node.done(stop)
@@ -120,7 +120,7 @@ async def test_running_matrix(tmp_path: Path) -> None:
         await running(node)
         repeat = node.start(U)
         assert repeat.done.is_set() and repeat.state == "running"
-        refused(node, StartCommand(spec(U, mem_mb=512)), errors.ALREADY_RUNNING)
+        refused(node, start_command(U, mem_mb=512), errors.ALREADY_RUNNING)
         refused(node, RestartCommand(U), errors.ALREADY_RUNNING)
         assert (await node.done(node.dispatch(StopCommand(U)))).state == "exited"
         await node.done(node.dispatch(RestartCommand(U)))
@@ -138,7 +138,7 @@ async def test_exited_matrix(tmp_path: Path) -> None:
         await exited(node)
         repeat = node.start(U)
         assert repeat.done.is_set() and repeat.state == "exited"
-        refused(node, StartCommand(spec(U, vcpus=3)), errors.INSTANCE_EXISTS)
+        refused(node, start_command(U, vcpus=3), errors.INSTANCE_EXISTS)
         refused(node, StopCommand(U), errors.ALREADY_STOPPED)
         restart = await node.done(node.dispatch(RestartCommand(U)))
         assert restart.state == "running"
@@ -167,7 +167,7 @@ async def test_commands_while_deleting(tmp_path: Path) -> None:
         await running(node)
         delete = node.dispatch(DeleteCommand(U, stop=True))
         await delete.accepted.wait()
-        refused(node, StartCommand(spec(U)), errors.INSTANCE_EXISTS)  # never a second actor on one dir
+        refused(node, start_command(U), errors.INSTANCE_EXISTS)  # never a second actor on one dir
         for command in (StopCommand(U), RestartCommand(U), DeleteCommand(U)):
             refused(node, command, errors.NO_INSTANCE)
         await node.done(delete)

@@ -10,22 +10,20 @@ from typing import Any
 import pytest
 import yaml
 
-from launcher.errors import INVALID_DATA, INVALID_PAYLOAD, PayloadError
 from launcher.payloads import (
     DEFAULT_MAX_BYTES,
     DeleteCommand,
     EvacuateCommand,
-    InstanceSpec,
-    Networking,
     RestartCommand,
     RestoreCommand,
     StopCommand,
-    StorageEntry,
     is_valid_uuid,
     parse_command,
     parse_start,
     split_yaml,
 )
+from launcher.plugin.errors import INVALID_DATA, INVALID_PAYLOAD, PayloadError
+from launcher.plugin.spec import InstanceSpec, Networking, StorageEntry
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "configs" / "examples"
 YAML_CT = "application/yaml"

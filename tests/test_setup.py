@@ -19,7 +19,7 @@ import pytest
 import yaml
 from conftest import QEMU_TEST_ROOT, ROOT
 
-from virtualizers import preflight
+from virtualizers.qemu import preflight
 
 EXIT_USAGE = 2
 

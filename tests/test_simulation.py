@@ -16,10 +16,12 @@ import psutil
 import pytest
 import trio
 
-from launcher.errors import IMAGE_FAILURE, LAUNCH_FAILURE, SetupError, VirtualizerError
-from launcher.payloads import InstanceSpec
-from virtualizers.base import BackendHost, MonitorEvent, VmStats, load_backend
-from virtualizers.simulation import SIMVM_MODULE, SimulationBackend, SimulationVirtualizer, open_backend
+from launcher.backends import load_backend
+from launcher.plugin.errors import IMAGE_FAILURE, LAUNCH_FAILURE, SetupError, VirtualizerError
+from launcher.plugin.host import BackendHost
+from launcher.plugin.protocol import MonitorEvent, VmStats
+from launcher.plugin.spec import InstanceSpec
+from virtualizers.simulation.backend import SIMVM_MODULE, SimulationBackend, SimulationVirtualizer, open_backend
 
 CONNECTED = MonitorEvent.CONNECTED
 CLOSED = MonitorEvent.CLOSED

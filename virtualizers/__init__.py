@@ -1,1 +1,4 @@
-"""Virtualizers: the pluggable backends that actually run VMs (see virtualizers/base.py)."""
+"""Virtualizer backends, one package each, registered as ``launcher.virtualizers`` entry points.
+
+Each imports only the plugin API, `launcher.plugin`, and never another virtualizer.
+"""

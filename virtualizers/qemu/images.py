@@ -47,10 +47,10 @@ import attrs
 import httpx
 import trio
 
-from launcher.errors import IMAGE_FAILURE, IMAGE_IN_USE, VirtualizerError
-from launcher.payloads import is_valid_image_id
-from launcher.store import atomic_write, fsync_dir
-from virtualizers.import_policy import ImportPolicy, SourceRefused
+from launcher.plugin.errors import IMAGE_FAILURE, IMAGE_IN_USE, VirtualizerError
+from launcher.plugin.files import atomic_write, fsync_dir
+from launcher.plugin.spec import is_valid_image_id
+from virtualizers.qemu.import_policy import ImportPolicy, SourceRefused
 
 log = logging.getLogger(__name__)
 
@@ -745,7 +745,7 @@ def _remove_tree(path: Path) -> None:
 
 
 def _is_atomic_write_tmp(name: str) -> bool:
-    """Whether `name` is the temp file of a json that store.atomic_write did not finish."""
+    """Whether `name` is the temp file of a json that files.atomic_write did not finish."""
     return name.startswith(".") and name.endswith(f"{RECORD_SUFFIX}.tmp")
 
 

@@ -11,7 +11,7 @@ A local source is allowed if its real path (symlinks and ``..`` resolved) lies u
 path; the file that is then opened is checked again by its descriptor (`allows_path` of its /proc path), so a
 symlink swapped in between is caught too. A URL is allowed if it lies under an allowed prefix and its path has
 no dot segments or encoded slashes (which a server might resolve to elsewhere). Every redirect target is checked
-the same way by the downloader (`virtualizers.images`).
+the same way by the downloader (`images`).
 
 A source that is not allowed is refused with `REFUSED`, one reason that is the same whatever is at that path:
 it never says whether a file exists, nor anything about it.
@@ -27,7 +27,7 @@ from urllib.parse import unquote, urlsplit
 import attrs
 import httpx
 
-from launcher.errors import INVALID_DATA, LauncherError
+from launcher.plugin.errors import INVALID_DATA, LauncherError
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
 REFUSED = ("source: not an allowed import source (only files under qemu.image_dirs or qemu.import_sources, and "

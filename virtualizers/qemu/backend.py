@@ -3,16 +3,16 @@
 Per instance (all files in the instance dir, DESIGN.md §6):
 
 ``ensure_backing_image``
-    the image store (`virtualizers.images`) provides `<data_dir>/images/<image_uuid>.img`, importing it once
+    the image store (`images`) provides `<data_dir>/images/<image_uuid>.img`, importing it once
     from a configured directory or URL if needed.
 ``create_image``
     ``overlay.qcow2``: a qcow2 overlay on the backing image, backing file and backing format explicit; its
     size is the payload's disk size (raised to the image's size if smaller), else the image's.
-    ``seed.iso``: the cloud-init seed (`virtualizers.cloudinit`), NoCloud or ConfigDrive.
+    ``seed.iso``: the cloud-init seed (`cloudinit`), NoCloud or ConfigDrive.
 ``start_vm``
-    defines the persistent domain (`virtualizers.domain`) and starts it.
+    defines the persistent domain (`domain`) and starts it.
 ``monitor_vm``
-    follows the domain's state through libvirt's lifecycle events (`virtualizers.hypervisor`): CONNECTED once
+    follows the domain's state through libvirt's lifecycle events (`hypervisor`): CONNECTED once
     the domain is active, CLOSED once it is shut off or gone. A guest paused by an I/O error (a full disk) is
     reported with an `instance_paused` event and a log line, and stays paused for the operator.
 ``stop_vm(grace)``
@@ -47,15 +47,23 @@ import libvirt
 import psutil
 import trio
 
-from launcher.config import parse_section
-from launcher.errors import IMAGE_FAILURE, LAUNCH_FAILURE, STOP_FAILURE, SetupError, VirtualizerError
-from launcher.payloads import InstanceSpec
-from launcher.store import INSTANCE_DIR_MODE, fsync_dir
-from virtualizers import cloudinit, domain, preflight
-from virtualizers.base import BackendHost, MonitorEvent, MonitorInbox, VmStats
-from virtualizers.hypervisor import Disconnected, Hypervisor, Unavailable, Unresponsive, error_text, open_hypervisor
-from virtualizers.images import DEFAULT_MAX_BYTES, ImageError, ImageInfo, ImageStore, ImportProgress
-from virtualizers.import_policy import ImportPolicy
+from launcher.plugin.errors import IMAGE_FAILURE, LAUNCH_FAILURE, STOP_FAILURE, SetupError, VirtualizerError
+from launcher.plugin.files import INSTANCE_DIR_MODE, fsync_dir
+from launcher.plugin.host import BackendHost
+from launcher.plugin.protocol import MonitorEvent, MonitorInbox, VmStats
+from launcher.plugin.settings import parse_section
+from launcher.plugin.spec import InstanceSpec
+from virtualizers.qemu import cloudinit, domain, preflight
+from virtualizers.qemu.hypervisor import (
+    Disconnected,
+    Hypervisor,
+    Unavailable,
+    Unresponsive,
+    error_text,
+    open_hypervisor,
+)
+from virtualizers.qemu.images import DEFAULT_MAX_BYTES, ImageError, ImageInfo, ImageStore, ImportProgress
+from virtualizers.qemu.import_policy import ImportPolicy
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +77,6 @@ NVRAM = "nvram.fd"
 CONSOLE_LOG = "console.log"
 QEMU_IMG_TIMEOUT_S = 60.0
 STATE_POLL_S = 5.0  # re-read a domain's state this often even without events (a backstop, see hypervisor.py)
-DEFAULT_VCPUS = 1
-DEFAULT_MEM_MB = 256
 MIB = 1 << 20
 QEMU_PID_DIR = Path("/run/libvirt/qemu")  # where the system libvirtd writes <domain>.pid
 
@@ -155,8 +161,8 @@ class QemuBackend:
         return domain.DomainParams(
             instance_uuid=spec.instance_uuid,
             data_dir=self.host.data_dir,
-            vcpus=spec.vcpus or DEFAULT_VCPUS,
-            mem_mb=spec.mem_mb or DEFAULT_MEM_MB,
+            vcpus=spec.vcpus,
+            mem_mb=spec.mem_mb,
             kvm=self.kvm,
             machine=s.machine,
             firmware=domain.Firmware(efi=not spec.legacy_boot, ovmf_code=s.ovmf_code, ovmf_vars_template=s.ovmf_vars),
@@ -170,7 +176,7 @@ class QemuBackend:
         )
 
     async def preflight(self) -> None:
-        """SetupError, with what to do, if this host cannot run the VMs as configured (`virtualizers.preflight`)."""
+        """SetupError, with what to do, if this host cannot run the VMs as configured (`preflight`)."""
         s = self.settings
         preflight.check_accel(s.accel)
         preflight.check_firmware({f"{SECTION}.ovmf_code": s.ovmf_code, f"{SECTION}.ovmf_vars": s.ovmf_vars})

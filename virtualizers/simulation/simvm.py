@@ -1,6 +1,6 @@
 """The fake VM process of the simulation virtualizer (``mode: process``).
 
-Run as ``python -m virtualizers.simvm --uuid U --dir INSTANCE_DIR [...]``, it detaches the way
+Run as ``python -m virtualizers.simulation.simvm --uuid U --dir INSTANCE_DIR [...]``, it detaches the way
 ``qemu -daemonize`` does, so that the VM outlives the launcher that started it:
 
 1. The process the launcher started forks. The child (the VM from now on) calls ``setsid()`` to leave the
@@ -35,7 +35,8 @@ _READY = b"ok"
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m virtualizers.simvm", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m virtualizers.simulation.simvm",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--uuid", required=True, help="instance uuid (lets the launcher recognise this VM)")
     parser.add_argument("--dir", required=True, help="instance directory (pidfile, console log, vm.up)")
     parser.add_argument("--boot-delay", type=float, default=0.0, help="seconds until the VM is up")

@@ -37,7 +37,7 @@ import attrs
 import libvirt
 import trio
 
-from launcher.errors import SetupError
+from launcher.plugin.errors import SetupError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -8,7 +8,7 @@ chosen by the `simulation:` section of the launcher config:
     task of its own, so tens of thousands fit in one launcher. Such VMs die with the launcher process.
 
 ``process``
-    A fake VM is a real detached process (``python -m virtualizers.simvm``, see that module) with a pidfile,
+    A fake VM is a real detached process (``python -m virtualizers.simulation.simvm``, see that module) with a pidfile,
     a console log and a disk file in the instance directory. It outlives the launcher, so recovery after a
     restart, pid verification and real usage figures are exercised too.
 
@@ -49,11 +49,12 @@ import attrs
 import psutil
 import trio
 
-from launcher import store
-from launcher.errors import IMAGE_FAILURE, LAUNCH_FAILURE, STOP_FAILURE, SetupError, VirtualizerError
-from launcher.payloads import InstanceSpec
-from virtualizers import simvm
-from virtualizers.base import BackendHost, MonitorEvent, MonitorInbox, VmStats
+from launcher.plugin import files
+from launcher.plugin.errors import IMAGE_FAILURE, LAUNCH_FAILURE, STOP_FAILURE, SetupError, VirtualizerError
+from launcher.plugin.host import BackendHost
+from launcher.plugin.protocol import MonitorEvent, MonitorInbox, VmStats
+from launcher.plugin.spec import InstanceSpec
+from virtualizers.simulation import simvm
 
 SECTION = "simulation"  # the config section these settings come from; error messages name keys under it
 MODES = ("memory", "process")
@@ -62,13 +63,9 @@ _PHASE_CODES = {"ensure": IMAGE_FAILURE, "create": IMAGE_FAILURE, "start": LAUNC
 _SETTINGS_KEYS = frozenset({"mode", "boot_delay_s", "stop_delay_s", "failures"})
 _RULE_KEYS = frozenset({"phase", "match", "probability", "action", "after_s"})
 
-# What an InstanceSpec leaves open (None) counts as this.
-DEFAULT_VCPUS = 1
-DEFAULT_MEM_MB = 256
-
-SIMVM_MODULE = "virtualizers.simvm"
+SIMVM_MODULE = "virtualizers.simulation.simvm"
 DISK_IMAGE = "disk.img"
-SPAWN_TIMEOUT_S = 10.0  # for `python -m virtualizers.simvm` to daemonize
+SPAWN_TIMEOUT_S = 10.0  # for `python -m virtualizers.simulation.simvm` to daemonize
 KILL_WAIT_S = 5.0  # for a SIGKILLed VM process to disappear
 UP_POLL_S = 0.05  # how often monitor_vm looks for vm.up while the VM boots
 PROCESS_POLL_S = 0.1  # how often to check a process without pidfds
@@ -377,13 +374,12 @@ class MemoryVirtualizer(_SimulatedInstance):
         await trio.lowlevel.checkpoint()
         if self._backend.fake_vm(self._uuid) is None:
             return VmStats()
-        mem_mb = DEFAULT_MEM_MB if self._spec.mem_mb is None else self._spec.mem_mb
-        return VmStats(memory_mb=mem_mb // 10, cpu_percent=0, disk_mb=(self._spec.disk_mb or 0) // 10)
+        return VmStats(memory_mb=self._spec.mem_mb // 10, cpu_percent=0, disk_mb=self._spec.disk_mb // 10)
 
 
 @attrs.define(eq=False)
 class ProcessVirtualizer(_SimulatedInstance):
-    """A simulated instance whose VM is a detached `virtualizers.simvm` process."""
+    """A simulated instance whose VM is a detached `virtualizers.simulation.simvm` process."""
 
     _pid: int | None = attrs.field(default=None, init=False)  # set by connected()
     _cpu_sample: tuple[float, float] | None = attrs.field(default=None, init=False)  # (cpu s, wall s)
@@ -393,7 +389,7 @@ class ProcessVirtualizer(_SimulatedInstance):
         await self._backend.inject("create", self._uuid)
         disk = {"user_data": user_data, "meta_data": meta_data, "network_config": network_config}
         try:
-            await trio.to_thread.run_sync(store.atomic_write, self._dir / DISK_IMAGE, json.dumps(disk).encode(),
+            await trio.to_thread.run_sync(files.atomic_write, self._dir / DISK_IMAGE, json.dumps(disk).encode(),
                                           limiter=self._backend.limiter)
         except OSError as exc:
             raise VirtualizerError(IMAGE_FAILURE, f"cannot write {DISK_IMAGE}: {exc}", self._uuid) from exc
@@ -480,7 +476,7 @@ class ProcessVirtualizer(_SimulatedInstance):
         cpu_percent = -1
         if sample.cpu_s is not None and self._cpu_sample is not None:
             cpu_s, wall_s = self._cpu_sample
-            vcpus = self._spec.vcpus or DEFAULT_VCPUS
+            vcpus = self._spec.vcpus
             if sample.wall_s > wall_s:
                 cpu_percent = round((sample.cpu_s - cpu_s) / (sample.wall_s - wall_s) / vcpus * 100)
         self._cpu_sample = None if sample.cpu_s is None else (sample.cpu_s, sample.wall_s)

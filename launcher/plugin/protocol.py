@@ -1,11 +1,11 @@
-"""The Virtualizer contract (DESIGN.md §4) and the registry of virtualizer backends.
+"""The Virtualizer contract: what a virtualizer backend is and does (part of the plugin API, `launcher.plugin`).
 
 A *backend* exists once per launcher process and holds what its VMs share (the fake hypervisor of the
 simulation, a libvirt connection and image store for QEMU). It hands out one `Virtualizer` per instance.
 
 Every `Virtualizer` method is called by the instance's actor, strictly one call at a time, so a virtualizer
 needs no locking. Async methods may be cancelled at any await. A failing call raises
-`launcher.errors.VirtualizerError` whose code is the ciao code of the phase (`image_failure`,
+`launcher.plugin.errors.VirtualizerError` whose code is the ciao code of the phase (`image_failure`,
 `launch_failure`, ...); any other exception is treated by the actor as a bug of the virtualizer and reported
 with the same phase code.
 """
@@ -16,15 +16,13 @@ import builtins
 import enum
 from collections.abc import Callable, Collection, Mapping
 from contextlib import AbstractAsyncContextManager
-from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Protocol
 
 import attrs
-import trio
 
-from launcher.errors import SetupError
-from launcher.payloads import InstanceSpec
+from launcher.plugin.host import BackendHost
+from launcher.plugin.spec import InstanceSpec
 
 ENTRY_POINT_GROUP = "launcher.virtualizers"
 
@@ -134,38 +132,7 @@ class ImageCatalog(Protocol):
     async def gc(self, in_use: Collection[str], older_than_s: float) -> builtins.list[str]: ...
 
 
-@attrs.frozen
-class BackendHost:
-    """What the launcher lends a backend: where its data lives and how it reports.
-
-    `emit(type, **fields)` appends an event to the launcher's journal (e.g. `image_progress`);
-    `log(instance_dir, message)` appends a line to that instance's launcher.log. Both are synchronous and
-    must be called from the Trio thread. `limiter` bounds the worker threads of blocking work.
-    `instance_dir(uuid)` is where the launcher keeps that instance (it may not exist)."""
-
-    data_dir: Path
-    limiter: trio.CapacityLimiter
-    emit: Callable[..., object]
-    log: Callable[[Path, str], None]
-
-    def instance_dir(self, instance_uuid: str) -> Path:
-        return self.data_dir / "instances" / instance_uuid
-
-
 # What the entry point named after a virtualizer must be: called with that virtualizer's section of the
-# launcher config (e.g. the `simulation:` mapping) and the host. It raises launcher.errors.SetupError (one line
+# launcher config (e.g. the `simulation:` mapping) and the host. It raises launcher.plugin.errors.SetupError (one line
 # that says what to do) on bad settings or a host it cannot run on.
 OpenBackend = Callable[[Mapping[str, Any], BackendHost], AbstractAsyncContextManager[Backend]]
-
-
-def available_backends() -> list[str]:
-    return sorted(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))
-
-
-def load_backend(name: str) -> OpenBackend:
-    """The backend opener registered under `name` in the `launcher.virtualizers` entry-point group."""
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        if ep.name == name:
-            opener: OpenBackend = ep.load()
-            return opener
-    raise SetupError(f"unknown virtualizer {name!r}; available: {', '.join(available_backends()) or 'none'}")

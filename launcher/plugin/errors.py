@@ -40,7 +40,7 @@ class SetupError(Exception):
     """The launcher cannot run as configured: a wrong setting or a host that is not ready (libvirt unreachable,
     a data dir QEMU cannot reach, ...). An operator's problem, not a bug: `launcher serve` and
     `launcher hard-reset` print the message as one line, which says what to do, and exit with status 2.
-    Virtualizer backends raise it from their opener (`virtualizers.base.OpenBackend`)."""
+    Virtualizer backends raise it from their opener (`launcher.plugin.protocol.OpenBackend`)."""
 
 
 class LauncherError(Exception):

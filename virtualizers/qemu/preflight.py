@@ -29,8 +29,8 @@ from urllib.parse import urlsplit
 import attrs
 import libvirt
 
-from launcher.errors import SetupError
-from virtualizers.hypervisor import Hypervisor, Unavailable, error_text
+from launcher.plugin.errors import SetupError
+from virtualizers.qemu.hypervisor import Hypervisor, Unavailable, error_text
 
 LIBVIRT_UP_HINT = "`bash .ci/libvirt-up` sets libvirt up and says what is missing"
 _VENDOR_KVM_MODULES = ("kvm_intel", "kvm_amd")

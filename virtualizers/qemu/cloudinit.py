@@ -58,8 +58,8 @@ import pycdlib
 import yaml
 from pycdlib.pycdlibexception import PyCdlibException
 
-from launcher.payloads import Networking
-from launcher.store import atomic_write
+from launcher.plugin.files import atomic_write
+from launcher.plugin.spec import Networking
 
 SEED_FORMATS = ("nocloud", "configdrive")
 

@@ -1,0 +1,58 @@
+"""The commands a payload parses to: what each ciao command document says, validated.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+from launcher.plugin.spec import InstanceSpec
+
+RESOURCE_FIELDS = ("vcpus", "mem_mb", "disk_mb")
+
+
+@attrs.frozen
+class StartCommand:
+    """A parsed START. `spec` holds what the payload said; the resources it did not name are listed in
+    `unnamed` and hold the class defaults until `with_defaults` applies the node's."""
+
+    spec: InstanceSpec
+    unnamed: frozenset[str] = frozenset()
+
+    def with_defaults(self, *, vcpus: int, mem_mb: int, disk_mb: int) -> InstanceSpec:
+        """The spec to run: each resource the START did not name takes the node's default given here."""
+        defaults = {"vcpus": vcpus, "mem_mb": mem_mb, "disk_mb": disk_mb}
+        values: dict[str, Any] = {name: defaults[name] for name in self.unnamed}
+        return attrs.evolve(self.spec, **values)
+
+
+@attrs.frozen
+class StopCommand:
+    instance_uuid: str
+    grace_s: float | None = None  # seconds before a forced power-off; None: the configured default
+
+
+@attrs.frozen
+class RestartCommand:
+    instance_uuid: str
+
+
+@attrs.frozen
+class DeleteCommand:
+    instance_uuid: str
+    stop: bool = False  # ciao HEAD: the instance is stopped for good (e.g. migrated), not discarded
+    grace_s: float | None = None
+
+
+@attrs.frozen
+class EvacuateCommand:
+    pass
+
+
+@attrs.frozen
+class RestoreCommand:
+    pass
+
+
+Command = StartCommand | StopCommand | RestartCommand | DeleteCommand | EvacuateCommand | RestoreCommand

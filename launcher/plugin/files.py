@@ -1,0 +1,46 @@
+"""Crash-safe, private file writes (part of the plugin API, `launcher.plugin`).
+
+Every file that must survive a crash is written as: temp file in the same directory, fsync, rename over the
+target, fsync of the directory. A reader therefore sees either the old or the new content, never a mix.
+These functions block: call them through `trio.to_thread.run_sync` (with the host's limiter).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# Instance dirs and their files hold user-data: the launcher's user only. A virtualizer whose VMs run as another
+# user lets that user's group search the dir (not list it), as the qemu virtualizer does for QEMU.
+INSTANCE_DIR_MODE = 0o700
+INSTANCE_FILE_MODE = 0o600
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Replace `path` with `data` so that a crash leaves either the old or the new file. Private to the
+    launcher's user unless `mode` says otherwise (what it writes often holds what users gave it).
+
+    If writing fails, the temp file is removed and `path` is left as it was."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)

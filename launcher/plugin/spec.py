@@ -1,0 +1,77 @@
+"""The instance model: what a START says about one instance, as every part of the launcher and every
+virtualizer sees it (part of the plugin API, `launcher.plugin`).
+
+A spec is frozen and compared whole: an equal spec in a repeated START makes it an idempotent repeat. It is
+stored in the instance's record (`launcher.records`) and never changes after the START is admitted (RESTART
+reuses it). The payload parser (`launcher.payloads`) builds it; the supervisor fills in the resources the START
+did not name before any virtualizer sees it.
+"""
+
+from __future__ import annotations
+
+import re
+
+import attrs
+
+IMAGE_RE = re.compile(r"[A-Za-z0-9._-]+")
+MAX_IMAGE_LEN = 255
+
+
+def is_valid_image_id(image: str) -> bool:
+    """An image name that is a plain file name: letters, digits, '.', '_' and '-', not '.' or '..'."""
+    return len(image) <= MAX_IMAGE_LEN and IMAGE_RE.fullmatch(image) is not None and image not in (".", "..")
+
+
+@attrs.frozen
+class Networking:
+    vnic_mac: str = ""
+    vnic_uuid: str = ""
+    concentrator_uuid: str = ""
+    concentrator_ip: str = ""
+    subnet: str = ""  # CIDR
+    subnet_key: str = ""
+    subnet_uuid: str = ""
+    private_ip: str = ""
+    public_ip: bool = False
+
+
+@attrs.frozen
+class StorageEntry:
+    id: str
+    boot: bool = False
+    boot_index: str = ""
+    ephemeral: bool = False
+    local: bool = False
+    swap: bool = False
+    tag: str = ""
+    size: int = 0
+
+
+@attrs.frozen
+class InstanceSpec:
+    """Everything a START says about one instance. Frozen: equal specs mean an idempotent repeat."""
+
+    instance_uuid: str
+    tenant_uuid: str = ""
+    image_uuid: str = ""
+    fw_type: str = ""  # "legacy", "efi" or "" (which means EFI, as in ciao)
+    vm_type: str = ""  # "qemu" or "" (qemu)
+    persistence: str = ""
+    # What the instance is given, once the node's defaults (config `defaults:`) filled what the START did not
+    # name; the class defaults here are the launcher's shipped defaults, for specs built in code.
+    vcpus: int = 1
+    mem_mb: int = 256
+    disk_mb: int = 0  # 0: the backing image's own size
+    network_node: bool = False
+    hostname: str = ""
+    node_id: str = ""
+    privileged: bool = False
+    restart: bool = False
+    networking: Networking = Networking()
+    storage: tuple[StorageEntry, ...] = ()
+    user_data: str = ""  # cloud-init user-data, passed through byte for byte
+    meta_data: str = ""  # cloud-init meta-data (JSON text in ciao), passed through byte for byte
+
+    @property
+    def legacy_boot(self) -> bool:
+        return self.fw_type == "legacy"
