@@ -134,10 +134,13 @@ def parse_example(name: str) -> Any:
 
 
 def test_example_start_legacy() -> None:
-    spec = parse_start(example("start_legacy.yaml"), YAML_CT).spec
+    command = parse_start(example("start_legacy.yaml"), YAML_CT)
+    spec = command.spec
     assert (spec.instance_uuid, spec.image_uuid, spec.tenant_uuid) == (
         LEGACY_UUID, "b286cd45-7d0c-4525-a140-4db6c95e41fa", "67d86208-000-4465-9018-fe14087d415f")
-    assert (spec.vcpus, spec.mem_mb, spec.disk_mb, spec.network_node) == (2, 370, None, False)
+    assert (spec.vcpus, spec.mem_mb, spec.network_node) == (2, 370, False)
+    assert command.unnamed == {"disk_mb"}  # left to the node's default
+    assert command.with_defaults(vcpus=1, mem_mb=256, disk_mb=4096).disk_mb == 4096
     assert spec.fw_type == "legacy" and spec.legacy_boot and spec.vm_type == ""
     assert spec.networking == Networking(
         vnic_mac="02:00:e6:f5:af:f9", vnic_uuid="67d86208-b46c-0000-9018-fe14087d415f",
@@ -351,8 +354,11 @@ def test_requested_resources_and_requirements_agreeing(fmt: str) -> None:
 def test_optional_fields_absent_or_null(fmt: str) -> None:
     doc = start_doc({"requested_resources": None, "networking": None, "storage": None, "fw_type": None,
                      "tenant_uuid": DELETE, "persistence": "host", "workload_agent_uuid": AGENT_UUID})
-    spec = parse_doc(doc, fmt).spec
-    assert (spec.vcpus, spec.mem_mb, spec.networking, spec.storage, spec.fw_type) == (None, None, Networking(), (), "")
+    command = parse_doc(doc, fmt)
+    spec = command.with_defaults(vcpus=3, mem_mb=300, disk_mb=30)
+    assert command.unnamed == {"vcpus", "mem_mb", "disk_mb"}
+    assert (spec.vcpus, spec.mem_mb, spec.disk_mb) == (3, 300, 30)
+    assert (spec.networking, spec.storage, spec.fw_type) == (Networking(), (), "")
     assert spec.persistence == "host" and spec.tenant_uuid == ""
 
 
