@@ -20,7 +20,6 @@ launcher restarted after `kill -9` carries on every acknowledged command (`_reco
 
 from __future__ import annotations
 
-import enum
 import logging
 import math
 from collections.abc import Awaitable, Callable
@@ -30,10 +29,12 @@ from typing import Any, TypeVar
 import attrs
 import trio
 
-from launcher import errors, store
+from launcher import errors, lifecycle, store
 from launcher.config import Config
 from launcher.errors import LauncherError, VirtualizerError
 from launcher.events import EventJournal
+from launcher.lifecycle import State as State  # re-exported: the actor's states live with the command table
+from launcher.lifecycle import Verb
 from launcher.logs import InstanceLogs
 from launcher.payloads import DeleteCommand, InstanceSpec, RestartCommand, StartCommand, StopCommand
 from launcher.persist import Persister
@@ -43,15 +44,6 @@ from virtualizers.base import MonitorEvent, Virtualizer, VmStats
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-class State(enum.Enum):
-    PENDING = "pending"
-    RUNNING = "running"
-    STOPPING = "stopping"  # internal: a stop_vm call is under way
-    EXITED = "exited"
-    DELETING = "deleting"  # internal: DELETE is under way
-    DELETED = "deleted"
 
 
 # What the outside world sees: the internal states are shown as the state they leave.
@@ -379,9 +371,7 @@ class InstanceActor:
         self._gone(reason=exc.code)
 
     async def _restart(self, ticket: Ticket) -> None:
-        if self.state is not State.EXITED:
-            code = errors.ALREADY_RUNNING if self.state in (State.PENDING, State.RUNNING) else errors.NO_INSTANCE
-            self._fail(ticket, "restart_failure", LauncherError(code, f"instance is {self.public_state}"))
+        if self._refused(Verb.RESTART, ticket, "restart_failure"):
             return
         if not await self._commit_goal("starting", ticket, "restart_failure", errors.LAUNCH_FAILURE):
             return
@@ -532,9 +522,7 @@ class InstanceActor:
     # ----------------------------------------------------------------- STOP / DELETE
 
     async def _stop(self, command: StopCommand, ticket: Ticket) -> None:
-        if self.state not in (State.PENDING, State.RUNNING):
-            code = errors.ALREADY_STOPPED if self.state is State.EXITED else errors.NO_INSTANCE
-            self._fail(ticket, "stop_failure", LauncherError(code, f"instance is {self.public_state}"))
+        if self._refused(Verb.STOP, ticket, "stop_failure"):
             return
         grace = self.ctx.config.timeouts.stop_grace_s if command.grace_s is None else command.grace_s
         goal = self._goal
@@ -570,10 +558,12 @@ class InstanceActor:
             self._boot_ticket = None
 
     async def _delete(self, command: DeleteCommand, ticket: Ticket) -> None:
-        """DELETE from any state: the VM goes down first, and only then is anything removed.
+        """DELETE from any state a handler sees: the VM goes down first, and only then is anything removed.
 
         With a VM to power off, the DELETE is acknowledged once the goal `deleted` is durable (a restarted
         launcher finishes it); without one, once the removal is (its one write)."""
+        if self._refused(Verb.DELETE, ticket, "delete_failure"):
+            return
         t = self.ctx.config.timeouts
         goal = self._goal
         power_off = self._monitor_scope is not None or self.state in (State.PENDING, State.RUNNING)
@@ -673,6 +663,15 @@ class InstanceActor:
             self._emit_state(reason="host_restart" if recovery.host_rebooted else "vm_exited")
 
     # ----------------------------------------------------------------- helpers
+
+    def _refused(self, verb: Verb, ticket: Ticket, failure_event: str) -> bool:
+        """Judge a command against the state the instance is in now (the table in launcher/lifecycle.py, which
+        the supervisor read against the projected state); if the table refuses it, fail its ticket."""
+        outcome = lifecycle.judge(verb, self.state)
+        if isinstance(outcome, lifecycle.Refuse):
+            self._fail(ticket, failure_event, LauncherError(outcome.code, f"instance is {self.public_state}"))
+            return True
+        return False
 
     async def _call(self, phase: str, code: str, timeout: float, fn: Callable[..., Awaitable[T]], *args: Any,
                     quiet: bool = False) -> T:
