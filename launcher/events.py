@@ -5,8 +5,8 @@ gap-free and keep counting across restarts and file rotation, so a client that r
 resume with ``since=<seq>`` and miss nothing.
 
 :class:`EventJournal` appends events to ``<directory>/events.jsonl`` with *group commit*: :meth:`~EventJournal.emit`
-only queues, and one writer task writes and fsyncs everything queued so far in a single worker-thread call. Readers
-(:meth:`~EventJournal.recent`, :meth:`~EventJournal.events_since`) only ever see events that are already durable, so
+only queues, and one writer task writes and fsyncs everything queued so far in a single worker-thread call. The reader
+(:meth:`~EventJournal.events_since`) only ever sees events that are already durable, so
 nothing a client has been shown can be lost by a crash. Recent events are served from memory; older ones are read
 back from the journal files in a worker thread.
 
@@ -96,7 +96,7 @@ class EventJournal:
     still queued (best effort, bounded to about a second).
 
     Seqs are assigned by :meth:`emit` and become *durable* once written and fsync'd; :attr:`durable_seq` only
-    grows. :meth:`wait_durable`, :meth:`recent` and :meth:`events_since` are defined in terms of durable events.
+    grows. :meth:`wait_durable` and :meth:`events_since` are defined in terms of durable events.
     """
 
     def __init__(
@@ -338,11 +338,6 @@ class EventJournal:
         return min(len(indices), self._keep_files)
 
     # -- reading -------------------------------------------------------------------------------------------------
-
-    def recent(self, since: int) -> list[Event]:
-        """Durable events with seq > since that are still in memory (all of memory if since is older)."""
-        events = self._from_memory(since)
-        return list(self._ring) if events is None else events
 
     async def events_since(self, since: int, *, follow: bool = False) -> AsyncIterator[Event]:
         """Yield every durable event with seq > since, in order and without gaps; with ``follow``, keep waiting

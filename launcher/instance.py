@@ -20,7 +20,6 @@ launcher restarted after `kill -9` carries on every acknowledged command (`_reco
 
 from __future__ import annotations
 
-import enum
 import logging
 import math
 from collections.abc import Awaitable, Callable
@@ -30,9 +29,11 @@ from typing import Any, TypeVar
 import attrs
 import trio
 
-from launcher import store
+from launcher import lifecycle, store
 from launcher.config import Config
 from launcher.events import EventJournal
+from launcher.lifecycle import State as State  # re-exported: the actor's states live with the command table
+from launcher.lifecycle import Verb
 from launcher.logs import InstanceLogs
 from launcher.payloads import DeleteCommand, RestartCommand, StartCommand, StopCommand
 from launcher.persist import Persister
@@ -45,15 +46,6 @@ from launcher.recovery import RecoveryPlan
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-class State(enum.Enum):
-    PENDING = "pending"
-    RUNNING = "running"
-    STOPPING = "stopping"  # internal: a stop_vm call is under way
-    EXITED = "exited"
-    DELETING = "deleting"  # internal: DELETE is under way
-    DELETED = "deleted"
 
 
 # What the outside world sees: the internal states are shown as the state they leave.
@@ -147,6 +139,48 @@ class _Interrupted(Exception):
     """The START pipeline was cancelled by a DELETE before the VM was started."""
 
 
+@attrs.define(eq=False)
+class _Record:
+    """What the actor knows of its instance.json (launcher/records.py)."""
+
+    created: bool  # the disk was made and the VM started on it
+    goal: str  # as instance.json says
+    durable: bool  # instance.json is on disk (a START is acknowledged only then)
+    awaiting: list[Ticket] = attrs.Factory(list)  # repeated STARTs, acknowledged once the record is durable
+    spec_json: bytes | None = None  # the encoded spec, between the two writes of a START
+
+
+@attrs.define(eq=False)
+class _Recovering:
+    """What a recovered instance still owes: two marks, each cleared once."""
+
+    unreported: bool  # its next state report is marked `recovered: true`
+    unsettled: bool  # RecoveryPlan.settled() is still to be called
+
+
+@attrs.define(eq=False)
+class _Boot:
+    """The actor's START or RESTART under way, from its image phases until the VM runs or the boot fails (the
+    fields are reset, the object kept)."""
+
+    ticket: Ticket | None = None  # answered when the monitor says CONNECTED, or when the boot fails
+    failure_event: str = "start_failure"  # or restart_failure
+    # boot_s after start_vm or after the recovery probe began (stop_margin_s more if forcing it off failed); inf: none
+    deadline: float = math.inf
+    holds_slot: bool = False  # one of RecoveryPlan.boot_slots
+    interruptible: trio.CancelScope | None = None  # the image phases, or the wait for a boot slot: a DELETE cancels it
+    doomed: bool = False  # a DELETE is queued: a START pipeline before it is abandoned
+
+
+@attrs.define(eq=False)
+class _MonitorSession:
+    """The current monitor session, which runs in the supervisor's monitor nursery and only the actor cancels."""
+
+    number: int = 0  # notes from an older session are ignored
+    scope: trio.CancelScope | None = None  # None: no session runs
+    probing: bool = False  # the recovery session has not yet said whether the VM runs
+
+
 class InstanceActor:
     def __init__(
         self,
@@ -170,25 +204,13 @@ class InstanceActor:
         self.projected = State.DELETED if goal == "deleted" else State.RUNNING
         self.queued = 0
         self.activity: str | None = None  # the command being handled, for `show`
-        self._created = created  # the disk was made and the VM started on it (records.py)
-        self._goal = goal  # as instance.json says
-        self._recovered = recovered  # the next state reported is marked `recovered: true`
-        self._unsettled = recovered  # RecoveryPlan.settled() is still to be called
-        # instance.json is durable (a recovered instance's always is; a new one's once its START's round is).
-        self._recorded = recovered
-        self._awaiting_record: list[Ticket] = []  # repeated STARTs, acknowledged once the record is durable
-        self._probing = False  # the recovery monitor session has not yet said whether the VM runs
-        self._holds_boot_slot = False  # of RecoveryPlan.boot_slots
+        # instance.json is durable: a recovered instance's always is; a new one's once its START's round is.
+        self._record = _Record(created=created, goal=goal, durable=recovered)
+        self._recovering = _Recovering(unreported=recovered, unsettled=recovered)
+        self._booting = _Boot()
+        self._session = _MonitorSession()
         self._send, self._recv = trio.open_memory_channel[Message](ctx.config.inbox_size)
-        self._session = 0
-        self._monitor_scope: trio.CancelScope | None = None
-        self._boot_ticket: Ticket | None = None
-        self._boot_failure_event = "start_failure"
-        self._boot_deadline = math.inf
         self._poll_posted = False  # a POLL_STATS is in the inbox
-        self._interruptible: trio.CancelScope | None = None
-        self._doomed = False  # a DELETE is queued: a START pipeline before it is abandoned
-        self._spec_json: bytes | None = None  # the encoded spec, between the two writes of a START
         self._followers: list[Ticket] | None = None  # waiting for the instance to settle (rarely any)
 
     # ----------------------------------------------------------------- called by the supervisor (sync)
@@ -215,18 +237,18 @@ class InstanceActor:
 
     def interrupt_start(self) -> None:
         """A DELETE arrived: abandon a START that has not yet started the VM, now or when it gets there."""
-        self._doomed = True
-        if self._interruptible is not None:
-            self._interruptible.cancel()
+        self._booting.doomed = True
+        if self._booting.interruptible is not None:
+            self._booting.interruptible.cancel()
 
     def follow(self) -> Ticket:
         """A ticket finished with the public state once nothing is queued or under way (running, exited
         or deleted): how a repeated, idempotent START waits."""
         ticket = Ticket(self.uuid)
-        if self._recorded:
+        if self._record.durable:
             ticket.accept()
         else:
-            self._awaiting_record.append(ticket)  # acknowledged with the first START, never before it
+            self._record.awaiting.append(ticket)  # acknowledged with the first START, never before it
         if self._settled():
             ticket.finish(self.public_state)
         else:
@@ -257,7 +279,7 @@ class InstanceActor:
         (then the VM keeps running, and a restarted launcher reconnects to it)."""
         self.vm.init(self.spec, self.dir)
         try:
-            if self._recovered:
+            if self._recovering.unreported:
                 await self._recover_or_exit()
             while self.state is not State.DELETED:
                 message = await self._next_message()
@@ -288,9 +310,9 @@ class InstanceActor:
 
     async def _next_message(self) -> Message | None:
         """The next inbox message, or None when the boot deadline has passed."""
-        if self._boot_deadline == math.inf:
+        if self._booting.deadline == math.inf:
             return await self._recv.receive()  # no cancel scope per message when there is no deadline
-        with trio.move_on_at(self._boot_deadline):
+        with trio.move_on_at(self._booting.deadline):
             return await self._recv.receive()
         return None
 
@@ -302,7 +324,7 @@ class InstanceActor:
             if self.state is State.RUNNING:
                 await self._poll_stats()
         elif isinstance(message, MonitorNote):
-            if message.session == self._session and self._monitor_scope is not None:
+            if message.session == self._session.number and self._session.scope is not None:
                 await self._on_monitor(message.event)
         elif isinstance(message, Request):
             self.activity = type(message.command).__name__.removesuffix("Command").upper()  # e.g. STOP
@@ -345,14 +367,14 @@ class InstanceActor:
         """Image phases (which a DELETE may interrupt), then boot (see `_boot` for `limited`)."""
         t = self.ctx.config.timeouts
         try:
-            with trio.CancelScope() as self._interruptible:
-                if self._doomed:
-                    self._interruptible.cancel()
+            with trio.CancelScope() as self._booting.interruptible:
+                if self._booting.doomed:
+                    self._booting.interruptible.cancel()
                 await self._call("ensure_backing_image", errors.IMAGE_FAILURE, t.ensure_image_s,
                                  self.vm.ensure_backing_image)
                 await self._call("create_image", errors.IMAGE_FAILURE, t.create_image_s,
                                  self.vm.create_image, self.spec.user_data, self.spec.meta_data, None)
-            if self._interruptible.cancelled_caught:
+            if self._booting.interruptible.cancelled_caught:
                 raise _Interrupted
         except _Interrupted:
             self._abandon_start(ticket)
@@ -361,7 +383,7 @@ class InstanceActor:
             await self._fail_start(ticket, exc)
             return
         finally:
-            self._interruptible = None
+            self._booting.interruptible = None
         await self._boot(ticket, failure_event, limited=limited)
 
     def _abandon_start(self, ticket: Ticket) -> None:
@@ -381,9 +403,7 @@ class InstanceActor:
         self._gone(reason=exc.code)
 
     async def _restart(self, ticket: Ticket) -> None:
-        if self.state is not State.EXITED:
-            code = errors.ALREADY_RUNNING if self.state in (State.PENDING, State.RUNNING) else errors.NO_INSTANCE
-            self._fail(ticket, "restart_failure", LauncherError(code, f"instance is {self.public_state}"))
+        if self._refused(Verb.RESTART, ticket, "restart_failure"):
             return
         if not await self._commit_goal("starting", ticket, "restart_failure", errors.LAUNCH_FAILURE):
             return
@@ -391,7 +411,7 @@ class InstanceActor:
         ticket.accept()
         self.state = State.PENDING
         self._emit_state()
-        if not self._created:  # an earlier START never finished making the disk: redo it
+        if not self._record.created:  # an earlier START never finished making the disk: redo it
             await self._prepare_and_boot(ticket, "restart_failure")
         else:
             await self._boot(ticket, "restart_failure")
@@ -414,42 +434,42 @@ class InstanceActor:
             await self._call("start_vm", errors.LAUNCH_FAILURE, t.start_vm_s, self.vm.start_vm)
         except VirtualizerError as exc:
             self._release_boot_slot()
-            self._created = True
+            self._record.created = True
             await self._set_goal_quietly("exited")  # before anyone hears of the failure
             self.state = State.EXITED
             self._fail(ticket, failure_event, exc)
             self._emit_state(reason=exc.code)
             return
-        self._boot_ticket = ticket
-        self._boot_failure_event = failure_event
-        self._boot_deadline = trio.current_time() + t.boot_s
+        self._booting.ticket = ticket
+        self._booting.failure_event = failure_event
+        self._booting.deadline = trio.current_time() + t.boot_s
         self._open_monitor(recover=False)
-        if not self._created or self._goal == "starting":
-            self._created = True
+        if not self._record.created or self._record.goal == "starting":
+            self._record.created = True
             await self._set_goal_quietly("running")  # the second write: the VM was started
 
     async def _take_boot_slot(self) -> bool:
         """Wait for a boot slot; False if a DELETE came first. Bounded: each holder's boot is (boot_s)."""
-        with trio.CancelScope() as self._interruptible:
-            if self._doomed:
-                self._interruptible.cancel()
+        with trio.CancelScope() as self._booting.interruptible:
+            if self._booting.doomed:
+                self._booting.interruptible.cancel()
             await self.ctx.recovery.boot_slots.acquire_on_behalf_of(self)
-            self._holds_boot_slot = True
-        self._interruptible = None
-        return self._holds_boot_slot
+            self._booting.holds_slot = True
+        self._booting.interruptible = None
+        return self._booting.holds_slot
 
     def _release_boot_slot(self) -> None:
-        if self._holds_boot_slot:
-            self._holds_boot_slot = False
+        if self._booting.holds_slot:
+            self._booting.holds_slot = False
             self.ctx.recovery.boot_slots.release_on_behalf_of(self)
 
     # ----------------------------------------------------------------- monitor
 
     def _open_monitor(self, recover: bool) -> None:
         assert self.ctx.monitors is not None
-        self._session += 1
-        self._monitor_scope = trio.CancelScope()
-        self.ctx.monitors.start_soon(self._monitor, self._monitor_scope, self._session, recover)
+        self._session.number += 1
+        self._session.scope = trio.CancelScope()
+        self.ctx.monitors.start_soon(self._monitor, self._session.scope, self._session.number, recover)
 
     async def _monitor(self, scope: trio.CancelScope, session: int, recover: bool) -> None:
         inbox = _SessionInbox(self._send, session)
@@ -461,16 +481,16 @@ class InstanceActor:
                 await inbox.send(MonitorEvent.CLOSED)
 
     def _close_monitor(self) -> None:
-        if self._monitor_scope is not None:
-            self._monitor_scope.cancel()
-            self._monitor_scope = None
-        self._boot_deadline = math.inf
-        self._probing = False
+        if self._session.scope is not None:
+            self._session.scope.cancel()
+            self._session.scope = None
+        self._booting.deadline = math.inf
+        self._session.probing = False
         self._release_boot_slot()
 
     async def _on_monitor(self, event: MonitorEvent) -> None:
-        if self._probing:
-            self._probing = False
+        if self._session.probing:
+            self._session.probing = False
             await self._reconcile(event)
         elif event is MonitorEvent.CONNECTED:
             if self.state is State.PENDING:
@@ -479,21 +499,21 @@ class InstanceActor:
             self._log("VM is down" if self.state is State.PENDING else "VM exited unexpectedly")
             await self._set_goal_quietly("exited")  # not restarted unasked, not even after a host reboot
             self._on_down()
-            if self._boot_ticket is not None:
+            if self._booting.ticket is not None:
                 exc = LauncherError(errors.LAUNCH_FAILURE, "the VM went down before it was running")
-                self._fail(self._boot_ticket, self._boot_failure_event, exc)
-                self._boot_ticket = None
+                self._fail(self._booting.ticket, self._booting.failure_event, exc)
+                self._booting.ticket = None
             self._emit_state(reason="vm_exited")
 
     def _on_running(self) -> None:
         self.vm.connected()
         self.state = State.RUNNING
-        self._boot_deadline = math.inf
+        self._booting.deadline = math.inf
         self._release_boot_slot()
         self._log("VM is running")
-        if self._boot_ticket is not None:
-            self._boot_ticket.finish("running")
-            self._boot_ticket = None
+        if self._booting.ticket is not None:
+            self._booting.ticket.finish("running")
+            self._booting.ticket = None
         self._emit_state()
 
     def _on_down(self) -> None:
@@ -511,17 +531,17 @@ class InstanceActor:
             try:
                 await self._power_off(0.0)
             except VirtualizerError:
-                self._boot_deadline = now + t.stop_margin_s  # still up, or unknown: try again later
+                self._booting.deadline = now + t.stop_margin_s  # still up, or unknown: try again later
                 return
             await self._set_goal_quietly("exited")
-            ticket, self._boot_ticket = self._boot_ticket, None
+            ticket, self._booting.ticket = self._booting.ticket, None
             self.state = State.EXITED
             exc = LauncherError(errors.LAUNCH_FAILURE, f"the VM was not running within {t.boot_s:g} s")
             if ticket is not None:
-                self._fail(ticket, self._boot_failure_event, exc)
+                self._fail(ticket, self._booting.failure_event, exc)
             self._emit_state(reason=errors.LAUNCH_FAILURE)
         else:
-            self._boot_deadline = math.inf
+            self._booting.deadline = math.inf
 
     async def _poll_stats(self) -> None:
         try:
@@ -534,12 +554,10 @@ class InstanceActor:
     # ----------------------------------------------------------------- STOP / DELETE
 
     async def _stop(self, command: StopCommand, ticket: Ticket) -> None:
-        if self.state not in (State.PENDING, State.RUNNING):
-            code = errors.ALREADY_STOPPED if self.state is State.EXITED else errors.NO_INSTANCE
-            self._fail(ticket, "stop_failure", LauncherError(code, f"instance is {self.public_state}"))
+        if self._refused(Verb.STOP, ticket, "stop_failure"):
             return
         grace = self.ctx.config.timeouts.stop_grace_s if command.grace_s is None else command.grace_s
-        goal = self._goal
+        goal = self._record.goal
         if not await self._commit_goal("exited", ticket, "stop_failure", errors.STOP_FAILURE):
             return
         self._log(f"STOP accepted (grace {grace:g} s)")
@@ -566,19 +584,21 @@ class InstanceActor:
         self.stats = VmStats()
 
     def _abandon_boot(self, why: str) -> None:
-        if self._boot_ticket is not None:
-            self._boot_ticket.finish(self.public_state)
+        if self._booting.ticket is not None:
+            self._booting.ticket.finish(self.public_state)
             self._log(f"boot abandoned: {why}")
-            self._boot_ticket = None
+            self._booting.ticket = None
 
     async def _delete(self, command: DeleteCommand, ticket: Ticket) -> None:
-        """DELETE from any state: the VM goes down first, and only then is anything removed.
+        """DELETE from any state a handler sees: the VM goes down first, and only then is anything removed.
 
         With a VM to power off, the DELETE is acknowledged once the goal `deleted` is durable (a restarted
         launcher finishes it); without one, once the removal is (its one write)."""
+        if self._refused(Verb.DELETE, ticket, "delete_failure"):
+            return
         t = self.ctx.config.timeouts
-        goal = self._goal
-        power_off = self._monitor_scope is not None or self.state in (State.PENDING, State.RUNNING)
+        goal = self._record.goal
+        power_off = self._session.scope is not None or self.state in (State.PENDING, State.RUNNING)
         # Goal deleted already: recovery is finishing an acknowledged DELETE.
         if power_off and goal != "deleted" and \
                 not await self._commit_goal("deleted", ticket, "delete_failure", errors.STOP_FAILURE):
@@ -622,7 +642,7 @@ class InstanceActor:
     async def _recover(self) -> None:
         """Launcher start-up: finish an acknowledged DELETE, or ask the virtualizer whether the VM runs (the
         answer goes to `_reconcile`), bounded by boot_s."""
-        if self._goal == "deleted":
+        if self._record.goal == "deleted":
             self._log("launcher restarted during a DELETE: finishing it")
             await self._delete(DeleteCommand(self.uuid), Ticket(self.uuid))
             if self.state is not State.DELETED:  # delete_failure: a DELETE may try again
@@ -630,33 +650,33 @@ class InstanceActor:
                 self._settle()
             return
         self._log("launcher restarted: looking for the VM")
-        self._boot_deadline = trio.current_time() + self.ctx.config.timeouts.boot_s
+        self._booting.deadline = trio.current_time() + self.ctx.config.timeouts.boot_s
         self._open_monitor(recover=True)
-        self._probing = True
+        self._session.probing = True
 
     async def _reconcile(self, event: MonitorEvent) -> None:
         """The recovery probe's answer, against the record's goal (the table in README "After a restart")."""
         recovery = self.ctx.recovery
         if event is MonitorEvent.CONNECTED:
-            if self._goal == "exited":
+            if self._record.goal == "exited":
                 self._log("the VM runs, but the instance was stopped: finishing the STOP")
                 await self._stop(StopCommand(self.uuid), Ticket(self.uuid))
                 return
             self._on_running()
-            if not self._created or self._goal == "starting":  # start_vm had returned; the write was lost
-                self._created = True
+            if not self._record.created or self._record.goal == "starting":  # start_vm had returned; the write was lost
+                self._record.created = True
                 await self._set_goal_quietly("running")
             return
-        if self._goal == "exited":
+        if self._record.goal == "exited":
             self._log("the VM is down, as it was when the launcher stopped")
             self._on_down()
             self._emit_state()
-        elif not self._created:
+        elif not self._record.created:
             self._log("the launcher restarted during a START: carrying it on")
             self._close_monitor()  # still pending: the START goes on
             self._emit_state(reason="start_resumed")
             await self._prepare_and_boot(Ticket(self.uuid), "start_failure", limited=True)
-        elif self._goal == "starting":
+        elif self._record.goal == "starting":
             self._log("the launcher restarted during a RESTART: carrying it on")
             self._close_monitor()  # still pending: the RESTART goes on
             self._emit_state(reason="restart_resumed")
@@ -675,6 +695,15 @@ class InstanceActor:
             self._emit_state(reason="host_restart" if recovery.host_rebooted else "vm_exited")
 
     # ----------------------------------------------------------------- helpers
+
+    def _refused(self, verb: Verb, ticket: Ticket, failure_event: str) -> bool:
+        """Judge a command against the state the instance is in now (the table in launcher/lifecycle.py, which
+        the supervisor read against the projected state); if the table refuses it, fail its ticket."""
+        outcome = lifecycle.judge(verb, self.state)
+        if isinstance(outcome, lifecycle.Refuse):
+            self._fail(ticket, failure_event, LauncherError(outcome.code, f"instance is {self.public_state}"))
+            return True
+        return False
 
     async def _call(self, phase: str, code: str, timeout: float, fn: Callable[..., Awaitable[T]], *args: Any,
                     quiet: bool = False) -> T:
@@ -711,23 +740,23 @@ class InstanceActor:
 
     def _record_durable(self, ticket: Ticket) -> None:
         """The START's record is on disk: acknowledge it, and any repeat of it that came meanwhile."""
-        self._recorded = True
+        self._record.durable = True
         ticket.accept()
-        for waiting in self._awaiting_record:
+        for waiting in self._record.awaiting:
             waiting.accept()
-        self._awaiting_record = []
+        self._record.awaiting = []
 
     async def _persist_new(self, on_durable: Callable[[], None]) -> None:
-        self._spec_json = spec_json(self.spec)
-        record = record_json(self._spec_json, created=False)
+        self._record.spec_json = spec_json(self.spec)
+        record = record_json(self._record.spec_json, created=False)
         await self.ctx.persister.create(self.dir / store.INSTANCE_FILE, record, on_durable=on_durable)
 
     async def _set_goal(self, goal: str) -> None:
         """Write instance.json with `goal` (and `_created`); durable when this returns. Raises OSError."""
-        encoded = self._spec_json or spec_json(self.spec)
-        await self.ctx.persister.write(self.dir / store.INSTANCE_FILE, record_json(encoded, self._created, goal))
-        self._spec_json = None  # not needed again: keep idle instances small
-        self._goal = goal
+        encoded = self._record.spec_json or spec_json(self.spec)
+        await self.ctx.persister.write(self.dir / store.INSTANCE_FILE, record_json(encoded, self._record.created, goal))
+        self._record.spec_json = None  # not needed again: keep idle instances small
+        self._record.goal = goal
 
     async def _commit_goal(self, goal: str, ticket: Ticket, failure_event: str, code: str) -> bool:
         """`_set_goal` before a command is acknowledged: if the write fails, the command fails (`code`, or
@@ -762,8 +791,8 @@ class InstanceActor:
     def _emit_state(self, **extra: Any) -> None:
         """Report the public state; a recovered instance's first report is marked `recovered: true`, and its
         first settled one (running, exited, deleted) counts it as settled for the RecoveryPlan."""
-        if self._recovered:
-            self._recovered = False
+        if self._recovering.unreported:
+            self._recovering.unreported = False
             extra["recovered"] = True
         self.ctx.journal.emit("instance_state", instance_uuid=self.uuid, state=self.public_state, **extra)
         if self.state in (State.RUNNING, State.EXITED, State.DELETED):
@@ -771,8 +800,8 @@ class InstanceActor:
         self._sync_projection()
 
     def _settle(self) -> None:
-        if self._unsettled:
-            self._unsettled = False
+        if self._recovering.unsettled:
+            self._recovering.unsettled = False
             self.ctx.recovery.settled()
 
     def _log(self, message: str) -> None:

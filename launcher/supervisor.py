@@ -25,10 +25,11 @@ import attrs
 import psutil
 import trio
 
-from launcher import bootid, store
+from launcher import bootid, lifecycle, store
 from launcher.config import Config
 from launcher.events import EventJournal
-from launcher.instance import ActorContext, InstanceActor, State, Ticket
+from launcher.instance import ActorContext, InstanceActor, Ticket
+from launcher.lifecycle import State, Verb
 from launcher.logs import InstanceLogs
 from launcher.payloads import (
     Command,
@@ -50,6 +51,7 @@ from launcher.recovery import RecoveryPlan
 log = logging.getLogger(__name__)
 
 READY, FULL, MAINTENANCE = "READY", "FULL", "MAINTENANCE"
+_VERB = {StopCommand: Verb.STOP, RestartCommand: Verb.RESTART, DeleteCommand: Verb.DELETE}
 MAINTENANCE_FILE = "maintenance"
 
 
@@ -140,23 +142,14 @@ class Supervisor:
         if isinstance(command, RestoreCommand):
             return self.restore()
         actor = self.instances.get(command.instance_uuid)
-        if actor is None or actor.projected is State.DELETED:
-            raise LauncherError(errors.NO_INSTANCE, "no such instance", command.instance_uuid)
-        if isinstance(command, StopCommand):
-            if actor.projected is State.EXITED:
-                raise LauncherError(errors.ALREADY_STOPPED, "instance is not running", actor.uuid)
-            target = State.EXITED
-        elif isinstance(command, RestartCommand):
-            if actor.projected is not State.EXITED:
-                raise LauncherError(errors.ALREADY_RUNNING, "instance is running or starting", actor.uuid)
-            target = State.RUNNING
-        else:
-            assert isinstance(command, DeleteCommand)
-            target = State.DELETED
+        outcome = lifecycle.judge(_VERB[type(command)], None if actor is None else actor.projected)
+        if isinstance(outcome, lifecycle.Refuse):
+            raise LauncherError(outcome.code, outcome.reason, command.instance_uuid)
+        assert actor is not None and isinstance(outcome, lifecycle.Run)
         ticket = Ticket(actor.uuid)
         actor.post(command, ticket)
-        actor.projected = target
-        if target is State.DELETED:
+        actor.projected = outcome.target
+        if outcome.target is State.DELETED:
             actor.interrupt_start()
         return ticket
 
@@ -182,12 +175,12 @@ class Supervisor:
         return ticket
 
     def _repeated_start(self, actor: InstanceActor, spec: InstanceSpec) -> Ticket:
-        """Same uuid again: identical payload is idempotent; anything else is a conflict."""
-        if actor.projected is State.DELETED:
-            raise LauncherError(errors.INSTANCE_EXISTS, "the instance is being deleted", actor.uuid)
-        if actor.spec != spec:
-            code = errors.ALREADY_RUNNING if actor.projected is State.RUNNING else errors.INSTANCE_EXISTS
-            raise LauncherError(code, "an instance with this uuid exists with a different payload", actor.uuid)
+        """Same uuid again: identical payload is idempotent; anything else is a conflict (launcher/lifecycle.py)."""
+        verb = Verb.START_SAME if actor.spec == spec else Verb.START_OTHER
+        outcome = lifecycle.judge(verb, actor.projected)
+        if isinstance(outcome, lifecycle.Refuse):
+            raise LauncherError(outcome.code, outcome.reason, actor.uuid)
+        assert isinstance(outcome, lifecycle.Follow)
         return actor.follow()
 
     def state_counts(self) -> dict[str, int]:

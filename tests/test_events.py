@@ -56,6 +56,29 @@ def seqs(events: list[dict[str, Any]]) -> list[int]:
     return [event["seq"] for event in events]
 
 
+class _ReadFromDisk(Exception):
+    pass
+
+
+async def in_memory(journal: EventJournal, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The seqs of the durable events held in memory: the longest tail that `events_since` serves without reading a
+    journal file (the file reader is made to fail meanwhile)."""
+
+    def no_disk(*args: object) -> object:
+        raise _ReadFromDisk
+
+    since = journal.durable_seq
+    with monkeypatch.context() as patch:
+        patch.setattr(events, "_read_events", no_disk)
+        while since > 0:
+            try:
+                await collect(journal, since - 1)
+            except (_ReadFromDisk, EventsExpired):
+                break
+            since -= 1
+    return list(range(since + 1, journal.durable_seq + 1))
+
+
 async def test_seq_is_gap_free_and_continues_after_restart(tmp_path: Path) -> None:
     async with running(EventJournal(tmp_path)) as journal:
         assert (journal.last_seq, journal.oldest_seq) == (0, 1)
@@ -110,7 +133,7 @@ async def test_readers_see_only_durable_events(tmp_path: Path, monkeypatch: pyte
                 await trio.testing.wait_all_tasks_blocked()
                 # Written maybe, but not fsync'd: nobody may see it yet.
                 assert (journal.last_seq, journal.durable_seq) == (1, 0)
-                assert seen == [] and journal.recent(0) == [] and await collect(journal, 0) == []
+                assert seen == [] and await collect(journal, 0) == []
                 with trio.move_on_after(0.05) as waiting:
                     await journal.wait_durable(seq)
                 assert waiting.cancelled_caught
@@ -120,7 +143,7 @@ async def test_readers_see_only_durable_events(tmp_path: Path, monkeypatch: pyte
                     await journal.wait_durable(seq)
                     while not seen:
                         await trio.sleep(0.01)
-                assert seen == [1] and seqs(journal.recent(0)) == [1]
+                assert seen == [1] and seqs(await collect(journal, 0)) == [1]
                 nursery.cancel_scope.cancel()
         finally:
             gate.set()
@@ -226,7 +249,7 @@ async def test_follow_yields_later_events_until_cancelled(tmp_path: Path) -> Non
         assert receive.statistics().current_buffer_used == 0
 
 
-async def test_slow_follower_falls_back_to_disk_without_gaps(tmp_path: Path) -> None:
+async def test_slow_follower_falls_back_to_disk_without_gaps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     journal = EventJournal(tmp_path, rotate_bytes=400, keep_files=100, memory_events=5)
     async with running(journal):
         await emit_in_commits(journal, 3, per_commit=3)
@@ -234,7 +257,7 @@ async def test_slow_follower_falls_back_to_disk_without_gaps(tmp_path: Path) -> 
         seen = [(await follower.__anext__())["seq"]]
         # While the follower dawdles, far more events than the ring holds are committed and rotated.
         await emit_in_commits(journal, 60, per_commit=4)
-        assert seqs(journal.recent(0)) == [59, 60, 61, 62, 63]
+        assert await in_memory(journal, monkeypatch) == [59, 60, 61, 62, 63]
         with trio.fail_after(2):
             while seen[-1] < 63:
                 seen.append((await follower.__anext__())["seq"])
@@ -318,13 +341,14 @@ async def test_waiters_are_released_when_the_journal_stops(tmp_path: Path, monke
     assert journal.durable_seq == 0
 
 
-async def test_memory_ring_is_bounded_by_bytes_and_older_events_come_from_disk(tmp_path: Path) -> None:
+async def test_memory_ring_is_bounded_by_bytes_and_older_events_come_from_disk(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     journal = EventJournal(tmp_path, memory_events=1000, memory_bytes=10_000)
     async with trio.open_nursery() as nursery:
         await nursery.start(journal.run)
         for _ in range(20):
             journal.emit("stats", instances=["x" * 1000])  # ~1 KB each: only ~10 fit in memory
         await journal.wait_durable(journal.last_seq)
-        assert len(journal.recent(0)) <= 10
+        assert len(await in_memory(journal, monkeypatch)) <= 10
         assert [e["seq"] async for e in journal.events_since(0)] == list(range(1, 21))
         nursery.cancel_scope.cancel()

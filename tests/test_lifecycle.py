@@ -1,0 +1,127 @@
+"""The command × state table (launcher/lifecycle.py): the README shows it, and every cell is what a launcher does,
+judged by the supervisor at once and by the actor when the command's turn comes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from harness import Node, running_node, start_command
+
+from launcher import lifecycle
+from launcher.instance import Ticket
+from launcher.lifecycle import RULES, Create, Follow, Outcome, Refuse, Run, State, Status, Verb
+from launcher.payloads import Command, DeleteCommand, RestartCommand, StopCommand
+from launcher.plugin import errors
+from launcher.plugin.errors import LauncherError
+
+ROOT = Path(__file__).resolve().parent.parent
+U = "0a1b2c3d-0009"
+
+
+def slow(status: Status) -> dict[str, float]:
+    """Simulation settings that leave time to act while an instance is pending (booting) or being deleted (its
+    VM shutting down)."""
+    return {"boot_delay_s": 0.3, "stop_delay_s": 1.0 if status is Status.DELETING else 0.0}
+
+
+def command_for(verb: Verb) -> Command:
+    return {
+        Verb.START_SAME: start_command(U),
+        Verb.START_OTHER: start_command(U, vcpus=3),
+        Verb.STOP: StopCommand(U),
+        Verb.RESTART: RestartCommand(U),
+        Verb.DELETE: DeleteCommand(U),
+    }[verb]
+
+
+async def into(node: Node, status: Status) -> None:
+    """Bring instance U into `status` (GONE: there is none)."""
+    if status is Status.GONE:
+        return
+    ticket = node.start(U)
+    if status is Status.PENDING:
+        await node.wait_state(U, "pending")
+        return
+    assert (await node.done(ticket)).state == "running"
+    if status is Status.EXITED:
+        assert (await node.done(node.dispatch(StopCommand(U)))).state == "exited"
+    elif status is Status.DELETING:
+        delete = node.dispatch(DeleteCommand(U, stop=True))  # its VM takes stop_delay_s to shut down
+        await delete.accepted.wait()
+        assert not delete.done.is_set()
+
+
+async def check(node: Node, ticket: Ticket, outcome: Outcome) -> None:
+    """`ticket` (of a command that was not refused at once) ends as `outcome` says."""
+    await node.done(ticket)
+    if isinstance(outcome, Refuse):
+        assert ticket.error is not None and ticket.error.code == outcome.code
+        return
+    assert ticket.error is None
+    if isinstance(outcome, Run):
+        assert ticket.state == outcome.target.value and node.state(U) == outcome.target.value
+    elif isinstance(outcome, Follow):
+        assert ticket.state == node.state(U) and ticket.state in ("running", "exited")
+    else:
+        assert isinstance(outcome, Create)
+        assert ticket.state == "running"
+    assert len(node.supervisor.instances) == (0 if node.state(U) == "deleted" else 1)
+
+
+# ----------------------------------------------------------------- the table itself
+
+
+def test_the_table_has_every_cell() -> None:
+    assert set(RULES) == {(verb, status) for verb in Verb for status in Status}
+    assert {Status.of(state) for state in State} | {Status.of(None)} == set(Status)
+
+
+def test_the_readme_shows_the_table() -> None:
+    """The README's "Command rules" table is `markdown_table()`'s output (`python -m launcher.lifecycle`)."""
+    readme = (ROOT / "README.md").read_text()
+    assert lifecycle.markdown_table() in readme, "run `python -m launcher.lifecycle` and paste it into the README"
+    assert readme.count("| command \\ state |") == 1
+
+
+# ----------------------------------------------------------------- every cell, through the supervisor
+
+
+@pytest.mark.parametrize(("verb", "status"), list(RULES), ids=lambda v: v.name)
+async def test_every_cell_through_the_supervisor(tmp_path: Path, verb: Verb, status: Status) -> None:
+    outcome = RULES[verb, status]
+    async with running_node(tmp_path, slow(status)) as node:
+        await into(node, status)
+        if isinstance(outcome, Refuse):
+            with pytest.raises(LauncherError) as info:
+                node.dispatch(command_for(verb))
+            assert info.value.code == outcome.code and info.value.reason == outcome.reason
+            return
+        await check(node, node.dispatch(command_for(verb)), outcome)
+
+
+# ----------------------------------------------------------------- the actor's own judgement
+
+
+@pytest.mark.parametrize("status", [Status.PENDING, Status.RUNNING, Status.EXITED], ids=lambda s: s.name)
+@pytest.mark.parametrize("verb", [Verb.STOP, Verb.RESTART, Verb.DELETE], ids=lambda v: v.name)
+async def test_every_cell_the_actor_sees(tmp_path: Path, verb: Verb, status: Status) -> None:
+    """A command posted past the supervisor is judged by the actor, by the same table, against its real state."""
+    async with running_node(tmp_path, slow(status)) as node:
+        await into(node, status)
+        ticket = Ticket(U)
+        command = command_for(verb)
+        assert isinstance(command, StopCommand | RestartCommand | DeleteCommand)
+        node.supervisor.instances[U].post(command, ticket)
+        await check(node, ticket, RULES[verb, status])
+
+
+async def test_a_stop_queued_behind_a_failing_start_is_judged_again(tmp_path: Path) -> None:
+    """Accepted against the projected state (running), refused against the real one (exited by launch_failure)."""
+    async with running_node(tmp_path, {"failures": [{"phase": "start"}]}) as node:
+        start = node.start(U)
+        stop = node.dispatch(StopCommand(U))
+        await node.done(start)
+        assert start.error is not None and start.error.code == errors.LAUNCH_FAILURE
+        await check(node, stop, RULES[Verb.STOP, Status.EXITED])
+        assert stop.error is not None and stop.error.reason == "instance is exited"
