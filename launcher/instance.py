@@ -35,6 +35,7 @@ from launcher.config import Config
 from launcher.errors import LauncherError, VirtualizerError
 from launcher.events import EventJournal
 from launcher.logs import InstanceLogs
+from launcher.metrics import Metrics
 from launcher.payloads import DeleteCommand, InstanceSpec, RestartCommand, StartCommand, StopCommand
 from launcher.persist import Persister
 from launcher.records import record_json, spec_json
@@ -77,6 +78,7 @@ class Ticket:
     done: trio.Event = attrs.Factory(trio.Event)
     state: str | None = None
     error: LauncherError | None = None
+    on_done: Callable[[Ticket], None] | None = None  # called once, when done is set (launcher.metrics)
 
     def accept(self) -> None:
         self.accepted.set()
@@ -84,12 +86,18 @@ class Ticket:
     def finish(self, state: str) -> None:
         self.state = state
         self.accepted.set()
-        self.done.set()
+        self._set_done()
 
     def fail(self, error: LauncherError) -> None:
         self.error = error
         self.accepted.set()
+        self._set_done()
+
+    def _set_done(self) -> None:
         self.done.set()
+        if self.on_done is not None:
+            on_done, self.on_done = self.on_done, None
+            on_done(self)
 
 
 ActorCommand = StartCommand | StopCommand | RestartCommand | DeleteCommand
@@ -139,6 +147,7 @@ class ActorContext:
     on_gone: Callable[[InstanceActor], None]  # the instance is deleted; drop it from the table
     recovery: RecoveryPlan  # this start-up's host-reboot policy and boot slots
     monitors: trio.Nursery | None = None  # where monitor sessions run; set by the supervisor
+    metrics: Metrics = attrs.Factory(Metrics)  # the START steps' durations are observed there
 
 
 class _Interrupted(Exception):
@@ -488,6 +497,7 @@ class InstanceActor:
         self.state = State.RUNNING
         self._boot_deadline = math.inf
         self._release_boot_slot()
+        self.ctx.metrics.vm_running(self)
         self._log("VM is running")
         if self._boot_ticket is not None:
             self._boot_ticket.finish("running")
@@ -696,6 +706,7 @@ class InstanceActor:
             log.exception("instance %s: %s raised", self.uuid, phase)
             self._log(f"{phase} failed after {_ms(started)}: {exc!r}")
             raise VirtualizerError(code, f"{phase} raised {exc!r}", self.uuid) from exc
+        self.ctx.metrics.step_done(self, phase, trio.current_time() - started)
         if not quiet:
             self._log(f"{phase} ok in {_ms(started)}")
         return result
