@@ -18,8 +18,6 @@ from typing import Any
 
 import attrs
 import trio
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import GaugeMetricFamily
 
 from launcher import payloads
 from launcher.events import EventJournal, EventsExpired
@@ -27,7 +25,16 @@ from launcher.http import Handler, Request, Response, Stream
 from launcher.image_routes import ImageRoutes
 from launcher.instance import InstanceActor, Ticket
 from launcher.logs import InstanceLogs
-from launcher.payloads import Command, DeleteCommand, RestartCommand, StopCommand
+from launcher.metrics import CONTENT_TYPE, UNMATCHED_ROUTE, StateCollector
+from launcher.payloads import (
+    Command,
+    DeleteCommand,
+    EvacuateCommand,
+    RestartCommand,
+    RestoreCommand,
+    StartCommand,
+    StopCommand,
+)
 from launcher.plugin import errors
 from launcher.plugin.errors import LauncherError
 from launcher.stats import StatsReporter, instance_figures, node_figures
@@ -62,6 +69,8 @@ STATUS_OF = {
 }
 
 NDJSON = "application/x-ndjson"
+COMMAND_KIND: dict[type, str] = {StartCommand: "start", StopCommand: "stop", RestartCommand: "restart",
+                                 DeleteCommand: "delete", EvacuateCommand: "evacuate", RestoreCommand: "restore"}
 ACCEPT_TIMEOUT_S = 30.0  # how long a START answer may wait for instance.json to be written
 
 
@@ -80,12 +89,12 @@ class Api:
         self.stats = stats
         self.token = token
         self.config = supervisor.config
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(_Metrics(supervisor, journal))
+        self.metrics = supervisor.metrics
+        self.metrics.registry.register(StateCollector(supervisor, journal))
         u = r"(?P<uuid>[^/]+)"
         self.routes: list[tuple[str, re.Pattern[str], Handler]] = [
             ("GET", re.compile(r"/healthz"), self.healthz),
-            ("GET", re.compile(r"/metrics"), self.metrics),
+            ("GET", re.compile(r"/metrics"), self.get_metrics),
             ("POST", re.compile(r"/v1/instances"), self.start),
             ("GET", re.compile(r"/v1/instances"), self.list_instances),
             ("GET", re.compile(rf"/v1/instances/{u}"), self.show_instance),
@@ -101,30 +110,42 @@ class Api:
             ("GET", re.compile(r"/v1/events"), self.events),
             *ImageRoutes(supervisor).routes(),
         ]
+        # The route label of /metrics' request latencies: the pattern, e.g. /v1/instances/{uuid}
+        self.route_names = {pattern: re.sub(r"\(\?P<(\w+)>[^)]*\)", r"{\1}", pattern.pattern)
+                            for _, pattern, _ in self.routes}
 
     async def handle(self, request: Request) -> Response | Stream:
-        """Answer one request; never raises (but for cancellation)."""
+        """Answer one request; never raises (but for cancellation). Its latency goes to /metrics."""
+        started = trio.current_time()
+        route, answer = await self._answer(request)
+        status = answer.status if isinstance(answer, Response) else 200
+        self.metrics.http_request(request.method, route, status, trio.current_time() - started)
+        return answer
+
+    async def _answer(self, request: Request) -> tuple[str, Response | Stream]:
+        """The answer, and the route pattern that matched (UNMATCHED_ROUTE if none did)."""
+        route = UNMATCHED_ROUTE
         try:
-            handler, params = self._route(request)
+            route, handler, params = self._route(request)
             if handler not in (self.healthz,):
                 self._authorize(request)
             if params:
                 request = attrs.evolve(request, params=params)
-            return await handler(request)
+            return route, await handler(request)
         except LauncherError as exc:
-            return Response.json(STATUS_OF.get(exc.code, 500), exc.as_dict())
+            return route, Response.json(STATUS_OF.get(exc.code, 500), exc.as_dict())
         except Exception as exc:  # a bug: report it, keep serving
             log.exception("%s %s failed", request.method, request.path)
-            return Response.json(500, {"error": errors.INTERNAL, "reason": repr(exc), "instance_uuid": ""})
+            return route, Response.json(500, {"error": errors.INTERNAL, "reason": repr(exc), "instance_uuid": ""})
 
-    def _route(self, request: Request) -> tuple[Handler, dict[str, str]]:
+    def _route(self, request: Request) -> tuple[str, Handler, dict[str, str]]:
         methods = []
         wanted = "GET" if request.method == "HEAD" else request.method  # launcher.http drops a HEAD's body
         for method, pattern, handler in self.routes:
             match = pattern.fullmatch(request.path)
             if match:
                 if method == wanted:
-                    return handler, match.groupdict()
+                    return self.route_names[pattern], handler, match.groupdict()
                 methods.append(method)
         if methods:
             raise LauncherError(errors.NOT_FOUND, f"{request.method} is not allowed here (use {', '.join(methods)})")
@@ -159,14 +180,21 @@ class Api:
         return await self._run(request, command)
 
     async def evacuate(self, request: Request) -> Response:
-        return _ticket_answer(self.supervisor.evacuate(), 200)
+        return await self._run(request, EvacuateCommand())
 
     async def restore(self, request: Request) -> Response:
-        return _ticket_answer(self.supervisor.restore(), 200)
+        return await self._run(request, RestoreCommand())
 
     async def _run(self, request: Request, command: Command) -> Response:
-        """Dispatch, then answer once accepted (202) or, with ?wait=1, once finished (200) or failed."""
-        ticket = self.supervisor.dispatch(command)
+        """Dispatch, then answer once accepted (202) or, with ?wait=1, once finished (200) or failed. The
+        command's result (ok or its ciao code) is counted in /metrics once it is known, even after a 202."""
+        kind = COMMAND_KIND[type(command)]
+        try:
+            ticket = self.supervisor.dispatch(command)
+        except LauncherError as exc:
+            self.metrics.command_refused(kind, exc.code)
+            raise
+        self.metrics.command_dispatched(kind, ticket)
         if ticket.done.is_set():
             return _ticket_answer(ticket, 200)
         with trio.move_on_after(ACCEPT_TIMEOUT_S):
@@ -217,8 +245,8 @@ class Api:
             return Stream(NDJSON, self.stats.follow())
         return Response(200, self.stats.snapshot_json)
 
-    async def metrics(self, request: Request) -> Response:
-        return Response(200, generate_latest(self.registry), "text/plain; version=0.0.4; charset=utf-8")
+    async def get_metrics(self, request: Request) -> Response:
+        return Response(200, self.metrics.render(), CONTENT_TYPE)
 
     async def events(self, request: Request) -> Stream:
         since = int(_number(request, "since", 0) or 0)
@@ -306,36 +334,3 @@ async def _ndjson(events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]
     except EventsExpired:
         return  # fell behind what is kept: end the stream; the client resumes and gets 410
 
-
-class _Metrics:
-    """Prometheus collector reading the live state at scrape time."""
-
-    def __init__(self, supervisor: Supervisor, journal: EventJournal) -> None:
-        self.supervisor = supervisor
-        self.journal = journal
-
-    def collect(self) -> Any:
-        s = self.supervisor
-        states = GaugeMetricFamily("launcher_instances", "Instances by state", labels=["state"])
-        for state, n in s.state_counts().items():
-            states.add_metric([state], n)
-        yield states
-        status = GaugeMetricFamily("launcher_node_status", "1 for the node's current status", labels=["status"])
-        for name in ("READY", "FULL", "MAINTENANCE"):
-            status.add_metric([name], 1 if s.status == name else 0)
-        yield status
-        for field in ("vcpus", "mem_mb", "disk_mb"):
-            yield GaugeMetricFamily(f"launcher_allocated_{field}", f"{field} promised to admitted instances",
-                                    value=getattr(s.allocated, field))
-            yield GaugeMetricFamily(f"launcher_capacity_{field}", f"{field} the node may promise",
-                                    value=getattr(s.capacity, field))
-        yield GaugeMetricFamily("launcher_events_last_seq", "Sequence number of the newest event",
-                                value=self.journal.last_seq)
-        for field, help_text in (("memory_mb", "PSS of the VM, MiB"), ("cpu_percent", "CPU, % of its vCPUs"),
-                                 ("disk_mb", "Disk used by the instance, MiB")):
-            family = GaugeMetricFamily(f"launcher_instance_{field}", help_text, labels=["instance_uuid"])
-            for actor in s.instances.values():
-                value = getattr(actor.stats, field)
-                if value >= 0:
-                    family.add_metric([actor.uuid], value)
-            yield family

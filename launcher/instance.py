@@ -35,6 +35,7 @@ from launcher.events import EventJournal
 from launcher.lifecycle import State as State  # re-exported: the actor's states live with the command table
 from launcher.lifecycle import Verb
 from launcher.logs import InstanceLogs
+from launcher.metrics import Metrics
 from launcher.payloads import DeleteCommand, RestartCommand, StartCommand, StopCommand
 from launcher.persist import Persister
 from launcher.plugin import errors
@@ -71,6 +72,7 @@ class Ticket:
     done: trio.Event = attrs.Factory(trio.Event)
     state: str | None = None
     error: LauncherError | None = None
+    on_done: Callable[[Ticket], None] | None = None  # called once, when done is set (launcher.metrics)
 
     def accept(self) -> None:
         self.accepted.set()
@@ -78,12 +80,18 @@ class Ticket:
     def finish(self, state: str) -> None:
         self.state = state
         self.accepted.set()
-        self.done.set()
+        self._set_done()
 
     def fail(self, error: LauncherError) -> None:
         self.error = error
         self.accepted.set()
+        self._set_done()
+
+    def _set_done(self) -> None:
         self.done.set()
+        if self.on_done is not None:
+            on_done, self.on_done = self.on_done, None
+            on_done(self)
 
 
 ActorCommand = StartCommand | StopCommand | RestartCommand | DeleteCommand
@@ -133,6 +141,7 @@ class ActorContext:
     on_gone: Callable[[InstanceActor], None]  # the instance is deleted; drop it from the table
     recovery: RecoveryPlan  # this start-up's host-reboot policy and boot slots
     monitors: trio.Nursery | None = None  # where monitor sessions run; set by the supervisor
+    metrics: Metrics = attrs.Factory(Metrics)  # the START steps' durations are observed there
 
 
 class _Interrupted(Exception):
@@ -510,6 +519,7 @@ class InstanceActor:
         self.state = State.RUNNING
         self._booting.deadline = math.inf
         self._release_boot_slot()
+        self.ctx.metrics.vm_running(self)
         self._log("VM is running")
         if self._booting.ticket is not None:
             self._booting.ticket.finish("running")
@@ -727,6 +737,7 @@ class InstanceActor:
             log.exception("instance %s: %s raised", self.uuid, phase)
             self._log(f"{phase} failed after {_ms(started)}: {exc!r}")
             raise VirtualizerError(code, f"{phase} raised {exc!r}", self.uuid) from exc
+        self.ctx.metrics.step_done(self, phase, trio.current_time() - started)
         if not quiet:
             self._log(f"{phase} ok in {_ms(started)}")
         return result

@@ -31,6 +31,7 @@ from launcher.events import EventJournal
 from launcher.instance import ActorContext, InstanceActor, Ticket
 from launcher.lifecycle import State, Verb
 from launcher.logs import InstanceLogs
+from launcher.metrics import Metrics
 from launcher.payloads import (
     Command,
     DeleteCommand,
@@ -112,7 +113,8 @@ class Supervisor:
         self.maintenance = (config.data_dir / MAINTENANCE_FILE).exists()
         self.status = READY
         self._boot = bootid.detect(config.data_dir)  # two small reads, once, like the maintenance check above
-        self._ctx = ActorContext(config, journal, logs, persister, on_gone=self._on_gone,
+        self.metrics = Metrics()  # served by the API at /metrics; the actors observe their START steps there
+        self._ctx = ActorContext(config, journal, logs, persister, on_gone=self._on_gone, metrics=self.metrics,
                                  recovery=RecoveryPlan(config.recovery, host_rebooted=self._boot.rebooted))
         self._nursery: trio.Nursery | None = None
 

@@ -144,8 +144,8 @@ def test_node_stats_and_metrics(launcher_factory: Any) -> None:
     conn.request("GET", "/metrics", headers={"Authorization": f"Bearer {client.token}"})
     text = conn.getresponse().read().decode()
     assert 'launcher_instances{state="running"} 1.0' in text
-    assert "launcher_allocated_mem_mb 640.0" in text
-    assert 'launcher_instance_memory_mb{instance_uuid="ee-01"} 64.0' in text
+    assert "launcher_allocated_memory_bytes 6.7108864e+08" in text  # 640 MiB
+    assert 'launcher_instance_memory_bytes{instance_uuid="ee-01"} 6.7108864e+07' in text  # 64 MiB
 
 
 def test_events_resume_without_gap_and_expire(launcher_factory: Any) -> None:
