@@ -14,7 +14,7 @@ import yaml
 
 from launcher.backends import available_backends
 from launcher.http import Limits as HttpLimits
-from launcher.plugin.settings import ConfigError, parse_section
+from launcher.plugin.settings import ConfigError, at_least, one_of, parse_section
 
 
 @attrs.frozen
@@ -71,24 +71,14 @@ class EventsConfig:
 RESTART_POLICIES = ("never", "requested", "always")
 
 
-def _restart_policy(instance: object, attribute: attrs.Attribute[str], value: str) -> None:
-    if value not in RESTART_POLICIES:
-        raise ValueError(f"{attribute.name}: must be one of {', '.join(RESTART_POLICIES)}, got {value!r}")
-
-
-def _at_least_one(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
-    if value < 1:
-        raise ValueError(f"{attribute.name}: must be at least 1, got {value!r}")
-
-
 @attrs.frozen
 class Recovery:
     """What a launcher does at start-up with instances whose VM is gone (README "After a restart")."""
 
     # After a host reboot, instances that were running: never restarted, restarted if their START said
     # `restart: true` (requested), or always.
-    restart_running: str = attrs.field(default="always", validator=_restart_policy)
-    max_parallel: int = attrs.field(default=4, validator=_at_least_one)  # VMs booted by recovery at once
+    restart_running: str = attrs.field(default="always", validator=one_of(*RESTART_POLICIES))
+    max_parallel: int = attrs.field(default=4, validator=at_least(1))  # VMs booted by recovery at once
 
 
 @attrs.frozen

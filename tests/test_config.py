@@ -30,7 +30,8 @@ def test_overrides_win() -> None:
 
 @pytest.mark.parametrize("raw, message", [
     ({"admission": {"max_instancs": 3}}, "admission.max_instancs: unknown setting"),
-    ({"timeouts": {"boot_s": "soon"}}, "timeouts.boot_s: expected a non-negative number"),
+    ({"timeouts": {"boot_s": "soon"}}, "timeouts.boot_s: expected a finite non-negative number"),
+    ({"timeouts": {"boot_s": float("inf")}}, "timeouts.boot_s: expected a finite non-negative number"),
     ({"inbox_size": -1}, "inbox_size: expected a non-negative integer"),
     ({"listen": "7361"}, "listen: expected HOST:PORT"),
     ({"simulation": [1]}, "simulation: must be a mapping"),

@@ -9,8 +9,10 @@ default.
 
 from __future__ import annotations
 
+import math
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +29,20 @@ def parse_section(cls: type, raw: Any, where: str) -> Any:
     """An instance of the attrs class `cls` from the mapping `raw`, checked strictly.
 
     `where` prefixes the keys in error messages (e.g. "qemu."). Virtualizers use it for their own sections.
-    Field validators of `cls` may raise ValueError; it is reported as a ConfigError naming `where`."""
+    Field validators of `cls` (such as `one_of`, `at_least`, `at_most` below) and its `__attrs_post_init__` may
+    raise ValueError("<field>: <what is wrong>"); it is reported as a ConfigError prefixed with `where`. A field
+    without a default is required."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{where.rstrip('.') or 'config'}: must be a mapping")
     hints = typing.get_type_hints(cls)
-    known = {f.name for f in attrs.fields(cls)}
+    fields = [f for f in attrs.fields(cls) if f.init]
+    known = {f.name for f in fields}
     for key in raw:
         if key not in known:
             raise ConfigError(f"{where}{key}: unknown setting (known: {', '.join(sorted(known))})")
+    for field in fields:
+        if field.default is attrs.NOTHING and field.name not in raw:
+            raise ConfigError(f"{where}{field.name}: required")
     values = {k: _convert(hints[k], v, f"{where}{k}") for k, v in raw.items()}
     try:
         return cls(**values)
@@ -50,8 +58,8 @@ def _convert(kind: Any, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a path")
         return Path(value)
     if kind is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            raise ConfigError(f"{where}: expected a non-negative number, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+            raise ConfigError(f"{where}: expected a finite non-negative number, got {value!r}")
         return float(value)
     if kind is int:
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -73,3 +81,30 @@ def _convert(kind: Any, value: Any, where: str) -> Any:
     if typing.get_origin(kind) in (dict, types.GenericAlias):
         return value
     raise ConfigError(f"{where}: unsupported setting type {kind}")  # a bug in this module, not in the file
+
+
+Validator = Callable[[Any, "attrs.Attribute[Any]", Any], None]
+
+
+def one_of(*choices: str) -> Validator:
+    """A field validator: the value must be one of `choices`."""
+    def check(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if value not in choices:
+            raise ValueError(f"{attribute.name}: must be one of {', '.join(choices)}, got {value!r}")
+    return check
+
+
+def at_least(bound: float) -> Validator:
+    """A field validator: the number must be at least `bound`."""
+    def check(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if value < bound:
+            raise ValueError(f"{attribute.name}: must be at least {bound:g}, got {value!r}")
+    return check
+
+
+def at_most(bound: float) -> Validator:
+    """A field validator: the number must be at most `bound`."""
+    def check(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if value > bound:
+            raise ValueError(f"{attribute.name}: must be at most {bound:g}, got {value!r}")
+    return check

@@ -36,7 +36,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -51,7 +51,7 @@ from launcher.plugin.errors import IMAGE_FAILURE, LAUNCH_FAILURE, STOP_FAILURE, 
 from launcher.plugin.files import INSTANCE_DIR_MODE, fsync_dir
 from launcher.plugin.host import BackendHost
 from launcher.plugin.protocol import MonitorEvent, MonitorInbox, VmStats
-from launcher.plugin.settings import parse_section
+from launcher.plugin.settings import one_of, parse_section
 from launcher.plugin.spec import InstanceSpec
 from virtualizers.qemu import cloudinit, domain, preflight
 from virtualizers.qemu.hypervisor import (
@@ -91,18 +91,11 @@ _ACTIVE_STATES = frozenset({
 # Settings
 
 
-def _one_of(choices: tuple[str, ...]) -> Callable[[Any, attrs.Attribute[str], str], None]:
-    def check(instance: Any, attribute: attrs.Attribute[str], value: str) -> None:
-        if value not in choices:
-            raise ValueError(f"{attribute.name}: must be one of {', '.join(choices)}, got {value!r}")
-    return check
-
-
 @attrs.frozen
 class NetworkSettings:
     """Where each VM's NIC is plugged: a libvirt network, a host bridge, or nowhere (`kind: none`)."""
 
-    kind: str = attrs.field(default="network", validator=_one_of(domain.NETWORK_KINDS))
+    kind: str = attrs.field(default="network", validator=one_of(*domain.NETWORK_KINDS))
     source: str = "default"  # the network's or the bridge's name
 
 
@@ -111,9 +104,9 @@ class QemuSettings:
     """The `qemu:` section of the launcher config."""
 
     uri: str = "qemu:///system"
-    accel: str = attrs.field(default="auto", validator=_one_of(ACCELS))  # auto: kvm when it really works
+    accel: str = attrs.field(default="auto", validator=one_of(*ACCELS))  # auto: kvm when it really works
     machine: str = "q35"
-    seed_format: str = attrs.field(default="nocloud", validator=_one_of(cloudinit.SEED_FORMATS))
+    seed_format: str = attrs.field(default="nocloud", validator=one_of(*cloudinit.SEED_FORMATS))
     network: NetworkSettings = NetworkSettings()
     image_dirs: tuple[Path, ...] = ()  # searched for <image_uuid>[.img|.qcow2|.raw] before image_url
     image_url: str = ""  # e.g. https://images.example/{id}.qcow2 (also file://); "" for none

@@ -43,16 +43,17 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeGuard
+from typing import Any
 
 import attrs
 import psutil
 import trio
 
 from launcher.plugin import files
-from launcher.plugin.errors import IMAGE_FAILURE, LAUNCH_FAILURE, STOP_FAILURE, SetupError, VirtualizerError
+from launcher.plugin.errors import IMAGE_FAILURE, LAUNCH_FAILURE, STOP_FAILURE, VirtualizerError
 from launcher.plugin.host import BackendHost
 from launcher.plugin.protocol import MonitorEvent, MonitorInbox, VmStats
+from launcher.plugin.settings import at_most, one_of, parse_section
 from launcher.plugin.spec import InstanceSpec
 from virtualizers.simulation import simvm
 
@@ -60,8 +61,6 @@ SECTION = "simulation"  # the config section these settings come from; error mes
 MODES = ("memory", "process")
 PHASES = ("ensure", "create", "start", "crash")
 _PHASE_CODES = {"ensure": IMAGE_FAILURE, "create": IMAGE_FAILURE, "start": LAUNCH_FAILURE}
-_SETTINGS_KEYS = frozenset({"mode", "boot_delay_s", "stop_delay_s", "failures"})
-_RULE_KEYS = frozenset({"phase", "match", "probability", "action", "after_s"})
 
 SIMVM_MODULE = "virtualizers.simulation.simvm"
 DISK_IMAGE = "disk.img"
@@ -76,109 +75,49 @@ MIB = 1024 * 1024
 # Settings
 
 
+def _regular_expression(instance: Any, attribute: attrs.Attribute[str], value: str) -> None:
+    try:
+        re.compile(value)
+    except re.error as exc:
+        raise ValueError(f"{attribute.name}: invalid regular expression {value!r}: {exc}") from None
+
+
 @attrs.frozen
 class FailureRule:
-    """One entry of `simulation.failures`; `index` is its position in that list."""
+    """One entry of `simulation.failures`: make calls of `phase` fail (or hang) for matching instances."""
 
-    index: int
-    phase: str
-    match: re.Pattern[str]
-    probability: float = 1.0
-    action: str = "fail"  # "fail" or "hang"; always "fail" for phase "crash"
+    phase: str = attrs.field(validator=one_of(*PHASES))
+    match: str = attrs.field(default="", validator=_regular_expression)  # searched in the instance uuid
+    probability: float = attrs.field(default=1.0, validator=at_most(1))
+    action: str = attrs.field(default="fail", validator=one_of("fail", "hang"))  # "fail" only for phase crash
     after_s: float = 0.0  # crash only: how long after coming up the VM dies
+
+    def __attrs_post_init__(self) -> None:
+        if self.phase == "crash" and self.action != "fail":
+            raise ValueError(f"action: must be fail for phase crash, got {self.action!r}")
+        if self.after_s and self.phase != "crash":
+            raise ValueError("after_s: only allowed for phase crash")
 
     def applies(self, phase: str, instance_uuid: str) -> bool:
         """Whether this rule fires now for `instance_uuid` in `phase` (draws a random number if it could)."""
         return (
-            phase == self.phase and self.match.search(instance_uuid) is not None and random.random() < self.probability
+            phase == self.phase and re.search(self.match, instance_uuid) is not None
+            and random.random() < self.probability
         )
 
 
 @attrs.frozen
 class SimulationSettings:
-    """The validated `simulation:` section of the launcher config (defaults: see `parse`)."""
+    """The `simulation:` section of the launcher config, checked by `launcher.plugin.settings.parse_section`."""
 
-    mode: str
-    boot_delay_s: float
-    stop_delay_s: float
-    failures: tuple[FailureRule, ...]
+    mode: str = attrs.field(default="memory", validator=one_of(*MODES))
+    boot_delay_s: float = 0.05
+    stop_delay_s: float = 0.0
+    failures: tuple[FailureRule, ...] = ()
 
-    @classmethod
-    def parse(cls, raw: Mapping[str, Any]) -> SimulationSettings:
-        """Validate `raw` strictly; ValueError names the first offending key (e.g. `simulation.mode`)."""
-        raw = _mapping(raw, _SETTINGS_KEYS, SECTION)
-        mode = raw.get("mode", "memory")
-        if mode not in MODES:
-            raise ValueError(f"{SECTION}.mode: must be one of {', '.join(MODES)}, got {mode!r}")
-        failures = raw.get("failures", [])
-        if not isinstance(failures, list):
-            raise ValueError(f"{SECTION}.failures: must be a list of rules, got {failures!r}")
-        return cls(
-            mode=mode,
-            boot_delay_s=_seconds(raw.get("boot_delay_s", 0.05), f"{SECTION}.boot_delay_s"),
-            stop_delay_s=_seconds(raw.get("stop_delay_s", 0.0), f"{SECTION}.stop_delay_s"),
-            failures=tuple(_parse_rule(i, rule) for i, rule in enumerate(failures)),
-        )
-
-    def rule_for(self, phase: str, instance_uuid: str) -> FailureRule | None:
-        """The failure rule that applies to this call, if any."""
-        return next((rule for rule in self.failures if rule.applies(phase, instance_uuid)), None)
-
-
-def _mapping(raw: object, allowed: frozenset[str], where: str) -> Mapping[str, Any]:
-    """`raw` as a mapping whose keys are all in `allowed`."""
-    if not isinstance(raw, Mapping):
-        raise ValueError(f"{where}: must be a mapping, got {raw!r}")
-    unknown = sorted(str(key) for key in raw if key not in allowed)
-    if unknown:
-        raise ValueError(f"{where}.{unknown[0]}: unknown setting (known: {', '.join(sorted(allowed))})")
-    return raw
-
-
-def _is_number(value: object) -> TypeGuard[int | float]:
-    # bool is an int to Python, but `boot_delay_s: true` is a mistake, not 1 second.
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _seconds(value: object, key: str) -> float:
-    if not _is_number(value) or not 0 <= value < math.inf:
-        raise ValueError(f"{key}: must be a finite number of seconds >= 0, got {value!r}")
-    return float(value)
-
-
-def _probability(value: object, key: str) -> float:
-    if not _is_number(value) or not 0 <= value <= 1:
-        raise ValueError(f"{key}: must be a number from 0 to 1, got {value!r}")
-    return float(value)
-
-
-def _parse_rule(index: int, raw: object) -> FailureRule:
-    where = f"{SECTION}.failures[{index}]"
-    rule = _mapping(raw, _RULE_KEYS, where)
-    phase = rule.get("phase")
-    if phase not in PHASES:
-        raise ValueError(f"{where}.phase: must be one of {', '.join(PHASES)}, got {phase!r}")
-    pattern = rule.get("match", "")
-    if not isinstance(pattern, str):
-        raise ValueError(f"{where}.match: must be a regular expression string, got {pattern!r}")
-    try:
-        match = re.compile(pattern)
-    except re.error as exc:
-        raise ValueError(f"{where}.match: invalid regular expression {pattern!r}: {exc}") from None
-    actions = ("fail",) if phase == "crash" else ("fail", "hang")
-    action = rule.get("action", "fail")
-    if action not in actions:
-        raise ValueError(f"{where}.action: must be one of {', '.join(actions)} for phase {phase}, got {action!r}")
-    if "after_s" in rule and phase != "crash":
-        raise ValueError(f"{where}.after_s: only allowed for phase crash")
-    return FailureRule(
-        index=index,
-        phase=phase,
-        match=match,
-        probability=_probability(rule.get("probability", 1.0), f"{where}.probability"),
-        action=action,
-        after_s=_seconds(rule.get("after_s", 0.0), f"{where}.after_s"),
-    )
+    def rule_for(self, phase: str, instance_uuid: str) -> tuple[int, FailureRule] | None:
+        """The failure rule that applies to this call, if any, with its index in `failures`."""
+        return next(((i, rule) for i, rule in enumerate(self.failures) if rule.applies(phase, instance_uuid)), None)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -213,19 +152,20 @@ class SimulationBackend:
 
     async def inject(self, phase: str, instance_uuid: str) -> None:
         """Apply the failure rules of `phase`: raise or hang if one fires, else just checkpoint."""
-        rule = self.settings.rule_for(phase, instance_uuid)
-        if rule is None:
+        found = self.settings.rule_for(phase, instance_uuid)
+        if found is None:
             await trio.lowlevel.checkpoint()
             return
+        index, rule = found
         if rule.action == "hang":
             await trio.sleep_forever()
-        reason = f"{phase} failure injected by simulation rule {rule.index} ({SECTION}.failures[{rule.index}])"
+        reason = f"{phase} failure injected by simulation rule {index} ({SECTION}.failures[{index}])"
         raise VirtualizerError(_PHASE_CODES[phase], reason, instance_uuid)
 
     def crash_after(self, instance_uuid: str) -> float | None:
         """Seconds after coming up at which a VM being started now will crash, or None if it will not."""
-        rule = self.settings.rule_for("crash", instance_uuid)
-        return None if rule is None else rule.after_s
+        found = self.settings.rule_for("crash", instance_uuid)
+        return None if found is None else found[1].after_s
 
     # Memory mode's table. Only actors and their monitor sessions touch it, from the Trio thread.
 
@@ -270,10 +210,7 @@ async def open_backend(settings: Mapping[str, Any], host: BackendHost) -> AsyncI
     the backend leaves process-mode VMs running (a restarted launcher recovers them); memory-mode VMs live in
     the backend and end with it.
     """
-    try:
-        parsed = SimulationSettings.parse(settings)
-    except ValueError as exc:
-        raise SetupError(str(exc)) from None
+    parsed: SimulationSettings = parse_section(SimulationSettings, dict(settings), f"{SECTION}.")
     backend = SimulationBackend(parsed, host.limiter)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(backend.run_boot_clock)
