@@ -56,7 +56,7 @@ def _serve(args: argparse.Namespace) -> int:
     except (SetupError, BaseExceptionGroup) as exc:
         return _report_setup_errors(exc)
     # Everything durable is flushed and closed; freeing a heap of 10 000 instances object by object would
-    # only delay the exit that SIGTERM asked for (DESIGN.md §3.5: within 2 s).
+    # only delay the exit that SIGTERM asked for (docs/concurrency.md: within 2 s).
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

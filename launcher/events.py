@@ -1,4 +1,4 @@
-"""Seq-numbered events and the durable journal they are kept in (DESIGN.md §6, §7).
+"""Seq-numbered events and the durable journal they are kept in (docs/architecture.md §4.5).
 
 Every event is a flat JSON object ``{"seq": n, "time": "<RFC 3339 UTC, ms>", "type": ..., ...}``. Seqs are
 gap-free and keep counting across restarts and file rotation, so a client that remembers the last seq it saw can

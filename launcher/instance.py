@@ -3,10 +3,10 @@
 The actor reads one inbox that carries two kinds of message: `Request`s put there by the supervisor (START,
 STOP, RESTART, DELETE, each with a `Ticket` the caller can wait on) and `MonitorNote`s posted by its monitor
 session (CONNECTED / CLOSED). It handles them one at a time, so virtualizer calls never overlap and the
-virtualizer needs no lock (DESIGN.md §3.2). Every virtualizer call is bounded by a configured timeout; an
+virtualizer needs no lock (docs/concurrency.md). Every virtualizer call is bounded by a configured timeout; an
 overrun or an exception becomes the phase's ciao code, never a crash of the launcher.
 
-States (DESIGN.md §5): pending → running → exited → deleted, with internal stopping / deleting. The monitor
+States (docs/architecture.md §6): pending → running → exited → deleted, with internal stopping / deleting. The monitor
 session runs in its own cancel scope, which only the actor cancels, in the supervisor's monitor nursery (one
 nursery per actor would triple the cost of cancelling 10 000 of them at shutdown); each session has a
 number, and notes from an older session are
@@ -209,7 +209,7 @@ class InstanceActor:
         self.state = State.PENDING
         self.stats = VmStats()
         # The state this instance will be in once everything queued has run; kept by the supervisor so
-        # that it can refuse a command at once without waiting for the actor (DESIGN.md §3.3).
+        # that it can refuse a command at once without waiting for the actor (docs/concurrency.md, step 7).
         self.projected = State.DELETED if goal == "deleted" else State.RUNNING
         self.queued = 0
         self.activity: str | None = None  # the command being handled, for `show`

@@ -2,9 +2,9 @@
 
 `RULES[verb, status]` is the outcome of a command on an instance in that status: data, read in two places.
 `Supervisor.dispatch` reads it synchronously, against the state the instance *will* be in once its queued
-commands have run (`InstanceActor.projected`, DESIGN.md §3.3), and refuses at once what the table refuses. The
-actor's handlers (`InstanceActor._stop`, `_restart`, `_delete`) read it again when the command's turn comes,
-against the state the instance is in then: a VM may have exited, or a START failed, meanwhile.
+commands have run (`InstanceActor.projected`, docs/concurrency.md step 7), and refuses at once what the table
+refuses. The actor's handlers (`InstanceActor._stop`, `_restart`, `_delete`) read it again when the command's
+turn comes, against the state the instance is in then: a VM may have exited, or a START failed, meanwhile.
 
 The README's "Command rules" table is `markdown_table()`'s output (tests/test_lifecycle.py keeps the two equal;
 `python -m launcher.lifecycle` prints it), and tests/test_lifecycle.py drives every cell of `RULES`.
@@ -20,7 +20,7 @@ from launcher.plugin import errors
 
 
 class State(enum.Enum):
-    """An instance's state, as its actor keeps it (DESIGN.md §5)."""
+    """An instance's state, as its actor keeps it (docs/architecture.md §6)."""
 
     PENDING = "pending"
     RUNNING = "running"

@@ -1,4 +1,4 @@
-"""Per-instance operator logs: ``<instance dir>/launcher.log`` (DESIGN.md §6, §7).
+"""Per-instance operator logs: ``<instance dir>/launcher.log`` (docs/architecture.md §4.5).
 
 Each instance's log is a readable timeline of what the launcher did for it, one ``<RFC 3339 UTC, ms> message``
 line per step. With ten thousand instances the launcher cannot keep a file open per instance, nor block the event

@@ -1,6 +1,6 @@
 """The supervisor: the instance table, admission, routing, node status and recovery at start-up.
 
-Dispatch is synchronous (DESIGN.md §3.3): validate against the instance's *projected* state (the state it
+Dispatch is synchronous (docs/concurrency.md, step 7): validate against the instance's *projected* state (the state it
 will be in once its queued commands have run), admit, and put the command into the actor's bounded inbox.
 Nothing here awaits an actor, so a slow or stuck instance never delays commands to the others. The caller
 gets a `Ticket` and waits on it by itself, with its own timeout.

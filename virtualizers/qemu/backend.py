@@ -1,6 +1,6 @@
 """The QEMU/KVM virtualizer: real VMs through libvirt.
 
-Per instance (all files in the instance dir, DESIGN.md §6):
+Per instance (all files in the instance dir, docs/architecture.md §4.3):
 
 ``ensure_backing_image``
     the image store (`images`) provides `<data_dir>/images/<image_uuid>.img`, importing it once

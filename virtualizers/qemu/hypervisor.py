@@ -1,6 +1,6 @@
 """One libvirt connection shared by every QEMU instance of a launcher, and libvirt's events handed to Trio.
 
-Concurrency (DESIGN.md §3.4): libvirt's blocking API runs in Trio worker threads (`Hypervisor.call`) under a
+Concurrency (docs/concurrency.md §3): libvirt's blocking API runs in Trio worker threads (`Hypervisor.call`) under a
 CapacityLimiter of the hypervisor's own, never the launcher's shared one. Every call is bounded: a call that
 does not return within its bound (the caller's deadline, e.g. the actor's phase timeout, or the hypervisor's
 `call_timeout_s`, whichever comes first) fails with `Unresponsive` (or the caller's Cancelled), and its thread
@@ -266,7 +266,7 @@ def _register_default_impl() -> None:
 
 
 class _EventLoopThread:
-    """Runs virEventRunDefaultImpl until stopped. The launcher's only bare thread (DESIGN.md §3.4)."""
+    """Runs virEventRunDefaultImpl until stopped. The launcher's only bare thread (docs/concurrency.md §3)."""
 
     def __init__(self) -> None:
         self._stopping = False
