@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 READY, FULL, MAINTENANCE = "READY", "FULL", "MAINTENANCE"
 _VERB = {StopCommand: Verb.STOP, RestartCommand: Verb.RESTART, DeleteCommand: Verb.DELETE}
 MAINTENANCE_FILE = "maintenance"
+MAINTENANCE_QUEUE = 16  # EVACUATE / RESTORE commands waiting for their file write
 
 
 @attrs.frozen
@@ -117,11 +118,15 @@ class Supervisor:
         self._ctx = ActorContext(config, journal, logs, persister, on_gone=self._on_gone, metrics=self.metrics,
                                  recovery=RecoveryPlan(config.recovery, host_rebooted=self._boot.rebooted))
         self._nursery: trio.Nursery | None = None
+        # EVACUATE / RESTORE waiting for the `maintenance` file to be written or removed, one at a time.
+        self._maintenance_send, self._maintenance_recv = trio.open_memory_channel[tuple[bool, Ticket]](
+            MAINTENANCE_QUEUE)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Recover the instances on disk, then run every actor until cancelled."""
         async with trio.open_nursery() as nursery, trio.open_nursery() as monitors:
             self._nursery = nursery
+            nursery.start_soon(self._apply_maintenance)
             self._ctx.monitors = monitors
             if self._boot.rebooted:
                 log.warning("the host rebooted since the launcher last ran (recovery.restart_running: %s)",
@@ -232,36 +237,46 @@ class Supervisor:
     # ----------------------------------------------------------------- evacuate / restore
 
     def evacuate(self) -> Ticket:
-        """Enter maintenance (no START is admitted) and stop every instance that runs or will run."""
-        self._set_maintenance(True)
+        """Enter maintenance (no START is admitted) and stop every instance that runs or will run, once the
+        `maintenance` file that keeps it across restarts is durable (`_apply_maintenance`)."""
+        return self._queue_maintenance(True)
+
+    def restore(self) -> Ticket:
+        """Leave maintenance once the `maintenance` file is removed for good."""
+        return self._queue_maintenance(False)
+
+    def _queue_maintenance(self, on: bool) -> Ticket:
+        ticket = Ticket("")
+        try:
+            self._maintenance_send.send_nowait((on, ticket))
+        except trio.WouldBlock:
+            raise LauncherError(errors.INSTANCE_BUSY, f"{MAINTENANCE_QUEUE} maintenance changes are already queued") \
+                from None
+        return ticket
+
+    async def _apply_maintenance(self) -> None:
+        """The one task that writes the `maintenance` file, in a worker thread, so that dispatch never blocks on
+        the disk. Maintenance changes only once the file says so: a failed write changes nothing."""
+        async for on, ticket in self._maintenance_recv:
+            try:
+                await trio.to_thread.run_sync(_write_maintenance_file, self.config.data_dir, on,
+                                              limiter=self._ctx.persister.limiter)
+            except OSError as exc:
+                ticket.fail(errors.write_failure(exc, MAINTENANCE_FILE, errors.INTERNAL))
+                continue
+            self.maintenance = on
+            if on:
+                self._stop_running()
+            self._update_status()
+            ticket.finish(MAINTENANCE if on else self.status)
+
+    def _stop_running(self) -> None:
         for actor in list(self.instances.values()):
             if actor.projected is State.RUNNING:
                 try:
                     self.dispatch(StopCommand(actor.uuid))
                 except LauncherError as exc:
                     self.journal.emit("stop_failure", instance_uuid=actor.uuid, reason=exc.code, detail=exc.reason)
-        ticket = Ticket("")
-        ticket.finish(MAINTENANCE)
-        return ticket
-
-    def restore(self) -> Ticket:
-        self._set_maintenance(False)
-        ticket = Ticket("")
-        ticket.finish(self.status)
-        return ticket
-
-    def _set_maintenance(self, on: bool) -> None:
-        path = self.config.data_dir / MAINTENANCE_FILE
-        try:
-            if on:
-                files.atomic_write(path, b"")  # small and rare: survives a restart, as in ciao HEAD
-            else:
-                path.unlink(missing_ok=True)
-                files.fsync_dir(path.parent)
-        except OSError as exc:
-            raise errors.write_failure(exc, MAINTENANCE_FILE, errors.INTERNAL) from exc
-        self.maintenance = on
-        self._update_status()
 
     # ----------------------------------------------------------------- the table
 
@@ -334,3 +349,13 @@ def _scan(instances_dir: Path) -> tuple[list[InstanceRecord], list[tuple[Path, s
 def _free_disk_mb(path: Path) -> int:
     st = os.statvfs(path)
     return st.f_bavail * st.f_frsize // 2**20
+
+
+def _write_maintenance_file(data_dir: Path, on: bool) -> None:
+    """Make `<data_dir>/maintenance` exist (on) or not, durably: it survives a restart, as in ciao HEAD."""
+    path = data_dir / MAINTENANCE_FILE
+    if on:
+        files.atomic_write(path, b"")
+    else:
+        path.unlink(missing_ok=True)
+        files.fsync_dir(data_dir)

@@ -56,7 +56,7 @@ async def test_evacuate_stops_everything_and_refuses_starts_until_restore(tmp_pa
     async with running_node(tmp_path) as node:
         for n in range(3):
             await node.done(node.start(f"dd-{n}"))
-        evacuate = node.dispatch(EvacuateCommand())
+        evacuate = await node.done(node.dispatch(EvacuateCommand()))
         assert evacuate.state == "MAINTENANCE"
         for n in range(3):
             await node.wait_state(f"dd-{n}", "exited")
@@ -64,7 +64,7 @@ async def test_evacuate_stops_everything_and_refuses_starts_until_restore(tmp_pa
             node.start("dd-9")
         assert info.value.code == errors.NODE_MAINTENANCE
         assert (tmp_path / "maintenance").exists()  # survives a restart
-        assert node.dispatch(RestoreCommand()).state == "READY"
+        assert (await node.done(node.dispatch(RestoreCommand()))).state == "READY"
         assert (await node.done(node.start("dd-9"))).state == "running"
         statuses = [e["status"] for e in await node.events(type="node_status")]
         assert statuses[-2:] == ["MAINTENANCE", "READY"]
@@ -72,6 +72,19 @@ async def test_evacuate_stops_everything_and_refuses_starts_until_restore(tmp_pa
 
 async def test_maintenance_survives_a_restart(tmp_path: Path) -> None:
     async with running_node(tmp_path) as node:
-        node.dispatch(EvacuateCommand())
+        await node.done(node.dispatch(EvacuateCommand()))
     async with running_node(tmp_path) as node:
         assert node.supervisor.status == "MAINTENANCE"
+
+
+async def test_an_evacuate_that_cannot_be_kept_changes_nothing(tmp_path: Path) -> None:
+    """The `maintenance` file is written in a worker thread before maintenance begins: a write the file system
+    refuses (here: a non-empty directory where the file goes) fails the EVACUATE and leaves the node as it was."""
+    async with running_node(tmp_path) as node:
+        await node.done(node.start("de-1"))
+        (tmp_path / "maintenance" / "in-the-way").mkdir(parents=True)
+        evacuate = await node.done(node.dispatch(EvacuateCommand()))
+        assert evacuate.error is not None and evacuate.error.code == errors.INTERNAL
+        assert "maintenance" in evacuate.error.reason
+        assert node.supervisor.status == "READY" and node.state("de-1") == "running"
+        assert (await node.done(node.start("de-2"))).state == "running"
