@@ -44,7 +44,7 @@ async def hard_reset(config: Config) -> tuple[list[str], list[str]]:
             async with opener(config.virtualizer_settings(), host) as backend:
                 destroy_all: Callable[[], Awaitable[list[str]]] | None = getattr(backend, "destroy_all", None)
                 destroyed = [] if destroy_all is None else await destroy_all()
-            removed = await trio.to_thread.run_sync(_remove_instances, config.data_dir)
+            removed = await trio.to_thread.run_sync(_remove_instances, config.data_dir, limiter=limiter)
             journal.emit("hard_reset", destroyed_vms=len(destroyed), removed_instances=len(removed))
             await journal.wait_durable(journal.last_seq)
             nursery.cancel_scope.cancel()

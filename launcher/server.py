@@ -120,7 +120,7 @@ async def serve(config: Config) -> None:
                 work.start_soon(_remove_on_exit, Path(config.listen_unix))
             await work.start(partial(http.serve, max_body=config.max_payload_bytes, limits=limits),
                              api.handle, listeners)
-            work.start_soon(_publish_url, config.data_dir / store.URL_FILE, url)
+            work.start_soon(_publish_url, config.data_dir / store.URL_FILE, url, core.limiter)
             log.info("launcher serving on %s%s (virtualizer %s, data dir %s, pid %d)", url,
                      f" and unix://{config.listen_unix}" if config.listen_unix else "", config.virtualizer,
                      config.data_dir, os.getpid())
@@ -148,13 +148,13 @@ async def _remove_on_exit(path: Path) -> None:
 URL_RETRY_MAX_S = 5.0
 
 
-async def _publish_url(path: Path, url: str) -> None:
+async def _publish_url(path: Path, url: str, limiter: trio.CapacityLimiter) -> None:
     """Write the bound URL where the CLI looks for it. The API serves whether or not this works: on a full disk
     the write is retried, with a growing pause, until it goes through."""
     pause = 0.2
     while True:
         try:
-            await trio.to_thread.run_sync(partial(files.atomic_write, path, url.encode(), mode=0o644))
+            await trio.to_thread.run_sync(partial(files.atomic_write, path, url.encode(), mode=0o644), limiter=limiter)
             return
         except OSError as exc:
             if pause == 0.2:
