@@ -7,6 +7,8 @@ their figures). Who feeds it:
 - the API: each command's result (`command_dispatched` / `command_refused`) and each request's latency;
 - the instance actors: each successful START step (`step_done`, from `InstanceActor._call`) and the boot
   (`vm_running`, once the monitor reports the VM up after start_vm);
+- the virtualizer: the parts of its calls it times itself (`virtualizer_step`, lent as
+  `BackendHost.observe_step`);
 - `StateCollector`: the gauges of the live state (instances by state, node status, resources, per-instance
   usage), read at scrape time.
 
@@ -62,6 +64,10 @@ class Metrics:
             "launcher_start_step_duration_seconds", "Duration of each successful START/RESTART step: image "
             "(ensure_backing_image), disk (create_image: overlay and seed), start (start_vm: define and start), "
             "boot (start_vm returned until the VM runs)", ["step"], buckets=STEP_BUCKETS, registry=self.registry)
+        self.virtualizer_steps = Histogram(
+            "launcher_virtualizer_step_duration_seconds", "Duration of each part of a START that the virtualizer "
+            "times itself (qemu: overlay, seed, define, start; see BackendHost.observe_step)",
+            ["virtualizer", "step"], buckets=STEP_BUCKETS, registry=self.registry)
         self.http_requests = Histogram(
             "launcher_http_request_duration_seconds", "Time to answer an HTTP request (routing, auth and handler; "
             "for a stream, until it begins), by method, route pattern and status code",
@@ -105,6 +111,10 @@ class Metrics:
         started = self._booting.pop(actor, None)
         if started is not None:
             self.start_steps.labels("boot").observe(trio.current_time() - started)
+
+    def virtualizer_step(self, virtualizer: str, step: str, seconds: float) -> None:
+        """A part of a START that the virtualizer timed (`BackendHost.observe_step`)."""
+        self.virtualizer_steps.labels(virtualizer, step).observe(seconds)
 
     # ----------------------------------------------------------------- HTTP
 

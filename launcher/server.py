@@ -27,6 +27,7 @@ from launcher.backends import load_backend
 from launcher.config import Config
 from launcher.events import EventJournal
 from launcher.logs import InstanceLogs
+from launcher.metrics import Metrics
 from launcher.persist import Persister
 from launcher.plugin import files
 from launcher.plugin.host import BackendHost
@@ -82,13 +83,15 @@ async def _core_under_lock(config: Config, opener: OpenBackend) -> AsyncIterator
         await infrastructure.start(journal.run)
         await infrastructure.start(logs.run)
         await infrastructure.start(persister.run)
-        host = BackendHost(config.data_dir, limiter, journal.emit, logs.write)
+        metrics = Metrics()
+        host = BackendHost(config.data_dir, limiter, journal.emit, logs.write,
+                           observe_step=partial(metrics.virtualizer_step, config.virtualizer))
         async with opener(config.virtualizer_settings(), host) as backend:
             preflight: Callable[[], Awaitable[None]] | None = getattr(backend, "preflight", None)
             if preflight is not None:
                 await preflight()  # SetupError: `launcher serve` prints it and exits 2
             async with trio.open_nursery() as actors:
-                supervisor = Supervisor(config, backend, journal, logs, persister)
+                supervisor = Supervisor(config, backend, journal, logs, persister, metrics)
                 await actors.start(supervisor.run)
                 yield Core(config, limiter, journal, logs, supervisor)
                 actors.cancel_scope.cancel()

@@ -104,6 +104,7 @@ class Supervisor:
         journal: EventJournal,
         logs: InstanceLogs,
         persister: Persister,
+        metrics: Metrics,
     ) -> None:
         self.config = config
         self.backend = backend
@@ -114,7 +115,7 @@ class Supervisor:
         self.maintenance = (config.data_dir / MAINTENANCE_FILE).exists()
         self.status = READY
         self._boot = bootid.detect(config.data_dir)  # two small reads, once, like the maintenance check above
-        self.metrics = Metrics()  # served by the API at /metrics; the actors observe their START steps there
+        self.metrics = metrics  # served by the API at /metrics; the actors observe their START steps there
         self._ctx = ActorContext(config, journal, logs, persister, on_gone=self._on_gone, metrics=self.metrics,
                                  recovery=RecoveryPlan(config.recovery, host_rebooted=self._boot.rebooted))
         self._nursery: trio.Nursery | None = None

@@ -21,6 +21,7 @@ import libvirt
 import pytest
 import yaml
 from conftest import LauncherProcess, example
+from test_metrics import promtool_check, samples_of, scrape, value
 
 from launcher.client import Client
 
@@ -123,6 +124,14 @@ def test_example_lifecycle_legacy_nocloud(qemu_factory: Any) -> None:
     assert (stat.S_IMODE(info.st_mode), grp.getgrgid(info.st_gid).gr_name) == (0o710, "libvirt-qemu")
     assert {stat.S_IMODE((instance_dir / name).stat().st_mode) for name in ("seed.iso", "overlay.qcow2",
                                                                              "instance.json")} == {0o600}
+    # /metrics: one observation of each START step, the actor's and the ones the qemu virtualizer times itself.
+    text = scrape(client)
+    promtool_check(text)
+    samples = samples_of(text)
+    assert [value(samples, "launcher_start_step_duration_seconds_count", step=step)
+            for step in ("image", "disk", "start", "boot")] == [1, 1, 1, 1]
+    assert [value(samples, "launcher_virtualizer_step_duration_seconds_count", virtualizer="qemu", step=step)
+            for step in ("image", "overlay", "seed", "define", "start")] == [1, 1, 1, 1, 1]
 
     stopped = client.request("POST", f"/v1/instances/{uuid}/stop", wait=1, timeout=120)
     assert stopped["state"] == "exited"

@@ -307,6 +307,13 @@ class QemuVirtualizer:
         self._spec = spec
         self._dir = instance_dir
 
+    def _step_done(self, step: str, started: float, what: str, note: str = "") -> None:
+        """A part of a START went through: a "step <step>: <what> in <ms> ms<note>" line in the instance's log
+        (bench/start_latency.py reads them) and an observation for /metrics."""
+        seconds = time.monotonic() - started
+        self._log(f"step {step}: {what} in {round(seconds * 1000)} ms{note}")
+        self._backend.host.observe_step(step, seconds)
+
     def _log(self, message: str) -> None:
         self._backend.host.log(self._dir, message)
 
@@ -322,15 +329,15 @@ class QemuVirtualizer:
         started = time.monotonic()
         image = await self._backend.images.ensure(self._spec.image_uuid)  # ImageError is an image_failure
         self._image = image
-        self._log(f"step image: {image.id} ({image.format}, {image.virtual_size / MIB:.0f} MiB virtual) "
-                  f"ready in {_ms(started)} ms")
+        self._step_done("image", started, f"{image.id} ({image.format}, {image.virtual_size / MIB:.0f} MiB virtual) "
+                                          "ready")
 
     async def create_image(self, user_data: str, meta_data: str, network_config: str | None) -> None:
         """The overlay, then the seed. `network_config`, when given, replaces NoCloud's derived one."""
         image = self._image or await self._backend.images.ensure(self._spec.image_uuid)
         started = time.monotonic()
         size = await self._create_overlay(image)
-        self._log(f"step overlay: {OVERLAY} ({size / MIB:.0f} MiB on {image.id}) in {_ms(started)} ms")
+        self._step_done("overlay", started, f"{OVERLAY} ({size / MIB:.0f} MiB on {image.id})")
         started = time.monotonic()
         fmt = self._backend.settings.seed_format
         try:
@@ -341,8 +348,7 @@ class QemuVirtualizer:
                                           limiter=self._backend.host.limiter)
         except (cloudinit.SeedError, OSError) as exc:
             raise self._fail(IMAGE_FAILURE, f"cannot write {SEED}: {exc}") from exc
-        self._log(f"step seed: {SEED} ({fmt}, instance-id {seed.instance_id}, hostname {seed.hostname}) "
-                  f"in {_ms(started)} ms")
+        self._step_done("seed", started, f"{SEED} ({fmt}, instance-id {seed.instance_id}, hostname {seed.hostname})")
 
     async def _create_overlay(self, image: ImageInfo) -> int:
         """overlay.qcow2 (via a temp name, so a half-made overlay never has the real name); its size."""
@@ -398,7 +404,7 @@ class QemuVirtualizer:
         started = time.monotonic()
         try:
             dom = await self._backend.hypervisor.call(lambda conn: conn.defineXML(xml))
-            self._log(f"step define: domain {self._name} in {_ms(started)} ms")
+            self._step_done("define", started, f"domain {self._name}")
             started = time.monotonic()
             await self._backend.hypervisor.call(lambda conn: _create(dom))
         except Unavailable as exc:
@@ -406,8 +412,7 @@ class QemuVirtualizer:
         except libvirt.libvirtError as exc:
             raise self._fail(LAUNCH_FAILURE, f"libvirt could not start {self._name}: {error_text(exc)}") from exc
         self._paused_reported = False
-        self._log(f"step start: domain {self._name} started in {_ms(started)} ms "
-                  f"({'kvm' if self._backend.kvm else 'tcg'})")
+        self._step_done("start", started, f"domain {self._name} started", f" ({'kvm' if self._backend.kvm else 'tcg'})")
 
     async def monitor_vm(self, inbox: MonitorInbox, recover: bool) -> None:
         hypervisor = self._backend.hypervisor
@@ -521,10 +526,6 @@ class QemuVirtualizer:
 
 # ---------------------------------------------------------------------------------------------------------
 # Blocking helpers (worker threads)
-
-
-def _ms(since: float) -> int:
-    return round((time.monotonic() - since) * 1000)
 
 
 def _let_group_search(directory: Path, gid: int) -> None:
