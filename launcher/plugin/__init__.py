@@ -12,7 +12,7 @@ through its ``launcher.virtualizers`` entry point (pyproject.toml, `launcher.bac
   actor), `Backend` (one per process), `OpenBackend` (what the entry point is), `MonitorEvent`, `VmStats`, and the
   optional `ImageCatalog`.
 - `host`: `BackendHost`, what the launcher lends a backend: the data dir, its worker-thread limiter, the event
-  journal (`emit`) and the per-instance log (`log`).
+  journal (`emit`), the per-instance log (`log`) and its own START steps' timings for /metrics (`observe_step`).
 - `files`: crash-safe private writes (`atomic_write`, `fsync_dir`) and the instance dir's modes.
 - `settings`: `parse_section`, the one way to declare and check a plugin's own config section.
 
