@@ -32,8 +32,7 @@ import trio
 from launcher import lifecycle, store
 from launcher.config import Config
 from launcher.events import EventJournal
-from launcher.lifecycle import State as State  # re-exported: the actor's states live with the command table
-from launcher.lifecycle import Verb
+from launcher.lifecycle import State, Verb
 from launcher.logs import InstanceLogs
 from launcher.metrics import Metrics
 from launcher.payloads import DeleteCommand, RestartCommand, StartCommand, StopCommand

@@ -25,7 +25,8 @@ import psutil
 import trio
 
 from launcher.events import utc_timestamp
-from launcher.instance import InstanceActor, State
+from launcher.instance import InstanceActor
+from launcher.lifecycle import State
 from launcher.plugin import files
 from launcher.plugin.spec import InstanceSpec
 from launcher.supervisor import Supervisor
