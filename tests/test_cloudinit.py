@@ -20,7 +20,7 @@ import yaml
 from launcher import store
 from launcher.payloads import parse_start
 from launcher.plugin.spec import Networking
-from virtualizers.qemu.cloudinit import SEED_FORMATS, Seed, SeedError, make_seed, write_seed
+from virtualizers.qemu.cloudinit import SEED_FORMATS, GuestNetwork, Seed, SeedError, make_seed, write_seed
 
 UUID = "d7d86208-b46c-4465-9018-fe14087d415f"
 CIAO_META = '{\n  "uuid": "ciao",\n  "hostname": "ciao"\n}\n'
@@ -34,6 +34,7 @@ STATIC = Networking(
 )
 DHCP = Networking(vnic_mac="02:00:e6:f5:af:f9")
 EXAMPLE_START = Path(__file__).resolve().parent.parent / "configs" / "examples" / "start.json"
+NETWORK_DATA = "openstack/latest/network_data.json"
 
 
 def nocloud(meta_data: str = CIAO_META, networking: Networking = STATIC, user_data: str = USER_DATA) -> Seed:
@@ -108,7 +109,7 @@ def test_nocloud_meta_data_of_empty_payload_meta_data() -> None:
 def test_configdrive_meta_data_keeps_keys_and_sets_identity() -> None:
     meta = '{"uuid": "u1", "local-hostname": "l1", "hostname": "h1", "zone": "z1"}'
     text = configdrive(meta).files["openstack/latest/meta_data.json"].decode()
-    expected = {"uuid": "u1", "local-hostname": "l1", "hostname": "l1", "zone": "z1", "name": "l1"}
+    expected = {"zone": "z1", "uuid": "u1", "hostname": "l1", "name": "l1"}  # identity keys in this format's form
     assert json.loads(text) == expected
     assert text == json.dumps(expected, indent=2) + "\n"
 
@@ -145,28 +146,75 @@ def network_config(seed: Seed) -> Any:
     return yaml.safe_load(seed.files["network-config"])
 
 
+def physical(seed: Seed) -> Any:
+    """The one interface of a nocloud seed's network config (version 1)."""
+    config = network_config(seed)
+    assert config["version"] == 1
+    return config["config"][0]
+
+
 def test_network_config_static() -> None:
+    """The default `guest_network`: the subnet's first host is the gateway, no DNS, no MTU."""
     assert network_config(nocloud()) == {
-        "version": 2,
-        "ethernets": {
-            "eth0": {
-                "match": {"macaddress": "02:00:e6:f5:af:f9"},
-                "set-name": "eth0",
-                "addresses": ["192.168.8.2/21"],
-            }
-        },
+        "version": 1,
+        "config": [{
+            "type": "physical", "name": "eth0", "mac_address": "02:00:e6:f5:af:f9",
+            "subnets": [{"type": "static", "address": "192.168.8.2", "netmask": "255.255.248.0",
+                         "routes": [{"network": "0.0.0.0", "netmask": "0.0.0.0", "gateway": "192.168.8.1"}]}],
+        }],
     }
+
+
+def test_network_config_with_dns_and_mtu() -> None:
+    settings = GuestNetwork(gateway="192.168.9.254", dns_servers=("192.168.8.1", "9.9.9.9"),
+                            dns_search=("launcher.test",), mtu=1400)
+    seed = make_seed("nocloud", UUID, "", "", STATIC, settings)
+    assert network_config(seed)["config"] == [
+        {"type": "physical", "name": "eth0", "mac_address": "02:00:e6:f5:af:f9", "mtu": 1400,
+         "subnets": [{"type": "static", "address": "192.168.8.2", "netmask": "255.255.248.0",
+                      "routes": [{"network": "0.0.0.0", "netmask": "0.0.0.0", "gateway": "192.168.9.254"}],
+                      "dns_nameservers": ["192.168.8.1", "9.9.9.9"], "dns_search": ["launcher.test"]}]},
+        {"type": "nameserver", "address": ["192.168.8.1", "9.9.9.9"]},
+    ]
+    data = json.loads(make_seed("configdrive", UUID, "", "", STATIC, settings).files[NETWORK_DATA])
+    assert data == {
+        "links": [{"id": "link0", "name": "eth0", "type": "phy", "ethernet_mac_address": "02:00:e6:f5:af:f9",
+                   "mtu": 1400}],
+        "networks": [{"id": "network0", "link": "link0", "type": "ipv4", "ip_address": "192.168.8.2",
+                      "netmask": "255.255.248.0",
+                      "routes": [{"network": "0.0.0.0", "netmask": "0.0.0.0", "gateway": "192.168.9.254"}],
+                      "dns_nameservers": ["192.168.8.1", "9.9.9.9"], "dns_search": ["launcher.test"]}],
+        "services": [{"type": "dns", "address": "192.168.8.1"}, {"type": "dns", "address": "9.9.9.9"}],
+    }
+
+
+@pytest.mark.parametrize(("gateway", "private_ip", "subnet", "expected"), [
+    ("none", "192.168.8.2", "192.168.8.0/21", None),
+    ("first_host", "192.168.8.1", "192.168.8.0/21", None),  # the instance is the first host: no route via itself
+    ("first_host", "10.0.0.0", "10.0.0.0/31", None),  # a point-to-point /31 has no first host to route through
+    ("first_host", "10.1.2.9", "10.1.2.3/24", "10.1.2.1"),
+    ("10.1.2.254", "10.1.2.9", "10.1.2.0/24", "10.1.2.254"),
+])
+def test_the_gateway_of_a_static_address(gateway: str, private_ip: str, subnet: str, expected: str | None) -> None:
+    networking = Networking(vnic_mac="52:54:00:12:34:56", subnet=subnet, private_ip=private_ip)
+    seed = make_seed("nocloud", UUID, "", "", networking, GuestNetwork(gateway=gateway))
+    routes = physical(seed)["subnets"][0].get("routes", [])
+    assert [route["gateway"] for route in routes] == ([] if expected is None else [expected])
+
+
+def test_a_gateway_outside_the_subnet_is_refused() -> None:
+    with pytest.raises(SeedError, match=r"^the gateway 10\.9\.9\.1 \(qemu\.guest_network\.gateway\) is not in "
+                                        r"networking\.subnet 192\.168\.8\.0/21"):
+        make_seed("configdrive", UUID, "", "", STATIC, GuestNetwork(gateway="10.9.9.1"))
 
 
 def test_network_config_prefix_comes_from_a_subnet_with_host_bits() -> None:
     seed = nocloud(
         networking=Networking(vnic_mac="52:54:00:12:34:56", subnet="10.1.2.3/24", private_ip="10.1.2.9")
     )
-    ethernet = network_config(seed)["ethernets"]["eth0"]
-    assert ethernet["match"] == {
-        "macaddress": "52:54:00:12:34:56"
-    }  # a string, though YAML 1.1 could read a number
-    assert ethernet["addresses"] == ["10.1.2.9/24"]
+    subnet = physical(seed)["subnets"][0]
+    assert physical(seed)["mac_address"] == "52:54:00:12:34:56"  # a string, though YAML 1.1 could read a number
+    assert (subnet["address"], subnet["netmask"]) == ("10.1.2.9", "255.255.255.0")
 
 
 @pytest.mark.parametrize(
@@ -179,8 +227,9 @@ def test_network_config_prefix_comes_from_a_subnet_with_host_bits() -> None:
 )
 def test_network_config_dhcp(networking: Networking) -> None:
     assert network_config(nocloud(networking=networking)) == {
-        "version": 2,
-        "ethernets": {"eth0": {"match": {"macaddress": "02:00:e6:f5:af:f9"}, "set-name": "eth0", "dhcp4": True}},
+        "version": 1,
+        "config": [{"type": "physical", "name": "eth0", "mac_address": "02:00:e6:f5:af:f9",
+                    "subnets": [{"type": "dhcp4"}]}],
     }
 
 
@@ -194,8 +243,8 @@ def test_no_network_config_without_a_mac() -> None:
 
 
 def test_configdrive_network_data_static() -> None:
-    assert json.loads(configdrive().files["openstack/latest/network_data.json"]) == {
-        "links": [{"id": "link0", "type": "phy", "ethernet_mac_address": "02:00:e6:f5:af:f9"}],
+    assert json.loads(configdrive().files[NETWORK_DATA]) == {
+        "links": [{"id": "link0", "name": "eth0", "type": "phy", "ethernet_mac_address": "02:00:e6:f5:af:f9"}],
         "networks": [
             {
                 "id": "network0",
@@ -203,6 +252,7 @@ def test_configdrive_network_data_static() -> None:
                 "type": "ipv4",
                 "ip_address": "192.168.8.2",
                 "netmask": "255.255.248.0",
+                "routes": [{"network": "0.0.0.0", "netmask": "0.0.0.0", "gateway": "192.168.8.1"}],
             }
         ],
         "services": [],
@@ -210,7 +260,7 @@ def test_configdrive_network_data_static() -> None:
 
 
 def test_configdrive_network_data_dhcp() -> None:
-    data = json.loads(configdrive(networking=DHCP).files["openstack/latest/network_data.json"])
+    data = json.loads(configdrive(networking=DHCP).files[NETWORK_DATA])
     assert data["networks"] == [{"id": "network0", "link": "link0", "type": "ipv4_dhcp"}]
 
 
@@ -350,7 +400,8 @@ def test_example_payload_end_to_end(tmp_path: Path) -> None:
         assert iso_file(iso, rr_path="/user-data") == spec.user_data.encode()
         assert iso_file(iso, rr_path="/meta-data") == b"instance-id: ciao\nlocal-hostname: ciao\n"
         config = yaml.safe_load(iso_file(iso, rr_path="/network-config"))
-        assert config["ethernets"]["eth0"]["addresses"] == ["192.168.8.2/21"]
+        subnet = config["config"][0]["subnets"][0]
+        assert (subnet["address"], subnet["netmask"]) == ("192.168.8.2", "255.255.248.0")
     finally:
         iso.close()
 

@@ -27,6 +27,7 @@ from launcher.payloads.commands import (
 from launcher.payloads.framing import frame
 from launcher.payloads.loader import data_error, json_loads, load_yaml, payload_error, show
 from launcher.plugin.errors import INVALID_DATA, PayloadError
+from launcher.plugin.identity import IdentityError, hostname_problem, read_identity
 from launcher.plugin.spec import IMAGE_RE, MAX_IMAGE_LEN, InstanceSpec, Networking, StorageEntry
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -39,8 +40,6 @@ COMMAND_KEYS = ("start", "stop", "restart", "delete", "evacuate", "restore")
 UUID_RE = re.compile(r"[0-9a-fA-F]+(?:-[0-9a-fA-F]+)*")  # ciao's uuidRegexp; used with fullmatch
 MAX_UUID_LEN = 64
 MAC_RE = re.compile(r"[0-9a-fA-F]{2}(?::[0-9a-fA-F]{2}){5}")
-HOSTNAME_LABEL_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
-MAX_HOSTNAME_LEN = 253
 
 FW_TYPES = ("legacy", "efi", "")
 VM_TYPES = ("qemu", "")
@@ -348,9 +347,9 @@ def _merge_resources(requested: dict[str, tuple[int | bool, str]], requirements:
 
 
 def _check_hostname(name: str, path: str) -> None:
-    labels = name[:-1].split(".") if name.endswith(".") else name.split(".")
-    if len(name) > MAX_HOSTNAME_LEN or not all(HOSTNAME_LABEL_RE.fullmatch(label) for label in labels):
-        raise data_error(path, f"invalid hostname {show(name)} (RFC 1123 labels joined by '.')")
+    problem = hostname_problem(name)
+    if problem is not None:
+        raise data_error(path, f"invalid hostname {show(name)}: {problem}")
 
 
 def _networking(value: Any, path: str) -> Networking:
@@ -454,6 +453,7 @@ def _meta_data(value: Any) -> str:
     if value is None:
         return ""
     if isinstance(value, dict):
+        _check_identity(value)
         try:
             return json.dumps(value, indent=2) + "\n"
         except (RecursionError, ValueError):
@@ -468,7 +468,16 @@ def _meta_data(value: Any) -> str:
         raise data_error("meta_data", f"not valid JSON ({exc})") from None
     if not isinstance(document, dict):
         raise data_error("meta_data", f"must be a JSON object, got {_type_name(document)}")
+    _check_identity(document)
     return value
+
+
+def _check_identity(document: dict[str, Any]) -> None:
+    """The guest identity the meta-data gives must be usable in every seed format (`launcher.plugin.identity`)."""
+    try:
+        read_identity(document)
+    except IdentityError as exc:
+        raise data_error(f"meta_data.{exc.key}", exc.reason) from None
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -108,6 +108,7 @@ class QemuSettings:
     machine: str = "q35"
     seed_format: str = attrs.field(default="nocloud", validator=one_of(*cloudinit.SEED_FORMATS))
     network: NetworkSettings = NetworkSettings()
+    guest_network: cloudinit.GuestNetwork = cloudinit.GuestNetwork()  # gateway, DNS, MTU written into the seed
     image_dirs: tuple[Path, ...] = ()  # searched for <image_uuid>[.img|.qcow2|.raw] before image_url
     image_url: str = ""  # e.g. https://images.example/{id}.qcow2 (also file://); "" for none
     # Where `launcher images import` may also read from: absolute dirs, file:// dirs, http(s):// URL prefixes.
@@ -341,7 +342,8 @@ class QemuVirtualizer:
         started = time.monotonic()
         fmt = self._backend.settings.seed_format
         try:
-            seed = cloudinit.make_seed(fmt, self._uuid, user_data, meta_data, self._spec.networking)
+            seed = cloudinit.make_seed(fmt, self._uuid, user_data, meta_data, self._spec.networking,
+                                       self._backend.settings.guest_network)
             if network_config is not None and fmt == "nocloud":
                 seed = attrs.evolve(seed, files={**seed.files, "network-config": network_config.encode()})
             await trio.to_thread.run_sync(cloudinit.write_seed, seed, self._dir / SEED,

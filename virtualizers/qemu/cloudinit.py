@@ -3,36 +3,46 @@
 The seed is built in-process with pycdlib; no external ISO tool is run.
 
 Identity
-    The *instance-id* is the meta-data's ``instance-id``, else its ``uuid``, else the instance uuid. The
-    *hostname* is the meta-data's ``local-hostname``, else its ``hostname``, else the instance uuid. A key that is
-    absent, null or the empty string counts as absent; any other value must be a string without control
-    characters.
+    Read from the meta-data by `launcher.plugin.identity` (one meaning whatever the format: instance-id from
+    ``instance-id`` or ``uuid``, hostname from ``local-hostname`` or ``hostname``, SSH keys from ``public-keys``
+    or ``public_keys``), then written with the keys each format's cloud-init datasource reads. Without them the
+    instance-id is the instance uuid and the hostname the uuid cut to 63 characters.
 
 Meta-data
     YAML or JSON text (JSON is YAML) holding a mapping with string keys, as ciao sends it (for instance
     ``{"uuid": "ciao", "hostname": "ciao"}``). Blank text, or a document that is null, means an empty mapping.
-    Anything else (unparseable text, a list, a scalar) is an error.
+    Anything else (unparseable text, a list, a scalar) is an error. Keys other than the identity's are passed
+    through unchanged, in their order.
 
 Networking
-    Used only when it has a ``vnic_mac`` (six hex octets joined by ``:``, written lower-case). The address is
-    static when both ``private_ip`` and ``subnet`` are given (``private_ip`` must be a host address of the IPv4
-    CIDR ``subnet``; its prefix length is the subnet's); otherwise the guest asks DHCP. No gateway or DNS server
-    is written: the payload names none (the concentrator is not known to be a gateway).
+    Used only when it has a ``vnic_mac`` (six hex octets joined by ``:``, written lower-case). The NIC is matched
+    by that MAC and named ``eth0`` in both formats. The address is static when both ``private_ip`` and ``subnet``
+    are given (``private_ip`` must be a host address of the IPv4 CIDR ``subnet``; its prefix length is the
+    subnet's); otherwise the guest asks DHCP. The node's `GuestNetwork` settings (``qemu.guest_network``) add:
+    a default route for a static address (``gateway``: the subnet's first host, as ciao's networks used, an
+    address in the subnet, or none; never the instance's own address), DNS servers and search domains (static
+    or DHCP), and the MTU. Both formats carry the same configuration, so that cloud-init renders the same one
+    (tests/test_cloudinit_reader.py checks it with cloud-init's own code).
 
 ``nocloud`` (the default format; ISO volume label ``cidata``)
-    ``meta-data``: YAML whose first two lines are ``instance-id: <instance-id>`` and
-    ``local-hostname: <hostname>`` (quoted only where YAML requires), followed by the payload's other keys in
-    their order (``uuid``, ``hostname``, ``instance-id`` and ``local-hostname`` are replaced by the two lines).
+    ``meta-data``: YAML whose first lines are ``instance-id: <instance-id>`` and ``local-hostname: <hostname>``
+    (quoted only where YAML requires), then ``public-keys: [<key>, ...]`` if there are keys, followed by the
+    payload's other keys in their order.
     ``user-data``: the payload's user-data, UTF-8 encoded, byte for byte (empty if there is none).
-    ``network-config`` (only with a MAC): cloud-init network config version 2, one ethernet matched by
-    ``macaddress`` and renamed ``eth0``, with ``addresses: [<ip>/<prefix>]`` or ``dhcp4: true``.
+    ``network-config`` (only with a MAC): cloud-init network config version 1: one ``physical`` interface
+    ``eth0`` with ``mac_address`` (and ``mtu``), one subnet (``static`` with ``address``/``netmask``, the default
+    route in ``routes`` and the DNS in ``dns_nameservers``/``dns_search``; or ``dhcp4``), and a ``nameserver``
+    entry with the DNS servers (what network_data's ``dns`` services become).
 
 ``configdrive`` (OpenStack config drive, as ciao produced; label ``config-2``)
-    ``openstack/latest/meta_data.json``: the payload's keys with ``uuid`` = instance-id and ``hostname`` =
-    hostname, plus ``name`` = hostname unless the payload has a ``name``; JSON indented by 2.
+    ``openstack/latest/meta_data.json``: the payload's other keys with ``uuid`` = instance-id, ``hostname`` =
+    hostname, ``name`` = hostname unless the payload has a ``name``, and ``public_keys`` = {name: key} if there
+    are keys; JSON indented by 2.
     ``openstack/latest/user_data``: the user-data, written even when empty.
-    ``openstack/latest/network_data.json`` (only with a MAC): OpenStack network_data with one ``phy`` link and
-    one network of type ``ipv4`` (``ip_address``, ``netmask``) or ``ipv4_dhcp``, and no services.
+    ``openstack/latest/network_data.json`` (only with a MAC): OpenStack network_data with one ``phy`` link
+    (``name`` ``eth0``, which cloud-init honours, and ``mtu``), one network of type ``ipv4`` (``ip_address``,
+    ``netmask``, the default route in ``routes``) or ``ipv4_dhcp``, with the DNS in ``dns_nameservers`` /
+    ``dns_search`` (which cloud-init reads), and the DNS servers as ``dns`` services (OpenStack's own form).
 
 The ISO is ISO 9660 at interchange level 3 with Joliet (level 3) and Rock Ridge 1.09 extensions, so Linux
 (which prefers Rock Ridge) and other readers (Joliet) see the names above exactly; the plain ISO 9660 names are
@@ -59,14 +69,15 @@ import yaml
 from pycdlib.pycdlibexception import PyCdlibException
 
 from launcher.plugin.files import atomic_write
+from launcher.plugin.identity import GuestIdentity, IdentityError, default_hostname, hostname_problem, read_identity
 from launcher.plugin.spec import Networking
 
 SEED_FORMATS = ("nocloud", "configdrive")
 
 _LABELS = {"nocloud": "cidata", "configdrive": "config-2"}
 _OPENSTACK = "openstack/latest"
-_GUEST_NIC = "eth0"  # the name NoCloud gives the matched NIC
-_NOCLOUD_REPLACED = frozenset({"instance-id", "uuid", "local-hostname", "hostname"})  # keys the identity replaces
+_GUEST_NIC = "eth0"  # the name the matched NIC gets in both formats
+GATEWAYS = ("first_host", "none")  # or an IPv4 address
 _MAC_RE = re.compile(r"[0-9a-fA-F]{2}(?::[0-9a-fA-F]{2}){5}")
 _NOT_D_CHARACTER = re.compile(r"[^A-Z0-9_]")
 _YAML_WIDTH = 1 << 30  # never fold a long scalar over several lines
@@ -93,12 +104,55 @@ class Seed:
     hostname: str
 
 
+def _gateway_setting(instance: Any, attribute: attrs.Attribute[str], value: str) -> None:
+    if value not in GATEWAYS:
+        try:
+            ipaddress.IPv4Address(value)
+        except ValueError:
+            raise ValueError(f"{attribute.name}: must be first_host, none or an IPv4 address, got {value!r}") from None
+
+
+def _addresses_setting(instance: Any, attribute: attrs.Attribute[tuple[str, ...]], value: tuple[str, ...]) -> None:
+    for address in value:
+        try:
+            ipaddress.ip_address(address)
+        except ValueError:
+            raise ValueError(f"{attribute.name}: {address!r} is not an IP address") from None
+
+
+def _domains_setting(instance: Any, attribute: attrs.Attribute[tuple[str, ...]], value: tuple[str, ...]) -> None:
+    for domain in value:
+        problem = hostname_problem(domain)
+        if problem is not None:
+            raise ValueError(f"{attribute.name}: {domain!r} is not a domain name: {problem}")
+
+
+def _mtu_setting(instance: Any, attribute: attrs.Attribute[int], value: int) -> None:
+    if value and not 68 <= value <= 65535:
+        raise ValueError(f"{attribute.name}: must be 0 (not set) or from 68 to 65535, got {value}")
+
+
 @attrs.frozen
-class _Address:
-    """A validated network config: the lower-case MAC, and the static address (None: DHCP)."""
+class GuestNetwork:
+    """The node's settings for its guests' network (the `qemu.guest_network` section)."""
+
+    gateway: str = attrs.field(default="first_host", validator=_gateway_setting)  # for a static address
+    dns_servers: tuple[str, ...] = attrs.field(default=(), validator=_addresses_setting)
+    dns_search: tuple[str, ...] = attrs.field(default=(), validator=_domains_setting)
+    mtu: int = attrs.field(default=0, validator=_mtu_setting)  # 0: the guest's default
+
+
+@attrs.frozen
+class _Nic:
+    """The validated network config of the one NIC: lower-case MAC, static address (None: DHCP), default
+    gateway (static only), DNS and MTU."""
 
     mac: str
     interface: ipaddress.IPv4Interface | None
+    gateway: ipaddress.IPv4Address | None
+    dns_servers: tuple[str, ...]
+    dns_search: tuple[str, ...]
+    mtu: int
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -106,22 +160,26 @@ class _Address:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def make_seed(fmt: str, instance_uuid: str, user_data: str, meta_data: str, networking: Networking) -> Seed:
+def make_seed(fmt: str, instance_uuid: str, user_data: str, meta_data: str, networking: Networking,
+              guest_network: GuestNetwork = GuestNetwork()) -> Seed:
     """The seed of one instance in format `fmt` (one of `SEED_FORMATS`). Pure: no I/O.
 
-    Raises `SeedError` for an unknown format, meta-data that is not a mapping, an identity value that is not a
-    string, text that is not encodable as UTF-8, or invalid networking (see the module docstring)."""
+    Raises `SeedError` for an unknown format, meta-data that is not a mapping or gives an unusable identity,
+    text that is not encodable as UTF-8, or invalid networking (see the module docstring)."""
     if fmt not in SEED_FORMATS:
         raise SeedError(f"unknown seed format {fmt!r} (expected one of {', '.join(SEED_FORMATS)})")
-    metadata = _parse_meta_data(_utf8(meta_data, "meta-data"))
-    instance_id = _identity(metadata, ("instance-id", "uuid"), instance_uuid)
-    hostname = _identity(metadata, ("local-hostname", "hostname"), instance_uuid)
+    try:
+        identity = read_identity(_parse_meta_data(_utf8(meta_data, "meta-data")))
+    except IdentityError as exc:
+        raise SeedError(f"meta-data.{exc}") from None
+    instance_id = identity.instance_id or instance_uuid
+    hostname = identity.hostname or default_hostname(instance_uuid)
     user_bytes = _utf8(user_data, "user-data")
-    address = _address(networking)
+    nic = _nic(networking, guest_network)
     if fmt == "nocloud":
-        files = _nocloud_files(metadata, instance_id, hostname, user_bytes, address)
+        files = _nocloud_files(identity, instance_id, hostname, user_bytes, nic)
     else:
-        files = _configdrive_files(metadata, instance_id, hostname, user_bytes, address)
+        files = _configdrive_files(identity, instance_id, hostname, user_bytes, nic)
     return Seed(label=_LABELS[fmt], files=files, instance_id=instance_id, hostname=hostname)
 
 
@@ -143,18 +201,6 @@ def _parse_meta_data(text: bytes) -> dict[str, Any]:
     return value
 
 
-def _identity(metadata: Mapping[str, Any], keys: tuple[str, str], default: str) -> str:
-    """The value of the first of `keys` present in `metadata` (null and "" count as absent), else `default`."""
-    for key in keys:
-        value = metadata.get(key)
-        if value is None or value == "":
-            continue
-        if not isinstance(value, str) or not value.isprintable():
-            raise SeedError(f"meta-data.{key}: must be a string without control characters, got {value!r:.60}")
-        return value
-    return default
-
-
 def _utf8(text: str, field: str) -> bytes:
     """`text` in UTF-8; a lone surrogate (which a JSON payload can smuggle in with "\\ud800") is a SeedError."""
     try:
@@ -163,8 +209,8 @@ def _utf8(text: str, field: str) -> bytes:
         raise SeedError(f"{field}: not encodable as UTF-8 ({exc.reason} at offset {exc.start})") from None
 
 
-def _address(networking: Networking) -> _Address | None:
-    """The validated network config of `networking`; None without a MAC."""
+def _nic(networking: Networking, settings: GuestNetwork) -> _Nic | None:
+    """The validated network config of `networking` with the node's settings; None without a MAC."""
     if not networking.vnic_mac:
         return None
     if _MAC_RE.fullmatch(networking.vnic_mac) is None:
@@ -172,8 +218,15 @@ def _address(networking: Networking) -> _Address | None:
             f"networking.vnic_mac {networking.vnic_mac!r:.60} is not a MAC address (xx:xx:xx:xx:xx:xx)"
         )
     mac = networking.vnic_mac.lower()
+    interface = _static_address(networking)
+    gateway = None if interface is None else _gateway(interface, settings.gateway)
+    return _Nic(mac, interface, gateway, settings.dns_servers, settings.dns_search, settings.mtu)
+
+
+def _static_address(networking: Networking) -> ipaddress.IPv4Interface | None:
+    """The static address of `networking`, None for DHCP (no private_ip or no subnet)."""
     if not (networking.private_ip and networking.subnet):
-        return _Address(mac, None)
+        return None
     subnet = _subnet(networking.subnet)
     try:
         ip = ipaddress.IPv4Address(networking.private_ip)
@@ -183,7 +236,19 @@ def _address(networking: Networking) -> _Address | None:
         raise SeedError(f"networking.private_ip {ip} is not in subnet {subnet}")
     if subnet.prefixlen < 31 and ip in (subnet.network_address, subnet.broadcast_address):
         raise SeedError(f"networking.private_ip {ip} is not a host address of subnet {subnet}")
-    return _Address(mac, ipaddress.IPv4Interface((ip, subnet.prefixlen)))
+    return ipaddress.IPv4Interface((ip, subnet.prefixlen))
+
+
+def _gateway(interface: ipaddress.IPv4Interface, setting: str) -> ipaddress.IPv4Address | None:
+    """The default gateway of a static address: none, the subnet's first host, or the configured address (which
+    must be in the subnet). Never the instance's own address (then it has no default route)."""
+    subnet = interface.network
+    if setting == "none" or (setting == "first_host" and subnet.prefixlen >= 31):
+        return None
+    gateway = subnet.network_address + 1 if setting == "first_host" else ipaddress.IPv4Address(setting)
+    if gateway not in subnet:
+        raise SeedError(f"the gateway {gateway} (qemu.guest_network.gateway) is not in networking.subnet {subnet}")
+    return None if gateway == interface.ip else gateway
 
 
 def _subnet(cidr: str) -> ipaddress.IPv4Network:
@@ -197,50 +262,85 @@ def _subnet(cidr: str) -> ipaddress.IPv4Network:
 
 
 def _nocloud_files(
-    metadata: Mapping[str, Any], instance_id: str, hostname: str, user_data: bytes, address: _Address | None
+    identity: GuestIdentity, instance_id: str, hostname: str, user_data: bytes, nic: _Nic | None
 ) -> dict[str, bytes]:
-    identity = {"instance-id": instance_id, "local-hostname": hostname}
-    rest = {key: value for key, value in metadata.items() if key not in _NOCLOUD_REPLACED}
-    files = {"meta-data": (_yaml(identity) + (_yaml(rest) if rest else "")).encode(), "user-data": user_data}
-    if address is not None:
-        files["network-config"] = _yaml(_network_config_v2(address)).encode()
+    head: dict[str, Any] = {"instance-id": instance_id, "local-hostname": hostname}
+    if identity.public_keys:
+        head["public-keys"] = [key for _, key in identity.public_keys]
+    rest = dict(identity.other)
+    files = {"meta-data": (_yaml(head) + (_yaml(rest) if rest else "")).encode(), "user-data": user_data}
+    if nic is not None:
+        files["network-config"] = _yaml(_network_config_v1(nic)).encode()
     return files
 
 
-def _network_config_v2(address: _Address) -> dict[str, Any]:
-    """cloud-init network config version 2 for the one NIC."""
-    ethernet: dict[str, Any] = {"match": {"macaddress": address.mac}, "set-name": _GUEST_NIC}
-    if address.interface is None:
-        ethernet["dhcp4"] = True
+def _network_config_v1(nic: _Nic) -> dict[str, Any]:
+    """cloud-init network config version 1 for the one NIC (the structure cloud-init converts network_data to)."""
+    physical: dict[str, Any] = {"type": "physical", "name": _GUEST_NIC, "mac_address": nic.mac}
+    if nic.mtu:
+        physical["mtu"] = nic.mtu
+    physical["subnets"] = [_subnet_v1(nic)]
+    config: list[dict[str, Any]] = [physical]
+    if nic.dns_servers:  # as network_data's `dns` services become: the servers, node-wide
+        config.append({"type": "nameserver", "address": list(nic.dns_servers)})
+    return {"version": 1, "config": config}
+
+
+def _subnet_v1(nic: _Nic) -> dict[str, Any]:
+    subnet: dict[str, Any]
+    if nic.interface is None:
+        subnet = {"type": "dhcp4"}
     else:
-        ethernet["addresses"] = [address.interface.with_prefixlen]
-    return {"version": 2, "ethernets": {_GUEST_NIC: ethernet}}
+        subnet = {"type": "static", "address": str(nic.interface.ip), "netmask": str(nic.interface.netmask)}
+        if nic.gateway is not None:
+            subnet["routes"] = [_default_route(nic.gateway)]
+    if nic.dns_servers:
+        subnet["dns_nameservers"] = list(nic.dns_servers)
+    if nic.dns_search:
+        subnet["dns_search"] = list(nic.dns_search)
+    return subnet
+
+
+def _default_route(gateway: ipaddress.IPv4Address) -> dict[str, str]:
+    """A default route as both formats write it (OpenStack network_data's route form, also valid in v1)."""
+    return {"network": "0.0.0.0", "netmask": "0.0.0.0", "gateway": str(gateway)}
 
 
 def _configdrive_files(
-    metadata: Mapping[str, Any], instance_id: str, hostname: str, user_data: bytes, address: _Address | None
+    identity: GuestIdentity, instance_id: str, hostname: str, user_data: bytes, nic: _Nic | None
 ) -> dict[str, bytes]:
-    meta = {**metadata, "uuid": instance_id, "hostname": hostname}
+    meta: dict[str, Any] = {**identity.other, "uuid": instance_id, "hostname": hostname}
     meta.setdefault("name", hostname)
+    if identity.public_keys:
+        meta["public_keys"] = dict(identity.public_keys)
     try:
         meta_json = _json(meta)
     except (TypeError, ValueError) as exc:
         raise SeedError(f"meta-data: cannot be written as JSON ({exc})") from None
     files = {f"{_OPENSTACK}/meta_data.json": meta_json, f"{_OPENSTACK}/user_data": user_data}
-    if address is not None:
-        files[f"{_OPENSTACK}/network_data.json"] = _json(_network_data(address))
+    if nic is not None:
+        files[f"{_OPENSTACK}/network_data.json"] = _json(_network_data(nic))
     return files
 
 
-def _network_data(address: _Address) -> dict[str, Any]:
+def _network_data(nic: _Nic) -> dict[str, Any]:
     """OpenStack network_data for the one NIC."""
-    link = {"id": "link0", "type": "phy", "ethernet_mac_address": address.mac}
+    link: dict[str, Any] = {"id": "link0", "name": _GUEST_NIC, "type": "phy", "ethernet_mac_address": nic.mac}
+    if nic.mtu:
+        link["mtu"] = nic.mtu
     network: dict[str, Any] = {"id": "network0", "link": "link0"}
-    if address.interface is None:
+    if nic.interface is None:
         network["type"] = "ipv4_dhcp"
     else:
-        network.update(type="ipv4", ip_address=str(address.interface.ip), netmask=str(address.interface.netmask))
-    return {"links": [link], "networks": [network], "services": []}
+        network.update(type="ipv4", ip_address=str(nic.interface.ip), netmask=str(nic.interface.netmask))
+        if nic.gateway is not None:
+            network["routes"] = [_default_route(nic.gateway)]
+    if nic.dns_servers:
+        network["dns_nameservers"] = list(nic.dns_servers)
+    if nic.dns_search:
+        network["dns_search"] = list(nic.dns_search)
+    services = [{"type": "dns", "address": address} for address in nic.dns_servers]
+    return {"links": [link], "networks": [network], "services": services}
 
 
 def _yaml(value: Mapping[str, Any]) -> str:
