@@ -1,10 +1,11 @@
 """Read a seed with cloud-init's own code (Debian's `cloud-init` package), as a guest would.
 
-Run with the system Python that has cloud-init (``/usr/bin/python3 tests/cloudinit_read.py FORMAT SEED_DIR``;
-the test suite's virtualenv does not have it). SEED_DIR holds the seed's files (``meta-data``, ``user-data``,
-``network-config`` for nocloud; ``openstack/latest/...`` for configdrive), as the ISO carries them. Prints one
-JSON object: what the datasource says (instance-id, hostname, SSH keys, user-data) and the network
-configuration, as cloud-init's `network_state` and as its ENI, netplan and networkd renderers write it.
+Run with the system Python that has cloud-init (``/usr/bin/python3 tests/cloudinit_read.py FORMAT SEED_DIR
+[FORMAT SEED_DIR ...]``; the test suite's virtualenv does not have it). Each SEED_DIR holds a seed's files
+(``meta-data``, ``user-data``, ``network-config`` for nocloud; ``openstack/latest/...`` for configdrive), as the
+ISO carries them. Prints a JSON list with one object per seed: what cloud-init's datasource for FORMAT says
+(instance-id, hostname, FQDN, SSH keys, user-data) and the network configuration, as cloud-init's
+`network_state` and as its ENI, netplan and networkd renderers write it (null without one).
 """
 
 import json
@@ -61,9 +62,11 @@ def _interfaces(state):
 
 
 def main():
-    fmt, seed = sys.argv[1], Path(sys.argv[2])
-    with tempfile.TemporaryDirectory() as root:
-        print(json.dumps(read(fmt, seed, Path(root)), indent=1, sort_keys=True, default=str))
+    results = []
+    for fmt, seed in zip(sys.argv[1::2], sys.argv[2::2], strict=True):
+        with tempfile.TemporaryDirectory() as root:
+            results.append(read(fmt, Path(seed), Path(root)))
+    print(json.dumps(results, indent=1, sort_keys=True, default=str))
 
 
 if __name__ == "__main__":

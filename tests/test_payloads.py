@@ -605,6 +605,47 @@ def test_json_user_and_meta_data_types(key: str, value: Any, fragment: str) -> N
     assert fragment in err.reason
 
 
+LONG_NAME = ".".join(["a" * 63] * 4)  # 255 characters: every label fine, the name too long
+
+
+@pytest.mark.parametrize(("meta_data", "fragment"), [
+    ({"hostname": " lead"}, "meta_data.hostname: invalid hostname ' lead'"),
+    ({"hostname": "a: b"}, "meta_data.hostname: invalid hostname 'a: b'"),
+    ({"local-hostname": "x" * 300}, "meta_data.local-hostname: invalid hostname"),
+    ({"hostname": LONG_NAME}, "longer than 253 characters"),
+    ({"hostname": "a" * 64}, "1 to 63 characters"),
+    ({"hostname": "-web"}, "not first or last"),
+    ({"hostname": "web_1"}, "meta_data.hostname: invalid hostname 'web_1'"),
+    ({"hostname": "a..b"}, "invalid label ''"),
+    ({"local-hostname": "ok", "hostname": "not ok"}, None),  # local-hostname wins; hostname is not used
+    ({"uuid": "line\nbreak"}, "meta_data.uuid: must be a string without control characters"),
+    ({"instance-id": 7}, "meta_data.instance-id: must be a string"),
+    ({"public-keys": 7}, "meta_data.public-keys: must be a string, a list of strings or a mapping"),
+    ({"public_keys": ["ssh-ed25519 AAAA a", ""]}, "meta_data.public_keys: each key must be one non-empty line"),
+    ({"public_keys": {"": "ssh-ed25519 AAAA a"}}, "meta_data.public_keys: key names must be non-empty strings"),
+    ({"public-keys": ["k1"], "public_keys": ["k2"]}, "meta_data.public_keys: names other keys than public-keys"),
+    ({"public-keys": "k1\nk2", "public_keys": {"one": "k1", "two": "k2"}}, None),  # the same keys: fine
+    ({"hostname": "web-1.example.org.", "public-keys": "ssh-ed25519 AAAA a"}, None),
+])
+@pytest.mark.parametrize("fmt", ["json", "yaml"])
+def test_meta_data_identity_is_checked(meta_data: dict[str, Any], fragment: str | None, fmt: str) -> None:
+    """The meta-data's hostname, instance-id and SSH keys must be usable in every seed format (issue 10)."""
+    doc = {**start_doc(), "meta_data": meta_data if fmt == "json" else json.dumps(meta_data)}
+    if fragment is None:
+        assert json.loads(parse_doc(doc, "json").spec.meta_data) == meta_data
+        return
+    err = doc_error(doc, "json")
+    assert (err.code, err.instance_uuid) == (INVALID_DATA, UUID)
+    assert fragment in err.reason, err.reason
+
+
+@pytest.mark.parametrize("hostname", ["a: b", "x" * 300, "a" * 64, "web_1", "-lead"])  # (payload strings are trimmed)
+def test_requirements_hostname_follows_the_same_rule(hostname: str) -> None:
+    err = doc_error({**start_doc(), "start": {**start_doc()["start"], "requirements": {"hostname": hostname}}},
+                    "json")
+    assert err.code == INVALID_DATA and err.reason.startswith("start.requirements.hostname: invalid hostname")
+
+
 def test_json_user_data_only_with_start() -> None:
     err = doc_error({"stop": {"instance_uuid": UUID}, "user_data": "x"}, "json")
     assert err.code == INVALID_DATA and err.reason.startswith("user_data: only allowed with a start command")
