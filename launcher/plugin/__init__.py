@@ -6,6 +6,8 @@ through its ``launcher.virtualizers`` entry point (pyproject.toml, `launcher.bac
 
 - `spec`: the instance model, `InstanceSpec` (with `Networking` and `StorageEntry`), resources already filled
   from the node's defaults, and the image-id rule.
+- `identity`: what a START's meta-data means for the guest (instance-id, hostname, SSH keys), whatever the
+  seed format, and the hostname rule.
 - `errors`: ciao's error codes and the exceptions: `VirtualizerError` for a failed call, `SetupError` for a
   host or configuration that cannot work (one line that says what to do).
 - `protocol`: the contract: `Virtualizer` (one per instance, called one call at a time by the instance's
