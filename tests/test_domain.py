@@ -31,6 +31,7 @@ from launcher.plugin.spec import InstanceSpec, Networking
 from virtualizers.qemu import backend as qemu
 from virtualizers.qemu import domain, preflight
 from virtualizers.qemu.backend import NetworkSettings, QemuBackend, QemuSettings, remove_domain, resolve_accel
+from virtualizers.qemu.cloudinit import GuestNetwork
 from virtualizers.qemu.domain import DomainParams, Firmware, canonical_uuid, domain_xml, libvirt_uuid, read_metadata
 
 UUID = "d7d86208-b46c-4465-9018-fe14087d415f"
@@ -455,6 +456,8 @@ def test_settings_full_section() -> None:
         "image_url": "https://images.example/{id}.qcow2", "image_gc_age_s": 3600, "ovmf_code": "/o/CODE.fd",
         "ovmf_vars": "/o/VARS.fd", "destroy_orphans": True, "libvirt_threads": 3, "libvirt_timeout_s": 7,
         "import_sources": ["/srv/more", "https://mirror.example/images"], "image_max_bytes": 1 << 30,
+        "guest_network": {"gateway": "10.0.0.254", "dns_servers": ["10.0.0.53", "fd00::53"],
+                          "dns_search": ["example.org"], "mtu": 9000},
     }
     assert parse_section(QemuSettings, raw, "qemu.") == QemuSettings(
         uri="qemu+ssh://host/system", accel="tcg", machine="pc", seed_format="configdrive",
@@ -462,6 +465,7 @@ def test_settings_full_section() -> None:
         image_url="https://images.example/{id}.qcow2", image_gc_age_s=3600.0, ovmf_code=Path("/o/CODE.fd"),
         ovmf_vars=Path("/o/VARS.fd"), destroy_orphans=True, libvirt_threads=3, libvirt_timeout_s=7.0,
         import_sources=("/srv/more", "https://mirror.example/images"), image_max_bytes=1 << 30,
+        guest_network=GuestNetwork("10.0.0.254", ("10.0.0.53", "fd00::53"), ("example.org",), 9000),
     )
     assert {f.name for f in attrs.fields(QemuSettings)} == set(raw)  # the section above is complete
 
@@ -475,6 +479,13 @@ def test_settings_full_section() -> None:
     ({"import_sources": ["ftp://x/"]}, "qemu.import_sources"),
     ({"image_max_bytes": -1}, "qemu.image_max_bytes"),
     ({"bogus": 1}, "qemu.bogus"),
+    ({"guest_network": {"gateway": "router"}}, "qemu.guest_network.gateway"),
+    ({"guest_network": {"gateway": "10.0.0.300"}}, "qemu.guest_network.gateway"),
+    ({"guest_network": {"dns_servers": ["ns1.example"]}}, "qemu.guest_network.dns_servers"),
+    ({"guest_network": {"dns_servers": "10.0.0.53"}}, "qemu.guest_network.dns_servers"),
+    ({"guest_network": {"dns_search": ["bad domain"]}}, "qemu.guest_network.dns_search"),
+    ({"guest_network": {"mtu": 20}}, "qemu.guest_network.mtu"),
+    ({"guest_network": {"mtu": 70000}}, "qemu.guest_network.mtu"),
 ])
 def test_settings_errors_name_the_key(raw: dict[str, Any], key: str) -> None:
     with pytest.raises(ConfigError) as caught:
