@@ -25,6 +25,15 @@ LAUNCH_FAILURE = "launch_failure"
 STOP_FAILURE = "stop_failure"
 # Our addition: `launcher images rm` of an image that an instance uses.
 IMAGE_IN_USE = "image_in_use"
+# Volumes (ciao's attach/detach codes, reference §6.6, and our volume store's).
+ALREADY_ATTACHED = "already_attached"
+NOT_ATTACHED = "not_attached"
+ATTACH_FAILURE = "attach_failure"
+DETACH_FAILURE = "detach_failure"
+NOT_SUPPORTED = "not_supported"  # the virtualizer cannot do this (e.g. it keeps no volumes)
+VOLUME_EXISTS = "volume_exists"  # our addition: POST /v1/volumes with an id that is taken
+VOLUME_IN_USE = "volume_in_use"  # our addition: DELETE or resize of a volume an instance uses
+VOLUME_FAILURE = "volume_failure"  # our addition: the volume store could not create, resize or remove it
 # Our addition: the data dir's file system is full (ENOSPC, EDQUOT): the command could not be made durable.
 STORAGE_FULL = "storage_full"
 # Transport-level codes of the HTTP API.

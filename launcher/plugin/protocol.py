@@ -92,7 +92,8 @@ class Backend(Protocol):
     def new_virtualizer(self) -> Virtualizer:
         """A fresh, uninitialised Virtualizer for one instance."""
 
-    # A backend with backing images also has `images: ImageCatalog` (see `image_catalog`).
+    # A backend with backing images also has `images: ImageCatalog` (see `image_catalog`), and one with volumes
+    # `volumes: VolumeCatalog` (see `volume_catalog`).
     # A backend may also have `async preflight() -> None`, which raises SetupError (one line that says what to
     # do) if the host cannot run its VMs as configured; `launcher serve` awaits it before it serves.
 
@@ -130,6 +131,59 @@ class ImageCatalog(Protocol):
     async def remove(self, image_id: str, in_use: Collection[str]) -> None: ...
 
     async def gc(self, in_use: Collection[str], older_than_s: float) -> builtins.list[str]: ...
+
+
+def volume_catalog(backend: Backend) -> VolumeCatalog | None:
+    catalog: VolumeCatalog | None = getattr(backend, "volumes", None)
+    return catalog
+
+
+VOLUME_FORMATS = ("qcow2", "raw")
+MAX_VOLUME_MB = 64 << 20  # 64 TiB: a larger volume is a mistake, not a plan
+
+
+@attrs.frozen
+class VolumeInfo:
+    """One volume of a backend's volume store. `source_image`: the backing image it was made from ("" if blank);
+    a volume made from an image is `bootable`."""
+
+    id: str
+    size_mb: int  # capacity, as the guest sees it
+    allocation_mb: int  # space it takes on the host now
+    format: str  # one of VOLUME_FORMATS
+    source_image: str = ""
+    clone: str = ""  # "cow" (a copy-on-write child of the image) or "copy" (a full copy); "" without image
+    path: str = ""  # where the host keeps it (a file for a dir pool), for operators
+
+    @property
+    def bootable(self) -> bool:
+        return bool(self.source_image)
+
+
+class VolumeCatalog(Protocol):
+    """A backend's store of volumes, if it has one (its `volumes` attribute); served at /v1/volumes.
+
+    Volume ids are uuids (hex groups joined by '-', what `launcher.payloads.is_valid_uuid` accepts), checked by
+    the caller. Which instance uses a volume is the launcher's business, not the store's: the caller refuses to
+    delete or resize a volume in use. Failures raise LauncherError: `not_found` (no such volume),
+    `volume_exists`, `invalid_data` (a source image that does not exist, a size smaller than it, shrinking),
+    `storage_full`, `volume_failure` (anything else the store refused), with a reason naming what."""
+
+    async def list(self) -> builtins.list[VolumeInfo]: ...
+
+    async def get(self, volume_id: str) -> VolumeInfo:
+        """The volume, or LauncherError not_found."""
+
+    async def create(self, volume_id: str, size_mb: int, fmt: str, *, source_image: str = "",
+                     clone: str = "cow") -> VolumeInfo:
+        """A new volume of `size_mb` (1..MAX_VOLUME_MB) in `fmt`: blank, or made from the backing image
+        `source_image` as a copy-on-write child (`clone="cow"`, qcow2 only) or a full copy (`"copy"`); a
+        `size_mb` of 0 with an image means the image's size. Nothing is left behind on failure."""
+
+    async def delete(self, volume_id: str) -> None: ...
+
+    async def resize(self, volume_id: str, size_mb: int) -> VolumeInfo:
+        """Grow the volume to `size_mb` (shrinking is invalid_data: it would cut the guest's file system)."""
 
 
 # What the entry point named after a virtualizer must be: called with that virtualizer's section of the
