@@ -39,6 +39,7 @@ from launcher.plugin import errors
 from launcher.plugin.errors import LauncherError
 from launcher.stats import StatsReporter, instance_figures, node_figures
 from launcher.supervisor import Supervisor
+from launcher.volume_routes import VolumeRoutes
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +118,7 @@ class Api:
             ("GET", re.compile(r"/v1/stats"), self.get_stats),
             ("GET", re.compile(r"/v1/events"), self.events),
             *ImageRoutes(supervisor).routes(),
+            *VolumeRoutes(supervisor).routes(),
         ]
         # The route label of /metrics' request latencies: the pattern, e.g. /v1/instances/{uuid}
         self.route_names = {pattern: re.sub(r"\(\?P<(\w+)>[^)]*\)", r"{\1}", pattern.pattern)

@@ -177,6 +177,39 @@ def _logs(client: Client, args: argparse.Namespace) -> None:
         sys.stdout.flush()
 
 
+def _volumes_ls(client: Client, args: argparse.Namespace) -> None:
+    def table(answer: dict[str, Any]) -> str:
+        columns = ["id", "size_mb", "allocation_mb", "format", "source_image", "attached_to"]
+        rows = [[c.upper() for c in columns]]
+        rows += [[str(v[c]) if v[c] not in (None, "") else "-" for c in columns] for v in answer["volumes"]]
+        return _table(rows)
+
+    _show(args, client.request("GET", "/v1/volumes"), table)
+
+
+def _volumes_create(client: Client, args: argparse.Namespace) -> None:
+    body = {"id": args.id, "size_mb": args.size_mb, "format": args.format}
+    if args.image:
+        body.update(source_image=args.image, clone=args.clone)
+    answer = client.request("POST", "/v1/volumes", json.dumps(body).encode(), "application/json")
+    _show(args, answer, lambda a: f"created {a['id']} ({a['size_mb']} MiB {a['format']})")
+
+
+def _volumes_show(client: Client, args: argparse.Namespace) -> None:
+    _show(args, client.request("GET", f"/v1/volumes/{args.id}"),
+          lambda a: "\n".join(f"{key}: {value}" for key, value in a.items()))
+
+
+def _volumes_resize(client: Client, args: argparse.Namespace) -> None:
+    body = json.dumps({"size_mb": args.size_mb}).encode()
+    answer = client.request("POST", f"/v1/volumes/{args.id}/resize", body, "application/json")
+    _show(args, answer, lambda a: f"resized {a['id']} to {a['size_mb']} MiB")
+
+
+def _volumes_rm(client: Client, args: argparse.Namespace) -> None:
+    _show(args, client.request("DELETE", f"/v1/volumes/{args.id}"), lambda a: f"removed {a['removed']}")
+
+
 def _images_ls(client: Client, args: argparse.Namespace) -> None:
     def table(answer: dict[str, Any]) -> str:
         columns = ["id", "format", "virtual_size", "size", "in_use", "last_used", "source"]
@@ -362,6 +395,24 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("id")
     p = verb("gc", _images_gc, "remove unused images not used for a while", group=image_verbs)
     p.add_argument("--older-than", type=float, metavar="SECONDS", help="default: the virtualizer's image_gc_age_s")
+
+    volumes = verbs.add_parser("volumes", help="volumes: ls | create ID --size-mb N | show ID | resize ID N | rm ID")
+    volume_verbs = volumes.add_subparsers(dest="volume_verb", required=True, metavar="VOLUME_VERB")
+    verb("ls", _volumes_ls, "list the volumes", group=volume_verbs)
+    p = verb("create", _volumes_create, "create a volume, blank or from a backing image", group=volume_verbs)
+    p.add_argument("id", help="the volume's uuid, as START storage entries and attach_volume name it")
+    p.add_argument("--size-mb", type=int, default=0, help="its size (default with --image: the image's)")
+    p.add_argument("--format", choices=("qcow2", "raw"), default="qcow2")
+    p.add_argument("--image", help="make it from this backing image (bootable)")
+    p.add_argument("--clone", choices=("cow", "copy"), default="cow",
+                   help="with --image: a copy-on-write child (qcow2) or a full copy")
+    p = verb("show", _volumes_show, "show one volume", group=volume_verbs)
+    p.add_argument("id")
+    p = verb("resize", _volumes_resize, "grow a volume no instance uses", group=volume_verbs)
+    p.add_argument("id")
+    p.add_argument("size_mb", type=int)
+    p = verb("rm", _volumes_rm, "delete a volume no instance uses", group=volume_verbs)
+    p.add_argument("id")
 
     verb("evacuate", _evacuate, "enter maintenance and stop every instance")
     verb("restore", _restore, "leave maintenance")

@@ -101,6 +101,7 @@ METHODS = ["GET", "POST", "DELETE", "PUT", "PATCH", "HEAD", "OPTIONS", "get", ""
 ENDPOINTS = ["/healthz", "/metrics", "/v1/instances", "/v1/instances/{u}", "/v1/instances/{u}/stop",
              "/v1/instances/{u}/restart", "/v1/instances/{u}/log", "/v1/commands", "/v1/node", "/v1/node/evacuate",
              "/v1/node/restore", "/v1/stats", "/v1/events", "/v1/images", "/v1/images/{u}", "/v1/images/gc",
+             "/v1/volumes", "/v1/volumes/{u}", "/v1/volumes/{u}/resize",
              "/", "//", "/v1/", "/v1/instances/{u}/{u}"]
 SEGMENTS = st.sampled_from(UUIDS + ["%2e%2e%2ffuzz-escape", "..%2F..%2Ffuzz-escape", "%00", "%ff", "a b", "?", "#"]) \
     | st.text(max_size=12)

@@ -56,6 +56,7 @@ from launcher.plugin.protocol import MonitorEvent, MonitorInbox, VmStats
 from launcher.plugin.settings import at_most, one_of, parse_section
 from launcher.plugin.spec import InstanceSpec
 from virtualizers.simulation import simvm
+from virtualizers.simulation.volumes import VOLUMES_DIR, SimulatedVolumes
 
 SECTION = "simulation"  # the config section these settings come from; error messages name keys under it
 MODES = ("memory", "process")
@@ -140,6 +141,7 @@ class SimulationBackend:
 
     settings: SimulationSettings
     limiter: trio.CapacityLimiter  # the launcher's shared limit on worker threads (BackendHost.limiter)
+    volumes: SimulatedVolumes  # the volume store (VolumeCatalog), served at /v1/volumes
     name: str = attrs.field(default="simulation", init=False)
     _vms: dict[str, _FakeVm] = attrs.field(factory=dict, init=False)  # memory mode's "hypervisor"
     _booting: collections.deque[_FakeVm] = attrs.field(factory=collections.deque, init=False)  # by up_at
@@ -205,13 +207,13 @@ async def open_backend(settings: Mapping[str, Any], host: BackendHost) -> AsyncI
     """Open the simulation backend (the `simulation` entry point of `launcher.virtualizers`).
 
     `settings` is the `simulation:` config section; SetupError (naming the key) if it is invalid. Of `host`
-    only the worker-thread limiter is used: the simulation keeps nothing outside the instance directories and
-    reports nothing of its own. Closing
+    the worker-thread limiter and the data dir are used: the simulation keeps nothing outside the instance
+    directories but its volumes (`volumes.py`), and reports nothing of its own. Closing
     the backend leaves process-mode VMs running (a restarted launcher recovers them); memory-mode VMs live in
     the backend and end with it.
     """
     parsed: SimulationSettings = parse_section(SimulationSettings, dict(settings), f"{SECTION}.")
-    backend = SimulationBackend(parsed, host.limiter)
+    backend = SimulationBackend(parsed, host.limiter, SimulatedVolumes(host.data_dir / VOLUMES_DIR, host.limiter))
     async with trio.open_nursery() as nursery:
         nursery.start_soon(backend.run_boot_clock)
         yield backend
