@@ -99,7 +99,7 @@ class Api:
         self.token = token
         self.config = supervisor.config
         self.metrics = supervisor.metrics
-        self.metrics.registry.register(StateCollector(supervisor, journal))
+        self.metrics.registry.register(StateCollector(supervisor, journal, lambda: stats.volumes))
         u = r"(?P<uuid>[^/]+)"
         self.routes: list[tuple[str, re.Pattern[str], Handler]] = [
             ("GET", re.compile(r"/healthz"), self.healthz),

@@ -18,7 +18,7 @@ histogram observation costs 1–1.5 µs here).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 from weakref import WeakKeyDictionary
 
@@ -26,6 +26,8 @@ import trio
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from launcher.plugin.protocol import VolumeInfo
 
 if TYPE_CHECKING:
     from launcher.events import EventJournal
@@ -146,9 +148,11 @@ class StateCollector(Collector):
     """Gauges of the live state, read at scrape time (and once when registered, so that the registry checks
     their names against the others')."""
 
-    def __init__(self, supervisor: Supervisor, journal: EventJournal) -> None:
+    def __init__(self, supervisor: Supervisor, journal: EventJournal,
+                 volumes: Callable[[], Sequence[VolumeInfo]] = tuple) -> None:
         self.supervisor = supervisor
         self.journal = journal
+        self.volumes = volumes  # the volume store's volumes as of the last STATS snapshot
 
     def collect(self) -> Iterator[Metric]:
         s = self.supervisor
@@ -187,3 +191,10 @@ class StateCollector(Collector):
             if figures.disk_mb >= 0:
                 disk.add_metric([actor.uuid], figures.disk_mb * MIB)
         yield from (memory, cpu, disk)
+        volumes = self.volumes()
+        yield GaugeMetricFamily("launcher_volumes", "Volumes in the volume store (as of the last STATS snapshot)",
+                                value=len(volumes))
+        yield GaugeMetricFamily("launcher_volume_capacity_bytes", "Total size of the volumes, as their guests see "
+                                "them", value=sum(v.size_mb for v in volumes) * MIB)
+        yield GaugeMetricFamily("launcher_volume_allocation_bytes", "Space the volumes take on the host",
+                                value=sum(v.allocation_mb for v in volumes) * MIB)

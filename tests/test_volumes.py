@@ -6,10 +6,12 @@ a libvirt storage pool, has its own tests (tests/test_volumes_qemu.py)."""
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import pytest
 from test_api import YAML, error_of
+from test_metrics import promtool_check, samples_of, scrape, value
 from test_recovery import all_events
 
 from launcher.client import Client
@@ -116,3 +118,20 @@ def test_cli_volumes(launcher_factory: Any) -> None:
     assert launcher.cli("volumes", "rm", VOL).returncode == 0
     failed = launcher.cli("volumes", "rm", VOL)
     assert failed.returncode != 0 and "not_found" in failed.stderr
+
+
+def test_metrics_count_the_volumes(launcher_factory: Any) -> None:
+    client = launcher_factory({"intervals": {"stats_snapshot_s": 0.1}}).client()
+    create(client, id=VOL, size_mb=100)
+    create(client, id="0a1b-0002", size_mb=0, source_image="debian-12")
+    deadline = time.monotonic() + 10
+    while True:
+        text = scrape(client)
+        samples = samples_of(text)
+        if value(samples, "launcher_volumes") == 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    promtool_check(text)
+    assert value(samples, "launcher_volumes") == 2
+    assert value(samples, "launcher_volume_capacity_bytes") == (100 + 2048) * 2**20
+    assert value(samples, "launcher_volume_allocation_bytes") == (10 + 204) * 2**20
