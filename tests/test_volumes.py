@@ -42,9 +42,16 @@ def test_create_show_list_resize_delete(launcher_factory: Any) -> None:
     assert grown["size_mb"] == 1024
     assert client.request("DELETE", f"/v1/volumes/{VOL}") == {"removed": VOL}
     assert error_of(lambda: client.request("GET", f"/v1/volumes/{VOL}")).status == 404
-    volume_events = [(e["type"], e["volume_id"]) for e in all_events(client) if e["type"].startswith("volume_")]
-    assert volume_events == [("volume_created", VOL), ("volume_created", "0a1b-0002"), ("volume_resized", VOL),
-                             ("volume_deleted", VOL)]
+    expected = [("volume_created", VOL), ("volume_created", "0a1b-0002"), ("volume_resized", VOL),
+                ("volume_deleted", VOL)]
+    deadline = time.monotonic() + 10  # events are visible once durable, which may be just after the answer
+    while (seen := volume_events(client)) != expected and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert seen == expected
+
+
+def volume_events(client: Client) -> list[tuple[str, str]]:
+    return [(e["type"], e["volume_id"]) for e in all_events(client) if e["type"].startswith("volume_")]
 
 
 def test_volumes_outlive_the_launcher(launcher_factory: Any) -> None:
