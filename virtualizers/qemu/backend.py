@@ -23,9 +23,10 @@ Per instance (all files in the instance dir, docs/architecture.md §4.3):
     PSS of the QEMU process, CPU time from libvirt normalised to the allotted vCPUs, bytes allocated to the
     overlay.
 
-Backend-wide: one libvirt connection, the image store, and at start-up the orphan scan: a domain carrying our
-metadata for this data dir but without an instance dir is reported (`orphan_domain` event) and destroyed only
-when `destroy_orphans` is set.
+Backend-wide: one libvirt connection, the image store, the volume store (`volumes`, volumes.py: volumes of
+a libvirt storage pool, by default the launcher's own dir pool at ``<data_dir>/volumes``), and at start-up the
+orphan scan: a domain carrying our metadata for this data dir but without an instance dir is reported
+(`orphan_domain` event) and destroyed only when `destroy_orphans` is set.
 
 Settings (the `qemu:` config section, every key optional; see `QemuSettings`).
 """
@@ -64,6 +65,7 @@ from virtualizers.qemu.hypervisor import (
 )
 from virtualizers.qemu.images import DEFAULT_MAX_BYTES, ImageError, ImageInfo, ImageStore, ImportProgress
 from virtualizers.qemu.import_policy import ImportPolicy
+from virtualizers.qemu.volumes import VOLUMES_DIR, VolumeStore
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +102,15 @@ class NetworkSettings:
 
 
 @attrs.frozen
+class VolumeSettings:
+    """Where volumes live (virtualizers/qemu/volumes.py): "" is the launcher's own dir pool at
+    <data_dir>/volumes; any other name is a libvirt storage pool the operator defined and started (RBD, LVM,
+    NFS, ...; not tested here), in which the launcher creates and deletes volumes named <volume id>.<fmt> only."""
+
+    pool: str = ""
+
+
+@attrs.frozen
 class QemuSettings:
     """The `qemu:` section of the launcher config."""
 
@@ -109,6 +120,7 @@ class QemuSettings:
     seed_format: str = attrs.field(default="nocloud", validator=one_of(*cloudinit.SEED_FORMATS))
     network: NetworkSettings = NetworkSettings()
     guest_network: cloudinit.GuestNetwork = cloudinit.GuestNetwork()  # gateway, DNS, MTU written into the seed
+    volumes: VolumeSettings = VolumeSettings()
     image_dirs: tuple[Path, ...] = ()  # searched for <image_uuid>[.img|.qcow2|.raw] before image_url
     image_url: str = ""  # e.g. https://images.example/{id}.qcow2 (also file://); "" for none
     # Where `launcher images import` may also read from: absolute dirs, file:// dirs, http(s):// URL prefixes.
@@ -143,6 +155,7 @@ class QemuBackend:
     hypervisor: Hypervisor
     images: ImageStore
     kvm: bool
+    volumes: VolumeStore | None = None  # set by open_backend once libvirt is connected
     name: str = attrs.field(default="qemu", init=False)
     # Whom QEMU runs as, found by the preflight: its group may search instance dirs (which are 0700 otherwise).
     qemu_user: preflight.QemuUser | None = attrs.field(default=None, init=False)
@@ -176,8 +189,10 @@ class QemuBackend:
         preflight.check_firmware({f"{SECTION}.ovmf_code": s.ovmf_code, f"{SECTION}.ovmf_vars": s.ovmf_vars})
         await preflight.check_capabilities(self.hypervisor, s.machine, self.kvm)
         data_dir = self.host.data_dir
-        self.qemu_user = await preflight.check_reachable(self.hypervisor,
-                                                         [data_dir / "instances", data_dir / IMAGES_DIR])
+        reached = [data_dir / "instances", data_dir / IMAGES_DIR]
+        if not s.volumes.pool:
+            reached.append(data_dir / VOLUMES_DIR)  # the own pool's volumes are files there
+        self.qemu_user = await preflight.check_reachable(self.hypervisor, reached)
         if self.qemu_user is not None:
             self.images.share_with_group(self.qemu_user.gid)  # QEMU reads the images even without libvirt's chown
 
@@ -272,10 +287,13 @@ async def open_backend(raw: Mapping[str, Any], host: BackendHost) -> AsyncIterat
         raise SetupError(f"{SECTION}: {exc}") from exc
     async with open_hypervisor(settings.uri, threads=settings.libvirt_threads,
                                call_timeout_s=settings.libvirt_timeout_s) as hypervisor:
-        backend = QemuBackend(settings, host, hypervisor, images, resolve_accel(settings.accel))
-        log.info("qemu virtualizer: libvirt %s, accel %s, seed %s, network %s:%s", settings.uri,
+        volumes = VolumeStore(hypervisor, images, data_dir=host.data_dir, pool=settings.volumes.pool,
+                              limiter=host.limiter)
+        await volumes.open()
+        backend = QemuBackend(settings, host, hypervisor, images, resolve_accel(settings.accel), volumes)
+        log.info("qemu virtualizer: libvirt %s, accel %s, seed %s, network %s:%s, volume pool %s", settings.uri,
                  "kvm" if backend.kvm else "tcg", settings.seed_format, settings.network.kind,
-                 settings.network.source)
+                 settings.network.source, volumes.pool_name)
         await backend.handle_orphans()
         yield backend
 
