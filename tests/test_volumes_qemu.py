@@ -9,6 +9,7 @@ from __future__ import annotations
 import grp
 import json
 import os
+import shutil
 import stat
 import subprocess
 import uuid as uuid_module
@@ -330,6 +331,22 @@ async def test_open_clears_an_interrupted_create(data_dir: Path, guest_image_dir
     assert record_files(data_dir) == {f"{kept}.json"}
 
 
+async def test_a_pool_dir_removed_behind_libvirts_back_is_made_again(data_dir: Path,
+                                                                      guest_image_dir: Path) -> None:
+    """The active pool's directory (volumes and all) removed by hand: the next open builds it again and forgets
+    the volumes that went with it."""
+    async with backend(data_dir, guest_image_dir) as opened:
+        await store_of(opened).create(new_id(), 16, "qcow2")
+    shutil.rmtree(data_dir / VOLUMES_DIR)
+    async with backend(data_dir, guest_image_dir) as opened:
+        store = store_of(opened)
+        assert await store.list() == []
+        assert record_files(data_dir) == set()
+        info = os.stat(data_dir / VOLUMES_DIR)
+        assert (stat.S_IMODE(info.st_mode), info.st_gid) == (0o710, qemu_gid())
+        assert (await store.create(new_id(), 16, "raw")).size_mb == 16
+
+
 async def test_a_pool_of_our_name_elsewhere_is_a_setup_error(data_dir: Path, guest_image_dir: Path) -> None:
     name = own_pool_name(data_dir)
     elsewhere = data_dir / "elsewhere"
@@ -351,3 +368,39 @@ def test_volumes_settings() -> None:
     assert parse_section(QemuSettings, {"volumes": {"pool": "ceph"}}, "qemu.").volumes.pool == "ceph"
     with pytest.raises(ConfigError, match="qemu.volumes.pol: unknown setting"):
         parse_section(QemuSettings, {"volumes": {"pol": "x"}}, "qemu.")
+
+
+async def test_qemu_opens_a_volume_through_libvirts_dac_labels(data_dir: Path, guest_image_dir: Path) -> None:
+    """What `disk_source` gives is enough for a domain's disk: a paused transient domain (QEMU starts and opens
+    its disks, the guest does not run) with a copy-on-write volume as its disk. While it runs, libvirt has handed
+    the 0600 file to QEMU's user (dynamic_ownership); once it is destroyed, the file is the launcher's again."""
+    async with backend(data_dir, guest_image_dir) as opened:
+        store = store_of(opened)
+        volume_id = new_id()
+        await store.create(volume_id, 0, "qcow2", source_image=IMAGE_ID)
+        path, fmt = await store.disk_source(volume_id)
+        name = f"launcher-volume-test-{volume_id[:8]}"
+        xml = f"""<domain type='qemu'>
+          <name>{name}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>
+          <os><type arch='x86_64' machine='q35'>hvm</type></os>
+          <devices>
+            <disk type='file' device='disk'><driver name='qemu' type='{fmt}'/><source file='{path}'/>
+              <target dev='vda' bus='virtio'/><serial>{volume_id}</serial></disk>
+          </devices></domain>"""
+        with conn() as connection:
+            domain = connection.createXML(xml, libvirt.VIR_DOMAIN_START_PAUSED)
+            try:
+                assert os.stat(path).st_uid == pwd_uid("libvirt-qemu")
+                live = ET.fromstring(domain.XMLDesc(0))
+                assert live.findtext("devices/disk/serial") == volume_id
+            finally:
+                domain.destroy()
+        info = os.stat(path)
+        assert (info.st_uid, stat.S_IMODE(info.st_mode)) == (os.getuid(), 0o600)
+        assert (await store.get(volume_id)).clone == "cow"
+
+
+def pwd_uid(user: str) -> int:
+    import pwd
+
+    return pwd.getpwnam(user).pw_uid

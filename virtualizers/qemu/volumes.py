@@ -137,7 +137,8 @@ class VolumeStore:
             raise SetupError(f"qemu.volumes: cannot open the storage pool {self.pool_name!r}: {_message(exc)}") \
                 from exc
         except OSError as exc:
-            raise SetupError(f"qemu.volumes: cannot open the volume records in {self._records_dir}: {exc}") from exc
+            raise SetupError(f"qemu.volumes: cannot set up {self.pool_path if self.own_pool else 'the pool'} or "
+                             f"the volume records in {self._records_dir}: {exc}") from exc
         except LauncherError as exc:
             raise SetupError(f"qemu.volumes: {exc.reason}") from exc
         log.info("volume store: pool %s%s, %d volumes", self.pool_name,
@@ -241,10 +242,17 @@ class VolumeStore:
                                   clone if image else "",
                                   datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"))
             xml = self._volume_xml(record.name, fmt, capacity, image if cow else None)
+            what = f"cannot create volume {record.name} in pool {self.pool_name}"
             try:
                 await self._call(partial(_create_volume, pool=self.pool_name, xml=xml))
-            except (Unavailable, libvirt.libvirtError) as exc:
-                raise _failure(exc, f"cannot create volume {record.name} in pool {self.pool_name}") from exc
+            except libvirt.libvirtError as exc:
+                raise _failure(exc, what) from exc  # libvirt refused: it made nothing
+            except BaseException as exc:  # cancelled or unanswered: the abandoned call may still make it
+                with trio.CancelScope(shield=True):
+                    await self._forget(record)
+                if isinstance(exc, Unavailable):
+                    raise _failure(exc, what) from exc
+                raise
             try:
                 if image is not None and not cow:
                     await self._copy(image, record)
@@ -539,6 +547,8 @@ def _ensure_dir_pool(conn: libvirt.virConnect, name: str, path: Path, xml: str) 
             raise SetupError(f"qemu.volumes: libvirt already has a storage pool {name!r} ({kind} pool at "
                              f"{where}), which is not this data dir's {path}: remove it (virsh pool-destroy "
                              f"{name}; virsh pool-undefine {name}) or set qemu.volumes.pool to a pool to use")
+    if pool.isActive() and not path.is_dir():
+        pool.destroy()  # its directory was removed behind libvirt's back: build it again
     if not pool.isActive():
         pool.build(0)  # creates the directory, or gives an existing one the pool's owner and mode
         pool.create(0)
