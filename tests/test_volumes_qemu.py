@@ -312,12 +312,16 @@ async def test_volumes_and_their_metadata_survive_a_reopen(data_dir: Path, guest
 
 async def test_open_clears_an_interrupted_create(data_dir: Path, guest_image_dir: Path) -> None:
     """A volume without its record (the create did not commit) is deleted; a record without its volume is
-    dropped; files of other names in the pool dir are left alone."""
-    kept, orphan_volume, orphan_record = new_id(), new_id(), new_id()
+    dropped; a broken record is rebuilt from its volume (its source image from its backing file), or removed if
+    the volume is gone too; files of other names in the pool dir are left alone."""
+    kept, orphan_volume, orphan_record, broken, broken_gone = (new_id() for _ in range(5))
     async with backend(data_dir, guest_image_dir) as opened:
         store = store_of(opened)
         await store.create(kept, 16, "qcow2")
         await store.create(orphan_record, 16, "qcow2")
+        await store.create(broken, 0, "qcow2", source_image=IMAGE_ID)
+        (data_dir / RECORDS_DIR / f"{broken}.json").write_text("{not json")
+        (data_dir / RECORDS_DIR / f"{broken_gone}.json").write_text("[]")
         xml = (f"<volume><name>{orphan_volume}.raw</name><capacity>1048576</capacity>"
                "<target><format type='raw'/></target></volume>")
         with conn() as connection:
@@ -326,9 +330,13 @@ async def test_open_clears_an_interrupted_create(data_dir: Path, guest_image_dir
             pool.storageVolLookupByName(f"{orphan_record}.qcow2").delete(0)
         (data_dir / VOLUMES_DIR / "notes.txt").write_text("an operator's file\n")
     async with backend(data_dir, guest_image_dir) as opened:
-        assert [v.id for v in await store_of(opened).list()] == [kept]
-    assert pool_files(data_dir) == {f"{kept}.qcow2", "notes.txt"}
-    assert record_files(data_dir) == {f"{kept}.json"}
+        volumes = {v.id: v for v in await store_of(opened).list()}
+        assert volumes.keys() == {kept, broken}
+        # Its backing file names the image it was cloned from.
+        assert (volumes[broken].format, volumes[broken].source_image, volumes[broken].clone) == \
+            ("qcow2", IMAGE_ID, "cow")
+    assert pool_files(data_dir) == {f"{kept}.qcow2", f"{broken}.qcow2", "notes.txt"}
+    assert record_files(data_dir) == {f"{kept}.json", f"{broken}.json"}
 
 
 async def test_a_pool_dir_removed_behind_libvirts_back_is_made_again(data_dir: Path,

@@ -23,8 +23,10 @@ instances' overlays. A copy-on-write volume's backing file is the image store's 
 What libvirt does not keep (the source image, the kind of clone, when it was made) is kept in a *record*,
 ``<data_dir>/volume-records/<volume id>.json``, outside the pool directory (a dir pool lists every file in it as
 a volume). The record is written last, atomically: it is the commit marker. A volume without a record is not
-listed; in the own pool, `open` deletes such volumes (a create that a crash interrupted), and in any pool it
-removes records whose volume is gone. A failed or cancelled create deletes what it made.
+listed; in the own pool, `open` deletes such volumes (a create that a crash interrupted). In any pool, `open`
+removes records whose volume is gone, and rebuilds a broken record from its volume (the source image from a
+copy-on-write child's backing file; a full copy then looks blank). A failed or cancelled create deletes what it
+made.
 
 Every libvirt call goes through `Hypervisor.call` (bounded); ``qemu-img`` runs under a timeout; file work runs in
 worker threads under the launcher's shared limiter. Operations on one volume id are serialised by a lock of that
@@ -131,8 +133,8 @@ class VolumeStore:
             else:
                 await self._call(partial(_find_pool, name=self.pool_name))
             names = set(await self._call(partial(_volume_names, pool=self.pool_name)))
-            self._records = await self._run(self._load_records)
-            await self._clear_leftovers(names)
+            self._records, broken = await self._run(self._load_records)
+            await self._clear_leftovers(names, broken)
         except (Unavailable, libvirt.libvirtError) as exc:
             raise SetupError(f"qemu.volumes: cannot open the storage pool {self.pool_name!r}: {_message(exc)}") \
                 from exc
@@ -151,8 +153,10 @@ class VolumeStore:
         if user is not None:
             gid, mode = user.gid, POOL_DIR_MODE | stat.S_IXGRP
         xml = _pool_xml(self.pool_name, self.pool_path, mode, uid, gid)
-        await self._call(partial(_ensure_dir_pool, name=self.pool_name, path=self.pool_path, xml=xml))
-        await self._run(_set_dir_mode, self.pool_path, uid, gid, mode)  # an adopted pool's dir too
+        local = preflight.is_local(self._hypervisor.uri)  # else the pool's directory is on libvirt's host
+        await self._call(partial(_ensure_dir_pool, name=self.pool_name, path=self.pool_path, xml=xml, local=local))
+        if local:
+            await self._run(_set_dir_mode, self.pool_path, uid, gid, mode)  # an adopted pool's dir too
 
     async def _qemu_user(self) -> preflight.QemuUser | None:
         """Whom QEMU runs as (libvirt's DAC label), None if nobody to share the pool dir with."""
@@ -161,9 +165,10 @@ class VolumeStore:
         user = preflight.qemu_user(await self._call(lambda conn: conn.getCapabilities()))
         return None if user is None or user.uid == 0 else user
 
-    def _load_records(self) -> dict[str, VolumeRecord]:
+    def _load_records(self) -> tuple[dict[str, VolumeRecord], set[str]]:
+        """The records, and the ids whose record is broken."""
         self._records_dir.mkdir(mode=0o700, exist_ok=True)
-        records = {}
+        records, broken = {}, set()
         for path in sorted(self._records_dir.iterdir()):
             if path.name.startswith("."):
                 if path.name.endswith(".tmp"):  # an atomic_write that did not finish
@@ -178,24 +183,46 @@ class VolumeStore:
                     raise ValueError("not the record of this volume")
             except (ValueError, TypeError) as exc:
                 log.warning("volume store: ignoring %s, which is broken (%s)", path, exc)
+                if is_valid_volume_id(volume_id):
+                    broken.add(volume_id)
                 continue
             records[volume_id] = record
-        return records
+        return records, broken
 
-    async def _clear_leftovers(self, names: set[str]) -> None:
+    async def _clear_leftovers(self, names: set[str], broken: set[str]) -> None:
+        """Forget records whose volume is gone; rebuild a broken record from its volume (what libvirt does not
+        keep is then unknown); delete a volume of the own pool that has no record (an interrupted create)."""
         for volume_id, record in sorted(self._records.items()):
             if record.name not in names:
                 log.warning("volume store: volume %s is gone from pool %s; forgetting it", volume_id, self.pool_name)
                 del self._records[volume_id]
                 await self._run(self._remove_record, volume_id)
-        if not self.own_pool:
-            return  # the operator's pool may hold other launchers' volumes
         committed = {record.name for record in self._records.values()}
         for name in sorted(names - committed):
-            if _id_of(name) is not None:
+            found = _id_of(name)
+            if found is not None and found in broken and found not in self._records:
+                log.warning("volume store: rebuilding the broken record of volume %s", found)
+                rebuilt = await self._rebuilt_record(found, name)
+                await self._write_record(rebuilt)
+                self._records[found] = rebuilt
+            elif found is not None and self.own_pool:  # the operator's pool may hold others' volumes
                 log.warning("volume store: deleting volume %s of pool %s, left by an interrupted create", name,
                             self.pool_name)
                 await self._call(partial(_delete_volume, pool=self.pool_name, name=name))
+        for volume_id in sorted(broken - self._records.keys()):
+            log.warning("volume store: removing the broken record of volume %s, which is gone", volume_id)
+            await self._run(self._remove_record, volume_id)
+
+    async def _rebuilt_record(self, volume_id: str, name: str) -> VolumeRecord:
+        """A record from what libvirt knows: a copy-on-write child of an image of the store is known by its
+        backing file; a full copy is indistinguishable from a blank volume."""
+        record = VolumeRecord(volume_id, name, name.rpartition(".")[2])
+        described = await self._call(partial(_describe_one, pool=self.pool_name, name=name))
+        if described is not None and described.backing:
+            image = self._images.get(Path(described.backing).stem)
+            if image is not None and str(image.path.absolute()) == described.backing:
+                record = attrs.evolve(record, source_image=image.id, clone="cow")
+        return record
 
     # -- VolumeCatalog -----------------------------------------------------------------------------------
 
@@ -455,6 +482,7 @@ class _Described:
     allocation: int  # bytes
     format: str  # from its XML; "" if it says none
     path: str
+    backing: str = ""  # the path of its backing file, if it has one
 
 
 # -- checks ----------------------------------------------------------------------------------------------
@@ -533,9 +561,9 @@ def _lookup_pool(conn: libvirt.virConnect, name: str) -> libvirt.virStoragePool 
         raise
 
 
-def _ensure_dir_pool(conn: libvirt.virConnect, name: str, path: Path, xml: str) -> None:
+def _ensure_dir_pool(conn: libvirt.virConnect, name: str, path: Path, xml: str, local: bool) -> None:
     """Define, build, start and autostart the own pool, or adopt it (module doc). SetupError if a pool of that
-    name is something else."""
+    name is something else. `local`: libvirt runs on this host (its directory can be checked here)."""
     pool = _lookup_pool(conn, name)
     if pool is None:
         pool = conn.storagePoolDefineXML(xml, 0)
@@ -547,7 +575,7 @@ def _ensure_dir_pool(conn: libvirt.virConnect, name: str, path: Path, xml: str) 
             raise SetupError(f"qemu.volumes: libvirt already has a storage pool {name!r} ({kind} pool at "
                              f"{where}), which is not this data dir's {path}: remove it (virsh pool-destroy "
                              f"{name}; virsh pool-undefine {name}) or set qemu.volumes.pool to a pool to use")
-    if pool.isActive() and not path.is_dir():
+    if local and pool.isActive() and not path.is_dir():
         pool.destroy()  # its directory was removed behind libvirt's back: build it again
     if not pool.isActive():
         pool.build(0)  # creates the directory, or gives an existing one the pool's owner and mode
@@ -613,9 +641,10 @@ def _resize_volume(conn: libvirt.virConnect, pool: str, name: str, capacity: int
 
 def _describe_volume(volume: libvirt.virStorageVol) -> _Described:
     _kind, capacity, allocation = volume.info()
-    fmt = ET.fromstring(volume.XMLDesc(0)).find("target/format")
+    xml = ET.fromstring(volume.XMLDesc(0))
+    fmt = xml.find("target/format")
     return _Described(volume.name(), capacity, allocation, "" if fmt is None else fmt.get("type", ""),
-                      volume.path())
+                      volume.path(), xml.findtext("backingStore/path") or "")
 
 
 def _describe_one(conn: libvirt.virConnect, pool: str, name: str) -> _Described | None:
