@@ -374,6 +374,9 @@ async def test_an_operators_pool_that_does_not_exist_is_a_setup_error(data_dir: 
 def test_volumes_settings() -> None:
     assert parse_section(QemuSettings, {}, "qemu.").volumes.pool == ""
     assert parse_section(QemuSettings, {"volumes": {"pool": "ceph"}}, "qemu.").volumes.pool == "ceph"
+    assert parse_section(QemuSettings, {}, "qemu.").volumes.copy_timeout_s == 3600
+    with pytest.raises(ConfigError, match="qemu.volumes.copy_timeout_s: must be at least 1"):
+        parse_section(QemuSettings, {"volumes": {"copy_timeout_s": 0}}, "qemu.")
     with pytest.raises(ConfigError, match="qemu.volumes.pol: unknown setting"):
         parse_section(QemuSettings, {"volumes": {"pol": "x"}}, "qemu.")
 

@@ -52,7 +52,7 @@ from launcher.plugin.errors import IMAGE_FAILURE, LAUNCH_FAILURE, STOP_FAILURE, 
 from launcher.plugin.files import INSTANCE_DIR_MODE, fsync_dir
 from launcher.plugin.host import BackendHost
 from launcher.plugin.protocol import MonitorEvent, MonitorInbox, VmStats
-from launcher.plugin.settings import one_of, parse_section
+from launcher.plugin.settings import at_least, one_of, parse_section
 from launcher.plugin.spec import InstanceSpec
 from virtualizers.qemu import cloudinit, domain, preflight
 from virtualizers.qemu.hypervisor import (
@@ -65,7 +65,7 @@ from virtualizers.qemu.hypervisor import (
 )
 from virtualizers.qemu.images import DEFAULT_MAX_BYTES, ImageError, ImageInfo, ImageStore, ImportProgress
 from virtualizers.qemu.import_policy import ImportPolicy
-from virtualizers.qemu.volumes import VOLUMES_DIR, VolumeStore
+from virtualizers.qemu.volumes import COPY_TIMEOUT_S, VOLUMES_DIR, VolumeStore
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +108,7 @@ class VolumeSettings:
     NFS, ...; not tested here), in which the launcher creates and deletes volumes named <volume id>.<fmt> only."""
 
     pool: str = ""
+    copy_timeout_s: float = attrs.field(default=COPY_TIMEOUT_S, validator=at_least(1))  # one full copy of an image
 
 
 @attrs.frozen
@@ -288,7 +289,7 @@ async def open_backend(raw: Mapping[str, Any], host: BackendHost) -> AsyncIterat
     async with open_hypervisor(settings.uri, threads=settings.libvirt_threads,
                                call_timeout_s=settings.libvirt_timeout_s) as hypervisor:
         volumes = VolumeStore(hypervisor, images, data_dir=host.data_dir, pool=settings.volumes.pool,
-                              limiter=host.limiter)
+                              limiter=host.limiter, copy_timeout_s=settings.volumes.copy_timeout_s)
         await volumes.open()
         backend = QemuBackend(settings, host, hypervisor, images, resolve_accel(settings.accel), volumes)
         log.info("qemu virtualizer: libvirt %s, accel %s, seed %s, network %s:%s, volume pool %s", settings.uri,
