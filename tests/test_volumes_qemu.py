@@ -74,6 +74,7 @@ def host_for(data_dir: Path) -> BackendHost:
 @asynccontextmanager
 async def backend(data_dir: Path, image_dir: Path, **qemu: Any) -> AsyncIterator[QemuBackend]:
     async with open_backend({"image_dirs": [str(image_dir)], **qemu}, host_for(data_dir)) as opened:
+        await opened.open_volumes()  # what the preflight does
         yield opened
 
 
@@ -337,6 +338,20 @@ async def test_open_clears_an_interrupted_create(data_dir: Path, guest_image_dir
             ("qcow2", IMAGE_ID, "cow")
     assert pool_files(data_dir) == {f"{kept}.qcow2", f"{broken}.qcow2", "notes.txt"}
     assert record_files(data_dir) == {f"{kept}.json", f"{broken}.json"}
+
+
+async def test_the_preflight_sets_the_store_up(data_dir: Path, guest_image_dir: Path) -> None:
+    """`launcher serve`'s preflight opens the store (and checks QEMU's way into the pool dir); before it, the
+    backend has no volume catalog (`launcher hard-reset` never sets a pool up)."""
+    (data_dir / "instances").mkdir(mode=0o711)
+    async with open_backend({"image_dirs": [str(guest_image_dir)]}, host_for(data_dir)) as opened:
+        assert volume_catalog(opened) is None
+        assert not (data_dir / VOLUMES_DIR).exists()
+        await opened.preflight()
+        store = store_of(opened)
+        assert store.pool_name == own_pool_name(data_dir) and store.own_pool
+        assert await opened.open_volumes() is store
+        assert (await store.create(new_id(), 8, "qcow2")).size_mb == 8
 
 
 async def test_a_pool_dir_removed_behind_libvirts_back_is_made_again(data_dir: Path,

@@ -24,7 +24,8 @@ Per instance (all files in the instance dir, docs/architecture.md §4.3):
     overlay.
 
 Backend-wide: one libvirt connection, the image store, the volume store (`volumes`, volumes.py: volumes of
-a libvirt storage pool, by default the launcher's own dir pool at ``<data_dir>/volumes``), and at start-up the
+a libvirt storage pool, by default the launcher's own dir pool at ``<data_dir>/volumes``; set up by the
+preflight, so not by `launcher hard-reset`), and at start-up the
 orphan scan: a domain carrying our metadata for this data dir but without an instance dir is reported
 (`orphan_domain` event) and destroyed only when `destroy_orphans` is set.
 
@@ -156,7 +157,9 @@ class QemuBackend:
     hypervisor: Hypervisor
     images: ImageStore
     kvm: bool
-    volumes: VolumeStore | None = None  # set by open_backend once libvirt is connected
+    # The volume store, once `open_volumes` (which the preflight calls) has set it up; None until then, so that
+    # `launcher hard-reset`, which opens the backend without a preflight, works even where the pool cannot.
+    volumes: VolumeStore | None = None
     name: str = attrs.field(default="qemu", init=False)
     # Whom QEMU runs as, found by the preflight: its group may search instance dirs (which are 0700 otherwise).
     qemu_user: preflight.QemuUser | None = attrs.field(default=None, init=False)
@@ -189,6 +192,7 @@ class QemuBackend:
         preflight.check_accel(s.accel)
         preflight.check_firmware({f"{SECTION}.ovmf_code": s.ovmf_code, f"{SECTION}.ovmf_vars": s.ovmf_vars})
         await preflight.check_capabilities(self.hypervisor, s.machine, self.kvm)
+        await self.open_volumes()
         data_dir = self.host.data_dir
         reached = [data_dir / "instances", data_dir / IMAGES_DIR]
         if not s.volumes.pool:
@@ -196,6 +200,17 @@ class QemuBackend:
         self.qemu_user = await preflight.check_reachable(self.hypervisor, reached)
         if self.qemu_user is not None:
             self.images.share_with_group(self.qemu_user.gid)  # QEMU reads the images even without libvirt's chown
+
+    async def open_volumes(self) -> VolumeStore:
+        """Set the volume store up (its pool, its records: volumes.py) and make it the backend's `volumes`;
+        SetupError with what to do if that fails. Once only."""
+        if self.volumes is None:
+            s = self.settings.volumes
+            store = VolumeStore(self.hypervisor, self.images, data_dir=self.host.data_dir, pool=s.pool,
+                                limiter=self.host.limiter, copy_timeout_s=s.copy_timeout_s)
+            await store.open()
+            self.volumes = store
+        return self.volumes
 
     async def our_domains(self) -> list[domain.DomainMetadata]:
         """The launcher metadata of every domain that belongs to this data dir."""
@@ -288,13 +303,10 @@ async def open_backend(raw: Mapping[str, Any], host: BackendHost) -> AsyncIterat
         raise SetupError(f"{SECTION}: {exc}") from exc
     async with open_hypervisor(settings.uri, threads=settings.libvirt_threads,
                                call_timeout_s=settings.libvirt_timeout_s) as hypervisor:
-        volumes = VolumeStore(hypervisor, images, data_dir=host.data_dir, pool=settings.volumes.pool,
-                              limiter=host.limiter, copy_timeout_s=settings.volumes.copy_timeout_s)
-        await volumes.open()
-        backend = QemuBackend(settings, host, hypervisor, images, resolve_accel(settings.accel), volumes)
-        log.info("qemu virtualizer: libvirt %s, accel %s, seed %s, network %s:%s, volume pool %s", settings.uri,
+        backend = QemuBackend(settings, host, hypervisor, images, resolve_accel(settings.accel))
+        log.info("qemu virtualizer: libvirt %s, accel %s, seed %s, network %s:%s", settings.uri,
                  "kvm" if backend.kvm else "tcg", settings.seed_format, settings.network.kind,
-                 settings.network.source, volumes.pool_name)
+                 settings.network.source)
         await backend.handle_orphans()
         yield backend
 

@@ -1,6 +1,8 @@
 """The volume store of the QEMU virtualizer: data and boot disks as volumes of a libvirt storage pool.
 
-It implements `launcher.plugin.protocol.VolumeCatalog` (the backend's `volumes`).
+It implements `launcher.plugin.protocol.VolumeCatalog` (the backend's `volumes`). `QemuBackend.open_volumes`,
+which the preflight of `launcher serve` calls, creates and opens it (`launcher hard-reset`, which must work
+even where the pool cannot, does not).
 
 The pool (`qemu.volumes.pool`):
 
@@ -291,7 +293,11 @@ class VolumeStore:
             self._records[volume_id] = record
             log.info("volume %s created: %d MiB %s%s", volume_id, capacity // MIB, fmt,
                      f", {clone} of image {image.id}" if image else "")
-            return self._info(record, await self._describe(record))
+            try:
+                return self._info(record, await self._describe(record))
+            except LauncherError as exc:  # it is made and committed: say so, with what is known
+                log.warning("volume store: cannot read the new volume %s: %s", volume_id, exc.reason)
+                return self._info(record, _Described(record.name, capacity, 0, fmt, ""))
 
     async def delete(self, volume_id: str) -> None:
         """Delete the volume (not_found if there is none): libvirt's volume, then its record."""
