@@ -51,7 +51,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator, Callable
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
 import libvirt
@@ -60,7 +60,7 @@ import trio
 from launcher.plugin import errors
 from launcher.plugin.errors import LauncherError, SetupError
 from launcher.plugin.files import atomic_write, fsync_dir
-from launcher.plugin.protocol import MAX_VOLUME_MB, VOLUME_FORMATS, VolumeInfo
+from launcher.plugin.protocol import MAX_VOLUME_MB, VOLUME_FORMATS, VolumeCatalog, VolumeInfo
 from virtualizers.qemu import preflight
 from virtualizers.qemu.hypervisor import Hypervisor, Unavailable, error_text
 from virtualizers.qemu.images import ImageError, ImageInfo, ImageNotFound, ImageStore
@@ -471,6 +471,11 @@ class VolumeStore:
             entry.users -= 1
             if not entry.users:
                 del self._locks[volume_id]
+
+
+if TYPE_CHECKING:
+    def _is_a_volume_catalog(store: VolumeStore) -> VolumeCatalog:
+        return store  # mypy checks that VolumeStore has the protocol's methods and signatures
 
 
 @attrs.define(eq=False)
