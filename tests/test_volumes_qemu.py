@@ -286,6 +286,26 @@ async def test_a_failed_or_cancelled_copy_leaves_nothing(data_dir: Path, guest_i
         assert pool_files(data_dir) == set() and record_files(data_dir) == set()
 
 
+async def test_a_full_pool_is_storage_full(data_dir: Path, guest_image_dir: Path) -> None:
+    """The pool dir on an 8 MiB tmpfs: a blank qcow2 fits, a full copy of the test guest does not (storage_full,
+    with qemu-img's reason) and leaves nothing behind."""
+    pool_dir = data_dir / VOLUMES_DIR
+    pool_dir.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(pool_dir)], check=True, timeout=30)
+    try:
+        async with backend(data_dir, guest_image_dir) as opened:
+            store = store_of(opened)
+            small = await store.create(new_id(), 16, "qcow2")
+            failed = await expect_error("storage_full", store.create(new_id(), 0, "raw", source_image=IMAGE_ID,
+                                                                     clone="copy"), "No space left on device")
+            assert "copying image" in failed.reason
+            assert pool_files(data_dir) == {f"{small.id}.qcow2"}
+            assert record_files(data_dir) == {f"{small.id}.json"}
+            await store.delete(small.id)
+    finally:
+        subprocess.run(["umount", "-l", str(pool_dir)], check=True, timeout=30)
+
+
 async def test_volumes_and_their_metadata_survive_a_reopen(data_dir: Path, guest_image_dir: Path) -> None:
     blank, cow, copy = new_id(), new_id(), new_id()
     async with backend(data_dir, guest_image_dir) as opened:
