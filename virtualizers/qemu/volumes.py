@@ -14,8 +14,9 @@ The pool (`qemu.volumes.pool`):
   but not list it; 0700 when QEMU runs as root or libvirt is remote.
 - any other name: a pool the operator defined (RBD, LVM, NFS, iSCSI, ...) and started. The store only creates
   and deletes volumes named ``<volume id>.<fmt>`` in it (and sees ``<volume id>`` too, for the duplicate check).
-  Such pools are not tested here: blank and copy-on-write volumes go through libvirt alone; a full copy needs
-  volumes with a local path (``qemu-img convert`` writes into it), which RBD volumes are not.
+  Such pools are not tested here. Blank volumes go through libvirt alone; a copy-on-write child is a qcow2
+  file (a file-based pool: dir, fs, netfs); a full copy needs volumes with a local path (``qemu-img convert``
+  writes into it), which RBD volumes are not; RBD and LVM volumes are raw.
 
 Volumes are named ``<volume id>.<fmt>`` (so that the files of a dir pool show their format) and created with
 mode 0600, owned by the launcher's user: with ``dynamic_ownership`` (libvirt's default, and Debian's) libvirt
