@@ -157,9 +157,9 @@ class QemuTestRoot:
     """The directory of one qemu test's data dirs, /var/tmp/launcher-tests/test-*, owned by one pytest process.
 
     `remove()` kills the launchers serving from it, destroys and undefines every libvirt domain whose launcher
-    metadata names a data dir under it (straight through libvirt, so it works whatever state the launcher or
-    its config is in), then deletes it. A run killed before its teardown leaves its root behind: the next
-    session removes it, knowing it stale by its owner pid."""
+    metadata names a data dir under it and every storage pool whose target is under it (straight through
+    libvirt, so it works whatever state the launcher or its config is in), then deletes it. A run killed before
+    its teardown leaves its root behind: the next session removes it, knowing it stale by its owner pid."""
 
     OWNER_FILE = "owner-pid"
 
@@ -187,6 +187,7 @@ class QemuTestRoot:
                 with contextlib.suppress(psutil.Error):
                     proc.kill()
         removed = remove_domains_under(self.path)
+        remove_pools_under(self.path)
         shutil.rmtree(self.path, ignore_errors=True)
         return removed
 
@@ -208,6 +209,35 @@ def remove_domains_under(root: Path) -> list[str]:
             if meta is not None and (meta.data_dir + "/").startswith(prefix):
                 remove_domain(connection, dom.name())
                 removed.append(dom.name())
+    finally:
+        connection.close()
+    return removed
+
+
+def remove_pools_under(root: Path) -> list[str]:
+    """Delete the volumes of, stop and undefine every libvirt storage pool whose target path is under `root` (the
+    qemu virtualizer's own volume pools of the test's data dirs); their names."""
+    import xml.etree.ElementTree as ET
+
+    prefix = str(root.absolute()) + "/"
+    connection = libvirt.open("qemu:///system")
+    removed = []
+    try:
+        for pool in connection.listAllStoragePools():
+            try:
+                name = pool.name()
+                target = ET.fromstring(pool.XMLDesc(0)).findtext("target/path") or ""
+                if not (target + "/").startswith(prefix):
+                    continue
+                if pool.isActive():
+                    for volume in pool.listAllVolumes():
+                        with contextlib.suppress(libvirt.libvirtError):
+                            volume.delete(0)
+                    pool.destroy()
+                pool.undefine()
+            except libvirt.libvirtError:
+                continue  # removed meanwhile
+            removed.append(name)
     finally:
         connection.close()
     return removed

@@ -30,7 +30,14 @@ from launcher.plugin.settings import ConfigError, parse_section
 from launcher.plugin.spec import InstanceSpec, Networking
 from virtualizers.qemu import backend as qemu
 from virtualizers.qemu import domain, preflight
-from virtualizers.qemu.backend import NetworkSettings, QemuBackend, QemuSettings, remove_domain, resolve_accel
+from virtualizers.qemu.backend import (
+    NetworkSettings,
+    QemuBackend,
+    QemuSettings,
+    VolumeSettings,
+    remove_domain,
+    resolve_accel,
+)
 from virtualizers.qemu.cloudinit import GuestNetwork
 from virtualizers.qemu.domain import DomainParams, Firmware, canonical_uuid, domain_xml, libvirt_uuid, read_metadata
 
@@ -458,6 +465,7 @@ def test_settings_full_section() -> None:
         "import_sources": ["/srv/more", "https://mirror.example/images"], "image_max_bytes": 1 << 30,
         "guest_network": {"gateway": "10.0.0.254", "dns_servers": ["10.0.0.53", "fd00::53"],
                           "dns_search": ["example.org"], "mtu": 9000},
+        "volumes": {"pool": "ceph-volumes"},
     }
     assert parse_section(QemuSettings, raw, "qemu.") == QemuSettings(
         uri="qemu+ssh://host/system", accel="tcg", machine="pc", seed_format="configdrive",
@@ -466,6 +474,7 @@ def test_settings_full_section() -> None:
         ovmf_vars=Path("/o/VARS.fd"), destroy_orphans=True, libvirt_threads=3, libvirt_timeout_s=7.0,
         import_sources=("/srv/more", "https://mirror.example/images"), image_max_bytes=1 << 30,
         guest_network=GuestNetwork("10.0.0.254", ("10.0.0.53", "fd00::53"), ("example.org",), 9000),
+        volumes=VolumeSettings(pool="ceph-volumes"),
     )
     assert {f.name for f in attrs.fields(QemuSettings)} == set(raw)  # the section above is complete
 

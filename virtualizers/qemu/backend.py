@@ -23,9 +23,11 @@ Per instance (all files in the instance dir, docs/architecture.md §4.3):
     PSS of the QEMU process, CPU time from libvirt normalised to the allotted vCPUs, bytes allocated to the
     overlay.
 
-Backend-wide: one libvirt connection, the image store, and at start-up the orphan scan: a domain carrying our
-metadata for this data dir but without an instance dir is reported (`orphan_domain` event) and destroyed only
-when `destroy_orphans` is set.
+Backend-wide: one libvirt connection, the image store, the volume store (`volumes`, volumes.py: volumes of
+a libvirt storage pool, by default the launcher's own dir pool at ``<data_dir>/volumes``; set up by the
+preflight, so not by `launcher hard-reset`), and at start-up the
+orphan scan: a domain carrying our metadata for this data dir but without an instance dir is reported
+(`orphan_domain` event) and destroyed only when `destroy_orphans` is set.
 
 Settings (the `qemu:` config section, every key optional; see `QemuSettings`).
 """
@@ -51,7 +53,7 @@ from launcher.plugin.errors import IMAGE_FAILURE, LAUNCH_FAILURE, STOP_FAILURE, 
 from launcher.plugin.files import INSTANCE_DIR_MODE, fsync_dir
 from launcher.plugin.host import BackendHost
 from launcher.plugin.protocol import MonitorEvent, MonitorInbox, VmStats
-from launcher.plugin.settings import one_of, parse_section
+from launcher.plugin.settings import at_least, one_of, parse_section
 from launcher.plugin.spec import InstanceSpec
 from virtualizers.qemu import cloudinit, domain, preflight
 from virtualizers.qemu.hypervisor import (
@@ -64,6 +66,7 @@ from virtualizers.qemu.hypervisor import (
 )
 from virtualizers.qemu.images import DEFAULT_MAX_BYTES, ImageError, ImageInfo, ImageStore, ImportProgress
 from virtualizers.qemu.import_policy import ImportPolicy
+from virtualizers.qemu.volumes import COPY_TIMEOUT_S, VOLUMES_DIR, VolumeStore
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +103,16 @@ class NetworkSettings:
 
 
 @attrs.frozen
+class VolumeSettings:
+    """Where volumes live (virtualizers/qemu/volumes.py): "" is the launcher's own dir pool at
+    <data_dir>/volumes; any other name is a libvirt storage pool the operator defined and started (RBD, LVM,
+    NFS, ...; not tested here), in which the launcher creates and deletes volumes named <volume id>.<fmt> only."""
+
+    pool: str = ""
+    copy_timeout_s: float = attrs.field(default=COPY_TIMEOUT_S, validator=at_least(1))  # one full copy of an image
+
+
+@attrs.frozen
 class QemuSettings:
     """The `qemu:` section of the launcher config."""
 
@@ -109,6 +122,7 @@ class QemuSettings:
     seed_format: str = attrs.field(default="nocloud", validator=one_of(*cloudinit.SEED_FORMATS))
     network: NetworkSettings = NetworkSettings()
     guest_network: cloudinit.GuestNetwork = cloudinit.GuestNetwork()  # gateway, DNS, MTU written into the seed
+    volumes: VolumeSettings = VolumeSettings()
     image_dirs: tuple[Path, ...] = ()  # searched for <image_uuid>[.img|.qcow2|.raw] before image_url
     image_url: str = ""  # e.g. https://images.example/{id}.qcow2 (also file://); "" for none
     # Where `launcher images import` may also read from: absolute dirs, file:// dirs, http(s):// URL prefixes.
@@ -143,6 +157,9 @@ class QemuBackend:
     hypervisor: Hypervisor
     images: ImageStore
     kvm: bool
+    # The volume store, once `open_volumes` (which the preflight calls) has set it up; None until then, so that
+    # `launcher hard-reset`, which opens the backend without a preflight, works even where the pool cannot.
+    volumes: VolumeStore | None = None
     name: str = attrs.field(default="qemu", init=False)
     # Whom QEMU runs as, found by the preflight: its group may search instance dirs (which are 0700 otherwise).
     qemu_user: preflight.QemuUser | None = attrs.field(default=None, init=False)
@@ -175,11 +192,25 @@ class QemuBackend:
         preflight.check_accel(s.accel)
         preflight.check_firmware({f"{SECTION}.ovmf_code": s.ovmf_code, f"{SECTION}.ovmf_vars": s.ovmf_vars})
         await preflight.check_capabilities(self.hypervisor, s.machine, self.kvm)
+        await self.open_volumes()
         data_dir = self.host.data_dir
-        self.qemu_user = await preflight.check_reachable(self.hypervisor,
-                                                         [data_dir / "instances", data_dir / IMAGES_DIR])
+        reached = [data_dir / "instances", data_dir / IMAGES_DIR]
+        if not s.volumes.pool:
+            reached.append(data_dir / VOLUMES_DIR)  # the own pool's volumes are files there
+        self.qemu_user = await preflight.check_reachable(self.hypervisor, reached)
         if self.qemu_user is not None:
             self.images.share_with_group(self.qemu_user.gid)  # QEMU reads the images even without libvirt's chown
+
+    async def open_volumes(self) -> VolumeStore:
+        """Set the volume store up (its pool, its records: volumes.py) and make it the backend's `volumes`;
+        SetupError with what to do if that fails. Once only."""
+        if self.volumes is None:
+            s = self.settings.volumes
+            store = VolumeStore(self.hypervisor, self.images, data_dir=self.host.data_dir, pool=s.pool,
+                                limiter=self.host.limiter, copy_timeout_s=s.copy_timeout_s)
+            await store.open()
+            self.volumes = store
+        return self.volumes
 
     async def our_domains(self) -> list[domain.DomainMetadata]:
         """The launcher metadata of every domain that belongs to this data dir."""
