@@ -160,7 +160,7 @@ def test_network_config_static() -> None:
         "config": [{
             "type": "physical", "name": "eth0", "mac_address": "02:00:e6:f5:af:f9",
             "subnets": [{"type": "static", "address": "192.168.8.2", "netmask": "255.255.248.0",
-                         "routes": [{"network": "0.0.0.0", "netmask": "0.0.0.0", "gateway": "192.168.8.1"}]}],
+                         "gateway": "192.168.8.1"}],
         }],
     }
 
@@ -172,7 +172,7 @@ def test_network_config_with_dns_and_mtu() -> None:
     assert network_config(seed)["config"] == [
         {"type": "physical", "name": "eth0", "mac_address": "02:00:e6:f5:af:f9", "mtu": 1400,
          "subnets": [{"type": "static", "address": "192.168.8.2", "netmask": "255.255.248.0",
-                      "routes": [{"network": "0.0.0.0", "netmask": "0.0.0.0", "gateway": "192.168.9.254"}],
+                      "gateway": "192.168.9.254",
                       "dns_nameservers": ["192.168.8.1", "9.9.9.9"], "dns_search": ["launcher.test"]}]},
         {"type": "nameserver", "address": ["192.168.8.1", "9.9.9.9"]},
     ]
@@ -182,7 +182,7 @@ def test_network_config_with_dns_and_mtu() -> None:
                    "mtu": 1400}],
         "networks": [{"id": "network0", "link": "link0", "type": "ipv4", "ip_address": "192.168.8.2",
                       "netmask": "255.255.248.0",
-                      "routes": [{"network": "0.0.0.0", "netmask": "0.0.0.0", "gateway": "192.168.9.254"}],
+                      "gateway": "192.168.9.254",
                       "dns_nameservers": ["192.168.8.1", "9.9.9.9"], "dns_search": ["launcher.test"]}],
         "services": [{"type": "dns", "address": "192.168.8.1"}, {"type": "dns", "address": "9.9.9.9"}],
     }
@@ -198,8 +198,7 @@ def test_network_config_with_dns_and_mtu() -> None:
 def test_the_gateway_of_a_static_address(gateway: str, private_ip: str, subnet: str, expected: str | None) -> None:
     networking = Networking(vnic_mac="52:54:00:12:34:56", subnet=subnet, private_ip=private_ip)
     seed = make_seed("nocloud", UUID, "", "", networking, GuestNetwork(gateway=gateway))
-    routes = physical(seed)["subnets"][0].get("routes", [])
-    assert [route["gateway"] for route in routes] == ([] if expected is None else [expected])
+    assert physical(seed)["subnets"][0].get("gateway") == expected
 
 
 def test_a_gateway_outside_the_subnet_is_refused() -> None:
@@ -252,7 +251,7 @@ def test_configdrive_network_data_static() -> None:
                 "type": "ipv4",
                 "ip_address": "192.168.8.2",
                 "netmask": "255.255.248.0",
-                "routes": [{"network": "0.0.0.0", "netmask": "0.0.0.0", "gateway": "192.168.8.1"}],
+                "gateway": "192.168.8.1",
             }
         ],
         "services": [],

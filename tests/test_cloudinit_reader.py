@@ -98,12 +98,12 @@ def test_what_cloud_init_reads_is_what_was_asked(tmp_path: Path) -> None:
         assert (iface["name"], iface["mac_address"], iface["mtu"]) == ("eth0", MAC, 1400), fmt
         [subnet] = iface["subnets"]
         assert (subnet["address"], subnet["prefix"]) == ("192.168.122.77", 24)
-        assert [(r["network"], r["prefix"], r["gateway"]) for r in subnet["routes"]] == \
-            [("0.0.0.0", 0, "192.168.122.1")]
+        assert (subnet["gateway"], subnet["routes"]) == ("192.168.122.1", [])
         assert (subnet["dns_nameservers"], subnet["dns_search"]) == \
             (["192.168.122.1", "9.9.9.9"], ["launcher.test", "example.org"])
         eni = network["eni"]
-        assert "iface eth0 inet static" in eni and "post-up route add default gw 192.168.122.1" in eni, eni
+        # ifupdown's own `gateway` line (iproute2), never a `route add` command (net-tools, absent on minimal Debian)
+        assert "iface eth0 inet static" in eni and "    gateway 192.168.122.1\n" in eni and "route add" not in eni, eni
         assert "dns-nameservers 192.168.122.1 9.9.9.9" in eni and "dns-search launcher.test example.org" in eni
         networkd = network["networkd"]["eth0"]
         assert "Gateway=192.168.122.1" in networkd and "MACAddress=52:54:00:12:34:56" in networkd

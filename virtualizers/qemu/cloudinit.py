@@ -31,7 +31,7 @@ Networking
     ``user-data``: the payload's user-data, UTF-8 encoded, byte for byte (empty if there is none).
     ``network-config`` (only with a MAC): cloud-init network config version 1: one ``physical`` interface
     ``eth0`` with ``mac_address`` (and ``mtu``), one subnet (``static`` with ``address``/``netmask``, the default
-    route in ``routes`` and the DNS in ``dns_nameservers``/``dns_search``; or ``dhcp4``), and a ``nameserver``
+    route's ``gateway`` and the DNS in ``dns_nameservers``/``dns_search``; or ``dhcp4``), and a ``nameserver``
     entry with the DNS servers (what network_data's ``dns`` services become).
 
 ``configdrive`` (OpenStack config drive, as ciao produced; label ``config-2``)
@@ -41,8 +41,8 @@ Networking
     ``openstack/latest/user_data``: the user-data, written even when empty.
     ``openstack/latest/network_data.json`` (only with a MAC): OpenStack network_data with one ``phy`` link
     (``name`` ``eth0``, which cloud-init honours, and ``mtu``), one network of type ``ipv4`` (``ip_address``,
-    ``netmask``, the default route in ``routes``) or ``ipv4_dhcp``, with the DNS in ``dns_nameservers`` /
-    ``dns_search`` (which cloud-init reads), and the DNS servers as ``dns`` services (OpenStack's own form).
+    ``netmask``, the default route's ``gateway``) or ``ipv4_dhcp``, with the DNS in ``dns_nameservers`` /
+    ``dns_search`` (keys cloud-init reads), and the DNS servers as ``dns`` services (OpenStack's own form).
 
 The ISO is ISO 9660 at interchange level 3 with Joliet (level 3) and Rock Ridge 1.09 extensions, so Linux
 (which prefers Rock Ridge) and other readers (Joliet) see the names above exactly; the plain ISO 9660 names are
@@ -293,17 +293,12 @@ def _subnet_v1(nic: _Nic) -> dict[str, Any]:
     else:
         subnet = {"type": "static", "address": str(nic.interface.ip), "netmask": str(nic.interface.netmask)}
         if nic.gateway is not None:
-            subnet["routes"] = [_default_route(nic.gateway)]
+            subnet["gateway"] = str(nic.gateway)
     if nic.dns_servers:
         subnet["dns_nameservers"] = list(nic.dns_servers)
     if nic.dns_search:
         subnet["dns_search"] = list(nic.dns_search)
     return subnet
-
-
-def _default_route(gateway: ipaddress.IPv4Address) -> dict[str, str]:
-    """A default route as both formats write it (OpenStack network_data's route form, also valid in v1)."""
-    return {"network": "0.0.0.0", "netmask": "0.0.0.0", "gateway": str(gateway)}
 
 
 def _configdrive_files(
@@ -334,7 +329,9 @@ def _network_data(nic: _Nic) -> dict[str, Any]:
     else:
         network.update(type="ipv4", ip_address=str(nic.interface.ip), netmask=str(nic.interface.netmask))
         if nic.gateway is not None:
-            network["routes"] = [_default_route(nic.gateway)]
+            # cloud-init's key, not OpenStack's `routes` form: cloud-init renders that one for ifupdown as a
+            # `route add` command, from net-tools, which a minimal Debian lacks (seen in tests/test_guest_network.py).
+            network["gateway"] = str(nic.gateway)
     if nic.dns_servers:
         network["dns_nameservers"] = list(nic.dns_servers)
     if nic.dns_search:
