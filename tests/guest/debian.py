@@ -1,0 +1,261 @@
+"""Build the Debian 12 test guest: a real bookworm with Debian's real cloud-init, for end-to-end network tests.
+
+Contract
+--------
+``ensure_debian_image(cache_dir)`` returns ``cache_dir/debian-<key>.qcow2``, building it first if it is
+absent. ``<key>`` is a short hash of this file, of ``build.py`` (whose disk helpers it uses), of the files it
+puts in the guest (``guest-net-report``, ``guest-net.service``) and of the apt candidate versions of the main
+packages (kernel, systemd, cloud-init, ifupdown, openssh-server, GRUB): a change to any of them makes a new
+image. The image is built in a temporary directory next to the cache and renamed into place; an exclusive lock
+on ``cache_dir/debian-build.lock`` keeps concurrent callers from building it twice. Old images are left in place
+(overlays may still use them as backing files).
+
+CLI: ``python tests/guest/debian.py [--cache-dir DIR]`` prints the image path (default cache dir:
+``<repo>/.cache/guest``).
+
+The guest
+---------
+``mmdebstrap --variant=minbase`` bookworm (bookworm, -updates, -security from deb.debian.org) with
+``linux-image-amd64``, ``initramfs-tools``, ``systemd-sysv``, ``udev``, ``dbus`` (logind and hostnamed need it),
+``cloud-init``, ``ifupdown``, ``isc-dhcp-client``, ``resolvconf`` (so that the ``dns-nameservers`` /
+``dns-search`` lines cloud-init renders into ``/etc/network/interfaces.d/50-cloud-init`` really reach
+``/etc/resolv.conf``, as DHCP's do), ``iproute2``, ``openssh-server`` (no host keys in the image: cloud-init
+makes them), ``netbase``. No Recommends, no docs, man pages or translations, no apt lists; kernel modules
+no VM uses (sound, GPUs, wireless, ...) are removed. cloud-init's configuration is Debian's own (its
+``datasource_list`` has NoCloud and ConfigDrive; ds-identify finds the seed by its ISO label), and so is the
+NIC naming (predictable names unless the seed renames the NIC). The ACPI power button powers the guest off
+(systemd-logind's ``HandlePowerKey=poweroff``).
+
+Disk (MBR, 2 GiB, qcow2, about 300 MB allocated), for QEMU q35 with legacy BIOS (SeaBIOS), attached as
+virtio-blk (``vda``):
+
+- sector 0: GRUB's ``boot.img``; sectors 1..2047: GRUB's ``core.img``, which boots at once (no menu) the
+  kernel and initrd of partition 1 with ``KERNEL_CMDLINE`` (``console=ttyS0,115200``: the kernel's and
+  systemd's messages and the report below go to the serial console);
+- partition 1, FAT, label DEBBOOT: ``/vmlinuz``, ``/initrd.img`` (copies of the guest's ``/boot`` files);
+- partition 2, ext4, label ``debroot``: the root file system, made from the mmdebstrap tree with
+  ``mke2fs -d`` (no root, loop device or mount needed beyond mmdebstrap's own chroot).
+
+The report
+----------
+``guest-net.service`` (``After=cloud-final.service``; it also runs ``cloud-init status --wait``, bounded) runs
+``/usr/local/sbin/guest-net-report``, which writes one line, in one write, to ``/dev/ttyS0`` (and to
+``/dev/console`` when that is not ttyS0) and to the journal, once per boot::
+
+    guest-net nic=<ifname>/<mac> addrs=<cidr>[,<cidr>...] routes=<route>[;<route>...] dns=<ip>[,<ip>...]
+      search=<domain>[,<domain>...] mtu=<n> hostname=<hostname> fqdn=<hostname -f> instance-id=<id>
+      datasource=<nocloud|configdrive|...> keys=<sha256 hex|none> user=<name> cloud-init=<done|error|...>
+
+(one line; wrapped here). Every value has no spaces; a list that is empty is ``none``.
+
+- ``nic``: the device of the first IPv4 default route, else the first NIC with a device (sorted by name), and
+  its MAC; ``addrs``, ``mtu``: its IPv4 addresses (``ip -4 -o addr``) and MTU.
+- ``routes``: ``ip -4 route show``, one route per element, the spaces inside a route replaced by ``_``
+  (``default_via_192.168.122.1_dev_eth0``).
+- ``dns``, ``search``: the ``nameserver`` and ``search``/``domain`` entries of ``/etc/resolv.conf``, which is
+  what the resolver really uses (resolvconf writes it from DHCP and from ifupdown's ``dns-*`` lines).
+- ``hostname``: the kernel hostname; ``fqdn``: ``hostname -f`` (``none`` if it fails).
+- ``instance-id``: ``v1.instance_id`` of ``/run/cloud-init/instance-data.json``; ``datasource``: the first word of
+  ``/run/cloud-init/status.json``'s datasource, ``DataSource`` removed, lower case (``nocloud``,
+  ``configdrive``).
+- ``user``: the default user of cloud-init's merged config (Debian's: ``debian``); ``keys``: the sha256 of its
+  ``~/.ssh/authorized_keys`` lines that are not blank or comments, stripped, sorted, each followed by ``\\n``
+  (``none`` without any). For one key K: ``sha256(K.strip() + "\\n")``.
+- ``cloud-init``: the status ``cloud-init status --wait`` ended with.
+
+Host tools (Debian 12 packages): mmdebstrap, e2fsprogs (mke2fs -d), mtools, grub-common (grub-mkimage),
+qemu-utils, apt, dpkg. Building needs root (mmdebstrap's chroot mode) and takes a few minutes, most of it
+downloading and unpacking packages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from build import apt_candidates, fat_image, fetch_packages, mbr, run  # noqa: E402
+
+DEFAULT_CACHE_DIR = HERE.parent.parent / ".cache" / "guest"
+GUEST_FILES = (HERE / "guest-net-report", HERE / "guest-net.service", HERE / "build.py")
+
+SUITE = "bookworm"
+MIRRORS = (
+    "deb http://deb.debian.org/debian bookworm main",
+    "deb http://deb.debian.org/debian bookworm-updates main",
+    "deb http://deb.debian.org/debian-security bookworm-security main",
+)
+PACKAGES = (
+    "linux-image-amd64", "initramfs-tools", "systemd-sysv", "udev", "dbus", "cloud-init", "ifupdown",
+    "isc-dhcp-client", "resolvconf", "iproute2", "openssh-server", "netbase",
+)
+# Whose versions make the cache key (with the kernel metapackage's dependency).
+KEY_PACKAGES = ("systemd", "cloud-init", "ifupdown", "openssh-server", "resolvconf", "grub-pc-bin")
+# Kernel module directories (under lib/modules/<abi>/kernel) no VM of ours uses.
+UNUSED_MODULES = (
+    "sound", "drivers/gpu", "drivers/media", "drivers/net/wireless", "drivers/infiniband", "drivers/staging",
+    "drivers/bluetooth", "drivers/isdn", "drivers/iio", "drivers/mmc", "drivers/net/ethernet", "drivers/nfc",
+    "drivers/hwmon", "drivers/video", "drivers/usb", "drivers/scsi/qla2xxx", "drivers/scsi/lpfc",
+    "drivers/scsi/mpt3sas", "drivers/scsi/megaraid", "drivers/md", "drivers/target", "drivers/thunderbolt",
+    "net/wireless", "net/mac80211", "net/bluetooth", "fs/btrfs", "fs/xfs", "fs/ocfs2", "fs/nfs", "fs/ceph",
+    "fs/cifs", "fs/smb", "fs/gfs2",
+)
+ROOT_LABEL = "debroot"
+KERNEL_CMDLINE = f"root=LABEL={ROOT_LABEL} ro console=ttyS0,115200"
+
+SECTOR = 512
+MIB = 1024 * 1024 // SECTOR  # in sectors
+BOOT_PARTITION = (1 * MIB, 96 * MIB)  # (first sector, sectors)
+ROOT_PARTITION = (97 * MIB, 1951 * MIB)
+DISK_SECTORS = 2048 * MIB
+
+# Run in the chroot after the packages are installed ($1 is the root directory).
+CUSTOMIZE = r"""
+set -eu
+root="$1"
+rm -f "$root"/etc/ssh/ssh_host_*
+: > "$root/etc/machine-id"
+rm -f "$root/var/lib/dbus/machine-id"
+echo "LABEL=debroot / ext4 defaults,errors=remount-ro 0 1" > "$root/etc/fstab"
+echo localhost > "$root/etc/hostname"
+printf 'auto lo\niface lo inet loopback\n\nsource /etc/network/interfaces.d/*\n' > "$root/etc/network/interfaces"
+install -m 0755 "$GUEST_DIR/guest-net-report" "$root/usr/local/sbin/guest-net-report"
+install -m 0644 "$GUEST_DIR/guest-net.service" "$root/etc/systemd/system/guest-net.service"
+chroot "$root" systemctl enable guest-net.service
+chroot "$root" systemctl mask apt-daily.timer apt-daily-upgrade.timer e2scrub_all.timer e2scrub_reap.service
+# Kernel modules no VM uses, then the initramfs again without them.
+for abi in "$root"/lib/modules/*; do
+    for dir in $UNUSED_MODULES; do rm -rf "$abi/kernel/$dir"; done
+    chroot "$root" depmod "$(basename "$abi")"
+    chroot "$root" update-initramfs -u -k "$(basename "$abi")"
+done
+rm -rf "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/* "$root"/var/cache/debconf/*-old \
+    "$root"/var/log/*.log "$root"/var/log/apt/* "$root"/tmp/* "$root"/usr/share/doc/* "$root"/usr/share/man/* \
+    "$root"/usr/share/locale/* "$root"/usr/share/info/*
+"""
+DPKG_OPTIONS = (
+    "path-exclude=/usr/share/man/*", "path-exclude=/usr/share/doc/*", "path-exclude=/usr/share/info/*",
+    "path-exclude=/usr/share/locale/*", "path-include=/usr/share/locale/locale.alias",
+)
+
+
+def package_versions() -> dict[str, str]:
+    """The apt candidate versions of the kernel and of `KEY_PACKAGES` (the apt lists must be up to date)."""
+    meta = apt_candidates(["linux-image-amd64"])["linux-image-amd64"]
+    kernel = next(dep.split()[0] for dep in meta["Depends"].split(", ") if dep.startswith("linux-image-"))
+    stanzas = apt_candidates([kernel, *KEY_PACKAGES])
+    return {name: stanzas[name]["Version"] for name in (kernel, *KEY_PACKAGES)}
+
+
+def cache_key(versions: dict[str, str]) -> str:
+    digest = hashlib.sha256()
+    for path in (Path(__file__).resolve(), *GUEST_FILES):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    for name, version in sorted(versions.items()):
+        digest.update(f"{name}={version}\n".encode())
+    return digest.hexdigest()[:12]
+
+
+def debootstrap(tree: Path) -> None:
+    """The root file system tree at `tree`, made by mmdebstrap in chroot mode (as root)."""
+    argv: list[str] = [
+        "mmdebstrap", "--mode=root", "--variant=minbase", "--format=directory", "--quiet",
+        f"--include={','.join(PACKAGES)}",
+        "--aptopt=Acquire::Retries \"3\"",
+        *(f"--dpkgopt={option}" for option in DPKG_OPTIONS),
+        f"--customize-hook={CUSTOMIZE}",
+        SUITE, str(tree), *MIRRORS,
+    ]
+    env = {**os.environ, "GUEST_DIR": str(HERE), "UNUSED_MODULES": " ".join(UNUSED_MODULES),
+           "DEBIAN_FRONTEND": "noninteractive"}
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"mmdebstrap failed ({proc.returncode}):\n{proc.stdout[-4000:]}{proc.stderr[-8000:]}")
+
+
+def grub_core(grub_pc: Path, scratch: Path) -> Path:
+    """GRUB's BIOS core.img, which boots partition 1's /vmlinuz at once (rescue parser: no menu, no timeout)."""
+    config, core = scratch / "grub.cfg", scratch / "core.img"
+    config.write_text(f"linux /vmlinuz {KERNEL_CMDLINE}\ninitrd /initrd.img\nboot\n")
+    run("grub-mkimage", "-O", "i386-pc", "-d", grub_pc / "usr/lib/grub/i386-pc", "-o", core,
+        "-c", config, "-p", "(,msdos1)/", "biosdisk", "part_msdos", "fat", "linux")
+    if core.stat().st_size > (BOOT_PARTITION[0] - 1) * SECTOR:
+        raise RuntimeError("core.img does not fit before the first partition")
+    return core
+
+
+def copy_sparse(source: Path, disk: Path, first_sector: int) -> None:
+    """Copy `source` into `disk` at `first_sector`, skipping blocks of zeros (the disk stays sparse)."""
+    block = 1 << 20
+    zeros = bytes(block)
+    with source.open("rb") as src, disk.open("r+b") as dst:
+        offset = first_sector * SECTOR
+        while chunk := src.read(block):
+            if chunk != zeros[:len(chunk)]:
+                dst.seek(offset)
+                dst.write(chunk)
+            offset += len(chunk)
+
+
+def build_image(versions: dict[str, str], dest: Path, scratch: Path) -> None:
+    """Build the qcow2 image at `dest`, working in `scratch`."""
+    tree = scratch / "root"
+    debootstrap(tree)
+    boot = scratch / "boot"
+    boot.mkdir()
+    (vmlinuz,) = (tree / "boot").glob("vmlinuz-*")
+    (initrd,) = (tree / "boot").glob("initrd.img-*")
+    shutil.copyfile(vmlinuz, boot / "vmlinuz")
+    shutil.copyfile(initrd, boot / "initrd.img")
+
+    grub = fetch_packages({"grub-pc-bin": versions["grub-pc-bin"]}, scratch)["grub-pc-bin"]
+    core = grub_core(grub, scratch)
+    boot_fs, root_fs, raw = scratch / "boot.fat", scratch / "root.ext4", scratch / "disk.raw"
+    fat_image(boot_fs, BOOT_PARTITION[1], "DEBBOOT", boot)
+    # GRUB never reads it, so any ext4 feature the guest's kernel knows is fine.
+    run("mke2fs", "-q", "-t", "ext4", "-L", ROOT_LABEL, "-d", tree, "-E", "root_owner=0:0",
+        root_fs, f"{ROOT_PARTITION[1] * SECTOR // 1024}k")
+    partitions = [(*BOOT_PARTITION, 0x0E, True), (*ROOT_PARTITION, 0x83, False)]
+    with raw.open("wb") as disk:
+        disk.truncate(DISK_SECTORS * SECTOR)
+        disk.write(mbr((grub / "usr/lib/grub/i386-pc/boot.img").read_bytes(), partitions))
+        disk.write(core.read_bytes())
+    copy_sparse(boot_fs, raw, BOOT_PARTITION[0])
+    copy_sparse(root_fs, raw, ROOT_PARTITION[0])
+    run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, dest)
+
+
+def ensure_debian_image(cache_dir: Path) -> Path:
+    """Return the cached Debian guest image for the current inputs, building it if it is absent."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    versions = package_versions()
+    image = cache_dir / f"debian-{cache_key(versions)}.qcow2"
+    with (cache_dir / "debian-build.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not image.exists():
+            with tempfile.TemporaryDirectory(prefix="debian-build-", dir=cache_dir) as scratch:
+                partial = Path(scratch) / image.name
+                build_image(versions, partial, Path(scratch))
+                os.replace(partial, image)
+    return image
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Build (or find in the cache) the Debian 12 cloud-init guest image.")
+    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
+    args = parser.parse_args(argv)
+    print(ensure_debian_image(args.cache_dir))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
