@@ -97,6 +97,8 @@ def wait_guest_net(vms: dict[str, tuple[LauncherProcess, str]]) -> dict[str, dic
                 raise AssertionError(f"no guest-net line after {NET_TIMEOUT_S:g} s from {sorted(set(vms) - set(found))}"
                                      f"; console tails:\n{tails}")
             time.sleep(2)
+    for name, line in found.items():
+        print(f"{name}: guest-net " + " ".join(f"{k}={v}" for k, v in line.items()))  # shown if the test fails
     return found
 
 
@@ -111,6 +113,12 @@ def start_both(qemu_factory: Any, debian_image_dir: Path, qemu: dict[str, Any], 
         assert answer["state"] == "running", (fmt, answer)
         vms[fmt] = (launcher, uuid)
     return vms
+
+
+def keep_consoles(vms: dict[str, tuple[LauncherProcess, str]], directory: Path) -> None:
+    """Copy each VM's console log to `directory` (pytest's tmp_path outlives the qemu test root)."""
+    for name, (launcher, uuid) in vms.items():
+        (directory / f"console-{name}.log").write_text(console(launcher, uuid))
 
 
 def delete_all(vms: dict[str, tuple[LauncherProcess, str]]) -> None:
@@ -133,7 +141,10 @@ def test_static_address_gateway_dns_keys_in_both_formats(qemu_factory: Any, debi
     meta = {"uuid": "net-test-id", "hostname": "net-test", "public-keys": [key]}
     vms = start_both(qemu_factory, debian_image_dir, {"guest_network": GUEST_NETWORK},
                      lambda fmt, uuid: payload(uuid, macs[fmt], meta, addresses[fmt]))
-    lines = wait_guest_net(vms)
+    try:
+        lines = wait_guest_net(vms)
+    finally:
+        keep_consoles(vms, tmp_path)
 
     for fmt, line in lines.items():
         expected = {
@@ -161,7 +172,10 @@ def test_dhcp_in_both_formats(qemu_factory: Any, debian_image_dir: Path, tmp_pat
     macs = {fmt: fresh_mac() for fmt in SEED_FORMATS}
     meta = {"uuid": "dhcp-test-id", "hostname": "dhcp-test", "public-keys": [key], "public_keys": [key]}
     vms = start_both(qemu_factory, debian_image_dir, {}, lambda fmt, uuid: payload(uuid, macs[fmt], meta))
-    lines = wait_guest_net(vms)
+    try:
+        lines = wait_guest_net(vms)
+    finally:
+        keep_consoles(vms, tmp_path)
 
     for fmt, line in lines.items():
         nic, mac = line["nic"].split("/")
