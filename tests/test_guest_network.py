@@ -187,4 +187,10 @@ def test_dhcp_in_both_formats(qemu_factory: Any, debian_image_dir: Path, tmp_pat
         expected = {"hostname": "dhcp-test", "instance-id": "dhcp-test-id", "datasource": fmt,
                     "keys": keys_digest(key), "user": "debian"}
         assert {k: line.get(k) for k in expected} == expected, (fmt, line)
+    # STOP presses the ACPI power button: systemd-logind powers the guest off, nothing is destroyed.
+    for fmt, (launcher, uuid) in vms.items():
+        client = launcher.client()
+        assert client.request("POST", f"/v1/instances/{uuid}/stop", wait=1, timeout=120)["state"] == "exited"
+        log = b"".join(client.stream(f"/v1/instances/{uuid}/log", read_timeout=10)).decode()
+        assert "guest powered off" in log and "destroyed" not in log, (fmt, log)
     delete_all(vms)
