@@ -55,8 +55,10 @@ The report
     guest-net nic=<ifname>/<mac> addrs=<cidr>[,<cidr>...] routes=<route>[;<route>...] dns=<ip>[,<ip>...]
       search=<domain>[,<domain>...] mtu=<n> hostname=<hostname> fqdn=<hostname -f> instance-id=<id>
       datasource=<nocloud|configdrive|...> keys=<sha256 hex|none> user=<name> cloud-init=<done|error|...>
+      eni=<line>[;<line>...]
 
-(one line; wrapped here). Every value has no spaces; a list that is empty is ``none``.
+(one line; wrapped here). Every value has no spaces; a list that is empty is ``none``. Later fields may be added:
+parse ``key=value`` pairs rather than positions.
 
 - ``nic``: the device of the first IPv4 default route, else the first NIC with a device (sorted by name), and
   its MAC; ``addrs``, ``mtu``: its IPv4 addresses (``ip -4 -o addr``) and MTU.
@@ -72,6 +74,8 @@ The report
   ``~/.ssh/authorized_keys`` lines that are not blank or comments, stripped, sorted, each followed by ``\\n``
   (``none`` without any). For one key K: ``sha256(K.strip() + "\\n")``.
 - ``cloud-init``: the status ``cloud-init status --wait`` ended with.
+- ``eni``: what cloud-init rendered for ifupdown, ``/etc/network/interfaces.d/50-cloud-init`` without blank
+  lines and comments, one element per line, spaces replaced by ``_`` (``post-up_route_add_default_gw_...``).
 
 Host tools (Debian 12 packages): mmdebstrap, e2fsprogs (mke2fs -d), mtools, grub-common (grub-mkimage),
 qemu-utils, apt, dpkg. Building needs root (mmdebstrap's chroot mode) and the Debian mirror; it takes about
