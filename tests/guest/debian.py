@@ -44,7 +44,8 @@ Disk (MBR, 2 GiB virtual, qcow2 with zstd-compressed clusters, about 120 MB), fo
 - partition 2, ext4, label ``debroot``: the root file system, made from the mmdebstrap tree with
   ``mke2fs -d`` (no loop device or mount needed beyond mmdebstrap's own chroot).
 
-Under TCG on a 2-core machine, two such guests booting at once print their report about 50 s after they start.
+Under TCG on a 2-core machine, two such guests booting at once print their report 50 s (a quiet machine) to
+110 s (other tests' VMs running) after they start.
 
 The report
 ----------
