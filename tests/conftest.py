@@ -144,6 +144,28 @@ def guest_image_dir(guest_image: Path) -> Iterator[Path]:
     shutil.rmtree(directory)
 
 
+DEBIAN_IMAGE_ID = "debian-12-cloud-init-test"  # the image id payloads name to boot the Debian guest
+
+
+@pytest.fixture(scope="session")
+def debian_image() -> Path:
+    """The Debian 12 guest with real cloud-init (tests/guest/debian.py): built once, then cached."""
+    sys.path.insert(0, str(ROOT / "tests" / "guest"))
+    from debian import ensure_debian_image
+
+    return ensure_debian_image(GUEST_CACHE)
+
+
+@pytest.fixture(scope="session")
+def debian_image_dir(debian_image: Path) -> Iterator[Path]:
+    """A directory where `DEBIAN_IMAGE_ID` is the Debian guest (for `qemu.image_dirs`)."""
+    QEMU_TEST_ROOT.mkdir(mode=0o711, exist_ok=True)
+    directory = Path(tempfile.mkdtemp(prefix="debian-images-", dir=QEMU_TEST_ROOT))
+    (directory / f"{DEBIAN_IMAGE_ID}.qcow2").symlink_to(debian_image)
+    yield directory
+    shutil.rmtree(directory)
+
+
 @pytest.fixture(scope="session")
 def stale_test_runs_removed() -> None:
     """Clear what killed test runs left behind: their launchers, domains and data dirs (see `QemuTestRoot`)."""
