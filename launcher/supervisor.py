@@ -111,6 +111,7 @@ class Supervisor:
         self.journal = journal
         self.instances: dict[str, InstanceActor] = {}
         self.allocated = Resources()
+        self.volume_users: dict[str, str] = {}  # volume id → the instance whose START names it in `storage`
         self.capacity = Capacity.measure(config)
         self.maintenance = (config.data_dir / MAINTENANCE_FILE).exists()
         self.status = READY
@@ -173,6 +174,11 @@ class Supervisor:
         refusal = self._no_room(need, free_mb)
         if refusal:
             raise LauncherError(errors.FULL_CN, refusal, spec.instance_uuid)
+        for entry in spec.storage:
+            user = self.volume_users.get(entry.id)
+            if user is not None:
+                raise LauncherError(errors.VOLUME_IN_USE, f"volume {entry.id} is used by instance {user}",
+                                    spec.instance_uuid)
         if (self.config.instances_dir / spec.instance_uuid).exists():
             # A dir nobody owns (made by hand since start-up): never let a START write into it or remove it.
             raise LauncherError(errors.INSTANCE_EXISTS, "an instance dir with this uuid exists", spec.instance_uuid)
@@ -287,6 +293,7 @@ class Supervisor:
                               goal=goal)
         self.instances[actor.uuid] = actor
         self.allocated += Resources.of(spec)
+        self.volume_users.update((entry.id, actor.uuid) for entry in spec.storage)
         self._nursery.start_soon(actor.run)
         return actor
 
@@ -294,6 +301,9 @@ class Supervisor:
         if self.instances.get(actor.uuid) is actor:
             del self.instances[actor.uuid]
             self.allocated -= Resources.of(actor.spec)
+            for entry in actor.spec.storage:
+                if self.volume_users.get(entry.id) == actor.uuid:
+                    del self.volume_users[entry.id]
             self._update_status()
 
     # ----------------------------------------------------------------- recovery

@@ -109,7 +109,7 @@ class VolumeRoutes:
 
     def _users(self) -> dict[str, str]:
         """Volume id → the uuid of the instance that uses it (its START names it in `storage`)."""
-        return {entry.id: actor.uuid for actor in self.supervisor.instances.values() for entry in actor.spec.storage}
+        return self.supervisor.volume_users
 
     def _refuse_in_use(self, volume_id: str, what: str) -> None:
         user = self._users().get(volume_id)

@@ -39,7 +39,15 @@ from virtualizers.qemu.backend import (
     resolve_accel,
 )
 from virtualizers.qemu.cloudinit import GuestNetwork
-from virtualizers.qemu.domain import DomainParams, Firmware, canonical_uuid, domain_xml, libvirt_uuid, read_metadata
+from virtualizers.qemu.domain import (
+    DomainParams,
+    Firmware,
+    VolumeDisk,
+    canonical_uuid,
+    domain_xml,
+    libvirt_uuid,
+    read_metadata,
+)
 
 UUID = "d7d86208-b46c-4465-9018-fe14087d415f"
 CIAO_UUID = "67d86208-000-4465-9018-fe14087d415f"  # a ciao instance uuid that is no RFC 4122 UUID
@@ -538,3 +546,20 @@ def test_kvm_needs_a_vendor_module_and_dev_kvm(tmp_path: Path, modules: set[str]
         device.write_bytes(b"")
     found = preflight.kvm_problem(tmp_path / "module", device)
     assert found is None if problem is None else problem in str(found), found
+
+
+def test_volumes_are_virtio_disks_with_their_id_as_serial(tmp_path: Path) -> None:
+    volumes = (VolumeDisk(Path("/srv/vols/0a1b-0001.qcow2"), "qcow2", "0a1b-0001"),
+               VolumeDisk(Path("/srv/vols/4e16e743-265a-4bf2-9fd1-57ada0b28904.raw"), "raw",
+                          "4e16e743-265a-4bf2-9fd1-57ada0b28904"))
+    documents = {f"efi={efi}": domain_xml(attrs.evolve(make_params(efi=efi), volumes=volumes)) for efi in (True, False)}
+    assert invalid_documents(documents, tmp_path) == {}
+    disks = ET.fromstring(documents["efi=True"]).findall("./devices/disk[@device='disk']")
+    assert [(d.find("target").get("dev"), d.find("source").get("file"), d.find("driver").get("type"),
+             d.findtext("serial")) for d in disks] == [  # type: ignore[union-attr]
+        ("vda", str(DATA_DIR / "instances" / UUID / qemu.OVERLAY), "qcow2", None),
+        ("vdb", "/srv/vols/0a1b-0001.qcow2", "qcow2", "0a1b-0001"),
+        ("vdc", "/srv/vols/4e16e743-265a-4bf2-9fd1-57ada0b28904.raw", "raw", "4e16e743-265a-4bf2-9fd1-57ada0b28904"),
+    ]
+    with pytest.raises(ValueError, match="at most 24 volumes"):
+        domain_xml(attrs.evolve(make_params(), volumes=volumes[:1] * 25))

@@ -639,6 +639,12 @@ def test_meta_data_identity_is_checked(meta_data: dict[str, Any], fragment: str 
     assert fragment in err.reason, err.reason
 
 
+def test_at_most_24_storage_entries() -> None:
+    entries = [{"id": f"0a1b-{n:04}"} for n in range(25)]
+    err = doc_error({**start_doc(), "start": {**start_doc()["start"], "storage": entries}}, "json")
+    assert err.code == INVALID_DATA and err.reason == "start.storage: at most 24 entries (the VM's disk slots), got 25"
+
+
 @pytest.mark.parametrize("hostname", ["a: b", "x" * 300, "a" * 64, "web_1", "-lead"])  # (payload strings are trimmed)
 def test_requirements_hostname_follows_the_same_rule(hostname: str) -> None:
     err = doc_error({**start_doc(), "start": {**start_doc()["start"], "requirements": {"hostname": hostname}}},

@@ -142,3 +142,24 @@ def test_metrics_count_the_volumes(launcher_factory: Any) -> None:
     assert value(samples, "launcher_volumes") == 2
     assert value(samples, "launcher_volume_capacity_bytes") == (100 + 2048) * 2**20
     assert value(samples, "launcher_volume_allocation_bytes") == (10 + 204) * 2**20
+
+
+def test_a_start_attaches_only_volumes_that_exist_and_no_other_instance_names(launcher_factory: Any) -> None:
+    """The simulation checks what the qemu virtualizer checks: every volume a START names exists (else
+    image_failure naming the entry), kinds not supported yet are refused, and one volume serves one instance."""
+    client = launcher_factory().client()
+    missing = error_of(lambda: client.request("POST", "/v1/instances", start_with_storage("ab-0001", VOL), YAML,
+                                              wait=1))
+    assert (missing.status, missing.code) == (502, "image_failure")
+    assert f"storage[0]: volume {VOL}: no volume {VOL}" in missing.reason
+    create(client, id=VOL, size_mb=64)
+    boot = (f"start:\n  instance_uuid: ab-0002\n  storage:\n    - id: {VOL}\n      boot: true\n").encode()
+    refused = error_of(lambda: client.request("POST", "/v1/instances", boot, YAML, wait=1))
+    assert refused.code == "image_failure" and "boot volumes are not supported yet" in refused.reason
+    assert client.request("POST", "/v1/instances", start_with_storage("ab-0003", VOL), YAML, wait=1)["state"] == \
+        "running"
+    taken = error_of(lambda: client.request("POST", "/v1/instances", start_with_storage("ab-0004", VOL), YAML))
+    assert (taken.status, taken.code) == (409, "volume_in_use") and "ab-0003" in taken.reason
+    client.request("DELETE", "/v1/instances/ab-0003", wait=1)
+    assert client.request("POST", "/v1/instances", start_with_storage("ab-0004", VOL), YAML, wait=1)["state"] == \
+        "running"

@@ -54,6 +54,7 @@ READ_RESOURCES = ("vcpus", "mem_mb", "disk_mb", "network_node")
 RESOURCE_LIMITS = {"vcpus": (1, 256), "mem_mb": (16, 1_048_576), "disk_mb": (1, 67_108_864)}
 
 MAX_GRACE_S = 3600
+MAX_STORAGE_ENTRIES = 24  # data disks vdb..vdy besides the instance's own
 
 _START_KEYS = frozenset({
     "tenant_uuid", "instance_uuid", "image_uuid", "docker_image", "fw_type", "persistence", "vm_type",
@@ -401,7 +402,10 @@ def _storage(value: Any, path: str) -> tuple[StorageEntry, ...]:
         raise data_error(path, "must be a list of maps (- id: ...), got a map")
     entries: list[StorageEntry] = []
     seen: set[str] = set()
-    for index, item in enumerate(_as_list(value, path)):
+    items = _as_list(value, path)
+    if len(items) > MAX_STORAGE_ENTRIES:
+        raise data_error(path, f"at most {MAX_STORAGE_ENTRIES} entries (the VM's disk slots), got {len(items)}")
+    for index, item in enumerate(items):
         entry = _storage_entry(item, f"{path}[{index}]")
         if entry.id in seen:
             raise data_error(f"{path}[{index}].id", f"duplicate storage id {show(entry.id)}")

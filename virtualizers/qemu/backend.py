@@ -49,12 +49,19 @@ import libvirt
 import psutil
 import trio
 
-from launcher.plugin.errors import IMAGE_FAILURE, LAUNCH_FAILURE, STOP_FAILURE, SetupError, VirtualizerError
+from launcher.plugin.errors import (
+    IMAGE_FAILURE,
+    LAUNCH_FAILURE,
+    STOP_FAILURE,
+    LauncherError,
+    SetupError,
+    VirtualizerError,
+)
 from launcher.plugin.files import INSTANCE_DIR_MODE, fsync_dir
 from launcher.plugin.host import BackendHost
 from launcher.plugin.protocol import MonitorEvent, MonitorInbox, VmStats
 from launcher.plugin.settings import at_least, one_of, parse_section
-from launcher.plugin.spec import InstanceSpec
+from launcher.plugin.spec import InstanceSpec, storage_problem
 from virtualizers.qemu import cloudinit, domain, preflight
 from virtualizers.qemu.hypervisor import (
     Disconnected,
@@ -355,6 +362,10 @@ class QemuVirtualizer:
     # -- images --------------------------------------------------------------------------------------------
 
     async def ensure_backing_image(self) -> None:
+        problem = storage_problem(self._spec)
+        if problem is not None:
+            raise self._fail(IMAGE_FAILURE, problem)
+        await self._volume_disks(IMAGE_FAILURE)  # every volume the START names exists, before anything is made
         if not self._spec.image_uuid:
             raise self._fail(IMAGE_FAILURE, "the START names no image_uuid; the qemu virtualizer boots every "
                                             "instance from a backing image")
@@ -425,8 +436,26 @@ class QemuVirtualizer:
 
     # -- lifecycle -----------------------------------------------------------------------------------------
 
+    async def _volume_disks(self, code: str) -> tuple[domain.VolumeDisk, ...]:
+        """The START's volumes as data disks, in the order of its `storage`; `code` (the phase's) if one is missing
+        or the store cannot answer."""
+        if not self._spec.storage:
+            return ()
+        store = self._backend.volumes
+        if store is None:
+            raise self._fail(code, "this launcher's volume store is not open (qemu.volumes)")
+        disks = []
+        for index, entry in enumerate(self._spec.storage):
+            try:
+                path, fmt = await store.disk_source(entry.id)
+            except LauncherError as exc:
+                raise self._fail(code, f"storage[{index}]: volume {entry.id}: {exc.reason}") from exc
+            disks.append(domain.VolumeDisk(Path(path), fmt, entry.id))
+        return tuple(disks)
+
     async def start_vm(self) -> None:
-        xml = domain.domain_xml(self._backend.domain_params(self._spec, self._dir))
+        volumes = await self._volume_disks(LAUNCH_FAILURE)
+        xml = domain.domain_xml(attrs.evolve(self._backend.domain_params(self._spec, self._dir), volumes=volumes))
         user = self._backend.qemu_user
         if user is not None:
             try:

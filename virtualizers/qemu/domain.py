@@ -12,9 +12,9 @@ The domain:
   the domain again (RESTART) names the same domain;
 - boots with SeaBIOS (legacy) or OVMF (EFI, `<loader>` + a per-instance `<nvram>` copied from the vars
   template by libvirt);
-- has the overlay as a virtio disk (`vda`), the cloud-init seed as a read-only SATA cdrom, one virtio NIC
-  with the payload's MAC on a libvirt network or a bridge (or none), a virtio RNG (guests boot faster with
-  entropy), no graphics;
+- has the overlay as a virtio disk (`vda`), its volumes as virtio disks `vdb`, `vdc`, ... (the volume id as
+  their serial), the cloud-init seed as a read-only SATA cdrom, one virtio NIC with the payload's MAC on a
+  libvirt network or a bridge (or none), a virtio RNG (guests boot faster with entropy), no graphics;
 - logs its serial console through virtlogd to `console.log` in the instance dir (virtlogd bounds its size:
   `max_size` / `max_backups` in virtlogd.conf) while keeping it reachable with `virsh console`;
 - has a qemu-guest-agent channel (`org.qemu.guest_agent.0`);
@@ -34,6 +34,7 @@ METADATA_PREFIX = "launcher"
 DOMAIN_PREFIX = "launcher-"
 GUEST_AGENT_CHANNEL = "org.qemu.guest_agent.0"
 OVERLAY_TARGET = "vda"
+MAX_VOLUMES = 24  # data disks vdb..vdy (the payload parser allows as many storage entries)
 NETWORK_KINDS = ("network", "bridge", "none")
 _UUID_NAMESPACE = uuid_module.uuid5(uuid_module.NAMESPACE_URL, METADATA_NS)
 
@@ -45,6 +46,16 @@ class Firmware:
     efi: bool
     ovmf_code: Path = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
     ovmf_vars_template: Path = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+
+
+@attrs.frozen
+class VolumeDisk:
+    """A volume attached as a data disk (`vdb`, `vdc`, ... in the order given). `serial` is the volume id: libvirt
+    and `virsh domblklist`/`dumpxml` show it whole; a guest sees its first 20 characters (virtio-blk's limit)."""
+
+    source: Path
+    format: str  # qcow2 or raw
+    serial: str
 
 
 @attrs.frozen
@@ -65,6 +76,7 @@ class DomainParams:
     mac: str  # "" lets libvirt pick one
     console_log: Path
     nvram: Path
+    volumes: tuple[VolumeDisk, ...] = ()  # at most MAX_VOLUMES
 
     @property
     def name(self) -> str:
@@ -156,6 +168,15 @@ def _devices(devices: ET.Element, params: DomainParams) -> None:
     ET.SubElement(disk, "driver", name="qemu", type="qcow2", discard="unmap")
     ET.SubElement(disk, "source", file=str(params.overlay))
     ET.SubElement(disk, "target", dev=OVERLAY_TARGET, bus="virtio")
+
+    if len(params.volumes) > MAX_VOLUMES:
+        raise ValueError(f"at most {MAX_VOLUMES} volumes, got {len(params.volumes)}")
+    for index, volume in enumerate(params.volumes):
+        data = ET.SubElement(devices, "disk", type="file", device="disk")
+        ET.SubElement(data, "driver", name="qemu", type=volume.format, discard="unmap")
+        ET.SubElement(data, "source", file=str(volume.source))
+        ET.SubElement(data, "target", dev=f"vd{chr(ord('b') + index)}", bus="virtio")
+        _text(data, "serial", volume.serial)
 
     cdrom = ET.SubElement(devices, "disk", type="file", device="cdrom")
     ET.SubElement(cdrom, "driver", name="qemu", type="raw")

@@ -50,11 +50,11 @@ import psutil
 import trio
 
 from launcher.plugin import files
-from launcher.plugin.errors import IMAGE_FAILURE, LAUNCH_FAILURE, STOP_FAILURE, VirtualizerError
+from launcher.plugin.errors import IMAGE_FAILURE, LAUNCH_FAILURE, STOP_FAILURE, LauncherError, VirtualizerError
 from launcher.plugin.host import BackendHost
 from launcher.plugin.protocol import MonitorEvent, MonitorInbox, VmStats
 from launcher.plugin.settings import at_most, one_of, parse_section
-from launcher.plugin.spec import InstanceSpec
+from launcher.plugin.spec import InstanceSpec, storage_problem
 from virtualizers.simulation import simvm
 from virtualizers.simulation.volumes import VOLUMES_DIR, SimulatedVolumes
 
@@ -241,7 +241,17 @@ class _SimulatedInstance:
         self._dir = instance_dir
 
     async def ensure_backing_image(self) -> None:
-        """There is no backing image to fetch; only the `ensure` failure rules can make this fail."""
+        """There is no backing image to fetch. The START's volumes must exist in the store (as for qemu); then
+        only the `ensure` failure rules can make this fail."""
+        problem = storage_problem(self._spec)
+        if problem is not None:
+            raise VirtualizerError(IMAGE_FAILURE, problem, self._uuid)
+        for index, entry in enumerate(self._spec.storage):
+            try:
+                await self._backend.volumes.get(entry.id)
+            except LauncherError as exc:
+                raise VirtualizerError(IMAGE_FAILURE, f"storage[{index}]: volume {entry.id}: {exc.reason}",
+                                       self._uuid) from exc
         await self._backend.inject("ensure", self._uuid)
 
     async def delete_image(self) -> None:
