@@ -28,13 +28,11 @@ PID 1 and never exits. On each boot the guest prints one line on ttyS0::
     guest-ready instance-id=<id> hostname=<name> user-data-sha256=<hex> datasource=<nocloud|configdrive|none>
     boots=<n> disks=<dev>:<serial>,...
 
-(one line, wrapped here)
-
-from an ISO 9660 NoCloud (volume ``cidata``) or ConfigDrive (volume ``config-2``) seed, e.g. a
-SATA cdrom; ``boots`` counts the boots of this disk (or of the overlay on top of it) including
-this one; ``disks`` lists the virtio disks it sees with their serials (``-`` for none; virtio-blk shows at most
-20 characters of a serial). An ACPI power button press makes it print ``guest-poweroff``, sync, unmount its disk
-and power off.
+(one line, wrapped here), reading the seed from an ISO 9660 NoCloud (volume ``cidata``) or
+ConfigDrive (volume ``config-2``) seed, e.g. a SATA cdrom. ``boots`` counts the boots of this disk
+(or of the overlay on top of it) including this one; ``disks`` lists the virtio disks it sees with
+their serials (``-`` for none; virtio-blk shows at most 20 characters of a serial). An ACPI power
+button press makes it print ``guest-poweroff``, sync, unmount its disk and power off.
 
 Inputs come only from Debian packages, fetched with ``apt-get download`` (the apt lists must be
 up to date) and unpacked with ``dpkg-deb -x``: ``linux-image-amd64`` (resolved to its
