@@ -84,6 +84,7 @@ def test_guest_boots_reports_its_seed_and_powers_off(tmp_path: Path, guest_image
             "user-data-sha256": hashlib.sha256(USER_DATA).hexdigest(),
             "datasource": "nocloud",
             "boots": "1",
+            "disks": "vda:-",  # its own disk, without a serial
         }, line
 
         qmp(monitor, "system_powerdown")
