@@ -147,7 +147,7 @@ def test_metrics_count_the_volumes(launcher_factory: Any) -> None:
 def test_a_start_attaches_only_volumes_that_exist_and_no_other_instance_names(launcher_factory: Any) -> None:
     """The simulation checks what the qemu virtualizer checks: every volume a START names exists (else
     image_failure naming the entry), kinds not supported yet are refused, and one volume serves one instance."""
-    client = launcher_factory().client()
+    client = launcher_factory({"intervals": {"stats_snapshot_s": 0.1}}).client()
     missing = error_of(lambda: client.request("POST", "/v1/instances", start_with_storage("ab-0001", VOL), YAML,
                                               wait=1))
     assert (missing.status, missing.code) == (502, "image_failure")
@@ -158,6 +158,12 @@ def test_a_start_attaches_only_volumes_that_exist_and_no_other_instance_names(la
     assert refused.code == "image_failure" and "boot volumes are not supported yet" in refused.reason
     assert client.request("POST", "/v1/instances", start_with_storage("ab-0003", VOL), YAML, wait=1)["state"] == \
         "running"
+    deadline = time.monotonic() + 10  # the STATS snapshot lists the instance's volumes (ciao's shape)
+    while not any(i["instance_uuid"] == "ab-0003" for i in client.request("GET", "/v1/stats")["instances"]):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    [figures] = [i for i in client.request("GET", "/v1/stats")["instances"] if i["instance_uuid"] == "ab-0003"]
+    assert figures["volumes"] == [VOL]
     taken = error_of(lambda: client.request("POST", "/v1/instances", start_with_storage("ab-0004", VOL), YAML))
     assert (taken.status, taken.code) == (409, "volume_in_use") and "ab-0003" in taken.reason
     client.request("DELETE", "/v1/instances/ab-0003", wait=1)
