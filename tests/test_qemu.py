@@ -366,22 +366,27 @@ def _sha256(data: bytes) -> str:
 
 
 def test_a_volume_named_by_a_start_is_a_disk_the_guest_sees(qemu_factory: Any) -> None:
-    """A data volume made through /v1/volumes, named in a START's storage: a virtio disk of the domain whose
-    serial is the volume id, seen by the guest; after the instance is deleted the volume is still there."""
+    """A data volume made through /v1/volumes and a local ephemeral one, named in a START's storage: virtio disks
+    of the domain whose serials are the volume ids, seen by the guest. After the instance is deleted, the first
+    volume is still there and the ephemeral one is gone."""
     launcher = qemu_factory()
     client = launcher.client()
-    volume_id, uuid = new_uuid(), new_uuid()
+    volume_id, local_id, uuid = new_uuid(), new_uuid(), new_uuid()
     client.request("POST", "/v1/volumes", json.dumps({"id": volume_id, "size_mb": 64}).encode(), "application/json")
     payload = payload_for("start_legacy.yaml", uuid).decode().replace(
-        f"  instance_uuid: {uuid}\n", f"  instance_uuid: {uuid}\n  storage:\n    - id: {volume_id}\n")
+        f"  instance_uuid: {uuid}\n", f"  instance_uuid: {uuid}\n  storage:\n    - id: {volume_id}\n"
+                                     f"    - id: {local_id}\n      local: true\n      ephemeral: true\n      size: 1\n")
     assert start(client, payload.encode(), wait=1, timeout=120)["state"] == "running"
-    assert wait_guest_ready(launcher, uuid)["disks"] == f"vda:-,vdb:{volume_id[:20]}"  # virtio-blk: 20 characters
+    assert wait_guest_ready(launcher, uuid)["disks"] == \
+        f"vda:-,vdb:{volume_id[:20]},vdc:{local_id[:20]}"  # virtio-blk: 20 characters
     domain = domain_of(uuid)
     assert domain is not None
     disks = ET.fromstring(domain.XMLDesc()).findall("./devices/disk[@device='disk']")
     assert [(d.find("target").get("dev"), d.findtext("serial")) for d in disks] == \
-        [("vda", None), ("vdb", volume_id)]  # type: ignore[union-attr]
+        [("vda", None), ("vdb", volume_id), ("vdc", local_id)]  # type: ignore[union-attr]
     assert client.request("GET", f"/v1/volumes/{volume_id}")["attached_to"] == uuid
+    assert client.request("GET", f"/v1/volumes/{local_id}")["size_mb"] == 1024
     assert client.request("DELETE", f"/v1/instances/{uuid}", wait=1, timeout=120)["state"] == "deleted"
     assert client.request("GET", f"/v1/volumes/{volume_id}")["attached_to"] is None
+    assert [v["id"] for v in client.request("GET", "/v1/volumes")["volumes"]] == [volume_id]  # ephemeral: gone
     assert client.request("DELETE", f"/v1/volumes/{volume_id}") == {"removed": volume_id}

@@ -169,3 +169,22 @@ def test_a_start_attaches_only_volumes_that_exist_and_no_other_instance_names(la
     client.request("DELETE", "/v1/instances/ab-0003", wait=1)
     assert client.request("POST", "/v1/instances", start_with_storage("ab-0004", VOL), YAML, wait=1)["state"] == \
         "running"
+
+
+def test_local_volumes_are_made_at_start_and_ephemeral_ones_go_with_the_instance(launcher_factory: Any) -> None:
+    client = launcher_factory().client()
+    kept, scratch = "0a1b-0101", "0a1b-0102"
+    start = (f"start:\n  instance_uuid: ab-0101\n  image_uuid: test-image\n  storage:\n"
+             f"    - id: {kept}\n      local: true\n      size: 2\n"
+             f"    - id: {scratch}\n      local: true\n      ephemeral: true\n      size: 1\n").encode()
+    assert client.request("POST", "/v1/instances", start, YAML, wait=1)["state"] == "running"
+    volumes = client.request("GET", "/v1/volumes")["volumes"]
+    made = {v["id"]: (v["size_mb"], v["format"], v["attached_to"]) for v in volumes}
+    assert made == {kept: (2048, "qcow2", "ab-0101"), scratch: (1024, "qcow2", "ab-0101")}
+    client.request("DELETE", "/v1/instances/ab-0101", wait=1)
+    assert [v["id"] for v in client.request("GET", "/v1/volumes")["volumes"]] == [kept]  # the ephemeral one is gone
+    no_size = error_of(lambda: client.request(
+        "POST", "/v1/instances", f"start:\n  instance_uuid: ab-0102\n  image_uuid: img\n  storage:\n"
+        f"    - id: {scratch}\n      local: true\n".encode(), YAML))
+    assert no_size.code == "invalid_data" and no_size.reason.startswith("start.storage[0].size: required for a local")
+

@@ -424,12 +424,15 @@ def _storage_entry(item: Any, path: str) -> StorageEntry:
     size = _get_int(body, "size", path) or 0
     if size < 0:
         raise data_error(f"{path}.size", f"must not be negative, got {size}")
+    local = _get_bool(body, "local", path)
+    if local and not size:
+        raise data_error(f"{path}.size", "required for a local volume (GiB, at least 1)")
     return StorageEntry(
         id=volume,
         boot=_get_bool(body, "boot", path),
         boot_index=_get_boot_index(body, path),
         ephemeral=_get_bool(body, "ephemeral", path),
-        local=_get_bool(body, "local", path),
+        local=local,
         swap=_get_bool(body, "swap", path),
         tag=_get_str(body, "tag", path),
         size=size,

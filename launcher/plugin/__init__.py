@@ -15,6 +15,7 @@ through its ``launcher.virtualizers`` entry point (pyproject.toml, `launcher.bac
   optional `ImageCatalog`.
 - `host`: `BackendHost`, what the launcher lends a backend: the data dir, its worker-thread limiter, the event
   journal (`emit`), the per-instance log (`log`) and its own START steps' timings for /metrics (`observe_step`).
+- `volumes`: what a START's `storage` entries mean (local, ephemeral, ...), on a backend's volume store.
 - `files`: crash-safe private writes (`atomic_write`, `fsync_dir`) and the instance dir's modes.
 - `settings`: `parse_section`, the one way to declare and check a plugin's own config section.
 

@@ -44,12 +44,8 @@ class StorageEntry:
     local: bool = False
     swap: bool = False
     tag: str = ""
-    size: int = 0
+    size: int = 0  # GiB: the size of a `local` volume the launcher makes
 
-    @property
-    def attaches_existing(self) -> bool:
-        """A data volume that exists already, attached by id: not a boot, local, ephemeral or swap entry."""
-        return not (self.boot or self.local or self.ephemeral or self.swap)
 
 
 @attrs.frozen
@@ -80,14 +76,3 @@ class InstanceSpec:
     @property
     def legacy_boot(self) -> bool:
         return self.fw_type == "legacy"
-
-
-def storage_problem(spec: InstanceSpec) -> str | None:
-    """Why a virtualizer cannot honour the START's storage entries yet, or None. Only existing volumes attached
-    by id are supported so far; boot, local, ephemeral and swap entries are refused rather than ignored."""
-    for index, entry in enumerate(spec.storage):
-        if not entry.attaches_existing:
-            kinds = [kind for kind in ("boot", "local", "ephemeral", "swap") if getattr(entry, kind)]
-            return (f"storage[{index}] ({entry.id}): {'/'.join(kinds)} volumes are not supported yet; only existing "
-                    "volumes attached by id are")
-    return None

@@ -61,7 +61,8 @@ from launcher.plugin.files import INSTANCE_DIR_MODE, fsync_dir
 from launcher.plugin.host import BackendHost
 from launcher.plugin.protocol import MonitorEvent, MonitorInbox, VmStats
 from launcher.plugin.settings import at_least, one_of, parse_section
-from launcher.plugin.spec import InstanceSpec, storage_problem
+from launcher.plugin.spec import InstanceSpec
+from launcher.plugin.volumes import existing_entries, make_local_volumes, remove_ephemeral_volumes, storage_problem
 from virtualizers.qemu import cloudinit, domain, preflight
 from virtualizers.qemu.hypervisor import (
     Disconnected,
@@ -365,7 +366,8 @@ class QemuVirtualizer:
         problem = storage_problem(self._spec)
         if problem is not None:
             raise self._fail(IMAGE_FAILURE, problem)
-        await self._volume_disks(IMAGE_FAILURE)  # every volume the START names exists, before anything is made
+        for index, entry in existing_entries(self._spec):  # before anything is made (local ones: create_image)
+            await self._volume_disk(IMAGE_FAILURE, index, entry.id)
         if not self._spec.image_uuid:
             raise self._fail(IMAGE_FAILURE, "the START names no image_uuid; the qemu virtualizer boots every "
                                             "instance from a backing image")
@@ -376,7 +378,15 @@ class QemuVirtualizer:
                                           "ready")
 
     async def create_image(self, user_data: str, meta_data: str, network_config: str | None) -> None:
-        """The overlay, then the seed. `network_config`, when given, replaces NoCloud's derived one."""
+        """The START's local volumes, the overlay, then the seed. `network_config`, when given, replaces NoCloud's
+        derived one."""
+        if any(entry.local for entry in self._spec.storage):
+            try:
+                made = await make_local_volumes(self._volume_store(IMAGE_FAILURE), self._spec)
+            except LauncherError as exc:
+                raise self._fail(IMAGE_FAILURE, f"cannot make a local volume: {exc.reason}") from exc
+            if made:
+                self._log(f"local volumes made: {', '.join(made)}")
         image = self._image or await self._backend.images.ensure(self._spec.image_uuid)
         started = time.monotonic()
         size = await self._create_overlay(image)
@@ -433,25 +443,33 @@ class QemuVirtualizer:
             raise self._fail(STOP_FAILURE, f"cannot undefine domain {self._name}: {message}") from exc
         if removed:
             self._log(f"domain {self._name} undefined")
+        if any(entry.ephemeral for entry in self._spec.storage):
+            try:
+                deleted = await remove_ephemeral_volumes(self._volume_store(STOP_FAILURE), self._spec)
+            except LauncherError as exc:
+                raise self._fail(STOP_FAILURE, f"cannot delete an ephemeral volume: {exc.reason}") from exc
+            if deleted:
+                self._log(f"ephemeral volumes deleted: {', '.join(deleted)}")
 
     # -- lifecycle -----------------------------------------------------------------------------------------
 
-    async def _volume_disks(self, code: str) -> tuple[domain.VolumeDisk, ...]:
-        """The START's volumes as data disks, in the order of its `storage`; `code` (the phase's) if one is missing
-        or the store cannot answer."""
-        if not self._spec.storage:
-            return ()
-        store = self._backend.volumes
-        if store is None:
+    def _volume_store(self, code: str) -> VolumeStore:
+        if self._backend.volumes is None:
             raise self._fail(code, "this launcher's volume store is not open (qemu.volumes)")
-        disks = []
-        for index, entry in enumerate(self._spec.storage):
-            try:
-                path, fmt = await store.disk_source(entry.id)
-            except LauncherError as exc:
-                raise self._fail(code, f"storage[{index}]: volume {entry.id}: {exc.reason}") from exc
-            disks.append(domain.VolumeDisk(Path(path), fmt, entry.id))
-        return tuple(disks)
+        return self._backend.volumes
+
+    async def _volume_disk(self, code: str, index: int, volume_id: str) -> domain.VolumeDisk:
+        """Storage entry `index` as a data disk; `code` (the phase's) if the volume is missing or the store
+        cannot answer."""
+        try:
+            path, fmt = await self._volume_store(code).disk_source(volume_id)
+        except LauncherError as exc:
+            raise self._fail(code, f"storage[{index}]: volume {volume_id}: {exc.reason}") from exc
+        return domain.VolumeDisk(Path(path), fmt, volume_id)
+
+    async def _volume_disks(self, code: str) -> tuple[domain.VolumeDisk, ...]:
+        """The START's volumes as data disks, in the order of its `storage`."""
+        return tuple([await self._volume_disk(code, index, entry.id) for index, entry in enumerate(self._spec.storage)])
 
     async def start_vm(self) -> None:
         volumes = await self._volume_disks(LAUNCH_FAILURE)

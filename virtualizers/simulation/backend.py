@@ -54,7 +54,8 @@ from launcher.plugin.errors import IMAGE_FAILURE, LAUNCH_FAILURE, STOP_FAILURE, 
 from launcher.plugin.host import BackendHost
 from launcher.plugin.protocol import MonitorEvent, MonitorInbox, VmStats
 from launcher.plugin.settings import at_most, one_of, parse_section
-from launcher.plugin.spec import InstanceSpec, storage_problem
+from launcher.plugin.spec import InstanceSpec
+from launcher.plugin.volumes import existing_entries, make_local_volumes, remove_ephemeral_volumes, storage_problem
 from virtualizers.simulation import simvm
 from virtualizers.simulation.volumes import VOLUMES_DIR, SimulatedVolumes
 
@@ -246,7 +247,7 @@ class _SimulatedInstance:
         problem = storage_problem(self._spec)
         if problem is not None:
             raise VirtualizerError(IMAGE_FAILURE, problem, self._uuid)
-        for index, entry in enumerate(self._spec.storage):
+        for index, entry in existing_entries(self._spec):  # local ones are made by create_image
             try:
                 await self._backend.volumes.get(entry.id)
             except LauncherError as exc:
@@ -255,8 +256,19 @@ class _SimulatedInstance:
         await self._backend.inject("ensure", self._uuid)
 
     async def delete_image(self) -> None:
-        """Nothing to do: a simulated instance keeps nothing outside its instance directory."""
+        """Delete the START's ephemeral volumes; a simulated instance keeps nothing else outside its directory."""
         await trio.lowlevel.checkpoint()
+        try:
+            await remove_ephemeral_volumes(self._backend.volumes, self._spec)
+        except LauncherError as exc:
+            raise VirtualizerError(STOP_FAILURE, f"cannot delete an ephemeral volume: {exc.reason}", self._uuid) \
+                from exc
+
+    async def _make_local_volumes(self) -> None:
+        try:
+            await make_local_volumes(self._backend.volumes, self._spec)
+        except LauncherError as exc:
+            raise VirtualizerError(IMAGE_FAILURE, f"cannot make a local volume: {exc.reason}", self._uuid) from exc
 
     def connected(self) -> None:
         pass
@@ -270,8 +282,9 @@ class MemoryVirtualizer(_SimulatedInstance):
     """A simulated instance whose VM is an entry in the backend's table."""
 
     async def create_image(self, user_data: str, meta_data: str, network_config: str | None) -> None:
-        """There is no disk in memory mode; only the `create` failure rules can make this fail."""
+        """There is no disk in memory mode, only the START's local volumes; the `create` failure rules apply."""
         await self._backend.inject("create", self._uuid)
+        await self._make_local_volumes()
 
     async def start_vm(self) -> None:
         """Register a fake VM that is up after boot_delay_s. launch_failure if one already runs."""
@@ -334,8 +347,9 @@ class ProcessVirtualizer(_SimulatedInstance):
     _cpu_sample: tuple[float, float] | None = attrs.field(default=None, init=False)  # (cpu s, wall s)
 
     async def create_image(self, user_data: str, meta_data: str, network_config: str | None) -> None:
-        """Write `disk.img`: the cloud-init data, as JSON, replaced atomically."""
+        """Write `disk.img`: the cloud-init data, as JSON, replaced atomically; make the START's local volumes."""
         await self._backend.inject("create", self._uuid)
+        await self._make_local_volumes()
         disk = {"user_data": user_data, "meta_data": meta_data, "network_config": network_config}
         try:
             await trio.to_thread.run_sync(files.atomic_write, self._dir / DISK_IMAGE, json.dumps(disk).encode(),
