@@ -10,20 +10,17 @@ A volume is `{"id", "size_mb", "allocation_mb", "format", "source_image", "clone
 "attached_to"}`; `attached_to` is the uuid of the instance whose START names it in its `storage`, or null.
 Each change is an event: `volume_created`, `volume_resized`, `volume_deleted`.
 
-Changes to one volume id are serialised (a lock per id), so that a DELETE never races a resize or a create of
-the same id; the in-use check is made under that lock against the live instance table.
+The store serialises the changes to one volume id (`VolumeCatalog`); the in-use check is made against the live
+instance table just before the change is handed to it.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import attrs
-import trio
 
 from launcher.http import Handler, Request, Response
 from launcher.payloads import is_valid_uuid
@@ -40,7 +37,6 @@ _CREATE_KEYS = frozenset({"id", "size_mb", "format", "source_image", "clone"})
 class VolumeRoutes:
     def __init__(self, supervisor: Supervisor) -> None:
         self.supervisor = supervisor
-        self._locks: dict[str, trio.Lock] = {}
 
     def routes(self) -> list[tuple[str, re.Pattern[str], Handler]]:
         v = r"(?P<volume_id>[^/]+)"
@@ -72,8 +68,7 @@ class VolumeRoutes:
         size_mb = _size(body, minimum=0 if source_image else 1)
         fmt = _choice(body, "format", VOLUME_FORMATS)
         clone = _choice(body, "clone", CLONES)
-        async with self._lock(volume_id):
-            volume = await catalog.create(volume_id, size_mb, fmt, source_image=source_image, clone=clone)
+        volume = await catalog.create(volume_id, size_mb, fmt, source_image=source_image, clone=clone)
         self.supervisor.journal.emit("volume_created", volume_id=volume.id, size_mb=volume.size_mb,
                                      format=volume.format, source_image=volume.source_image)
         return Response.json(201, _describe(volume, None))
@@ -83,18 +78,16 @@ class VolumeRoutes:
         volume_id = _checked_id(request.params["volume_id"])
         body = _json_object(request.body, frozenset({"size_mb"}))
         size_mb = _size(body, minimum=1)
-        async with self._lock(volume_id):
-            self._refuse_in_use(volume_id, "resized")
-            volume = await catalog.resize(volume_id, size_mb)
+        self._refuse_in_use(volume_id, "resized")
+        volume = await catalog.resize(volume_id, size_mb)
         self.supervisor.journal.emit("volume_resized", volume_id=volume_id, size_mb=volume.size_mb)
         return Response.json(200, _describe(volume, None))
 
     async def delete(self, request: Request) -> Response:
         catalog = self._catalog()
         volume_id = _checked_id(request.params["volume_id"])
-        async with self._lock(volume_id):
-            self._refuse_in_use(volume_id, "deleted")
-            await catalog.delete(volume_id)
+        self._refuse_in_use(volume_id, "deleted")
+        await catalog.delete(volume_id)
         self.supervisor.journal.emit("volume_deleted", volume_id=volume_id)
         return Response.json(200, {"removed": volume_id})
 
@@ -117,15 +110,6 @@ class VolumeRoutes:
             raise LauncherError(errors.VOLUME_IN_USE, f"volume {volume_id} is used by instance {user}: it cannot be "
                                                       f"{what} until that instance is deleted")
 
-    @asynccontextmanager
-    async def _lock(self, volume_id: str) -> AsyncIterator[None]:
-        lock = self._locks.setdefault(volume_id, trio.Lock())
-        try:
-            async with lock:
-                yield
-        finally:
-            if not lock.locked() and not lock.statistics().tasks_waiting:
-                self._locks.pop(volume_id, None)
 
 
 def _describe(volume: VolumeInfo, user: str | None) -> dict[str, Any]:

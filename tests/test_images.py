@@ -254,7 +254,7 @@ async def test_five_concurrent_ensures_import_once(tmp_path: Path, www: tuple[Pa
     assert len(progress.finished) == 1
     assert len(results) == 5 and {(r.id, r.sha256, r.path) for r in results} == {(results[0].id, results[0].sha256,
                                                                                    results[0].path)}
-    assert store._locks == {}  # per-id locks do not outlive their users
+    assert store._locks._entries == {}  # per-id locks do not outlive their users
 
 
 # Digests.
@@ -396,7 +396,7 @@ async def test_cancellation_mid_download_leaves_nothing(tmp_path: Path, nursery:
             inner.cancel_scope.cancel()
     assert reports.reports[-1].done_bytes >= MiB and reports.reports[-1].total_bytes == 64 * MiB
     assert reports.finished == []
-    assert files_in(root) == set() and store.get("stalled") is None and store._locks == {}
+    assert files_in(root) == set() and store.get("stalled") is None and store._locks._entries == {}
 
     # The id is not wedged: it can be imported afterwards.
     info = await store.import_(str(make_qcow2(tmp_path / "real.qcow2")), "stalled")

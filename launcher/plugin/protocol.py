@@ -164,7 +164,8 @@ class VolumeCatalog(Protocol):
     """A backend's store of volumes, if it has one (its `volumes` attribute); served at /v1/volumes.
 
     Volume ids are uuids (hex groups joined by '-', what `launcher.payloads.is_valid_uuid` accepts), checked by
-    the caller. Which instance uses a volume is the launcher's business, not the store's: the caller refuses to
+    the caller. The store serialises the operations on one id (`launcher.plugin.locks.KeyedLocks`). Which
+    instance uses a volume is the launcher's business, not the store's: the caller refuses to
     delete or resize a volume in use. Failures raise LauncherError: `not_found` (no such volume),
     `volume_exists`, `invalid_data` (a source image that does not exist, a size smaller than it, shrinking),
     `storage_full`, `volume_failure` (anything else the store refused), with a reason naming what."""

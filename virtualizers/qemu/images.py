@@ -49,6 +49,7 @@ import trio
 
 from launcher.plugin.errors import IMAGE_FAILURE, IMAGE_IN_USE, VirtualizerError
 from launcher.plugin.files import atomic_write, fsync_dir
+from launcher.plugin.locks import KeyedLocks
 from launcher.plugin.spec import is_valid_image_id
 from virtualizers.qemu.import_policy import ImportPolicy, SourceRefused
 
@@ -170,7 +171,7 @@ class ImageStore:
         self._http_timeout_s = http_timeout_s
         self.gc_age_s = gc_age_s
         self._index: dict[str, ImageInfo] = {}
-        self._locks: dict[str, _IdLock] = {}
+        self._locks = KeyedLocks()  # one operation per id at a time
 
     def share_with_group(self, gid: int) -> None:
         """Give the images imported from now on to group `gid` (QEMU's, so that it can read them even where
@@ -201,7 +202,7 @@ class ImageStore:
         one id import it once. Raises ImageNotFound naming every place looked at, or ImageError if the import
         fails."""
         _check_id(image_id)
-        async with self._locked(image_id):
+        async with self._locks.hold(image_id):
             if image_id in self._index:
                 return await self._touch(image_id)
             try:
@@ -233,7 +234,7 @@ class ImageStore:
         in the store."""
         _check_id(image_id)
         await self.check_source(source)
-        async with self._locked(image_id):
+        async with self._locks.hold(image_id):
             return await self._import_locked(source, image_id, expected_sha256, on_progress, confined=True)
 
     async def check_source(self, source: str) -> None:
@@ -242,7 +243,7 @@ class ImageStore:
 
     async def remove(self, image_id: str, in_use: Collection[str]) -> None:
         """Remove `image_id`. ImageInUse if it is in `in_use`, ImageNotFound if the store does not have it."""
-        async with self._locked(image_id):
+        async with self._locks.hold(image_id):
             if image_id in in_use:
                 raise ImageInUse(f"image {image_id!r} is in use")
             if image_id not in self._index:
@@ -259,7 +260,7 @@ class ImageStore:
         cutoff = time.time() - older_than_s
         removed = []
         for image_id in sorted(self._index.keys() - set(in_use)):
-            async with self._locked(image_id):
+            async with self._locks.hold(image_id):
                 if image_id in in_use or image_id not in self._index:
                     continue
                 if await self._refresh_last_used(image_id) < cutoff:
@@ -439,27 +440,9 @@ class ImageStore:
     def _record_path(self, image_id: str) -> Path:
         return self._root / f"{image_id}{RECORD_SUFFIX}"
 
-    @contextlib.asynccontextmanager
-    async def _locked(self, image_id: str) -> AsyncIterator[None]:
-        """Hold `image_id`'s lock; the lock exists while someone holds or awaits it."""
-        entry = self._locks.setdefault(image_id, _IdLock())
-        entry.users += 1
-        try:
-            async with entry.lock:
-                yield
-        finally:
-            entry.users -= 1
-            if not entry.users:
-                del self._locks[image_id]
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
-
-
-@attrs.define(eq=False)
-class _IdLock:
-    lock: trio.Lock = attrs.Factory(trio.Lock)
-    users: int = 0  # tasks holding or awaiting `lock`
 
 
 @attrs.define(eq=False)

@@ -39,7 +39,6 @@ id, so that two concurrent creates of one id cannot both pass the duplicate chec
 from __future__ import annotations
 
 import builtins
-import contextlib
 import datetime
 import errno
 import hashlib
@@ -49,7 +48,7 @@ import os
 import re
 import stat
 import xml.etree.ElementTree as ET
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -61,6 +60,7 @@ import trio
 from launcher.plugin import errors
 from launcher.plugin.errors import LauncherError, SetupError
 from launcher.plugin.files import atomic_write, fsync_dir
+from launcher.plugin.locks import KeyedLocks
 from launcher.plugin.protocol import MAX_VOLUME_MB, VOLUME_FORMATS, VolumeCatalog, VolumeInfo
 from virtualizers.qemu import preflight
 from virtualizers.qemu.hypervisor import Hypervisor, Unavailable, error_text
@@ -122,7 +122,7 @@ class VolumeStore:
         self.pool_path = (data_dir / VOLUMES_DIR).absolute()  # the own pool's directory (unused otherwise)
         self._records_dir = data_dir / RECORDS_DIR
         self._records: dict[str, VolumeRecord] = {}
-        self._locks: dict[str, _IdLock] = {}
+        self._locks = KeyedLocks()  # one operation per id at a time
         self._owner = (os.getuid(), os.getgid())  # of new volumes and of the own pool's directory
 
     # -- start-up ----------------------------------------------------------------------------------------
@@ -256,7 +256,7 @@ class VolumeStore:
         Nothing is left behind on failure or cancellation."""
         _check_id(volume_id)
         _check_request(size_mb, fmt, source_image, clone)
-        async with self._locked(volume_id):
+        async with self._locks.hold(volume_id):
             await self._check_free(volume_id)
             image = await self._source(source_image) if source_image else None
             capacity = size_mb * MIB
@@ -303,7 +303,7 @@ class VolumeStore:
     async def delete(self, volume_id: str) -> None:
         """Delete the volume (not_found if there is none): libvirt's volume, then its record."""
         _check_id(volume_id)
-        async with self._locked(volume_id):
+        async with self._locks.hold(volume_id):
             record = self._record(volume_id)
             try:
                 await self._call(partial(_delete_volume, pool=self.pool_name, name=record.name))
@@ -321,7 +321,7 @@ class VolumeStore:
         _check_id(volume_id)
         if not 0 < size_mb <= MAX_VOLUME_MB:
             raise LauncherError(errors.INVALID_DATA, f"size_mb must be 1..{MAX_VOLUME_MB}, got {size_mb}")
-        async with self._locked(volume_id):
+        async with self._locks.hold(volume_id):
             record = self._record(volume_id)
             described = await self._describe(record)
             if size_mb * MIB < described.capacity:
@@ -460,29 +460,11 @@ class VolumeStore:
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
 
-    @contextlib.asynccontextmanager
-    async def _locked(self, volume_id: str) -> AsyncIterator[None]:
-        """Hold `volume_id`'s lock; the lock exists while someone holds or awaits it."""
-        entry = self._locks.setdefault(volume_id, _IdLock())
-        entry.users += 1
-        try:
-            async with entry.lock:
-                yield
-        finally:
-            entry.users -= 1
-            if not entry.users:
-                del self._locks[volume_id]
 
 
 if TYPE_CHECKING:
     def _is_a_volume_catalog(store: VolumeStore) -> VolumeCatalog:
         return store  # mypy checks that VolumeStore has the protocol's methods and signatures
-
-
-@attrs.define(eq=False)
-class _IdLock:
-    lock: trio.Lock = attrs.Factory(trio.Lock)
-    users: int = 0
 
 
 @attrs.frozen

@@ -20,6 +20,7 @@ import trio
 
 from launcher.plugin import errors, files
 from launcher.plugin.errors import LauncherError
+from launcher.plugin.locks import KeyedLocks
 from launcher.plugin.protocol import VolumeInfo
 
 VOLUMES_DIR = "sim-volumes"
@@ -33,6 +34,7 @@ class SimulatedVolumes:
     def __init__(self, root: Path, limiter: trio.CapacityLimiter) -> None:
         self.root = root
         self.limiter = limiter
+        self._locks = KeyedLocks()  # one operation per id at a time: a resize never rewrites a deleted volume
 
     async def list(self) -> builtins.list[VolumeInfo]:
         return await trio.to_thread.run_sync(self._read_all, limiter=self.limiter)
@@ -54,20 +56,23 @@ class SimulatedVolumes:
         volume = VolumeInfo(id=volume_id, size_mb=size, allocation_mb=size // 10, format=fmt,
                             source_image=source_image, clone=clone if source_image else "",
                             path=str(self._path(volume_id)))
-        await trio.to_thread.run_sync(self._write, volume, True, limiter=self.limiter)
+        async with self._locks.hold(volume_id):
+            await trio.to_thread.run_sync(self._write, volume, True, limiter=self.limiter)
         return volume
 
     async def delete(self, volume_id: str) -> None:
-        await self.get(volume_id)
-        await trio.to_thread.run_sync(self._remove, volume_id, limiter=self.limiter)
+        async with self._locks.hold(volume_id):
+            await self.get(volume_id)
+            await trio.to_thread.run_sync(self._remove, volume_id, limiter=self.limiter)
 
     async def resize(self, volume_id: str, size_mb: int) -> VolumeInfo:
-        volume = await self.get(volume_id)
-        if size_mb < volume.size_mb:
-            raise LauncherError(errors.INVALID_DATA, f"size_mb: {size_mb} is smaller than the volume "
-                                                     f"({volume.size_mb} MiB): volumes only grow")
-        grown = attrs.evolve(volume, size_mb=size_mb, allocation_mb=size_mb // 10)
-        await trio.to_thread.run_sync(self._write, grown, False, limiter=self.limiter)
+        async with self._locks.hold(volume_id):
+            volume = await self.get(volume_id)
+            if size_mb < volume.size_mb:
+                raise LauncherError(errors.INVALID_DATA, f"size_mb: {size_mb} is smaller than the volume "
+                                                         f"({volume.size_mb} MiB): volumes only grow")
+            grown = attrs.evolve(volume, size_mb=size_mb, allocation_mb=size_mb // 10)
+            await trio.to_thread.run_sync(self._write, grown, False, limiter=self.limiter)
         return grown
 
     # ----------------------------------------------------------------- files (worker threads)
