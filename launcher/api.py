@@ -37,6 +37,7 @@ from launcher.payloads import (
 )
 from launcher.plugin import errors
 from launcher.plugin.errors import LauncherError
+from launcher.plugin.protocol import VolumeInfo, volume_catalog
 from launcher.stats import StatsReporter, instance_figures, node_figures
 from launcher.supervisor import Supervisor
 from launcher.volume_routes import VolumeRoutes
@@ -99,7 +100,8 @@ class Api:
         self.token = token
         self.config = supervisor.config
         self.metrics = supervisor.metrics
-        self.metrics.registry.register(StateCollector(supervisor, journal, lambda: stats.volumes))
+        self._volumes: list[VolumeInfo] = []  # the volume store's list, read at each scrape of /metrics
+        self.metrics.registry.register(StateCollector(supervisor, journal, lambda: self._volumes))
         u = r"(?P<uuid>[^/]+)"
         self.routes: list[tuple[str, re.Pattern[str], Handler]] = [
             ("GET", re.compile(r"/healthz"), self.healthz),
@@ -256,6 +258,12 @@ class Api:
         return Response(200, self.stats.snapshot_json)
 
     async def get_metrics(self, request: Request) -> Response:
+        catalog = volume_catalog(self.supervisor.backend)
+        if catalog is not None:
+            try:
+                self._volumes = await catalog.list()
+            except LauncherError as exc:  # the gauges keep the last list the store gave
+                log.warning("/metrics: cannot list the volumes: %s", exc)
         return Response(200, self.metrics.render(), CONTENT_TYPE)
 
     async def events(self, request: Request) -> Stream:

@@ -152,7 +152,7 @@ class StateCollector(Collector):
                  volumes: Callable[[], Sequence[VolumeInfo]] = tuple) -> None:
         self.supervisor = supervisor
         self.journal = journal
-        self.volumes = volumes  # the volume store's volumes as of the last STATS snapshot
+        self.volumes = volumes  # the volume store's volumes, as the scrape read them
 
     def collect(self) -> Iterator[Metric]:
         s = self.supervisor
@@ -192,7 +192,7 @@ class StateCollector(Collector):
                 disk.add_metric([actor.uuid], figures.disk_mb * MIB)
         yield from (memory, cpu, disk)
         volumes = self.volumes()
-        yield GaugeMetricFamily("launcher_volumes", "Volumes in the volume store (as of the last STATS snapshot)",
+        yield GaugeMetricFamily("launcher_volumes", "Volumes in the volume store",
                                 value=len(volumes))
         yield GaugeMetricFamily("launcher_volume_capacity_bytes", "Total size of the volumes, as their guests see "
                                 "them", value=sum(v.size_mb for v in volumes) * MIB)

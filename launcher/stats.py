@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import logging
 import os
 import socket
 import uuid
@@ -29,12 +28,8 @@ from launcher.events import utc_timestamp
 from launcher.instance import InstanceActor
 from launcher.lifecycle import State
 from launcher.plugin import files
-from launcher.plugin.errors import LauncherError
-from launcher.plugin.protocol import VolumeInfo, volume_catalog
 from launcher.plugin.spec import InstanceSpec
 from launcher.supervisor import Supervisor
-
-log = logging.getLogger(__name__)
 
 NODE_ID_FILE = "node-id"
 
@@ -117,7 +112,6 @@ class StatsReporter:
         self.limiter = limiter
         self.node_id = node_id
         self.snapshot: dict[str, Any] = {}
-        self.volumes: list[VolumeInfo] = []  # the backend's volumes at the last snapshot (for /metrics)
         self._encoded: tuple[dict[str, Any], bytes] | None = None  # (snapshot, its JSON), made on demand
         self._taken = trio.Event()  # set (and replaced) each time a snapshot is taken
 
@@ -147,7 +141,6 @@ class StatsReporter:
 
     async def refresh(self) -> None:
         node = await trio.to_thread.run_sync(node_figures, self.supervisor.config.data_dir, limiter=self.limiter)
-        await self._refresh_volumes()
         self.snapshot = {
             "taken_at": utc_timestamp(),
             "node_uuid": self.node_id,
@@ -157,16 +150,6 @@ class StatsReporter:
         }
         self._taken.set()
         self._taken = trio.Event()
-
-    async def _refresh_volumes(self) -> None:
-        """Read the volume store's list (kept as it was if the store cannot answer now: logged)."""
-        catalog = volume_catalog(self.supervisor.backend)
-        if catalog is None:
-            return
-        try:
-            self.volumes = await catalog.list()
-        except LauncherError as exc:
-            log.warning("cannot list the volumes: %s", exc)
 
     async def follow(self) -> AsyncIterator[bytes]:
         """The current snapshot, then each new one as it is taken, as NDJSON lines, until cancelled."""
