@@ -136,10 +136,15 @@ def guest_image() -> Path:
 @pytest.fixture(scope="session")
 def guest_image_dir(guest_image: Path) -> Iterator[Path]:
     """A directory where each example image id is the test guest (what `qemu.image_dirs` points at)."""
+    yield from images_dir("images-", dict.fromkeys(EXAMPLE_IMAGE_IDS, guest_image))
+
+
+def images_dir(prefix: str, images: dict[str, Path]) -> Iterator[Path]:
+    """A directory QEMU can reach, where each image id of `images` is a link to its image file; removed after."""
     QEMU_TEST_ROOT.mkdir(mode=0o711, exist_ok=True)
-    directory = Path(tempfile.mkdtemp(prefix="images-", dir=QEMU_TEST_ROOT))
-    for image_id in EXAMPLE_IMAGE_IDS:
-        (directory / f"{image_id}.qcow2").symlink_to(guest_image)
+    directory = Path(tempfile.mkdtemp(prefix=prefix, dir=QEMU_TEST_ROOT))
+    for image_id, image in images.items():
+        (directory / f"{image_id}.qcow2").symlink_to(image)
     yield directory
     shutil.rmtree(directory)
 
@@ -159,11 +164,7 @@ def debian_image() -> Path:
 @pytest.fixture(scope="session")
 def debian_image_dir(debian_image: Path) -> Iterator[Path]:
     """A directory where `DEBIAN_IMAGE_ID` is the Debian guest (for `qemu.image_dirs`)."""
-    QEMU_TEST_ROOT.mkdir(mode=0o711, exist_ok=True)
-    directory = Path(tempfile.mkdtemp(prefix="debian-images-", dir=QEMU_TEST_ROOT))
-    (directory / f"{DEBIAN_IMAGE_ID}.qcow2").symlink_to(debian_image)
-    yield directory
-    shutil.rmtree(directory)
+    yield from images_dir("debian-images-", {DEBIAN_IMAGE_ID: debian_image})
 
 
 @pytest.fixture(scope="session")

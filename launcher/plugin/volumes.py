@@ -15,7 +15,7 @@ from __future__ import annotations
 from launcher.plugin import errors
 from launcher.plugin.errors import LauncherError
 from launcher.plugin.protocol import VolumeCatalog
-from launcher.plugin.spec import InstanceSpec, StorageEntry
+from launcher.plugin.spec import InstanceSpec
 
 GIB_MB = 1024
 
@@ -31,24 +31,40 @@ def storage_problem(spec: InstanceSpec) -> str | None:
     return None
 
 
-def existing_entries(spec: InstanceSpec) -> list[tuple[int, StorageEntry]]:
-    """(index, entry) of the volumes that must exist before the instance's disks are made (not `local`)."""
-    return [(index, entry) for index, entry in enumerate(spec.storage) if not entry.local]
+async def check_storage(store: VolumeCatalog | None, spec: InstanceSpec) -> None:
+    """LauncherError if the START's storage cannot be honoured: `storage_problem`, no volume store, or a volume
+    that must exist already (every entry but the `local` ones, which `make_local_volumes` makes) and does not.
+    The reason names the entry; the virtualizer reports it with its phase's code, before anything is made."""
+    problem = storage_problem(spec)
+    if problem is not None:
+        raise LauncherError(errors.NOT_SUPPORTED, problem)
+    if not spec.storage:
+        return
+    if store is None:
+        raise LauncherError(errors.NOT_SUPPORTED, "the virtualizer's volume store is not open")
+    for index, entry in enumerate(spec.storage):
+        if entry.local:
+            continue
+        try:
+            await store.get(entry.id)
+        except LauncherError as exc:
+            raise LauncherError(exc.code, f"storage[{index}]: volume {entry.id}: {exc.reason}") from exc
 
 
 async def make_local_volumes(store: VolumeCatalog, spec: InstanceSpec) -> list[str]:
-    """Create the START's `local` volumes that do not exist yet; the ids made."""
+    """Create the START's `local` volumes; one that exists already (a START carried on after a crash made it)
+    is kept. The ids made."""
     made = []
     for entry in spec.storage:
         if not entry.local:
             continue
         try:
-            await store.get(entry.id)
-        except LauncherError as exc:
-            if exc.code != errors.NOT_FOUND:
-                raise
             await store.create(entry.id, entry.size * GIB_MB, "qcow2")
-            made.append(entry.id)
+        except LauncherError as exc:
+            if exc.code != errors.VOLUME_EXISTS:
+                raise
+            continue
+        made.append(entry.id)
     return made
 
 

@@ -62,7 +62,7 @@ from launcher.plugin.host import BackendHost
 from launcher.plugin.protocol import MonitorEvent, MonitorInbox, VmStats
 from launcher.plugin.settings import at_least, one_of, parse_section
 from launcher.plugin.spec import InstanceSpec
-from launcher.plugin.volumes import existing_entries, make_local_volumes, remove_ephemeral_volumes, storage_problem
+from launcher.plugin.volumes import check_storage, make_local_volumes, remove_ephemeral_volumes
 from virtualizers.qemu import cloudinit, domain, preflight
 from virtualizers.qemu.hypervisor import (
     Disconnected,
@@ -363,11 +363,10 @@ class QemuVirtualizer:
     # -- images --------------------------------------------------------------------------------------------
 
     async def ensure_backing_image(self) -> None:
-        problem = storage_problem(self._spec)
-        if problem is not None:
-            raise self._fail(IMAGE_FAILURE, problem)
-        for index, entry in existing_entries(self._spec):  # before anything is made (local ones: create_image)
-            await self._volume_disk(IMAGE_FAILURE, index, entry.id)
+        try:
+            await check_storage(self._backend.volumes, self._spec)
+        except LauncherError as exc:
+            raise self._fail(IMAGE_FAILURE, exc.reason) from exc
         if not self._spec.image_uuid:
             raise self._fail(IMAGE_FAILURE, "the START names no image_uuid; the qemu virtualizer boots every "
                                             "instance from a backing image")
@@ -458,21 +457,20 @@ class QemuVirtualizer:
             raise self._fail(code, "this launcher's volume store is not open (qemu.volumes)")
         return self._backend.volumes
 
-    async def _volume_disk(self, code: str, index: int, volume_id: str) -> domain.VolumeDisk:
-        """Storage entry `index` as a data disk; `code` (the phase's) if the volume is missing or the store
-        cannot answer."""
-        try:
-            path, fmt = await self._volume_store(code).disk_source(volume_id)
-        except LauncherError as exc:
-            raise self._fail(code, f"storage[{index}]: volume {volume_id}: {exc.reason}") from exc
-        return domain.VolumeDisk(Path(path), fmt, volume_id)
-
-    async def _volume_disks(self, code: str) -> tuple[domain.VolumeDisk, ...]:
-        """The START's volumes as data disks, in the order of its `storage`."""
-        return tuple([await self._volume_disk(code, index, entry.id) for index, entry in enumerate(self._spec.storage)])
+    async def _volume_disks(self) -> tuple[domain.VolumeDisk, ...]:
+        """The START's volumes as data disks, in the order of its `storage`; launch_failure if one is gone (it was
+        there at the START: see ensure_backing_image) or the store cannot answer."""
+        disks = []
+        for index, entry in enumerate(self._spec.storage):
+            try:
+                path, fmt = await self._volume_store(LAUNCH_FAILURE).disk_source(entry.id)
+            except LauncherError as exc:
+                raise self._fail(LAUNCH_FAILURE, f"storage[{index}]: volume {entry.id}: {exc.reason}") from exc
+            disks.append(domain.VolumeDisk(Path(path), fmt, entry.id))
+        return tuple(disks)
 
     async def start_vm(self) -> None:
-        volumes = await self._volume_disks(LAUNCH_FAILURE)
+        volumes = await self._volume_disks()
         xml = domain.domain_xml(attrs.evolve(self._backend.domain_params(self._spec, self._dir), volumes=volumes))
         user = self._backend.qemu_user
         if user is not None:

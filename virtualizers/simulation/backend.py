@@ -55,7 +55,7 @@ from launcher.plugin.host import BackendHost
 from launcher.plugin.protocol import MonitorEvent, MonitorInbox, VmStats
 from launcher.plugin.settings import at_most, one_of, parse_section
 from launcher.plugin.spec import InstanceSpec
-from launcher.plugin.volumes import existing_entries, make_local_volumes, remove_ephemeral_volumes, storage_problem
+from launcher.plugin.volumes import check_storage, make_local_volumes, remove_ephemeral_volumes
 from virtualizers.simulation import simvm
 from virtualizers.simulation.volumes import VOLUMES_DIR, SimulatedVolumes
 
@@ -244,15 +244,10 @@ class _SimulatedInstance:
     async def ensure_backing_image(self) -> None:
         """There is no backing image to fetch. The START's volumes must exist in the store (as for qemu); then
         only the `ensure` failure rules can make this fail."""
-        problem = storage_problem(self._spec)
-        if problem is not None:
-            raise VirtualizerError(IMAGE_FAILURE, problem, self._uuid)
-        for index, entry in existing_entries(self._spec):  # local ones are made by create_image
-            try:
-                await self._backend.volumes.get(entry.id)
-            except LauncherError as exc:
-                raise VirtualizerError(IMAGE_FAILURE, f"storage[{index}]: volume {entry.id}: {exc.reason}",
-                                       self._uuid) from exc
+        try:
+            await check_storage(self._backend.volumes, self._spec)
+        except LauncherError as exc:
+            raise VirtualizerError(IMAGE_FAILURE, exc.reason, self._uuid) from exc
         await self._backend.inject("ensure", self._uuid)
 
     async def delete_image(self) -> None:
