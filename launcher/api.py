@@ -27,8 +27,10 @@ from launcher.instance import InstanceActor, Ticket
 from launcher.logs import InstanceLogs
 from launcher.metrics import CONTENT_TYPE, UNMATCHED_ROUTE, StateCollector
 from launcher.payloads import (
+    AttachVolumeCommand,
     Command,
     DeleteCommand,
+    DetachVolumeCommand,
     EvacuateCommand,
     RestartCommand,
     RestoreCommand,
@@ -80,7 +82,9 @@ STATUS_OF = {
 
 NDJSON = "application/x-ndjson"
 COMMAND_KIND: dict[type, str] = {StartCommand: "start", StopCommand: "stop", RestartCommand: "restart",
-                                 DeleteCommand: "delete", EvacuateCommand: "evacuate", RestoreCommand: "restore"}
+                                 DeleteCommand: "delete", AttachVolumeCommand: "attach_volume",
+                                 DetachVolumeCommand: "detach_volume", EvacuateCommand: "evacuate",
+                                 RestoreCommand: "restore"}
 ACCEPT_TIMEOUT_S = 30.0  # how long a START answer may wait for instance.json to be written
 
 
@@ -103,6 +107,7 @@ class Api:
         self._volumes: list[VolumeInfo] = []  # the volume store's list, read at each scrape of /metrics
         self.metrics.registry.register(StateCollector(supervisor, journal, lambda: self._volumes))
         u = r"(?P<uuid>[^/]+)"
+        v = r"(?P<volume_id>[^/]+)"
         self.routes: list[tuple[str, re.Pattern[str], Handler]] = [
             ("GET", re.compile(r"/healthz"), self.healthz),
             ("GET", re.compile(r"/metrics"), self.get_metrics),
@@ -113,6 +118,8 @@ class Api:
             ("POST", re.compile(rf"/v1/instances/{u}/stop"), self.stop),
             ("POST", re.compile(rf"/v1/instances/{u}/restart"), self.restart),
             ("GET", re.compile(rf"/v1/instances/{u}/log"), self.instance_log),
+            ("POST", re.compile(rf"/v1/instances/{u}/volumes/{v}"), self.attach_volume),
+            ("DELETE", re.compile(rf"/v1/instances/{u}/volumes/{v}"), self.detach_volume),
             ("POST", re.compile(r"/v1/commands"), self.command),
             ("GET", re.compile(r"/v1/node"), self.node),
             ("POST", re.compile(r"/v1/node/evacuate"), self.evacuate),
@@ -190,6 +197,12 @@ class Api:
     async def delete(self, request: Request) -> Response:
         command = DeleteCommand(self._uuid(request), _flag(request, "stop"), _number(request, "grace", None))
         return await self._run(request, command)
+
+    async def attach_volume(self, request: Request) -> Response:
+        return await self._run(request, AttachVolumeCommand(self._uuid(request), self._volume_id(request)))
+
+    async def detach_volume(self, request: Request) -> Response:
+        return await self._run(request, DetachVolumeCommand(self._uuid(request), self._volume_id(request)))
 
     async def evacuate(self, request: Request) -> Response:
         return await self._run(request, EvacuateCommand())
@@ -282,6 +295,12 @@ class Api:
         value = request.params["uuid"]
         if not payloads.is_valid_uuid(value):
             raise LauncherError(errors.INVALID_DATA, f"instance_uuid: {value!r} is not a valid instance uuid")
+        return value
+
+    def _volume_id(self, request: Request) -> str:
+        value = request.params["volume_id"]
+        if not payloads.is_valid_uuid(value):
+            raise LauncherError(errors.INVALID_DATA, f"volume_uuid: {value!r} is not a valid volume uuid")
         return value
 
     def _actor(self, request: Request) -> InstanceActor:

@@ -50,6 +50,7 @@ class Timeouts:
     delete_grace_s: float = 0.0  # DELETE without stop:true: its disk goes anyway, so power off at once
     stop_margin_s: float = 30.0  # stop_vm may take grace + this before it counts as failed
     delete_image_s: float = 60.0
+    volume_s: float = 60.0  # attach_volume / detach_volume: a hot-unplug waits for the guest to let go
     stats_s: float = 10.0
     wait_s: float = 600.0  # longest ?wait=1 a client may ask for
 

@@ -1,9 +1,9 @@
 """`InstanceActor`: one Trio task per instance, the only caller of that instance's virtualizer.
 
 The actor reads one inbox that carries two kinds of message: `Request`s put there by the supervisor (START,
-STOP, RESTART, DELETE, each with a `Ticket` the caller can wait on) and `MonitorNote`s posted by its monitor
-session (CONNECTED / CLOSED). It handles them one at a time, so virtualizer calls never overlap and the
-virtualizer needs no lock (docs/concurrency.md). Every virtualizer call is bounded by a configured timeout; an
+STOP, RESTART, DELETE, ATTACH, DETACH, each with a `Ticket` the caller can wait on) and `MonitorNote`s posted by
+its monitor session (CONNECTED / CLOSED). It handles them one at a time, so virtualizer calls never overlap and
+the virtualizer needs no lock (docs/concurrency.md). Every virtualizer call is bounded by a configured timeout; an
 overrun or an exception becomes the phase's ciao code, never a crash of the launcher.
 
 States (docs/architecture.md §6): pending → running → exited → deleted, with internal stopping / deleting. The monitor
@@ -15,7 +15,9 @@ ignored, so a late CLOSED from a monitor that was already ended cannot confuse a
 The actor also owns its instance directory: it creates it (instance.json written atomically before the
 START is acknowledged), and removes it only after the VM is really down. instance.json also holds the
 instance's goal (launcher/records.py), written before a STOP, RESTART or DELETE is acknowledged, so that a
-launcher restarted after `kill -9` carries on every acknowledged command (`_recover`).
+launcher restarted after `kill -9` carries on every acknowledged command (`_recover`), and the instance's
+volumes (`volumes`: the START's, less those detached, plus those attached since), which the supervisor reserves
+for the instance at dispatch (`ActorContext.release_volume` gives one back).
 """
 
 from __future__ import annotations
@@ -35,13 +37,20 @@ from launcher.events import EventJournal
 from launcher.lifecycle import State, Verb
 from launcher.logs import InstanceLogs
 from launcher.metrics import Metrics
-from launcher.payloads import DeleteCommand, RestartCommand, StartCommand, StopCommand
+from launcher.payloads import (
+    AttachVolumeCommand,
+    DeleteCommand,
+    DetachVolumeCommand,
+    RestartCommand,
+    StartCommand,
+    StopCommand,
+)
 from launcher.persist import Persister
 from launcher.plugin import errors
 from launcher.plugin.errors import LauncherError, VirtualizerError
 from launcher.plugin.protocol import MonitorEvent, Virtualizer, VmStats
 from launcher.plugin.spec import InstanceSpec
-from launcher.records import record_json, spec_json
+from launcher.records import record_json, spec_json, storage_ids
 from launcher.recovery import RecoveryPlan
 
 log = logging.getLogger(__name__)
@@ -93,7 +102,7 @@ class Ticket:
             on_done(self)
 
 
-ActorCommand = StartCommand | StopCommand | RestartCommand | DeleteCommand
+ActorCommand = StartCommand | StopCommand | RestartCommand | DeleteCommand | AttachVolumeCommand | DetachVolumeCommand
 
 
 @attrs.frozen
@@ -138,6 +147,9 @@ class ActorContext:
     logs: InstanceLogs
     persister: Persister
     on_gone: Callable[[InstanceActor], None]  # the instance is deleted; drop it from the table
+    # A volume the supervisor reserved for the instance is not the instance's (any more): an ATTACH failed, or a
+    # DETACH was carried out.
+    release_volume: Callable[[InstanceActor, str], None]
     recovery: RecoveryPlan  # this start-up's host-reboot policy and boot slots
     monitors: trio.Nursery | None = None  # where monitor sessions run; set by the supervisor
     metrics: Metrics = attrs.Factory(Metrics)  # the START steps' durations are observed there
@@ -199,6 +211,7 @@ class InstanceActor:
         created: bool = False,
         recovered: bool = False,
         goal: str = "running",
+        volumes: tuple[str, ...] | None = None,
     ) -> None:
         self.ctx = ctx
         self.vm = vm
@@ -207,6 +220,8 @@ class InstanceActor:
         self.dir: Path = ctx.config.instances_dir / self.uuid
         self.state = State.PENDING
         self.stats = VmStats()
+        # The instance's volumes, in disk order (launcher/records.py); None: the START's.
+        self.volumes = storage_ids(spec) if volumes is None else volumes
         # The state this instance will be in once everything queued has run; kept by the supervisor so
         # that it can refuse a command at once without waiting for the actor (docs/concurrency.md, step 7).
         self.projected = State.DELETED if goal == "deleted" else State.RUNNING
@@ -285,7 +300,7 @@ class InstanceActor:
     async def run(self) -> None:
         """The actor's task. Returns once the instance is deleted; cancelled when the launcher stops
         (then the VM keeps running, and a restarted launcher reconnects to it)."""
-        self.vm.init(self.spec, self.dir)
+        self.vm.init(self.spec, self.dir, self.volumes)
         try:
             if self._recovering.unreported:
                 await self._recover_or_exit()
@@ -335,7 +350,8 @@ class InstanceActor:
             if message.session == self._session.number and self._session.scope is not None:
                 await self._on_monitor(message.event)
         elif isinstance(message, Request):
-            self.activity = type(message.command).__name__.removesuffix("Command").upper()  # e.g. STOP
+            self.activity = _ACTIVITY.get(type(message.command)) or \
+                type(message.command).__name__.removesuffix("Command").upper()  # e.g. STOP
             try:
                 await self._on_request(message.command, message.ticket)
             finally:
@@ -348,8 +364,10 @@ class InstanceActor:
             await self._stop(command, ticket)
         elif isinstance(command, RestartCommand):
             await self._restart(ticket)
-        else:
+        elif isinstance(command, DeleteCommand):
             await self._delete(command, ticket)
+        else:
+            await self._change_volume(command, ticket)
 
     # ----------------------------------------------------------------- START / RESTART
 
@@ -646,6 +664,82 @@ class InstanceActor:
         self._emit_state(reason=reason)
         self.ctx.on_gone(self)
 
+    # ----------------------------------------------------------------- ATTACH / DETACH
+
+    async def _change_volume(self, command: AttachVolumeCommand | DetachVolumeCommand, ticket: Ticket) -> None:
+        """ATTACH or DETACH one volume (the supervisor reserved it for this instance at dispatch; it is given
+        back once it is not the instance's)."""
+        volume = command.volume_uuid
+        try:
+            if isinstance(command, AttachVolumeCommand):
+                await self._attach(volume, ticket)
+            else:
+                await self._detach(volume, ticket)
+        finally:
+            if volume not in self.volumes:
+                self.ctx.release_volume(self, volume)
+
+    async def _attach(self, volume: str, ticket: Ticket) -> None:
+        """Record the volume (durable before the VM may write to it: a restarted launcher keeps it reserved), then
+        attach it: hot-plugged into a VM that runs, a disk from the next boot of one that does not. A failed
+        attach is taken out of the record again."""
+        event = "attach_volume_failure"
+        if self._refused(Verb.ATTACH, ticket, event, volume_id=volume):
+            return
+        if volume in self.volumes:
+            self._fail(ticket, event, LauncherError(errors.ALREADY_ATTACHED, f"volume {volume} is attached already"),
+                       volume_id=volume)
+            return
+        before = self.volumes
+        self.volumes = before + (volume,)
+        if not await self._commit_goal(self._record.goal, ticket, event, errors.ATTACH_FAILURE, volume_id=volume):
+            self.volumes = before
+            return
+        ticket.accept()
+        try:
+            await self._call("attach_volume", errors.ATTACH_FAILURE, self.ctx.config.timeouts.volume_s,
+                             self.vm.attach_volume, volume)
+        except VirtualizerError as exc:
+            self.volumes = before
+            await self._set_goal_quietly(self._record.goal)
+            self._fail(ticket, event, exc, volume_id=volume)
+            return
+        self._log(f"volume {volume} attached")
+        self.ctx.journal.emit("volume_attached", instance_uuid=self.uuid, volume_id=volume, state=self.public_state)
+        ticket.finish(self.public_state)
+
+    async def _detach(self, volume: str, ticket: Ticket) -> None:
+        """Detach the volume (a VM that runs must let go of it: the virtualizer waits for the guest, bounded),
+        then take it out of the record. The boot volume stays."""
+        event = "detach_volume_failure"
+        if self._refused(Verb.DETACH, ticket, event, volume_id=volume):
+            return
+        refusal = None
+        if volume not in self.volumes:
+            refusal = LauncherError(errors.NOT_ATTACHED, f"volume {volume} is not attached to this instance")
+        elif any(entry.id == volume and entry.boot for entry in self.spec.storage):
+            refusal = LauncherError(errors.DETACH_FAILURE, f"volume {volume} is the instance's boot volume")
+        if refusal is not None:
+            self._fail(ticket, event, refusal, volume_id=volume)
+            return
+        ticket.accept()
+        timeout = self.ctx.config.timeouts.volume_s
+        try:
+            await self._call("detach_volume", errors.DETACH_FAILURE, timeout, self.vm.detach_volume, volume)
+        except VirtualizerError as exc:
+            self._fail(ticket, event, exc, volume_id=volume)
+            return
+        before = self.volumes
+        self.volumes = tuple(v for v in before if v != volume)
+        if not await self._commit_goal(self._record.goal, ticket, event, errors.DETACH_FAILURE, volume_id=volume):
+            # The record still lists it: it stays the instance's, and the VM gets it back.
+            self.volumes = before
+            await self._call_quietly("attach_volume", timeout, lambda: self.vm.attach_volume(volume))
+            return
+        self._log(f"volume {volume} detached")
+        self.ctx.journal.emit("volume_detached", instance_uuid=self.uuid, volume_id=volume, state=self.public_state)
+        ticket.finish(self.public_state)
+
     # ----------------------------------------------------------------- recovery
 
     async def _recover(self) -> None:
@@ -705,12 +799,12 @@ class InstanceActor:
 
     # ----------------------------------------------------------------- helpers
 
-    def _refused(self, verb: Verb, ticket: Ticket, failure_event: str) -> bool:
+    def _refused(self, verb: Verb, ticket: Ticket, failure_event: str, **extra: str) -> bool:
         """Judge a command against the state the instance is in now (the table in launcher/lifecycle.py, which
         the supervisor read against the projected state); if the table refuses it, fail its ticket."""
         outcome = lifecycle.judge(verb, self.state)
         if isinstance(outcome, lifecycle.Refuse):
-            self._fail(ticket, failure_event, LauncherError(outcome.code, f"instance is {self.public_state}"))
+            self._fail(ticket, failure_event, LauncherError(outcome.code, f"instance is {self.public_state}"), **extra)
             return True
         return False
 
@@ -758,23 +852,24 @@ class InstanceActor:
 
     async def _persist_new(self, on_durable: Callable[[], None]) -> None:
         self._record.spec_json = spec_json(self.spec)
-        record = record_json(self._record.spec_json, created=False)
+        record = record_json(self._record.spec_json, created=False, volumes=self.volumes)
         await self.ctx.persister.create(self.dir / store.INSTANCE_FILE, record, on_durable=on_durable)
 
     async def _set_goal(self, goal: str) -> None:
-        """Write instance.json with `goal` (and `_created`); durable when this returns. Raises OSError."""
+        """Write instance.json with `goal` (and `created`, `volumes`); durable when this returns. Raises OSError."""
         encoded = self._record.spec_json or spec_json(self.spec)
-        await self.ctx.persister.write(self.dir / store.INSTANCE_FILE, record_json(encoded, self._record.created, goal))
+        record = record_json(encoded, self._record.created, goal, self.volumes)
+        await self.ctx.persister.write(self.dir / store.INSTANCE_FILE, record)
         self._record.spec_json = None  # not needed again: keep idle instances small
         self._record.goal = goal
 
-    async def _commit_goal(self, goal: str, ticket: Ticket, failure_event: str, code: str) -> bool:
+    async def _commit_goal(self, goal: str, ticket: Ticket, failure_event: str, code: str, **extra: str) -> bool:
         """`_set_goal` before a command is acknowledged: if the write fails, the command fails (`code`, or
         storage_full) and False is returned."""
         try:
             await self._set_goal(goal)
         except OSError as exc:
-            self._fail(ticket, failure_event, errors.write_failure(exc, store.INSTANCE_FILE, code))
+            self._fail(ticket, failure_event, errors.write_failure(exc, store.INSTANCE_FILE, code), **extra)
             return False
         return True
 
@@ -792,11 +887,11 @@ class InstanceActor:
         self.ctx.logs.discard(self.dir)
         await self.ctx.persister.remove(self.dir, on_durable=on_durable)
 
-    def _fail(self, ticket: Ticket, event: str, exc: LauncherError) -> None:
+    def _fail(self, ticket: Ticket, event: str, exc: LauncherError, **extra: str) -> None:
         exc.instance_uuid = self.uuid
         ticket.fail(exc)
         self._log(f"{event}: {exc.code}: {exc.reason}")
-        self.ctx.journal.emit(event, instance_uuid=self.uuid, reason=exc.code, detail=exc.reason)
+        self.ctx.journal.emit(event, instance_uuid=self.uuid, reason=exc.code, detail=exc.reason, **extra)
 
     def _emit_state(self, **extra: Any) -> None:
         """Report the public state; a recovered instance's first report is marked `recovered: true`, and its
@@ -816,6 +911,9 @@ class InstanceActor:
 
     def _log(self, message: str) -> None:
         self.ctx.logs.write(self.dir, message)
+
+
+_ACTIVITY = {AttachVolumeCommand: "ATTACH", DetachVolumeCommand: "DETACH"}
 
 
 def _ms(started: float) -> str:

@@ -3,8 +3,9 @@
 `RULES[verb, status]` is the outcome of a command on an instance in that status: data, read in two places.
 `Supervisor.dispatch` reads it synchronously, against the state the instance *will* be in once its queued
 commands have run (`InstanceActor.projected`, docs/concurrency.md step 7), and refuses at once what the table
-refuses. The actor's handlers (`InstanceActor._stop`, `_restart`, `_delete`) read it again when the command's
-turn comes, against the state the instance is in then: a VM may have exited, or a START failed, meanwhile.
+refuses. The actor's handlers (`InstanceActor._stop`, `_restart`, `_delete`, `_change_volume`) read it again when
+the command's turn comes, against the state the instance is in then: a VM may have exited, or a START failed,
+meanwhile.
 
 The README's "Command rules" table is `markdown_table()`'s output (tests/test_lifecycle.py keeps the two equal;
 `python -m launcher.lifecycle` prints it), and tests/test_lifecycle.py drives every cell of `RULES`.
@@ -38,6 +39,8 @@ class Verb(enum.Enum):
     STOP = "STOP"
     RESTART = "RESTART"
     DELETE = "DELETE"
+    ATTACH = "ATTACH"  # attach_volume
+    DETACH = "DETACH"  # detach_volume
 
 
 class Status(enum.Enum):
@@ -84,6 +87,13 @@ class Run:
 
 
 @attrs.frozen
+class Change:
+    """The command is queued (the supervisor) or carried out (the actor) without changing the instance's state."""
+
+    note: str = ""  # for the README
+
+
+@attrs.frozen
 class Follow:
     """A repeated START: nothing is queued; the caller is answered with the instance once it settles."""
 
@@ -93,7 +103,7 @@ class Create:
     """A new instance (admission decides whether there is room for it)."""
 
 
-Outcome = Refuse | Run | Follow | Create
+Outcome = Refuse | Run | Change | Follow | Create
 
 _NO_INSTANCE = Refuse(errors.NO_INSTANCE, "no such instance")
 _BEING_DELETED = Refuse(errors.INSTANCE_EXISTS, "the instance is being deleted")
@@ -128,6 +138,16 @@ RULES: dict[tuple[Verb, Status], Outcome] = {
     (Verb.DELETE, _E): Run(State.DELETED),
     (Verb.DELETE, _D): _NO_INSTANCE,
     (Verb.DELETE, _G): _NO_INSTANCE,
+    (Verb.ATTACH, _P): Change("hot-plugged once the START has started the VM"),
+    (Verb.ATTACH, _R): Change("hot-plugged"),
+    (Verb.ATTACH, _E): Change("a disk from the next boot"),
+    (Verb.ATTACH, _D): _NO_INSTANCE,
+    (Verb.ATTACH, _G): _NO_INSTANCE,
+    (Verb.DETACH, _P): Change("hot-unplugged once the START has started the VM"),
+    (Verb.DETACH, _R): Change("hot-unplugged once the guest lets go"),
+    (Verb.DETACH, _E): Change("gone from the next boot"),
+    (Verb.DETACH, _D): _NO_INSTANCE,
+    (Verb.DETACH, _G): _NO_INSTANCE,
 }
 
 
@@ -141,6 +161,8 @@ def _cell(outcome: Outcome) -> str:
         return f"`{outcome.code}`"
     if isinstance(outcome, Run):
         return f"→ {outcome.target.value}" + (f" ({outcome.note})" if outcome.note else "")
+    if isinstance(outcome, Change):
+        return f"state unchanged ({outcome.note})"
     if isinstance(outcome, Follow):
         return "answers with the instance (idempotent)"
     return "a new instance"

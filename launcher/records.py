@@ -10,6 +10,13 @@ The record holds the START spec and two facts:
   `exited` (a STOP, or the VM went down on its own or never came up: the launcher does not restart it unasked)
   or `deleted` (a DELETE under way). Records written before this field existed have none: `running`.
 
+and the instance's volumes:
+
+- `volumes`: the ids of the volumes the instance has now, in disk order: its START's `storage` entries, less those
+  detached since, then those attached since (ATTACH / DETACH). Written before an ATTACH is carried out and after a
+  DETACH is, so that the record never lists fewer volumes than the VM may use. Records written before this
+  field existed have none: the START's entries.
+
 Whether the VM runs is never stored; at start-up the virtualizer tells, and recovery reconciles that with the
 goal (see InstanceActor._recover).
 """
@@ -34,6 +41,7 @@ class InstanceRecord:
     spec: InstanceSpec
     created: bool = False
     goal: str = "running"
+    volumes: tuple[str, ...] = ()
 
     @classmethod
     def from_json(cls, data: bytes) -> InstanceRecord:
@@ -42,14 +50,25 @@ class InstanceRecord:
         body = json.loads(data)
         if not isinstance(body, dict) or body.get("version") != VERSION:
             raise ValueError(f"not an instance record of version {VERSION}")
-        if not {"version", "spec", "created"} <= set(body) <= {"version", "spec", "created", "goal"}:
-            raise ValueError(f"instance record keys are {sorted(body)}, expected created, goal, spec and version")
+        if not {"version", "spec", "created"} <= set(body) <= {"version", "spec", "created", "goal", "volumes"}:
+            raise ValueError(f"instance record keys are {sorted(body)}, expected created, goal, spec, version and "
+                             "volumes")
         if not isinstance(body["created"], bool):
             raise ValueError(f"created: expected true or false, got {body['created']!r}")
         goal = body.get("goal", "running")  # absent in records of older launchers
         if goal not in GOALS:
             raise ValueError(f"goal: expected one of {', '.join(GOALS)}, got {goal!r}")
-        return cls(spec=_decode(InstanceSpec, body["spec"], "spec"), created=body["created"], goal=goal)
+        spec = _decode(InstanceSpec, body["spec"], "spec")
+        if "volumes" in body:
+            volumes = _value(tuple[str, ...], body["volumes"], "volumes")
+        else:  # records of older launchers: the START's
+            volumes = storage_ids(spec)
+        return cls(spec=spec, created=body["created"], goal=goal, volumes=volumes)
+
+
+def storage_ids(spec: InstanceSpec) -> tuple[str, ...]:
+    """The ids of the START's volumes: an instance's volumes until an ATTACH or DETACH changes them."""
+    return tuple(entry.id for entry in spec.storage)
 
 
 _SPEC_FIELDS = sorted(attrs.fields_dict(InstanceSpec))
@@ -69,10 +88,10 @@ def spec_json(spec: InstanceSpec) -> bytes:
     return _encode(body).encode()
 
 
-def record_json(encoded_spec: bytes, created: bool, goal: str = "running") -> bytes:
+def record_json(encoded_spec: bytes, created: bool, goal: str = "running", volumes: tuple[str, ...] = ()) -> bytes:
     """instance.json from an already encoded spec."""
-    return b'{"created":%s,"goal":"%s","spec":%s,"version":%d}' % (
-        b"true" if created else b"false", goal.encode(), encoded_spec, VERSION)
+    return b'{"created":%s,"goal":"%s","spec":%s,"version":%d,"volumes":%s}' % (
+        b"true" if created else b"false", goal.encode(), encoded_spec, VERSION, _encode(list(volumes)).encode())
 
 
 def _decode(cls: type[T], raw: Any, where: str) -> T:

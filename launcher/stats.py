@@ -96,7 +96,7 @@ def instance_figures(actor: InstanceActor) -> dict[str, Any]:
         "memory_usage_mb": actor.stats.memory_mb,
         "disk_usage_mb": actor.stats.disk_mb,
         "cpu_usage": actor.stats.cpu_percent,
-        "volumes": [entry.id for entry in spec.storage],
+        "volumes": list(actor.volumes),
     }
 
 

@@ -33,8 +33,10 @@ from launcher.lifecycle import State, Verb
 from launcher.logs import InstanceLogs
 from launcher.metrics import Metrics
 from launcher.payloads import (
+    AttachVolumeCommand,
     Command,
     DeleteCommand,
+    DetachVolumeCommand,
     EvacuateCommand,
     RestartCommand,
     RestoreCommand,
@@ -52,7 +54,8 @@ from launcher.recovery import RecoveryPlan
 log = logging.getLogger(__name__)
 
 READY, FULL, MAINTENANCE = "READY", "FULL", "MAINTENANCE"
-_VERB = {StopCommand: Verb.STOP, RestartCommand: Verb.RESTART, DeleteCommand: Verb.DELETE}
+_VERB = {StopCommand: Verb.STOP, RestartCommand: Verb.RESTART, DeleteCommand: Verb.DELETE,
+         AttachVolumeCommand: Verb.ATTACH, DetachVolumeCommand: Verb.DETACH}
 MAINTENANCE_FILE = "maintenance"
 MAINTENANCE_QUEUE = 16  # EVACUATE / RESTORE commands waiting for their file write
 
@@ -111,13 +114,16 @@ class Supervisor:
         self.journal = journal
         self.instances: dict[str, InstanceActor] = {}
         self.allocated = Resources()
-        self.volume_users: dict[str, str] = {}  # volume id → the instance whose START names it in `storage`
+        # volume id → the instance it is reserved for: one of the instance's volumes (`InstanceActor.volumes`), or
+        # one an ATTACH queued for it will add. Never two instances: a volume is attached to one VM at most.
+        self.volume_users: dict[str, str] = {}
         self.capacity = Capacity.measure(config)
         self.maintenance = (config.data_dir / MAINTENANCE_FILE).exists()
         self.status = READY
         self._boot = bootid.detect(config.data_dir)  # two small reads, once, like the maintenance check above
         self.metrics = metrics  # served by the API at /metrics; the actors observe their START steps there
-        self._ctx = ActorContext(config, journal, logs, persister, on_gone=self._on_gone, metrics=self.metrics,
+        self._ctx = ActorContext(config, journal, logs, persister, on_gone=self._on_gone,
+                                 release_volume=self._release_volume, metrics=self.metrics,
                                  recovery=RecoveryPlan(config.recovery, host_rebooted=self._boot.rebooted))
         self._nursery: trio.Nursery | None = None
         # EVACUATE / RESTORE waiting for the `maintenance` file to be written or removed, one at a time.
@@ -154,12 +160,34 @@ class Supervisor:
         outcome = lifecycle.judge(_VERB[type(command)], None if actor is None else actor.projected)
         if isinstance(outcome, lifecycle.Refuse):
             raise LauncherError(outcome.code, outcome.reason, command.instance_uuid)
-        assert actor is not None and isinstance(outcome, lifecycle.Run)
+        assert actor is not None and isinstance(outcome, lifecycle.Run | lifecycle.Change)
+        if isinstance(command, AttachVolumeCommand | DetachVolumeCommand):
+            return self._dispatch_volume(actor, command)
+        assert isinstance(outcome, lifecycle.Run)
         ticket = Ticket(actor.uuid)
         actor.post(command, ticket)
         actor.projected = outcome.target
         if outcome.target is State.DELETED:
             actor.interrupt_start()
+        return ticket
+
+    def _dispatch_volume(self, actor: InstanceActor, command: AttachVolumeCommand | DetachVolumeCommand) -> Ticket:
+        """ATTACH reserves the volume for the instance at once (so no other instance can have it meanwhile):
+        already_attached if it is the instance's, volume_in_use if another's. DETACH: not_attached unless it is
+        the instance's. The actor gives the reservation back if the ATTACH fails."""
+        volume = command.volume_uuid
+        user = self.volume_users.get(volume)
+        if isinstance(command, AttachVolumeCommand):
+            if user == actor.uuid:
+                raise LauncherError(errors.ALREADY_ATTACHED, f"volume {volume} is attached to this instance already",
+                                    actor.uuid)
+            if user is not None:
+                raise LauncherError(errors.VOLUME_IN_USE, f"volume {volume} is used by instance {user}", actor.uuid)
+        elif user != actor.uuid:
+            raise LauncherError(errors.NOT_ATTACHED, f"volume {volume} is not attached to this instance", actor.uuid)
+        ticket = Ticket(actor.uuid)
+        actor.post(command, ticket)
+        self.volume_users[volume] = actor.uuid
         return ticket
 
     def _dispatch_start(self, command: StartCommand) -> Ticket:
@@ -287,13 +315,16 @@ class Supervisor:
 
     # ----------------------------------------------------------------- the table
 
-    def _add(self, spec: InstanceSpec, *, created: bool, recovered: bool, goal: str = "running") -> InstanceActor:
+    def _add(self, spec: InstanceSpec, *, created: bool, recovered: bool, goal: str = "running",
+             volumes: tuple[str, ...] | None = None) -> InstanceActor:
         assert self._nursery is not None
         actor = InstanceActor(self._ctx, self.backend.new_virtualizer(), spec, created=created, recovered=recovered,
-                              goal=goal)
+                              goal=goal, volumes=volumes)
         self.instances[actor.uuid] = actor
         self.allocated += Resources.of(spec)
-        self.volume_users.update((entry.id, actor.uuid) for entry in spec.storage)
+        for volume in actor.volumes:
+            # Two records naming one volume (made by hand, or by a launcher older than the check): the first keeps it.
+            self.volume_users.setdefault(volume, actor.uuid)
         self._nursery.start_soon(actor.run)
         return actor
 
@@ -301,10 +332,14 @@ class Supervisor:
         if self.instances.get(actor.uuid) is actor:
             del self.instances[actor.uuid]
             self.allocated -= Resources.of(actor.spec)
-            for entry in actor.spec.storage:
-                if self.volume_users.get(entry.id) == actor.uuid:
-                    del self.volume_users[entry.id]
+            if self.volume_users:  # its volumes, and those ATTACHes still queued for it had reserved
+                for volume in [v for v, user in self.volume_users.items() if user == actor.uuid]:
+                    del self.volume_users[volume]
             self._update_status()
+
+    def _release_volume(self, actor: InstanceActor, volume: str) -> None:
+        if self.volume_users.get(volume) == actor.uuid:
+            del self.volume_users[volume]
 
     # ----------------------------------------------------------------- recovery
 
@@ -329,7 +364,7 @@ class Supervisor:
             self.journal.emit("instance_corrupt", instance_uuid=path.name, detail=detail, moved_to=str(aside))
         self._ctx.recovery.expect(len(loaded))
         for record in loaded:
-            self._add(record.spec, created=record.created, recovered=True, goal=record.goal)
+            self._add(record.spec, created=record.created, recovered=True, goal=record.goal, volumes=record.volumes)
         if loaded or broken:
             log.info("recovered %d instances, %d unreadable dirs moved aside", len(loaded), len(broken))
 

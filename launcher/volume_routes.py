@@ -7,7 +7,8 @@
     DELETE /v1/volumes/{id}             {"removed": id}; 409 volume_in_use while an instance uses it
 
 A volume is `{"id", "size_mb", "allocation_mb", "format", "source_image", "clone", "bootable", "path",
-"attached_to"}`; `attached_to` is the uuid of the instance whose START names it in its `storage`, or null.
+"attached_to"}`; `attached_to` is the uuid of the instance that has it (its START named it, or an ATTACH added it;
+an ATTACH still queued reserves it), or null.
 Each change is an event: `volume_created`, `volume_resized`, `volume_deleted`.
 
 The store serialises the changes to one volume id (`VolumeCatalog`); the in-use check is made against the live
@@ -101,7 +102,7 @@ class VolumeRoutes:
         return catalog
 
     def _users(self) -> dict[str, str]:
-        """Volume id → the uuid of the instance that uses it (its START names it in `storage`)."""
+        """Volume id → the uuid of the instance that has it or an ATTACH queued for it (`Supervisor.volume_users`)."""
         return self.supervisor.volume_users
 
     def _refuse_in_use(self, volume_id: str, what: str) -> None:

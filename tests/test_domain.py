@@ -301,7 +301,7 @@ def test_domain_params_from_a_spec() -> None:
     instance_dir = DATA_DIR / "instances" / UUID
     params = backend.domain_params(spec, instance_dir)
     expected = make_params(UUID, kvm=False, network=("bridge", "br7"), machine="pc")
-    assert params == attrs.evolve(expected, vcpus=3, mem_mb=640)
+    assert params == attrs.evolve(expected, vcpus=3, mem_mb=640, hotplug_slots=settings.hotplug_slots)
     legacy = backend.domain_params(attrs.evolve(spec, fw_type="legacy"), instance_dir)
     assert not legacy.firmware.efi
     assert (legacy.vcpus, legacy.mem_mb) == (3, 640)
@@ -473,7 +473,7 @@ def test_settings_full_section() -> None:
         "import_sources": ["/srv/more", "https://mirror.example/images"], "image_max_bytes": 1 << 30,
         "guest_network": {"gateway": "10.0.0.254", "dns_servers": ["10.0.0.53", "fd00::53"],
                           "dns_search": ["example.org"], "mtu": 9000},
-        "volumes": {"pool": "ceph-volumes"},
+        "volumes": {"pool": "ceph-volumes", "detach_timeout_s": 12}, "hotplug_slots": 2,
     }
     assert parse_section(QemuSettings, raw, "qemu.") == QemuSettings(
         uri="qemu+ssh://host/system", accel="tcg", machine="pc", seed_format="configdrive",
@@ -482,7 +482,7 @@ def test_settings_full_section() -> None:
         ovmf_vars=Path("/o/VARS.fd"), destroy_orphans=True, libvirt_threads=3, libvirt_timeout_s=7.0,
         import_sources=("/srv/more", "https://mirror.example/images"), image_max_bytes=1 << 30,
         guest_network=GuestNetwork("10.0.0.254", ("10.0.0.53", "fd00::53"), ("example.org",), 9000),
-        volumes=VolumeSettings(pool="ceph-volumes"),
+        volumes=VolumeSettings(pool="ceph-volumes", detach_timeout_s=12.0), hotplug_slots=2,
     )
     assert {f.name for f in attrs.fields(QemuSettings)} == set(raw)  # the section above is complete
 
@@ -563,3 +563,32 @@ def test_volumes_are_virtio_disks_with_their_id_as_serial(tmp_path: Path) -> Non
     ]
     with pytest.raises(ValueError, match="at most 24 volumes"):
         domain_xml(attrs.evolve(make_params(), volumes=volumes[:1] * 25))
+
+
+def test_a_q35_domain_has_spare_root_ports_for_hot_plugs(tmp_path: Path) -> None:
+    documents = {machine: domain_xml(attrs.evolve(make_params(machine=machine), hotplug_slots=3))
+                 for machine in ("q35", "pc-q35-7.2", "pc")}
+    assert invalid_documents(documents, tmp_path) == {}
+    ports = {machine: len(ET.fromstring(xml).findall("./devices/controller[@model='pcie-root-port']"))
+             for machine, xml in documents.items()}
+    assert ports == {"q35": 3, "pc-q35-7.2": 3, "pc": 0}  # i440fx hot-plugs into its own PCI bus
+
+
+def test_hot_plug_xml_is_the_volume_disk_on_the_first_free_target() -> None:
+    first = VolumeDisk(Path("/srv/vols/0a1b-0001.qcow2"), "qcow2", "0a1b-0001")
+    second = VolumeDisk(Path("/srv/vols/0a1b-0002.raw"), "raw", "0a1b-0002")
+    xml = domain_xml(attrs.evolve(make_params(), volumes=(first, second)))
+    assert domain.free_target(xml) == "vdd"
+    plugged = ET.fromstring(domain.volume_disk_xml(second, "vdd"))
+    defined = ET.fromstring(domain.find_volume_disk(xml, "0a1b-0002") or "")
+    assert plugged.find("target").get("dev") == "vdd"  # type: ignore[union-attr]
+    defined.find("target").set("dev", "vdd")  # type: ignore[union-attr]
+    for element in (plugged, defined):
+        ET.indent(element)
+    assert ET.tostring(plugged) == ET.tostring(defined)  # the same element as at define time, on its new target
+    assert domain.find_volume_disk(xml, "0a1b-0009") is None
+    # Once vdb is free again (its volume detached), a hot-plug takes it.
+    without_first = domain_xml(attrs.evolve(make_params(), volumes=(second,)))
+    assert domain.free_target(without_first) == "vdc"
+    full = domain_xml(attrs.evolve(make_params(), volumes=(first,) * domain.MAX_VOLUMES))
+    assert domain.free_target(full) is None

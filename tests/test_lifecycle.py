@@ -10,13 +10,25 @@ from harness import Node, running_node, start_command
 
 from launcher import lifecycle
 from launcher.instance import Ticket
-from launcher.lifecycle import RULES, Create, Follow, Outcome, Refuse, Run, State, Status, Verb
-from launcher.payloads import Command, DeleteCommand, RestartCommand, StopCommand
+from launcher.lifecycle import RULES, Change, Create, Follow, Outcome, Refuse, Run, State, Status, Verb
+from launcher.payloads import (
+    AttachVolumeCommand,
+    Command,
+    DeleteCommand,
+    DetachVolumeCommand,
+    EvacuateCommand,
+    RestartCommand,
+    RestoreCommand,
+    StartCommand,
+    StopCommand,
+)
 from launcher.plugin import errors
 from launcher.plugin.errors import LauncherError
+from launcher.plugin.spec import StorageEntry
 
 ROOT = Path(__file__).resolve().parent.parent
 U = "0a1b2c3d-0009"
+V = "0c0c-0009"  # a volume: attached by ATTACH, and before DETACH
 
 
 def slow(status: Status) -> dict[str, float]:
@@ -32,14 +44,21 @@ def command_for(verb: Verb) -> Command:
         Verb.STOP: StopCommand(U),
         Verb.RESTART: RestartCommand(U),
         Verb.DELETE: DeleteCommand(U),
+        Verb.ATTACH: AttachVolumeCommand(U, V),
+        Verb.DETACH: DetachVolumeCommand(U, V),
     }[verb]
 
 
-async def into(node: Node, status: Status) -> None:
-    """Bring instance U into `status` (GONE: there is none)."""
+async def into(node: Node, status: Status, verb: Verb) -> None:
+    """Bring instance U into `status` (GONE: there is none), with volume V made for ATTACH and DETACH, and
+    attached to U (by its START) for DETACH."""
+    if verb in (Verb.ATTACH, Verb.DETACH):
+        volumes = node.supervisor.backend.volumes  # type: ignore[attr-defined]
+        await volumes.create(V, 64, "qcow2")
     if status is Status.GONE:
         return
-    ticket = node.start(U)
+    storage = ({"storage": (StorageEntry(V),)} if verb is Verb.DETACH else {})
+    ticket = node.start(U, **storage)
     if status is Status.PENDING:
         await node.wait_state(U, "pending")
         return
@@ -52,7 +71,7 @@ async def into(node: Node, status: Status) -> None:
         assert not delete.done.is_set()
 
 
-async def check(node: Node, ticket: Ticket, outcome: Outcome) -> None:
+async def check(node: Node, ticket: Ticket, outcome: Outcome, command: Command) -> None:
     """`ticket` (of a command that was not refused at once) ends as `outcome` says."""
     await node.done(ticket)
     if isinstance(outcome, Refuse):
@@ -61,6 +80,11 @@ async def check(node: Node, ticket: Ticket, outcome: Outcome) -> None:
     assert ticket.error is None
     if isinstance(outcome, Run):
         assert ticket.state == outcome.target.value and node.state(U) == outcome.target.value
+    elif isinstance(outcome, Change):  # ATTACH or DETACH of V, carried out in the state the instance was in
+        assert ticket.state == node.state(U)
+        attached = V in node.supervisor.instances[U].volumes
+        assert attached == isinstance(command, AttachVolumeCommand)
+        assert node.supervisor.volume_users.get(V) == (U if attached else None)
     elif isinstance(outcome, Follow):
         assert ticket.state == node.state(U) and ticket.state in ("running", "exited")
     else:
@@ -91,29 +115,33 @@ def test_the_readme_shows_the_table() -> None:
 async def test_every_cell_through_the_supervisor(tmp_path: Path, verb: Verb, status: Status) -> None:
     outcome = RULES[verb, status]
     async with running_node(tmp_path, slow(status)) as node:
-        await into(node, status)
+        await into(node, status, verb)
+        command = command_for(verb)
         if isinstance(outcome, Refuse):
             with pytest.raises(LauncherError) as info:
-                node.dispatch(command_for(verb))
+                node.dispatch(command)
             assert info.value.code == outcome.code and info.value.reason == outcome.reason
             return
-        await check(node, node.dispatch(command_for(verb)), outcome)
+        await check(node, node.dispatch(command), outcome, command)
 
 
 # ----------------------------------------------------------------- the actor's own judgement
 
 
 @pytest.mark.parametrize("status", [Status.PENDING, Status.RUNNING, Status.EXITED], ids=lambda s: s.name)
-@pytest.mark.parametrize("verb", [Verb.STOP, Verb.RESTART, Verb.DELETE], ids=lambda v: v.name)
+@pytest.mark.parametrize("verb", [Verb.STOP, Verb.RESTART, Verb.DELETE, Verb.ATTACH, Verb.DETACH],
+                         ids=lambda v: v.name)
 async def test_every_cell_the_actor_sees(tmp_path: Path, verb: Verb, status: Status) -> None:
     """A command posted past the supervisor is judged by the actor, by the same table, against its real state."""
     async with running_node(tmp_path, slow(status)) as node:
-        await into(node, status)
+        await into(node, status, verb)
         ticket = Ticket(U)
         command = command_for(verb)
-        assert isinstance(command, StopCommand | RestartCommand | DeleteCommand)
+        assert not isinstance(command, StartCommand | EvacuateCommand | RestoreCommand)
+        if verb is Verb.ATTACH and status is not Status.GONE:
+            node.supervisor.volume_users[V] = U  # the reservation Supervisor.dispatch makes
         node.supervisor.instances[U].post(command, ticket)
-        await check(node, ticket, RULES[verb, status])
+        await check(node, ticket, RULES[verb, status], command)
 
 
 async def test_a_stop_queued_behind_a_failing_start_is_judged_again(tmp_path: Path) -> None:
@@ -123,5 +151,5 @@ async def test_a_stop_queued_behind_a_failing_start_is_judged_again(tmp_path: Pa
         stop = node.dispatch(StopCommand(U))
         await node.done(start)
         assert start.error is not None and start.error.code == errors.LAUNCH_FAILURE
-        await check(node, stop, RULES[Verb.STOP, Status.EXITED])
+        await check(node, stop, RULES[Verb.STOP, Status.EXITED], StopCommand(U))
         assert stop.error is not None and stop.error.reason == "instance is exited"

@@ -685,6 +685,8 @@ def test_other_commands(fmt: str, doc: Any, expected: Any) -> None:
     assert parse_doc(doc, fmt) == expected
 
 
+EXPECTED_ONE = ("expected exactly one of start, stop, restart, delete, attach_volume, detach_volume, evacuate, "
+                "restore")
 OTHER_COMMAND_ERRORS = [
     ("stop_null", {"stop": None}, "stop: expected a map, got null", ""),
     ("stop_str", {"stop": UUID}, "stop: expected a map, got string", ""),
@@ -708,9 +710,19 @@ OTHER_COMMAND_ERRORS = [
     ("restore_str", {"restore": "now"}, "restore: expected a map or null, got string", ""),
     ("restore_agent_int", {"restore": {"workload_agent_uuid": 3}}, "restore.workload_agent_uuid: expected a string",
      ""),
-    ("no_command", {}, "expected exactly one of start, stop, restart, delete, evacuate, restore; got none", ""),
+    ("no_command", {}, f"{EXPECTED_ONE}; got none", ""),
     ("two_commands", {"stop": {"instance_uuid": UUID}, "delete": {"instance_uuid": UUID}},
-     "expected exactly one of start, stop, restart, delete, evacuate, restore; got stop, delete", ""),
+     f"{EXPECTED_ONE}; got stop, delete", ""),
+    ("attach_no_volume", {"attach_volume": {"instance_uuid": UUID}}, "attach_volume.volume_uuid: required", UUID),
+    ("attach_path_volume", {"attach_volume": {"instance_uuid": UUID, "volume_uuid": "../etc"}},
+     "attach_volume.volume_uuid: invalid uuid '../etc'", UUID),
+    ("attach_unknown", {"attach_volume": {"instance_uuid": UUID, "volume_uuid": "0c", "device": "vdb"}},
+     "attach_volume.device: unknown field", UUID),
+    ("attach_no_instance", {"attach_volume": {"volume_uuid": "0c"}}, "attach_volume.instance_uuid: required", ""),
+    ("detach_volume_int", {"detach_volume": {"instance_uuid": UUID, "volume_uuid": 12}},
+     "detach_volume.volume_uuid: expected a string", UUID),
+    ("detach_long_volume", {"detach_volume": {"instance_uuid": UUID, "volume_uuid": "a" * 65}},
+     "detach_volume.volume_uuid: longer than 64 characters", UUID),
     ("unknown_command", {"reboot": {"instance_uuid": UUID}}, "reboot: unknown field (expected exactly one of", ""),
     ("unknown_next_to_command", {"stop": {"instance_uuid": UUID}, "extra": 1}, "extra: unknown field", ""),
 ]

@@ -6,7 +6,8 @@ Every rejection is a `PayloadError` whose code is `invalid_payload` (the body ca
 Public entry points:
 
 - `split_yaml(text)`: ciao's `splitYaml` framing of a START body into (start, user-data, meta-data).
-- `parse_command(body, content_type)`: any ciao command document: start, stop, restart, delete, evacuate, restore.
+- `parse_command(body, content_type)`: any ciao command document: start, stop, restart, delete, attach_volume,
+  detach_volume, evacuate, restore.
 - `parse_start(body, content_type)`: the same, but the document must be a START.
 - `is_valid_uuid(text)`: the instance uuid rule (also usable for uuids taken from URLs).
 
@@ -37,8 +38,10 @@ from __future__ import annotations
 
 from launcher.payloads.commands import (
     RESOURCE_FIELDS,
+    AttachVolumeCommand,
     Command,
     DeleteCommand,
+    DetachVolumeCommand,
     EvacuateCommand,
     RestartCommand,
     RestoreCommand,
@@ -51,7 +54,8 @@ from launcher.payloads.schema import COMMAND_KEYS, COMMAND_NAMES, is_valid_uuid,
 from launcher.plugin.errors import INVALID_DATA, PayloadError
 
 __all__ = [
-    "COMMAND_KEYS", "DEFAULT_MAX_BYTES", "RESOURCE_FIELDS", "Command", "DeleteCommand", "EvacuateCommand",
+    "COMMAND_KEYS", "DEFAULT_MAX_BYTES", "RESOURCE_FIELDS", "AttachVolumeCommand", "Command", "DeleteCommand",
+    "DetachVolumeCommand", "EvacuateCommand",
     "RestartCommand", "RestoreCommand", "StartCommand", "StopCommand", "is_valid_uuid", "parse_command",
     "parse_start", "split_yaml",
 ]

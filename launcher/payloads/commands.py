@@ -46,6 +46,22 @@ class DeleteCommand:
 
 
 @attrs.frozen
+class AttachVolumeCommand:
+    """ciao's AttachVolume: give the instance the volume as one more disk (hot-plugged if its VM runs)."""
+
+    instance_uuid: str
+    volume_uuid: str
+
+
+@attrs.frozen
+class DetachVolumeCommand:
+    """ciao's DetachVolume: take the volume from the instance (hot-unplugged if its VM runs)."""
+
+    instance_uuid: str
+    volume_uuid: str
+
+
+@attrs.frozen
 class EvacuateCommand:
     pass
 
@@ -55,4 +71,6 @@ class RestoreCommand:
     pass
 
 
-Command = StartCommand | StopCommand | RestartCommand | DeleteCommand | EvacuateCommand | RestoreCommand
+VolumeCommand = AttachVolumeCommand | DetachVolumeCommand
+Command = (StartCommand | StopCommand | RestartCommand | DeleteCommand | AttachVolumeCommand | DetachVolumeCommand
+           | EvacuateCommand | RestoreCommand)

@@ -16,8 +16,10 @@ import attrs
 
 from launcher.payloads.commands import (
     RESOURCE_FIELDS,
+    AttachVolumeCommand,
     Command,
     DeleteCommand,
+    DetachVolumeCommand,
     EvacuateCommand,
     RestartCommand,
     RestoreCommand,
@@ -35,7 +37,7 @@ from launcher.plugin.spec import IMAGE_RE, MAX_IMAGE_LEN, InstanceSpec, Networki
 # --------------------------------------------------------------------------------------------------------------------
 
 
-COMMAND_KEYS = ("start", "stop", "restart", "delete", "evacuate", "restore")
+COMMAND_KEYS = ("start", "stop", "restart", "delete", "attach_volume", "detach_volume", "evacuate", "restore")
 
 UUID_RE = re.compile(r"[0-9a-fA-F]+(?:-[0-9a-fA-F]+)*")  # ciao's uuidRegexp; used with fullmatch
 MAX_UUID_LEN = 64
@@ -73,6 +75,7 @@ _RESTART_KEYS = frozenset({
     "tenant_uuid", "instance_uuid", "image_uuid", "workload_agent_uuid", "fw_type", "persistence",
     "requested_resources", "estimated_resources", "networking",
 })
+_VOLUME_COMMAND_KEYS = frozenset({"instance_uuid", "volume_uuid", "workload_agent_uuid"})
 _NODE_COMMAND_KEYS = frozenset({"workload_agent_uuid"})
 _JSON_TEXT_KEYS = ("user_data", "meta_data")
 
@@ -138,7 +141,8 @@ def _dispatch(document: Any, syntax: str, user_data: Any, meta_data: Any) -> Com
     return _COMMAND_PARSERS[name](value)
 
 
-_C = TypeVar("_C", StartCommand, StopCommand, RestartCommand, DeleteCommand)
+_C = TypeVar("_C", StartCommand, StopCommand, RestartCommand, DeleteCommand, AttachVolumeCommand,
+             DetachVolumeCommand)
 
 
 def _with_uuid(exc: PayloadError, uuid: str) -> PayloadError:
@@ -176,6 +180,25 @@ def _build_delete(body: dict[Any, Any], uuid: str) -> DeleteCommand:
     return DeleteCommand(uuid, _get_bool(body, "stop", "delete"), _get_grace(body, "delete"))
 
 
+def _build_attach(body: dict[Any, Any], uuid: str) -> AttachVolumeCommand:
+    return AttachVolumeCommand(uuid, _volume_uuid(body, "attach_volume"))
+
+
+def _build_detach(body: dict[Any, Any], uuid: str) -> DetachVolumeCommand:
+    return DetachVolumeCommand(uuid, _volume_uuid(body, "detach_volume"))
+
+
+def _volume_uuid(body: dict[Any, Any], name: str) -> str:
+    """ATTACH / DETACH (ciao's attach_volume / detach_volume): the volume_uuid, required and a uuid."""
+    _check_keys(body, _VOLUME_COMMAND_KEYS, name)
+    _get_str(body, "workload_agent_uuid", name)
+    volume = _get_str(body, "volume_uuid", name)
+    if not volume:
+        raise data_error(f"{name}.volume_uuid", "required")
+    _check_uuid(volume, f"{name}.volume_uuid")
+    return volume
+
+
 def _node_command(value: Any, name: str, command: Command) -> Command:
     """EVACUATE / RESTORE: null, or a map with an optional workload_agent_uuid."""
     if value is None:
@@ -192,11 +215,14 @@ _COMMAND_PARSERS: dict[str, Callable[[Any], Command]] = {
     "stop": lambda value: _for_instance(value, "stop", _build_stop),
     "restart": lambda value: _for_instance(value, "restart", _build_restart),
     "delete": lambda value: _for_instance(value, "delete", _build_delete),
+    "attach_volume": lambda value: _for_instance(value, "attach_volume", _build_attach),
+    "detach_volume": lambda value: _for_instance(value, "detach_volume", _build_detach),
     "evacuate": lambda value: _node_command(value, "evacuate", EvacuateCommand()),
     "restore": lambda value: _node_command(value, "restore", RestoreCommand()),
 }
 COMMAND_NAMES: dict[type, str] = {
     StartCommand: "start", StopCommand: "stop", RestartCommand: "restart", DeleteCommand: "delete",
+    AttachVolumeCommand: "attach_volume", DetachVolumeCommand: "detach_volume",
     EvacuateCommand: "evacuate", RestoreCommand: "restore",
 }
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import builtins
 import enum
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any, Protocol
@@ -48,8 +48,11 @@ class VmStats:
 
 
 class Virtualizer(Protocol):
-    def init(self, spec: InstanceSpec, instance_dir: Path) -> None:
-        """Remember the instance's spec and directory. No I/O."""
+    def init(self, spec: InstanceSpec, instance_dir: Path, volumes: Sequence[str] | None = None) -> None:
+        """Remember the instance's spec, directory and volumes. No I/O.
+
+        `volumes`: the ids of the volumes the instance has, in disk order (the START's `storage` entries, less
+        those detached since, then those attached since; the record keeps them); None: the START's entries."""
 
     async def ensure_backing_image(self) -> None:
         """Make the image the instance boots from available. Fails with image_failure."""
@@ -76,6 +79,16 @@ class Virtualizer(Protocol):
 
     async def stats(self) -> VmStats:
         """Current usage figures."""
+
+    async def attach_volume(self, volume_id: str) -> None:
+        """Give the instance the volume (of the backend's `volumes` store) as one more disk, after the others:
+        hot-plugged into a VM that runs, else a disk from its next start. Fails with attach_failure, not_found
+        (no such volume) or not_supported (no volume store, or no hot-plug); nothing changes on failure."""
+
+    async def detach_volume(self, volume_id: str) -> None:
+        """Take the volume from the instance: from a VM that runs, once the guest has let go of it (a guest
+        that does not within the actor's bound fails the call: detach_failure, the disk stays); else from its
+        next start. The caller checks it is one of the instance's volumes and not its boot volume."""
 
     def connected(self) -> None:
         """Bookkeeping when the actor learns the VM is up (e.g. find its pid)."""

@@ -4,13 +4,16 @@
 - an entry names a volume by id; the VM gets it as a data disk, in the entries' order;
 - ``local: true``: the launcher makes the volume at START (blank qcow2 of ``size`` GiB) unless it exists (a START
   carried on after a crash finds it made);
-- ``ephemeral: true``: the volume is deleted with the instance (DELETE), whoever made it;
+- ``ephemeral: true``: the volume is deleted with the instance (DELETE), whoever made it, unless it was detached
+  before (DETACH);
 - ``boot`` and ``swap`` entries are refused (`storage_problem`) until they are supported.
 
 The functions raise LauncherError as the store does; the virtualizer reports it with its phase's code.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 from launcher.plugin import errors
 from launcher.plugin.errors import LauncherError
@@ -68,11 +71,12 @@ async def make_local_volumes(store: VolumeCatalog, spec: InstanceSpec) -> list[s
     return made
 
 
-async def remove_ephemeral_volumes(store: VolumeCatalog, spec: InstanceSpec) -> list[str]:
-    """Delete the START's `ephemeral` volumes (those already gone are skipped); the ids deleted."""
+async def remove_ephemeral_volumes(store: VolumeCatalog, spec: InstanceSpec, volumes: Sequence[str]) -> list[str]:
+    """Delete the START's `ephemeral` volumes that are still among the instance's `volumes` (one detached since is
+    no longer the instance's: it stays); those already gone are skipped. The ids deleted."""
     removed = []
     for entry in spec.storage:
-        if not entry.ephemeral:
+        if not entry.ephemeral or entry.id not in volumes:
             continue
         try:
             await store.delete(entry.id)

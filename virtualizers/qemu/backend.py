@@ -19,6 +19,12 @@ Per instance (all files in the instance dir, docs/architecture.md §4.3):
     ACPI power button, then destroy once `grace` seconds have passed.
 ``delete_image``
     destroys the domain if it still runs and undefines it with its NVRAM. The backing image stays.
+``attach_volume`` / ``detach_volume``
+    a volume of the store as one more virtio disk (its serial the volume id): hot-plugged into a domain that
+    runs (libvirt `attachDeviceFlags`, live only: the domain is defined again at every start with the
+    instance's volumes), and hot-unplugged once the guest lets go of it (`detachDeviceFlags`, then the live XML
+    is read until the disk is gone, bounded by ``qemu.volumes.detach_timeout_s``). On a q35 machine each hot-plug
+    takes one of ``qemu.hotplug_slots`` spare PCIe root ports.
 ``stats``
     PSS of the QEMU process, CPU time from libvirt normalised to the allotted vCPUs, bytes allocated to the
     overlay.
@@ -38,7 +44,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -50,8 +56,11 @@ import psutil
 import trio
 
 from launcher.plugin.errors import (
+    ATTACH_FAILURE,
+    DETACH_FAILURE,
     IMAGE_FAILURE,
     LAUNCH_FAILURE,
+    NOT_FOUND,
     STOP_FAILURE,
     LauncherError,
     SetupError,
@@ -60,7 +69,7 @@ from launcher.plugin.errors import (
 from launcher.plugin.files import INSTANCE_DIR_MODE, fsync_dir
 from launcher.plugin.host import BackendHost
 from launcher.plugin.protocol import MonitorEvent, MonitorInbox, VmStats
-from launcher.plugin.settings import at_least, one_of, parse_section
+from launcher.plugin.settings import at_least, at_most, one_of, parse_section
 from launcher.plugin.spec import InstanceSpec
 from launcher.plugin.volumes import check_storage, make_local_volumes, remove_ephemeral_volumes
 from virtualizers.qemu import cloudinit, domain, preflight
@@ -87,6 +96,7 @@ SEED = "seed.iso"
 NVRAM = "nvram.fd"
 CONSOLE_LOG = "console.log"
 QEMU_IMG_TIMEOUT_S = 60.0
+UNPLUG_POLL_S = 0.1  # how often a hot-unplug reads the live XML for the disk
 STATE_POLL_S = 5.0  # re-read a domain's state this often even without events (a backstop, see hypervisor.py)
 MIB = 1 << 20
 QEMU_PID_DIR = Path("/run/libvirt/qemu")  # where the system libvirtd writes <domain>.pid
@@ -118,6 +128,9 @@ class VolumeSettings:
 
     pool: str = ""
     copy_timeout_s: float = attrs.field(default=COPY_TIMEOUT_S, validator=at_least(1))  # one full copy of an image
+    # How long a hot-unplug waits for the guest to let go of the disk (a Linux guest's PCIe hot-plug driver
+    # waits 5 s after the attention button before it does).
+    detach_timeout_s: float = attrs.field(default=30.0, validator=at_least(1))
 
 
 @attrs.frozen
@@ -127,6 +140,7 @@ class QemuSettings:
     uri: str = "qemu:///system"
     accel: str = attrs.field(default="auto", validator=one_of(*ACCELS))  # auto: kvm when it really works
     machine: str = "q35"
+    hotplug_slots: int = attrs.field(default=8, validator=[at_least(0), at_most(domain.MAX_VOLUMES)])
     seed_format: str = attrs.field(default="nocloud", validator=one_of(*cloudinit.SEED_FORMATS))
     network: NetworkSettings = NetworkSettings()
     guest_network: cloudinit.GuestNetwork = cloudinit.GuestNetwork()  # gateway, DNS, MTU written into the seed
@@ -192,6 +206,7 @@ class QemuBackend:
             mac=spec.networking.vnic_mac,
             console_log=instance_dir / CONSOLE_LOG,
             nvram=instance_dir / NVRAM,
+            hotplug_slots=s.hotplug_slots,
         )
 
     async def preflight(self) -> None:
@@ -330,6 +345,7 @@ class QemuVirtualizer:
     _backend: QemuBackend
     _spec: InstanceSpec = attrs.field(init=False)
     _dir: Path = attrs.field(init=False)
+    _volumes: tuple[str, ...] = attrs.field(init=False)  # the instance's, in disk order (Virtualizer.init)
     _image: ImageInfo | None = attrs.field(default=None, init=False)
     _pid: int | None = attrs.field(default=None, init=False)  # QEMU's, found by stats()
     _cpu_sample: tuple[int, float] | None = attrs.field(default=None, init=False)  # (cpu ns, monotonic s)
@@ -343,9 +359,10 @@ class QemuVirtualizer:
     def _uuid(self) -> str:
         return self._spec.instance_uuid
 
-    def init(self, spec: InstanceSpec, instance_dir: Path) -> None:
+    def init(self, spec: InstanceSpec, instance_dir: Path, volumes: Sequence[str] | None = None) -> None:
         self._spec = spec
         self._dir = instance_dir
+        self._volumes = tuple(entry.id for entry in spec.storage) if volumes is None else tuple(volumes)
 
     def _step_done(self, step: str, started: float, what: str, note: str = "") -> None:
         """A part of a START went through: a "step <step>: <what> in <ms> ms<note>" line in the instance's log
@@ -444,7 +461,7 @@ class QemuVirtualizer:
             self._log(f"domain {self._name} undefined")
         if any(entry.ephemeral for entry in self._spec.storage):
             try:
-                deleted = await remove_ephemeral_volumes(self._volume_store(STOP_FAILURE), self._spec)
+                deleted = await remove_ephemeral_volumes(self._volume_store(STOP_FAILURE), self._spec, self._volumes)
             except LauncherError as exc:
                 raise self._fail(STOP_FAILURE, f"cannot delete an ephemeral volume: {exc.reason}") from exc
             if deleted:
@@ -458,16 +475,54 @@ class QemuVirtualizer:
         return self._backend.volumes
 
     async def _volume_disks(self) -> tuple[domain.VolumeDisk, ...]:
-        """The START's volumes as data disks, in the order of its `storage`; launch_failure if one is gone (it was
-        there at the START: see ensure_backing_image) or the store cannot answer."""
-        disks = []
-        for index, entry in enumerate(self._spec.storage):
-            try:
-                path, fmt = await self._volume_store(LAUNCH_FAILURE).disk_source(entry.id)
-            except LauncherError as exc:
-                raise self._fail(LAUNCH_FAILURE, f"storage[{index}]: volume {entry.id}: {exc.reason}") from exc
-            disks.append(domain.VolumeDisk(Path(path), fmt, entry.id))
-        return tuple(disks)
+        """The instance's volumes as data disks, in order; launch_failure if one is gone (it was there at the START
+        or ATTACH) or the store cannot answer."""
+        return tuple([await self._volume_disk(volume, LAUNCH_FAILURE) for volume in self._volumes])
+
+    async def _volume_disk(self, volume_id: str, code: str) -> domain.VolumeDisk:
+        try:
+            path, fmt = await self._volume_store(code).disk_source(volume_id)
+        except LauncherError as exc:
+            raise self._fail(code if exc.code != NOT_FOUND else NOT_FOUND, f"volume {volume_id}: {exc.reason}") \
+                from exc
+        return domain.VolumeDisk(Path(path), fmt, volume_id)
+
+    async def attach_volume(self, volume_id: str) -> None:
+        disk = await self._volume_disk(volume_id, ATTACH_FAILURE)
+        if len(self._volumes) >= domain.MAX_VOLUMES:
+            raise self._fail(ATTACH_FAILURE, f"the instance has {len(self._volumes)} volumes, the most it may have")
+        started = time.monotonic()
+        try:
+            attached = await self._backend.hypervisor.call(lambda conn: _hot_plug(conn, self._name, disk))
+        except (Unavailable, libvirt.libvirtError) as exc:
+            message = str(exc) if isinstance(exc, Unavailable) else error_text(exc)
+            raise self._fail(ATTACH_FAILURE, f"cannot hot-plug volume {volume_id}: {message}") from exc
+        self._volumes += (volume_id,)
+        if attached:
+            self._step_done("attach", started, f"volume {volume_id} hot-plugged as {attached}")
+        else:
+            self._log(f"volume {volume_id} attached: a disk from the next start (the VM does not run)")
+
+    async def detach_volume(self, volume_id: str) -> None:
+        started = time.monotonic()
+        timeout = self._backend.settings.volumes.detach_timeout_s
+        hypervisor = self._backend.hypervisor
+        try:
+            requested = await hypervisor.call(lambda conn: _request_unplug(conn, self._name, volume_id))
+            with trio.move_on_after(timeout) as waited:
+                while requested and await hypervisor.call(lambda conn: _has_disk(conn, self._name, volume_id)):
+                    await trio.sleep(UNPLUG_POLL_S)
+        except (Unavailable, libvirt.libvirtError) as exc:
+            message = str(exc) if isinstance(exc, Unavailable) else error_text(exc)
+            raise self._fail(DETACH_FAILURE, f"cannot hot-unplug volume {volume_id}: {message}") from exc
+        if waited.cancelled_caught:
+            raise self._fail(DETACH_FAILURE, f"the guest did not let go of volume {volume_id} within {timeout:g} s; "
+                                             "it stays attached (the unplug request stays pending in QEMU)")
+        self._volumes = tuple(v for v in self._volumes if v != volume_id)
+        if requested:
+            self._step_done("detach", started, f"volume {volume_id} hot-unplugged")
+        else:
+            self._log(f"volume {volume_id} detached: gone from the next start (the VM does not run)")
 
     async def start_vm(self) -> None:
         volumes = await self._volume_disks()
@@ -653,6 +708,38 @@ def _destroy(conn: libvirt.virConnect, name: str) -> None:
     except libvirt.libvirtError as exc:
         if exc.get_error_code() not in (libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_OPERATION_INVALID):
             raise
+
+
+def _hot_plug(conn: libvirt.virConnect, name: str, disk: domain.VolumeDisk) -> str | None:
+    """Attach `disk` to the running domain on its first free target; that target, or None if the domain does not
+    run (the disk is then one from its next start, which defines the domain again)."""
+    dom = conn.lookupByName(name)
+    if not dom.isActive():
+        return None
+    target = domain.free_target(dom.XMLDesc(0))
+    if target is None:
+        raise libvirt.libvirtError(f"every disk target of {name} is taken")
+    dom.attachDeviceFlags(domain.volume_disk_xml(disk, target), libvirt.VIR_DOMAIN_AFFECT_LIVE)
+    return target
+
+
+def _request_unplug(conn: libvirt.virConnect, name: str, volume_id: str) -> bool:
+    """Ask the running domain's guest to let go of the volume's disk; False if the domain does not run or has no
+    such disk (then there is nothing to wait for)."""
+    dom = conn.lookupByName(name)
+    if not dom.isActive():
+        return False
+    disk = domain.find_volume_disk(dom.XMLDesc(0), volume_id)
+    if disk is None:
+        return False
+    dom.detachDeviceFlags(disk, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+    return True
+
+
+def _has_disk(conn: libvirt.virConnect, name: str, volume_id: str) -> bool:
+    """Whether the running domain still has the volume's disk."""
+    dom = conn.lookupByName(name)
+    return bool(dom.isActive()) and domain.find_volume_disk(dom.XMLDesc(0), volume_id) is not None
 
 
 def _allocated_mb(path: Path) -> int:

@@ -13,12 +13,15 @@ The domain:
 - boots with SeaBIOS (legacy) or OVMF (EFI, `<loader>` + a per-instance `<nvram>` copied from the vars
   template by libvirt);
 - has the overlay as a virtio disk (`vda`), its volumes as virtio disks `vdb`, `vdc`, ... (the volume id as
-  their serial), the cloud-init seed as a read-only SATA cdrom, one virtio NIC with the payload's MAC on a
+  their serial; `volume_disk_xml` is the same element for a hot-plug, on the first free target name
+  `free_target` finds), the cloud-init seed as a read-only SATA cdrom, one virtio NIC with the payload's MAC on a
   libvirt network or a bridge (or none), a virtio RNG (guests boot faster with entropy), no graphics;
 - logs its serial console through virtlogd to `console.log` in the instance dir (virtlogd bounds its size:
   `max_size` / `max_backups` in virtlogd.conf) while keeping it reachable with `virsh console`;
 - has a qemu-guest-agent channel (`org.qemu.guest_agent.0`);
-- powers off into "shut off" and stays defined: `on_poweroff`/`on_crash` = destroy.
+- powers off into "shut off" and stays defined: `on_poweroff`/`on_crash` = destroy;
+- on a q35 machine, has `hotplug_slots` spare PCIe root ports: a PCIe device can only be hot-plugged into a free
+  root port, and libvirt adds only those the defined devices take.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ DOMAIN_PREFIX = "launcher-"
 GUEST_AGENT_CHANNEL = "org.qemu.guest_agent.0"
 OVERLAY_TARGET = "vda"
 MAX_VOLUMES = 24  # data disks vdb..vdy (the payload parser allows as many storage entries)
+VOLUME_TARGETS = tuple(f"vd{chr(ord('b') + index)}" for index in range(MAX_VOLUMES))
 NETWORK_KINDS = ("network", "bridge", "none")
 _UUID_NAMESPACE = uuid_module.uuid5(uuid_module.NAMESPACE_URL, METADATA_NS)
 
@@ -77,6 +81,7 @@ class DomainParams:
     console_log: Path
     nvram: Path
     volumes: tuple[VolumeDisk, ...] = ()  # at most MAX_VOLUMES
+    hotplug_slots: int = 0  # spare PCIe root ports (q35 machines only)
 
     @property
     def name(self) -> str:
@@ -129,6 +134,25 @@ def domain_xml(params: DomainParams) -> str:
     return ET.tostring(domain, encoding="unicode")
 
 
+def volume_disk_xml(volume: VolumeDisk, target: str) -> str:
+    """The `<disk>` of one volume on `target` (e.g. "vdc"), as `domain_xml` writes it: what a hot-plug attaches."""
+    return ET.tostring(_volume_disk(ET.Element("devices"), volume, target), encoding="unicode")
+
+
+def free_target(xml: str) -> str | None:
+    """The first of VOLUME_TARGETS that no disk of the domain (its XML) uses, or None: all are taken."""
+    used = {target.get("dev") for target in ET.fromstring(xml).iterfind("devices/disk/target")}
+    return next((target for target in VOLUME_TARGETS if target not in used), None)
+
+
+def find_volume_disk(xml: str, volume_id: str) -> str | None:
+    """The `<disk>` element (as XML text) of the domain whose serial is `volume_id`, or None."""
+    for disk in ET.fromstring(xml).iterfind("devices/disk"):
+        if disk.findtext("serial") == volume_id:
+            return ET.tostring(disk, encoding="unicode")
+    return None
+
+
 def read_metadata(xml: str) -> DomainMetadata | None:
     """The launcher metadata of a domain's XML (from XMLDesc), or None if it has none."""
     root = ET.fromstring(xml)
@@ -171,12 +195,8 @@ def _devices(devices: ET.Element, params: DomainParams) -> None:
 
     if len(params.volumes) > MAX_VOLUMES:
         raise ValueError(f"at most {MAX_VOLUMES} volumes, got {len(params.volumes)}")
-    for index, volume in enumerate(params.volumes):
-        data = ET.SubElement(devices, "disk", type="file", device="disk")
-        ET.SubElement(data, "driver", name="qemu", type=volume.format, discard="unmap")
-        ET.SubElement(data, "source", file=str(volume.source))
-        ET.SubElement(data, "target", dev=f"vd{chr(ord('b') + index)}", bus="virtio")
-        _text(data, "serial", volume.serial)
+    for volume, target in zip(params.volumes, VOLUME_TARGETS, strict=False):  # checked above: no more volumes
+        _volume_disk(devices, volume, target)
 
     cdrom = ET.SubElement(devices, "disk", type="file", device="cdrom")
     ET.SubElement(cdrom, "driver", name="qemu", type="raw")
@@ -205,3 +225,15 @@ def _devices(devices: ET.Element, params: DomainParams) -> None:
     video = ET.SubElement(devices, "video")
     ET.SubElement(video, "model", type="none")
     ET.SubElement(devices, "memballoon", model="none")
+    if "q35" in params.machine:
+        for _ in range(params.hotplug_slots):
+            ET.SubElement(devices, "controller", type="pci", model="pcie-root-port")
+
+
+def _volume_disk(devices: ET.Element, volume: VolumeDisk, target: str) -> ET.Element:
+    disk = ET.SubElement(devices, "disk", type="file", device="disk")
+    ET.SubElement(disk, "driver", name="qemu", type=volume.format, discard="unmap")
+    ET.SubElement(disk, "source", file=str(volume.source))
+    ET.SubElement(disk, "target", dev=target, bus="virtio")
+    _text(disk, "serial", volume.serial)
+    return disk

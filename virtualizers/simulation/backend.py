@@ -21,9 +21,10 @@ Settings (unknown keys or bad values raise ValueError naming the key):
 ``stop_delay_s`` (0.0): how long a graceful shutdown takes in the guest.
 ``failures``: a list of failure-injection rules, tried in order; the first whose ``phase`` is the current
     one, whose ``match`` regex (default: anything) is found in the instance uuid and whose random draw
-    succeeds (``probability``, default 1.0) applies. For ``ensure`` / ``create`` / ``start`` its ``action``
-    is ``fail`` (the call raises VirtualizerError with the phase's code) or ``hang`` (the call never returns,
-    so the launcher's timeouts and cancellation are exercised). For ``crash`` the VM dies ``after_s``
+    succeeds (``probability``, default 1.0) applies. For ``ensure`` / ``create`` / ``start`` / ``attach`` /
+    ``detach`` (attach_volume, detach_volume) its ``action`` is ``fail`` (the call raises VirtualizerError with
+    the phase's code) or ``hang`` (the call never returns, so the launcher's timeouts and cancellation are
+    exercised). For ``crash`` the VM dies ``after_s``
     seconds after it came up.
 """
 
@@ -39,7 +40,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from types import TracebackType
@@ -50,7 +51,15 @@ import psutil
 import trio
 
 from launcher.plugin import files
-from launcher.plugin.errors import IMAGE_FAILURE, LAUNCH_FAILURE, STOP_FAILURE, LauncherError, VirtualizerError
+from launcher.plugin.errors import (
+    ATTACH_FAILURE,
+    DETACH_FAILURE,
+    IMAGE_FAILURE,
+    LAUNCH_FAILURE,
+    STOP_FAILURE,
+    LauncherError,
+    VirtualizerError,
+)
 from launcher.plugin.host import BackendHost
 from launcher.plugin.protocol import MonitorEvent, MonitorInbox, VmStats
 from launcher.plugin.settings import at_most, one_of, parse_section
@@ -61,8 +70,9 @@ from virtualizers.simulation.volumes import VOLUMES_DIR, SimulatedVolumes
 
 SECTION = "simulation"  # the config section these settings come from; error messages name keys under it
 MODES = ("memory", "process")
-PHASES = ("ensure", "create", "start", "crash")
-_PHASE_CODES = {"ensure": IMAGE_FAILURE, "create": IMAGE_FAILURE, "start": LAUNCH_FAILURE}
+PHASES = ("ensure", "create", "start", "crash", "attach", "detach")
+_PHASE_CODES = {"ensure": IMAGE_FAILURE, "create": IMAGE_FAILURE, "start": LAUNCH_FAILURE, "attach": ATTACH_FAILURE,
+                "detach": DETACH_FAILURE}
 
 SIMVM_MODULE = "virtualizers.simulation.simvm"
 DISK_IMAGE = "disk.img"
@@ -232,14 +242,32 @@ class _SimulatedInstance:
     _backend: SimulationBackend
     _spec: InstanceSpec = attrs.field(init=False)
     _dir: Path = attrs.field(init=False)
+    _volumes: tuple[str, ...] = attrs.field(init=False)  # the instance's (Virtualizer.init)
 
     @property
     def _uuid(self) -> str:
         return self._spec.instance_uuid
 
-    def init(self, spec: InstanceSpec, instance_dir: Path) -> None:
+    def init(self, spec: InstanceSpec, instance_dir: Path, volumes: Sequence[str] | None = None) -> None:
         self._spec = spec
         self._dir = instance_dir
+        self._volumes = tuple(entry.id for entry in spec.storage) if volumes is None else tuple(volumes)
+
+    async def attach_volume(self, volume_id: str) -> None:
+        """The volume must exist in the store (not_found); the `attach` failure rules apply. A simulated guest
+        takes a hot-plugged disk at once."""
+        await self._backend.inject("attach", self._uuid)
+        try:
+            await self._backend.volumes.get(volume_id)
+        except LauncherError as exc:
+            raise VirtualizerError(exc.code, f"volume {volume_id}: {exc.reason}", self._uuid) from exc
+        self._volumes += (volume_id,)
+
+    async def detach_volume(self, volume_id: str) -> None:
+        """The `detach` failure rules apply (`hang` is a guest that never lets go); else a simulated guest lets go
+        at once."""
+        await self._backend.inject("detach", self._uuid)
+        self._volumes = tuple(v for v in self._volumes if v != volume_id)
 
     async def ensure_backing_image(self) -> None:
         """There is no backing image to fetch. The START's volumes must exist in the store (as for qemu); then
@@ -254,7 +282,7 @@ class _SimulatedInstance:
         """Delete the START's ephemeral volumes; a simulated instance keeps nothing else outside its directory."""
         await trio.lowlevel.checkpoint()
         try:
-            await remove_ephemeral_volumes(self._backend.volumes, self._spec)
+            await remove_ephemeral_volumes(self._backend.volumes, self._spec, self._volumes)
         except LauncherError as exc:
             raise VirtualizerError(STOP_FAILURE, f"cannot delete an ephemeral volume: {exc.reason}", self._uuid) \
                 from exc
