@@ -26,13 +26,17 @@ Both bootloaders start the kernel at once (no menu, no timeout) with ``KERNEL_CM
 PID 1 and never exits. On each boot the guest prints one line on ttyS0::
 
     guest-ready instance-id=<id> hostname=<name> user-data-sha256=<hex> datasource=<nocloud|configdrive|none>
-    boots=<n> disks=<dev>:<serial>,...
+    boots=<n> disks=<dev>:<serial>,... marks=<dev>:<mark>,...
 
 (one line, wrapped here), reading the seed from an ISO 9660 NoCloud (volume ``cidata``) or
 ConfigDrive (volume ``config-2``) seed, e.g. a SATA cdrom. ``boots`` counts the boots of this disk
 (or of the overlay on top of it) including this one; ``disks`` lists the virtio disks it sees with
-their serials (``-`` for none; virtio-blk shows at most 20 characters of a serial). An ACPI power
-button press makes it print ``guest-poweroff``, sync, unmount its disk and power off.
+their serials (``-`` for none; virtio-blk shows at most 20 characters of a serial); ``marks`` what the
+first 64 bytes of each data disk (every virtio disk but ``vda``) held: ``<instance-id>:<boots>`` written by a
+guest that booted with it, or ``-``. After that line the guest writes its own mark on each data disk (durably),
+and prints ``guest-disks disks=... marks=...`` whenever its disks change (a hot-plug or hot-unplug, seen
+within 0.2 s). An ACPI power button press makes it print ``guest-poweroff``, sync, unmount its disk and power
+off.
 
 Inputs come only from Debian packages, fetched with ``apt-get download`` (the apt lists must be
 up to date) and unpacked with ``dpkg-deb -x``: ``linux-image-amd64`` (resolved to its

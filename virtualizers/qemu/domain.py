@@ -225,7 +225,9 @@ def _devices(devices: ET.Element, params: DomainParams) -> None:
     video = ET.SubElement(devices, "video")
     ET.SubElement(video, "model", type="none")
     ET.SubElement(devices, "memballoon", model="none")
-    if "q35" in params.machine:
+    if "q35" in params.machine and params.hotplug_slots:
+        # libvirt numbers controllers without an index from 0, which must be the root complex: name it first.
+        ET.SubElement(devices, "controller", type="pci", index="0", model="pcie-root")
         for _ in range(params.hotplug_slots):
             ET.SubElement(devices, "controller", type="pci", model="pcie-root-port")
 
