@@ -135,6 +135,16 @@ def _delete(client: Client, args: argparse.Namespace) -> None:
     _show(args, answer, _result_line)
 
 
+def _attach(client: Client, args: argparse.Namespace) -> None:
+    answer = client.request("POST", f"/v1/instances/{args.uuid}/volumes/{args.volume}", **_wait(args))
+    _show(args, answer, _result_line)
+
+
+def _detach(client: Client, args: argparse.Namespace) -> None:
+    answer = client.request("DELETE", f"/v1/instances/{args.uuid}/volumes/{args.volume}", **_wait(args))
+    _show(args, answer, _result_line)
+
+
 def _ls(client: Client, args: argparse.Namespace) -> None:
     _show(args, client.request("GET", "/v1/instances"), lambda a: _instance_table(a["instances"]))
 
@@ -373,6 +383,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("uuid")
     p.add_argument("--stop", action="store_true", help="ciao's stop:true: shut the guest down gracefully first")
     p.add_argument("--grace", type=float, help="seconds before a forced power-off")
+    p = verb("attach", _attach, "ATTACH a volume to an instance (hot-plugged if its VM runs)", waits=True)
+    p.add_argument("uuid")
+    p.add_argument("volume")
+    p = verb("detach", _detach, "DETACH a volume from an instance (a running guest must let go of it)", waits=True)
+    p.add_argument("uuid")
+    p.add_argument("volume")
     verb("ls", _ls, "list instances")
     verb("show", _show_instance, "show one instance").add_argument("uuid")
     verb("node", _node, "node status and resources")

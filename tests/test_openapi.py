@@ -25,7 +25,7 @@ def test_every_operation_answers_as_documented(launcher: LauncherProcess) -> Non
     base_url = (launcher.data_dir / "api-url").read_text().strip()
     headers = {"Authorization": f"Bearer {token(launcher)}"}
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert len(operations) == 24
+    assert len(operations) == 26
     calls: dict[str, int] = {}
     for operation in operations:
 
@@ -36,6 +36,6 @@ def test_every_operation_answers_as_documented(launcher: LauncherProcess) -> Non
             calls[operation.label] = calls.get(operation.label, 0) + 1
 
         call()
-    assert len(calls) == 24, calls
+    assert len(calls) == 26, calls
     assert launcher.proc is not None and launcher.proc.poll() is None
     assert "Traceback" not in launcher.output()

@@ -125,6 +125,14 @@ def test_cli_volumes(launcher_factory: Any) -> None:
     assert launcher.cli("volumes", "rm", VOL).returncode == 0
     failed = launcher.cli("volumes", "rm", VOL)
     assert failed.returncode != 0 and "not_found" in failed.stderr
+    start_plain(launcher.client(), "ab-0701")
+    attached = launcher.cli("attach", "ab-0701", "0a1b-0002", "--wait")
+    assert attached.returncode == 0 and "running" in attached.stdout, attached.stderr
+    assert json.loads(launcher.cli("volumes", "show", "0a1b-0002", "--json").stdout)["attached_to"] == "ab-0701"
+    detached = launcher.cli("detach", "ab-0701", "0a1b-0002", "--wait", "--json")
+    assert json.loads(detached.stdout) == {"instance_uuid": "ab-0701", "state": "running", "done": True}
+    refused = launcher.cli("detach", "ab-0701", "0a1b-0002")
+    assert refused.returncode != 0 and "not_attached" in refused.stderr
 
 
 def test_metrics_count_the_volumes(launcher_factory: Any) -> None:
@@ -186,3 +194,127 @@ def test_local_volumes_are_made_at_start_and_ephemeral_ones_go_with_the_instance
         f"    - id: {scratch}\n      local: true\n".encode(), YAML))
     assert no_size.code == "invalid_data" and no_size.reason.startswith("start.storage[0].size: required for a local")
 
+
+
+# ----------------------------------------------------------------- ATTACH / DETACH
+
+
+def command(client: Client, name: str, instance: str, volume: str) -> Any:
+    """ciao's attach_volume / detach_volume document, through /v1/commands (JSON), waited for."""
+    body = json.dumps({name: {"instance_uuid": instance, "volume_uuid": volume}}).encode()
+    return client.request("POST", "/v1/commands", body, JSON, wait=1)
+
+
+def start_plain(client: Client, uuid: str) -> None:
+    body = f"start:\n  instance_uuid: {uuid}\n  image_uuid: test-image\n".encode()
+    assert client.request("POST", "/v1/instances", body, YAML, wait=1)["state"] == "running"
+
+
+def wait_events(client: Client, expected: list[tuple[str, str, str]]) -> None:
+    """The volume_attached / volume_detached and attach/detach failure events are `expected` (type, instance,
+    volume), once durable."""
+    kinds = ("volume_attached", "volume_detached", "attach_volume_failure", "detach_volume_failure")
+    deadline = time.monotonic() + 10
+    while (seen := [(e["type"], e["instance_uuid"], e["volume_id"]) for e in all_events(client)
+                    if e["type"] in kinds]) != expected and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert seen == expected
+
+
+def test_attach_and_detach_a_running_instance(launcher_factory: Any) -> None:
+    """Both ways in (ciao's documents at /v1/commands and the REST routes); one volume, one instance at a time."""
+    client = launcher_factory().client()
+    create(client, id=VOL, size_mb=64)
+    start_plain(client, "ab-0201")
+    start_plain(client, "ab-0202")
+    assert command(client, "attach_volume", "ab-0201", VOL) == {"instance_uuid": "ab-0201", "state": "running",
+                                                                "done": True}
+    assert client.request("GET", f"/v1/volumes/{VOL}")["attached_to"] == "ab-0201"
+    assert client.request("GET", "/v1/instances/ab-0201")["volumes"] == [VOL]
+    again = error_of(lambda: client.request("POST", f"/v1/instances/ab-0201/volumes/{VOL}"))
+    assert (again.status, again.code, again.instance_uuid) == (409, "already_attached", "ab-0201")
+    taken = error_of(lambda: command(client, "attach_volume", "ab-0202", VOL))
+    assert (taken.status, taken.code) == (409, "volume_in_use") and "ab-0201" in taken.reason
+    other = error_of(lambda: client.request("DELETE", f"/v1/instances/ab-0202/volumes/{VOL}"))
+    assert (other.status, other.code) == (409, "not_attached")
+    refused = error_of(lambda: client.request("DELETE", f"/v1/volumes/{VOL}"))
+    assert (refused.status, refused.code) == (409, "volume_in_use")
+    detached = client.request("DELETE", f"/v1/instances/ab-0201/volumes/{VOL}", wait=1)
+    assert detached == {"instance_uuid": "ab-0201", "state": "running", "done": True}
+    assert client.request("GET", f"/v1/volumes/{VOL}")["attached_to"] is None
+    assert client.request("GET", "/v1/instances/ab-0201")["volumes"] == []
+    gone = error_of(lambda: command(client, "detach_volume", "ab-0201", VOL))
+    assert (gone.status, gone.code) == (409, "not_attached")
+    assert client.request("POST", f"/v1/instances/ab-0202/volumes/{VOL}", wait=1)["state"] == "running"
+    wait_events(client, [("volume_attached", "ab-0201", VOL), ("volume_detached", "ab-0201", VOL),
+                         ("volume_attached", "ab-0202", VOL)])
+
+
+def test_bad_attach_and_detach_requests(launcher_factory: Any) -> None:
+    """Each refusal has its code and a reason naming what is wrong, and leaves the volume free."""
+    client = launcher_factory({"simulation": {"failures": [{"phase": "attach", "match": "^ab-0302$"}]}}).client()
+    create(client, id=VOL, size_mb=64)
+    start_plain(client, "ab-0301")
+    start_plain(client, "ab-0302")
+    missing = error_of(lambda: command(client, "attach_volume", "ab-0301", "0a1b-0999"))
+    assert (missing.status, missing.code) == (404, "not_found") and "volume 0a1b-0999" in missing.reason
+    no_instance = error_of(lambda: command(client, "attach_volume", "ab-0399", VOL))
+    assert (no_instance.status, no_instance.code) == (404, "no_instance")
+    bad_id = error_of(lambda: client.request("POST", "/v1/instances/ab-0301/volumes/not-a-uuid"))
+    assert (bad_id.status, bad_id.code) == (400, "invalid_data") and bad_id.reason.startswith("volume_uuid: ")
+    bad_doc = error_of(lambda: client.request("POST", "/v1/commands", b"attach_volume: {instance_uuid: ab-0301}",
+                                              YAML))
+    assert (bad_doc.status, bad_doc.code, bad_doc.reason) == (400, "invalid_data",
+                                                             "attach_volume.volume_uuid: required")
+    failed = error_of(lambda: command(client, "attach_volume", "ab-0302", VOL))
+    assert (failed.status, failed.code) == (502, "attach_failure") and "simulation.failures[0]" in failed.reason
+    assert client.request("GET", f"/v1/volumes/{VOL}")["attached_to"] is None  # the reservation was given back
+    assert client.request("GET", "/v1/instances/ab-0302")["volumes"] == []
+    assert command(client, "attach_volume", "ab-0301", VOL)["state"] == "running"
+    wait_events(client, [("attach_volume_failure", "ab-0301", "0a1b-0999"),
+                         ("attach_volume_failure", "ab-0302", VOL), ("volume_attached", "ab-0301", VOL)])
+
+
+def test_a_detach_the_guest_refuses_is_reported_and_the_volume_stays(launcher_factory: Any) -> None:
+    settings = {"simulation": {"failures": [{"phase": "detach", "action": "hang"}]}, "timeouts": {"volume_s": 0.5}}
+    client = launcher_factory(settings).client()
+    create(client, id=VOL, size_mb=64)
+    start_plain(client, "ab-0401")
+    command(client, "attach_volume", "ab-0401", VOL)
+    refused = error_of(lambda: command(client, "detach_volume", "ab-0401", VOL))
+    assert (refused.status, refused.code) == (502, "detach_failure")
+    assert refused.reason == "detach_volume did not finish within 0.5 s"
+    assert client.request("GET", f"/v1/volumes/{VOL}")["attached_to"] == "ab-0401"
+    assert client.request("GET", "/v1/instances/ab-0401")["volumes"] == [VOL]
+
+
+def test_attachments_are_kept_across_kill_9_and_an_exited_instance_changes_its_record(launcher_factory: Any) -> None:
+    launcher = launcher_factory({"simulation": {"mode": "process"}})
+    client = launcher.client()
+    create(client, id=VOL, size_mb=64)
+    create(client, id="0a1b-0002", size_mb=64)
+    start_plain(client, "ab-0501")
+    command(client, "attach_volume", "ab-0501", VOL)
+    launcher.kill()
+    client = launcher.start()
+    assert client.request("GET", f"/v1/volumes/{VOL}")["attached_to"] == "ab-0501"
+    assert client.request("GET", "/v1/instances/ab-0501")["volumes"] == [VOL]
+    assert client.request("POST", "/v1/instances/ab-0501/stop", wait=1)["state"] == "exited"
+    assert client.request("POST", "/v1/instances/ab-0501/volumes/0a1b-0002", wait=1)["state"] == "exited"
+    assert client.request("DELETE", f"/v1/instances/ab-0501/volumes/{VOL}", wait=1)["state"] == "exited"
+    launcher.kill()
+    client = launcher.start()
+    assert client.request("GET", "/v1/instances/ab-0501")["volumes"] == ["0a1b-0002"]
+    assert [(v["id"], v["attached_to"]) for v in client.request("GET", "/v1/volumes")["volumes"]] == \
+        [(VOL, None), ("0a1b-0002", "ab-0501")]
+    assert client.request("POST", "/v1/instances/ab-0501/restart", wait=1)["state"] == "running"
+
+
+def test_a_detached_ephemeral_volume_is_not_deleted_with_the_instance(launcher_factory: Any) -> None:
+    client = launcher_factory().client()
+    start = (f"start:\n  instance_uuid: ab-0601\n  image_uuid: test-image\n  storage:\n"
+             f"    - id: {VOL}\n      local: true\n      ephemeral: true\n      size: 1\n").encode()
+    assert client.request("POST", "/v1/instances", start, YAML, wait=1)["state"] == "running"
+    assert client.request("DELETE", f"/v1/instances/ab-0601/volumes/{VOL}", wait=1)["state"] == "running"
+    client.request("DELETE", "/v1/instances/ab-0601", wait=1)
+    assert [v["id"] for v in client.request("GET", "/v1/volumes")["volumes"]] == [VOL]
