@@ -80,7 +80,7 @@ def test_hot_plug_hot_unplug_and_data_that_outlives_the_instance(qemu_factory: A
         client.request("DELETE", f"/v1/volumes/{volume}")
     assert (refused.value.status, refused.value.code) == (409, "volume_in_use")
 
-    # Hot-unplug, through the REST route: the guest lets go (Linux's PCIe hot-plug waits 5 s first).
+    # Hot-unplug, through the REST route: answered once the guest has let go of the disk.
     detached = client.request("DELETE", f"/v1/instances/{first}/volumes/{volume}", wait=1, timeout=120)
     assert detached == {"instance_uuid": first, "state": "running", "done": True}
     assert wait_disks(launcher, first, 2)["disks"] == "vda:-"

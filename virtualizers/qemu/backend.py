@@ -128,8 +128,8 @@ class VolumeSettings:
 
     pool: str = ""
     copy_timeout_s: float = attrs.field(default=COPY_TIMEOUT_S, validator=at_least(1))  # one full copy of an image
-    # How long a hot-unplug waits for the guest to let go of the disk (a Linux guest's PCIe hot-plug driver
-    # waits 5 s after the attention button before it does).
+    # How long a hot-unplug waits for the guest to let go of the disk (the test guest does in about 0.1 s; a
+    # guest that ignores the request never does).
     detach_timeout_s: float = attrs.field(default=30.0, validator=at_least(1))
 
 
