@@ -48,11 +48,11 @@ class Filler:
 
     def __init__(self, mount: Path) -> None:
         self.path = mount / "filler"
-        with open(self.path, "wb") as file, contextlib.suppress(OSError):
-            while True:
-                file.write(b"\0" * 65536)
-                file.flush()
-        assert shutil.disk_usage(mount).free < 65536
+        for chunk in (65536, 4096):  # then page by page: tmpfs allocates pages
+            with open(self.path, "ab", buffering=0) as file, contextlib.suppress(OSError):
+                while True:
+                    file.write(b"\0" * chunk)
+        assert shutil.disk_usage(mount).free < 4096
 
     def free(self, n: int | None = None) -> None:
         """Give back `n` bytes (everything if None)."""
@@ -100,6 +100,39 @@ def test_full_disk_fails_commands_with_storage_full_and_keeps_serving(launcher_f
     assert client.request("POST", "/v1/instances", start_yaml("f1-03"), YAML, wait=1)["state"] == "running"
     assert client.request("POST", "/v1/instances/f1-01/stop", wait=1)["state"] == "exited"
     assert launcher.proc is not None and launcher.proc.poll() is None
+
+
+def test_attach_on_a_full_disk_changes_nothing(launcher_factory: Any, small_fs: Path) -> None:
+    """An ATTACH is recorded before the VM gets the disk: a record the disk refuses fails it with storage_full, and
+    the volume stays free. A DETACH whose record cannot be written gives the VM the disk back."""
+    launcher = launcher_factory({**NO_DISK_RESERVE, "simulation": {"mode": "process"}}, name="data")
+    client = launcher.client()
+    volume, other = "0a1b-0f01", "0a1b-0f02"
+    for name in (volume, other):
+        client.request("POST", "/v1/volumes", json.dumps({"id": name, "size_mb": 64}).encode(), "application/json")
+    assert client.request("POST", "/v1/instances", start_yaml("f4-01"), YAML, wait=1)["state"] == "running"
+    assert client.request("POST", f"/v1/instances/f4-01/volumes/{other}", wait=1)["state"] == "running"
+    # A restart empties the instance log (and finds the VM running: nothing to write), so that the next record
+    # needs a page of its own, which the full file system refuses.
+    launcher.kill(signal.SIGTERM)
+    client = launcher.start()
+    wait_for("recovery", lambda: states(client) == {"f4-01": "running"})
+    assert (launcher.data_dir / WAL_FILE).stat().st_size == 0
+    filler = Filler(small_fs)
+    for method in ("POST", "DELETE"):
+        target = volume if method == "POST" else other
+        with pytest.raises(ClientError) as refused:
+            client.request(method, f"/v1/instances/f4-01/volumes/{target}", wait=1)
+        assert (refused.value.code, refused.value.status) == (STORAGE_FULL, 507)
+        assert refused.value.reason.startswith("node storage full: cannot write instance.json: ")
+    assert client.request("GET", "/v1/instances/f4-01")["volumes"] == [other]
+    assert [(v["id"], v["attached_to"]) for v in client.request("GET", "/v1/volumes")["volumes"]] == \
+        [(volume, None), (other, "f4-01")]
+    filler.free()
+    assert client.request("POST", f"/v1/instances/f4-01/volumes/{volume}", wait=1)["state"] == "running"
+    assert client.request("DELETE", f"/v1/instances/f4-01/volumes/{other}", wait=1)["state"] == "running"
+    assert client.request("GET", "/v1/instances/f4-01")["volumes"] == [volume]
+    client.request("DELETE", "/v1/instances/f4-01", wait=1)
 
 
 def test_launcher_starts_and_serves_on_a_full_disk(launcher_factory: Any, small_fs: Path) -> None:

@@ -12,7 +12,9 @@ import yaml
 
 from launcher.payloads import (
     DEFAULT_MAX_BYTES,
+    AttachVolumeCommand,
     DeleteCommand,
+    DetachVolumeCommand,
     EvacuateCommand,
     RestartCommand,
     RestoreCommand,
@@ -189,6 +191,10 @@ def test_example_start_json_equals_start_legacy_yaml() -> None:
     ("delete.yaml", DeleteCommand(LEGACY_UUID)),
     ("evacuate.yaml", EvacuateCommand()),
     ("restore.yaml", RestoreCommand()),
+    ("attach_volume.yaml", AttachVolumeCommand("d7d86208-b46c-4465-9018-ee14087d415f",
+                                               "67d86208-b46c-4465-9018-ee14087d4150")),
+    ("detach_volume.yaml", DetachVolumeCommand("d7d86208-b46c-4465-9018-ee14087d415f",
+                                               "67d86208-b46c-4465-9018-ee14087d4150")),
 ])
 def test_example_other_commands(name: str, expected: Any) -> None:
     assert parse_example(name) == expected
