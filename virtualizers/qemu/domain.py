@@ -13,12 +13,16 @@ The domain:
 - boots with SeaBIOS (legacy) or OVMF (EFI, `<loader>` + a per-instance `<nvram>` copied from the vars
   template by libvirt);
 - has the overlay as a virtio disk (`vda`), its volumes as virtio disks `vdb`, `vdc`, ... (the volume id as
-  their serial), the cloud-init seed as a read-only SATA cdrom, one virtio NIC with the payload's MAC on a
-  libvirt network or a bridge (or none), a virtio RNG (guests boot faster with entropy), no graphics;
+  their serial); an instance that boots from a volume has no overlay (`overlay` None) and its volumes are `vda`,
+  `vdb`, ... (the boot volume first); the cloud-init seed as a read-only SATA cdrom, one virtio NIC with the
+  payload's MAC on a libvirt network or a bridge (or none), a virtio RNG (guests boot faster with entropy), no graphics;
 - logs its serial console through virtlogd to `console.log` in the instance dir (virtlogd bounds its size:
   `max_size` / `max_backups` in virtlogd.conf) while keeping it reachable with `virsh console`;
 - has a qemu-guest-agent channel (`org.qemu.guest_agent.0`);
-- powers off into "shut off" and stays defined: `on_poweroff`/`on_crash` = destroy.
+- powers off into "shut off" and stays defined: `on_poweroff`/`on_crash` = destroy;
+- boots from its first disk (`<os><boot dev='hd'/>`), unless a disk has a per-device boot order
+  (`overlay_boot_order`, `VolumeDisk.boot_order`: `launcher.plugin.volumes.disk_plan`'s rule); then every
+  bootable disk has `<boot order='N'/>` and `<os>` has no `<boot>` (libvirt refuses the two together).
 """
 
 from __future__ import annotations
@@ -33,8 +37,8 @@ METADATA_NS = "http://launcher.invalid/xmlns/instance/1"  # our key for virDomai
 METADATA_PREFIX = "launcher"
 DOMAIN_PREFIX = "launcher-"
 GUEST_AGENT_CHANNEL = "org.qemu.guest_agent.0"
-OVERLAY_TARGET = "vda"
 MAX_VOLUMES = 24  # data disks vdb..vdy (the payload parser allows as many storage entries)
+_VIRTIO_TARGETS = tuple(f"vd{chr(ord('a') + index)}" for index in range(26))
 NETWORK_KINDS = ("network", "bridge", "none")
 _UUID_NAMESPACE = uuid_module.uuid5(uuid_module.NAMESPACE_URL, METADATA_NS)
 
@@ -50,12 +54,14 @@ class Firmware:
 
 @attrs.frozen
 class VolumeDisk:
-    """A volume attached as a data disk (`vdb`, `vdc`, ... in the order given). `serial` is the volume id: libvirt
-    and `virsh domblklist`/`dumpxml` show it whole; a guest sees its first 20 characters (virtio-blk's limit)."""
+    """A volume attached as a disk (`vdb`, `vdc`, ... in the order given; from `vda` without an overlay). `serial`
+    is the volume id: libvirt and `virsh domblklist`/`dumpxml` show it whole; a guest sees its first 20
+    characters (virtio-blk's limit). `boot_order`: libvirt's per-device boot order, None for none."""
 
     source: Path
     format: str  # qcow2 or raw
     serial: str
+    boot_order: int | None = None
 
 
 @attrs.frozen
@@ -69,7 +75,7 @@ class DomainParams:
     kvm: bool  # True: hardware virtualization (domain type kvm, host CPU); False: TCG (type qemu)
     machine: str  # e.g. "q35"
     firmware: Firmware
-    overlay: Path
+    overlay: Path | None  # None: the instance boots from a volume and has no image disk
     seed: Path
     network_kind: str  # "network", "bridge" or "none"
     network_source: str  # the libvirt network's or bridge's name
@@ -77,6 +83,12 @@ class DomainParams:
     console_log: Path
     nvram: Path
     volumes: tuple[VolumeDisk, ...] = ()  # at most MAX_VOLUMES
+    overlay_boot_order: int | None = None  # the overlay's per-device boot order, None for none
+
+    @property
+    def boot_orders(self) -> bool:
+        """Whether the domain boots by per-device boot orders (then `<os>` has no `<boot>`)."""
+        return self.overlay_boot_order is not None or any(v.boot_order is not None for v in self.volumes)
 
     @property
     def name(self) -> str:
@@ -160,22 +172,29 @@ def _os(os_element: ET.Element, params: DomainParams) -> None:
     if firmware.efi:
         _text(os_element, "loader", str(firmware.ovmf_code), readonly="yes", type="pflash")
         _text(os_element, "nvram", str(params.nvram), template=str(firmware.ovmf_vars_template))
-    ET.SubElement(os_element, "boot", dev="hd")
+    if not params.boot_orders:
+        ET.SubElement(os_element, "boot", dev="hd")
+
+
+def _disk(devices: ET.Element, source: Path, fmt: str, target: str, boot_order: int | None) -> ET.Element:
+    disk = ET.SubElement(devices, "disk", type="file", device="disk")
+    ET.SubElement(disk, "driver", name="qemu", type=fmt, discard="unmap")
+    ET.SubElement(disk, "source", file=str(source))
+    ET.SubElement(disk, "target", dev=target, bus="virtio")
+    if boot_order is not None:
+        ET.SubElement(disk, "boot", order=str(boot_order))
+    return disk
 
 
 def _devices(devices: ET.Element, params: DomainParams) -> None:
-    disk = ET.SubElement(devices, "disk", type="file", device="disk")
-    ET.SubElement(disk, "driver", name="qemu", type="qcow2", discard="unmap")
-    ET.SubElement(disk, "source", file=str(params.overlay))
-    ET.SubElement(disk, "target", dev=OVERLAY_TARGET, bus="virtio")
+    targets = iter(_VIRTIO_TARGETS)
+    if params.overlay is not None:
+        _disk(devices, params.overlay, "qcow2", next(targets), params.overlay_boot_order)
 
     if len(params.volumes) > MAX_VOLUMES:
         raise ValueError(f"at most {MAX_VOLUMES} volumes, got {len(params.volumes)}")
-    for index, volume in enumerate(params.volumes):
-        data = ET.SubElement(devices, "disk", type="file", device="disk")
-        ET.SubElement(data, "driver", name="qemu", type=volume.format, discard="unmap")
-        ET.SubElement(data, "source", file=str(volume.source))
-        ET.SubElement(data, "target", dev=f"vd{chr(ord('b') + index)}", bus="virtio")
+    for volume in params.volumes:
+        data = _disk(devices, volume.source, volume.format, next(targets), volume.boot_order)
         _text(data, "serial", volume.serial)
 
     cdrom = ET.SubElement(devices, "disk", type="file", device="cdrom")
