@@ -194,6 +194,21 @@ def test_example_other_commands(name: str, expected: Any) -> None:
     assert parse_example(name) == expected
 
 
+def test_example_start_volume() -> None:
+    spec = parse_start(example("start_volume.yaml"), YAML_CT).spec
+    assert spec.image_uuid == "b286cd45-7d0c-4525-a140-4db6c95e41fa"
+    assert spec.storage == (
+        StorageEntry(id="0a1b2c3d-0000-4000-8000-000000000001"),
+        StorageEntry(id="0a1b2c3d-0000-4000-8000-000000000002", local=True, ephemeral=True, size=2, tag="scratch"),
+    )
+
+
+def test_example_start_volume_boot() -> None:
+    spec = parse_start(example("start_volume_boot.yaml"), YAML_CT).spec
+    assert spec.image_uuid == "" and spec.legacy_boot
+    assert spec.storage == (StorageEntry(id="0a1b2c3d-0000-4000-8000-0000000000b0", boot=True),)
+
+
 def test_every_example_file_parses() -> None:
     names = sorted(p.name for p in EXAMPLES.iterdir() if p.suffix in (".yaml", ".json"))
     assert len(names) >= 10
