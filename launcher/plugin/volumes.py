@@ -100,7 +100,8 @@ def boot_volume(spec: InstanceSpec) -> StorageEntry | None:
 
 def storage_problem(spec: InstanceSpec) -> StorageProblem | None:
     """The first rule of the module docstring the START's storage (with its image_uuid) breaks, or None. The
-    payload parser reports it as ``invalid_data`` naming ``start.<field>``."""
+    payload parser reports it as ``invalid_data`` naming ``start.<field>``. A spec with neither an image nor a
+    boot volume passes here (the parser refuses it; the simulation, given one built in code, boots it anyway)."""
     boot_at: int | None = None
     indexed: dict[int, int] = {}  # boot index >= 1 -> the entry's position
     for position, entry in enumerate(spec.storage):
@@ -121,9 +122,7 @@ def storage_problem(spec: InstanceSpec) -> StorageProblem | None:
     if spec.image_uuid and boot_at is not None:
         return StorageProblem("image_uuid", f"must be empty when storage[{boot_at}] has boot: true (the instance "
                                             "boots from that volume)")
-    if not spec.image_uuid and boot_at is None:
-        return StorageProblem("image_uuid", "required unless a storage entry has boot: true")
-    return None
+    return None  # no image and no boot volume: the parser refuses it, a virtualizer that needs a disk too
 
 
 def entry_problem(entry: StorageEntry) -> StorageProblem | None:

@@ -69,6 +69,7 @@ from launcher.plugin.settings import at_least, one_of, parse_section
 from launcher.plugin.spec import InstanceSpec
 from launcher.plugin.volumes import (
     PlannedDisk,
+    boot_volume,
     check_storage,
     devices_metadata,
     disk_plan,
@@ -379,8 +380,11 @@ class QemuVirtualizer:
             await check_storage(self._backend.volumes, self._spec)
         except LauncherError as exc:
             raise self._fail(IMAGE_FAILURE, exc.reason) from exc
-        if not self._spec.image_uuid:  # it boots from a volume (check_storage: there is one)
-            return
+        if not self._spec.image_uuid:
+            if boot_volume(self._spec) is None:
+                raise self._fail(IMAGE_FAILURE, "the START names neither an image_uuid nor a storage entry with "
+                                                "boot: true: the VM would have nothing to boot from")
+            return  # it boots from its volume
         started = time.monotonic()
         image = await self._backend.images.ensure(self._spec.image_uuid)  # ImageError is an image_failure
         self._image = image

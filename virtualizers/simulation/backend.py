@@ -55,7 +55,13 @@ from launcher.plugin.host import BackendHost
 from launcher.plugin.protocol import MonitorEvent, MonitorInbox, VmStats
 from launcher.plugin.settings import at_most, one_of, parse_section
 from launcher.plugin.spec import InstanceSpec
-from launcher.plugin.volumes import check_storage, disk_plan, make_local_volumes, remove_ephemeral_volumes
+from launcher.plugin.volumes import (
+    boot_volume,
+    check_storage,
+    disk_plan,
+    make_local_volumes,
+    remove_ephemeral_volumes,
+)
 from virtualizers.simulation import simvm
 from virtualizers.simulation.volumes import VOLUMES_DIR, SimulatedVolumes
 
@@ -333,7 +339,7 @@ class MemoryVirtualizer(_SimulatedInstance):
         await trio.lowlevel.checkpoint()
         if self._backend.fake_vm(self._uuid) is None:
             return VmStats()
-        disk_mb = self._spec.disk_mb // 10 if self._spec.image_uuid else 0
+        disk_mb = self._spec.disk_mb // 10 if boot_volume(self._spec) is None else 0
         return VmStats(memory_mb=self._spec.mem_mb // 10, cpu_percent=0, disk_mb=disk_mb)
 
 
