@@ -500,7 +500,9 @@ class QemuVirtualizer:
         return tuple(disks)
 
     async def start_vm(self) -> None:
-        plan = disk_plan(self._spec)  # the overlay or the boot volume first, then the other volumes
+        # The overlay or the boot volume first, then the other volumes; volumes attached later will be given as
+        # disk_plan's volume_ids (the instance's current volumes), which default to the START's storage ids.
+        plan = disk_plan(self._spec)
         overlay_order = plan[0].boot_order if plan and plan[0].is_overlay else None
         params = attrs.evolve(self._backend.domain_params(self._spec, self._dir),
                               volumes=await self._volume_disks(plan), overlay_boot_order=overlay_order)
