@@ -48,6 +48,7 @@ from launcher.plugin import errors, files
 from launcher.plugin.errors import LauncherError
 from launcher.plugin.protocol import Backend
 from launcher.plugin.spec import InstanceSpec
+from launcher.plugin.volumes import local_volumes_mb, promised_disk_mb
 from launcher.records import InstanceRecord
 from launcher.recovery import RecoveryPlan
 
@@ -74,7 +75,9 @@ class Resources:
 
     @classmethod
     def of(cls, spec: InstanceSpec) -> Resources:
-        return cls(spec.vcpus, spec.mem_mb, spec.disk_mb)
+        """What admission promises the instance; its disk is its overlay's plus its local volumes'
+        (`launcher.plugin.volumes.promised_disk_mb`)."""
+        return cls(spec.vcpus, spec.mem_mb, promised_disk_mb(spec))
 
 
 @attrs.frozen
@@ -201,7 +204,9 @@ class Supervisor:
         free_mb = _free_disk_mb(self.config.data_dir)  # read once: statvfs is not free at 500 STARTs/s
         refusal = self._no_room(need, free_mb)
         if refusal:
-            raise LauncherError(errors.FULL_CN, refusal, spec.instance_uuid)
+            local_mb = local_volumes_mb(spec)
+            note = f" (the START's disk includes {local_mb} MiB of local volumes)" if local_mb else ""
+            raise LauncherError(errors.FULL_CN, refusal + note, spec.instance_uuid)
         for entry in spec.storage:
             user = self.volume_users.get(entry.id)
             if user is not None:

@@ -4,8 +4,8 @@ Run with the system Python that has cloud-init (``/usr/bin/python3 tests/cloudin
 [FORMAT SEED_DIR ...]``; the test suite's virtualenv does not have it). Each SEED_DIR holds a seed's files
 (``meta-data``, ``user-data``, ``network-config`` for nocloud; ``openstack/latest/...`` for configdrive), as the
 ISO carries them. Prints a JSON list with one object per seed: what cloud-init's datasource for FORMAT says
-(instance-id, hostname, FQDN, SSH keys, user-data) and the network configuration, as cloud-init's
-`network_state` and as its ENI, netplan and networkd renderers write it (null without one).
+(instance-id, hostname, FQDN, SSH keys, user-data, the meta-data's `devices`) and the network configuration, as
+cloud-init's `network_state` and as its ENI, netplan and networkd renderers write it (null without one).
 """
 
 import json
@@ -41,6 +41,7 @@ def read(fmt, seed, root):
         "public_keys": source.get_public_ssh_keys(),
         "user_data": source.get_userdata_raw().decode() if source.get_userdata_raw() else "",
         "network": None,
+        "devices": source.metadata.get("devices"),  # OpenStack's device role tagging, as the guest reads it
     }
     config = source.network_config
     if config:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from harness import running_node
 from launcher.payloads import DeleteCommand, EvacuateCommand, RestoreCommand
 from launcher.plugin import errors
 from launcher.plugin.errors import LauncherError
+from launcher.plugin.spec import StorageEntry
 
 
 async def test_burst_of_starts_is_counted_at_admission(tmp_path: Path) -> None:
@@ -50,6 +52,28 @@ async def test_memory_limit_and_defaults(tmp_path: Path) -> None:
         assert info.value.code == errors.FULL_CN and "memory" in info.value.reason
         await node.done(node.start("cc-2"))  # defaults.mem_mb = 16 applies
         assert node.supervisor.instances["cc-2"].spec.mem_mb == 16
+
+
+async def test_local_volumes_count_against_the_disk(tmp_path: Path) -> None:
+    """A local volume's size (GiB) is promised disk like an overlay's disk_mb; an instance that boots from a
+    volume promises no overlay."""
+    total_mb = shutil.disk_usage(tmp_path).total // 2**20
+    admission = {"keep_free_disk_mb": 0, "disk_overcommit": 1536 / total_mb}  # room for 1.5 GiB
+    async with running_node(tmp_path, admission=admission, defaults={"disk_mb": 100}) as node:
+        assert 1500 < node.supervisor.capacity.disk_mb <= 1536
+        too_big = (StorageEntry("0a1b-0001", local=True, size=2),)
+        with pytest.raises(LauncherError) as info:
+            node.start("dd-1", storage=too_big)
+        assert info.value.code == errors.FULL_CN
+        assert "2148 MiB of disk would be promised" in info.value.reason
+        assert "includes 2048 MiB of local volumes" in info.value.reason
+        await node.done(node.start("dd-2", storage=(StorageEntry("0a1b-0002", local=True, size=1),)))
+        assert node.supervisor.allocated.disk_mb == 100 + 1024
+        with pytest.raises(LauncherError) as info:
+            node.start("dd-3", storage=(StorageEntry("0a1b-0003", local=True, size=1),))
+        assert info.value.code == errors.FULL_CN and "local volumes" in info.value.reason
+        await node.done(node.dispatch(DeleteCommand("dd-2")))
+        assert node.supervisor.allocated.disk_mb == 0
 
 
 async def test_evacuate_stops_everything_and_refuses_starts_until_restore(tmp_path: Path) -> None:

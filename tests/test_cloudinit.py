@@ -119,6 +119,20 @@ def test_configdrive_keeps_the_payloads_name() -> None:
     assert meta == {"name": "vm-7", "uuid": UUID, "hostname": UUID}
 
 
+DEVICES = [{"type": "disk", "bus": "virtio", "serial": "0a1b-0001", "tags": ["db"]}]
+
+
+def test_tagged_devices_are_in_both_meta_data_and_replace_the_payloads() -> None:
+    meta = '{"uuid": "u1", "hostname": "h1", "devices": [], "zone": "z1"}'
+    seed = make_seed("nocloud", UUID, "", meta, Networking(), devices=DEVICES)
+    nocloud_meta = yaml.safe_load(seed.files["meta-data"])
+    assert nocloud_meta == {"instance-id": "u1", "local-hostname": "h1", "devices": DEVICES, "zone": "z1"}
+    drive = make_seed("configdrive", UUID, "", meta, Networking(), devices=DEVICES).files
+    assert json.loads(drive["openstack/latest/meta_data.json"]) == \
+        {"devices": DEVICES, "zone": "z1", "uuid": "u1", "hostname": "h1", "name": "h1"}
+    assert yaml.safe_load(nocloud(meta).files["meta-data"])["devices"] == []  # none given: the payload's stays
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # User-data
 # --------------------------------------------------------------------------------------------------------------------

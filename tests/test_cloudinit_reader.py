@@ -116,3 +116,18 @@ def test_the_default_hostname_is_a_valid_label(tmp_path: Path) -> None:
     seeds = {fmt: dict(make_seed(fmt, uuid, "", "", DHCP).files) for fmt in SEED_FORMATS}
     for result in read_with_cloud_init(tmp_path, seeds).values():
         assert (result["instance_id"], result["hostname"]) == (uuid, "a" * 60 + "-bc")
+
+
+def test_both_formats_carry_the_tagged_devices(tmp_path: Path) -> None:
+    """OpenStack's device role tagging (launcher.plugin.volumes.devices_metadata) reaches cloud-init's metadata in
+    both formats, replacing a `devices` key of the payload's meta-data; identity and network are unchanged."""
+    devices = [{"type": "disk", "bus": "virtio", "serial": "0a1b-0001", "tags": ["db"]},
+               {"type": "disk", "bus": "virtio", "serial": "0a1b-0002", "tags": ["swap"]}]
+    meta = json.dumps({"uuid": "u-9", "hostname": "tagged", "devices": "the payload's"})
+    seeds = {fmt: dict(make_seed(fmt, UUID, "#cloud-config\n", meta, STATIC, GuestNetwork(), devices).files)
+             for fmt in SEED_FORMATS}
+    read = read_with_cloud_init(tmp_path, seeds)
+    for result in read.values():
+        assert result["devices"] == devices
+        assert (result["instance_id"], result["hostname"]) == ("u-9", "tagged")
+    assert guest_view(read["nocloud"]) == guest_view(read["configdrive"])

@@ -200,6 +200,21 @@ def test_example_other_commands(name: str, expected: Any) -> None:
     assert parse_example(name) == expected
 
 
+def test_example_start_volume() -> None:
+    spec = parse_start(example("start_volume.yaml"), YAML_CT).spec
+    assert spec.image_uuid == "b286cd45-7d0c-4525-a140-4db6c95e41fa"
+    assert spec.storage == (
+        StorageEntry(id="0a1b2c3d-0000-4000-8000-000000000001"),
+        StorageEntry(id="0a1b2c3d-0000-4000-8000-000000000002", local=True, ephemeral=True, size=2, tag="scratch"),
+    )
+
+
+def test_example_start_volume_boot() -> None:
+    spec = parse_start(example("start_volume_boot.yaml"), YAML_CT).spec
+    assert spec.image_uuid == "" and spec.legacy_boot
+    assert spec.storage == (StorageEntry(id="0a1b2c3d-0000-4000-8000-0000000000b0", boot=True),)
+
+
 def test_every_example_file_parses() -> None:
     names = sorted(p.name for p in EXAMPLES.iterdir() if p.suffix in (".yaml", ".json"))
     assert len(names) >= 10
@@ -372,14 +387,16 @@ def test_optional_fields_absent_or_null(fmt: str) -> None:
 def test_storage_entries(fmt: str) -> None:
     storage = [
         {"id": "69e84267-ed01-4738-b15f-b47de06b62e7", "boot": True, "boot_index": 0},
-        {"id": "4e16e743-265a-4bf2-9fd1-57ada0b28904", "ephemeral": True, "local": False, "swap": True,
+        {"id": "4e16e743-265a-4bf2-9fd1-57ada0b28904", "ephemeral": True, "local": True, "swap": True,
          "tag": " data ", "size": 20, "boot_index": "none"},
+        {"id": "5e16e743-265a-4bf2-9fd1-57ada0b28904", "boot_index": "2", "tag": "db"},
     ]
     spec = parse_doc(start_doc({"storage": storage, "image_uuid": DELETE}), fmt).spec
     assert spec.storage == (
         StorageEntry(id="69e84267-ed01-4738-b15f-b47de06b62e7", boot=True, boot_index="0"),
-        StorageEntry(id="4e16e743-265a-4bf2-9fd1-57ada0b28904", ephemeral=True, swap=True, tag="data", size=20,
-                     boot_index="none"),
+        StorageEntry(id="4e16e743-265a-4bf2-9fd1-57ada0b28904", ephemeral=True, local=True, swap=True, tag="data",
+                     size=20, boot_index="none"),
+        StorageEntry(id="5e16e743-265a-4bf2-9fd1-57ada0b28904", boot_index="2", tag="db"),
     )
 
 
@@ -509,6 +526,32 @@ START_DATA_ERRORS = [
     ("storage_size_float", {"storage": [{"id": "ab-12", "size": 1.5}]}, "start.storage[0].size: expected an integer"),
     ("storage_unknown", {"storage": [{"id": "ab-12", "bootable": True}]}, "start.storage[0].bootable: unknown field"),
     ("storage_entry_str", {"storage": ["ab-12"]}, "start.storage[0]: expected a map, got string"),
+    # boot, boot_index, swap and tag (launcher/plugin/volumes.py)
+    ("boot_twice", {"image_uuid": DELETE, "storage": [{"id": "ab-12", "boot": True}, {"id": "ab-13", "boot": True}]},
+     "start.storage[1].boot: only one storage entry may have boot: true (storage[0] has it)"),
+    ("boot_and_image", {"storage": [{"id": "ab-12", "boot": True}]},
+     "start.image_uuid: must be empty when storage[0] has boot: true"),
+    ("boot_local", {"image_uuid": DELETE, "storage": [{"id": "ab-12", "boot": True, "local": True, "size": 1}]},
+     "start.storage[0].local: a boot volume must exist already"),
+    ("boot_swap", {"image_uuid": DELETE, "storage": [{"id": "ab-12", "boot": True, "swap": True}]},
+     "start.storage[0].swap: a boot volume cannot be swap"),
+    ("boot_index_of_boot", {"image_uuid": DELETE, "storage": [{"id": "ab-12", "boot": True, "boot_index": "2"}]},
+     "start.storage[0].boot_index: the boot volume is the first boot device"),
+    ("boot_index_word", {"storage": [{"id": "ab-12", "boot_index": "first"}]},
+     "start.storage[0].boot_index: must be \"none\" or an integer, got 'first'"),
+    ("boot_index_zero", {"storage": [{"id": "ab-12", "boot_index": 0}]},
+     "start.storage[0].boot_index: 0 is the instance's first disk"),
+    ("boot_index_big", {"storage": [{"id": "ab-12", "boot_index": 1000}]},
+     "start.storage[0].boot_index: must be at most 999"),
+    ("boot_index_twice", {"storage": [{"id": "ab-12", "boot_index": 1}, {"id": "ab-13", "boot_index": "1"}]},
+     "start.storage[1].boot_index: storage[0] has boot_index 1 too"),
+    ("boot_index_float", {"storage": [{"id": "ab-12", "boot_index": 1.5}]},
+     "start.storage[0].boot_index: expected a string"),
+    ("swap_not_local", {"storage": [{"id": "ab-12", "swap": True}]}, "start.storage[0].local: a swap volume must be"),
+    ("swap_bootable", {"storage": [{"id": "ab-12", "swap": True, "local": True, "size": 1, "boot_index": 1}]},
+     "start.storage[0].boot_index: a swap volume is not bootable"),
+    ("tag_slash", {"storage": [{"id": "ab-12", "tag": "a/b"}]}, "start.storage[0].tag: at most 60 characters"),
+    ("tag_long", {"storage": [{"id": "ab-12", "tag": "t" * 61}]}, "start.storage[0].tag: at most 60 characters"),
 ]
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import libvirt
 import pytest
 import yaml
-from conftest import LauncherProcess, example
+from conftest import EXAMPLE_IMAGE_IDS, LauncherProcess, example
 from test_metrics import promtool_check, samples_of, scrape, value
 
 from launcher.client import Client
@@ -363,6 +363,64 @@ def _sha256(data: bytes) -> str:
     import hashlib
 
     return hashlib.sha256(data).hexdigest()
+
+
+def test_an_instance_boots_from_a_volume_cloned_from_the_image(qemu_factory: Any) -> None:
+    """configs/examples/start_volume_boot.yaml (no image_uuid; its volume a copy-on-write child of the imported test
+    guest image) plus a local ephemeral swap volume: no overlay, the boot volume is vda with boot order 1 (and no
+    `<os><boot>`), the swap volume vdb, formatted (SWAPSPACE2) and tagged `swap` in the seed's meta-data; the guest
+    boots from the volume. The instance's disk figure is 0; DELETE keeps the boot volume, removes the swap one."""
+    launcher = qemu_factory(**FAST_STATS)
+    client = launcher.client()
+    boot_id, swap_id, uuid = new_uuid(), new_uuid(), new_uuid()
+    made = client.request("POST", "/v1/volumes", json.dumps({"id": boot_id, "size_mb": 0, "source_image":
+                                                             EXAMPLE_IMAGE_IDS[0]}).encode(), "application/json")
+    assert (made["clone"], made["bootable"]) == ("cow", True)
+    payload = payload_for("start_volume_boot.yaml", uuid).decode().replace("0a1b2c3d-0000-4000-8000-0000000000b0",
+                                                                           boot_id)
+    payload = payload.replace("      boot: true\n", f"      boot: true\n    - id: {swap_id}\n      local: true\n"
+                                                  "      swap: true\n      ephemeral: true\n      size: 1\n")
+    assert start(client, payload.encode(), wait=1, timeout=120)["state"] == "running"
+    assert wait_guest_ready(launcher, uuid)["disks"] == f"vda:{boot_id[:20]},vdb:{swap_id[:20]}"
+    domain = domain_of(uuid)
+    assert domain is not None
+    xml = ET.fromstring(domain.XMLDesc())
+    disks = xml.findall("./devices/disk[@device='disk']")
+    orders = [None if d.find("boot") is None else d.find("boot").get("order") for d in disks]  # type: ignore[union-attr]
+    assert [(d.find("target").get("dev"), d.findtext("serial")) for d in disks] == \
+        [("vda", boot_id), ("vdb", swap_id)]  # type: ignore[union-attr]
+    assert orders == ["1", None]
+    assert xml.find("./os/boot") is None
+    instance_dir = launcher.data_dir / "instances" / uuid
+    assert not (instance_dir / "overlay.qcow2").exists()
+    swap = client.request("GET", f"/v1/volumes/{swap_id}")
+    assert (swap["format"], swap["size_mb"]) == ("raw", 1024)
+    with open(swap["path"], "rb") as file:
+        assert file.read(4096)[-10:] == b"SWAPSPACE2"
+    meta = yaml.safe_load(iso_file(instance_dir / "seed.iso", "/meta-data"))
+    assert meta["devices"] == [{"type": "disk", "bus": "virtio", "serial": swap_id, "tags": ["swap"]}]
+    figures = wait_for("the instance's stats", lambda: [i for i in client.request("GET", "/v1/stats")["instances"]
+                                                        if i["instance_uuid"] == uuid and i["disk_usage_mb"] >= 0])
+    assert figures[0]["disk_usage_mb"] == 0
+    assert client.request("DELETE", f"/v1/instances/{uuid}", wait=1, timeout=120)["state"] == "deleted"
+    assert client.request("GET", f"/v1/volumes/{boot_id}")["attached_to"] is None
+    assert [v["id"] for v in client.request("GET", "/v1/volumes")["volumes"]] == [boot_id]  # the swap one: gone
+
+
+def iso_file(iso: Path, rr_path: str) -> bytes:
+    """A file of an ISO image, by its Rock Ridge path."""
+    import io
+
+    import pycdlib
+
+    image = pycdlib.PyCdlib()
+    image.open(str(iso))
+    try:
+        data = io.BytesIO()
+        image.get_file_from_iso_fp(data, rr_path=rr_path)
+        return data.getvalue()
+    finally:
+        image.close()
 
 
 def test_a_volume_named_by_a_start_is_a_disk_the_guest_sees(qemu_factory: Any) -> None:

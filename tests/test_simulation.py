@@ -403,7 +403,8 @@ async def test_process_vm_files(tmp_path: Path) -> None:
         vm, instance_dir = new_vm(opened, tmp_path)
         await vm.create_image("#cloud-config\n", '{"uuid": "u-1"}', None)
         disk = json.loads((instance_dir / "disk.img").read_text())
-        assert disk == {"user_data": "#cloud-config\n", "meta_data": '{"uuid": "u-1"}', "network_config": None}
+        assert disk == {"user_data": "#cloud-config\n", "meta_data": '{"uuid": "u-1"}', "network_config": None,
+                        "disks": []}  # no image, no volumes: no disk (the plan: test_volumes.py)
         await vm.create_image("#cloud-config\nhostname: h\n", "{}", "version: 2\n")  # overwrites
         assert json.loads((instance_dir / "disk.img").read_text())["network_config"] == "version: 2\n"
         await vm.start_vm()

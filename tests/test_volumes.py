@@ -152,16 +152,13 @@ def test_metrics_count_the_volumes(launcher_factory: Any) -> None:
 
 def test_a_start_attaches_only_volumes_that_exist_and_no_other_instance_names(launcher_factory: Any) -> None:
     """The simulation checks what the qemu virtualizer checks: every volume a START names exists (else
-    image_failure naming the entry), kinds not supported yet are refused, and one volume serves one instance."""
+    image_failure naming the entry), and one volume serves one instance."""
     client = launcher_factory({"intervals": {"stats_snapshot_s": 0.1}}).client()
     missing = error_of(lambda: client.request("POST", "/v1/instances", start_with_storage("ab-0001", VOL), YAML,
                                               wait=1))
     assert (missing.status, missing.code) == (502, "image_failure")
     assert f"storage[0]: volume {VOL}: no volume {VOL}" in missing.reason
     create(client, id=VOL, size_mb=64)
-    boot = (f"start:\n  instance_uuid: ab-0002\n  storage:\n    - id: {VOL}\n      boot: true\n").encode()
-    refused = error_of(lambda: client.request("POST", "/v1/instances", boot, YAML, wait=1))
-    assert refused.code == "image_failure" and "boot volumes are not supported yet" in refused.reason
     assert client.request("POST", "/v1/instances", start_with_storage("ab-0003", VOL), YAML, wait=1)["state"] == \
         "running"
     deadline = time.monotonic() + 10  # the STATS snapshot lists the instance's volumes (ciao's shape)
@@ -318,3 +315,97 @@ def test_a_detached_ephemeral_volume_is_not_deleted_with_the_instance(launcher_f
     assert client.request("DELETE", f"/v1/instances/ab-0601/volumes/{VOL}", wait=1)["state"] == "running"
     client.request("DELETE", "/v1/instances/ab-0601", wait=1)
     assert [v["id"] for v in client.request("GET", "/v1/volumes")["volumes"]] == [VOL]
+
+
+def start_from_volume(uuid: str, storage: str) -> bytes:
+    """A START with no image_uuid and the given `storage:` entries (YAML lines under it)."""
+    return f"start:\n  instance_uuid: {uuid}\n  storage:\n{storage}".encode()
+
+
+def test_an_instance_boots_from_a_volume_that_outlives_it_unless_ephemeral(launcher_factory: Any) -> None:
+    """No image_uuid and a boot: true entry: the instance runs (no image, no disk of its own: its disk figure is 0),
+    the disk plan puts the boot volume first with boot order 1 and the tag reaches the disks; DELETE keeps the boot
+    volume, and removes an ephemeral one. Process mode writes the plan into disk.img."""
+    launcher = launcher_factory({"simulation": {"mode": "process"}})
+    client = launcher.client()
+    boot, data, eph = "0b00-0001", "0b00-0002", "0b00-0003"
+    create(client, id=boot, size_mb=0, source_image="debian-12")
+    create(client, id=data, size_mb=64)
+    create(client, id=eph, size_mb=0, source_image="debian-12", clone="copy")
+    storage = (f"    - id: {data}\n      boot_index: 1\n      tag: db\n"
+               f"    - id: {boot}\n      boot: true\n")
+    assert client.request("POST", "/v1/instances", start_from_volume("bf-0001", storage), YAML, wait=1)["state"] == \
+        "running"
+    disk = json.loads((launcher.data_dir / "instances" / "bf-0001" / "disk.img").read_bytes())
+    assert [(d["volume_id"], d["boot_order"], d["tag"]) for d in disk["disks"]] == \
+        [(boot, 1, ""), (data, 2, "db")]
+    assert client.request("GET", f"/v1/volumes/{boot}")["attached_to"] == "bf-0001"
+    refused = error_of(lambda: client.request("DELETE", f"/v1/instances/bf-0001/volumes/{boot}", wait=1))
+    assert (refused.status, refused.code) == (502, "detach_failure") and "boot volume" in refused.reason
+    assert client.request("DELETE", f"/v1/instances/bf-0001/volumes/{data}", wait=1)["state"] == "running"
+    assert client.request("GET", "/v1/instances/bf-0001")["volumes"] == [boot]
+    client.request("DELETE", "/v1/instances/bf-0001", wait=1)
+    assert client.request("GET", f"/v1/volumes/{boot}")["attached_to"] is None  # kept: not ephemeral
+    ephemeral = f"    - id: {eph}\n      boot: true\n      ephemeral: true\n"
+    assert client.request("POST", "/v1/instances", start_from_volume("bf-0002", ephemeral), YAML,
+                          wait=1)["state"] == "running"
+    client.request("DELETE", "/v1/instances/bf-0002", wait=1)
+    assert [v["id"] for v in client.request("GET", "/v1/volumes")["volumes"]] == [boot, data]
+
+
+def test_a_memory_instance_booting_from_a_volume_reports_no_disk_of_its_own(launcher_factory: Any) -> None:
+    client = launcher_factory({"intervals": {"stats_snapshot_s": 0.1, "instance_stats_s": 0.1}}).client()
+    create(client, id=VOL, size_mb=0, source_image="debian-12")
+    start = start_from_volume("bf-0003", f"    - id: {VOL}\n      boot: true\n").decode()
+    start += "  requirements:\n    disk_mb: 5000\n"
+    assert client.request("POST", "/v1/instances", start.encode(), YAML, wait=1)["state"] == "running"
+    deadline = time.monotonic() + 10
+    while not (found := [i for i in client.request("GET", "/v1/stats")["instances"]
+                         if i["instance_uuid"] == "bf-0003" and i["disk_usage_mb"] >= 0]):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert found[0]["disk_usage_mb"] == 0 and found[0]["volumes"] == [VOL]
+
+
+@pytest.mark.parametrize(("storage", "image", "reason"), [
+    ("    - id: 0b00-0001\n", False, "start.image_uuid: required unless a storage entry has boot: true"),
+    ("    - id: 0b00-0001\n      boot: true\n    - id: 0b00-0002\n      boot: true\n", False,
+     "start.storage[1].boot: only one storage entry may have boot: true (storage[0] has it)"),
+    ("    - id: 0b00-0001\n      boot: true\n", True, "start.image_uuid: must be empty when storage[0] has boot: true"),
+    ("    - id: 0b00-0001\n      swap: true\n", True, "start.storage[0].local: a swap volume must be local: true"),
+    ("    - id: 0b00-0001\n      boot_index: 0\n", True, "start.storage[0].boot_index: 0 is the instance's first"),
+    ("    - id: 0b00-0001\n      tag: a,b\n", True, "start.storage[0].tag: at most 60 characters, without"),
+])
+def test_storage_rules_refuse_at_once_naming_the_field(launcher_factory: Any, storage: str, image: bool,
+                                                       reason: str) -> None:
+    client = launcher_factory().client()
+    body = start_from_volume("bf-0009", storage).decode()
+    if image:
+        body += "  image_uuid: test-image\n"
+    refused = error_of(lambda: client.request("POST", "/v1/instances", body.encode(), YAML))
+    assert (refused.status, refused.code) == (400, "invalid_data") and reason in refused.reason, refused.reason
+    assert client.request("GET", "/v1/volumes")["volumes"] == []  # nothing made
+
+
+def test_a_local_swap_volume_is_raw_and_tagged_swap(launcher_factory: Any) -> None:
+    launcher = launcher_factory({"simulation": {"mode": "process"}})
+    client = launcher.client()
+    start = ("start:\n  instance_uuid: bf-0004\n  image_uuid: test-image\n  storage:\n"
+             "    - id: 0b00-0004\n      local: true\n      swap: true\n      ephemeral: true\n      size: 1\n")
+    assert client.request("POST", "/v1/instances", start.encode(), YAML, wait=1)["state"] == "running"
+    swap = client.request("GET", "/v1/volumes/0b00-0004")
+    assert (swap["format"], swap["size_mb"]) == ("raw", 1024)
+    disk = json.loads((launcher.data_dir / "instances" / "bf-0004" / "disk.img").read_bytes())
+    assert [(d["volume_id"], d["boot_order"], d["tag"], d["swap"]) for d in disk["disks"]] == \
+        [("", None, "", False), ("0b00-0004", None, "swap", True)]
+    client.request("DELETE", "/v1/instances/bf-0004", wait=1)
+    assert client.request("GET", "/v1/volumes")["volumes"] == []
+
+
+def test_a_start_asking_for_more_local_volume_space_than_the_node_has_is_full(launcher_factory: Any) -> None:
+    client = launcher_factory().client()
+    start = ("start:\n  instance_uuid: bf-0005\n  image_uuid: test-image\n  storage:\n"
+             "    - id: 0b00-0005\n      local: true\n      size: 60000\n")  # 60 000 GiB
+    refused = error_of(lambda: client.request("POST", "/v1/instances", start.encode(), YAML))
+    assert refused.code == "full_cn" and "includes 61440000 MiB of local volumes" in refused.reason, refused.reason
+    assert client.request("GET", "/v1/volumes")["volumes"] == []

@@ -450,3 +450,28 @@ def pwd_uid(user: str) -> int:
     import pwd
 
     return pwd.getpwnam(user).pw_uid
+
+
+async def test_format_swap_makes_blank_raw_volumes_swap_space_and_nothing_else(data_dir: Path,
+                                                                            guest_image_dir: Path) -> None:
+    """mkswap on a blank raw volume (its file gets the SWAPSPACE2 signature, blkid calls it swap); a volume that is
+    swap already is left as it is (a START carried on); qcow2 or a raw volume holding data is refused, unchanged."""
+    async with backend(data_dir, guest_image_dir) as opened:
+        store = store_of(opened)
+        swap, qcow2, full = new_id(), new_id(), new_id()
+        path = (await store.create(swap, 16, "raw")).path
+        assert await store.format_swap(swap) is True
+        with open(path, "rb") as file:
+            assert file.read(4096)[-10:] == b"SWAPSPACE2"
+        blkid = subprocess.run(["blkid", "-p", "-o", "value", "-s", "TYPE", path], capture_output=True, text=True)
+        assert blkid.stdout.strip() == "swap", blkid
+        assert await store.format_swap(swap) is False
+        await store.create(qcow2, 16, "qcow2")
+        await expect_error("invalid_data", store.format_swap(qcow2), "a swap volume must be raw")
+        data_path = (await store.create(full, 16, "raw")).path
+        with open(data_path, "r+b") as file:
+            file.write(b"precious data")
+        await expect_error("invalid_data", store.format_swap(full), "it is not overwritten")
+        with open(data_path, "rb") as file:
+            assert file.read(13) == b"precious data"
+        await expect_error("not_found", store.format_swap(new_id()))

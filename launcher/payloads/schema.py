@@ -31,6 +31,7 @@ from launcher.payloads.loader import data_error, json_loads, load_yaml, payload_
 from launcher.plugin.errors import INVALID_DATA, PayloadError
 from launcher.plugin.identity import IdentityError, hostname_problem, read_identity
 from launcher.plugin.spec import IMAGE_RE, MAX_IMAGE_LEN, InstanceSpec, Networking, StorageEntry
+from launcher.plugin.volumes import storage_problem
 
 # --------------------------------------------------------------------------------------------------------------------
 # Limits and vocabularies
@@ -267,6 +268,9 @@ def _start(body: dict[Any, Any], uuid: str, user_data: Any, meta_data: Any) -> S
         user_data=_user_data(user_data),
         meta_data=_meta_data(meta_data),
     )
+    problem = storage_problem(spec)  # boot, boot_index, swap and tag rules (launcher/plugin/volumes.py)
+    if problem is not None:
+        raise data_error(f"start.{problem.field}", problem.reason)
     return StartCommand(spec, frozenset(name for name in RESOURCE_FIELDS if name not in resources))
 
 
@@ -466,7 +470,8 @@ def _storage_entry(item: Any, path: str) -> StorageEntry:
 
 
 def _get_boot_index(body: dict[Any, Any], path: str) -> str:
-    """ciao's boot_index was an int at some revisions and a string at others; both are kept as text."""
+    """ciao's boot_index was an int at some revisions and a string at others; both are kept as text (what it
+    may say: `launcher.plugin.volumes.boot_index_of`, checked with the other storage rules)."""
     value = body.get("boot_index")
     if type(value) is int:
         return str(value)

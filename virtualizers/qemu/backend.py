@@ -4,13 +4,17 @@ Per instance (all files in the instance dir, docs/architecture.md §4.3):
 
 ``ensure_backing_image``
     the image store (`images`) provides `<data_dir>/images/<image_uuid>.img`, importing it once
-    from a configured directory or URL if needed.
+    from a configured directory or URL if needed. The START's volumes must exist (`check_storage`). An
+    instance that boots from a volume (no image_uuid, a `boot: true` storage entry) has no image.
 ``create_image``
+    the START's `local` volumes (swap ones formatted with mkswap: `VolumeStore.format_swap`);
     ``overlay.qcow2``: a qcow2 overlay on the backing image, backing file and backing format explicit; its
-    size is the payload's disk size (raised to the image's size if smaller), else the image's.
-    ``seed.iso``: the cloud-init seed (`cloudinit`), NoCloud or ConfigDrive.
+    size is the payload's disk size (raised to the image's size if smaller), else the image's (none without an
+    image); ``seed.iso``: the cloud-init seed (`cloudinit`), NoCloud or ConfigDrive, its meta-data carrying the
+    tagged volumes (`devices_metadata`).
 ``start_vm``
-    defines the persistent domain (`domain`) and starts it.
+    defines the persistent domain (`domain`) with its disks in `disk_plan`'s order and boot orders, and starts
+    it.
 ``monitor_vm``
     follows the domain's state through libvirt's lifecycle events (`hypervisor`): CONNECTED once
     the domain is active, CLOSED once it is shut off or gone. A guest paused by an I/O error (a full disk) is
@@ -18,7 +22,8 @@ Per instance (all files in the instance dir, docs/architecture.md §4.3):
 ``stop_vm(grace)``
     ACPI power button, then destroy once `grace` seconds have passed.
 ``delete_image``
-    destroys the domain if it still runs and undefines it with its NVRAM. The backing image stays.
+    destroys the domain if it still runs and undefines it with its NVRAM, and deletes the START's ephemeral
+    volumes still attached. The backing image and the other volumes (a boot volume too) stay.
 ``attach_volume`` / ``detach_volume``
     a volume of the store as one more virtio disk (its serial the volume id): hot-plugged into a domain that
     runs (libvirt `attachDeviceFlags`, live only: the domain is defined again at every start with the
@@ -27,7 +32,7 @@ Per instance (all files in the instance dir, docs/architecture.md §4.3):
     takes one of ``qemu.hotplug_slots`` spare PCIe root ports.
 ``stats``
     PSS of the QEMU process, CPU time from libvirt normalised to the allotted vCPUs, bytes allocated to the
-    overlay.
+    overlay (0 for an instance that boots from a volume, as in ciao: the volume's figures are in /v1/volumes).
 
 Backend-wide: one libvirt connection, the image store, the volume store (`volumes`, volumes.py: volumes of
 a libvirt storage pool, by default the launcher's own dir pool at ``<data_dir>/volumes``; set up by the
@@ -71,7 +76,15 @@ from launcher.plugin.host import BackendHost
 from launcher.plugin.protocol import MonitorEvent, MonitorInbox, VmStats
 from launcher.plugin.settings import at_least, at_most, one_of, parse_section
 from launcher.plugin.spec import InstanceSpec
-from launcher.plugin.volumes import check_storage, make_local_volumes, remove_ephemeral_volumes
+from launcher.plugin.volumes import (
+    PlannedDisk,
+    boot_volume,
+    check_storage,
+    devices_metadata,
+    disk_plan,
+    make_local_volumes,
+    remove_ephemeral_volumes,
+)
 from virtualizers.qemu import cloudinit, domain, preflight
 from virtualizers.qemu.hypervisor import (
     Disconnected,
@@ -199,7 +212,7 @@ class QemuBackend:
             kvm=self.kvm,
             machine=s.machine,
             firmware=domain.Firmware(efi=not spec.legacy_boot, ovmf_code=s.ovmf_code, ovmf_vars_template=s.ovmf_vars),
-            overlay=instance_dir / OVERLAY,
+            overlay=instance_dir / OVERLAY if spec.image_uuid else None,  # none when it boots from a volume
             seed=instance_dir / SEED,
             network_kind=s.network.kind,
             network_source=s.network.source,
@@ -385,8 +398,10 @@ class QemuVirtualizer:
         except LauncherError as exc:
             raise self._fail(IMAGE_FAILURE, exc.reason) from exc
         if not self._spec.image_uuid:
-            raise self._fail(IMAGE_FAILURE, "the START names no image_uuid; the qemu virtualizer boots every "
-                                            "instance from a backing image")
+            if boot_volume(self._spec) is None:
+                raise self._fail(IMAGE_FAILURE, "the START names neither an image_uuid nor a storage entry with "
+                                                "boot: true: the VM would have nothing to boot from")
+            return  # it boots from its volume
         started = time.monotonic()
         image = await self._backend.images.ensure(self._spec.image_uuid)  # ImageError is an image_failure
         self._image = image
@@ -394,24 +409,21 @@ class QemuVirtualizer:
                                           "ready")
 
     async def create_image(self, user_data: str, meta_data: str, network_config: str | None) -> None:
-        """The START's local volumes, the overlay, then the seed. `network_config`, when given, replaces NoCloud's
-        derived one."""
+        """The START's local volumes, the overlay (unless it boots from a volume), then the seed. `network_config`,
+        when given, replaces NoCloud's derived one."""
         if any(entry.local for entry in self._spec.storage):
-            try:
-                made = await make_local_volumes(self._volume_store(IMAGE_FAILURE), self._spec)
-            except LauncherError as exc:
-                raise self._fail(IMAGE_FAILURE, f"cannot make a local volume: {exc.reason}") from exc
-            if made:
-                self._log(f"local volumes made: {', '.join(made)}")
-        image = self._image or await self._backend.images.ensure(self._spec.image_uuid)
-        started = time.monotonic()
-        size = await self._create_overlay(image)
-        self._step_done("overlay", started, f"{OVERLAY} ({size / MIB:.0f} MiB on {image.id})")
+            await self._make_local_volumes()
+        if self._spec.image_uuid:
+            image = self._image or await self._backend.images.ensure(self._spec.image_uuid)
+            started = time.monotonic()
+            size = await self._create_overlay(image)
+            self._step_done("overlay", started, f"{OVERLAY} ({size / MIB:.0f} MiB on {image.id})")
         started = time.monotonic()
         fmt = self._backend.settings.seed_format
+        devices = devices_metadata(disk_plan(self._spec, self._volumes))
         try:
             seed = cloudinit.make_seed(fmt, self._uuid, user_data, meta_data, self._spec.networking,
-                                       self._backend.settings.guest_network)
+                                       self._backend.settings.guest_network, devices)
             if network_config is not None and fmt == "nocloud":
                 seed = attrs.evolve(seed, files={**seed.files, "network-config": network_config.encode()})
             await trio.to_thread.run_sync(cloudinit.write_seed, seed, self._dir / SEED,
@@ -419,6 +431,23 @@ class QemuVirtualizer:
         except (cloudinit.SeedError, OSError) as exc:
             raise self._fail(IMAGE_FAILURE, f"cannot write {SEED}: {exc}") from exc
         self._step_done("seed", started, f"{SEED} ({fmt}, instance-id {seed.instance_id}, hostname {seed.hostname})")
+
+    async def _make_local_volumes(self) -> None:
+        """Make the START's local volumes and format its swap ones (image_failure naming the volume otherwise)."""
+        store = self._volume_store(IMAGE_FAILURE)
+        try:
+            made = await make_local_volumes(store, self._spec)
+        except LauncherError as exc:
+            raise self._fail(IMAGE_FAILURE, f"cannot make a local volume: {exc.reason}") from exc
+        if made:
+            self._log(f"local volumes made: {', '.join(made)}")
+        for entry in self._spec.storage:
+            if entry.swap:
+                try:
+                    formatted = await store.format_swap(entry.id)
+                except LauncherError as exc:
+                    raise self._fail(IMAGE_FAILURE, f"swap volume {entry.id}: {exc.reason}") from exc
+                self._log(f"swap volume {entry.id} {'formatted (mkswap)' if formatted else 'is swap space already'}")
 
     async def _create_overlay(self, image: ImageInfo) -> int:
         """overlay.qcow2 (via a temp name, so a half-made overlay never has the real name); its size."""
@@ -474,18 +503,19 @@ class QemuVirtualizer:
             raise self._fail(code, "this launcher's volume store is not open (qemu.volumes)")
         return self._backend.volumes
 
-    async def _volume_disks(self) -> tuple[domain.VolumeDisk, ...]:
-        """The instance's volumes as data disks, in order; launch_failure if one is gone (it was there at the START
-        or ATTACH) or the store cannot answer."""
-        return tuple([await self._volume_disk(volume, LAUNCH_FAILURE) for volume in self._volumes])
+    async def _volume_disks(self, plan: tuple[PlannedDisk, ...]) -> tuple[domain.VolumeDisk, ...]:
+        """The volumes of `disk_plan` as disks, in its order and with its boot orders; launch_failure if one is
+        gone (it was there at the START or ATTACH) or the store cannot answer."""
+        return tuple([await self._volume_disk(disk.volume_id, LAUNCH_FAILURE, disk.boot_order)
+                      for disk in plan if not disk.is_overlay])
 
-    async def _volume_disk(self, volume_id: str, code: str) -> domain.VolumeDisk:
+    async def _volume_disk(self, volume_id: str, code: str, boot_order: int | None = None) -> domain.VolumeDisk:
         try:
             path, fmt = await self._volume_store(code).disk_source(volume_id)
         except LauncherError as exc:
             raise self._fail(code if exc.code != NOT_FOUND else NOT_FOUND, f"volume {volume_id}: {exc.reason}") \
                 from exc
-        return domain.VolumeDisk(Path(path), fmt, volume_id)
+        return domain.VolumeDisk(Path(path), fmt, volume_id, boot_order)
 
     async def attach_volume(self, volume_id: str) -> None:
         disk = await self._volume_disk(volume_id, ATTACH_FAILURE)
@@ -525,8 +555,12 @@ class QemuVirtualizer:
             self._log(f"volume {volume_id} detached: gone from the next start (the VM does not run)")
 
     async def start_vm(self) -> None:
-        volumes = await self._volume_disks()
-        xml = domain.domain_xml(attrs.evolve(self._backend.domain_params(self._spec, self._dir), volumes=volumes))
+        # The overlay or the boot volume first, then the instance's other volumes, those attached later too.
+        plan = disk_plan(self._spec, self._volumes)
+        overlay_order = plan[0].boot_order if plan and plan[0].is_overlay else None
+        params = attrs.evolve(self._backend.domain_params(self._spec, self._dir),
+                              volumes=await self._volume_disks(plan), overlay_boot_order=overlay_order)
+        xml = domain.domain_xml(params)
         user = self._backend.qemu_user
         if user is not None:
             try:
@@ -618,7 +652,10 @@ class QemuVirtualizer:
     # -- figures -------------------------------------------------------------------------------------------
 
     async def stats(self) -> VmStats:
-        disk_mb = await trio.to_thread.run_sync(_allocated_mb, self._dir / OVERLAY, limiter=self._backend.host.limiter)
+        disk_mb = 0  # no overlay: it boots from a volume (module docstring)
+        if self._spec.image_uuid:
+            disk_mb = await trio.to_thread.run_sync(_allocated_mb, self._dir / OVERLAY,
+                                                    limiter=self._backend.host.limiter)
         try:
             info = await self._backend.hypervisor.call(lambda conn: conn.lookupByName(self._name).info())
         except (Unavailable, libvirt.libvirtError):

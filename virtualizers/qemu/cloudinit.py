@@ -14,6 +14,13 @@ Meta-data
     Anything else (unparseable text, a list, a scalar) is an error. Keys other than the identity's are passed
     through unchanged, in their order.
 
+Devices
+    `make_seed`'s ``devices`` (OpenStack's device role tagging, `launcher.plugin.volumes.devices_metadata`: one
+    ``{"type": "disk", "bus": "virtio", "serial": <volume id>, "tags": [<tag>]}`` per tagged volume) is written
+    under the meta-data key ``devices`` in both formats (ConfigDrive's meta_data.json, as OpenStack does, and
+    NoCloud's meta-data), replacing a ``devices`` key of the payload's meta-data. Without devices the payload's
+    meta-data passes through as it is.
+
 Networking
     Used only when it has a ``vnic_mac`` (six hex octets joined by ``:``, written lower-case). The NIC is matched
     by that MAC and named ``eth0`` in both formats. The address is static when both ``private_ip`` and ``subnet``
@@ -58,7 +65,7 @@ import io
 import ipaddress
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, NamedTuple
@@ -161,15 +168,16 @@ class _Nic:
 
 
 def make_seed(fmt: str, instance_uuid: str, user_data: str, meta_data: str, networking: Networking,
-              guest_network: GuestNetwork = GuestNetwork()) -> Seed:
-    """The seed of one instance in format `fmt` (one of `SEED_FORMATS`). Pure: no I/O.
+              guest_network: GuestNetwork = GuestNetwork(), devices: Sequence[Mapping[str, Any]] = ()) -> Seed:
+    """The seed of one instance in format `fmt` (one of `SEED_FORMATS`), with the tagged `devices` in its
+    meta-data (module docstring). Pure: no I/O.
 
     Raises `SeedError` for an unknown format, meta-data that is not a mapping or gives an unusable identity,
     text that is not encodable as UTF-8, or invalid networking (see the module docstring)."""
     if fmt not in SEED_FORMATS:
         raise SeedError(f"unknown seed format {fmt!r} (expected one of {', '.join(SEED_FORMATS)})")
     try:
-        identity = read_identity(_parse_meta_data(_utf8(meta_data, "meta-data")))
+        identity = read_identity(_with_devices(_parse_meta_data(_utf8(meta_data, "meta-data")), devices))
     except IdentityError as exc:
         raise SeedError(f"meta-data.{exc}") from None
     instance_id = identity.instance_id or instance_uuid
@@ -199,6 +207,13 @@ def _parse_meta_data(text: bytes) -> dict[str, Any]:
         if not isinstance(key, str):
             raise SeedError(f"meta-data: keys must be strings, got {key!r}")
     return value
+
+
+def _with_devices(meta: dict[str, Any], devices: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The meta-data with the launcher's `devices` (which replace the payload's), or as it is without any."""
+    if not devices:
+        return meta
+    return {**meta, "devices": [dict(device) for device in devices]}
 
 
 def _utf8(text: str, field: str) -> bytes:

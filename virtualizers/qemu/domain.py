@@ -13,13 +13,17 @@ The domain:
 - boots with SeaBIOS (legacy) or OVMF (EFI, `<loader>` + a per-instance `<nvram>` copied from the vars
   template by libvirt);
 - has the overlay as a virtio disk (`vda`), its volumes as virtio disks `vdb`, `vdc`, ... (the volume id as
-  their serial; `volume_disk_xml` is the same element for a hot-plug, on the first free target name
-  `free_target` finds), the cloud-init seed as a read-only SATA cdrom, one virtio NIC with the payload's MAC on a
-  libvirt network or a bridge (or none), a virtio RNG (guests boot faster with entropy), no graphics;
+  their serial); an instance that boots from a volume has no overlay (`overlay` None) and its volumes are `vda`,
+  `vdb`, ... (the boot volume first); `volume_disk_xml` is the same element for a hot-plug, on the first free
+  target `free_target` finds; the cloud-init seed as a read-only SATA cdrom, one virtio NIC with the payload's
+  MAC on a libvirt network or a bridge (or none), a virtio RNG (guests boot faster with entropy), no graphics;
 - logs its serial console through virtlogd to `console.log` in the instance dir (virtlogd bounds its size:
   `max_size` / `max_backups` in virtlogd.conf) while keeping it reachable with `virsh console`;
 - has a qemu-guest-agent channel (`org.qemu.guest_agent.0`);
 - powers off into "shut off" and stays defined: `on_poweroff`/`on_crash` = destroy;
+- boots from its first disk (`<os><boot dev='hd'/>`), unless a disk has a per-device boot order
+  (`overlay_boot_order`, `VolumeDisk.boot_order`: `launcher.plugin.volumes.disk_plan`'s rule); then every
+  bootable disk has `<boot order='N'/>` and `<os>` has no `<boot>` (libvirt refuses the two together);
 - on a q35 machine, has `hotplug_slots` spare PCIe root ports: a PCIe device can only be hot-plugged into a free
   root port, and libvirt adds only those the defined devices take.
 """
@@ -36,9 +40,8 @@ METADATA_NS = "http://launcher.invalid/xmlns/instance/1"  # our key for virDomai
 METADATA_PREFIX = "launcher"
 DOMAIN_PREFIX = "launcher-"
 GUEST_AGENT_CHANNEL = "org.qemu.guest_agent.0"
-OVERLAY_TARGET = "vda"
 MAX_VOLUMES = 24  # data disks vdb..vdy (the payload parser allows as many storage entries)
-VOLUME_TARGETS = tuple(f"vd{chr(ord('b') + index)}" for index in range(MAX_VOLUMES))
+VIRTIO_TARGETS = tuple(f"vd{chr(ord('a') + index)}" for index in range(26))  # the overlay's, then the volumes'
 NETWORK_KINDS = ("network", "bridge", "none")
 _UUID_NAMESPACE = uuid_module.uuid5(uuid_module.NAMESPACE_URL, METADATA_NS)
 
@@ -54,12 +57,14 @@ class Firmware:
 
 @attrs.frozen
 class VolumeDisk:
-    """A volume attached as a data disk (`vdb`, `vdc`, ... in the order given). `serial` is the volume id: libvirt
-    and `virsh domblklist`/`dumpxml` show it whole; a guest sees its first 20 characters (virtio-blk's limit)."""
+    """A volume attached as a disk (`vdb`, `vdc`, ... in the order given; from `vda` without an overlay). `serial`
+    is the volume id: libvirt and `virsh domblklist`/`dumpxml` show it whole; a guest sees its first 20
+    characters (virtio-blk's limit). `boot_order`: libvirt's per-device boot order, None for none."""
 
     source: Path
     format: str  # qcow2 or raw
     serial: str
+    boot_order: int | None = None
 
 
 @attrs.frozen
@@ -73,7 +78,7 @@ class DomainParams:
     kvm: bool  # True: hardware virtualization (domain type kvm, host CPU); False: TCG (type qemu)
     machine: str  # e.g. "q35"
     firmware: Firmware
-    overlay: Path
+    overlay: Path | None  # None: the instance boots from a volume and has no image disk
     seed: Path
     network_kind: str  # "network", "bridge" or "none"
     network_source: str  # the libvirt network's or bridge's name
@@ -81,7 +86,13 @@ class DomainParams:
     console_log: Path
     nvram: Path
     volumes: tuple[VolumeDisk, ...] = ()  # at most MAX_VOLUMES
+    overlay_boot_order: int | None = None  # the overlay's per-device boot order, None for none
     hotplug_slots: int = 0  # spare PCIe root ports (q35 machines only)
+
+    @property
+    def boot_orders(self) -> bool:
+        """Whether the domain boots by per-device boot orders (then `<os>` has no `<boot>`)."""
+        return self.overlay_boot_order is not None or any(v.boot_order is not None for v in self.volumes)
 
     @property
     def name(self) -> str:
@@ -140,9 +151,9 @@ def volume_disk_xml(volume: VolumeDisk, target: str) -> str:
 
 
 def free_target(xml: str) -> str | None:
-    """The first of VOLUME_TARGETS that no disk of the domain (its XML) uses, or None: all are taken."""
+    """The first of VIRTIO_TARGETS that no disk of the domain (its XML) uses, or None: all are taken."""
     used = {target.get("dev") for target in ET.fromstring(xml).iterfind("devices/disk/target")}
-    return next((target for target in VOLUME_TARGETS if target not in used), None)
+    return next((target for target in VIRTIO_TARGETS if target not in used), None)
 
 
 def find_volume_disk(xml: str, volume_id: str) -> str | None:
@@ -184,19 +195,29 @@ def _os(os_element: ET.Element, params: DomainParams) -> None:
     if firmware.efi:
         _text(os_element, "loader", str(firmware.ovmf_code), readonly="yes", type="pflash")
         _text(os_element, "nvram", str(params.nvram), template=str(firmware.ovmf_vars_template))
-    ET.SubElement(os_element, "boot", dev="hd")
+    if not params.boot_orders:
+        ET.SubElement(os_element, "boot", dev="hd")
+
+
+def _disk(devices: ET.Element, source: Path, fmt: str, target: str, boot_order: int | None) -> ET.Element:
+    disk = ET.SubElement(devices, "disk", type="file", device="disk")
+    ET.SubElement(disk, "driver", name="qemu", type=fmt, discard="unmap")
+    ET.SubElement(disk, "source", file=str(source))
+    ET.SubElement(disk, "target", dev=target, bus="virtio")
+    if boot_order is not None:
+        ET.SubElement(disk, "boot", order=str(boot_order))
+    return disk
 
 
 def _devices(devices: ET.Element, params: DomainParams) -> None:
-    disk = ET.SubElement(devices, "disk", type="file", device="disk")
-    ET.SubElement(disk, "driver", name="qemu", type="qcow2", discard="unmap")
-    ET.SubElement(disk, "source", file=str(params.overlay))
-    ET.SubElement(disk, "target", dev=OVERLAY_TARGET, bus="virtio")
+    targets = iter(VIRTIO_TARGETS)
+    if params.overlay is not None:
+        _disk(devices, params.overlay, "qcow2", next(targets), params.overlay_boot_order)
 
     if len(params.volumes) > MAX_VOLUMES:
         raise ValueError(f"at most {MAX_VOLUMES} volumes, got {len(params.volumes)}")
-    for volume, target in zip(params.volumes, VOLUME_TARGETS, strict=False):  # checked above: no more volumes
-        _volume_disk(devices, volume, target)
+    for volume in params.volumes:
+        _volume_disk(devices, volume, next(targets))
 
     cdrom = ET.SubElement(devices, "disk", type="file", device="cdrom")
     ET.SubElement(cdrom, "driver", name="qemu", type="raw")
@@ -233,9 +254,6 @@ def _devices(devices: ET.Element, params: DomainParams) -> None:
 
 
 def _volume_disk(devices: ET.Element, volume: VolumeDisk, target: str) -> ET.Element:
-    disk = ET.SubElement(devices, "disk", type="file", device="disk")
-    ET.SubElement(disk, "driver", name="qemu", type=volume.format, discard="unmap")
-    ET.SubElement(disk, "source", file=str(volume.source))
-    ET.SubElement(disk, "target", dev=target, bus="virtio")
+    disk = _disk(devices, volume.source, volume.format, target, volume.boot_order)
     _text(disk, "serial", volume.serial)
     return disk

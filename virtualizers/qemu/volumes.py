@@ -31,6 +31,12 @@ removes records whose volume is gone, and rebuilds a broken record from its volu
 copy-on-write child's backing file; a full copy then looks blank). A failed or cancelled create deletes what it
 made.
 
+A swap volume (a START's ``swap: true`` entry) is a raw volume that `format_swap` makes Linux swap space with
+``mkswap`` on its file: only for volumes that are regular files (the own dir pool; an operator's dir, fs or
+netfs pool), else volume_failure naming the pool. It formats a volume whose first page is blank (just made) and
+leaves one that is swap space already (a START carried on); any other content is invalid_data (never
+overwritten).
+
 Every libvirt call goes through `Hypervisor.call` (bounded); ``qemu-img`` runs under a timeout; file work runs in
 worker threads under the launcher's shared limiter. Operations on one volume id are serialised by a lock of that
 id, so that two concurrent creates of one id cannot both pass the duplicate check.
@@ -46,6 +52,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import stat
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
@@ -78,6 +85,10 @@ CLONES = ("cow", "copy")
 COPY_TIMEOUT_S = 3600.0  # bound on one full copy (qemu-img convert)
 MIB = 1 << 20
 MAX_ID_LEN = 64
+SWAP_PAGE = 4096  # mkswap's signature ends the first page (x86-64's page size)
+SWAP_SIGNATURE = b"SWAPSPACE2"
+MKSWAP_TIMEOUT_S = 60.0
+MKSWAP_PATH = "/usr/sbin:/sbin:/usr/bin:/bin"
 # What a volume id must be again here (defence in depth: the caller checked it with launcher.payloads).
 _ID_RE = re.compile(r"[0-9a-fA-F]+(?:-[0-9a-fA-F]+)*")
 _FULL_MARKERS = (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT))  # in libvirt's messages
@@ -350,6 +361,41 @@ class VolumeStore:
         described = await self._describe(record)
         return described.path, described.format
 
+    async def format_swap(self, volume_id: str) -> bool:
+        """Make the raw volume Linux swap space (module doc); True if it ran mkswap, False if the volume was swap
+        space already. not_found, invalid_data (not raw, or holding other data) or volume_failure otherwise."""
+        _check_id(volume_id)
+        async with self._locks.hold(volume_id):
+            record = self._record(volume_id)
+            described = await self._describe(record)
+            if (described.format or record.format) != "raw":
+                raise LauncherError(errors.INVALID_DATA, f"volume {volume_id} is {described.format or record.format}"
+                                                         ", a swap volume must be raw")
+            content = await self._run(_swap_content, described.path)
+            if content is None:
+                raise LauncherError(errors.VOLUME_FAILURE, f"pool {self.pool_name}: swap volumes must be files (a "
+                                                           f"dir, fs or netfs pool), not {described.path!r}")
+            if content == "swap":
+                return False
+            if content != "blank":
+                raise LauncherError(errors.INVALID_DATA, f"volume {volume_id} holds data that is not swap space; "
+                                                         "it is not overwritten")
+            await self._mkswap(described.path)
+            log.info("volume %s formatted as swap", volume_id)
+            return True
+
+    async def _mkswap(self, path: str) -> None:
+        argv = [shutil.which("mkswap", path=MKSWAP_PATH) or "mkswap", "-q", path]
+        try:
+            with trio.fail_after(MKSWAP_TIMEOUT_S):
+                done = await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False)
+        except trio.TooSlowError:
+            raise LauncherError(errors.VOLUME_FAILURE, f"mkswap took more than {MKSWAP_TIMEOUT_S:g} s") from None
+        except OSError as exc:
+            raise LauncherError(errors.VOLUME_FAILURE, f"cannot run mkswap: {exc}") from exc
+        if done.returncode != 0:
+            raise LauncherError(errors.VOLUME_FAILURE, f"mkswap failed: {done.stderr.decode(errors='replace').strip()}")
+
     # -- helpers -----------------------------------------------------------------------------------------
 
     def _record(self, volume_id: str) -> VolumeRecord:
@@ -480,6 +526,21 @@ class _Described:
 
 
 # -- checks ----------------------------------------------------------------------------------------------
+
+
+def _swap_content(path: str) -> str | None:
+    """What the first page of the file at `path` holds: "swap" (mkswap's signature), "blank" (zeros) or "other";
+    None if `path` is not a regular file. Blocking."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return None
+        with open(path, "rb") as file:
+            page = file.read(SWAP_PAGE)
+    except OSError:
+        return None
+    if page[SWAP_PAGE - len(SWAP_SIGNATURE):] == SWAP_SIGNATURE:
+        return "swap"
+    return "blank" if not page.strip(b"\0") else "other"
 
 
 def _check_id(volume_id: str) -> None:

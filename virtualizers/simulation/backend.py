@@ -64,7 +64,13 @@ from launcher.plugin.host import BackendHost
 from launcher.plugin.protocol import MonitorEvent, MonitorInbox, VmStats
 from launcher.plugin.settings import at_most, one_of, parse_section
 from launcher.plugin.spec import InstanceSpec
-from launcher.plugin.volumes import check_storage, make_local_volumes, remove_ephemeral_volumes
+from launcher.plugin.volumes import (
+    boot_volume,
+    check_storage,
+    disk_plan,
+    make_local_volumes,
+    remove_ephemeral_volumes,
+)
 from virtualizers.simulation import simvm
 from virtualizers.simulation.volumes import VOLUMES_DIR, SimulatedVolumes
 
@@ -270,8 +276,9 @@ class _SimulatedInstance:
         self._volumes = tuple(v for v in self._volumes if v != volume_id)
 
     async def ensure_backing_image(self) -> None:
-        """There is no backing image to fetch. The START's volumes must exist in the store (as for qemu); then
-        only the `ensure` failure rules can make this fail."""
+        """There is no backing image to fetch. The START's storage follows the rules every virtualizer follows
+        (`launcher.plugin.volumes`: an instance with no image boots from its `boot: true` volume) and its volumes
+        must exist in the store (as for qemu); then only the `ensure` failure rules can make this fail."""
         try:
             await check_storage(self._backend.volumes, self._spec)
         except LauncherError as exc:
@@ -355,11 +362,13 @@ class MemoryVirtualizer(_SimulatedInstance):
         self._backend.power_off(self._uuid, vm)
 
     async def stats(self) -> VmStats:
-        """ciao's figures, derived from the spec: a tenth of the memory and disk, an idle CPU."""
+        """ciao's figures, derived from the spec: a tenth of the memory and disk (0 for an instance that boots
+        from a volume: it has no disk of its own, as with qemu), an idle CPU."""
         await trio.lowlevel.checkpoint()
         if self._backend.fake_vm(self._uuid) is None:
             return VmStats()
-        return VmStats(memory_mb=self._spec.mem_mb // 10, cpu_percent=0, disk_mb=self._spec.disk_mb // 10)
+        disk_mb = self._spec.disk_mb // 10 if boot_volume(self._spec) is None else 0
+        return VmStats(memory_mb=self._spec.mem_mb // 10, cpu_percent=0, disk_mb=disk_mb)
 
 
 @attrs.define(eq=False)
@@ -370,10 +379,13 @@ class ProcessVirtualizer(_SimulatedInstance):
     _cpu_sample: tuple[float, float] | None = attrs.field(default=None, init=False)  # (cpu s, wall s)
 
     async def create_image(self, user_data: str, meta_data: str, network_config: str | None) -> None:
-        """Write `disk.img`: the cloud-init data, as JSON, replaced atomically; make the START's local volumes."""
+        """Write `disk.img`: the cloud-init data and the instance's disks (`disk_plan`: volume id, "" for the
+        image's disk, boot order, tag, swap), as JSON, replaced atomically; make the START's local volumes (swap
+        ones raw, not formatted: there is no guest to use them)."""
         await self._backend.inject("create", self._uuid)
         await self._make_local_volumes()
-        disk = {"user_data": user_data, "meta_data": meta_data, "network_config": network_config}
+        disk = {"user_data": user_data, "meta_data": meta_data, "network_config": network_config,
+                "disks": [attrs.asdict(planned) for planned in disk_plan(self._spec, self._volumes)]}
         try:
             await trio.to_thread.run_sync(files.atomic_write, self._dir / DISK_IMAGE, json.dumps(disk).encode(),
                                           limiter=self._backend.limiter)
