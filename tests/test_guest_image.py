@@ -85,6 +85,7 @@ def test_guest_boots_reports_its_seed_and_powers_off(tmp_path: Path, guest_image
             "datasource": "nocloud",
             "boots": "1",
             "disks": "vda:-",  # its own disk, without a serial
+            "marks": "none",  # no data disk
         }, line
 
         qmp(monitor, "system_powerdown")
