@@ -50,6 +50,7 @@ from launcher.plugin import errors
 from launcher.plugin.errors import LauncherError, VirtualizerError
 from launcher.plugin.protocol import MonitorEvent, Virtualizer, VmStats
 from launcher.plugin.spec import InstanceSpec
+from launcher.plugin.volumes import MAX_VOLUMES
 from launcher.records import record_json, spec_json, storage_ids
 from launcher.recovery import RecoveryPlan
 
@@ -686,9 +687,14 @@ class InstanceActor:
         event = "attach_volume_failure"
         if self._refused(Verb.ATTACH, ticket, event, volume_id=volume):
             return
+        refusal = None
         if volume in self.volumes:
-            self._fail(ticket, event, LauncherError(errors.ALREADY_ATTACHED, f"volume {volume} is attached already"),
-                       volume_id=volume)
+            refusal = LauncherError(errors.ALREADY_ATTACHED, f"volume {volume} is attached already")
+        elif len(self.volumes) >= MAX_VOLUMES:
+            refusal = LauncherError(errors.ATTACH_FAILURE, f"the instance has {len(self.volumes)} volumes, the most "
+                                                           "it may have")
+        if refusal is not None:
+            self._fail(ticket, event, refusal, volume_id=volume)
             return
         before = self.volumes
         self.volumes = before + (volume,)

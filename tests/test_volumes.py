@@ -409,3 +409,19 @@ def test_a_start_asking_for_more_local_volume_space_than_the_node_has_is_full(la
     refused = error_of(lambda: client.request("POST", "/v1/instances", start.encode(), YAML))
     assert refused.code == "full_cn" and "includes 61440000 MiB of local volumes" in refused.reason, refused.reason
     assert client.request("GET", "/v1/volumes")["volumes"] == []
+
+
+def test_an_instance_has_at_most_24_volumes(launcher_factory: Any) -> None:
+    client = launcher_factory().client()
+    ids = [f"0a1b-{n:04x}" for n in range(25)]
+    for volume in ids:
+        create(client, id=volume, size_mb=1)
+    storage = "".join(f"    - id: {volume}\n" for volume in ids[:24])
+    start = f"start:\n  instance_uuid: ab-0801\n  image_uuid: test-image\n  storage:\n{storage}".encode()
+    assert client.request("POST", "/v1/instances", start, YAML, wait=1)["state"] == "running"
+    refused = error_of(lambda: client.request("POST", f"/v1/instances/ab-0801/volumes/{ids[24]}", wait=1))
+    assert (refused.status, refused.code) == (502, "attach_failure") and "24 volumes" in refused.reason
+    assert client.request("GET", f"/v1/volumes/{ids[24]}")["attached_to"] is None
+    assert client.request("DELETE", f"/v1/instances/ab-0801/volumes/{ids[0]}", wait=1)["state"] == "running"
+    assert client.request("POST", f"/v1/instances/ab-0801/volumes/{ids[24]}", wait=1)["state"] == "running"
+    assert client.request("GET", "/v1/instances/ab-0801")["volumes"] == ids[1:]

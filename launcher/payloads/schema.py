@@ -31,7 +31,7 @@ from launcher.payloads.loader import data_error, json_loads, load_yaml, payload_
 from launcher.plugin.errors import INVALID_DATA, PayloadError
 from launcher.plugin.identity import IdentityError, hostname_problem, read_identity
 from launcher.plugin.spec import IMAGE_RE, MAX_IMAGE_LEN, InstanceSpec, Networking, StorageEntry
-from launcher.plugin.volumes import storage_problem
+from launcher.plugin.volumes import MAX_VOLUMES, storage_problem
 
 # --------------------------------------------------------------------------------------------------------------------
 # Limits and vocabularies
@@ -57,7 +57,7 @@ READ_RESOURCES = ("vcpus", "mem_mb", "disk_mb", "network_node")
 RESOURCE_LIMITS = {"vcpus": (1, 256), "mem_mb": (16, 1_048_576), "disk_mb": (1, 67_108_864)}
 
 MAX_GRACE_S = 3600
-MAX_STORAGE_ENTRIES = 24  # data disks vdb..vdy besides the instance's own
+MAX_STORAGE_ENTRIES = MAX_VOLUMES
 
 _START_KEYS = frozenset({
     "tenant_uuid", "instance_uuid", "image_uuid", "docker_image", "fw_type", "persistence", "vm_type",

@@ -49,6 +49,7 @@ from launcher.plugin.protocol import VolumeCatalog
 from launcher.plugin.spec import InstanceSpec, StorageEntry
 
 GIB_MB = 1024
+MAX_VOLUMES = 24  # an instance's volumes, from its START and ATTACHes (a VM's virtio disk slots vdb..vdy)
 MAX_BOOT_INDEX = 999
 MAX_TAG_LEN = 60  # OpenStack's limit on a device tag
 SWAP_TAG = "swap"

@@ -519,8 +519,6 @@ class QemuVirtualizer:
 
     async def attach_volume(self, volume_id: str) -> None:
         disk = await self._volume_disk(volume_id, ATTACH_FAILURE)
-        if len(self._volumes) >= domain.MAX_VOLUMES:
-            raise self._fail(ATTACH_FAILURE, f"the instance has {len(self._volumes)} volumes, the most it may have")
         started = time.monotonic()
         try:
             attached = await self._backend.hypervisor.call(lambda conn: _hot_plug(conn, self._name, disk))
