@@ -66,6 +66,26 @@ def start_launcher(work: Path, image_dir: Path) -> tuple[subprocess.Popen[bytes]
     return proc, Client.discover(None, data_dir)
 
 
+def work_dir(prefix: str, image: Path, image_id: str) -> Path:
+    """A fresh dir under WORK_ROOT (which QEMU may enter) with `images/<image_id>.qcow2` linked to `image`."""
+    WORK_ROOT.mkdir(mode=0o711, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=prefix, dir=WORK_ROOT))
+    work.chmod(0o711)
+    (work / "images").mkdir()
+    (work / "images" / f"{image_id}.qcow2").symlink_to(image)
+    return work
+
+
+def stop_launcher(proc: subprocess.Popen[bytes], work: Path) -> None:
+    """Stop the launcher of `start_launcher`, destroy its VMs (`launcher hard-reset`) and remove `work`."""
+    proc.terminate()
+    proc.wait(timeout=30)
+    subprocess.run([sys.executable, "-m", "launcher.cli", "hard-reset", "--yes", "--config",
+                    str(work / "launcher.yaml"), "--data-dir", str(work / "data")], cwd=ROOT,
+                   capture_output=True, timeout=120)
+    shutil.rmtree(work, ignore_errors=True)
+
+
 def launcher_round(client: Client, payload: bytes, uuid: str) -> tuple[float, dict[str, int]]:
     started = time.perf_counter()
     answer = client.request("POST", "/v1/instances", payload, "application/yaml", wait=1, timeout=120)
@@ -113,16 +133,11 @@ def main() -> None:
     args = parser.parse_args()
 
     image = ensure_guest_image(ROOT / ".cache" / "guest")
-    WORK_ROOT.mkdir(mode=0o711, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="run-", dir=WORK_ROOT))
-    work.chmod(0o711)
-    image_dir = work / "images"
-    image_dir.mkdir()
     payload = EXAMPLE.read_bytes()
-    uuid = parse_start(payload, "application/yaml", max_bytes=1 << 20).spec.instance_uuid
-    image_id = parse_start(payload, "application/yaml", max_bytes=1 << 20).spec.image_uuid
-    (image_dir / f"{image_id}.qcow2").symlink_to(image)
-    proc, client = start_launcher(work, image_dir)
+    spec = parse_start(payload, "application/yaml", max_bytes=1 << 20).spec
+    uuid = spec.instance_uuid
+    work = work_dir("run-", image, spec.image_uuid)
+    proc, client = start_launcher(work, work / "images")
     conn = libvirt.open("qemu:///system")
     try:
         xml = bare_setup(work, image, payload)
@@ -141,12 +156,7 @@ def main() -> None:
             if not n % 2:
                 bare_times.append(bare_round(conn, xml))
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        subprocess.run([sys.executable, "-m", "launcher.cli", "hard-reset", "--yes", "--config",
-                        str(work / "launcher.yaml"), "--data-dir", str(work / "data")], cwd=ROOT,
-                       capture_output=True, timeout=120)
-        shutil.rmtree(work, ignore_errors=True)
+        stop_launcher(proc, work)
 
     def ms(seconds: float) -> str:
         return f"{seconds * 1000:7.1f} ms"

@@ -22,11 +22,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -37,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "guest"), str(ROOT / "bench")]
 
 from build import ensure_guest_image  # noqa: E402  (tests/guest/build.py)
-from start_latency import EXAMPLE, WORK_ROOT, percentile, start_launcher  # noqa: E402
+from start_latency import EXAMPLE, percentile, start_launcher, stop_launcher, work_dir  # noqa: E402
 
 from launcher.client import Client  # noqa: E402
 from launcher.payloads import parse_start  # noqa: E402
@@ -103,15 +100,10 @@ def main() -> None:
     args = parser.parse_args()
 
     image = ensure_guest_image(ROOT / ".cache" / "guest")
-    WORK_ROOT.mkdir(mode=0o711, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="hotplug-", dir=WORK_ROOT))
-    work.chmod(0o711)
-    image_dir = work / "images"
-    image_dir.mkdir()
     payload = EXAMPLE.read_bytes()
     spec = parse_start(payload, "application/yaml", max_bytes=1 << 20).spec
-    (image_dir / f"{spec.image_uuid}.qcow2").symlink_to(image)
-    proc, client = start_launcher(work, image_dir)
+    work = work_dir("hotplug-", image, spec.image_uuid)
+    proc, client = start_launcher(work, work / "images")
     times: dict[str, list[float]] = {name: [] for name in ("attach", "seen", "detach", "bare_attach", "bare_detach")}
     try:
         for volume in (VOLUME_A, VOLUME_B):
@@ -141,12 +133,7 @@ def main() -> None:
                 times["bare_detach"].append(detached)
                 changes += 2
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        subprocess.run([sys.executable, "-m", "launcher.cli", "hard-reset", "--yes", "--config",
-                        str(work / "launcher.yaml"), "--data-dir", str(work / "data")], cwd=ROOT,
-                       capture_output=True, timeout=120)
-        shutil.rmtree(work, ignore_errors=True)
+        stop_launcher(proc, work)
 
     result: dict[str, Any] = {
         "runs": args.runs,
