@@ -37,6 +37,7 @@ from build import ensure_guest_image  # noqa: E402  (tests/guest/build.py)
 from launcher.client import Client  # noqa: E402
 from launcher.payloads import parse_start  # noqa: E402
 from virtualizers.qemu import cloudinit, domain  # noqa: E402
+from virtualizers.qemu.volumes import own_pool_name  # noqa: E402
 
 EXAMPLE = ROOT / "configs" / "examples" / "start_legacy.yaml"
 WORK_ROOT = Path("/var/tmp/launcher-bench")  # QEMU runs as libvirt-qemu: it must reach these files
@@ -77,12 +78,25 @@ def work_dir(prefix: str, image: Path, image_id: str) -> Path:
 
 
 def stop_launcher(proc: subprocess.Popen[bytes], work: Path) -> None:
-    """Stop the launcher of `start_launcher`, destroy its VMs (`launcher hard-reset`) and remove `work`."""
+    """Stop the launcher of `start_launcher`, destroy its VMs (`launcher hard-reset`), remove its volume pool (which
+    hard-reset leaves, as it must for a real node) and `work`."""
     proc.terminate()
     proc.wait(timeout=30)
     subprocess.run([sys.executable, "-m", "launcher.cli", "hard-reset", "--yes", "--config",
                     str(work / "launcher.yaml"), "--data-dir", str(work / "data")], cwd=ROOT,
                    capture_output=True, timeout=120)
+    connection = libvirt.open("qemu:///system")
+    try:
+        pool = connection.storagePoolLookupByName(own_pool_name(work / "data"))
+        if pool.isActive():
+            for volume in pool.listAllVolumes():
+                volume.delete(0)
+            pool.destroy()
+        pool.undefine()
+    except libvirt.libvirtError:
+        pass  # none was made
+    finally:
+        connection.close()
     shutil.rmtree(work, ignore_errors=True)
 
 

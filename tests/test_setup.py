@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import QEMU_TEST_ROOT, ROOT
+from conftest import QEMU_TEST_ROOT, ROOT, remove_pools_under
 
 from virtualizers.qemu import preflight
 
@@ -50,6 +50,7 @@ def reachable_tmp() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="setup-", dir=QEMU_TEST_ROOT))
     path.chmod(0o711)
     yield path
+    remove_pools_under(path)  # the volume pool a launcher that passed its preflight defined there
     subprocess.run(["rm", "-rf", str(path)], check=True)
 
 
@@ -77,6 +78,7 @@ def test_data_dir_qemu_cannot_reach_is_refused_before_serving(tmp_path: Path) ->
     line = refusal(done)
     assert f"which cannot enter {blocked} (mode " in line and "QEMU runs as libvirt-qemu" in line, line
     assert not (tmp_path / "data" / "api-url").exists()  # it never served
+    assert remove_pools_under(tmp_path) == []  # refused before its volume pool was defined
 
 
 def test_data_dir_qemu_can_reach_serves(reachable_tmp: Path) -> None:

@@ -228,12 +228,13 @@ class QemuBackend:
         preflight.check_accel(s.accel)
         preflight.check_firmware({f"{SECTION}.ovmf_code": s.ovmf_code, f"{SECTION}.ovmf_vars": s.ovmf_vars})
         await preflight.check_capabilities(self.hypervisor, s.machine, self.kvm)
-        await self.open_volumes()
         data_dir = self.host.data_dir
-        reached = [data_dir / "instances", data_dir / IMAGES_DIR]
-        if not s.volumes.pool:
-            reached.append(data_dir / VOLUMES_DIR)  # the own pool's volumes are files there
-        self.qemu_user = await preflight.check_reachable(self.hypervisor, reached)
+        # Before the volume store defines its pool: a data dir QEMU cannot reach leaves no pool behind.
+        self.qemu_user = await preflight.check_reachable(self.hypervisor, [data_dir / "instances",
+                                                                          data_dir / IMAGES_DIR])
+        await self.open_volumes()
+        if not s.volumes.pool:  # the own pool's volumes are files in its directory, which the pool made
+            await preflight.check_reachable(self.hypervisor, [data_dir / VOLUMES_DIR])
         if self.qemu_user is not None:
             self.images.share_with_group(self.qemu_user.gid)  # QEMU reads the images even without libvirt's chown
 
