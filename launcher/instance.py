@@ -279,6 +279,10 @@ class InstanceActor:
             self._followers = (self._followers or []) + [ticket]
         return ticket
 
+    def _current_volumes(self) -> tuple[str, ...]:
+        """The virtualizer's view of `volumes` (Virtualizer.init)."""
+        return self.volumes
+
     @property
     def public_state(self) -> str:
         return PUBLIC_STATE[self.state]
@@ -301,7 +305,7 @@ class InstanceActor:
     async def run(self) -> None:
         """The actor's task. Returns once the instance is deleted; cancelled when the launcher stops
         (then the VM keeps running, and a restarted launcher reconnects to it)."""
-        self.vm.init(self.spec, self.dir, self.volumes)
+        self.vm.init(self.spec, self.dir, self._current_volumes)
         try:
             if self._recovering.unreported:
                 await self._recover_or_exit()
@@ -738,7 +742,7 @@ class InstanceActor:
         before = self.volumes
         self.volumes = tuple(v for v in before if v != volume)
         if not await self._commit_goal(self._record.goal, ticket, event, errors.DETACH_FAILURE, volume_id=volume):
-            # The record still lists it: it stays the instance's, and the VM gets it back.
+            # The record still lists it, in its place: it stays the instance's, and a running VM gets it back.
             self.volumes = before
             await self._call_quietly("attach_volume", timeout, lambda: self.vm.attach_volume(volume))
             return

@@ -28,6 +28,7 @@ import trio
 from launcher.plugin.host import BackendHost
 from launcher.plugin.settings import ConfigError, parse_section
 from launcher.plugin.spec import InstanceSpec, Networking, StorageEntry
+from launcher.plugin.volumes import MAX_VOLUMES
 from virtualizers.qemu import backend as qemu
 from virtualizers.qemu import domain, preflight
 from virtualizers.qemu.backend import (
@@ -590,8 +591,8 @@ def test_hot_plug_xml_is_the_volume_disk_on_the_first_free_target() -> None:
     # Once vdb is free again (its volume detached), a hot-plug takes it.
     without_first = domain_xml(attrs.evolve(make_params(), volumes=(second,)))
     assert domain.free_target(without_first) == "vdc"
-    full = domain_xml(attrs.evolve(make_params(), volumes=(first,) * domain.MAX_VOLUMES))
-    assert domain.free_target(full) == "vdz"  # the last: an instance has at most MAX_VOLUMES (attach_volume says so)
+    full = domain_xml(attrs.evolve(make_params(), volumes=(first,) * MAX_VOLUMES))
+    assert domain.free_target(full) == "vdz"  # the last: an instance has at most MAX_VOLUMES (the actor says so)
     every = ET.fromstring(full)
     devices = every.find("devices")
     assert devices is not None

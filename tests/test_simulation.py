@@ -82,7 +82,7 @@ def new_vm(
     instance_dir = tmp_path / "instances" / uuid
     instance_dir.mkdir(parents=True, exist_ok=True)
     vm = backend.new_virtualizer()
-    vm.init(InstanceSpec(uuid, **spec), instance_dir)
+    vm.init(InstanceSpec(uuid, **spec), instance_dir, lambda: ())
     return vm, instance_dir
 
 
@@ -382,7 +382,7 @@ async def test_memory_vms_are_small(tmp_path: Path) -> None:
             before = tracemalloc.get_traced_memory()[0]
             for i in range(count):
                 vm = opened.new_virtualizer()
-                vm.init(InstanceSpec(f"{i:08d}-0000-0000-0000-000000000000"), tmp_path / str(i))
+                vm.init(InstanceSpec(f"{i:08d}-0000-0000-0000-000000000000"), tmp_path / str(i), lambda: ())
                 await vm.start_vm()
                 nursery.start_soon(vm.monitor_vm, Inbox(), False)
             while delivered < count:
@@ -506,7 +506,7 @@ async def test_process_stats_are_measured(tmp_path: Path) -> None:
 async def test_process_start_failure_is_reported(tmp_path: Path) -> None:
     async with backend(tmp_path, mode="process", **FAST) as opened:
         vm = opened.new_virtualizer()
-        vm.init(InstanceSpec("u-1"), tmp_path / "missing")
+        vm.init(InstanceSpec("u-1"), tmp_path / "missing", lambda: ())
         with pytest.raises(VirtualizerError) as raised:
             await vm.start_vm()
         assert raised.value.code == LAUNCH_FAILURE

@@ -60,7 +60,7 @@ def data_dir(stale_test_runs_removed: None) -> Iterator[Path]:
         directory.mkdir(mode=0o711)
         yield directory
     finally:
-        root.remove()  # remove_pools_under too (conftest)
+        root.remove()  # remove_pools_under too (tests/libvirt_cleanup.py)
         with conn() as connection:
             names = {pool.name() for pool in connection.listAllStoragePools()}
         assert own_pool_name(root.path / "data") not in names
@@ -158,8 +158,8 @@ async def test_blank_qcow2_and_raw_volumes(data_dir: Path, guest_image_dir: Path
         assert xml.find("target/format").get("type") == "qcow2"  # type: ignore[union-attr]
         assert xml.findtext("target/permissions/mode") == "0600"
 
-        assert await store.disk_source(one) == (str(pool_dir / f"{one}.qcow2"), "qcow2")
-        assert await store.disk_source(two) == (str(pool_dir / f"{two}.raw"), "raw")
+        assert [(v.path, v.format) for v in (await store.get(one), await store.get(two))] == \
+            [(str(pool_dir / f"{one}.qcow2"), "qcow2"), (str(pool_dir / f"{two}.raw"), "raw")]
 
         grown = await store.resize(one, 128)
         assert grown.size_mb == 128 and qemu_img_info(created.path)["virtual-size"] == 128 * MIB
@@ -228,7 +228,6 @@ async def test_refused_requests_leave_nothing(data_dir: Path, guest_image_dir: P
         await expect_error("not_found", store.get(unknown))
         await expect_error("not_found", store.delete(unknown))
         await expect_error("not_found", store.resize(unknown, 10))
-        await expect_error("not_found", store.disk_source(unknown))
 
         taken = new_id()
         await store.create(taken, 16, "qcow2")
@@ -417,14 +416,15 @@ def test_volumes_settings() -> None:
 
 
 async def test_qemu_opens_a_volume_through_libvirts_dac_labels(data_dir: Path, guest_image_dir: Path) -> None:
-    """What `disk_source` gives is enough for a domain's disk: a paused transient domain (QEMU starts and opens
+    """What `get` gives (path, format) is enough for a domain's disk: a paused transient domain (QEMU starts and opens
     its disks, the guest does not run) with a copy-on-write volume as its disk. While it runs, libvirt has handed
     the 0600 file to QEMU's user (dynamic_ownership); once it is destroyed, the file is the launcher's again."""
     async with backend(data_dir, guest_image_dir) as opened:
         store = store_of(opened)
         volume_id = new_id()
         await store.create(volume_id, 0, "qcow2", source_image=IMAGE_ID)
-        path, fmt = await store.disk_source(volume_id)
+        volume = await store.get(volume_id)
+        path, fmt = volume.path, volume.format
         name = f"launcher-volume-test-{volume_id[:8]}"
         xml = f"""<domain type='qemu'>
           <name>{name}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>

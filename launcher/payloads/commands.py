@@ -71,6 +71,5 @@ class RestoreCommand:
     pass
 
 
-VolumeCommand = AttachVolumeCommand | DetachVolumeCommand
 Command = (StartCommand | StopCommand | RestartCommand | DeleteCommand | AttachVolumeCommand | DetachVolumeCommand
            | EvacuateCommand | RestoreCommand)

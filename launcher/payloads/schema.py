@@ -449,7 +449,7 @@ def _storage_entry(item: Any, path: str) -> StorageEntry:
     _check_keys(body, _STORAGE_KEYS, path)
     volume = _get_str(body, "id", path)
     if not volume:
-        raise data_error(f"{path}.id", "required (launcher-created local disks are not supported)")
+        raise data_error(f"{path}.id", "required (a volume's uuid, also for a local volume the launcher makes)")
     _check_uuid(volume, f"{path}.id")
     size = _get_int(body, "size", path) or 0
     if size < 0:

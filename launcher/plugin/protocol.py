@@ -48,11 +48,12 @@ class VmStats:
 
 
 class Virtualizer(Protocol):
-    def init(self, spec: InstanceSpec, instance_dir: Path, volumes: Sequence[str] | None = None) -> None:
+    def init(self, spec: InstanceSpec, instance_dir: Path, volumes: Callable[[], Sequence[str]]) -> None:
         """Remember the instance's spec, directory and volumes. No I/O.
 
-        `volumes`: the ids of the volumes the instance has, in disk order (the START's `storage` entries, less
-        those detached since, then those attached since; the record keeps them); None: the START's entries."""
+        `volumes()` gives the ids of the volumes the instance has now, in disk order (the START's `storage`
+        entries, less those detached since, then those attached since): the actor's list, which the record keeps.
+        The virtualizer reads it when it needs it (create_image, start_vm, delete_image) and keeps no copy."""
 
     async def ensure_backing_image(self) -> None:
         """Make the image the instance boots from available. Fails with image_failure."""
@@ -81,14 +82,16 @@ class Virtualizer(Protocol):
         """Current usage figures."""
 
     async def attach_volume(self, volume_id: str) -> None:
-        """Give the instance the volume (of the backend's `volumes` store) as one more disk, after the others:
-        hot-plugged into a VM that runs, else a disk from its next start. Fails with attach_failure, not_found
-        (no such volume) or not_supported (no volume store, or no hot-plug); nothing changes on failure."""
+        """Hot-plug the volume (of the backend's `volumes` store) into a VM that runs; for one that does not,
+        only check that the volume exists (the actor has already added it to `volumes()`, which the next start
+        reads). Fails with attach_failure, not_found (no such volume) or not_supported (no volume store, or no
+        hot-plug); the VM is unchanged on failure."""
 
     async def detach_volume(self, volume_id: str) -> None:
-        """Take the volume from the instance: from a VM that runs, once the guest has let go of it (a guest
-        that does not within the actor's bound fails the call: detach_failure, the disk stays); else from its
-        next start. The caller checks it is one of the instance's volumes and not its boot volume."""
+        """Hot-unplug the volume from a VM that runs, once the guest has let go of it (a guest that does not
+        within the actor's bound fails the call: detach_failure, the disk stays); nothing for one that does not.
+        The actor checks it is one of the instance's volumes and not its boot volume, and takes it out of
+        `volumes()` once this has returned."""
 
     def connected(self) -> None:
         """Bookkeeping when the actor learns the VM is up (e.g. find its pid)."""

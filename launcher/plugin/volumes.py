@@ -64,9 +64,6 @@ class StorageProblem:
     field: str
     reason: str
 
-    def __str__(self) -> str:
-        return f"{self.field}: {self.reason}"
-
 
 @attrs.frozen
 class PlannedDisk:
@@ -219,13 +216,10 @@ def volume_format(entry: StorageEntry) -> str:
 
 
 async def check_storage(store: VolumeCatalog | None, spec: InstanceSpec) -> None:
-    """LauncherError if the START's storage cannot be honoured: `storage_problem` (invalid_data), no volume
-    store, or a volume that must exist already (every entry but the `local` ones, which `make_local_volumes`
-    makes) and does not. The reason names the entry; the virtualizer reports it with its phase's code, before
-    anything is made."""
-    problem = storage_problem(spec)
-    if problem is not None:
-        raise LauncherError(errors.INVALID_DATA, str(problem))
+    """LauncherError if the START's storage cannot be honoured: no volume store, or a volume that must exist
+    already (every entry but the `local` ones, which `make_local_volumes` makes) and does not. The reason names
+    the entry; the virtualizer reports it with its phase's code, before anything is made. (The rules of
+    `storage_problem` were checked when the payload was parsed.)"""
     if not spec.storage:
         return
     if store is None:

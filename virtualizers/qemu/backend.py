@@ -49,7 +49,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -77,6 +77,7 @@ from launcher.plugin.protocol import MonitorEvent, MonitorInbox, VmStats
 from launcher.plugin.settings import at_least, at_most, one_of, parse_section
 from launcher.plugin.spec import InstanceSpec
 from launcher.plugin.volumes import (
+    MAX_VOLUMES,
     PlannedDisk,
     boot_volume,
     check_storage,
@@ -109,7 +110,7 @@ SEED = "seed.iso"
 NVRAM = "nvram.fd"
 CONSOLE_LOG = "console.log"
 QEMU_IMG_TIMEOUT_S = 60.0
-UNPLUG_POLL_S = 0.1  # how often a hot-unplug reads the live XML for the disk
+UNPLUG_POLL_S = 0.02  # how often a hot-unplug reads the live XML for the disk (one small libvirt call)
 STATE_POLL_S = 5.0  # re-read a domain's state this often even without events (a backstop, see hypervisor.py)
 MIB = 1 << 20
 QEMU_PID_DIR = Path("/run/libvirt/qemu")  # where the system libvirtd writes <domain>.pid
@@ -153,7 +154,7 @@ class QemuSettings:
     uri: str = "qemu:///system"
     accel: str = attrs.field(default="auto", validator=one_of(*ACCELS))  # auto: kvm when it really works
     machine: str = "q35"
-    hotplug_slots: int = attrs.field(default=8, validator=[at_least(0), at_most(domain.MAX_VOLUMES)])
+    hotplug_slots: int = attrs.field(default=8, validator=[at_least(0), at_most(MAX_VOLUMES)])
     seed_format: str = attrs.field(default="nocloud", validator=one_of(*cloudinit.SEED_FORMATS))
     network: NetworkSettings = NetworkSettings()
     guest_network: cloudinit.GuestNetwork = cloudinit.GuestNetwork()  # gateway, DNS, MTU written into the seed
@@ -354,12 +355,12 @@ async def open_backend(raw: Mapping[str, Any], host: BackendHost) -> AsyncIterat
 
 @attrs.define(eq=False)
 class QemuVirtualizer:
-    """One instance's VM. Called by its actor only, one call at a time (virtualizers/base.py)."""
+    """One instance's VM. Called by its actor only, one call at a time (launcher/plugin/protocol.py)."""
 
     _backend: QemuBackend
     _spec: InstanceSpec = attrs.field(init=False)
     _dir: Path = attrs.field(init=False)
-    _volumes: tuple[str, ...] = attrs.field(init=False)  # the instance's, in disk order (Virtualizer.init)
+    _volumes: Callable[[], Sequence[str]] = attrs.field(init=False)  # the instance's, in disk order (init)
     _image: ImageInfo | None = attrs.field(default=None, init=False)
     _pid: int | None = attrs.field(default=None, init=False)  # QEMU's, found by stats()
     _cpu_sample: tuple[int, float] | None = attrs.field(default=None, init=False)  # (cpu ns, monotonic s)
@@ -373,10 +374,10 @@ class QemuVirtualizer:
     def _uuid(self) -> str:
         return self._spec.instance_uuid
 
-    def init(self, spec: InstanceSpec, instance_dir: Path, volumes: Sequence[str] | None = None) -> None:
+    def init(self, spec: InstanceSpec, instance_dir: Path, volumes: Callable[[], Sequence[str]]) -> None:
         self._spec = spec
         self._dir = instance_dir
-        self._volumes = tuple(entry.id for entry in spec.storage) if volumes is None else tuple(volumes)
+        self._volumes = volumes
 
     def _step_done(self, step: str, started: float, what: str, note: str = "") -> None:
         """A part of a START went through: a "step <step>: <what> in <ms> ms<note>" line in the instance's log
@@ -421,7 +422,7 @@ class QemuVirtualizer:
             self._step_done("overlay", started, f"{OVERLAY} ({size / MIB:.0f} MiB on {image.id})")
         started = time.monotonic()
         fmt = self._backend.settings.seed_format
-        devices = devices_metadata(disk_plan(self._spec, self._volumes))
+        devices = devices_metadata(disk_plan(self._spec, self._volumes()))
         try:
             seed = cloudinit.make_seed(fmt, self._uuid, user_data, meta_data, self._spec.networking,
                                        self._backend.settings.guest_network, devices)
@@ -491,7 +492,8 @@ class QemuVirtualizer:
             self._log(f"domain {self._name} undefined")
         if any(entry.ephemeral for entry in self._spec.storage):
             try:
-                deleted = await remove_ephemeral_volumes(self._volume_store(STOP_FAILURE), self._spec, self._volumes)
+                deleted = await remove_ephemeral_volumes(self._volume_store(STOP_FAILURE), self._spec,
+                                                         self._volumes())
             except LauncherError as exc:
                 raise self._fail(STOP_FAILURE, f"cannot delete an ephemeral volume: {exc.reason}") from exc
             if deleted:
@@ -511,24 +513,30 @@ class QemuVirtualizer:
                       for disk in plan if not disk.is_overlay])
 
     async def _volume_disk(self, volume_id: str, code: str, boot_order: int | None = None) -> domain.VolumeDisk:
+        """The volume as a `<disk type='file'>`: its path and format from the store; VirtualizerError `code` (with
+        the store's reason) if the store cannot give them."""
         try:
-            path, fmt = await self._volume_store(code).disk_source(volume_id)
+            volume = await self._volume_store(code).get(volume_id)
         except LauncherError as exc:
-            raise self._fail(code if exc.code != NOT_FOUND else NOT_FOUND, f"volume {volume_id}: {exc.reason}") \
-                from exc
-        return domain.VolumeDisk(Path(path), fmt, volume_id, boot_order)
+            raise self._fail(code, f"volume {volume_id}: {exc.reason}") from exc
+        return domain.VolumeDisk(Path(volume.path), volume.format, volume_id, boot_order)
 
     async def attach_volume(self, volume_id: str) -> None:
-        disk = await self._volume_disk(volume_id, ATTACH_FAILURE)
+        store = self._volume_store(ATTACH_FAILURE)
+        try:
+            volume = await store.get(volume_id)
+        except LauncherError as exc:  # no such volume is the caller's mistake (not_found), not the VM's
+            code = NOT_FOUND if exc.code == NOT_FOUND else ATTACH_FAILURE
+            raise self._fail(code, f"volume {volume_id}: {exc.reason}") from exc
+        disk = domain.VolumeDisk(Path(volume.path), volume.format, volume_id)
         started = time.monotonic()
         try:
             attached = await self._backend.hypervisor.call(lambda conn: _hot_plug(conn, self._name, disk))
         except (Unavailable, libvirt.libvirtError) as exc:
             message = str(exc) if isinstance(exc, Unavailable) else error_text(exc)
             raise self._fail(ATTACH_FAILURE, f"cannot hot-plug volume {volume_id}: {message}") from exc
-        self._volumes += (volume_id,)
         if attached:
-            self._step_done("attach", started, f"volume {volume_id} hot-plugged as {attached}")
+            self._log(f"volume {volume_id} hot-plugged as {attached} in {_since_ms(started)} ms")
         else:
             self._log(f"volume {volume_id} attached: a disk from the next start (the VM does not run)")
 
@@ -547,15 +555,14 @@ class QemuVirtualizer:
         if waited.cancelled_caught:
             raise self._fail(DETACH_FAILURE, f"the guest did not let go of volume {volume_id} within {timeout:g} s; "
                                              "it stays attached (the unplug request stays pending in QEMU)")
-        self._volumes = tuple(v for v in self._volumes if v != volume_id)
         if requested:
-            self._step_done("detach", started, f"volume {volume_id} hot-unplugged")
+            self._log(f"volume {volume_id} hot-unplugged in {_since_ms(started)} ms")
         else:
             self._log(f"volume {volume_id} detached: gone from the next start (the VM does not run)")
 
     async def start_vm(self) -> None:
         # The overlay or the boot volume first, then the instance's other volumes, those attached later too.
-        plan = disk_plan(self._spec, self._volumes)
+        plan = disk_plan(self._spec, self._volumes())
         overlay_order = plan[0].boot_order if plan and plan[0].is_overlay else None
         params = attrs.evolve(self._backend.domain_params(self._spec, self._dir),
                               volumes=await self._volume_disks(plan), overlay_boot_order=overlay_order)
@@ -744,6 +751,10 @@ def _destroy(conn: libvirt.virConnect, name: str) -> None:
     except libvirt.libvirtError as exc:
         if exc.get_error_code() not in (libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_OPERATION_INVALID):
             raise
+
+
+def _since_ms(started: float) -> int:
+    return round((time.monotonic() - started) * 1000)
 
 
 def _hot_plug(conn: libvirt.virConnect, name: str, disk: domain.VolumeDisk) -> str | None:

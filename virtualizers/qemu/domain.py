@@ -36,11 +36,12 @@ from pathlib import Path
 
 import attrs
 
+from launcher.plugin.volumes import MAX_VOLUMES
+
 METADATA_NS = "http://launcher.invalid/xmlns/instance/1"  # our key for virDomainGetMetadata
 METADATA_PREFIX = "launcher"
 DOMAIN_PREFIX = "launcher-"
 GUEST_AGENT_CHANNEL = "org.qemu.guest_agent.0"
-MAX_VOLUMES = 24  # data disks vdb..vdy (launcher.plugin.volumes.MAX_VOLUMES allows an instance as many)
 VIRTIO_TARGETS = tuple(f"vd{chr(ord('a') + index)}" for index in range(26))  # the overlay's, then the volumes'
 NETWORK_KINDS = ("network", "bridge", "none")
 _UUID_NAMESPACE = uuid_module.uuid5(uuid_module.NAMESPACE_URL, METADATA_NS)

@@ -347,20 +347,6 @@ class VolumeStore:
                 log.info("volume %s resized to %d MiB", volume_id, size_mb)
             return self._info(record, await self._describe(record))
 
-    # -- for attaching -----------------------------------------------------------------------------------
-
-    async def disk_source(self, volume_id: str) -> tuple[str, str]:
-        """(path, format) of the volume, what a domain's ``<disk type='file'>`` needs: ``<source file=path>``
-        and ``<driver name='qemu' type=format>``. not_found if there is no such volume.
-
-        For the own dir pool the path is a file; in an operator's pool it is what libvirt calls the volume's
-        path (a block device for LVM, ``pool/image`` for RBD, which needs ``<disk type='network'>`` or, for any
-        pool, ``<disk type='volume'><source pool=pool_name volume=<name>/>``: not done here)."""
-        _check_id(volume_id)
-        record = self._record(volume_id)
-        described = await self._describe(record)
-        return described.path, described.format
-
     async def format_swap(self, volume_id: str) -> bool:
         """Make the raw volume Linux swap space (module doc); True if it ran mkswap, False if the volume was swap
         space already. not_found, invalid_data (not raw, or holding other data) or volume_failure otherwise."""

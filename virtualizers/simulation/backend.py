@@ -1,6 +1,6 @@
 """The simulation virtualizer: fake VMs for scale runs, demos and tests of the launcher's control path.
 
-It implements the whole Virtualizer contract (virtualizers/base.py) without a hypervisor, in one of two modes
+It implements the whole Virtualizer contract (launcher/plugin/protocol.py) without a hypervisor, in one of two modes
 chosen by the `simulation:` section of the launcher config:
 
 ``memory`` (default)
@@ -14,7 +14,7 @@ chosen by the `simulation:` section of the launcher config:
 
 Unlike ciao's simulation (which never reported its VMs as closed), the VMs here really boot, stop and crash.
 
-Settings (unknown keys or bad values raise ValueError naming the key):
+Settings (unknown keys or bad values raise ConfigError naming the key, from `parse_section`):
 
 ``mode``: ``memory`` | ``process``
 ``boot_delay_s`` (0.05): time from start_vm until the VM is up (monitor_vm sends CONNECTED).
@@ -40,7 +40,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from types import TracebackType
@@ -248,16 +248,16 @@ class _SimulatedInstance:
     _backend: SimulationBackend
     _spec: InstanceSpec = attrs.field(init=False)
     _dir: Path = attrs.field(init=False)
-    _volumes: tuple[str, ...] = attrs.field(init=False)  # the instance's (Virtualizer.init)
+    _volumes: Callable[[], Sequence[str]] = attrs.field(init=False)  # the instance's (Virtualizer.init)
 
     @property
     def _uuid(self) -> str:
         return self._spec.instance_uuid
 
-    def init(self, spec: InstanceSpec, instance_dir: Path, volumes: Sequence[str] | None = None) -> None:
+    def init(self, spec: InstanceSpec, instance_dir: Path, volumes: Callable[[], Sequence[str]]) -> None:
         self._spec = spec
         self._dir = instance_dir
-        self._volumes = tuple(entry.id for entry in spec.storage) if volumes is None else tuple(volumes)
+        self._volumes = volumes
 
     async def attach_volume(self, volume_id: str) -> None:
         """The volume must exist in the store (not_found); the `attach` failure rules apply. A simulated guest
@@ -267,13 +267,11 @@ class _SimulatedInstance:
             await self._backend.volumes.get(volume_id)
         except LauncherError as exc:
             raise VirtualizerError(exc.code, f"volume {volume_id}: {exc.reason}", self._uuid) from exc
-        self._volumes += (volume_id,)
 
     async def detach_volume(self, volume_id: str) -> None:
         """The `detach` failure rules apply (`hang` is a guest that never lets go); else a simulated guest lets go
         at once."""
         await self._backend.inject("detach", self._uuid)
-        self._volumes = tuple(v for v in self._volumes if v != volume_id)
 
     async def ensure_backing_image(self) -> None:
         """There is no backing image to fetch. The START's storage follows the rules every virtualizer follows
@@ -289,7 +287,7 @@ class _SimulatedInstance:
         """Delete the START's ephemeral volumes; a simulated instance keeps nothing else outside its directory."""
         await trio.lowlevel.checkpoint()
         try:
-            await remove_ephemeral_volumes(self._backend.volumes, self._spec, self._volumes)
+            await remove_ephemeral_volumes(self._backend.volumes, self._spec, self._volumes())
         except LauncherError as exc:
             raise VirtualizerError(STOP_FAILURE, f"cannot delete an ephemeral volume: {exc.reason}", self._uuid) \
                 from exc
@@ -385,7 +383,7 @@ class ProcessVirtualizer(_SimulatedInstance):
         await self._backend.inject("create", self._uuid)
         await self._make_local_volumes()
         disk = {"user_data": user_data, "meta_data": meta_data, "network_config": network_config,
-                "disks": [attrs.asdict(planned) for planned in disk_plan(self._spec, self._volumes)]}
+                "disks": [attrs.asdict(planned) for planned in disk_plan(self._spec, self._volumes())]}
         try:
             await trio.to_thread.run_sync(files.atomic_write, self._dir / DISK_IMAGE, json.dumps(disk).encode(),
                                           limiter=self._backend.limiter)
