@@ -57,6 +57,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -107,18 +108,20 @@ def apt_candidates(packages: list[str]) -> dict[str, dict[str, str]]:
     return stanzas
 
 
-def package_versions() -> dict[str, str]:
-    """Map each input package (kernel metapackage resolved) to its apt candidate version."""
+def package_versions(packages: tuple[str, ...] = PACKAGES) -> dict[str, str]:
+    """Map the kernel (``KERNEL_METAPACKAGE`` resolved to its ``linux-image-<abi>-amd64``) and each of `packages`
+    to its apt candidate version."""
     meta = apt_candidates([KERNEL_METAPACKAGE])[KERNEL_METAPACKAGE]
     kernel = next(dep.split()[0] for dep in meta["Depends"].split(", ") if dep.startswith("linux-image-"))
-    stanzas = apt_candidates([kernel, *PACKAGES])
-    return {name: stanzas[name]["Version"] for name in (kernel, *PACKAGES)}
+    stanzas = apt_candidates([kernel, *packages])
+    return {name: stanzas[name]["Version"] for name in (kernel, *packages)}
 
 
-def cache_key(versions: dict[str, str]) -> str:
-    """Short hash of everything the image is made from."""
+def cache_key(versions: dict[str, str], files: tuple[Path, ...] = (Path(__file__).resolve(), *GUEST_FILES)) -> str:
+    """Short hash of everything an image is made from: the package `versions` and the `files` (by default, this
+    builder and what it puts in the guest)."""
     digest = hashlib.sha256()
-    for path in (Path(__file__).resolve(), *GUEST_FILES):
+    for path in files:
         digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     for name, version in sorted(versions.items()):
         digest.update(f"{name}={version}\n".encode())
@@ -227,17 +230,19 @@ def initramfs(busybox: Path, modules: list[Path]) -> bytes:
 
 # --- bootloaders and disk ------------------------------------------------------------------------
 
-def grub_core(grub_pc: Path, scratch: Path) -> Path:
-    """GRUB's BIOS core.img, which boots /vmlinuz of partition 1 at once.
+def grub_core(grub_pc: Path, scratch: Path, cmdline: str = KERNEL_CMDLINE,
+              first_partition: int = BOOT_PARTITION[0]) -> Path:
+    """GRUB's BIOS core.img, which boots /vmlinuz of partition 1 (FAT) at once with `cmdline`; it must fit
+    between the MBR and `first_partition` (a sector).
 
     "(,msdos1)" means partition 1 of the disk GRUB was loaded from. The embedded config runs
     in GRUB's rescue parser: no menu, no timeout.
     """
     config, core = scratch / "grub.cfg", scratch / "core.img"
-    config.write_text(f"linux /vmlinuz {KERNEL_CMDLINE}\ninitrd /initrd.img\nboot\n")
+    config.write_text(f"linux /vmlinuz {cmdline}\ninitrd /initrd.img\nboot\n")
     run("grub-mkimage", "-O", "i386-pc", "-d", grub_pc / "usr/lib/grub/i386-pc", "-o", core,
         "-c", config, "-p", "(,msdos1)/", "biosdisk", "part_msdos", "fat", "linux")
-    if core.stat().st_size > (BOOT_PARTITION[0] - 1) * SECTOR:
+    if core.stat().st_size > (first_partition - 1) * SECTOR:
         raise RuntimeError("core.img does not fit before the first partition")
     return core
 
@@ -280,17 +285,30 @@ def mbr(boot_code: bytes, partitions: list[tuple[int, int, int, bool]]) -> bytes
     return bytes(sector)
 
 
-def raw_disk(path: Path, boot_img: Path, core: Path, boot_fs: Path, data_fs: Path) -> None:
-    """Assemble the sparse raw disk: MBR, core.img, the two partitions."""
-    partitions = [(*BOOT_PARTITION, 0xEF, True), (*DATA_PARTITION, 0x0E, False)]
+def raw_disk(path: Path, sectors: int, boot_img: Path, core: Path,
+             partitions: list[tuple[int, int, int, bool, Path]]) -> None:
+    """Assemble a sparse raw disk of `sectors`: the MBR with GRUB's `boot_img`, `core` right after it, and each
+    partition (first sector, sectors, type, active, its file system image) copied in place."""
     with path.open("wb") as disk:
-        disk.truncate(DISK_SECTORS * SECTOR)
-        disk.write(mbr(boot_img.read_bytes(), partitions))
+        disk.truncate(sectors * SECTOR)
+        disk.write(mbr(boot_img.read_bytes(), [(first, count, kind, active)
+                                               for first, count, kind, active, _ in partitions]))
         disk.write(core.read_bytes())
-        for (first, _), image in ((BOOT_PARTITION, boot_fs), (DATA_PARTITION, data_fs)):
-            disk.seek(first * SECTOR)
-            with image.open("rb") as source:
-                shutil.copyfileobj(source, disk)
+    for first, _, _, _, image in partitions:
+        copy_sparse(image, path, first)
+
+
+def copy_sparse(source: Path, disk: Path, first_sector: int) -> None:
+    """Copy `source` into `disk` at `first_sector`, skipping blocks of zeros (the disk stays sparse)."""
+    block = 1 << 20
+    zeros = bytes(block)
+    with source.open("rb") as src, disk.open("r+b") as dst:
+        offset = first_sector * SECTOR
+        while chunk := src.read(block):
+            if chunk != zeros[:len(chunk)]:
+                dst.seek(offset)
+                dst.write(chunk)
+            offset += len(chunk)
 
 
 def build_image(versions: dict[str, str], dest: Path, scratch: Path) -> None:
@@ -310,22 +328,30 @@ def build_image(versions: dict[str, str], dest: Path, scratch: Path) -> None:
     boot_fs, data_fs, raw = scratch / "boot.fat", scratch / "data.fat", scratch / "disk.raw"
     fat_image(boot_fs, BOOT_PARTITION[1], "GUESTBOOT", tree)
     fat_image(data_fs, DATA_PARTITION[1], "GUESTDATA")
-    raw_disk(raw, roots["grub-pc-bin"] / "usr/lib/grub/i386-pc/boot.img", core, boot_fs, data_fs)
+    raw_disk(raw, DISK_SECTORS, roots["grub-pc-bin"] / "usr/lib/grub/i386-pc/boot.img", core,
+             [(*BOOT_PARTITION, 0xEF, True, boot_fs), (*DATA_PARTITION, 0x0E, False, data_fs)])
     run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, dest)
 
 
 def ensure_guest_image(cache_dir: Path) -> Path:
     """Return the cached guest image for the current inputs, building it if it is absent."""
-    cache_dir.mkdir(parents=True, exist_ok=True)
     versions = package_versions()
-    image = cache_dir / f"guest-{cache_key(versions)}.qcow2"
-    with (cache_dir / "build.lock").open("w") as lock:
+    return cached_image(cache_dir, f"guest-{cache_key(versions)}.qcow2", "build",
+                        lambda dest, scratch: build_image(versions, dest, scratch))
+
+
+def cached_image(cache_dir: Path, name: str, prefix: str, build: Callable[[Path, Path], None]) -> Path:
+    """`cache_dir/name`, made first by `build(dest, scratch)` if it is absent. An exclusive lock on
+    `cache_dir/<prefix>.lock` keeps concurrent callers from building it twice; the image is built in a scratch
+    dir next to the cache (not in /tmp: a kernel package unpacks to ~400 MB) and renamed into place."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    image = cache_dir / name
+    with (cache_dir / f"{prefix}.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not image.exists():
-            # Scratch space next to the cache, not in /tmp: the kernel package unpacks to ~400 MB.
-            with tempfile.TemporaryDirectory(prefix="build-", dir=cache_dir) as scratch:
+            with tempfile.TemporaryDirectory(prefix=f"{prefix}-", dir=cache_dir) as scratch:
                 partial = Path(scratch) / image.name
-                build_image(versions, partial, Path(scratch))
+                build(partial, Path(scratch))
                 os.replace(partial, image)
     return image
 

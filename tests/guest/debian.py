@@ -86,19 +86,26 @@ qemu-utils, apt, dpkg. Building needs root (mmdebstrap's chroot mode) and the De
 from __future__ import annotations
 
 import argparse
-import fcntl
-import hashlib
 import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from build import apt_candidates, fat_image, fetch_packages, mbr, run  # noqa: E402
+from build import (  # noqa: E402
+    SECTOR,
+    cache_key,
+    cached_image,
+    fat_image,
+    fetch_packages,
+    grub_core,
+    package_versions,
+    raw_disk,
+    run,
+)
 
 DEFAULT_CACHE_DIR = HERE.parent.parent / ".cache" / "guest"
 GUEST_FILES = (HERE / "guest-net-report", HERE / "guest-net.service", HERE / "build.py")
@@ -133,7 +140,6 @@ INITRAMFS_MODULES = ("virtio_pci", "virtio_blk", "crc32c_generic", "crc32c-intel
 ROOT_LABEL = "debroot"
 KERNEL_CMDLINE = f"root=LABEL={ROOT_LABEL} ro console=ttyS0,115200"
 
-SECTOR = 512
 MIB = 1024 * 1024 // SECTOR  # in sectors
 BOOT_PARTITION = (1 * MIB, 96 * MIB)  # (first sector, sectors)
 ROOT_PARTITION = (97 * MIB, 1951 * MIB)
@@ -182,23 +188,6 @@ DPKG_OPTIONS = (
 )
 
 
-def package_versions() -> dict[str, str]:
-    """The apt candidate versions of the kernel and of `KEY_PACKAGES` (the apt lists must be up to date)."""
-    meta = apt_candidates(["linux-image-amd64"])["linux-image-amd64"]
-    kernel = next(dep.split()[0] for dep in meta["Depends"].split(", ") if dep.startswith("linux-image-"))
-    stanzas = apt_candidates([kernel, *KEY_PACKAGES])
-    return {name: stanzas[name]["Version"] for name in (kernel, *KEY_PACKAGES)}
-
-
-def cache_key(versions: dict[str, str]) -> str:
-    digest = hashlib.sha256()
-    for path in (Path(__file__).resolve(), *GUEST_FILES):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
-    for name, version in sorted(versions.items()):
-        digest.update(f"{name}={version}\n".encode())
-    return digest.hexdigest()[:12]
-
-
 def debootstrap(tree: Path) -> None:
     """The root file system tree at `tree`, made by mmdebstrap in chroot mode (as root)."""
     argv: list[str] = [
@@ -217,30 +206,6 @@ def debootstrap(tree: Path) -> None:
         raise RuntimeError(f"mmdebstrap failed ({proc.returncode}):\n{proc.stdout[-4000:]}{proc.stderr[-8000:]}")
 
 
-def grub_core(grub_pc: Path, scratch: Path) -> Path:
-    """GRUB's BIOS core.img, which boots partition 1's /vmlinuz at once (rescue parser: no menu, no timeout)."""
-    config, core = scratch / "grub.cfg", scratch / "core.img"
-    config.write_text(f"linux /vmlinuz {KERNEL_CMDLINE}\ninitrd /initrd.img\nboot\n")
-    run("grub-mkimage", "-O", "i386-pc", "-d", grub_pc / "usr/lib/grub/i386-pc", "-o", core,
-        "-c", config, "-p", "(,msdos1)/", "biosdisk", "part_msdos", "fat", "linux")
-    if core.stat().st_size > (BOOT_PARTITION[0] - 1) * SECTOR:
-        raise RuntimeError("core.img does not fit before the first partition")
-    return core
-
-
-def copy_sparse(source: Path, disk: Path, first_sector: int) -> None:
-    """Copy `source` into `disk` at `first_sector`, skipping blocks of zeros (the disk stays sparse)."""
-    block = 1 << 20
-    zeros = bytes(block)
-    with source.open("rb") as src, disk.open("r+b") as dst:
-        offset = first_sector * SECTOR
-        while chunk := src.read(block):
-            if chunk != zeros[:len(chunk)]:
-                dst.seek(offset)
-                dst.write(chunk)
-            offset += len(chunk)
-
-
 def build_image(versions: dict[str, str], dest: Path, scratch: Path) -> None:
     """Build the qcow2 image at `dest`, working in `scratch`."""
     tree = scratch / "root"
@@ -254,36 +219,24 @@ def build_image(versions: dict[str, str], dest: Path, scratch: Path) -> None:
     shutil.move(initrd, boot / "initrd.img")
 
     grub = fetch_packages({"grub-pc-bin": versions["grub-pc-bin"]}, scratch)["grub-pc-bin"]
-    core = grub_core(grub, scratch)
+    core = grub_core(grub, scratch, KERNEL_CMDLINE, BOOT_PARTITION[0])
     boot_fs, root_fs, raw = scratch / "boot.fat", scratch / "root.ext4", scratch / "disk.raw"
     fat_image(boot_fs, BOOT_PARTITION[1], "DEBBOOT", boot)
     # GRUB never reads it, so any ext4 feature the guest's kernel knows is fine.
     run("mke2fs", "-q", "-t", "ext4", "-L", ROOT_LABEL, "-d", tree, "-E", "root_owner=0:0",
         root_fs, f"{ROOT_PARTITION[1] * SECTOR // 1024}k")
-    partitions = [(*BOOT_PARTITION, 0x0E, True), (*ROOT_PARTITION, 0x83, False)]
-    with raw.open("wb") as disk:
-        disk.truncate(DISK_SECTORS * SECTOR)
-        disk.write(mbr((grub / "usr/lib/grub/i386-pc/boot.img").read_bytes(), partitions))
-        disk.write(core.read_bytes())
-    copy_sparse(boot_fs, raw, BOOT_PARTITION[0])
-    copy_sparse(root_fs, raw, ROOT_PARTITION[0])
+    raw_disk(raw, DISK_SECTORS, grub / "usr/lib/grub/i386-pc/boot.img", core,
+             [(*BOOT_PARTITION, 0x0E, True, boot_fs), (*ROOT_PARTITION, 0x83, False, root_fs)])
     # Compressed clusters (zstd): a third of the size; QEMU, not the guest, decompresses them on reads.
     run("qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", "-o", "compression_type=zstd", raw, dest)
 
 
 def ensure_debian_image(cache_dir: Path) -> Path:
     """Return the cached Debian guest image for the current inputs, building it if it is absent."""
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    versions = package_versions()
-    image = cache_dir / f"debian-{cache_key(versions)}.qcow2"
-    with (cache_dir / "debian-build.lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not image.exists():
-            with tempfile.TemporaryDirectory(prefix="debian-build-", dir=cache_dir) as scratch:
-                partial = Path(scratch) / image.name
-                build_image(versions, partial, Path(scratch))
-                os.replace(partial, image)
-    return image
+    versions = package_versions(KEY_PACKAGES)
+    key = cache_key(versions, (Path(__file__).resolve(), *GUEST_FILES))
+    return cached_image(cache_dir, f"debian-{key}.qcow2", "debian-build",
+                        lambda dest, scratch: build_image(versions, dest, scratch))
 
 
 def main(argv: list[str] | None = None) -> int:
