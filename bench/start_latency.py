@@ -30,14 +30,14 @@ import libvirt
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "guest")]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "guest"), str(ROOT / "tests")]
 
 from build import ensure_guest_image  # noqa: E402  (tests/guest/build.py)
+from libvirt_cleanup import remove_pools_under  # noqa: E402  (tests/libvirt_cleanup.py)
 
 from launcher.client import Client  # noqa: E402
 from launcher.payloads import parse_start  # noqa: E402
 from virtualizers.qemu import cloudinit, domain  # noqa: E402
-from virtualizers.qemu.volumes import own_pool_name  # noqa: E402
 
 EXAMPLE = ROOT / "configs" / "examples" / "start_legacy.yaml"
 WORK_ROOT = Path("/var/tmp/launcher-bench")  # QEMU runs as libvirt-qemu: it must reach these files
@@ -85,18 +85,7 @@ def stop_launcher(proc: subprocess.Popen[bytes], work: Path) -> None:
     subprocess.run([sys.executable, "-m", "launcher.cli", "hard-reset", "--yes", "--config",
                     str(work / "launcher.yaml"), "--data-dir", str(work / "data")], cwd=ROOT,
                    capture_output=True, timeout=120)
-    connection = libvirt.open("qemu:///system")
-    try:
-        pool = connection.storagePoolLookupByName(own_pool_name(work / "data"))
-        if pool.isActive():
-            for volume in pool.listAllVolumes():
-                volume.delete(0)
-            pool.destroy()
-        pool.undefine()
-    except libvirt.libvirtError:
-        pass  # none was made
-    finally:
-        connection.close()
+    remove_pools_under(work)
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -14,10 +14,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import libvirt
 import psutil
 import pytest
 import yaml
+from libvirt_cleanup import remove_domains_under, remove_pools_under
 
 from launcher.client import Client
 
@@ -213,57 +213,6 @@ class QemuTestRoot:
         remove_pools_under(self.path)
         shutil.rmtree(self.path, ignore_errors=True)
         return removed
-
-
-def remove_domains_under(root: Path) -> list[str]:
-    """Destroy and undefine every domain of a launcher whose data dir is under `root`; their names."""
-    from virtualizers.qemu.backend import remove_domain
-    from virtualizers.qemu.domain import read_metadata
-
-    prefix = str(root.absolute()) + "/"
-    connection = libvirt.open("qemu:///system")
-    removed = []
-    try:
-        for dom in connection.listAllDomains():
-            try:
-                meta = read_metadata(dom.XMLDesc(0))
-            except libvirt.libvirtError:
-                continue  # undefined meanwhile
-            if meta is not None and (meta.data_dir + "/").startswith(prefix):
-                remove_domain(connection, dom.name())
-                removed.append(dom.name())
-    finally:
-        connection.close()
-    return removed
-
-
-def remove_pools_under(root: Path) -> list[str]:
-    """Delete the volumes of, stop and undefine every libvirt storage pool whose target path is under `root` (the
-    qemu virtualizer's own volume pools of the test's data dirs); their names."""
-    import xml.etree.ElementTree as ET
-
-    prefix = str(root.absolute()) + "/"
-    connection = libvirt.open("qemu:///system")
-    removed = []
-    try:
-        for pool in connection.listAllStoragePools():
-            try:
-                name = pool.name()
-                target = ET.fromstring(pool.XMLDesc(0)).findtext("target/path") or ""
-                if not (target + "/").startswith(prefix):
-                    continue
-                if pool.isActive():
-                    for volume in pool.listAllVolumes():
-                        with contextlib.suppress(libvirt.libvirtError):
-                            volume.delete(0)
-                    pool.destroy()
-                pool.undefine()
-            except libvirt.libvirtError:
-                continue  # removed meanwhile
-            removed.append(name)
-    finally:
-        connection.close()
-    return removed
 
 
 @pytest.fixture

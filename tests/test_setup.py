@@ -17,7 +17,8 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import QEMU_TEST_ROOT, ROOT, remove_pools_under
+from conftest import QEMU_TEST_ROOT, ROOT
+from libvirt_cleanup import remove_pools_under
 
 from virtualizers.qemu import preflight
 
