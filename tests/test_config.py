@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import typing
 from pathlib import Path
+from typing import Any
 
+import attrs
 import pytest
+import yaml
 
 from launcher import config
 from launcher.plugin.settings import ConfigError, parse_section
 from virtualizers.qemu.backend import QemuSettings
+from virtualizers.simulation.backend import SimulationSettings
 
 SHIPPED = Path(__file__).resolve().parent.parent / "configs" / "launcher.yaml"
 
@@ -21,6 +26,35 @@ def test_shipped_file_states_the_defaults() -> None:
                                   simulation={"mode": "memory", "boot_delay_s": 0.05, "stop_delay_s": 0.0,
                                               "failures": []})
     assert shipped.virtualizer == "qemu"
+
+
+def test_shipped_file_names_every_setting() -> None:
+    """The shipped file lists every setting (the README says it does), not only those whose default differs."""
+    raw = yaml.safe_load(SHIPPED.read_text())
+    paths = (_setting_paths(config.Config, "") + _setting_paths(QemuSettings, "qemu.")
+             + _setting_paths(SimulationSettings, "simulation."))
+    assert "qemu.volumes.detach_timeout_s" in paths and "timeouts.volume_s" in paths  # the walk reaches leaves
+    missing = [path for path in paths if path != "virtualizers" and not _present(raw, path)]
+    assert missing == [], f"configs/launcher.yaml lacks {missing}"
+
+
+def _setting_paths(cls: type, prefix: str) -> list[str]:
+    """Every leaf setting of an attrs settings class, as dotted paths."""
+    paths = []
+    for name, kind in typing.get_type_hints(cls).items():
+        if attrs.has(kind):
+            paths += _setting_paths(kind, f"{prefix}{name}.")
+        else:
+            paths.append(prefix + name)
+    return paths
+
+
+def _present(raw: Any, path: str) -> bool:
+    for key in path.split("."):
+        if not isinstance(raw, dict) or key not in raw:
+            return False
+        raw = raw[key]
+    return True
 
 
 def test_overrides_win() -> None:

@@ -48,7 +48,11 @@ def samples_of(text: str) -> Samples:
 
 
 def value(samples: Samples, name: str, **labels: str) -> float:
-    return samples.get((name, frozenset(labels.items())), 0.0)
+    """The sample's value; KeyError if there is none (so that a misspelt name or label cannot pass as 0)."""
+    key = (name, frozenset(labels.items()))
+    if key not in samples:
+        raise KeyError(f"no sample {name}{dict(labels)}")
+    return samples[key]
 
 
 def promtool_check(text: str) -> None:

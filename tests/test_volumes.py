@@ -375,6 +375,8 @@ def test_a_memory_instance_booting_from_a_volume_reports_no_disk_of_its_own(laun
     ("    - id: 0b00-0001\n      swap: true\n", True, "start.storage[0].local: a swap volume must be local: true"),
     ("    - id: 0b00-0001\n      boot_index: 0\n", True, "start.storage[0].boot_index: 0 is the instance's first"),
     ("    - id: 0b00-0001\n      tag: a,b\n", True, "start.storage[0].tag: at most 60 characters, without"),
+    ("    - id: 0b00-0002\n      local: true\n      size: 1\n    - id: 0b00-0001\n      boot_index: 0\n", True,
+     "start.storage[1].boot_index: 0 is the instance's first"),
 ])
 def test_storage_rules_refuse_at_once_naming_the_field(launcher_factory: Any, storage: str, image: bool,
                                                        reason: str) -> None:
@@ -384,7 +386,7 @@ def test_storage_rules_refuse_at_once_naming_the_field(launcher_factory: Any, st
         body += "  image_uuid: test-image\n"
     refused = error_of(lambda: client.request("POST", "/v1/instances", body.encode(), YAML))
     assert (refused.status, refused.code) == (400, "invalid_data") and reason in refused.reason, refused.reason
-    assert client.request("GET", "/v1/volumes")["volumes"] == []  # nothing made
+    assert client.request("GET", "/v1/volumes")["volumes"] == []  # nothing made (the last case names a local one)
 
 
 def test_a_local_swap_volume_is_raw_and_tagged_swap(launcher_factory: Any) -> None:
