@@ -36,7 +36,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from launcher.client import Client, ClientError  # noqa: E402
+from launcher.cli.client import Client, ClientError  # noqa: E402
 
 REAL_ROOT = Path("/var/tmp/launcher-tests")  # QEMU's user must reach the qemu launcher's data dir
 GUEST_IMAGE_ID = "soak-guest"

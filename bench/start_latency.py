@@ -35,8 +35,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "guest"), str(ROOT / "tests")]
 from build import ensure_guest_image  # noqa: E402  (tests/guest/build.py)
 from libvirt_cleanup import remove_pools_under  # noqa: E402  (tests/libvirt_cleanup.py)
 
-from launcher.client import Client  # noqa: E402
-from launcher.payloads import parse_start  # noqa: E402
+from launcher.cli.client import Client  # noqa: E402
+from launcher.transport.payloads import parse_start  # noqa: E402
 from virtualizers.qemu import cloudinit, domain  # noqa: E402
 
 EXAMPLE = ROOT / "configs" / "examples" / "start_legacy.yaml"

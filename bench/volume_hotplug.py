@@ -36,8 +36,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "guest"), str(ROOT / "bench")]
 from build import ensure_guest_image  # noqa: E402  (tests/guest/build.py)
 from start_latency import EXAMPLE, start_launcher, stop_launcher, work_dir  # noqa: E402
 
-from launcher.client import Client  # noqa: E402
-from launcher.payloads import parse_start  # noqa: E402
+from launcher.cli.client import Client  # noqa: E402
+from launcher.transport.payloads import parse_start  # noqa: E402
 from virtualizers.qemu import domain  # noqa: E402
 from virtualizers.qemu.backend import UNPLUG_POLL_S  # noqa: E402
 

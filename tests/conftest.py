@@ -19,7 +19,7 @@ import pytest
 import yaml
 from libvirt_cleanup import remove_domains_under, remove_pools_under
 
-from launcher.client import Client
+from launcher.cli.client import Client
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "configs" / "examples"

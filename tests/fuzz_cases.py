@@ -12,8 +12,8 @@ from urllib.parse import quote
 import yaml
 from hypothesis import strategies as st
 
-from launcher import payloads
 from launcher.plugin.errors import INVALID_DATA, INVALID_PAYLOAD, PayloadError
+from launcher.transport import payloads
 
 CONTENT_TYPES = ["application/yaml", "application/json", "text/yaml", "application/x-yaml", "",
                  "application/json; charset=utf-16", "application/yaml; charset=latin-1", "text/plain", "x/y;;;="]

@@ -10,15 +10,15 @@ from typing import Any
 import attrs
 import trio
 
-from launcher import config as config_module
-from launcher.config import Config
-from launcher.events import EventJournal
-from launcher.instance import Ticket
-from launcher.logs import InstanceLogs
-from launcher.payloads import RESOURCE_FIELDS, Command, StartCommand
+from launcher.cli.serve import running_core
+from launcher.core import config as config_module
+from launcher.core.commands import RESOURCE_FIELDS, Command, StartCommand
+from launcher.core.config import Config
+from launcher.core.messages import Ticket
+from launcher.core.supervisor import Supervisor
+from launcher.durable.events import EventJournal
+from launcher.durable.logs import InstanceLogs
 from launcher.plugin.spec import InstanceSpec
-from launcher.server import running_core
-from launcher.supervisor import Supervisor
 
 
 @attrs.define

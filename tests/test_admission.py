@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from harness import running_node
 
-from launcher.payloads import DeleteCommand, EvacuateCommand, RestoreCommand
+from launcher.core.commands import DeleteCommand, EvacuateCommand, RestoreCommand
 from launcher.plugin import errors
 from launcher.plugin.errors import LauncherError
 from launcher.plugin.spec import StorageEntry

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from conftest import LauncherProcess, example
 
-from launcher.client import Client, ClientError
+from launcher.cli.client import Client, ClientError
 
 LEGACY = "d7d86208-b46c-4465-9018-fe14087d415f"
 YAML = "application/yaml"

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from harness import running_node
 
-from launcher.api import Api
-from launcher.http import Request
-from launcher.stats import StatsReporter
+from launcher.core.stats import StatsReporter
+from launcher.transport.api import Api
+from launcher.transport.http import Request
 
 TOKEN = "t" * 32
 

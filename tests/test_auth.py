@@ -14,7 +14,7 @@ import pytest
 from conftest import LauncherProcess
 from test_setup import refusal, serve
 
-from launcher import api_token
+from launcher.transport import api_token
 
 SIMULATION = {"virtualizer": "simulation"}
 

@@ -17,9 +17,9 @@ import pycdlib
 import pytest
 import yaml
 
-from launcher import store
-from launcher.payloads import parse_start
+from launcher.durable import datadir
 from launcher.plugin.spec import Networking
+from launcher.transport.payloads import parse_start
 from virtualizers.qemu.cloudinit import SEED_FORMATS, GuestNetwork, Seed, SeedError, make_seed, write_seed
 
 UUID = "d7d86208-b46c-4465-9018-fe14087d415f"
@@ -435,7 +435,7 @@ def test_failed_write_leaves_no_seed_and_no_temp_file(tmp_path: Path, monkeypatc
     def no_space(fd: int) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(store.os, "fsync", no_space)
+    monkeypatch.setattr(datadir.os, "fsync", no_space)
     with pytest.raises(OSError, match="No space left"):
         write_seed(nocloud(), tmp_path / "seed.iso")
     assert os.listdir(tmp_path) == []
@@ -449,7 +449,7 @@ def test_failed_write_keeps_the_earlier_seed(tmp_path: Path, monkeypatch: pytest
     def fail_rename(src: Any, dst: Any) -> None:
         raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr(store.os, "replace", fail_rename)
+    monkeypatch.setattr(datadir.os, "replace", fail_rename)
     with pytest.raises(OSError, match="Input/output error"):
         write_seed(nocloud(user_data="other"), path)
     assert os.listdir(tmp_path) == ["seed.iso"]

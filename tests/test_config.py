@@ -10,7 +10,7 @@ import attrs
 import pytest
 import yaml
 
-from launcher import config
+from launcher.core import config
 from launcher.plugin.settings import ConfigError, parse_section
 from virtualizers.qemu.backend import QemuSettings
 from virtualizers.simulation.backend import SimulationSettings

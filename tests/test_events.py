@@ -15,8 +15,8 @@ import pytest
 import trio
 import trio.testing
 
-from launcher import events
-from launcher.events import JOURNAL_FILE, EventJournal, EventsExpired
+from launcher.durable import events
+from launcher.durable.events import JOURNAL_FILE, EventJournal, EventsExpired
 
 TIME_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 

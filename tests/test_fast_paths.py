@@ -18,9 +18,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from launcher.payloads import loader
+from launcher.durable.records import spec_json
 from launcher.plugin.spec import InstanceSpec, Networking, StorageEntry
-from launcher.records import spec_json
+from launcher.transport.payloads import loader
 
 TEXT = st.text(max_size=12)
 INTS = st.integers(min_value=-(2**63), max_value=2**63)

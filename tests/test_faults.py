@@ -23,8 +23,8 @@ from test_api import YAML, start_yaml
 from test_qemu import wait_for
 from test_recovery import all_events, states
 
-from launcher.client import Client, ClientError
-from launcher.persist import WAL_FILE, _Op, _record
+from launcher.cli.client import Client, ClientError
+from launcher.durable.persist import WAL_FILE, _Op, _record
 
 STORAGE_FULL = "storage_full"
 NO_DISK_RESERVE = {"admission": {"keep_free_disk_mb": 0}}  # the tmpfs is tiny: admit on what is there
@@ -195,7 +195,7 @@ def test_failed_append_leaves_no_fragment_for_the_next_start(launcher_factory: A
     assert "a failed append" not in launcher.output()  # the cut-back itself worked
     log_bytes = wal.read_bytes()  # cut back: whole records only (the failed START's clean-up may follow)
     assert log_bytes.endswith(b"\n") or not log_bytes
-    from launcher.persist import _parse_record
+    from launcher.durable.persist import _parse_record
 
     assert all(_parse_record(line) for line in log_bytes.splitlines())
     filler.free()

@@ -13,8 +13,8 @@ from test_api import YAML, start_yaml
 from test_interrupted import journal_seq, set_settings
 from test_recovery import all_events, states, wait_until
 
-from launcher.bootid import BOOT_ID_FILE, KERNEL_BOOT_ID
-from launcher.records import InstanceRecord
+from launcher.core.bootid import BOOT_ID_FILE, KERNEL_BOOT_ID
+from launcher.durable.records import InstanceRecord
 
 PROCESS = {"mode": "process", "boot_delay_s": 0.2, "stop_delay_s": 0.0}
 OTHER_BOOT = "00000000-0000-4000-8000-000000000000"

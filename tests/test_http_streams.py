@@ -12,8 +12,8 @@ from functools import partial
 import pytest
 import trio
 
-from launcher import http
-from launcher.http import Request, Response, Stream, Write
+from launcher.transport import http
+from launcher.transport.http import Request, Response, Stream, Write
 
 
 async def produce_with_a_task(write: Write) -> None:

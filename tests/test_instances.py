@@ -8,7 +8,7 @@ import pytest
 import trio
 from harness import Node, running_node, start_command
 
-from launcher.payloads import DeleteCommand, RestartCommand, StopCommand
+from launcher.core.commands import DeleteCommand, RestartCommand, StopCommand
 from launcher.plugin import errors
 from launcher.plugin.errors import LauncherError
 

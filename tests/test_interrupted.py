@@ -18,8 +18,8 @@ from conftest import LauncherProcess, simvm_processes
 from test_api import YAML, start_yaml
 from test_recovery import all_events, states, wait_until
 
+from launcher.durable.records import InstanceRecord, record_json, spec_json
 from launcher.plugin.spec import InstanceSpec
-from launcher.records import InstanceRecord, record_json, spec_json
 
 PROCESS = {"mode": "process", "boot_delay_s": 0.2, "stop_delay_s": 0.0}
 

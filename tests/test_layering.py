@@ -63,7 +63,7 @@ def test_each_rule_catches_its_violation(tmp_path: Path) -> None:
     """The checker is not vacuous: a tree with one violation of each rule yields exactly those four."""
     files = {
         "launcher/core.py": "def f():\n    from virtualizers.qemu import backend\n",
-        "launcher/plugin/spec.py": "from launcher.records import spec_json\nfrom launcher.plugin import errors\n",
+        "launcher/plugin/spec.py": "from launcher.durable.records import spec_json\nfrom launcher.plugin import errors\n",
         "virtualizers/qemu/backend.py": "from launcher import store\nfrom launcher.plugin.spec import InstanceSpec\n",
         "virtualizers/simulation/backend.py": "import virtualizers.qemu.domain\nfrom . import simvm\n",
     }
@@ -72,4 +72,4 @@ def test_each_rule_catches_its_violation(tmp_path: Path) -> None:
         (tmp_path / name).write_text(text)
     found = violations(tmp_path)
     assert [line.split(":")[0] for line in found] == sorted(files, key=lambda n: (n.split("/")[0] != "launcher", n))
-    assert "launcher.store" in found[2] and "virtualizers.qemu.domain" in found[3]
+    assert "launcher.durable.datadir" in found[2] and "virtualizers.qemu.domain" in found[3]

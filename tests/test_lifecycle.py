@@ -1,4 +1,4 @@
-"""The command × state table (launcher/lifecycle.py): the README shows it, and every cell is what a launcher does,
+"""The command × state table (launcher/core/lifecycle.py): the README shows it, and every cell is what a launcher does,
 judged by the supervisor at once and by the actor when the command's turn comes."""
 
 from __future__ import annotations
@@ -8,10 +8,8 @@ from pathlib import Path
 import pytest
 from harness import Node, running_node, start_command
 
-from launcher import lifecycle
-from launcher.instance import Ticket
-from launcher.lifecycle import RULES, Change, Create, Follow, Outcome, Refuse, Run, State, Status, Verb
-from launcher.payloads import (
+from launcher.core import lifecycle
+from launcher.core.commands import (
     AttachVolumeCommand,
     Command,
     DeleteCommand,
@@ -22,6 +20,8 @@ from launcher.payloads import (
     StartCommand,
     StopCommand,
 )
+from launcher.core.lifecycle import RULES, Change, Create, Follow, Outcome, Refuse, Run, State, Status, Verb
+from launcher.core.messages import Ticket
 from launcher.plugin import errors
 from launcher.plugin.errors import LauncherError
 from launcher.plugin.spec import StorageEntry
@@ -129,9 +129,9 @@ def test_the_table_has_every_cell() -> None:
 
 
 def test_the_readme_shows_the_table() -> None:
-    """The README's "Command rules" table is `markdown_table()`'s output (`python -m launcher.lifecycle`)."""
+    """The README's "Command rules" table is `markdown_table()`'s output (`python -m launcher.core.lifecycle`)."""
     readme = (ROOT / "README.md").read_text()
-    assert lifecycle.markdown_table() in readme, "run `python -m launcher.lifecycle` and paste it into the README"
+    assert lifecycle.markdown_table() in readme, "run `python -m launcher.core.lifecycle` and paste it into the README"
     assert readme.count("| command \\ state |") == 1
 
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from launcher import logs
-from launcher.logs import InstanceLogs
-from launcher.store import LOG_FILE
+from launcher.durable import logs
+from launcher.durable.datadir import LOG_FILE
+from launcher.durable.logs import InstanceLogs
 
 LINE_RE = re.compile(rb"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (.*)$")
 

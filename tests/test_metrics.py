@@ -14,9 +14,9 @@ import pytest
 from harness import running_node
 from prometheus_client.parser import text_string_to_metric_families
 
-from launcher.client import Client, ClientError
-from launcher.metrics import STEPS
-from launcher.payloads import StopCommand
+from launcher.cli.client import Client, ClientError
+from launcher.core.commands import StopCommand
+from launcher.core.metrics import STEPS
 
 YAML = "application/yaml"
 MIB = 2**20

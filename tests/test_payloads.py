@@ -1,4 +1,4 @@
-"""Tests for launcher.payloads: ciao's splitYaml framing, the example payloads, and every validation rule."""
+"""Tests for launcher.transport.payloads: ciao's splitYaml framing, the example payloads, and every validation rule."""
 
 from __future__ import annotations
 
@@ -10,8 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from launcher.payloads import (
-    DEFAULT_MAX_BYTES,
+from launcher.core.commands import (
     AttachVolumeCommand,
     DeleteCommand,
     DetachVolumeCommand,
@@ -19,13 +18,10 @@ from launcher.payloads import (
     RestartCommand,
     RestoreCommand,
     StopCommand,
-    is_valid_uuid,
-    parse_command,
-    parse_start,
-    split_yaml,
 )
 from launcher.plugin.errors import INVALID_DATA, INVALID_PAYLOAD, PayloadError
 from launcher.plugin.spec import InstanceSpec, Networking, StorageEntry
+from launcher.transport.payloads import DEFAULT_MAX_BYTES, is_valid_uuid, parse_command, parse_start, split_yaml
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "configs" / "examples"
 YAML_CT = "application/yaml"

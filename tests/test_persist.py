@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from launcher.persist import WAL_FILE, Persister
+from launcher.durable.persist import WAL_FILE, Persister
 
 
 async def run_persister(data_dir: Path, nursery: trio.Nursery, **kw: int) -> Persister:

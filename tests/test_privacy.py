@@ -17,7 +17,7 @@ import pytest
 from conftest import QEMU_TEST_ROOT, LauncherProcess, simvm_processes
 from test_api import YAML, start_yaml
 
-from launcher.client import Client
+from launcher.cli.client import Client
 
 SECRET = b"#cloud-config\npassword: hunter2-s3cret\n"
 PROCESS_MODE = {"simulation": {"mode": "process", "boot_delay_s": 0.1}}

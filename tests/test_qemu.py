@@ -24,7 +24,7 @@ import yaml
 from conftest import EXAMPLE_IMAGE_IDS, LauncherProcess, example
 from test_metrics import promtool_check, samples_of, scrape, value
 
-from launcher.client import Client
+from launcher.cli.client import Client
 from virtualizers.qemu.backend import STATE_POLL_S
 
 IMAGE_ID = "b286cd45-7d0c-4525-a140-4db6c95e41fa"
@@ -356,7 +356,7 @@ def test_images_cli_import_ls_rm_gc(qemu_factory: Any, guest_image: Path) -> Non
 
 
 def _user_data_of(payload: bytes) -> bytes:
-    from launcher.payloads import parse_start
+    from launcher.transport.payloads import parse_start
 
     return parse_start(payload, "application/yaml", max_bytes=1 << 20).spec.user_data.encode()
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from test_qemu import domain_of, events, new_uuid, payload_for, start, state, wait_for, wait_guest_ready
 
-from launcher.bootid import BOOT_ID_FILE
+from launcher.core.bootid import BOOT_ID_FILE
 
 
 def test_qemu_host_reboot_restarts_the_running_instance_only(qemu_factory: Any) -> None:

@@ -16,7 +16,7 @@ import psutil
 import pytest
 import trio
 
-from launcher.backends import load_backend
+from launcher.core.backends import load_backend
 from launcher.plugin.errors import IMAGE_FAILURE, LAUNCH_FAILURE, SetupError, VirtualizerError
 from launcher.plugin.host import BackendHost
 from launcher.plugin.protocol import MonitorEvent, VmStats

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from launcher.client import Client, ClientError
+from launcher.cli.client import Client, ClientError
 
 
 def test_the_unix_socket_is_0600_and_serves_the_api_and_the_cli(launcher_factory: Any, tmp_path: Path) -> None:

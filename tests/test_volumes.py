@@ -14,7 +14,7 @@ from test_api import YAML, error_of
 from test_metrics import promtool_check, samples_of, scrape, value
 from test_recovery import all_events
 
-from launcher.client import Client
+from launcher.cli.client import Client
 
 VOL = "0a1b-0001"
 JSON = "application/json"

@@ -22,7 +22,7 @@ from test_qemu import (
     wait_guest_ready,
 )
 
-from launcher.client import Client, ClientError
+from launcher.cli.client import Client, ClientError
 
 
 def disk_lines(launcher: LauncherProcess, uuid: str) -> list[dict[str, str]]:

@@ -1,4 +1,8 @@
-"""The commands a payload parses to: what each ciao command document says, validated.
+"""The commands the core carries out: what each ciao command document says, once the parser
+(`launcher.transport.payloads`) has validated it. The core depends on these classes, never on the parser.
+
+`COMMAND_KEYS` are ciao's names of the commands (a document's single top-level key, and the `command` label of
+the launcher's metrics); `COMMAND_NAMES` gives the name of each class.
 """
 
 from __future__ import annotations
@@ -29,17 +33,23 @@ class StartCommand:
 
 @attrs.frozen
 class StopCommand:
+    """ciao's STOP: power the instance's VM off (ACPI first, forced after the grace); the instance stays."""
+
     instance_uuid: str
     grace_s: float | None = None  # seconds before a forced power-off; None: the configured default
 
 
 @attrs.frozen
 class RestartCommand:
+    """ciao's RESTART: boot an exited instance again from its saved spec."""
+
     instance_uuid: str
 
 
 @attrs.frozen
 class DeleteCommand:
+    """ciao's DELETE: the VM down (gracefully first with `stop`), then everything of the instance removed."""
+
     instance_uuid: str
     stop: bool = False  # ciao HEAD: the instance is stopped for good (e.g. migrated), not discarded
     grace_s: float | None = None
@@ -63,13 +73,20 @@ class DetachVolumeCommand:
 
 @attrs.frozen
 class EvacuateCommand:
-    pass
+    """ciao's EVACUATE: the node enters maintenance and every instance is stopped."""
 
 
 @attrs.frozen
 class RestoreCommand:
-    pass
+    """ciao's RESTORE: the node leaves maintenance."""
 
 
 Command = (StartCommand | StopCommand | RestartCommand | DeleteCommand | AttachVolumeCommand | DetachVolumeCommand
            | EvacuateCommand | RestoreCommand)
+
+COMMAND_KEYS = ("start", "stop", "restart", "delete", "attach_volume", "detach_volume", "evacuate", "restore")
+COMMAND_NAMES: dict[type, str] = {
+    StartCommand: "start", StopCommand: "stop", RestartCommand: "restart", DeleteCommand: "delete",
+    AttachVolumeCommand: "attach_volume", DetachVolumeCommand: "detach_volume",
+    EvacuateCommand: "evacuate", RestoreCommand: "restore",
+}

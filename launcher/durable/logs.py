@@ -21,8 +21,8 @@ from typing import NamedTuple
 
 import trio
 
-from launcher.events import utc_timestamp
-from launcher.store import LOG_FILE
+from launcher.durable.datadir import LOG_FILE
+from launcher.durable.events import utc_timestamp
 
 logger = logging.getLogger(__name__)
 

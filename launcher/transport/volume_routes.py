@@ -23,13 +23,13 @@ from typing import Any
 
 import attrs
 
-from launcher.http import Handler, Request, Response
-from launcher.payloads import is_valid_uuid
+from launcher.core.supervisor import Supervisor
 from launcher.plugin import errors
 from launcher.plugin.errors import LauncherError
 from launcher.plugin.protocol import MAX_VOLUME_MB, VOLUME_FORMATS, VolumeCatalog, VolumeInfo, volume_catalog
 from launcher.plugin.spec import is_valid_image_id
-from launcher.supervisor import Supervisor
+from launcher.transport.http import Handler, Request, Response
+from launcher.transport.payloads import is_valid_uuid
 
 CLONES = ("cow", "copy")
 _CREATE_KEYS = frozenset({"id", "size_mb", "format", "source_image", "clone"})

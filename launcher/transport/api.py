@@ -1,4 +1,4 @@
-"""The HTTP API (contract in README.md): routing, auth and the handlers, served by launcher.http.
+"""The HTTP API (contract in README.md): routing, auth and the handlers, served by launcher.transport.http.
 
 Handlers never wait on an actor while holding anything: they dispatch (synchronous), then wait on their own
 `Ticket` with a timeout. Errors are JSON `{"error", "reason", "instance_uuid"}` with the HTTP status of
@@ -19,14 +19,8 @@ from typing import Any
 import attrs
 import trio
 
-from launcher import payloads
-from launcher.events import EventJournal, EventsExpired
-from launcher.http import Handler, Request, Response, Stream
-from launcher.image_routes import ImageRoutes
-from launcher.instance import InstanceActor, Ticket
-from launcher.logs import InstanceLogs
-from launcher.metrics import CONTENT_TYPE, UNMATCHED_ROUTE, StateCollector
-from launcher.payloads import (
+from launcher.core.actor import InstanceActor
+from launcher.core.commands import (
     AttachVolumeCommand,
     Command,
     DeleteCommand,
@@ -37,12 +31,19 @@ from launcher.payloads import (
     StartCommand,
     StopCommand,
 )
+from launcher.core.messages import Ticket
+from launcher.core.metrics import CONTENT_TYPE, UNMATCHED_ROUTE, StateCollector
+from launcher.core.stats import StatsReporter, instance_figures, node_figures
+from launcher.core.supervisor import Supervisor
+from launcher.durable.events import EventJournal, EventsExpired
+from launcher.durable.logs import InstanceLogs
 from launcher.plugin import errors
 from launcher.plugin.errors import LauncherError
 from launcher.plugin.protocol import VolumeInfo, volume_catalog
-from launcher.stats import StatsReporter, instance_figures, node_figures
-from launcher.supervisor import Supervisor
-from launcher.volume_routes import VolumeRoutes
+from launcher.transport import payloads
+from launcher.transport.http import Handler, Request, Response, Stream
+from launcher.transport.image_routes import ImageRoutes
+from launcher.transport.volume_routes import VolumeRoutes
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +160,7 @@ class Api:
 
     def _route(self, request: Request) -> tuple[str, Handler, dict[str, str]]:
         methods = []
-        wanted = "GET" if request.method == "HEAD" else request.method  # launcher.http drops a HEAD's body
+        wanted = "GET" if request.method == "HEAD" else request.method  # launcher.transport.http drops a HEAD's body
         for method, pattern, handler in self.routes:
             match = pattern.fullmatch(request.path)
             if match:

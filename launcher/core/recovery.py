@@ -3,14 +3,14 @@
 The supervisor makes one `RecoveryPlan` per start-up and hands it to every actor (through ActorContext). Each
 recovered actor reconciles its record's goal with what the virtualizer finds (InstanceActor._recover) and
 calls `settled()` once it reports its first settled state (running, exited or deleted). Once every recovered
-instance has settled, `all_settled` is set and the supervisor records this boot's id (launcher/bootid.py).
+instance has settled, `all_settled` is set and the supervisor records this boot's id (launcher/core/bootid.py).
 """
 
 from __future__ import annotations
 
 import trio
 
-from launcher.config import Recovery
+from launcher.core.config import Recovery
 from launcher.plugin.spec import InstanceSpec
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
-from launcher import store
+from launcher.durable import datadir
 from launcher.plugin.errors import LauncherError
 
 DEFAULT_DATA_DIR = Path("/var/lib/launcher")
@@ -42,8 +42,8 @@ class Client:
     def discover(cls, url: str | None, data_dir: Path | None, token: str | None = None) -> Client:
         """URL and token from the arguments, else LAUNCHER_URL / LAUNCHER_TOKEN, else the data dir's files."""
         directory = data_dir or Path(os.environ.get("LAUNCHER_DATA_DIR", DEFAULT_DATA_DIR))
-        url = url or os.environ.get("LAUNCHER_URL") or _read(directory / store.URL_FILE, "URL")
-        token = token or os.environ.get("LAUNCHER_TOKEN") or _read(directory / store.TOKEN_FILE, "token")
+        url = url or os.environ.get("LAUNCHER_URL") or _read(directory / datadir.URL_FILE, "URL")
+        token = token or os.environ.get("LAUNCHER_TOKEN") or _read(directory / datadir.TOKEN_FILE, "token")
         return cls(url, token)
 
     def request(self, method: str, path: str, body: bytes | None = None, content_type: str = "",

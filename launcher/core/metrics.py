@@ -27,13 +27,13 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from launcher.payloads import COMMAND_KEYS
+from launcher.core.commands import COMMAND_KEYS
 from launcher.plugin.protocol import VolumeInfo
 
 if TYPE_CHECKING:
-    from launcher.events import EventJournal
-    from launcher.instance import Ticket
-    from launcher.supervisor import Supervisor
+    from launcher.core.messages import Ticket
+    from launcher.core.supervisor import Supervisor
+    from launcher.durable.events import EventJournal
 
 MIB = 2**20
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -50,7 +50,7 @@ STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 3
 # Requests are answered in well under a millisecond to seconds (a ?wait=1 command up to timeouts.wait_s).
 HTTP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
                 300.0, 600.0)
-COMMANDS = COMMAND_KEYS  # the `command` label: the ciao command names (launcher.api.COMMAND_KIND)
+COMMANDS = COMMAND_KEYS  # the `command` label: the ciao command names (launcher.transport.api.COMMAND_KIND)
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})  # any other: "other"
 UNMATCHED_ROUTE = "unmatched"  # a path no route matches: never the raw path, which a client chooses
 

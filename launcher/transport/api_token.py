@@ -16,7 +16,7 @@ import secrets
 import stat
 from pathlib import Path
 
-from launcher import store
+from launcher.durable import datadir
 from launcher.plugin import files
 from launcher.plugin.errors import SetupError
 
@@ -28,7 +28,7 @@ def load_or_create(data_dir: Path) -> str:
     """The token of `data_dir`, generated (mode 0600) if the file does not exist; SetupError if the file breaks a
     rule. Creation is atomic: two launchers racing on a fresh data dir end up with the same token. Blocks."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    path = data_dir / store.TOKEN_FILE
+    path = data_dir / datadir.TOKEN_FILE
     try:
         return read(path)
     except FileNotFoundError:

@@ -24,12 +24,12 @@ from typing import Any
 import psutil
 import trio
 
-from launcher.events import utc_timestamp
-from launcher.instance import InstanceActor
-from launcher.lifecycle import State
+from launcher.core.actor import InstanceActor
+from launcher.core.lifecycle import State
+from launcher.core.supervisor import Supervisor
+from launcher.durable.events import utc_timestamp
 from launcher.plugin import files
 from launcher.plugin.spec import InstanceSpec
-from launcher.supervisor import Supervisor
 
 NODE_ID_FILE = "node-id"
 

@@ -2,7 +2,7 @@
 
 Crash-safe single-file writes (`atomic_write`) are in `launcher.plugin.files`, shared with virtualizers.
 These functions block: call them through `trio.to_thread.run_sync`. Instance files go through
-`launcher.persist.Persister`, which makes many of them durable together.
+`launcher.durable.persist.Persister`, which makes many of them durable together.
 """
 
 from __future__ import annotations

@@ -22,12 +22,12 @@ from typing import Any
 import attrs
 import trio
 
-from launcher.http import Handler, Request, Response, Stream, Write
+from launcher.core.supervisor import Supervisor
 from launcher.plugin import errors
 from launcher.plugin.errors import LauncherError
 from launcher.plugin.protocol import ImageCatalog, ImageRecord, image_catalog
 from launcher.plugin.spec import is_valid_image_id
-from launcher.supervisor import Supervisor
+from launcher.transport.http import Handler, Request, Response, Stream, Write
 
 NDJSON = "application/x-ndjson"
 

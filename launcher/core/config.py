@@ -12,9 +12,9 @@ from typing import Any
 import attrs
 import yaml
 
-from launcher.backends import available_backends
-from launcher.http import Limits as HttpLimits
+from launcher.core.backends import available_backends
 from launcher.plugin.settings import ConfigError, at_least, one_of, parse_section
+from launcher.transport.http import Limits as HttpLimits
 
 
 @attrs.frozen

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING
 import attrs
 import trio
 
-from launcher import store
+from launcher.durable import datadir
 from launcher.plugin import files
 
 if TYPE_CHECKING:
@@ -229,7 +229,7 @@ def _apply_all(chunk: list[_Op]) -> None:
 def _apply(op: _Op) -> None:
     """Carry out one operation on the file system, without fsync (blocking)."""
     if op.kind == "remove":
-        doomed = store.doomed_path(op.path)
+        doomed = datadir.doomed_path(op.path)
         if op.path.exists():
             os.replace(op.path, doomed)
         shutil.rmtree(doomed, ignore_errors=True)

@@ -15,8 +15,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from launcher import config as config_module
-from launcher.client import Client, ClientError
+from launcher.cli.client import Client, ClientError
+from launcher.core import config as config_module
 from launcher.plugin.errors import SetupError
 
 EXIT_FAILED = 1  # the launcher refused or failed the command
@@ -46,7 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import trio
 
-    from launcher.server import serve
+    from launcher.cli.serve import serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -66,7 +66,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _hard_reset(args: argparse.Namespace) -> int:
     import trio
 
-    from launcher.reset import hard_reset
+    from launcher.cli.hard_reset import hard_reset
 
     if not args.yes:
         print("launcher: hard-reset destroys every VM of this data dir and forgets every instance; "

@@ -8,7 +8,7 @@ the command's turn comes, against the state the instance is in then: a VM may ha
 meanwhile.
 
 The README's "Command rules" table is `markdown_table()`'s output (tests/test_lifecycle.py keeps the two equal;
-`python -m launcher.lifecycle` prints it), and tests/test_lifecycle.py drives every cell of `RULES`.
+`python -m launcher.core.lifecycle` prints it), and tests/test_lifecycle.py drives every cell of `RULES`.
 """
 
 from __future__ import annotations
@@ -29,6 +29,17 @@ class State(enum.Enum):
     EXITED = "exited"
     DELETING = "deleting"  # internal: DELETE is under way
     DELETED = "deleted"
+
+
+# What the outside world sees: the internal states are shown as the state they leave.
+PUBLIC_STATE = {
+    State.PENDING: "pending",
+    State.RUNNING: "running",
+    State.STOPPING: "running",
+    State.EXITED: "exited",
+    State.DELETING: "exited",
+    State.DELETED: "deleted",
+}
 
 
 class Verb(enum.Enum):

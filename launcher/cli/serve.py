@@ -1,6 +1,6 @@
 """`launcher serve`: wires the components together and runs them under one root nursery.
 
-Start order: the API token (checked, or created, before anything else: `launcher.api_token`), journal,
+Start order: the API token (checked, or created, before anything else: `launcher.transport.api_token`), journal,
 per-instance logs and the instance-file persister (so everything after can report), the virtualizer backend,
 the supervisor (which recovers the instances on disk), the stats reporter, then the HTTP API. On SIGTERM or
 SIGINT everything is cancelled in the reverse order: actors and monitors stop, VMs keep running (a restarted
@@ -21,20 +21,22 @@ from pathlib import Path
 import attrs
 import trio
 
-from launcher import api_token, fdlimit, http, store
-from launcher.api import Api
-from launcher.backends import load_backend
-from launcher.config import Config
-from launcher.events import EventJournal
-from launcher.logs import InstanceLogs
-from launcher.metrics import Metrics
-from launcher.persist import Persister
+from launcher.cli import fdlimit
+from launcher.core.backends import load_backend
+from launcher.core.config import Config
+from launcher.core.metrics import Metrics
+from launcher.core.stats import StatsReporter, node_uuid
+from launcher.core.supervisor import Supervisor
+from launcher.durable import datadir
+from launcher.durable.events import EventJournal
+from launcher.durable.logs import InstanceLogs
+from launcher.durable.persist import Persister
 from launcher.plugin import files
 from launcher.plugin.host import BackendHost
 from launcher.plugin.protocol import OpenBackend
-from launcher.stats import StatsReporter, node_uuid
-from launcher.supervisor import Supervisor
-from launcher.unix_listener import open_unix_listener, remove_socket
+from launcher.transport import api_token, http
+from launcher.transport.api import Api
+from launcher.transport.unix_listener import open_unix_listener, remove_socket
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +65,7 @@ async def running_core(config: Config) -> AsyncIterator[Core]:
     recovers the instances on disk). Leaving the block stops them in the reverse order; VMs keep running."""
     opener = load_backend(config.virtualizer)
     config.data_dir.mkdir(parents=True, exist_ok=True)
-    lock = store.lock_data_dir(config.data_dir)
+    lock = datadir.lock_data_dir(config.data_dir)
     try:
         async with _core_under_lock(config, opener) as core:
             yield core
@@ -123,7 +125,7 @@ async def serve(config: Config) -> None:
                 work.start_soon(_remove_on_exit, Path(config.listen_unix))
             await work.start(partial(http.serve, max_body=config.max_payload_bytes, limits=limits),
                              api.handle, listeners)
-            work.start_soon(_publish_url, config.data_dir / store.URL_FILE, url, core.limiter)
+            work.start_soon(_publish_url, config.data_dir / datadir.URL_FILE, url, core.limiter)
             log.info("launcher serving on %s%s (virtualizer %s, data dir %s, pid %d)", url,
                      f" and unix://{config.listen_unix}" if config.listen_unix else "", config.virtualizer,
                      config.data_dir, os.getpid())

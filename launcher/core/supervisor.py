@@ -10,7 +10,7 @@ START is admitted or an instance is gone, so a burst of STARTs can never overcom
 value refreshed every 6 s; reference §18). The live free space of the data dir is checked as well.
 
 Recovery at start-up: each instance dir becomes an actor that reconciles its record with its VM
-(InstanceActor._recover); whether the host rebooted since the last run (launcher/bootid.py) and the
+(InstanceActor._recover); whether the host rebooted since the last run (launcher/core/bootid.py) and the
 `recovery:` policy are shared through a RecoveryPlan.
 """
 
@@ -25,14 +25,10 @@ import attrs
 import psutil
 import trio
 
-from launcher import bootid, lifecycle, store
-from launcher.config import Config
-from launcher.events import EventJournal
-from launcher.instance import ActorContext, InstanceActor, Ticket
-from launcher.lifecycle import State, Verb
-from launcher.logs import InstanceLogs
-from launcher.metrics import Metrics
-from launcher.payloads import (
+from launcher.core import bootid, lifecycle
+from launcher.core.actor import InstanceActor
+from launcher.core.actor_base import ActorBase, ActorContext
+from launcher.core.commands import (
     AttachVolumeCommand,
     Command,
     DeleteCommand,
@@ -43,14 +39,21 @@ from launcher.payloads import (
     StartCommand,
     StopCommand,
 )
-from launcher.persist import Persister
+from launcher.core.config import Config
+from launcher.core.lifecycle import State, Verb
+from launcher.core.messages import Ticket
+from launcher.core.metrics import Metrics
+from launcher.core.recovery import RecoveryPlan
+from launcher.durable import datadir
+from launcher.durable.events import EventJournal
+from launcher.durable.logs import InstanceLogs
+from launcher.durable.persist import Persister
+from launcher.durable.records import InstanceRecord
 from launcher.plugin import errors, files
 from launcher.plugin.errors import LauncherError
 from launcher.plugin.protocol import Backend
 from launcher.plugin.spec import InstanceSpec
 from launcher.plugin.volumes import local_volumes_mb, promised_disk_mb
-from launcher.records import InstanceRecord
-from launcher.recovery import RecoveryPlan
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +225,7 @@ class Supervisor:
         return ticket
 
     def _repeated_start(self, actor: InstanceActor, spec: InstanceSpec) -> Ticket:
-        """Same uuid again: identical payload is idempotent; anything else is a conflict (launcher/lifecycle.py)."""
+        """Same uuid again: identical payload is idempotent; anything else is a conflict (`lifecycle`)."""
         verb = Verb.START_SAME if actor.spec == spec else Verb.START_OTHER
         outcome = lifecycle.judge(verb, actor.projected)
         if isinstance(outcome, lifecycle.Refuse):
@@ -333,7 +336,7 @@ class Supervisor:
         self._nursery.start_soon(actor.run)
         return actor
 
-    def _on_gone(self, actor: InstanceActor) -> None:
+    def _on_gone(self, actor: ActorBase) -> None:
         if self.instances.get(actor.uuid) is actor:
             del self.instances[actor.uuid]
             self.allocated -= Resources.of(actor.spec)
@@ -342,7 +345,7 @@ class Supervisor:
                     del self.volume_users[volume]
             self._update_status()
 
-    def _release_volume(self, actor: InstanceActor, volume: str) -> None:
+    def _release_volume(self, actor: ActorBase, volume: str) -> None:
         if self.volume_users.get(volume) == actor.uuid:
             del self.volume_users[volume]
 
@@ -363,7 +366,7 @@ class Supervisor:
         limiter = self._ctx.persister.limiter
         loaded, broken = await trio.to_thread.run_sync(_scan, instances_dir, limiter=limiter)
         for path, detail in broken:
-            aside = await trio.to_thread.run_sync(store.move_aside, path, self.config.data_dir / store.CORRUPT,
+            aside = await trio.to_thread.run_sync(datadir.move_aside, path, self.config.data_dir / datadir.CORRUPT,
                                                   limiter=limiter)
             log.error("instance dir %s is unreadable (%s): moved to %s", path, detail, aside)
             self.journal.emit("instance_corrupt", instance_uuid=path.name, detail=detail, moved_to=str(aside))
@@ -386,10 +389,10 @@ def _scan(instances_dir: Path) -> tuple[list[InstanceRecord], list[tuple[Path, s
         if path.name.startswith(".") or not path.is_dir():
             continue
         try:
-            record = InstanceRecord.from_json((path / store.INSTANCE_FILE).read_bytes())
+            record = InstanceRecord.from_json((path / datadir.INSTANCE_FILE).read_bytes())
             if record.spec.instance_uuid != path.name:
                 raise ValueError(f"the record is for instance {record.spec.instance_uuid}")
-            store.make_private(path)
+            datadir.make_private(path)
         except (OSError, ValueError, RecursionError) as exc:  # RecursionError: JSON nested absurdly deep
             broken.append((path, str(exc) or type(exc).__name__))
             continue

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import trio
 
-from launcher import store
-from launcher.backends import load_backend
-from launcher.config import Config
-from launcher.persist import WAL_FILE
+from launcher.cli.serve import journal_for
+from launcher.core.backends import load_backend
+from launcher.core.config import Config
+from launcher.durable import datadir
+from launcher.durable.persist import WAL_FILE
 from launcher.plugin import files
 from launcher.plugin.host import BackendHost
-from launcher.server import journal_for
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ async def hard_reset(config: Config) -> tuple[list[str], list[str]]:
     SetupError (DataDirBusy) if a launcher is running on this data dir, or if the virtualizer cannot be opened."""
     opener = load_backend(config.virtualizer)
     config.data_dir.mkdir(parents=True, exist_ok=True)
-    lock = store.lock_data_dir(config.data_dir)
+    lock = datadir.lock_data_dir(config.data_dir)
     try:
         limiter = trio.CapacityLimiter(config.worker_threads)
         journal = journal_for(config, limiter)
@@ -55,7 +55,7 @@ async def hard_reset(config: Config) -> tuple[list[str], list[str]]:
 
 def _remove_instances(data_dir: Path) -> list[str]:
     """Remove the instance dirs and the instance log (blocking); the uuids removed."""
-    instances = data_dir / store.INSTANCES
+    instances = data_dir / datadir.INSTANCES
     removed = sorted(p.name for p in instances.iterdir()) if instances.is_dir() else []
     # The write-ahead log goes first: replayed later, it would bring instances back.
     (data_dir / WAL_FILE).unlink(missing_ok=True)

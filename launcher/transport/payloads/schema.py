@@ -14,7 +14,8 @@ from typing import Any, NoReturn, TypeVar
 
 import attrs
 
-from launcher.payloads.commands import (
+from launcher.core.commands import (
+    COMMAND_KEYS,
     RESOURCE_FIELDS,
     AttachVolumeCommand,
     Command,
@@ -26,19 +27,17 @@ from launcher.payloads.commands import (
     StartCommand,
     StopCommand,
 )
-from launcher.payloads.framing import frame
-from launcher.payloads.loader import data_error, json_loads, load_yaml, payload_error, show
 from launcher.plugin.errors import INVALID_DATA, PayloadError
 from launcher.plugin.identity import IdentityError, hostname_problem, read_identity
 from launcher.plugin.spec import IMAGE_RE, MAX_IMAGE_LEN, InstanceSpec, Networking, StorageEntry
 from launcher.plugin.volumes import MAX_VOLUMES, storage_problem
+from launcher.transport.payloads.framing import frame
+from launcher.transport.payloads.loader import data_error, json_loads, load_yaml, payload_error, show
 
 # --------------------------------------------------------------------------------------------------------------------
 # Limits and vocabularies
 # --------------------------------------------------------------------------------------------------------------------
 
-
-COMMAND_KEYS = ("start", "stop", "restart", "delete", "attach_volume", "detach_volume", "evacuate", "restore")
 
 UUID_RE = re.compile(r"[0-9a-fA-F]+(?:-[0-9a-fA-F]+)*")  # ciao's uuidRegexp; used with fullmatch
 MAX_UUID_LEN = 64
@@ -220,11 +219,6 @@ _COMMAND_PARSERS: dict[str, Callable[[Any], Command]] = {
     "detach_volume": lambda value: _for_instance(value, "detach_volume", _build_detach),
     "evacuate": lambda value: _node_command(value, "evacuate", EvacuateCommand()),
     "restore": lambda value: _node_command(value, "restore", RestoreCommand()),
-}
-COMMAND_NAMES: dict[type, str] = {
-    StartCommand: "start", StopCommand: "stop", RestartCommand: "restart", DeleteCommand: "delete",
-    AttachVolumeCommand: "attach_volume", DetachVolumeCommand: "detach_volume",
-    EvacuateCommand: "evacuate", RestoreCommand: "restore",
 }
 
 

@@ -30,35 +30,20 @@ The package, in the order a body goes through it:
 - `loader`: bytes, content type and size checks; safe YAML and JSON loading into plain values.
 - `framing`: ciao's multi-document framing of a YAML START (`split_yaml`).
 - `schema`: from a loaded document to a validated command; every field rule lives here.
-- `commands`: the command types it produces. A START's instance model, `InstanceSpec`, is not the parser's: it
-  lives in `launcher.plugin.spec`, where virtualizers find it.
+
+The command types it produces are the core's (`launcher.core.commands`); a START's instance model,
+`InstanceSpec`, lives in `launcher.plugin.spec`, where virtualizers find it.
 """
 
 from __future__ import annotations
 
-from launcher.payloads.commands import (
-    RESOURCE_FIELDS,
-    AttachVolumeCommand,
-    Command,
-    DeleteCommand,
-    DetachVolumeCommand,
-    EvacuateCommand,
-    RestartCommand,
-    RestoreCommand,
-    StartCommand,
-    StopCommand,
-)
-from launcher.payloads.framing import split_yaml
-from launcher.payloads.loader import DEFAULT_MAX_BYTES, decode, payload_error, syntax_of
-from launcher.payloads.schema import COMMAND_KEYS, COMMAND_NAMES, is_valid_uuid, parse_json_command, parse_yaml_command
+from launcher.core.commands import COMMAND_NAMES, Command, StartCommand
 from launcher.plugin.errors import INVALID_DATA, PayloadError
+from launcher.transport.payloads.framing import split_yaml
+from launcher.transport.payloads.loader import DEFAULT_MAX_BYTES, decode, payload_error, syntax_of
+from launcher.transport.payloads.schema import is_valid_uuid, parse_json_command, parse_yaml_command
 
-__all__ = [
-    "COMMAND_KEYS", "DEFAULT_MAX_BYTES", "RESOURCE_FIELDS", "AttachVolumeCommand", "Command", "DeleteCommand",
-    "DetachVolumeCommand", "EvacuateCommand",
-    "RestartCommand", "RestoreCommand", "StartCommand", "StopCommand", "is_valid_uuid", "parse_command",
-    "parse_start", "split_yaml",
-]
+__all__ = ["DEFAULT_MAX_BYTES", "is_valid_uuid", "parse_command", "parse_start", "split_yaml"]
 
 def parse_command(body: bytes, content_type: str | None, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Command:
     """Parse and validate one ciao command document; dispatch on its single top-level key.
