@@ -29,7 +29,8 @@ def test_shipped_file_states_the_defaults() -> None:
 
 
 def test_shipped_file_names_every_setting() -> None:
-    """The shipped file lists every setting (the README says it does), not only those whose default differs."""
+    """The shipped file lists every setting (docs/configuration.md says it does), not only those whose default
+    differs."""
     raw = yaml.safe_load(SHIPPED.read_text())
     paths = (_setting_paths(config.Config, "") + _setting_paths(QemuSettings, "qemu.")
              + _setting_paths(SimulationSettings, "simulation."))

@@ -1,5 +1,5 @@
-"""The command × state table (launcher/core/lifecycle.py): the README shows it, and every cell is what a launcher does,
-judged by the supervisor at once and by the actor when the command's turn comes."""
+"""The command × state table (launcher/core/lifecycle.py): docs/api.md shows it, and every cell is what a launcher
+does, judged by the supervisor at once and by the actor when the command's turn comes."""
 
 from __future__ import annotations
 
@@ -97,8 +97,8 @@ async def check(node: Node, ticket: Ticket, outcome: Outcome, command: Command) 
 
 
 # The table written out by hand, so that a changed cell fails a test that does not read `RULES` (the cell tests
-# below drive each cell as `RULES` says, and the README is generated from it): columns pending, running, exited,
-# being deleted, gone; "follow", "create", "→<state>", "same" (state unchanged) or the refusal's code.
+# below drive each cell as `RULES` says, and docs/api.md's table is generated from it): columns pending, running,
+# exited, being deleted, gone; "follow", "create", "→<state>", "same" (state unchanged) or the refusal's code.
 EXPECTED = {
     Verb.START_SAME: ("follow", "follow", "follow", "instance_exists", "create"),
     Verb.START_OTHER: ("already_running", "already_running", "instance_exists", "instance_exists", "create"),
@@ -128,11 +128,11 @@ def test_the_table_has_every_cell() -> None:
     assert {Status.of(state) for state in State} | {Status.of(None)} == set(Status)
 
 
-def test_the_readme_shows_the_table() -> None:
-    """The README's "Command rules" table is `markdown_table()`'s output (`python -m launcher.core.lifecycle`)."""
-    readme = (ROOT / "README.md").read_text()
-    assert lifecycle.markdown_table() in readme, "run `python -m launcher.core.lifecycle` and paste it into the README"
-    assert readme.count("| command \\ state |") == 1
+def test_the_api_page_shows_the_table() -> None:
+    """docs/api.md's "Command rules" table is `markdown_table()`'s output (`python -m launcher.core.lifecycle`)."""
+    page = (ROOT / "docs" / "api.md").read_text()
+    assert lifecycle.markdown_table() in page, "run `python -m launcher.core.lifecycle` and paste it into docs/api.md"
+    assert page.count("| command \\ state |") == 1
 
 
 # ----------------------------------------------------------------- every cell, through the supervisor

@@ -1,5 +1,5 @@
 """`GET /metrics` follows Prometheus' conventions (promtool says so) and counts what happened: commands by kind
-and result, the START steps' durations, request latencies by route pattern (README "Metrics")."""
+and result, the START steps' durations, request latencies by route pattern (docs/observability.md, "Metrics")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Build the small bootable guest disk image used by the tests and the README demo.
+"""Build the small bootable guest disk image used by the tests and the README's "Try it".
 
 Contract
 --------
