@@ -10,11 +10,11 @@ from typing import Any
 import attrs
 import trio
 
-from launcher.cli.serve import running_core
 from launcher.core import config as config_module
 from launcher.core.commands import RESOURCE_FIELDS, Command, StartCommand
 from launcher.core.config import Config
 from launcher.core.messages import Ticket
+from launcher.core.running import running_core
 from launcher.core.supervisor import Supervisor
 from launcher.durable.events import EventJournal
 from launcher.durable.logs import InstanceLogs
@@ -40,7 +40,7 @@ class Node:
         return ticket
 
     def state(self, uuid: str) -> str:
-        actor = self.supervisor.instances.get(uuid)
+        actor = self.supervisor.actors.get(uuid)
         return "deleted" if actor is None else actor.public_state
 
     async def wait_state(self, uuid: str, state: str, timeout: float = 10.0) -> None:

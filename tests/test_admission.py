@@ -51,7 +51,7 @@ async def test_memory_limit_and_defaults(tmp_path: Path) -> None:
             node.start("cc-1", mem_mb=int(capacity) + 1)
         assert info.value.code == errors.FULL_CN and "memory" in info.value.reason
         await node.done(node.start("cc-2"))  # defaults.mem_mb = 16 applies
-        assert node.supervisor.instances["cc-2"].spec.mem_mb == 16
+        assert node.supervisor.actors["cc-2"].spec.mem_mb == 16
 
 
 async def test_local_volumes_count_against_the_disk(tmp_path: Path) -> None:

@@ -82,7 +82,7 @@ async def check(node: Node, ticket: Ticket, outcome: Outcome, command: Command) 
         assert ticket.state == outcome.target.value and node.state(U) == outcome.target.value
     elif isinstance(outcome, Change):  # ATTACH or DETACH of V, carried out in the state the instance was in
         assert ticket.state == node.state(U)
-        attached = V in node.supervisor.instances[U].volumes
+        attached = V in node.supervisor.actors[U].volumes
         assert attached == isinstance(command, AttachVolumeCommand)
         assert node.supervisor.volume_users.get(V) == (U if attached else None)
     elif isinstance(outcome, Follow):
@@ -90,7 +90,7 @@ async def check(node: Node, ticket: Ticket, outcome: Outcome, command: Command) 
     else:
         assert isinstance(outcome, Create)
         assert ticket.state == "running"
-    assert len(node.supervisor.instances) == (0 if node.state(U) == "deleted" else 1)
+    assert len(node.supervisor.actors) == (0 if node.state(U) == "deleted" else 1)
 
 
 # ----------------------------------------------------------------- the table itself
@@ -167,7 +167,7 @@ async def test_every_cell_the_actor_sees(tmp_path: Path, verb: Verb, status: Sta
         assert not isinstance(command, StartCommand | EvacuateCommand | RestoreCommand)  # for the type checker
         if verb is Verb.ATTACH:
             node.supervisor.volume_users[V] = U  # the reservation Supervisor.dispatch makes
-        node.supervisor.instances[U].post(command, ticket)
+        node.supervisor.actors[U].post(command, ticket)
         await check(node, ticket, RULES[verb, status], command)
 
 

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import trio
 
-from launcher.cli.serve import journal_for
 from launcher.core.backends import load_backend
 from launcher.core.config import Config
+from launcher.core.running import journal_for
 from launcher.durable import datadir
 from launcher.durable.persist import WAL_FILE
 from launcher.plugin import files

@@ -1,4 +1,5 @@
-"""`launcher serve`: wires the components together and runs them under one root nursery.
+"""`launcher serve`: the running core (`launcher.core.running`) with the stats reporter and the HTTP API over it,
+under one root nursery.
 
 Start order: the API token (checked, or created, before anything else: `launcher.transport.api_token`), journal,
 per-instance logs and the instance-file persister (so everything after can report), the virtualizer backend,
@@ -13,8 +14,6 @@ import gc
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
 
@@ -22,82 +21,16 @@ import attrs
 import trio
 
 from launcher.cli import fdlimit
-from launcher.core.backends import load_backend
-from launcher.core.config import Config
-from launcher.core.metrics import Metrics
+from launcher.core.config import Config, HttpLimits
+from launcher.core.running import running_core
 from launcher.core.stats import StatsReporter, node_uuid
-from launcher.core.supervisor import Supervisor
 from launcher.durable import datadir
-from launcher.durable.events import EventJournal
-from launcher.durable.logs import InstanceLogs
-from launcher.durable.persist import Persister
 from launcher.plugin import files
-from launcher.plugin.host import BackendHost
-from launcher.plugin.protocol import OpenBackend
 from launcher.transport import api_token, http
 from launcher.transport.api import Api
 from launcher.transport.unix_listener import open_unix_listener, remove_socket
 
 log = logging.getLogger(__name__)
-
-
-def journal_for(config: Config, limiter: trio.CapacityLimiter) -> EventJournal:
-    """The data dir's event journal, as the config sets it up (not yet running)."""
-    e = config.events
-    return EventJournal(config.data_dir, rotate_bytes=e.rotate_bytes, keep_files=e.keep_files,
-                        memory_events=e.memory_events, memory_bytes=e.memory_bytes, limiter=limiter)
-
-
-@attrs.frozen
-class Core:
-    """The running launcher without its transports: what `serve` and in-process tests share."""
-
-    config: Config
-    limiter: trio.CapacityLimiter
-    journal: EventJournal
-    logs: InstanceLogs
-    supervisor: Supervisor
-
-
-@asynccontextmanager
-async def running_core(config: Config) -> AsyncIterator[Core]:
-    """Journal, logs and persister, then the virtualizer backend and its preflight, then the supervisor (which
-    recovers the instances on disk). Leaving the block stops them in the reverse order; VMs keep running."""
-    opener = load_backend(config.virtualizer)
-    config.data_dir.mkdir(parents=True, exist_ok=True)
-    lock = datadir.lock_data_dir(config.data_dir)
-    try:
-        async with _core_under_lock(config, opener) as core:
-            yield core
-    finally:
-        os.close(lock)
-
-
-@asynccontextmanager
-async def _core_under_lock(config: Config, opener: OpenBackend) -> AsyncIterator[Core]:
-    config.instances_dir.mkdir(exist_ok=True)
-    limiter = trio.CapacityLimiter(config.worker_threads)
-    journal = journal_for(config, limiter)
-    logs = InstanceLogs(max_bytes=config.log_max_bytes, limiter=limiter)
-    persister = Persister(config.data_dir, limiter,
-                          on_dropped=lambda detail: journal.emit("wal_record_dropped", detail=detail))
-    async with trio.open_nursery() as infrastructure:
-        await infrastructure.start(journal.run)
-        await infrastructure.start(logs.run)
-        await infrastructure.start(persister.run)
-        metrics = Metrics()
-        host = BackendHost(config.data_dir, limiter, journal.emit, logs.write,
-                           observe_step=partial(metrics.virtualizer_step, config.virtualizer))
-        async with opener(config.virtualizer_settings(), host) as backend:
-            preflight: Callable[[], Awaitable[None]] | None = getattr(backend, "preflight", None)
-            if preflight is not None:
-                await preflight()  # SetupError: `launcher serve` prints it and exits 2
-            async with trio.open_nursery() as actors:
-                supervisor = Supervisor(config, backend, journal, logs, persister, metrics)
-                await actors.start(supervisor.run)
-                yield Core(config, limiter, journal, logs, supervisor)
-                actors.cancel_scope.cancel()
-        infrastructure.cancel_scope.cancel()
 
 
 # Garbage collector thresholds for `launcher serve` (CPython's defaults are 700, 10, 10). Each instance keeps
@@ -131,7 +64,7 @@ async def serve(config: Config) -> None:
                      config.data_dir, os.getpid())
 
 
-def _http_limits(config: Config) -> http.Limits:
+def _http_limits(config: Config) -> HttpLimits:
     """The config's HTTP limits, with max_connections cut to what the open-file limit (raised first) allows."""
     open_files = fdlimit.raise_open_file_limit()
     budget = fdlimit.connection_budget(config.http.max_connections, open_files)

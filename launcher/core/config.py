@@ -14,7 +14,16 @@ import yaml
 
 from launcher.core.backends import available_backends
 from launcher.plugin.settings import ConfigError, at_least, one_of, parse_section
-from launcher.transport.http import Limits as HttpLimits
+
+
+@attrs.frozen
+class HttpLimits:
+    """Bounds on what a client may hold (the `http:` section of the config)."""
+
+    idle_timeout_s: float = 75.0  # a request head must be complete this long after the connection is ready
+    body_timeout_s: float = 60.0  # its body this long after the head; else 408 request_timeout
+    send_timeout_s: float = 60.0  # a write the client has not taken after this ends the connection
+    max_connections: int = 4096  # open connections at once (also bounded by the open-file limit)
 
 
 @attrs.frozen

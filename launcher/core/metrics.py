@@ -9,8 +9,8 @@ their figures). Who feeds it:
   (`vm_running`, once the monitor reports the VM up after start_vm);
 - the virtualizer: the parts of its calls it times itself (`virtualizer_step`, lent as
   `BackendHost.observe_step`);
-- `StateCollector`: the gauges of the live state (instances by state, node status, resources, per-instance
-  usage), read at scrape time.
+- the transport's `StateCollector` (`launcher.transport.state_metrics`): the gauges of the live state
+  (instances by state, node status, resources, per-instance usage), read at scrape time.
 
 Everything runs in the Trio thread; prometheus_client's locks are uncontended there (a counter increment or a
 histogram observation costs 1–1.5 µs here).
@@ -18,22 +18,19 @@ histogram observation costs 1–1.5 µs here).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 from weakref import WeakKeyDictionary
 
 import trio
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 
 from launcher.core.commands import COMMAND_KEYS
-from launcher.plugin.protocol import VolumeInfo
 
 if TYPE_CHECKING:
     from launcher.core.messages import Ticket
-    from launcher.core.supervisor import Supervisor
-    from launcher.durable.events import EventJournal
 
 MIB = 2**20
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -143,59 +140,3 @@ class _WithoutCreated(Collector):
         for metric in self.registry.collect():
             metric.samples = [s for s in metric.samples if not s.name.endswith("_created")]
             yield metric
-
-
-class StateCollector(Collector):
-    """Gauges of the live state, read at scrape time (and once when registered, so that the registry checks
-    their names against the others')."""
-
-    def __init__(self, supervisor: Supervisor, journal: EventJournal,
-                 volumes: Callable[[], Sequence[VolumeInfo]] = tuple) -> None:
-        self.supervisor = supervisor
-        self.journal = journal
-        self.volumes = volumes  # the volume store's volumes, as the scrape read them
-
-    def collect(self) -> Iterator[Metric]:
-        s = self.supervisor
-        states = GaugeMetricFamily("launcher_instances", "Instances by public state", labels=["state"])
-        for state, n in s.state_counts().items():
-            states.add_metric([state], n)
-        yield states
-        status = GaugeMetricFamily("launcher_node_status", "1 for the node's current status, 0 for the others",
-                                   labels=["status"])
-        for name in ("READY", "FULL", "MAINTENANCE"):
-            status.add_metric([name], 1 if s.status == name else 0)
-        yield status
-        a, c = s.allocated, s.capacity
-        yield GaugeMetricFamily("launcher_allocated_vcpus", "vCPUs promised to admitted instances", value=a.vcpus)
-        yield GaugeMetricFamily("launcher_capacity_vcpus", "vCPUs the node may promise", value=c.vcpus)
-        yield GaugeMetricFamily("launcher_allocated_memory_bytes", "Memory promised to admitted instances",
-                                value=a.mem_mb * MIB)
-        yield GaugeMetricFamily("launcher_capacity_memory_bytes", "Memory the node may promise", value=c.mem_mb * MIB)
-        yield GaugeMetricFamily("launcher_allocated_disk_bytes", "Disk promised to admitted instances",
-                                value=a.disk_mb * MIB)
-        yield GaugeMetricFamily("launcher_capacity_disk_bytes", "Disk the node may promise", value=c.disk_mb * MIB)
-        yield GaugeMetricFamily("launcher_events_last_seq", "Sequence number of the newest event",
-                                value=self.journal.last_seq)
-        memory = GaugeMetricFamily("launcher_instance_memory_bytes", "PSS of the instance's VM",
-                                   labels=["instance_uuid"])
-        cpu = GaugeMetricFamily("launcher_instance_cpu_ratio", "CPU used by the instance's VM, as a fraction of "
-                                "its vCPUs (1 = all busy), since the previous poll", labels=["instance_uuid"])
-        disk = GaugeMetricFamily("launcher_instance_disk_bytes", "Disk allocated to the instance's own disk",
-                                 labels=["instance_uuid"])
-        for actor in s.instances.values():
-            figures = actor.stats  # -1: cannot know, so no sample
-            if figures.memory_mb >= 0:
-                memory.add_metric([actor.uuid], figures.memory_mb * MIB)
-            if figures.cpu_percent >= 0:
-                cpu.add_metric([actor.uuid], figures.cpu_percent / 100)
-            if figures.disk_mb >= 0:
-                disk.add_metric([actor.uuid], figures.disk_mb * MIB)
-        yield from (memory, cpu, disk)
-        volumes = self.volumes()
-        yield GaugeMetricFamily("launcher_volumes", "Volumes in the volume store",
-                                value=len(volumes))
-        yield GaugeMetricFamily("launcher_volume_capacity_bytes", "Total size of the volumes, as their guests see "
-                                "them", value=sum(v.size_mb for v in volumes) * MIB)
-        yield GaugeMetricFamily("launcher_volume_allocation_bytes", "Space the volumes take on the host",
-                                value=sum(v.allocation_mb for v in volumes) * MIB)

@@ -24,9 +24,9 @@ from typing import Any
 import psutil
 import trio
 
-from launcher.core.actor import InstanceActor
 from launcher.core.lifecycle import State
 from launcher.core.supervisor import Supervisor
+from launcher.core.view import InstanceView
 from launcher.durable.events import utc_timestamp
 from launcher.plugin import files
 from launcher.plugin.spec import InstanceSpec
@@ -86,17 +86,18 @@ def ssh_port(spec: InstanceSpec) -> int:
     return port if port < 65535 else 0
 
 
-def instance_figures(actor: InstanceActor) -> dict[str, Any]:
-    spec = actor.spec
+def instance_figures(instance: InstanceView) -> dict[str, Any]:
+    """One instance's entry of a STATS snapshot (ciao's shape, reference §5.2), also part of `GET /v1/instances`."""
+    spec = instance.spec
     return {
-        "instance_uuid": actor.uuid,
-        "state": actor.public_state,
+        "instance_uuid": instance.uuid,
+        "state": instance.public_state,
         "ssh_ip": spec.networking.concentrator_ip,
         "ssh_port": ssh_port(spec),
-        "memory_usage_mb": actor.stats.memory_mb,
-        "disk_usage_mb": actor.stats.disk_mb,
-        "cpu_usage": actor.stats.cpu_percent,
-        "volumes": list(actor.volumes),
+        "memory_usage_mb": instance.stats.memory_mb,
+        "disk_usage_mb": instance.stats.disk_mb,
+        "cpu_usage": instance.stats.cpu_percent,
+        "volumes": list(instance.volumes),
     }
 
 
@@ -129,7 +130,7 @@ class StatsReporter:
         """Ask every running instance for fresh figures once per `instance_stats_s`, evenly spread."""
         interval = self.supervisor.config.intervals.instance_stats_s
         while True:
-            actors = [a for a in self.supervisor.instances.values() if a.state is State.RUNNING]
+            actors = [a for a in self.supervisor.actors.values() if a.state is State.RUNNING]
             if not actors:
                 await trio.sleep(interval)
                 continue
@@ -146,7 +147,7 @@ class StatsReporter:
             "node_uuid": self.node_id,
             "status": self.supervisor.status,
             **node,
-            "instances": [instance_figures(a) for a in list(self.supervisor.instances.values())],
+            "instances": [instance_figures(a) for a in list(self.supervisor.actors.values())],
         }
         self._taken.set()
         self._taken = trio.Event()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from collections.abc import Collection
 from pathlib import Path
 
 import attrs
@@ -44,6 +45,7 @@ from launcher.core.lifecycle import State, Verb
 from launcher.core.messages import Ticket
 from launcher.core.metrics import Metrics
 from launcher.core.recovery import RecoveryPlan
+from launcher.core.view import InstanceView
 from launcher.durable import datadir
 from launcher.durable.events import EventJournal
 from launcher.durable.logs import InstanceLogs
@@ -118,7 +120,7 @@ class Supervisor:
         self.config = config
         self.backend = backend
         self.journal = journal
-        self.instances: dict[str, InstanceActor] = {}
+        self.actors: dict[str, InstanceActor] = {}  # the core's own table; the transport reads `instances()`
         self.allocated = Resources()
         # volume id → the instance it is reserved for: one of the instance's volumes (`InstanceActor.volumes`), or
         # one an ATTACH queued for it will add. Never two instances: a volume is attached to one VM at most.
@@ -162,7 +164,7 @@ class Supervisor:
             return self.evacuate()
         if isinstance(command, RestoreCommand):
             return self.restore()
-        actor = self.instances.get(command.instance_uuid)
+        actor = self.actors.get(command.instance_uuid)
         outcome = lifecycle.judge(_VERB[type(command)], None if actor is None else actor.projected)
         if isinstance(outcome, lifecycle.Refuse):
             raise LauncherError(outcome.code, outcome.reason, command.instance_uuid)
@@ -198,7 +200,7 @@ class Supervisor:
 
     def _dispatch_start(self, command: StartCommand) -> Ticket:
         spec = self._with_defaults(command)
-        existing = self.instances.get(spec.instance_uuid)
+        existing = self.actors.get(spec.instance_uuid)
         if existing is not None:
             return self._repeated_start(existing, spec)
         if self.maintenance:
@@ -233,10 +235,18 @@ class Supervisor:
         assert isinstance(outcome, lifecycle.Follow)
         return actor.follow()
 
+    def instance(self, uuid: str) -> InstanceView | None:
+        """The instance `uuid`, read-only, or None if there is none (deleted, or never started)."""
+        return self.actors.get(uuid)
+
+    def instances(self) -> Collection[InstanceView]:
+        """Every instance, read-only: a live view of the table (copy it before awaiting while reading it)."""
+        return self.actors.values()
+
     def state_counts(self) -> dict[str, int]:
         """How many instances are in each public state (pending, running, exited all present)."""
         counts = dict.fromkeys(("pending", "running", "exited"), 0)
-        for actor in self.instances.values():
+        for actor in self.actors.values():
             counts[actor.public_state] += 1
         return counts
 
@@ -250,8 +260,8 @@ class Supervisor:
         """Why an instance needing `need` cannot be admitted now, or "" if it can; `free_mb` is the free
         space in the data dir."""
         cap, after = self.capacity, self.allocated + need
-        if len(self.instances) + 1 > cap.instances:
-            return f"{len(self.instances)} instances, the limit is {cap.instances}"
+        if len(self.actors) + 1 > cap.instances:
+            return f"{len(self.actors)} instances, the limit is {cap.instances}"
         if after.vcpus > cap.vcpus:
             return f"{after.vcpus} vCPUs would be promised, the limit is {cap.vcpus:g}"
         if after.mem_mb > cap.mem_mb:
@@ -314,7 +324,7 @@ class Supervisor:
             ticket.finish(MAINTENANCE if on else self.status)
 
     def _stop_running(self) -> None:
-        for actor in list(self.instances.values()):
+        for actor in list(self.actors.values()):
             if actor.projected is State.RUNNING:
                 try:
                     self.dispatch(StopCommand(actor.uuid))
@@ -328,7 +338,7 @@ class Supervisor:
         assert self._nursery is not None
         actor = InstanceActor(self._ctx, self.backend.new_virtualizer(), spec, created=created, recovered=recovered,
                               goal=goal, volumes=volumes)
-        self.instances[actor.uuid] = actor
+        self.actors[actor.uuid] = actor
         self.allocated += Resources.of(spec)
         for volume in actor.volumes:
             # Two records naming one volume (made by hand, or by a launcher older than the check): the first keeps it.
@@ -337,8 +347,8 @@ class Supervisor:
         return actor
 
     def _on_gone(self, actor: ActorBase) -> None:
-        if self.instances.get(actor.uuid) is actor:
-            del self.instances[actor.uuid]
+        if self.actors.get(actor.uuid) is actor:
+            del self.actors[actor.uuid]
             self.allocated -= Resources.of(actor.spec)
             if self.volume_users:  # its volumes, and those ATTACHes still queued for it had reserved
                 for volume in [v for v, user in self.volume_users.items() if user == actor.uuid]:

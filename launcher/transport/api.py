@@ -19,7 +19,6 @@ from typing import Any
 import attrs
 import trio
 
-from launcher.core.actor import InstanceActor
 from launcher.core.commands import (
     AttachVolumeCommand,
     Command,
@@ -32,9 +31,10 @@ from launcher.core.commands import (
     StopCommand,
 )
 from launcher.core.messages import Ticket
-from launcher.core.metrics import CONTENT_TYPE, UNMATCHED_ROUTE, StateCollector
+from launcher.core.metrics import CONTENT_TYPE, UNMATCHED_ROUTE
 from launcher.core.stats import StatsReporter, instance_figures, node_figures
 from launcher.core.supervisor import Supervisor
+from launcher.core.view import InstanceView
 from launcher.durable.events import EventJournal, EventsExpired
 from launcher.durable.logs import InstanceLogs
 from launcher.plugin import errors
@@ -43,6 +43,7 @@ from launcher.plugin.protocol import VolumeInfo, volume_catalog
 from launcher.transport import payloads
 from launcher.transport.http import Handler, Request, Response, Stream
 from launcher.transport.image_routes import ImageRoutes
+from launcher.transport.state_metrics import StateCollector
 from launcher.transport.volume_routes import VolumeRoutes
 
 log = logging.getLogger(__name__)
@@ -237,8 +238,8 @@ class Api:
                                    "done": False})
 
     def _state_of(self, ticket: Ticket) -> str:
-        actor = self.supervisor.instances.get(ticket.instance_uuid)
-        return actor.public_state if actor is not None else "deleted"
+        instance = self.supervisor.instance(ticket.instance_uuid)
+        return instance.public_state if instance is not None else "deleted"
 
     # ----------------------------------------------------------------- reads
 
@@ -246,10 +247,10 @@ class Api:
         return Response.json(200, {"status": "ok"})
 
     async def list_instances(self, request: Request) -> Response:
-        return Response.json(200, {"instances": [_summary(a) for a in self.supervisor.instances.values()]})
+        return Response.json(200, {"instances": [_summary(i) for i in self.supervisor.instances()]})
 
     async def show_instance(self, request: Request) -> Response:
-        return Response.json(200, _details(self._actor(request)))
+        return Response.json(200, _details(self._instance(request)))
 
     async def node(self, request: Request) -> Response:
         s = self.supervisor
@@ -259,7 +260,7 @@ class Api:
             "status": s.status,
             "maintenance": s.maintenance,
             "virtualizer": self.config.virtualizer,
-            "instances": len(s.instances),
+            "instances": len(s.instances()),
             "instance_states": s.state_counts(),
             "allocated": attrs.asdict(s.allocated),
             "capacity": attrs.asdict(s.capacity),
@@ -287,8 +288,8 @@ class Api:
         return Stream(NDJSON, _ndjson(self.journal.events_since(since, follow=_flag(request, "follow"))))
 
     async def instance_log(self, request: Request) -> Stream:
-        actor = self._actor(request)
-        return Stream("text/plain; charset=utf-8", self.logs.follow(actor.dir, follow=_flag(request, "follow")))
+        instance = self._instance(request)
+        return Stream("text/plain; charset=utf-8", self.logs.follow(instance.dir, follow=_flag(request, "follow")))
 
     # ----------------------------------------------------------------- helpers
 
@@ -304,12 +305,12 @@ class Api:
             raise LauncherError(errors.INVALID_DATA, f"volume_uuid: {value!r} is not a valid volume uuid")
         return value
 
-    def _actor(self, request: Request) -> InstanceActor:
+    def _instance(self, request: Request) -> InstanceView:
         uuid = self._uuid(request)
-        actor = self.supervisor.instances.get(uuid)
-        if actor is None:
+        instance = self.supervisor.instance(uuid)
+        if instance is None:
             raise LauncherError(errors.NO_INSTANCE, "no such instance", uuid)
-        return actor
+        return instance
 
 
 class EventsGone(LauncherError):
@@ -345,24 +346,24 @@ def _ticket_answer(ticket: Ticket, status: int) -> Response:
     return Response.json(status, {"instance_uuid": ticket.instance_uuid, "state": ticket.state, "done": True})
 
 
-def _summary(actor: InstanceActor) -> dict[str, Any]:
+def _summary(instance: InstanceView) -> dict[str, Any]:
     return {
-        **instance_figures(actor),
-        "activity": actor.activity,
-        "image_uuid": actor.spec.image_uuid,
-        "vcpus": actor.spec.vcpus,
-        "mem_mb": actor.spec.mem_mb,
-        "disk_mb": actor.spec.disk_mb,
+        **instance_figures(instance),
+        "activity": instance.activity,
+        "image_uuid": instance.spec.image_uuid,
+        "vcpus": instance.spec.vcpus,
+        "mem_mb": instance.spec.mem_mb,
+        "disk_mb": instance.spec.disk_mb,
     }
 
 
-def _details(actor: InstanceActor) -> dict[str, Any]:
-    spec = attrs.asdict(actor.spec)
+def _details(instance: InstanceView) -> dict[str, Any]:
+    spec = attrs.asdict(instance.spec)
     # user-data often carries secrets (passwords, keys): show its size and digest, not its text.
     user_data = spec.pop("user_data").encode()
     spec["user_data_bytes"] = len(user_data)
     spec["user_data_sha256"] = hashlib.sha256(user_data).hexdigest()
-    return {**_summary(actor), "dir": str(actor.dir), "queued": actor.queued, "spec": spec}
+    return {**_summary(instance), "dir": str(instance.dir), "queued": instance.queued, "spec": spec}
 
 
 async def _ndjson(events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:

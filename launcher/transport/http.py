@@ -13,9 +13,9 @@ Whatever a client does, only its own connection suffers (README "HTTP robustness
   that connection's task; Trio's ExceptionGroups are unwrapped there with `except*`.
 - A request HTTP cannot parse is answered `400 invalid_payload` (431 for a head over `MAX_HEADER_BYTES`), a
   body over `max_body` `400 invalid_payload`, and the connection is closed.
-- Every wait on a client is bounded (`Limits`): the head of a request (keep-alive idle time), its body, and
+- Every wait on a client is bounded (`HttpLimits`): the head of a request (keep-alive idle time), its body, and
   every write (a reader that does not take what it is sent is dropped, so it holds one chunk, never a queue).
-- At most `Limits.max_connections` connections are open: a new one closes the one idle the longest (waiting
+- At most `HttpLimits.max_connections` connections are open: a new one closes the one idle the longest (waiting
   for a request head), or is answered `503 too_many_connections` when none is idle.
 """
 
@@ -34,6 +34,7 @@ import attrs
 import h11
 import trio
 
+from launcher.core.config import HttpLimits
 from launcher.plugin.errors import INVALID_PAYLOAD, REQUEST_TIMEOUT, TOO_MANY_CONNECTIONS, LauncherError
 
 log = logging.getLogger(__name__)
@@ -42,16 +43,7 @@ MAX_HEADER_BYTES = 64 * 1024  # a request head longer than this (plus at most RE
 RECEIVE_BYTES = 16 * 1024  # h11 checks the head's size between receives, so this bounds the overshoot
 LINGER_S = 2.0  # after an error answer, how long the client's remaining bytes are read and dropped
 LINGER_BYTES = 1 << 20  # ... and at most this many
-
-
-@attrs.frozen
-class Limits:
-    """Bounds on what a client may hold (the `http:` section of the config)."""
-
-    idle_timeout_s: float = 75.0  # a request head must be complete this long after the connection is ready
-    body_timeout_s: float = 60.0  # its body this long after the head; else 408 request_timeout
-    send_timeout_s: float = 60.0  # a write the client has not taken after this ends the connection
-    max_connections: int = 4096  # open connections at once (also bounded by the open-file limit)
+DEFAULT_LIMITS = HttpLimits()  # the `http:` section's defaults (launcher.core.config)
 
 
 @attrs.frozen
@@ -103,7 +95,8 @@ CLIENT_GONE = (trio.BrokenResourceError, trio.ClosedResourceError, h11.RemotePro
 
 
 async def serve(handler: Handler, listeners: Sequence[trio.SocketListener], *, max_body: int,
-                limits: Limits = Limits(), task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+                limits: HttpLimits = DEFAULT_LIMITS,
+                task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve HTTP on `listeners` until cancelled; each connection in a task of its own, whose errors stay there."""
     connections = _Connections(limits.max_connections)
 
@@ -173,7 +166,7 @@ class _Connections:
 class _Connection:
     """One client connection: requests in turn, under one cancel scope whose deadline bounds each phase."""
 
-    def __init__(self, stream: trio.SocketStream, handler: Handler, max_body: int, limits: Limits) -> None:
+    def __init__(self, stream: trio.SocketStream, handler: Handler, max_body: int, limits: HttpLimits) -> None:
         self.stream = stream
         self.handler = handler
         self.max_body = max_body

@@ -39,7 +39,7 @@ class ImagesInUse(Collection[str]):
         self._supervisor = supervisor
 
     def _ids(self) -> set[str]:
-        return {actor.spec.image_uuid for actor in self._supervisor.instances.values() if actor.spec.image_uuid}
+        return {i.spec.image_uuid for i in self._supervisor.instances() if i.spec.image_uuid}
 
     def __contains__(self, image_id: object) -> bool:
         return image_id in self._ids()

@@ -1,0 +1,89 @@
+"""The running core, without its transports: the data dir's lock, then the event journal, the per-instance
+logs and the instance-file persister (so that everything after them can report), the virtualizer backend and its
+preflight, then the supervisor, which recovers the instances on disk. `launcher serve` runs the transports over
+it (`launcher.cli.serve`); in-process tests run it alone. Leaving it stops everything in the reverse order; VMs
+keep running.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from functools import partial
+
+import attrs
+import trio
+
+from launcher.core.backends import load_backend
+from launcher.core.config import Config
+from launcher.core.metrics import Metrics
+from launcher.core.supervisor import Supervisor
+from launcher.durable import datadir
+from launcher.durable.events import EventJournal
+from launcher.durable.logs import InstanceLogs
+from launcher.durable.persist import Persister
+from launcher.plugin.host import BackendHost
+from launcher.plugin.protocol import OpenBackend
+
+log = logging.getLogger(__name__)
+
+
+def journal_for(config: Config, limiter: trio.CapacityLimiter) -> EventJournal:
+    """The data dir's event journal, as the config sets it up (not yet running)."""
+    e = config.events
+    return EventJournal(config.data_dir, rotate_bytes=e.rotate_bytes, keep_files=e.keep_files,
+                        memory_events=e.memory_events, memory_bytes=e.memory_bytes, limiter=limiter)
+
+
+@attrs.frozen
+class Core:
+    """The running launcher without its transports: what `serve` and in-process tests share."""
+
+    config: Config
+    limiter: trio.CapacityLimiter
+    journal: EventJournal
+    logs: InstanceLogs
+    supervisor: Supervisor
+
+
+@asynccontextmanager
+async def running_core(config: Config) -> AsyncIterator[Core]:
+    """Journal, logs and persister, then the virtualizer backend and its preflight, then the supervisor (which
+    recovers the instances on disk). Leaving the block stops them in the reverse order; VMs keep running."""
+    opener = load_backend(config.virtualizer)
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    lock = datadir.lock_data_dir(config.data_dir)
+    try:
+        async with _core_under_lock(config, opener) as core:
+            yield core
+    finally:
+        os.close(lock)
+
+
+@asynccontextmanager
+async def _core_under_lock(config: Config, opener: OpenBackend) -> AsyncIterator[Core]:
+    config.instances_dir.mkdir(exist_ok=True)
+    limiter = trio.CapacityLimiter(config.worker_threads)
+    journal = journal_for(config, limiter)
+    logs = InstanceLogs(max_bytes=config.log_max_bytes, limiter=limiter)
+    persister = Persister(config.data_dir, limiter,
+                          on_dropped=lambda detail: journal.emit("wal_record_dropped", detail=detail))
+    async with trio.open_nursery() as infrastructure:
+        await infrastructure.start(journal.run)
+        await infrastructure.start(logs.run)
+        await infrastructure.start(persister.run)
+        metrics = Metrics()
+        host = BackendHost(config.data_dir, limiter, journal.emit, logs.write,
+                           observe_step=partial(metrics.virtualizer_step, config.virtualizer))
+        async with opener(config.virtualizer_settings(), host) as backend:
+            preflight: Callable[[], Awaitable[None]] | None = getattr(backend, "preflight", None)
+            if preflight is not None:
+                await preflight()  # SetupError: `launcher serve` prints it and exits 2
+            async with trio.open_nursery() as actors:
+                supervisor = Supervisor(config, backend, journal, logs, persister, metrics)
+                await actors.start(supervisor.run)
+                yield Core(config, limiter, journal, logs, supervisor)
+                actors.cancel_scope.cancel()
+        infrastructure.cancel_scope.cancel()
