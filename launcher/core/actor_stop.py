@@ -15,6 +15,8 @@ class Stopping(ActorBase):
     """The STOP and DELETE handlers."""
 
     async def _stop(self, command: StopCommand, ticket: Ticket) -> None:
+        """STOP: the goal `exited` is durable before it is acknowledged, then the VM is powered off (ACPI, then
+        forced after the grace); the instance is `exited` once the VM is down."""
         if self._refused(Verb.STOP, ticket, "stop_failure"):
             return
         grace = self.ctx.config.timeouts.stop_grace_s if command.grace_s is None else command.grace_s
@@ -24,12 +26,7 @@ class Stopping(ActorBase):
         self._log(f"STOP accepted (grace {grace:g} s)")
         ticket.accept()
         previous, self.state = self.state, State.STOPPING
-        try:
-            await self._power_off(grace)
-        except VirtualizerError as exc:
-            self.state = previous
-            await self._set_goal_quietly(goal)
-            self._fail(ticket, "stop_failure", exc)
+        if not await self._power_off_or_undo(grace, ticket, "stop_failure", state=previous, goal=goal):
             return
         self.state = State.EXITED
         self._abandon_boot("stopped before it was running")
@@ -58,12 +55,7 @@ class Stopping(ActorBase):
                 grace = command.grace_s
             else:
                 grace = t.stop_grace_s if command.stop else t.delete_grace_s
-            try:
-                await self._power_off(grace)
-            except VirtualizerError as exc:
-                self.state = previous
-                await self._set_goal_quietly(goal)
-                self._fail(ticket, "delete_failure", exc)
+            if not await self._power_off_or_undo(grace, ticket, "delete_failure", state=previous, goal=goal):
                 return
         self._abandon_boot("deleted")
         await self._call_quietly("delete_image", t.delete_image_s, self.vm.delete_image)
@@ -79,3 +71,16 @@ class Stopping(ActorBase):
         ticket.finish("deleted")
         self._gone(reason="stop" if command.stop else "deleted")
 
+    async def _power_off_or_undo(self, grace: float, ticket: Ticket, failure_event: str, *, state: State,
+                                 goal: str) -> bool:
+        """Power the VM off for a STOP or DELETE whose new goal is already durable. If the VM may still be up,
+        undo: the instance is in `state` again, its record says `goal` again (a failed write is logged), the
+        command fails with `failure_event`, and False is returned."""
+        try:
+            await self._power_off(grace)
+        except VirtualizerError as exc:
+            self.state = state
+            await self._set_goal_quietly(goal)
+            self._fail(ticket, failure_event, exc)
+            return False
+        return True
