@@ -116,6 +116,9 @@ class ActorBase:
         goal: str = "running",
         volumes: tuple[str, ...] | None = None,
     ) -> None:
+        """An actor for `spec` on virtualizer `vm`, not yet running (`run`). A new instance (START) has the
+        defaults; a recovered one comes with its record's `created`, `goal` and `volumes` (None: the START's)
+        and `recovered=True`."""
         self.ctx = ctx
         self.vm = vm
         self.spec = spec
@@ -187,6 +190,7 @@ class ActorBase:
 
     @property
     def public_state(self) -> str:
+        """The state the outside world sees (`lifecycle.PUBLIC_STATE`): pending, running, exited or deleted."""
         return PUBLIC_STATE[self.state]
 
     def _settled(self) -> bool:

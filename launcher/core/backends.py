@@ -12,6 +12,7 @@ from launcher.plugin.protocol import ENTRY_POINT_GROUP, OpenBackend
 
 
 def available_backends() -> list[str]:
+    """The names of the installed virtualizers (the `launcher.virtualizers` entry points), sorted."""
     return sorted(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))
 
 

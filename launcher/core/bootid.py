@@ -24,6 +24,8 @@ BOOT_ID_FILE = "boot-id"
 
 @attrs.frozen
 class HostBoot:
+    """This boot of the host, against the one the data dir remembers."""
+
     current: str | None  # this boot's id; None if the kernel does not tell
     rebooted: bool  # the data dir names another boot: the host rebooted since the launcher last ran
 

@@ -66,16 +66,20 @@ class Timeouts:
 
 @attrs.frozen
 class Intervals:
-    stats_snapshot_s: float = 6.0  # node STATS snapshot and `stats` event
+    """How often statistics are taken (the `intervals:` section)."""
+
+    stats_snapshot_s: float = 6.0  # the STATS snapshot served at /v1/stats
     instance_stats_s: float = 30.0  # vm.stats() poll of a running instance
 
 
 @attrs.frozen
 class EventsConfig:
+    """The event journal's files and in-memory ring (the `events:` section)."""
+
     rotate_bytes: int = 64 << 20
     keep_files: int = 4
     memory_events: int = 20000
-    memory_bytes: int = 16 << 20  # and at most this much (as JSON): `stats` events are large
+    memory_bytes: int = 16 << 20  # and at most this much (as JSON)
 
 
 RESTART_POLICIES = ("never", "requested", "always")
@@ -83,7 +87,7 @@ RESTART_POLICIES = ("never", "requested", "always")
 
 @attrs.frozen
 class Recovery:
-    """What a launcher does at start-up with instances whose VM is gone (README "After a restart")."""
+    """What a launcher does at start-up with instances whose VM is gone (docs/operations.md "After a restart")."""
 
     # After a host reboot, instances that were running: never restarted, restarted if their START said
     # `restart: true` (requested), or always.
@@ -93,6 +97,9 @@ class Recovery:
 
 @attrs.frozen
 class Config:
+    """The launcher's configuration: one YAML file (`load`), every key optional (`configs/launcher.yaml` lists
+    them all, docs/configuration.md explains them); a virtualizer's own section is kept raw for it."""
+
     data_dir: Path = Path("/var/lib/launcher")
     listen: str = "127.0.0.1:7361"  # HOST:PORT; port 0 picks a free port (written to <data_dir>/api-url)
     listen_unix: str = ""  # a unix socket path (mode 0600) served beside `listen`; "" for none
@@ -112,10 +119,12 @@ class Config:
     virtualizers: dict[str, dict[str, Any]] = attrs.field(factory=dict)
 
     def virtualizer_settings(self) -> dict[str, Any]:
+        """The configured virtualizer's own section, raw (its backend checks it with `parse_section`)."""
         return self.virtualizers.get(self.virtualizer, {})
 
     @property
     def instances_dir(self) -> Path:
+        """`<data_dir>/instances`, where each instance has its dir."""
         return self.data_dir / "instances"
 
 

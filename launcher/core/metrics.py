@@ -56,6 +56,7 @@ class Metrics:
     """The counters and histograms of one launcher, and its registry."""
 
     def __init__(self) -> None:
+        """Every series the launcher exports, registered, the usual ones present from the start at 0."""
         self.registry = CollectorRegistry(auto_describe=True)  # name clashes are refused at registration
         self.commands = Counter(
             "launcher_commands", "Commands received over the API, by kind and result: ok, or the ciao code of "
@@ -119,6 +120,7 @@ class Metrics:
     # ----------------------------------------------------------------- HTTP
 
     def http_request(self, method: str, route: str, status: int, seconds: float) -> None:
+        """One answered request: `route` is its pattern (never the raw path), an unknown method counts as other."""
         method = method if method in HTTP_METHODS else "other"
         self.http_requests.labels(method, route, str(status)).observe(seconds)
 

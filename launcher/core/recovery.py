@@ -15,7 +15,11 @@ from launcher.plugin.spec import InstanceSpec
 
 
 class RecoveryPlan:
+    """What this start-up's recovered instances share: the host-reboot policy, the boot slots that bound how many
+    VMs recovery boots at once, and the count of instances still to settle."""
+
     def __init__(self, settings: Recovery, *, host_rebooted: bool) -> None:
+        """The plan for this start-up; `host_rebooted` as `bootid.detect` found it."""
         self.host_rebooted = host_rebooted
         self.policy = settings.restart_running
         # Held by an actor from the moment recovery boots its VM until it runs or the boot fails.
@@ -34,6 +38,7 @@ class RecoveryPlan:
             self.all_settled.set()
 
     def settled(self) -> None:
+        """One recovered instance has settled (running, exited or deleted); the last one sets `all_settled`."""
         self._unsettled -= 1
         if self._unsettled == 0:
             self.all_settled.set()

@@ -1,9 +1,9 @@
 """Node and instance statistics, in ciao's STATS shape (reference §5).
 
 Every `stats_snapshot_s` the reporter reads the node's figures (psutil, in a worker thread) and the latest
-figures each actor holds, keeps the result as the snapshot that `GET /v1/stats` serves, and emits it as a
-`stats` event. Every `instance_stats_s` it asks each running actor to refresh its figures, spread evenly over
-the interval; the actor makes the vm.stats() call itself (only an actor calls its virtualizer). One poller
+figures each actor holds, and keeps the result as the snapshot that `GET /v1/stats` serves (and its follow
+stream); snapshots are not events (`StatsReporter`). Every `instance_stats_s` it asks each running actor to
+refresh its figures, spread evenly over the interval; the actor makes the vm.stats() call itself (only an actor calls its virtualizer). One poller
 posting messages costs far less than 10 000 per-actor timers, each of which wakes by a cancellation.
 
 Differences from ciao, on purpose: disk figures are MiB like memory (ciao mixed decimal MB and MiB), and the
@@ -109,6 +109,7 @@ class StatsReporter:
     the journal keeps state changes, which a controller must be able to catch up on after a day away."""
 
     def __init__(self, supervisor: Supervisor, limiter: trio.CapacityLimiter, node_id: str) -> None:
+        """A reporter for `supervisor`'s instances; `node_id` names the node in each snapshot. Not running yet."""
         self.supervisor = supervisor
         self.limiter = limiter
         self.node_id = node_id
@@ -117,6 +118,8 @@ class StatsReporter:
         self._taken = trio.Event()  # set (and replaced) each time a snapshot is taken
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Take the first snapshot, report started, then take one every `stats_snapshot_s` and poll the running
+        instances every `instance_stats_s`, until cancelled."""
         await self.refresh()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._poll_instances)
@@ -141,6 +144,7 @@ class StatsReporter:
                 await trio.sleep(interval * step / len(actors))
 
     async def refresh(self) -> None:
+        """Take a snapshot now (node figures in a worker thread, instance figures as the actors last had them)."""
         node = await trio.to_thread.run_sync(node_figures, self.supervisor.config.data_dir, limiter=self.limiter)
         self.snapshot = {
             "taken_at": utc_timestamp(),

@@ -10,7 +10,7 @@ START is admitted or an instance is gone, so a burst of STARTs can never overcom
 value refreshed every 6 s; reference §18). The live free space of the data dir is checked as well.
 
 Recovery at start-up: each instance dir becomes an actor that reconciles its record with its VM
-(InstanceActor._recover); whether the host rebooted since the last run (launcher/core/bootid.py) and the
+(InstanceActor._recover); whether the host rebooted since the last run (`bootid`) and the
 `recovery:` policy are shared through a RecoveryPlan.
 """
 
@@ -68,14 +68,18 @@ MAINTENANCE_QUEUE = 16  # EVACUATE / RESTORE commands waiting for their file wri
 
 @attrs.frozen
 class Resources:
+    """vCPUs, memory and disk, as promised to instances (admission adds and subtracts them)."""
+
     vcpus: int = 0
     mem_mb: int = 0
     disk_mb: int = 0
 
     def __add__(self, other: Resources) -> Resources:
+        """Both together."""
         return Resources(self.vcpus + other.vcpus, self.mem_mb + other.mem_mb, self.disk_mb + other.disk_mb)
 
     def __sub__(self, other: Resources) -> Resources:
+        """What is left once `other` is given back."""
         return Resources(self.vcpus - other.vcpus, self.mem_mb - other.mem_mb, self.disk_mb - other.disk_mb)
 
     @classmethod
@@ -96,6 +100,8 @@ class Capacity:
 
     @classmethod
     def measure(cls, config: Config) -> Capacity:
+        """The host's CPUs, memory and the data dir's disk, less what the admission settings keep free, times
+        their overcommit ratios (blocking: a few reads)."""
         a = config.admission
         total_mem_mb = psutil.virtual_memory().total // 2**20
         disk_total_mb = psutil.disk_usage(str(config.data_dir)).total // 2**20
@@ -108,6 +114,8 @@ class Capacity:
 
 
 class Supervisor:
+    """The node's instance table and its one entrance: `dispatch` (see the module docstring)."""
+
     def __init__(
         self,
         config: Config,
@@ -117,6 +125,7 @@ class Supervisor:
         persister: Persister,
         metrics: Metrics,
     ) -> None:
+        """A supervisor with an empty table; `run` recovers the instances on disk."""
         self.config = config
         self.backend = backend
         self.journal = journal
