@@ -3,8 +3,9 @@
 Every `stats_snapshot_s` the reporter reads the node's figures (psutil, in a worker thread) and the latest
 figures each actor holds, and keeps the result as the snapshot that `GET /v1/stats` serves (and its follow
 stream); snapshots are not events (`StatsReporter`). Every `instance_stats_s` it asks each running actor to
-refresh its figures, spread evenly over the interval; the actor makes the vm.stats() call itself (only an actor calls its virtualizer). One poller
-posting messages costs far less than 10 000 per-actor timers, each of which wakes by a cancellation.
+refresh its figures, spread evenly over the interval; the actor makes the vm.stats() call itself (only an actor
+calls its virtualizer). One poller posting messages costs far less than 10 000 per-actor timers, each of which
+wakes by a cancellation.
 
 Differences from ciao, on purpose: disk figures are MiB like memory (ciao mixed decimal MB and MiB), and the
 instance state strings are ours (`running`, not ciao's `active`).
