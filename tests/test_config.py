@@ -15,7 +15,10 @@ from launcher.plugin.settings import ConfigError, parse_section
 from virtualizers.qemu.backend import QemuSettings
 from virtualizers.simulation.backend import SimulationSettings
 
-SHIPPED = Path(__file__).resolve().parent.parent / "configs" / "launcher.yaml"
+from config_reference import reference_table, rows
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = ROOT / "configs" / "launcher.yaml"
 
 
 def test_shipped_file_states_the_defaults() -> None:
@@ -37,6 +40,28 @@ def test_shipped_file_names_every_setting() -> None:
     assert "qemu.volumes.detach_timeout_s" in paths and "timeouts.volume_s" in paths  # the walk reaches leaves
     missing = [path for path in paths if path != "virtualizers" and not _present(raw, path)]
     assert missing == [], f"configs/launcher.yaml lacks {missing}"
+
+
+def test_the_configuration_page_holds_the_reference() -> None:
+    """docs/configuration.md's "Reference" is the table generated from the shipped file."""
+    page = (ROOT / "docs" / "configuration.md").read_text()
+    assert reference_table() in page, "run `.venv/bin/python tests/config_reference.py`, paste it into the page"
+
+
+def test_the_reference_says_what_every_setting_does() -> None:
+    """The table has one row per setting the code knows (no more, no fewer), each with what it does."""
+    settings = [(path, comment) for path, value, comment in rows(SHIPPED.read_text()) if value]
+    paths = (_setting_paths(config.Config, "") + _setting_paths(QemuSettings, "qemu.")
+             + _setting_paths(SimulationSettings, "simulation."))
+    assert sorted(path for path, _ in settings) == sorted(p for p in paths if p != "virtualizers")
+    assert [path for path, comment in settings if not comment] == []
+
+
+def test_the_reference_reads_sections_and_continued_comments() -> None:
+    text = "a: 1  # one\nb:  # group\n  c: x | y  # two\n       # lines\n  d:\n    e: []\n"
+    assert rows(text) == [("a", "1", "one"), ("b", "", "group"), ("b.c", "x | y", "two lines"), ("b.d", "", ""),
+                          ("b.d.e", "[]", "")]
+    assert "| `b.c` | `x \\| y` | two lines |" in reference_table(text)
 
 
 def _setting_paths(cls: type, prefix: str) -> list[str]:
