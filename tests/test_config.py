@@ -9,13 +9,12 @@ from typing import Any
 import attrs
 import pytest
 import yaml
+from config_reference import reference_table, rows
 
 from launcher.core import config
 from launcher.plugin.settings import ConfigError, parse_section
 from virtualizers.qemu.backend import QemuSettings
 from virtualizers.simulation.backend import SimulationSettings
-
-from config_reference import reference_table, rows
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "configs" / "launcher.yaml"
