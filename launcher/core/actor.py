@@ -1,23 +1,30 @@
 """`InstanceActor`: one Trio task per instance, the only caller of that instance's virtualizer.
 
-The actor reads one inbox that carries two kinds of message: `Request`s put there by the supervisor (START,
-STOP, RESTART, DELETE, ATTACH, DETACH, each with a `Ticket` the caller can wait on) and `MonitorNote`s posted by
-its monitor session (CONNECTED / CLOSED). It handles them one at a time, so virtualizer calls never overlap and
-the virtualizer needs no lock (docs/concurrency.md). Every virtualizer call is bounded by a configured timeout; an
-overrun or an exception becomes the phase's ciao code, never a crash of the launcher.
+The actor reads one inbox (`launcher.core.messages`) that carries `Request`s put there by the supervisor (START,
+STOP, RESTART, DELETE, ATTACH, DETACH, each with a `Ticket` the caller can wait on), `MonitorNote`s posted by its
+monitor session (CONNECTED / CLOSED) and the stats poller's turns. It handles them one at a time, so virtualizer
+calls never overlap and the virtualizer needs no lock (docs/concurrency.md). Every virtualizer call is bounded by
+a configured timeout; an overrun or an exception becomes the phase's ciao code, never a crash of the launcher.
 
-States (docs/architecture.md §6): pending → running → exited → deleted, with internal stopping / deleting. The monitor
-session runs in its own cancel scope, which only the actor cancels, in the supervisor's monitor nursery (one
-nursery per actor would triple the cost of cancelling 10 000 of them at shutdown); each session has a
-number, and notes from an older session are
-ignored, so a late CLOSED from a monitor that was already ended cannot confuse a newer boot.
+One class, one module per concern, all running in the actor's task:
+- `actor_base`: the state, what the supervisor may call (synchronously, never blocking), and the primitives the
+  handlers share (bounded calls, record writes, the monitor session, power-off, reports);
+- `actor_start`: START and RESTART, and the boot; `actor_stop`: STOP and DELETE; `actor_volumes`: ATTACH and
+  DETACH;
+- this module: the task's loop, the monitor's reports, the boot deadline, recovery at start-up.
 
-The actor also owns its instance directory: it creates it (instance.json written atomically before the
-START is acknowledged), and removes it only after the VM is really down. instance.json also holds the
-instance's goal (launcher/durable/records.py), written before a STOP, RESTART or DELETE is acknowledged, so that a
-launcher restarted after `kill -9` carries on every acknowledged command (`_recover`), and the instance's
-volumes (`volumes`: the START's, less those detached, plus those attached since), which the supervisor reserves
-for the instance at dispatch (`ActorContext.release_volume` gives one back).
+States (docs/architecture.md §6): pending → running → exited → deleted, with internal stopping / deleting. The
+monitor session runs in its own cancel scope, which only the actor cancels, in the supervisor's monitor nursery
+(one nursery per actor would triple the cost of cancelling 10 000 of them at shutdown); each session has a
+number, and notes from an older session are ignored, so a late CLOSED from a monitor that was already ended
+cannot confuse a newer boot.
+
+The actor also owns its instance directory: it creates it (instance.json durable before the START is
+acknowledged), and removes it only after the VM is really down. instance.json also holds the instance's goal
+(`launcher.durable.records`), written before a STOP, RESTART or DELETE is acknowledged, so that a launcher
+restarted after `kill -9` carries on every acknowledged command (`_recover`), and the instance's volumes
+(`volumes`: the START's, less those detached, plus those attached since), which the supervisor reserves for the
+instance at dispatch (`ActorContext.release_volume` gives one back).
 """
 
 from __future__ import annotations
@@ -175,7 +182,8 @@ class InstanceActor(Starting, Stopping, VolumeChanges):
         self._session.probing = True
 
     async def _reconcile(self, event: MonitorEvent) -> None:
-        """The recovery probe's answer, against the record's goal (the table in README "After a restart")."""
+        """The recovery probe's answer, against the record's goal (the table in docs/operations.md, "After a
+        restart")."""
         recovery = self.ctx.recovery
         if event is MonitorEvent.CONNECTED:
             if self._record.goal == "exited":

@@ -67,7 +67,7 @@ class Starting(ActorBase):
         await self._call_quietly("delete_image", self.ctx.config.timeouts.delete_image_s, self.vm.delete_image)
         try:
             await self._remove_dir()
-        except OSError as error:  # a full disk: what is on disk stays (README "What is not covered")
+        except OSError as error:  # a full disk: what is on disk stays (docs/operations.md, "What is not covered")
             log.error("instance %s: cannot remove %s: %s", self.uuid, self.dir, error)
         self._fail(ticket, "start_failure", exc)
         self._gone(reason=exc.code)

@@ -7,7 +7,7 @@ refuses. The actor's handlers (`InstanceActor._stop`, `_restart`, `_delete`, `_c
 the command's turn comes, against the state the instance is in then: a VM may have exited, or a START failed,
 meanwhile.
 
-The README's "Command rules" table is `markdown_table()`'s output (tests/test_lifecycle.py keeps the two equal;
+docs/api.md's "Command rules" table is `markdown_table()`'s output (tests/test_lifecycle.py keeps the two equal;
 `python -m launcher.core.lifecycle` prints it), and tests/test_lifecycle.py drives every cell of `RULES`.
 """
 
@@ -94,14 +94,14 @@ class Run:
     """The command is queued (the supervisor) or carried out (the actor); the instance is then in `target`."""
 
     target: State
-    note: str = ""  # for the README
+    note: str = ""  # for docs/api.md
 
 
 @attrs.frozen
 class Change:
     """The command is queued (the supervisor) or carried out (the actor) without changing the instance's state."""
 
-    note: str = ""  # for the README
+    note: str = ""  # for docs/api.md
 
 
 @attrs.frozen
@@ -180,7 +180,7 @@ def _cell(outcome: Outcome) -> str:
 
 
 def markdown_table() -> str:
-    """`RULES` as the README shows it."""
+    """`RULES` as docs/api.md shows it."""
     lines = ["| command \\ state | " + " | ".join(s.value for s in Status) + " |",
              "|---" * (len(Status) + 1) + "|"]
     for verb in Verb:

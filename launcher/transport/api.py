@@ -1,4 +1,5 @@
-"""The HTTP API (contract in README.md): routing, auth and the handlers, served by launcher.transport.http.
+"""The HTTP API (contract: docs/api.md and docs/openapi.yaml): routing, auth and the handlers, served by
+`launcher.transport.http`.
 
 Handlers never wait on an actor while holding anything: they dispatch (synchronous), then wait on their own
 `Ticket` with a timeout. Errors are JSON `{"error", "reason", "instance_uuid"}` with the HTTP status of

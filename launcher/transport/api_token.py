@@ -1,6 +1,6 @@
 """The API's bearer token, `<data_dir>/api-token`: created at first start, checked at every start.
 
-Rules (README.md, "HTTP API"), each refused with a `SetupError` (one line, exit status 2) rather than repaired:
+Rules (docs/api.md, "The API token"), each refused with a `SetupError` (one line, exit status 2) rather than repaired:
 - The file must be a regular file (not a symlink), owned by the launcher's user, mode 0600 (no group or other
   bits): a token that others could read may already have leaked, so quietly fixing the mode would hide that.
   The operator fixes the mode, or deletes the file so that a new token is generated.

@@ -8,7 +8,7 @@ Contract: `serve(handler, listeners, max_body=..., limits=...)` calls `handler(r
 the body already read. The handler returns a `Response` (sent with Content-Length) or a `Stream` (sent chunked
 until its iterator ends or the client goes away). Connections are kept alive.
 
-Whatever a client does, only its own connection suffers (README "HTTP robustness"):
+Whatever a client does, only its own connection suffers (docs/api.md, "HTTP robustness"):
 - Every error of a connection (a reset, a half-close, a broken pipe, even a bug in a stream's source) ends in
   that connection's task; Trio's ExceptionGroups are unwrapped there with `except*`.
 - A request HTTP cannot parse is answered `400 invalid_payload` (431 for a head over `MAX_HEADER_BYTES`), a
