@@ -193,3 +193,13 @@ def test_each_rule_catches_its_violation(tmp_path: Path) -> None:
 def test_circles_are_found_whatever_their_length() -> None:
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": {"e"}}
     assert circles(graph) == [["a", "b", "c"]]
+
+
+MAX_MODULE_LINES = 500
+
+
+def test_no_module_is_over_500_lines() -> None:
+    """One job per file: a module that grows past this is split along its seams (issue 16)."""
+    paths = sorted((ROOT / "launcher").rglob("*.py")) + sorted((ROOT / "virtualizers").rglob("*.py"))
+    long = {str(p.relative_to(ROOT)): n for p in paths if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES}
+    assert long == {}
