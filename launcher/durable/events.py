@@ -75,6 +75,7 @@ class EventsExpired(Exception):
     """The requested events have been rotated away; ``oldest_seq`` is the oldest one still kept."""
 
     def __init__(self, oldest_seq: int) -> None:
+        """The oldest event still kept is ``oldest_seq``: a reader may resume from ``since=oldest_seq - 1``."""
         super().__init__(f"events before seq {oldest_seq} are no longer kept")
         self.oldest_seq = oldest_seq
 
@@ -100,6 +101,12 @@ class EventJournal:
         memory_bytes: int = 16 << 20,
         limiter: trio.CapacityLimiter | None = None,
     ) -> None:
+        """A journal in ``directory`` (made by :meth:`run` if missing); nothing is read or written before then.
+
+        ``events.jsonl`` is rotated once it passes ``rotate_bytes``, and ``keep_files`` rotated files are kept
+        (ValueError if fewer than 1). The newest durable events, at most ``memory_events`` of them and at most
+        ``memory_bytes`` encoded, are served from memory. Worker-thread calls go through ``limiter``.
+        """
         if keep_files < 1:
             raise ValueError("keep_files must be at least 1")
         self._directory = Path(directory)
