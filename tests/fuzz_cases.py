@@ -12,13 +12,14 @@ from urllib.parse import quote
 import yaml
 from hypothesis import strategies as st
 
+from launcher.core.commands import COMMAND_KEYS
 from launcher.plugin.errors import INVALID_DATA, INVALID_PAYLOAD, PayloadError
 from launcher.transport import payloads
 
 CONTENT_TYPES = ["application/yaml", "application/json", "text/yaml", "application/x-yaml", "",
                  "application/json; charset=utf-16", "application/yaml; charset=latin-1", "text/plain", "x/y;;;="]
 UUIDS = ["ab", "d7d86208-b46c-4465-9018-fe14087d415f", "0", "-", "../..", "a" * 65, "ABCDEF", "💥", "..", ""]
-KEYS = sorted({*payloads.COMMAND_KEYS, "instance_uuid", "image_uuid", "tenant_uuid", "fw_type", "vm_type",
+KEYS = sorted({*COMMAND_KEYS, "instance_uuid", "image_uuid", "tenant_uuid", "fw_type", "vm_type",
                "persistence", "requested_resources", "requirements", "networking", "storage", "type", "value",
                "mandatory", "vnic_mac", "private_ip", "subnet", "id", "boot", "size", "grace", "stop", "mem_mb",
                "vcpus", "disk_mb", "hostname", "user_data", "meta_data", "restart", "value_string", "ephemeral"})
@@ -73,7 +74,7 @@ bodies = st.one_of(
     st.tuples(near_valid_starts, st.sampled_from(["json", "yaml"])).map(lambda args: encode(*args)),
     yaml_like.map(lambda text: text.encode("utf-8", "surrogatepass")),
     st.tuples(documents, st.sampled_from(["json", "yaml"])).map(lambda args: encode(*args)),
-    st.tuples(documents, st.sampled_from(["json", "yaml"]), st.sampled_from(payloads.COMMAND_KEYS)).map(
+    st.tuples(documents, st.sampled_from(["json", "yaml"]), st.sampled_from(COMMAND_KEYS)).map(
         lambda args: encode({args[2]: args[0]}, args[1])),
     st.tuples(documents, yaml_like, yaml_like).map(  # ciao's three-document START framing
         lambda args: (encode({"start": args[0]}, "yaml").decode() + "---\n" + args[1] + "\n---\n" + args[2]).encode(
@@ -133,7 +134,7 @@ def api_calls(draw: st.DrawFn, token: str) -> bytes:
     query = draw(st.lists(st.tuples(st.sampled_from(QUERY_KEYS), QUERY_VALUES.filter(str.isascii)), max_size=3))
     target = path + ("?" + "&".join(f"{k}={quote(v)}" for k, v in query) if query else "")
     syntax = draw(st.sampled_from(["json", "yaml"]))
-    commands = st.tuples(st.sampled_from(payloads.COMMAND_KEYS), documents).map(lambda args: {args[0]: args[1]})
+    commands = st.tuples(st.sampled_from(COMMAND_KEYS), documents).map(lambda args: {args[0]: args[1]})
     body = encode(draw(near_valid_starts | commands), syntax) if method == "POST" else b""
     return (f"{method} {target} HTTP/1.1\r\nHost: launcher\r\nConnection: close\r\n"
             f"Authorization: Bearer {token}\r\nContent-Type: application/{syntax}\r\n"

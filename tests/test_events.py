@@ -69,7 +69,7 @@ async def in_memory(journal: EventJournal, monkeypatch: pytest.MonkeyPatch) -> l
 
     since = journal.durable_seq
     with monkeypatch.context() as patch:
-        patch.setattr(events, "_read_events", no_disk)
+        patch.setattr(events, "read_events", no_disk)
         while since > 0:
             try:
                 await collect(journal, since - 1)

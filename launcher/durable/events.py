@@ -10,8 +10,9 @@ only queues, and one writer task writes and fsyncs everything queued so far in a
 nothing a client has been shown can be lost by a crash. Recent events are served from memory; older ones are read
 back from the journal files in a worker thread.
 
-On disk the journal is ``events.jsonl`` plus up to ``keep_files`` rotated files ``events.jsonl.1`` (newest) ..
-``events.jsonl.N`` (oldest); each holds a contiguous run of seqs, one compact JSON object per line.
+On disk the journal is ``events.jsonl`` plus up to ``keep_files`` rotated files; their layout, and everything
+done to them in a worker thread (appending, rotating, recovering, reading back), is
+:mod:`launcher.durable.journal_files`. This module keeps the seqs, the queue, the writer task and the readers.
 
 A write that fails (a full disk) never ends the launcher and never leaves half an event behind: the file is cut
 back to its last whole event, the batch goes back to the head of the queue, and the writer tries again with a
@@ -24,34 +25,33 @@ from __future__ import annotations
 
 import bisect
 import collections
-import contextlib
 import itertools
-import json
 import logging
 import os
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, BinaryIO, NamedTuple
+from typing import Any
 
 import trio
 
-from launcher.plugin.files import fsync_dir
+from launcher.durable.journal_files import (
+    JOURNAL_FILE,
+    Cursor,
+    Event,
+    append_batch,
+    journal_path,
+    read_events,
+    recover,
+    rotate_files,
+)
+
+__all__ = ["JOURNAL_FILE", "Event", "EventJournal", "EventsExpired", "utc_timestamp"]
 
 log = logging.getLogger(__name__)
 
-Event = dict[str, Any]
-
-JOURNAL_FILE = "events.jsonl"
-_FRESH_FILE = JOURNAL_FILE + ".fresh"  # the next events.jsonl, while a rotation makes it
 # Bound on how long a cancelled run() may spend writing out what is still queued.
 _FINAL_FLUSH_SECONDS = 1.0
-# Bytes of journal a reader parses per worker-thread call when it catches up from disk. Each reader holds one
-# such batch, parsed (about 4x its size), until its client has taken it: with 1 MiB, 200 readers that never read
-# held 440 MiB (bench/http_limits.py); with 64 KiB, see README "HTTP robustness".
-_READ_CHUNK_BYTES = 64 << 10
-# Initial size of the window scanned backwards for the last complete line at start-up.
-_TAIL_WINDOW_BYTES = 1 << 16
 # Pauses between attempts to write the journal while the disk refuses (doubling from the first).
 _RETRY_MIN_SECONDS = 0.2
 _RETRY_MAX_SECONDS = 5.0
@@ -75,17 +75,9 @@ class EventsExpired(Exception):
     """The requested events have been rotated away; ``oldest_seq`` is the oldest one still kept."""
 
     def __init__(self, oldest_seq: int) -> None:
+        """The oldest event still kept is ``oldest_seq``: a reader may resume from ``since=oldest_seq - 1``."""
         super().__init__(f"events before seq {oldest_seq} are no longer kept")
         self.oldest_seq = oldest_seq
-
-
-class _Cursor(NamedTuple):
-    """Where a reader catching up from disk stopped: the file (named by the first seq it holds, which survives
-    rotation), the byte offset in it, and the seq expected next."""
-
-    first_seq: int
-    offset: int
-    next_seq: int
 
 
 class EventJournal:
@@ -109,6 +101,12 @@ class EventJournal:
         memory_bytes: int = 16 << 20,
         limiter: trio.CapacityLimiter | None = None,
     ) -> None:
+        """A journal in ``directory`` (made by :meth:`run` if missing); nothing is read or written before then.
+
+        ``events.jsonl`` is rotated once it passes ``rotate_bytes``, and ``keep_files`` rotated files are kept
+        (ValueError if fewer than 1). The newest durable events, at most ``memory_events`` of them and at most
+        ``memory_bytes`` encoded, are served from memory. Worker-thread calls go through ``limiter``.
+        """
         if keep_files < 1:
             raise ValueError("keep_files must be at least 1")
         self._directory = Path(directory)
@@ -156,7 +154,7 @@ class EventJournal:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Open the journal, report started, then commit emitted events until cancelled."""
         self._fd, self._size, self._segments, self._last_seq = await trio.to_thread.run_sync(
-            self._open_files, limiter=self._limiter
+            recover, self._directory, self._keep_files, limiter=self._limiter
         )
         self._durable_seq = self._last_seq
         self._accepting = True
@@ -237,7 +235,7 @@ class EventJournal:
             return
         self._pending = []
         try:
-            sizes = await trio.to_thread.run_sync(self._write_batch, self._fd, self._size, batch,
+            sizes = await trio.to_thread.run_sync(append_batch, self._fd, self._size, batch,
                                                   limiter=self._limiter)
         except (trio.Cancelled, OSError):
             # With abandon_on_cancel=False a cancellation can only arrive before the thread starts: nothing was
@@ -258,25 +256,11 @@ class EventJournal:
             self._ring.popleft()
             self._ring_bytes -= self._ring_sizes.popleft()
 
-    @staticmethod
-    def _write_batch(fd: int, size: int, batch: list[Event]) -> list[int]:
-        """Append and fsync the batch to the file of `size` bytes; the encoded size of each event. On OSError
-        the file is cut back to `size` first (if even that fails, the next start-up cuts the torn tail)."""
-        encode = json.JSONEncoder(separators=(",", ":"), default=str).encode
-        lines = [(encode(event) + "\n").encode() for event in batch]
-        try:
-            _write_all(fd, b"".join(lines))
-            os.fsync(fd)
-        except OSError:
-            with contextlib.suppress(OSError):
-                os.ftruncate(fd, size)
-            raise
-        return [len(line) for line in lines]
-
     async def _rotate(self) -> None:
         async with self._files_lock:
             try:
-                self._fd = await trio.to_thread.run_sync(self._rotate_files, self._fd, limiter=self._limiter)
+                self._fd = await trio.to_thread.run_sync(rotate_files, self._directory, self._keep_files, self._fd,
+                                                        limiter=self._limiter)
             except OSError as exc:
                 log.error("event journal: cannot rotate %s: %s; trying again after the next commit", JOURNAL_FILE,
                           exc)
@@ -284,58 +268,6 @@ class EventJournal:
             self._size = 0
             self._segments.append(self._durable_seq + 1)
             del self._segments[: -(self._keep_files + 1)]
-
-    def _rotate_files(self, fd: int) -> int:
-        """events.jsonl.N-1 -> .N, ..., events.jsonl -> .1 (the oldest beyond keep_files is overwritten), then a
-        fresh events.jsonl. Returns its fd. The new file is made first (under a temp name), so that a failure
-        (a full disk) changes nothing."""
-        fresh = self._directory / _FRESH_FILE
-        new_fd = _open_append(fresh)
-        for k in range(self._keep_files, 0, -1):
-            if self._path(k - 1).exists():
-                os.replace(self._path(k - 1), self._path(k))
-        os.replace(fresh, self._path(0))
-        fsync_dir(self._directory)  # the renames and the new file's entry, before anything is written into it
-        os.close(fd)
-        return new_fd
-
-    # -- opening -------------------------------------------------------------------------------------------------
-
-    def _path(self, k: int) -> Path:
-        """Journal file k: 0 is events.jsonl, k >= 1 the k-th newest rotated file."""
-        return self._directory / (JOURNAL_FILE if k == 0 else f"{JOURNAL_FILE}.{k}")
-
-    def _open_files(self) -> tuple[int, int, list[int], int]:
-        """Recover the journal: returns (append fd, its size, first seq per file, last seq)."""
-        self._directory.mkdir(parents=True, exist_ok=True)
-        (self._directory / _FRESH_FILE).unlink(missing_ok=True)  # a rotation that did not finish
-        rotated = self._compact_rotated()
-        current = self._path(0)
-        last_seq = _truncate_torn_tail(current) if current.exists() else None
-        if last_seq is None:  # events.jsonl is empty (just rotated) or missing: the newest event is further back
-            found = (_last_seq_in(self._path(k)) for k in range(1, rotated + 1))
-            last_seq = next((seq for seq in found if seq is not None), 0)
-        fd = _open_append(current)
-        fsync_dir(self._directory)
-        # Walk newest to oldest: an empty file "starts" where the file after it does.
-        segments = [_first_seq_in(current) or last_seq + 1]
-        for k in range(1, rotated + 1):
-            segments.insert(0, _first_seq_in(self._path(k)) or segments[0])
-        return fd, os.fstat(fd).st_size, segments, last_seq
-
-    def _compact_rotated(self) -> int:
-        """Renumber rotated files 1..n without holes (a crash mid-rotation can leave one), drop those beyond
-        keep_files, and return how many are left."""
-        prefix = JOURNAL_FILE + "."
-        indices = sorted(
-            int(p.name[len(prefix) :]) for p in self._directory.glob(prefix + "*") if p.name[len(prefix) :].isdigit()
-        )
-        for new, old in enumerate(indices, start=1):
-            if new != old:
-                os.replace(self._path(old), self._path(new))
-        for k in range(self._keep_files + 1, len(indices) + 1):
-            self._path(k).unlink()
-        return min(len(indices), self._keep_files)
 
     # -- reading -------------------------------------------------------------------------------------------------
 
@@ -350,7 +282,7 @@ class EventJournal:
         if since < self.oldest_seq - 1:
             raise EventsExpired(self.oldest_seq)
         next_seq = since + 1
-        cursor: _Cursor | None = None
+        cursor: Cursor | None = None
         while True:
             if next_seq > self._durable_seq:
                 if not follow or self._stopped:
@@ -376,131 +308,19 @@ class EventJournal:
         events.reverse()
         return events
 
-    async def _from_disk(self, next_seq: int, cursor: _Cursor | None) -> tuple[list[Event], _Cursor]:
+    async def _from_disk(self, next_seq: int, cursor: Cursor | None) -> tuple[list[Event], Cursor]:
         # The lock keeps rotation from renaming files between choosing a file and opening it.
         async with self._files_lock:
             segments = list(self._segments)
             if next_seq < segments[0]:
                 raise EventsExpired(segments[0])
             if cursor is None or cursor.next_seq != next_seq or cursor.first_seq < segments[0]:
-                cursor = _Cursor(segments[bisect.bisect_right(segments, next_seq) - 1], 0, next_seq)
-            paths = [self._path(k) for k in range(len(segments) - 1, -1, -1)]
+                cursor = Cursor(segments[bisect.bisect_right(segments, next_seq) - 1], 0, next_seq)
+            paths = [journal_path(self._directory, k) for k in range(len(segments) - 1, -1, -1)]
             events, cursor = await trio.to_thread.run_sync(
-                _read_events, paths, segments, cursor, self._durable_seq, limiter=self._limiter
+                read_events, paths, segments, cursor, self._durable_seq, limiter=self._limiter
             )
         if not events or cursor is None:
             raise RuntimeError(f"event journal in {self._directory} is missing event {next_seq}")
         return events, cursor
 
-
-def _read_events(
-    paths: list[Path], segments: list[int], cursor: _Cursor, durable_seq: int
-) -> tuple[list[Event], _Cursor]:
-    """Read about _READ_CHUNK_BYTES worth of events from cursor on, never past durable_seq, across files
-    (``paths`` and ``segments`` oldest first)."""
-    index = bisect.bisect_right(segments, cursor.first_seq) - 1
-    offset, next_seq = cursor.offset, cursor.next_seq
-    events: list[Event] = []
-    budget = _READ_CHUNK_BYTES
-    while True:
-        with open(paths[index], "rb") as file:
-            file.seek(offset)
-            for line in file:
-                # A line without its newline is being appended right now; it cannot be durable yet.
-                if not line.endswith(b"\n"):
-                    break
-                event = _event_of(line)
-                if event is None:  # not an event: skipped, never a reason to stop
-                    log.warning("event journal: %s, byte %d: skipped a line that is not an event", paths[index],
-                                offset)
-                    offset += len(line)
-                    continue
-                if event["seq"] > durable_seq:
-                    break
-                offset += len(line)
-                if event["seq"] >= next_seq:
-                    events.append(event)
-                    next_seq = event["seq"] + 1
-                    budget -= len(line)
-                    if budget <= 0 or next_seq > durable_seq:
-                        break
-        if budget <= 0 or next_seq > durable_seq or index == len(paths) - 1:
-            return events, _Cursor(segments[index], offset, next_seq)
-        index += 1
-        offset = 0
-
-
-def _open_append(path: Path) -> int:
-    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def _event_of(line: bytes) -> Event | None:
-    """The event on a journal line, or None if the line holds none (a JSON object with an integer seq)."""
-    try:
-        event = json.loads(line)
-    except ValueError:
-        return None
-    if not isinstance(event, dict) or type(event.get("seq")) is not int:
-        return None
-    return event
-
-
-def _seq_of(line: bytes) -> int | None:
-    event = _event_of(line)
-    return None if event is None else int(event["seq"])
-
-
-def _first_seq_in(path: Path) -> int | None:
-    """The seq of the first event in the file (lines that hold none are skipped)."""
-    with open(path, "rb") as file:
-        for line in file:
-            if not line.endswith(b"\n"):
-                return None
-            seq = _seq_of(line)
-            if seq is not None:
-                return seq
-    return None
-
-
-def _last_line(file: BinaryIO, end: int) -> tuple[int, int | None]:
-    """Scan backwards from ``end`` for the last complete line holding an event: (the offset just past it, its
-    seq), or (0, None) if there is none."""
-    window = _TAIL_WINDOW_BYTES
-    while True:
-        start = max(0, end - window)
-        file.seek(start)
-        data = file.read(end - start)
-        stop = len(data)
-        while (newline := data.rfind(b"\n", 0, stop)) >= 0:
-            line_start = data.rfind(b"\n", 0, newline) + 1
-            if line_start == 0 and start > 0:
-                break  # the line may begin before the window
-            seq = _seq_of(data[line_start:newline])
-            if seq is not None:
-                return start + newline + 1, seq
-            stop = line_start
-        if start == 0:
-            return 0, None
-        window *= 4
-
-
-def _last_seq_in(path: Path) -> int | None:
-    with open(path, "rb") as file:
-        return _last_line(file, file.seek(0, os.SEEK_END))[1]
-
-
-def _truncate_torn_tail(path: Path) -> int | None:
-    """Cut whatever follows the last complete event (a write torn by a crash) and return that event's seq."""
-    with open(path, "r+b") as file:
-        end = file.seek(0, os.SEEK_END)
-        good_end, seq = _last_line(file, end)
-        if good_end < end:
-            file.truncate(good_end)
-            os.fsync(file.fileno())
-    return seq

@@ -48,6 +48,9 @@ class InstanceLogs:
         flush_interval: float = 0.2,
         limiter: trio.CapacityLimiter | None = None,
     ) -> None:
+        """``launcher.log`` is rotated to ``launcher.log.1`` before it would pass ``max_bytes``; buffers are written
+        every ``flush_interval`` seconds, in worker threads bounded by ``limiter``. Nothing is written until
+        :meth:`run` or :meth:`flush`."""
         self._max_bytes = max_bytes
         self._flush_interval = flush_interval
         self._limiter = limiter

@@ -67,9 +67,18 @@ class _Op:
 
 
 class Persister:
+    """The instance files of `data_dir`, written through the write-ahead log `instances.wal` (module doc).
+
+    Start :meth:`run` in a nursery (``await nursery.start(persister.run)``) before any write: it replays the log,
+    then serves rounds until cancelled. :meth:`create`, :meth:`write` and :meth:`remove` return once their
+    operation is durable and applied; they raise OSError if it could not be done, after which the caller undoes
+    it with another operation. Two operations on one path must not run at once.
+    """
+
     def __init__(self, data_dir: Path, limiter: trio.CapacityLimiter, *, checkpoint_bytes: int = 16 << 20,
                  on_dropped: Callable[[str], object] | None = None) -> None:
-        """`on_dropped(detail)` hears of each log record the start-up replay had to skip."""
+        """Worker threads for the log go through `limiter`; the log is emptied once it passes `checkpoint_bytes`.
+        `on_dropped(detail)` hears of each log record the start-up replay had to skip."""
         self.data_dir = data_dir
         self.limiter = limiter
         self.checkpoint_bytes = checkpoint_bytes

@@ -38,6 +38,9 @@ GOALS = ("running", "starting", "exited", "deleted")
 
 @attrs.frozen
 class InstanceRecord:
+    """One decoded `instance.json`: the START's spec, `created`, `goal` and `volumes` (module doc). Immutable: a
+    change is a new record, written with `record_json`; `from_json` reads one back."""
+
     spec: InstanceSpec
     created: bool = False
     goal: str = "running"

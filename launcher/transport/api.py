@@ -92,6 +92,13 @@ ACCEPT_TIMEOUT_S = 30.0  # how long a START answer may wait for instance.json to
 
 
 class Api:
+    """The launcher's HTTP API: the route table and a handler per route.
+
+    `handle` is what the HTTP loop calls; it answers every request (a `LauncherError` as its status in `STATUS_OF`,
+    any other exception as 500, logged) and records its latency in /metrics. Every route but /healthz wants the
+    bearer token. The handlers below are public only to be named in the route table; any of them may raise
+    `LauncherError`."""
+
     def __init__(
         self,
         supervisor: Supervisor,
@@ -100,6 +107,9 @@ class Api:
         stats: StatsReporter,
         token: str,
     ) -> None:
+        """Routes over the supervisor's instances, the journal's events, the instance logs and the stats reporter;
+        `token` is the bearer token. Registers the state gauges (`StateCollector`) in the supervisor's metrics
+        registry, so there is one Api per supervisor."""
         self.supervisor = supervisor
         self.journal = journal
         self.logs = logs
@@ -182,35 +192,44 @@ class Api:
     # ----------------------------------------------------------------- commands
 
     async def start(self, request: Request) -> Response:
+        """POST /v1/instances: a START body in YAML or JSON (`payloads.parse_start`), answered as `_run` does."""
         command = payloads.parse_start(request.body, request.headers.get("content-type", ""),
                                        max_bytes=self.config.max_payload_bytes)
         return await self._run(request, command)
 
     async def command(self, request: Request) -> Response:
+        """POST /v1/commands: any ciao command document (`payloads.parse_command`), answered as `_run` does."""
         command = payloads.parse_command(request.body, request.headers.get("content-type", ""),
                                          max_bytes=self.config.max_payload_bytes)
         return await self._run(request, command)
 
     async def stop(self, request: Request) -> Response:
+        """POST /v1/instances/{uuid}/stop, with an optional ?grace=<seconds>."""
         return await self._run(request, StopCommand(self._uuid(request), _number(request, "grace", None)))
 
     async def restart(self, request: Request) -> Response:
+        """POST /v1/instances/{uuid}/restart."""
         return await self._run(request, RestartCommand(self._uuid(request)))
 
     async def delete(self, request: Request) -> Response:
+        """DELETE /v1/instances/{uuid}, with optional ?stop=1 and ?grace=<seconds>."""
         command = DeleteCommand(self._uuid(request), _flag(request, "stop"), _number(request, "grace", None))
         return await self._run(request, command)
 
     async def attach_volume(self, request: Request) -> Response:
+        """POST /v1/instances/{uuid}/volumes/{volume_id}: ATTACH the volume."""
         return await self._run(request, AttachVolumeCommand(self._uuid(request), self._volume_id(request)))
 
     async def detach_volume(self, request: Request) -> Response:
+        """DELETE /v1/instances/{uuid}/volumes/{volume_id}: DETACH the volume."""
         return await self._run(request, DetachVolumeCommand(self._uuid(request), self._volume_id(request)))
 
     async def evacuate(self, request: Request) -> Response:
+        """POST /v1/node/evacuate: ciao's EVACUATE for this node."""
         return await self._run(request, EvacuateCommand())
 
     async def restore(self, request: Request) -> Response:
+        """POST /v1/node/restore: ciao's RESTORE for this node."""
         return await self._run(request, RestoreCommand())
 
     async def _run(self, request: Request, command: Command) -> Response:
@@ -245,15 +264,20 @@ class Api:
     # ----------------------------------------------------------------- reads
 
     async def healthz(self, request: Request) -> Response:
+        """GET /healthz: 200 ``{"status": "ok"}`` whenever the loop answers; no token needed."""
         return Response.json(200, {"status": "ok"})
 
     async def list_instances(self, request: Request) -> Response:
+        """GET /v1/instances: a summary of every instance."""
         return Response.json(200, {"instances": [_summary(i) for i in self.supervisor.instances()]})
 
     async def show_instance(self, request: Request) -> Response:
+        """GET /v1/instances/{uuid}: one instance's details; `no_instance` if there is none."""
         return Response.json(200, _details(self._instance(request)))
 
     async def node(self, request: Request) -> Response:
+        """GET /v1/node: the node's status, instance counts, allocation and capacity, and the host's figures
+        (read in a worker thread)."""
         s = self.supervisor
         figures = await trio.to_thread.run_sync(node_figures, self.config.data_dir, limiter=self.stats.limiter)
         return Response.json(200, {
@@ -269,11 +293,14 @@ class Api:
         })
 
     async def get_stats(self, request: Request) -> Response | Stream:
+        """GET /v1/stats: the latest STATS snapshot; with ?follow=1, an NDJSON stream of them."""
         if _flag(request, "follow"):
             return Stream(NDJSON, self.stats.follow())
         return Response(200, self.stats.snapshot_json)
 
     async def get_metrics(self, request: Request) -> Response:
+        """GET /metrics: the Prometheus text. Re-reads the volume store's list for the gauges first; if the
+        store fails, the gauges keep the last list it gave."""
         catalog = volume_catalog(self.supervisor.backend)
         if catalog is not None:
             try:
@@ -283,12 +310,15 @@ class Api:
         return Response(200, self.metrics.render(), CONTENT_TYPE)
 
     async def events(self, request: Request) -> Stream:
+        """GET /v1/events?since=<seq>: the journal's events after that seq as NDJSON, and with ?follow=1 the
+        new ones as they become durable. `EventsGone` if some of them were rotated away."""
         since = int(_number(request, "since", 0) or 0)
         if since < self.journal.oldest_seq - 1:
             raise EventsGone(self.journal.oldest_seq)
         return Stream(NDJSON, _ndjson(self.journal.events_since(since, follow=_flag(request, "follow"))))
 
     async def instance_log(self, request: Request) -> Stream:
+        """GET /v1/instances/{uuid}/log: the instance's launcher.log as text; with ?follow=1, new lines too."""
         instance = self._instance(request)
         return Stream("text/plain; charset=utf-8", self.logs.follow(instance.dir, follow=_flag(request, "follow")))
 
@@ -315,11 +345,15 @@ class Api:
 
 
 class EventsGone(LauncherError):
+    """`events_expired`: the events a client asked for were rotated away; the answer names `oldest_seq`."""
+
     def __init__(self, oldest_seq: int) -> None:
+        """`oldest_seq` is the oldest event still kept: the client may resume from ``since=oldest_seq - 1``."""
         super().__init__(errors.EVENTS_EXPIRED, f"events before seq {oldest_seq} are no longer kept")
         self.oldest_seq = oldest_seq
 
     def as_dict(self) -> dict[str, Any]:
+        """The error's JSON body, with ``oldest_seq`` added."""
         return {**super().as_dict(), "oldest_seq": self.oldest_seq}
 
 

@@ -48,6 +48,10 @@ DEFAULT_LIMITS = HttpLimits()  # the `http:` section's defaults (launcher.core.c
 
 @attrs.frozen
 class Request:
+    """One request as a handler sees it: the method, the path (percent-decoded, without the query), the query's
+    parameters (the last value of a repeated one), the headers, the whole body (within the HTTP limits) and the
+    path parameters the router matched."""
+
     method: str
     path: str
     query: dict[str, str]
@@ -58,16 +62,20 @@ class Request:
 
 @attrs.frozen
 class Response:
+    """A whole answer: status, body and content type (JSON unless said otherwise)."""
+
     status: int
     body: bytes
     content_type: str = "application/json"
 
     @classmethod
     def json(cls, status: int, obj: Any) -> Response:
+        """A JSON answer: `obj` compactly encoded, with a final newline."""
         return cls(status, json.dumps(obj, separators=(",", ":")).encode() + b"\n")
 
     @classmethod
     def error(cls, status: int, code: str, reason: str) -> Response:
+        """The JSON error answer ``{"error": code, "reason": reason, "instance_uuid": ""}`` with `status`."""
         return cls.json(status, LauncherError(code, reason).as_dict())
 
 

@@ -36,27 +36,36 @@ class ImagesInUse(Collection[str]):
     """The image ids that the supervisor's instances use, read live at each question."""
 
     def __init__(self, supervisor: Supervisor) -> None:
+        """Reads `supervisor`'s instances at each question; keeps no copy."""
         self._supervisor = supervisor
 
     def _ids(self) -> set[str]:
         return {i.spec.image_uuid for i in self._supervisor.instances() if i.spec.image_uuid}
 
     def __contains__(self, image_id: object) -> bool:
+        """Whether an instance uses `image_id` now."""
         return image_id in self._ids()
 
     def __iter__(self) -> Iterator[str]:
+        """The image ids in use now, each once."""
         return iter(self._ids())
 
     def __len__(self) -> int:
+        """How many distinct images are in use now."""
         return len(self._ids())
 
 
 class ImageRoutes:
+    """The /v1/images routes, over the backend's `ImageCatalog`; `not_found` where the virtualizer keeps no
+    backing images."""
+
     def __init__(self, supervisor: Supervisor) -> None:
+        """Routes over `supervisor`'s backend; an image is in use while one of its instances names it."""
         self.supervisor = supervisor
         self.in_use = ImagesInUse(supervisor)
 
     def routes(self) -> list[tuple[str, re.Pattern[str], Handler]]:
+        """(method, path pattern, handler) rows for `Api`'s route table."""
         i = r"(?P<image_id>[^/]+)"
         return [
             ("GET", re.compile(r"/v1/images"), self.list_images),
@@ -73,11 +82,15 @@ class ImageRoutes:
         return catalog
 
     async def list_images(self, request: Request) -> Response:
+        """GET /v1/images: every backing image, each marked in use or not."""
         in_use = set(self.in_use)
         return Response.json(200, {"images": [_describe(image, image.id in in_use)
                                               for image in self._catalog().list()]})
 
     async def import_image(self, request: Request) -> Stream:
+        """POST /v1/images?source=...&id=...[&sha256=...]: import a backing image, answered as an NDJSON
+        stream of progress lines ending in the image or the error. A missing or disallowed source or a bad id is
+        `invalid_data` before the stream starts."""
         catalog = self._catalog()
         source = request.query.get("source", "")
         image_id = request.query.get("id", "")
@@ -115,12 +128,15 @@ class ImageRoutes:
         return Stream(NDJSON, produce=produce)
 
     async def remove(self, request: Request) -> Response:
+        """DELETE /v1/images/{image_id}: remove an image no instance uses (the catalog refuses one in use)."""
         image_id = request.params["image_id"]
         _check_id(image_id)
         await self._catalog().remove(image_id, self.in_use)
         return Response.json(200, {"removed": image_id})
 
     async def gc(self, request: Request) -> Response:
+        """POST /v1/images/gc[?older_than=<seconds>]: remove the unused images older than that (the catalog's
+        default age if absent); the ids removed."""
         catalog = self._catalog()
         raw = request.query.get("older_than")
         try:

@@ -23,11 +23,15 @@ class StateCollector(Collector):
 
     def __init__(self, supervisor: Supervisor, journal: EventJournal,
                  volumes: Callable[[], Sequence[VolumeInfo]] = tuple) -> None:
+        """Gauges of `supervisor`'s instances and node and of `journal`'s seqs; `volumes()` gives the volume
+        store's volumes as the scrape last read them (none by default)."""
         self.supervisor = supervisor
         self.journal = journal
         self.volumes = volumes  # the volume store's volumes, as the scrape read them
 
     def collect(self) -> Iterator[Metric]:
+        """The gauges as they are now; called by the registry at each scrape, on the event loop, so it
+        must not block."""
         s = self.supervisor
         states = GaugeMetricFamily("launcher_instances", "Instances by public state", labels=["state"])
         for state, n in s.state_counts().items():

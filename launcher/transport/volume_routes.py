@@ -36,10 +36,16 @@ _CREATE_KEYS = frozenset({"id", "size_mb", "format", "source_image", "clone"})
 
 
 class VolumeRoutes:
+    """The /v1/volumes routes, over the backend's `VolumeCatalog`; `not_supported` where the virtualizer keeps
+    no volumes. Creating, resizing and deleting a volume emit their event; a volume an instance has (or has an
+    ATTACH queued for) is `volume_in_use` for resize and delete."""
+
     def __init__(self, supervisor: Supervisor) -> None:
+        """Routes over `supervisor`'s backend, its volume users and its journal."""
         self.supervisor = supervisor
 
     def routes(self) -> list[tuple[str, re.Pattern[str], Handler]]:
+        """(method, path pattern, handler) rows for `Api`'s route table."""
         v = r"(?P<volume_id>[^/]+)"
         return [
             ("GET", re.compile(r"/v1/volumes"), self.list_volumes),
@@ -52,14 +58,18 @@ class VolumeRoutes:
     # ----------------------------------------------------------------- handlers
 
     async def list_volumes(self, request: Request) -> Response:
+        """GET /v1/volumes: every volume, with the instance that uses it."""
         users = self._users()
         return Response.json(200, {"volumes": [_describe(v, users.get(v.id)) for v in await self._catalog().list()]})
 
     async def show(self, request: Request) -> Response:
+        """GET /v1/volumes/{volume_id}: one volume, with the instance that uses it."""
         volume_id = _checked_id(request.params["volume_id"])
         return Response.json(200, _describe(await self._catalog().get(volume_id), self._users().get(volume_id)))
 
     async def create(self, request: Request) -> Response:
+        """POST /v1/volumes with a JSON object (id, size_mb, format, source_image, clone): 201 and the new
+        volume."""
         catalog = self._catalog()
         body = _json_object(request.body, _CREATE_KEYS)
         volume_id = _checked_id(_field(body, "id", str, required=True))
@@ -75,6 +85,7 @@ class VolumeRoutes:
         return Response.json(201, _describe(volume, None))
 
     async def resize(self, request: Request) -> Response:
+        """POST /v1/volumes/{volume_id}/resize with ``{"size_mb": n}``: the resized volume."""
         catalog = self._catalog()
         volume_id = _checked_id(request.params["volume_id"])
         body = _json_object(request.body, frozenset({"size_mb"}))
@@ -85,6 +96,7 @@ class VolumeRoutes:
         return Response.json(200, _describe(volume, None))
 
     async def delete(self, request: Request) -> Response:
+        """DELETE /v1/volumes/{volume_id}: ``{"removed": id}``."""
         catalog = self._catalog()
         volume_id = _checked_id(request.params["volume_id"])
         self._refuse_in_use(volume_id, "deleted")

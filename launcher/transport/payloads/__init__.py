@@ -29,7 +29,11 @@ The package, in the order a body goes through it:
 
 - `loader`: bytes, content type and size checks; safe YAML and JSON loading into plain values.
 - `framing`: ciao's multi-document framing of a YAML START (`split_yaml`).
-- `schema`: from a loaded document to a validated command; every field rule lives here.
+- `schema`: from a loaded document to a validated command: the dispatch on the single top-level key, and the
+  rules of every command but START.
+- `start_schema`: the START document's rules (resources and requirements, networking, storage, user-data and
+  meta-data), giving a `StartCommand`.
+- `fields`: typed access to one field of a map and the uuid rule, shared by `schema` and `start_schema`.
 
 The command types it produces are the core's (`launcher.core.commands`); a START's instance model,
 `InstanceSpec`, lives in `launcher.plugin.spec`, where virtualizers find it.
@@ -39,9 +43,10 @@ from __future__ import annotations
 
 from launcher.core.commands import COMMAND_NAMES, Command, StartCommand
 from launcher.plugin.errors import INVALID_DATA, PayloadError
+from launcher.transport.payloads.fields import is_valid_uuid
 from launcher.transport.payloads.framing import split_yaml
 from launcher.transport.payloads.loader import DEFAULT_MAX_BYTES, decode, payload_error, syntax_of
-from launcher.transport.payloads.schema import is_valid_uuid, parse_json_command, parse_yaml_command
+from launcher.transport.payloads.schema import parse_json_command, parse_yaml_command
 
 __all__ = ["DEFAULT_MAX_BYTES", "is_valid_uuid", "parse_command", "parse_start", "split_yaml"]
 

@@ -100,6 +100,8 @@ def _split_start_block(doc: _Doc, start: int) -> tuple[list[str], list[str]]:
 
 
 def frame(text: str) -> _Framed:
+    """`split_yaml`'s three texts, plus whether a start line was found at all and the body line `start` begins
+    at (for error positions). Never raises: a body that frames to nothing gives three empty texts."""
     lines = _split_lines(text)
     found = next((i for i, line in enumerate(lines) if line.startswith("start") and _START_LINE_RE.match(line)), -1)
     docs: list[_Doc] = []

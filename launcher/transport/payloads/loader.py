@@ -28,10 +28,12 @@ MAX_YAML_DEPTH = 64  # collections nested deeper than this are refused before li
 
 
 def payload_error(reason: str) -> PayloadError:
+    """An `invalid_payload` error (the body cannot be read as a document) with `reason`; to raise."""
     return PayloadError(INVALID_PAYLOAD, reason)
 
 
 def data_error(path: str, message: str) -> PayloadError:
+    """An `invalid_data` error whose reason reads "<path>: <message>"; to raise."""
     return PayloadError(INVALID_DATA, f"{path}: {message}")
 
 
@@ -62,6 +64,7 @@ def syntax_of(content_type: str | None) -> str | None:
 
 
 def decode(body: bytes, max_bytes: int) -> str:
+    """The body as text, a leading BOM dropped; `invalid_payload` if it is over `max_bytes` or not UTF-8."""
     if len(body) > max_bytes:
         raise payload_error(f"payload is {len(body)} bytes, limit is {max_bytes}")
     try:
