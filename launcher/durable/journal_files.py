@@ -38,7 +38,7 @@ JOURNAL_FILE = "events.jsonl"
 _FRESH_FILE = JOURNAL_FILE + ".fresh"  # the next events.jsonl, while a rotation makes it
 # Bytes of journal a reader parses per worker-thread call when it catches up from disk. Each reader holds one
 # such batch, parsed (about 4x its size), until its client has taken it: with 1 MiB, 200 readers that never read
-# held 440 MiB (bench/http_limits.py); with 64 KiB, see README "HTTP robustness".
+# held 440 MiB (bench/http_limits.py); with 64 KiB, see docs/api.md, "HTTP robustness".
 _READ_CHUNK_BYTES = 64 << 10
 # Initial size of the window scanned backwards for the last complete line at start-up.
 _TAIL_WINDOW_BYTES = 1 << 16
