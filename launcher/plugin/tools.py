@@ -64,7 +64,7 @@ async def run_tool(argv: Sequence[str | os.PathLike[str]], *, timeout_s: float, 
         except OSError as exc:
             raise ToolError(f"cannot run {tool}: {exc.strerror or exc}", tool=tool) from exc
     if bound.cancelled_caught:
-        raise ToolError(f"{tool} did not finish within {timeout_s:g} s (killed)", tool=tool, timed_out=True)
+        raise ToolError(f"{tool} took more than {timeout_s:g} s (killed)", tool=tool, timed_out=True)
     if done.returncode != 0:
         stderr = done.stderr.decode(errors="replace")
         raise ToolError(_failure(tool, done.returncode, stderr), tool=tool, returncode=done.returncode,

@@ -76,6 +76,7 @@ from launcher.plugin.host import BackendHost
 from launcher.plugin.protocol import MonitorEvent, MonitorInbox, VmStats
 from launcher.plugin.settings import at_least, at_most, one_of, parse_section
 from launcher.plugin.spec import InstanceSpec
+from launcher.plugin.tools import ToolError
 from launcher.plugin.volumes import (
     MAX_VOLUMES,
     PlannedDisk,
@@ -86,7 +87,7 @@ from launcher.plugin.volumes import (
     make_local_volumes,
     remove_ephemeral_volumes,
 )
-from virtualizers.qemu import cloudinit, domain, preflight
+from virtualizers.qemu import cloudinit, domain, preflight, qemu_img
 from virtualizers.qemu.hypervisor import (
     Disconnected,
     Hypervisor,
@@ -109,7 +110,6 @@ OVERLAY = "overlay.qcow2"
 SEED = "seed.iso"
 NVRAM = "nvram.fd"
 CONSOLE_LOG = "console.log"
-QEMU_IMG_TIMEOUT_S = 60.0
 UNPLUG_POLL_S = 0.02  # how often a hot-unplug reads the live XML for the disk (one small libvirt call)
 STATE_POLL_S = 5.0  # re-read a domain's state this often even without events (a backstop, see hypervisor.py)
 MIB = 1 << 20
@@ -462,18 +462,10 @@ class QemuVirtualizer:
             size = max(size, wanted)
         overlay = self._dir / OVERLAY
         tmp = overlay.with_name(OVERLAY + ".tmp")
-        argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(image.path.absolute()), "-F", image.format,
-                str(tmp), str(size)]
         try:
-            with trio.fail_after(QEMU_IMG_TIMEOUT_S):
-                done = await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False)
-            if done.returncode != 0:
-                raise self._fail(IMAGE_FAILURE, f"qemu-img create {OVERLAY} failed: "
-                                                f"{done.stderr.decode(errors='replace').strip()}")
+            await qemu_img.create_overlay(tmp, image.path, image.format, size)
             await trio.to_thread.run_sync(_commit_file, tmp, overlay, limiter=self._backend.host.limiter)
-        except trio.TooSlowError:
-            raise self._fail(IMAGE_FAILURE, f"qemu-img create took more than {QEMU_IMG_TIMEOUT_S:g} s") from None
-        except OSError as exc:
+        except (ToolError, OSError) as exc:
             raise self._fail(IMAGE_FAILURE, f"cannot create {OVERLAY}: {exc}") from exc
         finally:
             with trio.CancelScope(shield=True):

@@ -51,6 +51,8 @@ from launcher.plugin.errors import IMAGE_FAILURE, IMAGE_IN_USE, VirtualizerError
 from launcher.plugin.files import atomic_write, fsync_dir
 from launcher.plugin.locks import KeyedLocks
 from launcher.plugin.spec import is_valid_image_id
+from launcher.plugin.tools import ToolError
+from virtualizers.qemu import qemu_img
 from virtualizers.qemu.import_policy import ImportPolicy, SourceRefused
 
 log = logging.getLogger(__name__)
@@ -65,7 +67,6 @@ DIGEST_SUFFIX = ".sha256"  # `<source>.sha256`, if it exists, is the digest the 
 SEARCH_NAMES = ("{id}", "{id}.img", "{id}.qcow2", "{id}.raw")  # what ensure() looks for in a search dir
 FORMATS = ("qcow2", "raw")
 SECTOR_SIZE = 512  # a raw disk image is a whole number of sectors
-QEMU_IMG_TIMEOUT_S = 60.0
 MAX_DIGEST_FILE = 64 << 10  # a "digest file" larger than this is something else
 NOT_FOUND_STATUSES = (404, 410)
 MAX_REDIRECTS = 5  # each target is checked against the allow-list
@@ -614,20 +615,10 @@ async def _inspect(path: Path, source: str, size: int) -> tuple[str, int]:
     raw image that may back an overlay: not empty, no backing file (its name would be opened by QEMU with the
     launcher's rights), no external data file (same), and a raw file (`size` bytes) a whole number of sectors
     (qemu-img rounds its virtual size up, so that a text file passes as a raw image)."""
-    command = ["qemu-img", "info", "--output=json", str(path)]
     try:
-        with trio.fail_after(QEMU_IMG_TIMEOUT_S):
-            result = await trio.run_process(command, capture_stdout=True, capture_stderr=True, check=False)
-    except FileNotFoundError:
-        raise ImageError("cannot inspect images: qemu-img is not installed") from None
-    except trio.TooSlowError:
-        raise ImageError(f"{source}: qemu-img info did not finish within {QEMU_IMG_TIMEOUT_S:g} s") from None
-    if result.returncode != 0:
-        raise ImageError(f"{source}: qemu-img info failed: {result.stderr.decode(errors='replace').strip()}")
-    try:
-        info = json.loads(result.stdout)
-    except ValueError:
-        raise ImageError(f"{source}: qemu-img info did not print JSON") from None
+        info = await qemu_img.info(path)
+    except ToolError as exc:
+        raise ImageError(f"cannot inspect {source}: {exc}") from exc
     return _check_image(info, source, size)
 
 

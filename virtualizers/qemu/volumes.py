@@ -69,7 +69,8 @@ from launcher.plugin.errors import LauncherError, SetupError
 from launcher.plugin.files import atomic_write, fsync_dir
 from launcher.plugin.locks import KeyedLocks
 from launcher.plugin.protocol import MAX_VOLUME_MB, VOLUME_FORMATS, VolumeCatalog, VolumeInfo
-from virtualizers.qemu import preflight
+from launcher.plugin.tools import ToolError, run_tool
+from virtualizers.qemu import preflight, qemu_img
 from virtualizers.qemu.hypervisor import Hypervisor, Unavailable, error_text
 from virtualizers.qemu.images import ImageError, ImageInfo, ImageNotFound, ImageStore
 
@@ -371,16 +372,11 @@ class VolumeStore:
             return True
 
     async def _mkswap(self, path: str) -> None:
-        argv = [shutil.which("mkswap", path=MKSWAP_PATH) or "mkswap", "-q", path]
         try:
-            with trio.fail_after(MKSWAP_TIMEOUT_S):
-                done = await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False)
-        except trio.TooSlowError:
-            raise LauncherError(errors.VOLUME_FAILURE, f"mkswap took more than {MKSWAP_TIMEOUT_S:g} s") from None
-        except OSError as exc:
-            raise LauncherError(errors.VOLUME_FAILURE, f"cannot run mkswap: {exc}") from exc
-        if done.returncode != 0:
-            raise LauncherError(errors.VOLUME_FAILURE, f"mkswap failed: {done.stderr.decode(errors='replace').strip()}")
+            await run_tool([shutil.which("mkswap", path=MKSWAP_PATH) or "mkswap", "-q", path],
+                           timeout_s=MKSWAP_TIMEOUT_S)
+        except ToolError as exc:
+            raise LauncherError(errors.VOLUME_FAILURE, str(exc)) from exc
 
     # -- helpers -----------------------------------------------------------------------------------------
 
@@ -450,20 +446,13 @@ class VolumeStore:
         if not described.path.startswith("/"):
             raise LauncherError(errors.VOLUME_FAILURE, f"pool {self.pool_name}: a full copy needs volumes with a "
                                                        f"local path, not {described.path!r} (use clone: cow)")
-        argv = ["qemu-img", "convert", "-q", "-n", "-t", "writeback", "-f", image.format, "-O", record.format,
-                str(image.path.absolute()), described.path]
         try:
-            with trio.fail_after(self._copy_timeout_s):
-                done = await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False)
-        except trio.TooSlowError:
-            raise LauncherError(errors.VOLUME_FAILURE, f"copying image {image.id} into volume {record.id} took "
-                                                       f"more than {self._copy_timeout_s:g} s") from None
-        except OSError as exc:
-            raise LauncherError(errors.VOLUME_FAILURE, f"cannot run qemu-img: {exc}") from exc
-        if done.returncode != 0:
-            stderr = done.stderr.decode(errors="replace").strip()
-            code = errors.STORAGE_FULL if any(marker in stderr for marker in _FULL_MARKERS) else errors.VOLUME_FAILURE
-            raise LauncherError(code, f"copying image {image.id} into volume {record.id} failed: {stderr}")
+            await qemu_img.convert(image.path, image.format, described.path, record.format,
+                                   timeout_s=self._copy_timeout_s)
+        except ToolError as exc:
+            full = any(marker in exc.stderr for marker in _FULL_MARKERS)
+            code = errors.STORAGE_FULL if full else errors.VOLUME_FAILURE
+            raise LauncherError(code, f"copying image {image.id} into volume {record.id} failed: {exc}") from exc
 
     async def _write_record(self, record: VolumeRecord) -> None:
         try:

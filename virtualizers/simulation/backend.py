@@ -37,7 +37,6 @@ import os
 import random
 import re
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -64,6 +63,7 @@ from launcher.plugin.host import BackendHost
 from launcher.plugin.protocol import MonitorEvent, MonitorInbox, VmStats
 from launcher.plugin.settings import at_most, one_of, parse_section
 from launcher.plugin.spec import InstanceSpec
+from launcher.plugin.tools import ToolError, run_tool
 from launcher.plugin.volumes import (
     boot_volume,
     check_storage,
@@ -397,25 +397,13 @@ class ProcessVirtualizer(_SimulatedInstance):
         await self._backend.inject("start", self._uuid)
         if _live_vm_pid(self._dir, self._uuid) is not None:
             raise VirtualizerError(LAUNCH_FAILURE, "a simulated VM already runs for this instance", self._uuid)
+        # The process run here only waits for the VM to detach (stdout to /dev/null: the VM keeps no pipe of
+        # ours), so killing it on a timeout or cancellation (e.g. the launcher shutting down) is harmless.
         try:
-            with trio.fail_after(SPAWN_TIMEOUT_S):
-                done = await trio.run_process(
-                    self._simvm_argv(self._backend.crash_after(self._uuid)),
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.DEVNULL,
-                    capture_stderr=True,
-                    check=False,
-                    deliver_cancel=_kill,
-                )
-        except trio.TooSlowError:
-            reason = f"the simulated VM did not start within {SPAWN_TIMEOUT_S:g} s"
-            raise VirtualizerError(LAUNCH_FAILURE, reason, self._uuid) from None
-        except OSError as exc:
-            raise VirtualizerError(LAUNCH_FAILURE, f"cannot run {SIMVM_MODULE}: {exc}", self._uuid) from exc
-        if done.returncode != 0:
-            detail = done.stderr.decode(errors="replace").strip()[-500:]
-            reason = f"{SIMVM_MODULE} exited with status {done.returncode}: {detail}"
-            raise VirtualizerError(LAUNCH_FAILURE, reason, self._uuid)
+            await run_tool(self._simvm_argv(self._backend.crash_after(self._uuid)), timeout_s=SPAWN_TIMEOUT_S,
+                           name=SIMVM_MODULE, capture_stdout=False)
+        except ToolError as exc:
+            raise VirtualizerError(LAUNCH_FAILURE, f"the simulated VM did not start: {exc}", self._uuid) from exc
 
     def _simvm_argv(self, crash_after: float | None) -> list[str]:
         settings = self._backend.settings
@@ -497,12 +485,6 @@ SimulationVirtualizer = MemoryVirtualizer | ProcessVirtualizer  # what Simulatio
 
 # ---------------------------------------------------------------------------------------------------------
 # Process mode helpers
-
-
-async def _kill(process: trio.Process) -> None:
-    # The process trio.run_process runs does nothing but wait for the VM to detach, so killing it outright
-    # is harmless, and a cancelled start (e.g. the launcher shutting down) returns at once.
-    process.kill()
 
 
 def _live_vm_pid(instance_dir: Path, instance_uuid: str) -> int | None:
