@@ -12,7 +12,7 @@ import yaml
 
 from launcher import config
 from launcher.plugin.settings import ConfigError, parse_section
-from virtualizers.qemu.backend import QemuSettings
+from virtualizers.qemu.settings import QemuSettings
 from virtualizers.simulation.backend import SimulationSettings
 
 SHIPPED = Path(__file__).resolve().parent.parent / "configs" / "launcher.yaml"

@@ -66,9 +66,12 @@ class Unreachable(SetupError):
     """The first connection failed: `launcher serve` reports it as a set-up problem and exits."""
 
 
-def error_text(exc: libvirt.libvirtError) -> str:
-    """libvirt's own message, without the Python wrapper's decoration."""
-    return exc.get_error_message() or str(exc)
+def error_text(exc: BaseException) -> str:
+    """What went wrong, for a message: libvirt's own text for a libvirtError (without the Python wrapper's
+    decoration), ``str(exc)`` for anything else (an `Unavailable` says it in our words)."""
+    if isinstance(exc, libvirt.libvirtError):
+        return exc.get_error_message() or str(exc)
+    return str(exc)
 
 
 @attrs.define(eq=False)
