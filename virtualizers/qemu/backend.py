@@ -30,7 +30,9 @@ from launcher.plugin.settings import parse_section
 from launcher.plugin.spec import InstanceSpec
 from virtualizers.qemu import domain, domain_calls, preflight
 from virtualizers.qemu.hypervisor import Hypervisor, open_hypervisor
-from virtualizers.qemu.images import ImageError, ImageStore, ImportProgress
+from virtualizers.qemu.image_errors import ImageError
+from virtualizers.qemu.image_import import ImportProgress
+from virtualizers.qemu.images import ImageStore
 from virtualizers.qemu.instance_files import CONSOLE_LOG, NVRAM, OVERLAY, SEED
 from virtualizers.qemu.settings import SECTION, QemuSettings, resolve_accel
 from virtualizers.qemu.virtualizer import QemuVirtualizer

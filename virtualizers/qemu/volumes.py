@@ -72,7 +72,8 @@ from launcher.plugin.protocol import MAX_VOLUME_MB, VOLUME_FORMATS, VolumeCatalo
 from launcher.plugin.tools import ToolError, run_tool
 from virtualizers.qemu import preflight, qemu_img
 from virtualizers.qemu.hypervisor import Hypervisor, Unavailable, error_text
-from virtualizers.qemu.images import ImageError, ImageInfo, ImageNotFound, ImageStore
+from virtualizers.qemu.image_errors import ImageError, ImageNotFound
+from virtualizers.qemu.images import ImageInfo, ImageStore
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
