@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import builtins
 import enum
+import re
 from collections.abc import Callable, Collection, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
@@ -156,6 +157,15 @@ def volume_catalog(backend: Backend) -> VolumeCatalog | None:
 
 VOLUME_FORMATS = ("qcow2", "raw")
 MAX_VOLUME_MB = 64 << 20  # 64 TiB: a larger volume is a mistake, not a plan
+MAX_VOLUME_ID_LEN = 64
+_VOLUME_ID_RE = re.compile(r"[0-9a-fA-F]+(?:-[0-9a-fA-F]+)*")
+
+
+def is_valid_volume_id(volume_id: str) -> bool:
+    """Whether `volume_id` has a volume id's shape: hex groups joined by '-' (what the launcher's uuid check
+    accepts), at most MAX_VOLUME_ID_LEN characters. The caller of a `VolumeCatalog` has checked it; a store checks
+    it again before it makes a name of it (defence in depth)."""
+    return len(volume_id) <= MAX_VOLUME_ID_LEN and _VOLUME_ID_RE.fullmatch(volume_id) is not None
 
 
 @attrs.frozen
