@@ -13,7 +13,7 @@ import yaml
 from launcher import config
 from launcher.plugin.settings import ConfigError, parse_section
 from virtualizers.qemu.settings import QemuSettings
-from virtualizers.simulation.backend import SimulationSettings
+from virtualizers.simulation.settings import SimulationSettings
 
 SHIPPED = Path(__file__).resolve().parent.parent / "configs" / "launcher.yaml"
 
