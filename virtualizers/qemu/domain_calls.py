@@ -13,6 +13,7 @@ from pathlib import Path
 import libvirt
 
 from virtualizers.qemu import domain
+from virtualizers.qemu.hypervisor import or_none
 
 # Domain states in which QEMU runs (the VM is "up" for the launcher).
 ACTIVE_STATES = frozenset({
@@ -36,12 +37,10 @@ def our_domains(conn: libvirt.virConnect, data_dir: Path) -> list[domain.DomainM
 
 def domain_state(conn: libvirt.virConnect, name: str) -> tuple[int, int]:
     """(libvirt state, reason) of domain `name`; (VIR_DOMAIN_SHUTOFF, 0) if there is no such domain."""
-    try:
-        state, reason = conn.lookupByName(name).state()
-    except libvirt.libvirtError as exc:
-        if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-            return libvirt.VIR_DOMAIN_SHUTOFF, 0
-        raise
+    found = or_none(lambda: conn.lookupByName(name).state(), libvirt.VIR_ERR_NO_DOMAIN)
+    if found is None:
+        return libvirt.VIR_DOMAIN_SHUTOFF, 0
+    state, reason = found
     return state, reason
 
 
@@ -72,12 +71,9 @@ def destroy_domain(conn: libvirt.virConnect, name: str) -> None:
 
 def remove_domain(conn: libvirt.virConnect, name: str) -> bool:
     """Destroy (if active) and undefine domain `name` with its NVRAM; False if there was none."""
-    try:
-        dom = conn.lookupByName(name)
-    except libvirt.libvirtError as exc:
-        if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-            return False
-        raise
+    dom = or_none(lambda: conn.lookupByName(name), libvirt.VIR_ERR_NO_DOMAIN)
+    if dom is None:
+        return False
     try:
         if dom.isActive():
             dom.destroy()

@@ -74,6 +74,17 @@ def error_text(exc: BaseException) -> str:
     return str(exc)
 
 
+def or_none(lookup: Callable[[], T], missing: int) -> T | None:
+    """`lookup()`, or None where libvirt answers that what it looks up does not exist (error code `missing`, e.g.
+    VIR_ERR_NO_DOMAIN); any other libvirtError passes. Blocking, like the lookup."""
+    try:
+        return lookup()
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() == missing:
+            return None
+        raise
+
+
 @attrs.define(eq=False)
 class DomainWatch:
     """Wake-ups for one domain's lifecycle events (see the module doc)."""

@@ -18,6 +18,7 @@ import attrs
 import libvirt
 
 from launcher.plugin.errors import SetupError
+from virtualizers.qemu.hypervisor import or_none
 from virtualizers.qemu.volume_records import id_of
 
 log = logging.getLogger(__name__)
@@ -46,12 +47,7 @@ def pool_xml(name: str, path: Path, mode: int, uid: int, gid: int) -> str:
 
 
 def _lookup_pool(conn: libvirt.virConnect, name: str) -> libvirt.virStoragePool | None:
-    try:
-        return conn.storagePoolLookupByName(name)
-    except libvirt.libvirtError as exc:
-        if exc.get_error_code() == libvirt.VIR_ERR_NO_STORAGE_POOL:
-            return None
-        raise
+    return or_none(lambda: conn.storagePoolLookupByName(name), libvirt.VIR_ERR_NO_STORAGE_POOL)
 
 
 def ensure_dir_pool(conn: libvirt.virConnect, name: str, path: Path, xml: str, local: bool) -> None:
@@ -95,12 +91,8 @@ def volume_names(conn: libvirt.virConnect, pool: str) -> builtins.list[str]:
 
 
 def _lookup_volume(conn: libvirt.virConnect, pool: str, name: str) -> libvirt.virStorageVol | None:
-    try:
-        return conn.storagePoolLookupByName(pool).storageVolLookupByName(name)
-    except libvirt.libvirtError as exc:
-        if exc.get_error_code() == libvirt.VIR_ERR_NO_STORAGE_VOL:
-            return None
-        raise
+    return or_none(lambda: conn.storagePoolLookupByName(pool).storageVolLookupByName(name),
+                   libvirt.VIR_ERR_NO_STORAGE_VOL)
 
 
 def existing_name(conn: libvirt.virConnect, pool: str, names: tuple[str, ...]) -> str:
