@@ -24,6 +24,9 @@ def is_valid_image_id(image: str) -> bool:
 
 @attrs.frozen
 class Networking:
+    """The START's ``networking`` section, in ciao's names: the VM's NIC (`vnic_mac`, which the virtualizer gives
+    the VM; "" lets it choose) and what the guest's network configuration is derived from (subnet, addresses)."""
+
     vnic_mac: str = ""
     vnic_uuid: str = ""
     concentrator_uuid: str = ""
@@ -37,6 +40,9 @@ class Networking:
 
 @attrs.frozen
 class StorageEntry:
+    """One entry of the START's ``storage`` list: the volume `id` and how the instance uses it (what each field
+    means, for every virtualizer: `launcher.plugin.volumes`)."""
+
     id: str
     boot: bool = False
     boot_index: str = ""
@@ -75,4 +81,5 @@ class InstanceSpec:
 
     @property
     def legacy_boot(self) -> bool:
+        """Whether the instance boots with BIOS (``fw_type: legacy``) rather than EFI (anything else)."""
         return self.fw_type == "legacy"
