@@ -99,7 +99,7 @@ class VolumeStore:
 
     async def open(self) -> None:
         """Set the pool up (own pool) or find it (the operator's), load the records and clear what an
-        interrupted create or delete left (module doc). SetupError with what to do if that fails."""
+        interrupted create or delete left (volume_records.py). SetupError with what to do if that fails."""
         try:
             if self.own_pool:
                 await self._open_own_pool()
@@ -286,7 +286,7 @@ class VolumeStore:
             return self._info(record, await self._describe(record))
 
     async def format_swap(self, volume_id: str) -> bool:
-        """Make the raw volume Linux swap space (module doc); True if it ran mkswap, False if the volume was swap
+        """Make the raw volume Linux swap space (swap.py); True if it ran mkswap, False if the volume was swap
         space already. not_found, invalid_data (not raw, or holding other data) or volume_failure otherwise."""
         _check_id(volume_id)
         async with self._locks.hold(volume_id):
