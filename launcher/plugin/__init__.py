@@ -24,6 +24,7 @@ has one home):
   check a plugin's own config section (`ConfigError`).
 - `files`: crash-safe private writes (`atomic_write`, `fsync_dir`) and the instance dir's modes.
 - `locks`: `KeyedLocks`, one lock per key: how a store serialises the operations on one image or volume id.
+- `usage`: `CpuMeter`, a VM's CPU use between two `stats()` calls (`VmStats.cpu_percent`).
 - `tools`: `run_tool`, the one way to run an external program (qemu-img, mkswap, ...) under a bound, with
   `ToolError` naming the tool and saying how it failed.
 

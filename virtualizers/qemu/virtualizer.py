@@ -63,6 +63,7 @@ from launcher.plugin.errors import (
 from launcher.plugin.protocol import MonitorEvent, MonitorInbox, VmStats
 from launcher.plugin.spec import InstanceSpec
 from launcher.plugin.tools import ToolError
+from launcher.plugin.usage import CpuMeter
 from launcher.plugin.volumes import (
     PlannedDisk,
     boot_volume,
@@ -98,7 +99,7 @@ class QemuVirtualizer:
     _volumes: Callable[[], Sequence[str]] = attrs.field(init=False)  # the instance's, in disk order (init)
     _image: ImageInfo | None = attrs.field(default=None, init=False)
     _pid: int | None = attrs.field(default=None, init=False)  # QEMU's, found by stats()
-    _cpu_sample: tuple[int, float] | None = attrs.field(default=None, init=False)  # (cpu ns, monotonic s)
+    _cpu: CpuMeter = attrs.field(factory=CpuMeter, init=False)
     _paused_reported: bool = attrs.field(default=False, init=False)
 
     @property
@@ -379,15 +380,9 @@ class QemuVirtualizer:
         state, _max_kib, _kib, vcpus, cpu_ns = info
         if state not in ACTIVE_STATES:
             return VmStats(disk_mb=disk_mb)
-        now = time.monotonic()
-        cpu_percent = -1
-        if self._cpu_sample is not None:
-            prev_ns, prev_s = self._cpu_sample
-            if now > prev_s:
-                cpu_percent = round(100 * (cpu_ns - prev_ns) / 1e9 / (now - prev_s) / max(vcpus, 1))
-        self._cpu_sample = (cpu_ns, now)
+        cpu_percent = self._cpu.percent(cpu_ns / 1e9, vcpus)
         memory_mb = await trio.to_thread.run_sync(self._pss_mb, limiter=self._backend.host.limiter)
-        return VmStats(memory_mb=memory_mb, cpu_percent=max(cpu_percent, -1), disk_mb=disk_mb)
+        return VmStats(memory_mb=memory_mb, cpu_percent=cpu_percent, disk_mb=disk_mb)
 
     def _pss_mb(self) -> int:
         """PSS of the QEMU process in MiB, -1 if it cannot be found (worker thread)."""
@@ -403,12 +398,11 @@ class QemuVirtualizer:
 
     def connected(self) -> None:
         self._pid = None
-        self._cpu_sample = None
+        self._cpu.reset()
 
     def lost_vm(self) -> None:
         self._pid = None
-        self._cpu_sample = None
-
+        self._cpu.reset()
 
 
 def _since_ms(started: float) -> int:

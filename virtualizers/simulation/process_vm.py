@@ -26,6 +26,7 @@ from launcher.plugin import files
 from launcher.plugin.errors import IMAGE_FAILURE, LAUNCH_FAILURE, STOP_FAILURE, VirtualizerError
 from launcher.plugin.protocol import MonitorEvent, MonitorInbox, VmStats
 from launcher.plugin.tools import ToolError, run_tool
+from launcher.plugin.usage import CpuMeter
 from launcher.plugin.volumes import disk_plan
 from virtualizers.simulation import simvm
 from virtualizers.simulation.instance import SimulatedInstance
@@ -45,7 +46,7 @@ class ProcessVirtualizer(SimulatedInstance):
     """A simulated instance whose VM is a detached `virtualizers.simulation.simvm` process."""
 
     _pid: int | None = attrs.field(default=None, init=False)  # set by connected()
-    _cpu_sample: tuple[float, float] | None = attrs.field(default=None, init=False)  # (cpu s, wall s)
+    _cpu: CpuMeter = attrs.field(factory=CpuMeter, init=False)
 
     async def create_image(self, user_data: str, meta_data: str, network_config: str | None) -> None:
         """Write `disk.img`: the cloud-init data and the instance's disks (`disk_plan`: volume id, "" for the
@@ -129,12 +130,10 @@ class ProcessVirtualizer(SimulatedInstance):
         sample = await trio.to_thread.run_sync(_measure, self._pid, self._dir / DISK_IMAGE,
                                                limiter=self._backend.limiter)
         cpu_percent = -1
-        if sample.cpu_s is not None and self._cpu_sample is not None:
-            cpu_s, wall_s = self._cpu_sample
-            vcpus = self._spec.vcpus
-            if sample.wall_s > wall_s:
-                cpu_percent = round((sample.cpu_s - cpu_s) / (sample.wall_s - wall_s) / vcpus * 100)
-        self._cpu_sample = None if sample.cpu_s is None else (sample.cpu_s, sample.wall_s)
+        if sample.cpu_s is None:
+            self._cpu.reset()
+        else:
+            cpu_percent = self._cpu.percent(sample.cpu_s, self._spec.vcpus, now=sample.wall_s)
         return VmStats(
             memory_mb=-1 if sample.memory_bytes is None else sample.memory_bytes // MIB,
             cpu_percent=cpu_percent,
@@ -144,11 +143,12 @@ class ProcessVirtualizer(SimulatedInstance):
     def connected(self) -> None:
         """Remember the VM's pid for stats(); the next CPU figure starts a new measurement."""
         self._pid = _live_vm_pid(self._dir, self._uuid)
-        self._cpu_sample = None
+        self._cpu.reset()
 
     def lost_vm(self) -> None:
+        """Forget the VM's pid and CPU readings."""
         self._pid = None
-        self._cpu_sample = None
+        self._cpu.reset()
 
 
 
