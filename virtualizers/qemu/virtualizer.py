@@ -1,37 +1,36 @@
 """One instance's VM on libvirt: `QemuVirtualizer`, the QEMU backend's `launcher.plugin.protocol.Virtualizer`.
 
-The protocol's docstrings are the contract of each call; this says how QEMU keeps it. The instance's files are
-those of `instance_files`; every libvirt call is a bounded `Hypervisor.call` of a `domain_calls` function.
+The protocol's docstrings are the contract of each call; this says only how QEMU keeps it. The instance's files
+are those of `instance_files`; every libvirt call is a bounded `Hypervisor.call` of a `domain_calls` function.
 
 ``ensure_backing_image``
-    the image store (`images`) provides ``<data_dir>/images/<image_uuid>.img``, importing it once from
-    ``qemu.image_dirs`` or ``qemu.image_url`` if needed. The START's volumes must exist (`check_storage`); an
-    instance that boots from a volume (no image_uuid, a ``boot: true`` storage entry) has no image.
+    the image store's `ensure` (images.py): ``<data_dir>/images/<image_uuid>.img``, imported once from
+    ``qemu.image_dirs`` or ``qemu.image_url`` if the store lacks it.
 ``create_image``
-    the START's ``local`` volumes (swap ones formatted with mkswap: `VolumeStore.format_swap`); the overlay,
-    whose size is the payload's disk size (raised to the image's if smaller), else the image's; the seed
-    (`cloudinit`, NoCloud or ConfigDrive), its meta-data carrying the tagged volumes (`devices_metadata`).
+    local volumes through the volume store, swap ones formatted with mkswap (`VolumeStore.format_swap`); the
+    overlay (`instance_files.make_overlay`), as large as the payload's disk size, or the image's if that is
+    larger; the seed (`cloudinit`: NoCloud or ConfigDrive, per ``qemu.seed_format``), its meta-data carrying
+    the tagged volumes (`devices_metadata`).
 ``start_vm``
-    defines the persistent domain (`domain`) with its disks in `disk_plan`'s order and boot orders, and starts
-    it; a domain that already runs counts as started.
+    defines the persistent domain (`domain`) with its disks in `disk_plan`'s order and boot orders, then starts
+    it; a domain that already runs is adopted.
 ``monitor_vm``
-    follows the domain's state through libvirt's lifecycle events (`hypervisor.DomainWatch`), re-read every
+    libvirt's lifecycle events (`hypervisor.DomainWatch`): the domain's state is re-read after each event and every
     `STATE_POLL_S` as a backstop. A guest paused by an I/O error (a full disk) is reported with an
-    ``instance_paused`` event and a log line, and stays paused for the operator.
+    ``instance_paused`` event and a log line, and left paused for the operator.
 ``stop_vm``
-    the ACPI power button, then destroy once `grace` seconds have passed.
+    the ACPI power button, then ``destroy`` once `grace` seconds have passed.
 ``delete_image``
-    destroys the domain if it still runs and undefines it with its NVRAM, and deletes the START's ephemeral
-    volumes still attached. The backing image and the other volumes (a boot volume too) stay.
+    destroys the domain if it still runs and undefines it with its NVRAM (`domain_calls.remove_domain`).
 ``attach_volume`` / ``detach_volume``
-    a volume of the store as one more virtio disk (its serial the volume id): hot-plugged into a domain that
-    runs (``attachDeviceFlags``, live only: the domain is defined again at every start with the instance's
-    volumes), and hot-unplugged once the guest lets go of it (``detachDeviceFlags``, then the live XML is read
-    every `UNPLUG_POLL_S` until the disk is gone, bounded by ``qemu.volumes.detach_timeout_s``). On a q35
+    the volume as one more virtio disk (its serial the volume id): ``attachDeviceFlags``, live only (the domain
+    is defined again at every start with the instance's volumes); ``detachDeviceFlags``, then the live XML is
+    read every `UNPLUG_POLL_S` until the disk is gone, bounded by ``qemu.volumes.detach_timeout_s``. On a q35
     machine each hot-plug takes one of ``qemu.hotplug_slots`` spare PCIe root ports.
 ``stats``
-    PSS of the QEMU process, CPU time from libvirt normalised to the allotted vCPUs, MiB allocated to the
-    overlay (0 for an instance that boots from a volume, as in ciao: the volume's figures are in /v1/volumes).
+    PSS of the QEMU process (found through libvirtd's pidfile), CPU time from libvirt over the allotted vCPUs,
+    MiB allocated to the overlay (0 for an instance that boots from a volume, as in ciao: the volume's figures
+    are in /v1/volumes).
 
 Parts of a START (image, overlay, seed, define, start) are ``step <name>: ... in <ms> ms`` lines in the
 instance's log (bench/start_latency.py reads them) and observations for /metrics (`BackendHost.observe_step`).
