@@ -59,7 +59,7 @@ class VmStats:
 
 
 class Virtualizer(Protocol):
-    """One instance's VM, as its actor (`launcher.instance.InstanceActor`) drives it.
+    """One instance's VM, as its actor (the core's `InstanceActor`) drives it.
 
     Every method is called by the instance's actor, strictly one call at a time (`monitor_vm` excepted: it runs
     beside the others), so a virtualizer needs no lock. Async methods may be cancelled at any await. Each call
