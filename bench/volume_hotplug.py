@@ -39,7 +39,7 @@ from start_latency import EXAMPLE, start_launcher, stop_launcher, work_dir  # no
 from launcher.cli.client import Client  # noqa: E402
 from launcher.transport.payloads import parse_start  # noqa: E402
 from virtualizers.qemu import domain  # noqa: E402
-from virtualizers.qemu.backend import UNPLUG_POLL_S  # noqa: E402
+from virtualizers.qemu.virtualizer import UNPLUG_POLL_S  # noqa: E402
 
 VOLUME_A, VOLUME_B = "0b0b0b0b-0000-4000-8000-00000000000a", "0b0b0b0b-0000-4000-8000-00000000000b"
 BOOT_TIMEOUT_S = 300.0

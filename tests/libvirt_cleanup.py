@@ -9,8 +9,8 @@ from pathlib import Path
 
 import libvirt
 
-from virtualizers.qemu.backend import remove_domain
 from virtualizers.qemu.domain import read_metadata
+from virtualizers.qemu.domain_calls import remove_domain
 
 
 def remove_domains_under(root: Path) -> list[str]:

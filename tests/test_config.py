@@ -13,8 +13,8 @@ from config_reference import reference_table, rows
 
 from launcher.core import config
 from launcher.plugin.settings import ConfigError, parse_section
-from virtualizers.qemu.backend import QemuSettings
-from virtualizers.simulation.backend import SimulationSettings
+from virtualizers.qemu.settings import QemuSettings
+from virtualizers.simulation.settings import SimulationSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "configs" / "launcher.yaml"

@@ -29,16 +29,9 @@ from launcher.plugin.host import BackendHost
 from launcher.plugin.settings import ConfigError, parse_section
 from launcher.plugin.spec import InstanceSpec, Networking, StorageEntry
 from launcher.plugin.volumes import MAX_VOLUMES
-from virtualizers.qemu import backend as qemu
 from virtualizers.qemu import domain, preflight
-from virtualizers.qemu.backend import (
-    NetworkSettings,
-    QemuBackend,
-    QemuSettings,
-    VolumeSettings,
-    remove_domain,
-    resolve_accel,
-)
+from virtualizers.qemu import instance_files as qemu
+from virtualizers.qemu.backend import QemuBackend
 from virtualizers.qemu.cloudinit import GuestNetwork
 from virtualizers.qemu.domain import (
     DomainParams,
@@ -49,6 +42,8 @@ from virtualizers.qemu.domain import (
     libvirt_uuid,
     read_metadata,
 )
+from virtualizers.qemu.domain_calls import remove_domain
+from virtualizers.qemu.settings import NetworkSettings, QemuSettings, VolumeSettings, resolve_accel
 
 UUID = "d7d86208-b46c-4465-9018-fe14087d415f"
 CIAO_UUID = "67d86208-000-4465-9018-fe14087d415f"  # a ciao instance uuid that is no RFC 4122 UUID

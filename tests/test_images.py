@@ -22,7 +22,9 @@ from typing import Any
 import pytest
 import trio
 
-from virtualizers.qemu.images import ImageError, ImageInUse, ImageNotFound, ImageStore, ImportProgress
+from virtualizers.qemu.image_errors import ImageError, ImageInUse, ImageNotFound
+from virtualizers.qemu.image_import import ImportProgress
+from virtualizers.qemu.images import ImageStore
 from virtualizers.qemu.import_policy import SourceRefused
 
 MiB = 1 << 20

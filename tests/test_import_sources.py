@@ -18,7 +18,7 @@ from test_images import MiB, files_in, http_response, make_qcow2, make_raw, open
 from test_setup import refusal, serve
 
 from virtualizers.qemu import preflight
-from virtualizers.qemu.images import ImageError
+from virtualizers.qemu.image_errors import ImageError
 from virtualizers.qemu.import_policy import REFUSED, SourceRefused
 
 

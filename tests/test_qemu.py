@@ -25,7 +25,7 @@ from conftest import EXAMPLE_IMAGE_IDS, LauncherProcess, example
 from test_metrics import promtool_check, samples_of, scrape, value
 
 from launcher.cli.client import Client
-from virtualizers.qemu.backend import STATE_POLL_S
+from virtualizers.qemu.virtualizer import STATE_POLL_S
 
 IMAGE_ID = "b286cd45-7d0c-4525-a140-4db6c95e41fa"
 BOOT_TIMEOUT_S = 180.0  # a TCG guest on a busy 2-core machine

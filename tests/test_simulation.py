@@ -21,7 +21,8 @@ from launcher.plugin.errors import IMAGE_FAILURE, LAUNCH_FAILURE, SetupError, Vi
 from launcher.plugin.host import BackendHost
 from launcher.plugin.protocol import MonitorEvent, VmStats
 from launcher.plugin.spec import InstanceSpec
-from virtualizers.simulation.backend import SIMVM_MODULE, SimulationBackend, SimulationVirtualizer, open_backend
+from virtualizers.simulation.backend import SimulationBackend, SimulationVirtualizer, open_backend
+from virtualizers.simulation.process_vm import SIMVM_MODULE
 
 CONNECTED = MonitorEvent.CONNECTED
 CLOSED = MonitorEvent.CLOSED

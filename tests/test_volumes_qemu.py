@@ -29,8 +29,10 @@ from launcher.plugin.errors import LauncherError, SetupError
 from launcher.plugin.host import BackendHost
 from launcher.plugin.protocol import volume_catalog
 from launcher.plugin.settings import ConfigError, parse_section
-from virtualizers.qemu.backend import QemuBackend, QemuSettings, open_backend
-from virtualizers.qemu.volumes import RECORDS_DIR, VOLUMES_DIR, VolumeStore, own_pool_name
+from virtualizers.qemu.backend import QemuBackend, open_backend
+from virtualizers.qemu.settings import QemuSettings
+from virtualizers.qemu.volume_records import RECORDS_DIR
+from virtualizers.qemu.volumes import VOLUMES_DIR, VolumeStore, own_pool_name
 
 IMAGE_ID = EXAMPLE_IMAGE_IDS[0]
 MIB = 1 << 20

@@ -56,12 +56,15 @@ class LauncherError(Exception):
     """A failure that is reported to the caller as a ciao error code plus a human reason."""
 
     def __init__(self, code: str, reason: str, instance_uuid: str = "") -> None:
+        """`code` is one of this module's codes, `reason` says what went wrong in words an operator can act on,
+        `instance_uuid` the instance concerned ("" for none; the actor fills it in for a virtualizer's error)."""
         super().__init__(f"{code}: {reason}")
         self.code = code
         self.reason = reason
         self.instance_uuid = instance_uuid
 
     def as_dict(self) -> dict[str, str]:
+        """The error as the API's JSON body and the failure events carry it (`error`, `reason`, `instance_uuid`)."""
         return {"error": self.code, "reason": self.reason, "instance_uuid": self.instance_uuid}
 
 

@@ -17,6 +17,8 @@ INSTANCE_FILE_MODE = 0o600
 
 
 def fsync_dir(path: Path) -> None:
+    """fsync the directory `path`, so that the names created, renamed or removed in it are durable. Blocks;
+    OSError if it fails."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)

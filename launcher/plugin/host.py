@@ -28,4 +28,6 @@ class BackendHost:
     observe_step: Callable[[str, float], None] = lambda step, seconds: None
 
     def instance_dir(self, instance_uuid: str) -> Path:
+        """Where the launcher keeps instance `instance_uuid` (``<data_dir>/instances/<uuid>``); it may not
+        exist. No I/O."""
         return self.data_dir / "instances" / instance_uuid

@@ -42,6 +42,7 @@ class IdentityError(ValueError):
     """A meta-data value that cannot be used; `key` is the meta-data key at fault."""
 
     def __init__(self, key: str, reason: str) -> None:
+        """The meta-data `key` at fault and `reason`, what is wrong with its value; the message is both."""
         super().__init__(f"{key}: {reason}")
         self.key = key
         self.reason = reason

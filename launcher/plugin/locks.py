@@ -21,10 +21,13 @@ class KeyedLocks:
     or awaits it, so the table stays as small as the work in flight."""
 
     def __init__(self) -> None:
+        """An empty table: no key is held."""
         self._entries: dict[Hashable, _Entry] = {}
 
     @asynccontextmanager
     async def hold(self, key: Hashable) -> AsyncIterator[None]:
+        """Wait until no other task holds `key`, then hold it until the context exits (also on an exception or
+        cancellation). Waiters get the key in the order they asked. Not reentrant."""
         entry = self._entries.setdefault(key, _Entry())
         entry.users += 1
         try:

@@ -2,9 +2,9 @@
 virtualizer sees it (part of the plugin API, `launcher.plugin`).
 
 A spec is frozen and compared whole: an equal spec in a repeated START makes it an idempotent repeat. It is
-stored in the instance's record (`launcher.records`) and never changes after the START is admitted (RESTART
-reuses it). The payload parser (`launcher.payloads`) builds it; the supervisor fills in the resources the START
-did not name before any virtualizer sees it.
+stored in the instance's record (`launcher.durable.records`) and never changes after the START is admitted
+(RESTART reuses it). The payload parser (`launcher.transport.payloads`) builds it; the supervisor fills in the
+resources the START did not name before any virtualizer sees it.
 """
 
 from __future__ import annotations
@@ -24,6 +24,9 @@ def is_valid_image_id(image: str) -> bool:
 
 @attrs.frozen
 class Networking:
+    """The START's ``networking`` section, in ciao's names: the VM's NIC (`vnic_mac`, which the virtualizer gives
+    the VM; "" lets it choose) and what the guest's network configuration is derived from (subnet, addresses)."""
+
     vnic_mac: str = ""
     vnic_uuid: str = ""
     concentrator_uuid: str = ""
@@ -37,6 +40,9 @@ class Networking:
 
 @attrs.frozen
 class StorageEntry:
+    """One entry of the START's ``storage`` list: the volume `id` and how the instance uses it (what each field
+    means, for every virtualizer: `launcher.plugin.volumes`)."""
+
     id: str
     boot: bool = False
     boot_index: str = ""
@@ -75,4 +81,5 @@ class InstanceSpec:
 
     @property
     def legacy_boot(self) -> bool:
+        """Whether the instance boots with BIOS (``fw_type: legacy``) rather than EFI (anything else)."""
         return self.fw_type == "legacy"

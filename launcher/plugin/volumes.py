@@ -78,6 +78,7 @@ class PlannedDisk:
 
     @property
     def is_overlay(self) -> bool:
+        """Whether this disk is the instance's overlay on its image (not a volume)."""
         return not self.volume_id
 
 

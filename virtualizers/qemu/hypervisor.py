@@ -66,9 +66,23 @@ class Unreachable(SetupError):
     """The first connection failed: `launcher serve` reports it as a set-up problem and exits."""
 
 
-def error_text(exc: libvirt.libvirtError) -> str:
-    """libvirt's own message, without the Python wrapper's decoration."""
-    return exc.get_error_message() or str(exc)
+def error_text(exc: BaseException) -> str:
+    """What went wrong, for a message: libvirt's own text for a libvirtError (without the Python wrapper's
+    decoration), ``str(exc)`` for anything else (an `Unavailable` says it in our words)."""
+    if isinstance(exc, libvirt.libvirtError):
+        return exc.get_error_message() or str(exc)
+    return str(exc)
+
+
+def or_none(lookup: Callable[[], T], missing: int) -> T | None:
+    """`lookup()`, or None where libvirt answers that what it looks up does not exist (error code `missing`, e.g.
+    VIR_ERR_NO_DOMAIN); any other libvirtError passes. Blocking, like the lookup."""
+    try:
+        return lookup()
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() == missing:
+            return None
+        raise
 
 
 @attrs.define(eq=False)

@@ -98,8 +98,7 @@ async def check_reachable(hypervisor: Hypervisor, directories: list[Path]) -> Qe
     try:
         capabilities = await hypervisor.call(lambda conn: conn.getCapabilities())
     except (Unavailable, libvirt.libvirtError) as exc:
-        message = str(exc) if isinstance(exc, Unavailable) else error_text(exc)
-        raise SetupError(f"cannot read libvirt's capabilities at {hypervisor.uri}: {message}") from exc
+        raise SetupError(f"cannot read libvirt's capabilities at {hypervisor.uri}: {error_text(exc)}") from exc
     user = qemu_user(capabilities)
     if user is None or user.uid == 0:
         return None

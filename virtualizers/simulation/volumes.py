@@ -12,7 +12,6 @@ from __future__ import annotations
 import builtins
 import json
 import os
-import re
 from pathlib import Path
 
 import attrs
@@ -21,11 +20,10 @@ import trio
 from launcher.plugin import errors, files
 from launcher.plugin.errors import LauncherError
 from launcher.plugin.locks import KeyedLocks
-from launcher.plugin.protocol import VolumeInfo
+from launcher.plugin.protocol import VolumeInfo, is_valid_volume_id
 
 VOLUMES_DIR = "sim-volumes"
 IMAGE_SIZE_MB = 2048
-_ID_RE = re.compile(r"[0-9a-fA-F]+(?:-[0-9a-fA-F]+)*")  # what the launcher accepts; checked again here
 
 
 class SimulatedVolumes:
@@ -78,7 +76,7 @@ class SimulatedVolumes:
     # ----------------------------------------------------------------- files (worker threads)
 
     def _path(self, volume_id: str) -> Path:
-        if _ID_RE.fullmatch(volume_id) is None or len(volume_id) > 64:
+        if not is_valid_volume_id(volume_id):
             raise LauncherError(errors.INVALID_DATA, f"{volume_id[:70]!r} is not a volume id")
         return self.root / f"{volume_id}.json"
 
