@@ -1,6 +1,6 @@
-"""Tests for virtualizers.qemu.domain (the libvirt domain XML of an instance) and the parts of
-virtualizers.qemu.backend that need no VM: remove_domain / our_domains / handle_orphans against libvirt's
-in-process test driver, the `qemu:` settings, and the choice between KVM and TCG.
+"""Tests for virtualizers.qemu.domain (the libvirt domain XML of an instance) and the parts of the qemu virtualizer
+that need no VM: `domain_calls.remove_domain`, `QemuBackend.our_domains` / `handle_orphans` against libvirt's
+in-process test driver, the `qemu:` settings (`settings.py`), and the choice between KVM and TCG.
 
 The XML is checked three ways: against libvirt's RELAX NG schema (`virt-xml-validate`, for every combination
 of the settings that change its shape), for its meaning (parsed back with ElementTree), and by defining it
