@@ -1,6 +1,7 @@
 """The qemu virtualizer's volume store (virtualizers/qemu/volumes.py and its pool_calls, volume_records, swap)
 against the real system libvirtd: the launcher's own dir pool under a fresh data dir in /var/tmp/launcher-tests
-(removed, with its pool, whatever the outcome), blank volumes, clones of the test guest image, errors, and what survives a re-open.
+(removed, with its pool, whatever the outcome), blank volumes, clones of the test guest image, errors, and what
+survives a re-open.
 
 Only the own dir pool is tested: an operator's RBD, LVM or NFS pool (`qemu.volumes.pool`) is not."""
 
