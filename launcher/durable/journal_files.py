@@ -28,7 +28,7 @@ import os
 from pathlib import Path
 from typing import Any, BinaryIO, NamedTuple
 
-from launcher.plugin.files import fsync_dir
+from launcher.plugin.files import fsync_dir, write_all
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def append_batch(fd: int, size: int, batch: list[Event]) -> list[int]:
     encode = json.JSONEncoder(separators=(",", ":"), default=str).encode
     lines = [(encode(event) + "\n").encode() for event in batch]
     try:
-        _write_all(fd, b"".join(lines))
+        write_all(fd, b"".join(lines))
         os.fsync(fd)
     except OSError:
         with contextlib.suppress(OSError):
@@ -174,12 +174,6 @@ def read_events(paths: list[Path], segments: list[int], cursor: Cursor, durable_
 
 def _open_append(path: Path) -> int:
     return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
 
 
 def _event_of(line: bytes) -> Event | None:

@@ -155,7 +155,7 @@ class Persister:
             data = b"\n" + data
         before = self._wal_bytes
         try:
-            _write_all(self._wal, data)
+            files.write_all(self._wal, data)
             self._wal_bytes += len(data)
             self._fragment = False
             await _in_thread(os.fdatasync, self._wal)
@@ -324,17 +324,11 @@ def _write(path: Path, data: bytes, flags: int = 0) -> None:
     here: until the log has been replayed nobody reads these files, and the replay rewrites them."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | flags, files.INSTANCE_FILE_MODE)
     try:
-        _write_all(fd, data)
+        files.write_all(fd, data)
         if not flags & os.O_EXCL:  # a file just created is empty: nothing to cut
             os.ftruncate(fd, len(data))
     finally:
         os.close(fd)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
 
 
 _libc = ctypes.CDLL(None, use_errno=True)

@@ -16,6 +16,14 @@ INSTANCE_DIR_MODE = 0o700
 INSTANCE_FILE_MODE = 0o600
 
 
+def write_all(fd: int, data: bytes) -> None:
+    """Write all of `data` to the file descriptor `fd` (os.write may take less than it is given). Blocks;
+    OSError (ENOSPC, EDQUOT, ...) if the file system refuses, with part of `data` possibly written."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
 def fsync_dir(path: Path) -> None:
     """fsync the directory `path`, so that the names created, renamed or removed in it are durable. Blocks;
     OSError if it fails."""
@@ -35,9 +43,7 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            write_all(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)
