@@ -16,7 +16,8 @@ import trio
 import trio.testing
 
 from launcher.durable import events
-from launcher.durable.events import JOURNAL_FILE, EventJournal, EventsExpired
+from launcher.durable.events import EventJournal, EventsExpired
+from launcher.durable.journal_files import JOURNAL_FILE
 
 TIME_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 

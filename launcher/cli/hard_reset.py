@@ -9,7 +9,6 @@ the event journal (which records a `hard_reset` event), the API token and the no
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 from collections.abc import Awaitable, Callable
@@ -24,8 +23,6 @@ from launcher.durable import datadir
 from launcher.durable.persist import WAL_FILE
 from launcher.plugin import files
 from launcher.plugin.host import BackendHost
-
-log = logging.getLogger(__name__)
 
 
 async def hard_reset(config: Config) -> tuple[list[str], list[str]]:

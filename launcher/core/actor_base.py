@@ -56,10 +56,6 @@ class ActorContext:
     metrics: Metrics = attrs.Factory(Metrics)  # the START steps' durations are observed there
 
 
-class Interrupted(Exception):
-    """The START pipeline was cancelled by a DELETE before the VM was started."""
-
-
 @attrs.define(eq=False)
 class _Record:
     """What the actor knows of its instance.json (launcher/durable/records.py)."""

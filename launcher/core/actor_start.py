@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import trio
 
-from launcher.core.actor_base import ActorBase, Interrupted, log
+from launcher.core.actor_base import ActorBase, log
 from launcher.core.lifecycle import State, Verb
 from launcher.core.messages import Ticket
 from launcher.plugin import errors
 from launcher.plugin.errors import LauncherError, VirtualizerError
+
+
+class Interrupted(Exception):
+    """The START pipeline was cancelled by a DELETE before the VM was started."""
 
 
 class Starting(ActorBase):

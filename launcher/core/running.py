@@ -7,7 +7,6 @@ keep running.
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -26,8 +25,6 @@ from launcher.durable.logs import InstanceLogs
 from launcher.durable.persist import Persister
 from launcher.plugin.host import BackendHost
 from launcher.plugin.protocol import OpenBackend
-
-log = logging.getLogger(__name__)
 
 
 def journal_for(config: Config, limiter: trio.CapacityLimiter) -> EventJournal:

@@ -46,8 +46,6 @@ from launcher.durable.journal_files import (
     rotate_files,
 )
 
-__all__ = ["JOURNAL_FILE", "Event", "EventJournal", "EventsExpired", "utc_timestamp"]
-
 log = logging.getLogger(__name__)
 
 # Bound on how long a cancelled run() may spend writing out what is still queued.
