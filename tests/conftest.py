@@ -28,8 +28,9 @@ EXAMPLES = ROOT / "configs" / "examples"
 class LauncherProcess:
     """One `launcher serve` child process. `start()` again after `kill()` is a launcher restart."""
 
-    def __init__(self, data_dir: Path, settings: dict[str, Any]) -> None:
+    def __init__(self, data_dir: Path, settings: dict[str, Any], env: dict[str, str] | None = None) -> None:
         self.data_dir = data_dir
+        self.env = {**os.environ, **(env or {})}
         self.config_path = data_dir.parent / f"{data_dir.name}-launcher.yaml"
         # This 2-CPU machine admits 8 vCPUs by default; tests start more small instances than that.
         base = {"listen": "127.0.0.1:0", "virtualizer": "simulation", "admission": {"vcpu_overcommit": 64.0}}
@@ -44,7 +45,7 @@ class LauncherProcess:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "launcher.cli", "serve", "--config", str(self.config_path),
                  "--data-dir", str(self.data_dir)],
-                stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=self.env,
             )
         deadline = time.monotonic() + timeout
         while not url_file.exists():

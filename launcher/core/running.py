@@ -23,6 +23,7 @@ from launcher.durable import datadir
 from launcher.durable.events import EventJournal
 from launcher.durable.logs import InstanceLogs
 from launcher.durable.persist import Persister
+from launcher.plugin import files
 from launcher.plugin.host import BackendHost
 from launcher.plugin.protocol import OpenBackend
 
@@ -50,7 +51,7 @@ async def running_core(config: Config) -> AsyncIterator[Core]:
     """Journal, logs and persister, then the virtualizer backend and its preflight, then the supervisor (which
     recovers the instances on disk). Leaving the block stops them in the reverse order; VMs keep running."""
     opener = load_backend(config.virtualizer)
-    config.data_dir.mkdir(parents=True, exist_ok=True)
+    files.make_dirs(config.data_dir)
     lock = datadir.lock_data_dir(config.data_dir)
     try:
         async with _core_under_lock(config, opener) as core:
@@ -61,7 +62,7 @@ async def running_core(config: Config) -> AsyncIterator[Core]:
 
 @asynccontextmanager
 async def _core_under_lock(config: Config, opener: OpenBackend) -> AsyncIterator[Core]:
-    config.instances_dir.mkdir(exist_ok=True)
+    files.make_dirs(config.instances_dir)
     limiter = trio.CapacityLimiter(config.worker_threads)
     journal = journal_for(config, limiter)
     logs = InstanceLogs(max_bytes=config.log_max_bytes, limiter=limiter)

@@ -398,7 +398,7 @@ class Supervisor:
 
 def _scan(instances_dir: Path) -> tuple[list[InstanceRecord], list[tuple[Path, str]]]:
     """Read every instance dir (blocking). Finishes removals a crash interrupted."""
-    instances_dir.mkdir(parents=True, exist_ok=True)
+    files.make_dirs(instances_dir)
     loaded: list[InstanceRecord] = []
     broken: list[tuple[Path, str]] = []
     for path in sorted(instances_dir.iterdir()):

@@ -28,7 +28,7 @@ import os
 from pathlib import Path
 from typing import Any, BinaryIO, NamedTuple
 
-from launcher.plugin.files import fsync_dir, write_all
+from launcher.plugin.files import fsync_dir, make_dirs, write_all
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ def recover(directory: Path, keep_files: int) -> tuple[int, int, list[int], int]
     """Recover the journal in `directory` (made if missing): returns (append fd of events.jsonl, its size, first
     seq per file oldest first, last seq). The last entry of the seqs is events.jsonl's; for an empty file it is the
     seq the file will get next. Raises OSError."""
-    directory.mkdir(parents=True, exist_ok=True)
+    make_dirs(directory)
     (directory / _FRESH_FILE).unlink(missing_ok=True)  # a rotation that did not finish
     rotated = _compact_rotated(directory, keep_files)
     current = journal_path(directory, 0)

@@ -34,6 +34,25 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def make_dirs(path: Path, mode: int = 0o777) -> None:
+    """Make the directory `path` and its missing parents (with `mode`, less the umask), each one durably: the
+    parent of every directory made is fsync'd, so that a power loss cannot take the directory, and the durable
+    files written into it, away. Directories that exist are left as they are. Blocks; OSError if it fails."""
+    missing = []
+    while not path.is_dir():
+        missing.append(path)
+        if path.parent == path:
+            break
+        path = path.parent
+    for directory in reversed(missing):
+        try:
+            directory.mkdir(mode=mode)
+        except FileExistsError:
+            if not directory.is_dir():
+                raise
+        fsync_dir(directory.parent)
+
+
 def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
     """Replace `path` with `data` so that a crash leaves either the old or the new file. Private to the
     launcher's user unless `mode` says otherwise (what it writes often holds what users gave it).

@@ -27,7 +27,7 @@ MAX_FILE_BYTES = 4096  # a token file larger than this is something else
 def load_or_create(data_dir: Path) -> str:
     """The token of `data_dir`, generated (mode 0600) if the file does not exist; SetupError if the file breaks a
     rule. Creation is atomic: two launchers racing on a fresh data dir end up with the same token. Blocks."""
-    data_dir.mkdir(parents=True, exist_ok=True)
+    files.make_dirs(data_dir)
     path = data_dir / datadir.TOKEN_FILE
     try:
         return read(path)

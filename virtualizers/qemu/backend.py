@@ -24,6 +24,7 @@ from typing import Any
 
 import attrs
 
+from launcher.plugin import files
 from launcher.plugin.errors import SetupError
 from launcher.plugin.host import BackendHost
 from launcher.plugin.settings import parse_section
@@ -163,7 +164,7 @@ async def open_backend(raw: Mapping[str, Any], host: BackendHost) -> AsyncIterat
                         gc_age_s=settings.image_gc_age_s,
                         import_sources=(*settings.import_sources, str(host.data_dir / IMPORT_DIR)),
                         max_bytes=settings.image_max_bytes)
-    (host.data_dir / IMPORT_DIR).mkdir(mode=0o700, exist_ok=True)
+    files.make_dirs(host.data_dir / IMPORT_DIR, mode=0o700)
     try:
         await images.open()
     except ImageError as exc:

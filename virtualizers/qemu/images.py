@@ -39,7 +39,7 @@ from typing import Any, TypeVar
 import attrs
 import trio
 
-from launcher.plugin.files import atomic_write, fsync_dir
+from launcher.plugin.files import atomic_write, fsync_dir, make_dirs
 from launcher.plugin.locks import KeyedLocks
 from launcher.plugin.spec import is_valid_image_id
 from virtualizers.qemu.image_errors import ImageError, ImageInUse, ImageNotFound
@@ -314,7 +314,7 @@ class ImageStore:
     def _load(self) -> dict[str, ImageInfo]:
         """Create the dirs, remove a crash's leftovers, read the committed images. Blocks."""
         tmp_dir = self._root / TMP_DIR
-        tmp_dir.mkdir(parents=True, exist_ok=True)
+        make_dirs(tmp_dir)
         for leftover in tmp_dir.iterdir():
             log.warning("image store: removing %s, left by an interrupted import", leftover)
             _remove_tree(leftover)

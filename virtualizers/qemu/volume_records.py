@@ -21,7 +21,7 @@ from pathlib import Path
 
 import attrs
 
-from launcher.plugin.files import atomic_write, fsync_dir
+from launcher.plugin.files import atomic_write, fsync_dir, make_dirs
 from launcher.plugin.protocol import VOLUME_FORMATS, is_valid_volume_id
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ def id_of(name: str) -> str | None:
 def load_records(records_dir: Path) -> tuple[dict[str, VolumeRecord], set[str]]:
     """The records in `records_dir` (made if missing) by volume id, and the ids whose record is broken; removes
     the temp file of a write that did not finish."""
-    records_dir.mkdir(mode=0o700, exist_ok=True)
+    make_dirs(records_dir, mode=0o700)
     records, broken = {}, set()
     for path in sorted(records_dir.iterdir()):
         if path.name.startswith("."):

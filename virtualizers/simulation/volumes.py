@@ -94,7 +94,7 @@ class SimulatedVolumes:
 
     def _write(self, volume: VolumeInfo, new: bool) -> None:
         path = self._path(volume.id)
-        self.root.mkdir(mode=0o700, exist_ok=True)
+        files.make_dirs(self.root, mode=0o700)
         if new:
             try:  # claim the id atomically: two creates of one id never both succeed
                 os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
