@@ -8,6 +8,7 @@ These functions block: call them through `trio.to_thread.run_sync` (with the hos
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 
 # Instance dirs and their files hold user-data: the launcher's user only. A virtualizer whose VMs run as another
@@ -32,6 +33,25 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def create_new(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Create `path` with `data`, durably, or raise FileExistsError if it exists: a private temp file, fsync'd,
+    then hard-linked into place (link fails if another process linked its own first), then the directory is
+    fsync'd. Unlike creating the file empty and then writing it, no crash ever leaves `path` empty or torn. A crash
+    can leave the temp file, ``.<name>.<8 hex digits>.tmp``, which its store removes."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    try:
+        try:
+            write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.link(tmp, path)
+    finally:
+        tmp.unlink()
+        fsync_dir(path.parent)
 
 
 def make_dirs(path: Path, mode: int = 0o777) -> None:

@@ -11,6 +11,7 @@ Rules (docs/api.md, "The API token"), each refused with a `SetupError` (one line
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import stat
@@ -83,20 +84,7 @@ def _check(path: Path, data: bytes) -> str:
 
 
 def _create(path: Path, token: str) -> None:
-    """Write `token` to `path` unless it exists (then keep the existing file): a private temp file, fsynced,
-    then hard-linked into place, which fails if another process linked its own first."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        try:
-            os.write(fd, token.encode() + b"\n")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            pass  # another launcher created it first: theirs is the token
-    finally:
-        tmp.unlink()
-    files.fsync_dir(path.parent)
+    """Write `token` to `path` unless it exists (then keep the existing file: another launcher created it first,
+    and theirs is the token)."""
+    with contextlib.suppress(FileExistsError):
+        files.create_new(path, token.encode() + b"\n")

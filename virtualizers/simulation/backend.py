@@ -57,7 +57,9 @@ async def open_backend(settings: Mapping[str, Any], host: BackendHost) -> AsyncI
     the backend and end with it.
     """
     parsed: SimulationSettings = parse_section(SimulationSettings, dict(settings), f"{SECTION}.")
-    backend = SimulationBackend(parsed, host.limiter, SimulatedVolumes(host.data_dir / VOLUMES_DIR, host.limiter))
+    volumes = SimulatedVolumes(host.data_dir / VOLUMES_DIR, host.limiter)
+    await volumes.open()
+    backend = SimulationBackend(parsed, host.limiter, volumes)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(backend.vms.run_boot_clock)
         yield backend

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import builtins
 import json
-import os
 from pathlib import Path
 
 import attrs
@@ -33,6 +32,10 @@ class SimulatedVolumes:
         self.root = root
         self.limiter = limiter
         self._locks = KeyedLocks()  # one operation per id at a time: a resize never rewrites a deleted volume
+
+    async def open(self) -> None:
+        """Remove the temp files of writes a crash interrupted (names starting with a dot)."""
+        await trio.to_thread.run_sync(self._remove_leftovers, limiter=self.limiter)
 
     async def list(self) -> builtins.list[VolumeInfo]:
         return await trio.to_thread.run_sync(self._read_all, limiter=self.limiter)
@@ -80,6 +83,11 @@ class SimulatedVolumes:
             raise LauncherError(errors.INVALID_DATA, f"{volume_id[:70]!r} is not a volume id")
         return self.root / f"{volume_id}.json"
 
+    def _remove_leftovers(self) -> None:
+        if self.root.is_dir():
+            for leftover in self.root.glob(".*.tmp"):
+                leftover.unlink(missing_ok=True)
+
     def _read(self, volume_id: str) -> VolumeInfo | None:
         try:
             return VolumeInfo(**json.loads(self._path(volume_id).read_bytes()))
@@ -95,16 +103,15 @@ class SimulatedVolumes:
     def _write(self, volume: VolumeInfo, new: bool) -> None:
         path = self._path(volume.id)
         files.make_dirs(self.root, mode=0o700)
-        if new:
-            try:  # claim the id atomically: two creates of one id never both succeed
-                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-            except FileExistsError:
-                raise LauncherError(errors.VOLUME_EXISTS, f"volume {volume.id} exists") from None
+        data = json.dumps(attrs.asdict(volume)).encode()
         try:
-            files.atomic_write(path, json.dumps(attrs.asdict(volume)).encode())
+            if new:  # claims the id atomically: two creates of one id never both succeed
+                files.create_new(path, data)
+            else:
+                files.atomic_write(path, data)
+        except FileExistsError:
+            raise LauncherError(errors.VOLUME_EXISTS, f"volume {volume.id} exists") from None
         except OSError as exc:
-            if new:
-                path.unlink(missing_ok=True)
             raise errors.write_failure(exc, path.name, errors.VOLUME_FAILURE) from exc
 
     def _remove(self, volume_id: str) -> None:
