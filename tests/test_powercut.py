@@ -104,7 +104,8 @@ class Cut:
         self.due = threading.Event()
 
     def acknowledged(self) -> bool:
-        """Count one answer; False if it came after the cut (then it proves nothing)."""
+        """Count one answer (an acknowledgement or a refusal); False if it came after the cut (then it proves
+        nothing: a launcher whose disk has gone may refuse a command whose effect was already durable)."""
         with self.lock:
             if self.happened:
                 return False
@@ -124,6 +125,14 @@ class Worker:
         self.instances: dict[str, Instance] = {}
         self.volumes: dict[str, Volume] = {}
         self.error: BaseException | None = None
+        self.round = 0
+        self.history: list[str] = []
+
+    def call(self, what: str, call: Any) -> Any:
+        """_call(call), noted in `history` (what a failure shows of the ids it names)."""
+        answer = _call(call)
+        self.history.append(f"round {self.round}: {what} -> {'no answer' if answer is _UNANSWERED else answer}")
+        return answer
 
     def new_id(self) -> str:
         self.serial += 1
@@ -148,43 +157,45 @@ class Worker:
             uuid = self.new_id()
             self.instances[uuid] = instance = Instance()
             body = f"start:\n  instance_uuid: {uuid}\n  image_uuid: test-image\n".encode()
-            self.command(cut, instance, ("running", frozenset()),
+            self.command(cut, f"START {uuid}", instance, ("running", frozenset()),
                          lambda: client.request("POST", "/v1/instances", body, YAML))
         elif choice < 0.45:
             uuid = self.rng.choice(instances)
             instance = self.instances[uuid]
-            self.command(cut, instance, ("exited", instance.volumes),
+            self.command(cut, f"STOP {uuid}", instance, ("exited", instance.volumes),
                          lambda: client.request("POST", f"/v1/instances/{uuid}/stop"))
         elif choice < 0.55:
             uuid = self.rng.choice(instances)
             instance = self.instances[uuid]
-            self.command(cut, instance, ("running", instance.volumes),
+            self.command(cut, f"RESTART {uuid}", instance, ("running", instance.volumes),
                          lambda: client.request("POST", f"/v1/instances/{uuid}/restart"))
         elif choice < 0.65:
             uuid = self.rng.choice(instances)
             instance = self.instances[uuid]
-            self.command(cut, instance, (None, frozenset()), lambda: client.request("DELETE", f"/v1/instances/{uuid}"))
+            self.command(cut, f"DELETE {uuid}", instance, (None, frozenset()),
+                         lambda: client.request("DELETE", f"/v1/instances/{uuid}"))
         elif choice < 0.75:
             volume_id = self.new_id()
             self.volumes[volume_id] = volume = Volume()
             size = self.rng.randrange(1, 64)
             body = json.dumps({"id": volume_id, "size_mb": size}).encode()
-            self.volume_command(cut, volume, size, lambda: client.request("POST", "/v1/volumes", body, JSON))
+            self.volume_command(cut, f"CREATE {volume_id} {size}", volume, size,
+                                lambda: client.request("POST", "/v1/volumes", body, JSON))
         elif choice < 0.8 and volumes:
             volume_id = self.rng.choice(volumes)
             volume = self.volumes[volume_id]
             size = (volume.size_mb or 0) + self.rng.randrange(1, 16)
             body = json.dumps({"size_mb": size}).encode()
-            self.volume_command(cut, volume, size,
+            self.volume_command(cut, f"RESIZE {volume_id} {size}", volume, size,
                                 lambda: client.request("POST", f"/v1/volumes/{volume_id}/resize", body, JSON))
         elif choice < 0.85 and volumes:
             volume_id = self.rng.choice(volumes)
-            self.volume_command(cut, self.volumes[volume_id], None,
+            self.volume_command(cut, f"DELETE {volume_id}", self.volumes[volume_id], None,
                                 lambda: client.request("DELETE", f"/v1/volumes/{volume_id}"))
         elif choice < 0.93 and volumes:
             uuid, volume_id = self.rng.choice(instances), self.rng.choice(volumes)
             instance = self.instances[uuid]
-            self.command(cut, instance, (instance.goal, instance.volumes | {volume_id}),
+            self.command(cut, f"ATTACH {volume_id} {uuid}", instance, (instance.goal, instance.volumes | {volume_id}),
                          lambda: client.request("POST", f"/v1/instances/{uuid}/volumes/{volume_id}", wait=1),
                          waited=True)
         elif volumes:
@@ -192,39 +203,38 @@ class Worker:
             instance = self.instances[uuid]
             if instance.volumes:
                 volume_id = self.rng.choice(sorted(instance.volumes))
-                self.command(cut, instance, (instance.goal, instance.volumes - {volume_id}),
+                self.command(cut, f"DETACH {volume_id} {uuid}", instance,
+                             (instance.goal, instance.volumes - {volume_id}),
                              lambda: client.request("DELETE", f"/v1/instances/{uuid}/volumes/{volume_id}",
                                                     wait=1), waited=True)
 
-    def command(self, cut: Cut, instance: Instance, after: tuple[str | None, frozenset[str]], call: Any,
-                waited: bool = False) -> None:
+    def command(self, cut: Cut, what: str, instance: Instance, after: tuple[str | None, frozenset[str]],
+                call: Any, waited: bool = False) -> None:
         """Send an instance command (`waited`: with ?wait=1); the model takes `after` if it was acknowledged."""
-        answer = _call(call)
+        answer = self.call(what, call)
         if answer is _UNANSWERED or (waited and isinstance(answer, dict) and answer.get("done") is False):
             instance.maybe = after  # the cut took the answer, or the wait for the command ran out
             raise _Unanswered
+        if not cut.acknowledged():  # an answer after the cut, even a refusal, proves nothing
+            instance.maybe = after
+            raise _Unanswered
         if isinstance(answer, ClientError):
             assert instance.goal is not None, f"a START of a new instance was refused: {answer}"
-            return
-        if cut.acknowledged():
+        else:
             instance.goal, instance.volumes = after
-            return
-        instance.maybe = after
-        raise _Unanswered
 
-    def volume_command(self, cut: Cut, volume: Volume, size_mb: int | None, call: Any) -> None:
-        answer = _call(call)
+    def volume_command(self, cut: Cut, what: str, volume: Volume, size_mb: int | None, call: Any) -> None:
+        answer = self.call(what, call)
         if answer is _UNANSWERED:
+            volume.maybe = size_mb
+            raise _Unanswered
+        if not cut.acknowledged():
             volume.maybe = size_mb
             raise _Unanswered
         if isinstance(answer, ClientError):
             assert volume.size_mb is not None, f"a new volume was refused: {answer}"
-            return
-        if cut.acknowledged():
-            volume.size_mb = size_mb
         else:
-            volume.maybe = size_mb
-            raise _Unanswered
+            volume.size_mb = size_mb
 
 
 class _Unanswered(Exception):
@@ -272,14 +282,24 @@ def wait_settled(client: Client, timeout: float = 60.0) -> dict[str, Any]:
 
 
 def check(client: Client, data_dir: Path, model: Model, where: str) -> None:
-    """The launcher holds every acknowledged effect, nothing else, and nothing half-written."""
+    """The launcher holds every acknowledged effect, nothing else, and nothing half-written; then the model takes
+    what was found (one of the outcomes it allowed) as the truth for the next round."""
     deadline = time.monotonic() + 60
     while True:
-        problems = differences(client, model)
+        table, volumes = observe(client)
+        problems = differences(model, table, volumes)
         if not problems or time.monotonic() > deadline:
             break
         time.sleep(0.1)
-    assert not problems, f"{where}: {problems[:10]}"
+    if problems:
+        ids = {problem.split()[1] for problem in problems}
+        history = [line for worker in model.workers for line in worker.history if set(line.split()) & ids]
+        raise AssertionError(f"{where}: {problems[:10]}\nwhat the clients did with them:\n" + "\n".join(history))
+    for uuid, instance in model.instances.items():
+        instance.goal, instance.volumes = seen(table.get(uuid))
+        instance.maybe = None
+    for volume_id, volume in model.volumes.items():
+        volume.size_mb, volume.maybe = volumes[volume_id]["size_mb"] if volume_id in volumes else None, False
     for path in (data_dir / "instances").glob("*/instance.json"):
         json.loads(path.read_bytes())
     for path in (data_dir / "sim-volumes").glob("*"):
@@ -293,21 +313,30 @@ def check(client: Client, data_dir: Path, model: Model, where: str) -> None:
     assert not lost, f"{where}: events served before the cut are not in the journal as served: {lost[:5]}"
 
 
-def differences(client: Client, model: Model) -> list[str]:
+def observe(client: Client) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The instances (once none is pending) and the volumes, by id."""
     table = wait_settled(client)
-    volumes = {v["id"]: v for v in client.request("GET", "/v1/volumes")["volumes"]}
+    return table, {v["id"]: v for v in client.request("GET", "/v1/volumes")["volumes"]}
+
+
+def seen(found: dict[str, Any] | None) -> tuple[str | None, frozenset[str]]:
+    """An instance of GET /v1/instances as the model has it: (state, volumes), (None, {}) if there is none."""
+    return (found["state"], frozenset(found["volumes"])) if found else (None, frozenset())
+
+
+def differences(model: Model, table: dict[str, Any], volumes: dict[str, Any]) -> list[str]:
+    """What the launcher holds that no acknowledged history allows ("instance <id>: ..." / "volume <id>: ...")."""
     problems = []
     for uuid, instance in model.instances.items():
-        found = table.get(uuid)
-        seen = (found["state"], frozenset(found["volumes"])) if found else (None, frozenset())
-        if seen not in instance.outcomes():
-            problems.append(f"instance {uuid}: {seen}, expected one of {instance.outcomes()}")
-    problems += [f"instance {uuid} was never acknowledged" for uuid in table.keys() - model.instances.keys()]
+        found = seen(table.get(uuid))
+        if found not in instance.outcomes():
+            problems.append(f"instance {uuid}: {found}, expected one of {instance.outcomes()}")
+    problems += [f"instance {uuid}: never acknowledged" for uuid in table.keys() - model.instances.keys()]
     for volume_id, volume in model.volumes.items():
         size = volumes[volume_id]["size_mb"] if volume_id in volumes else None
         if size not in volume.outcomes():
             problems.append(f"volume {volume_id}: size {size}, expected one of {volume.outcomes()}")
-    problems += [f"volume {v} was never acknowledged" for v in volumes.keys() - model.volumes.keys()]
+    problems += [f"volume {v}: never acknowledged" for v in volumes.keys() - model.volumes.keys()]
     return problems
 
 
@@ -335,6 +364,8 @@ def test_acknowledged_effects_survive_power_cuts(power_cut_dirs: tuple[Path, Pat
             client = launcher.start(timeout=60)
             check(client, mountpoint, model, where)
             cut = Cut(after_acks=rng.randrange(1, 30))
+            for worker in workers:
+                worker.round = round_number
             since = max(model.events, default=0)
             threads = [threading.Thread(target=worker.run, args=(client, cut)) for worker in workers]
             threads.append(threading.Thread(target=follow_events, args=(client, since, cut, model), daemon=True))
