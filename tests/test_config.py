@@ -45,7 +45,7 @@ QEMU_DEFAULTS: dict[str, Any] = {
     "image_dirs": (), "image_url": "", "import_sources": (), "image_max_bytes": 68719476736,
     "image_gc_age_s": 604800.0, "ovmf_code": Path("/usr/share/OVMF/OVMF_CODE_4M.fd"),
     "ovmf_vars": Path("/usr/share/OVMF/OVMF_VARS_4M.fd"), "destroy_orphans": False, "libvirt_threads": 8,
-    "libvirt_timeout_s": 60.0,
+    "libvirt_timeout_s": 60.0, "state_poll_s": 5.0,
 }
 SIMULATION_DEFAULTS: dict[str, Any] = {"mode": "memory", "boot_delay_s": 0.05, "stop_delay_s": 0.0, "failures": ()}
 

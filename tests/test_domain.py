@@ -471,7 +471,7 @@ def test_settings_full_section() -> None:
         "import_sources": ["/srv/more", "https://mirror.example/images"], "image_max_bytes": 1 << 30,
         "guest_network": {"gateway": "10.0.0.254", "dns_servers": ["10.0.0.53", "fd00::53"],
                           "dns_search": ["example.org"], "mtu": 9000},
-        "volumes": {"pool": "ceph-volumes", "detach_timeout_s": 12}, "hotplug_slots": 2,
+        "volumes": {"pool": "ceph-volumes", "detach_timeout_s": 12}, "hotplug_slots": 2, "state_poll_s": 600,
     }
     assert parse_section(QemuSettings, raw, "qemu.") == QemuSettings(
         uri="qemu+ssh://host/system", accel="tcg", machine="pc", seed_format="configdrive",
@@ -480,7 +480,7 @@ def test_settings_full_section() -> None:
         ovmf_vars=Path("/o/VARS.fd"), destroy_orphans=True, libvirt_threads=3, libvirt_timeout_s=7.0,
         import_sources=("/srv/more", "https://mirror.example/images"), image_max_bytes=1 << 30,
         guest_network=GuestNetwork("10.0.0.254", ("10.0.0.53", "fd00::53"), ("example.org",), 9000),
-        volumes=VolumeSettings(pool="ceph-volumes", detach_timeout_s=12.0), hotplug_slots=2,
+        volumes=VolumeSettings(pool="ceph-volumes", detach_timeout_s=12.0), hotplug_slots=2, state_poll_s=600.0,
     )
     assert {f.name for f in attrs.fields(QemuSettings)} == set(raw)  # the section above is complete
 
@@ -493,6 +493,7 @@ def test_settings_full_section() -> None:
     ({"destroy_orphans": "yes"}, "qemu.destroy_orphans"),
     ({"import_sources": ["ftp://x/"]}, "qemu.import_sources"),
     ({"image_max_bytes": -1}, "qemu.image_max_bytes"),
+    ({"state_poll_s": 0}, "qemu.state_poll_s"),
     ({"bogus": 1}, "qemu.bogus"),
     ({"guest_network": {"gateway": "router"}}, "qemu.guest_network.gateway"),
     ({"guest_network": {"gateway": "10.0.0.300"}}, "qemu.guest_network.gateway"),
