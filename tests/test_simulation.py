@@ -409,8 +409,9 @@ async def test_memory_vms_are_small(tmp_path: Path) -> None:
                 vm.init(InstanceSpec(f"{i:08d}-0000-0000-0000-000000000000"), tmp_path / str(i), lambda: ())
                 await vm.start_vm()
                 nursery.start_soon(vm.monitor_vm, Inbox(), False)
-            while delivered < count:
-                await trio.sleep(0.01)
+            with trio.fail_after(HANG_S):
+                while delivered < count:
+                    await trio.sleep(0.01)
             per_vm = (tracemalloc.get_traced_memory()[0] - before) / count
             nursery.cancel_scope.cancel()
     finally:
@@ -483,8 +484,9 @@ async def test_process_recover_finds_a_dead_vm_closed(tmp_path: Path) -> None:
         await boot(vm)
         pid = read_pid(instance_dir)
         os.kill(pid, signal.SIGKILL)
-        while not gone(pid):
-            await trio.sleep(0.01)
+        with trio.fail_after(HANG_S):
+            while not gone(pid):
+                await trio.sleep(0.01)
     async with backend(tmp_path, mode="process", **FAST) as restarted:
         vm, _ = new_vm(restarted, tmp_path)
         async with monitoring(vm, recover=True) as events:
