@@ -6,6 +6,7 @@ import os
 import shutil
 from pathlib import Path
 
+import psutil
 import pytest
 from harness import running_node
 
@@ -43,15 +44,21 @@ async def test_vcpu_overcommit_limit(tmp_path: Path) -> None:
 
 
 async def test_memory_limit_and_defaults(tmp_path: Path) -> None:
-    async with running_node(tmp_path, admission={"keep_free_memory_mb": 0, "memory_overcommit": 0.001},
-                            defaults={"mem_mb": 16}) as node:
-        capacity = node.supervisor.capacity.mem_mb
-        assert 16 <= capacity < 32  # room for one 16 MiB instance, not two
+    """The memory that may be promised is the host's (MiB) less keep_free_memory_mb, times memory_overcommit
+    (`Capacity.measure`): settings chosen from this host's memory leave room for 24 MiB, one 16 MiB instance."""
+    host_mb = psutil.virtual_memory().total // 2**20
+    admission = {"keep_free_memory_mb": host_mb - 100, "memory_overcommit": 0.24}  # 100 MiB left, times 0.24
+    async with running_node(tmp_path, admission=admission, defaults={"mem_mb": 16}) as node:
+        assert node.supervisor.capacity.mem_mb == pytest.approx(24)
         with pytest.raises(LauncherError) as info:
-            node.start("cc-1", mem_mb=int(capacity) + 1)
-        assert info.value.code == errors.FULL_CN and "memory" in info.value.reason
+            node.start("cc-1", mem_mb=25)
+        assert info.value.code == errors.FULL_CN
+        assert info.value.reason == "25 MiB of memory would be promised, the limit is 24 MiB"
         await node.done(node.start("cc-2"))  # defaults.mem_mb = 16 applies
         assert node.supervisor.actors["cc-2"].spec.mem_mb == 16
+        with pytest.raises(LauncherError) as info:
+            node.start("cc-3")  # a second 16 MiB: 32 MiB
+        assert info.value.reason == "32 MiB of memory would be promised, the limit is 24 MiB"
 
 
 async def test_local_volumes_count_against_the_disk(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typing
 from pathlib import Path
+from typing import Any
 
 import attrs
 import pytest
@@ -11,6 +12,7 @@ import yaml
 from config_reference import reference_table, rows
 
 from launcher.core import config
+from launcher.core.config import Config
 from launcher.plugin.settings import ConfigError, parse_section
 from virtualizers.qemu.settings import QemuSettings
 from virtualizers.simulation.settings import SimulationSettings
@@ -19,14 +21,55 @@ ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "configs" / "launcher.yaml"
 
 
+# The documented defaults (configs/launcher.yaml, docs/configuration.md), written out: a default that changes
+# fails here, whether or not the shipped file changed with it.
+DEFAULTS: dict[str, Any] = {
+    "data_dir": Path("/var/lib/launcher"), "listen": "127.0.0.1:7361", "listen_unix": "", "virtualizer": "qemu",
+    "max_payload_bytes": 1048576, "inbox_size": 16, "log_max_bytes": 1048576, "worker_threads": 8,
+    "admission": {"max_instances": 4096, "keep_free_memory_mb": 1024, "keep_free_disk_mb": 4096,
+                  "vcpu_overcommit": 4.0, "memory_overcommit": 1.0, "disk_overcommit": 1.0},
+    "defaults": {"vcpus": 1, "mem_mb": 256, "disk_mb": 0},
+    "timeouts": {"ensure_image_s": 1800.0, "create_image_s": 120.0, "start_vm_s": 120.0, "boot_s": 300.0,
+                 "stop_grace_s": 30.0, "delete_grace_s": 0.0, "stop_margin_s": 30.0, "delete_image_s": 60.0,
+                 "volume_s": 60.0, "stats_s": 10.0, "wait_s": 600.0},
+    "intervals": {"stats_snapshot_s": 6.0, "instance_stats_s": 30.0},
+    "http": {"idle_timeout_s": 75.0, "body_timeout_s": 60.0, "send_timeout_s": 60.0, "max_connections": 4096},
+    "events": {"rotate_bytes": 67108864, "keep_files": 4, "memory_events": 20000, "memory_bytes": 16777216},
+    "recovery": {"restart_running": "always", "max_parallel": 4},
+}
+QEMU_DEFAULTS: dict[str, Any] = {
+    "uri": "qemu:///system", "accel": "auto", "machine": "q35", "hotplug_slots": 8, "seed_format": "nocloud",
+    "network": {"kind": "network", "source": "default"},
+    "guest_network": {"gateway": "first_host", "dns_servers": (), "dns_search": (), "mtu": 0},
+    "volumes": {"pool": "", "copy_timeout_s": 3600.0, "detach_timeout_s": 30.0},
+    "image_dirs": (), "image_url": "", "import_sources": (), "image_max_bytes": 68719476736,
+    "image_gc_age_s": 604800.0, "ovmf_code": Path("/usr/share/OVMF/OVMF_CODE_4M.fd"),
+    "ovmf_vars": Path("/usr/share/OVMF/OVMF_VARS_4M.fd"), "destroy_orphans": False, "libvirt_threads": 8,
+    "libvirt_timeout_s": 60.0, "state_poll_s": 5.0,
+}
+SIMULATION_DEFAULTS: dict[str, Any] = {"mode": "memory", "boot_delay_s": 0.05, "stop_delay_s": 0.0, "failures": ()}
+
+
+def settings_of(loaded: Config) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """The launcher's own settings, and the qemu and simulation sections as their backends parse them, as plain
+    values."""
+    def plain(settings: attrs.AttrsInstance) -> dict[str, Any]:
+        return attrs.asdict(settings)
+
+    sections = loaded.virtualizers
+    return ({key: value for key, value in plain(loaded).items() if key != "virtualizers"},
+            plain(parse_section(QemuSettings, sections.get("qemu", {}), "qemu.")),
+            plain(parse_section(SimulationSettings, sections.get("simulation", {}), "simulation.")))
+
+
+def test_the_defaults_are_the_documented_ones() -> None:
+    assert settings_of(config.load(None)) == (DEFAULTS, QEMU_DEFAULTS, SIMULATION_DEFAULTS)
+
+
 def test_shipped_file_states_the_defaults() -> None:
     shipped = config.load(SHIPPED)
-    qemu = parse_section(QemuSettings, shipped.virtualizers["qemu"], "qemu.")
-    assert qemu == QemuSettings()
-    assert shipped == config.load(None, qemu=shipped.virtualizers["qemu"],
-                                  simulation={"mode": "memory", "boot_delay_s": 0.05, "stop_delay_s": 0.0,
-                                              "failures": []})
-    assert shipped.virtualizer == "qemu"
+    assert sorted(shipped.virtualizers) == ["qemu", "simulation"]  # each virtualizer's section is there
+    assert settings_of(shipped) == (DEFAULTS, QEMU_DEFAULTS, SIMULATION_DEFAULTS)
 
 
 def test_the_configuration_page_holds_the_reference() -> None:

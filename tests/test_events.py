@@ -140,7 +140,7 @@ async def test_readers_see_only_durable_events(tmp_path: Path, monkeypatch: pyte
                 assert waiting.cancelled_caught
 
                 gate.set()
-                with trio.fail_after(2):
+                with trio.fail_after(30):  # only stops a hang
                     await journal.wait_durable(seq)
                     while not seen:
                         await trio.sleep(0.01)
@@ -151,6 +151,8 @@ async def test_readers_see_only_durable_events(tmp_path: Path, monkeypatch: pyte
 
 
 async def test_group_commit_batches_a_burst(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A burst emitted without a checkpoint between the emits is queued whole before the writer task runs, and
+    the writer writes and fsyncs everything queued in one call (module doc): one fsync, not none, not 1000."""
     async with running(EventJournal(tmp_path)) as journal:
         fsyncs = 0
         real_fsync = os.fsync
@@ -164,7 +166,7 @@ async def test_group_commit_batches_a_burst(tmp_path: Path, monkeypatch: pytest.
         for i in range(1000):
             journal.emit("tick", i=i)
         await journal.wait_durable(1000)
-        assert fsyncs <= 3
+        assert fsyncs == 1
     assert seqs(lines_of(tmp_path / JOURNAL_FILE)) == list(range(1, 1001))
 
 

@@ -14,6 +14,8 @@ import libvirt
 import pytest
 import trio
 
+from launcher.plugin.host import BackendHost
+from virtualizers.qemu.backend import open_backend
 from virtualizers.qemu.hypervisor import Hypervisor, Unresponsive, open_hypervisor
 
 URI = "qemu:///system"
@@ -44,18 +46,21 @@ async def test_an_error_of_one_domain_keeps_the_connection(tmp_path: Path) -> No
         assert await hv.call(lambda conn: conn.getLibVersion()) > 0  # the same connection still answers
 
 
-async def test_a_call_that_does_not_return_is_bounded_and_keeps_only_libvirts_threads() -> None:
+async def test_a_call_that_does_not_return_is_bounded_and_keeps_only_libvirts_threads(tmp_path: Path) -> None:
     """A libvirt call cannot be interrupted: the stand-in here is a call that blocks in its worker thread until
     released (what a libvirtd that never answers does). It fails with Unresponsive after the bound; while it
-    hangs, the hypervisor's other thread still serves calls, and the launcher's shared limiter is untouched."""
+    hangs, the hypervisor's other thread still serves calls. The qemu backend is handed the launcher's shared
+    worker limiter (`BackendHost.limiter`), as `launcher serve` does: the hung calls take none of its tokens."""
     release = threading.Event()
 
     def hang(conn: libvirt.virConnect) -> None:
         release.wait(60)
 
-    shared = trio.CapacityLimiter(1)  # stands for the launcher's worker limiter: nothing here may take it
+    shared = trio.CapacityLimiter(1)
+    host = BackendHost(tmp_path, shared, emit=lambda type_, **fields: None, log=lambda instance_dir, message: None)
     try:
-        async with hypervisor(threads=2, call_timeout_s=0.5) as hv:
+        async with open_backend({"libvirt_threads": 2, "libvirt_timeout_s": 0.5}, host) as backend:
+            hv = backend.hypervisor
             with pytest.raises(Unresponsive, match="did not answer within 0.5 s"):
                 await hv.call(hang)
             assert await hv.call(lambda conn: conn.getLibVersion()) > 0  # one of two threads is stuck
@@ -63,9 +68,9 @@ async def test_a_call_that_does_not_return_is_bounded_and_keeps_only_libvirts_th
                 await hv.call(hang)  # now both are
             with pytest.raises(Unresponsive):
                 await hv.call(lambda conn: conn.getLibVersion())  # waits for a thread, within the bound
-            assert shared.available_tokens == 1
+            assert (shared.borrowed_tokens, hv._limiter.borrowed_tokens) == (0, 2)  # the hung calls hold libvirt's
             with trio.fail_after(5):
-                await trio.to_thread.run_sync(lambda: None, limiter=shared)
+                await trio.to_thread.run_sync(lambda: None, limiter=shared)  # the launcher's blocking work goes on
             release.set()
             with trio.fail_after(10):
                 while hv._limiter.borrowed_tokens:  # the abandoned threads give their tokens back once done

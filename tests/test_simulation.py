@@ -15,6 +15,7 @@ from typing import Any
 import psutil
 import pytest
 import trio
+import trio.testing
 
 from launcher.core.backends import load_backend
 from launcher.plugin.errors import IMAGE_FAILURE, LAUNCH_FAILURE, SetupError, VirtualizerError
@@ -27,6 +28,7 @@ from virtualizers.simulation.process_vm import SIMVM_MODULE
 CONNECTED = MonitorEvent.CONNECTED
 CLOSED = MonitorEvent.CLOSED
 FAST = {"boot_delay_s": 0.05, "stop_delay_s": 0.0}
+HANG_S = 30.0  # a bound that only stops a test that hangs
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -106,8 +108,10 @@ async def monitoring(
         nursery.cancel_scope.cancel()
 
 
-async def expect(events: trio.MemoryReceiveChannel[MonitorEvent], event: MonitorEvent, within: float) -> None:
-    with trio.fail_after(within):
+async def expect(events: trio.MemoryReceiveChannel[MonitorEvent], event: MonitorEvent) -> None:
+    """The monitor's next event is `event`. The bound only stops a hang: a process-mode VM is a Python process
+    that a busy machine may take seconds to start."""
+    with trio.fail_after(HANG_S):
         assert await events.receive() == event
 
 
@@ -179,38 +183,43 @@ async def test_lifecycle(tmp_path: Path, mode: str) -> None:
         vm, _ = new_vm(opened, tmp_path)
         await boot(vm)
         async with monitoring(vm) as events:
-            await expect(events, CONNECTED, within=2)
+            await expect(events, CONNECTED)
             vm.connected()
             await vm.stop_vm(grace=2)
-            await expect(events, CLOSED, within=1)
+            await expect(events, CLOSED)
         vm.lost_vm()
         assert (await vm.stats()).memory_mb == -1
         # Stopped VMs can be started again (RESTART).
         await vm.start_vm()
         async with monitoring(vm) as events:
-            await expect(events, CONNECTED, within=2)
+            await expect(events, CONNECTED)
             await vm.stop_vm(grace=2)
-            await expect(events, CLOSED, within=1)
+            await expect(events, CLOSED)
 
 
 async def test_connected_only_after_boot_delay(tmp_path: Path, mode: str) -> None:
+    """CONNECTED comes no sooner than boot_delay_s after start_vm was called (a lower bound only: how much later
+    depends on the machine's load)."""
     async with backend(tmp_path, mode=mode, boot_delay_s=0.4) as opened:
         vm, _ = new_vm(opened, tmp_path)
-        await boot(vm)
+        await vm.ensure_backing_image()
+        await vm.create_image("#cloud-config\n", '{"uuid": "x"}', None)
+        starting = trio.current_time()
+        await vm.start_vm()
         async with monitoring(vm) as events:
-            await nothing_within(events, 0.25)
-            await expect(events, CONNECTED, within=1)
+            await expect(events, CONNECTED)
+            assert trio.current_time() - starting >= 0.4
             await vm.stop_vm(grace=1)
 
 
 async def test_stop_while_booting_closes_without_connecting(tmp_path: Path, mode: str) -> None:
-    async with backend(tmp_path, mode=mode, boot_delay_s=5) as opened:
+    async with backend(tmp_path, mode=mode, boot_delay_s=600) as opened:
         vm, _ = new_vm(opened, tmp_path)
         await boot(vm)
         async with monitoring(vm) as events:
-            await trio.sleep(0.1)
+            await trio.testing.wait_all_tasks_blocked()  # the monitor waits for the VM to come up
             await vm.stop_vm(grace=1)
-            await expect(events, CLOSED, within=1)
+            await expect(events, CLOSED)  # the next event: no CONNECTED before it
 
 
 async def test_second_start_is_launch_failure(tmp_path: Path, mode: str) -> None:
@@ -225,12 +234,26 @@ async def test_second_start_is_launch_failure(tmp_path: Path, mode: str) -> None
 
 
 async def test_stop_of_a_vm_that_is_not_running_is_fine(tmp_path: Path, mode: str) -> None:
+    """stop_vm of a VM that never ran, and a second stop_vm, succeed. After the double stop the VM is really gone
+    (process mode: its process, looked at here, before `kill_leftover_vms` would SIGKILL it) and a monitor finds
+    none."""
     async with backend(tmp_path, mode=mode, **FAST) as opened:
-        vm, _ = new_vm(opened, tmp_path)
+        vm, instance_dir = new_vm(opened, tmp_path)
         await vm.stop_vm(grace=1)
         await boot(vm)
+        if mode == "process":
+            pid = read_pid(instance_dir)
+            assert not gone(pid)
+        else:
+            assert opened.vms.get("u-1") is not None
         await vm.stop_vm(grace=1)
         await vm.stop_vm(grace=1)
+        if mode == "process":
+            assert gone(pid) and list(_simvm_pids(tmp_path)) == []
+        else:
+            assert opened.vms.get("u-1") is None
+        async with monitoring(vm) as events:
+            await expect(events, CLOSED)
         await vm.delete_image()
 
 
@@ -239,7 +262,7 @@ async def test_monitor_without_a_vm_sends_closed(tmp_path: Path, mode: str) -> N
         vm, _ = new_vm(opened, tmp_path)
         for recover in (False, True):
             async with monitoring(vm, recover) as events:
-                await expect(events, CLOSED, within=1)
+                await expect(events, CLOSED)
 
 
 async def test_graceful_stop_takes_stop_delay(tmp_path: Path, mode: str) -> None:
@@ -247,22 +270,22 @@ async def test_graceful_stop_takes_stop_delay(tmp_path: Path, mode: str) -> None
         vm, _ = new_vm(opened, tmp_path)
         await boot(vm)
         async with monitoring(vm) as events:
-            await expect(events, CONNECTED, within=2)
+            await expect(events, CONNECTED)
             started = trio.current_time()
-            await vm.stop_vm(grace=5)
-            assert 0.25 <= trio.current_time() - started < 2
-            await expect(events, CLOSED, within=1)
+            await vm.stop_vm(grace=HANG_S)
+            assert 0.25 <= trio.current_time() - started < HANG_S  # the guest's shutdown, not the grace
+            await expect(events, CLOSED)
 
 
 async def test_stop_is_bounded_by_grace(tmp_path: Path, mode: str) -> None:
-    async with backend(tmp_path, mode=mode, boot_delay_s=0, stop_delay_s=30) as opened:
+    async with backend(tmp_path, mode=mode, boot_delay_s=0, stop_delay_s=600) as opened:
         vm, _ = new_vm(opened, tmp_path)
         await boot(vm)
         async with monitoring(vm) as events:
-            await expect(events, CONNECTED, within=2)
-            with trio.fail_after(2):
+            await expect(events, CONNECTED)
+            with trio.fail_after(HANG_S):  # the guest would take 600 s
                 await vm.stop_vm(grace=0.2)
-            await expect(events, CLOSED, within=1)
+            await expect(events, CLOSED)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -317,9 +340,9 @@ async def test_injected_crash(tmp_path: Path, mode: str) -> None:
         booting = trio.current_time()
         await boot(vm)
         async with monitoring(vm) as events:
-            await expect(events, CONNECTED, within=2)
+            await expect(events, CONNECTED)
             vm.connected()
-            await expect(events, CLOSED, within=2)
+            await expect(events, CLOSED)
             assert trio.current_time() - booting >= 0.3
         vm.lost_vm()
         assert await vm.stats() == VmStats(disk_mb=-1 if mode == "memory" else 1)
@@ -329,7 +352,7 @@ async def test_injected_crash(tmp_path: Path, mode: str) -> None:
         survivor, _ = new_vm(opened, tmp_path, "u-lucky")
         await boot(survivor)
         async with monitoring(survivor) as events:
-            await expect(events, CONNECTED, within=2)
+            await expect(events, CONNECTED)
             await nothing_within(events, 0.5)
             await survivor.stop_vm(grace=1)
 
@@ -356,15 +379,15 @@ async def test_memory_vms_end_with_the_launcher(tmp_path: Path) -> None:
         vm, _ = new_vm(opened, tmp_path)
         await boot(vm)
         async with monitoring(vm) as events:
-            await expect(events, CONNECTED, within=1)
+            await expect(events, CONNECTED)
         # The same launcher reconnects to its VM...
         async with monitoring(vm, recover=True) as events:
-            await expect(events, CONNECTED, within=1)
+            await expect(events, CONNECTED)
     # ...a restarted one finds it gone.
     async with backend(tmp_path, **FAST) as restarted:
         vm, _ = new_vm(restarted, tmp_path)
         async with monitoring(vm, recover=True) as events:
-            await expect(events, CLOSED, within=1)
+            await expect(events, CLOSED)
 
 
 async def test_memory_vms_are_small(tmp_path: Path) -> None:
@@ -386,8 +409,9 @@ async def test_memory_vms_are_small(tmp_path: Path) -> None:
                 vm.init(InstanceSpec(f"{i:08d}-0000-0000-0000-000000000000"), tmp_path / str(i), lambda: ())
                 await vm.start_vm()
                 nursery.start_soon(vm.monitor_vm, Inbox(), False)
-            while delivered < count:
-                await trio.sleep(0.01)
+            with trio.fail_after(HANG_S):
+                while delivered < count:
+                    await trio.sleep(0.01)
             per_vm = (tracemalloc.get_traced_memory()[0] - before) / count
             nursery.cancel_scope.cancel()
     finally:
@@ -415,11 +439,11 @@ async def test_process_vm_files(tmp_path: Path) -> None:
         assert process.pid == os.getsid(pid)  # its own session
         assert "u-1" in process.cmdline()
         async with monitoring(vm) as events:
-            await expect(events, CONNECTED, within=2)
+            await expect(events, CONNECTED)
             assert (instance_dir / "vm.up").exists()
             await vm.stop_vm(grace=2)
             assert gone(pid)
-            await expect(events, CLOSED, within=1)
+            await expect(events, CLOSED)
         assert not (instance_dir / "vm.up").exists()
         console = (instance_dir / "vm-console.log").read_text()
         for line in ("booting", "up", "shutdown requested", "powered off"):
@@ -431,9 +455,9 @@ async def test_process_kill_9_is_closed(tmp_path: Path) -> None:
         vm, instance_dir = new_vm(opened, tmp_path)
         await boot(vm)
         async with monitoring(vm) as events:
-            await expect(events, CONNECTED, within=2)
+            await expect(events, CONNECTED)
             os.kill(read_pid(instance_dir), signal.SIGKILL)
-            await expect(events, CLOSED, within=2)
+            await expect(events, CLOSED)
 
 
 async def test_process_vm_survives_a_launcher_restart(tmp_path: Path) -> None:
@@ -441,17 +465,17 @@ async def test_process_vm_survives_a_launcher_restart(tmp_path: Path) -> None:
         vm, instance_dir = new_vm(opened, tmp_path)
         await boot(vm)
         async with monitoring(vm) as events:
-            await expect(events, CONNECTED, within=2)
+            await expect(events, CONNECTED)
         pid = read_pid(instance_dir)
         create_time = psutil.Process(pid).create_time()
     async with backend(tmp_path, mode="process", **FAST) as restarted:
         vm, _ = new_vm(restarted, tmp_path)
         async with monitoring(vm, recover=True) as events:
-            await expect(events, CONNECTED, within=1)
+            await expect(events, CONNECTED)
             assert read_pid(instance_dir) == pid
             assert psutil.Process(pid).create_time() == create_time  # the same VM, not a new one
             await vm.stop_vm(grace=2)
-            await expect(events, CLOSED, within=1)
+            await expect(events, CLOSED)
 
 
 async def test_process_recover_finds_a_dead_vm_closed(tmp_path: Path) -> None:
@@ -460,12 +484,13 @@ async def test_process_recover_finds_a_dead_vm_closed(tmp_path: Path) -> None:
         await boot(vm)
         pid = read_pid(instance_dir)
         os.kill(pid, signal.SIGKILL)
-        while not gone(pid):
-            await trio.sleep(0.01)
+        with trio.fail_after(HANG_S):
+            while not gone(pid):
+                await trio.sleep(0.01)
     async with backend(tmp_path, mode="process", **FAST) as restarted:
         vm, _ = new_vm(restarted, tmp_path)
         async with monitoring(vm, recover=True) as events:
-            await expect(events, CLOSED, within=1)
+            await expect(events, CLOSED)
 
 
 async def test_process_pidfile_of_another_process_is_not_the_vm(tmp_path: Path) -> None:
@@ -473,7 +498,7 @@ async def test_process_pidfile_of_another_process_is_not_the_vm(tmp_path: Path) 
         vm, instance_dir = new_vm(opened, tmp_path)
         (instance_dir / "vm.pid").write_text(f"{os.getpid()}\n")  # pid reused by an unrelated process
         async with monitoring(vm, recover=True) as events:
-            await expect(events, CLOSED, within=1)
+            await expect(events, CLOSED)
         vm.connected()
         assert (await vm.stats()).memory_mb == -1
         await vm.stop_vm(grace=0.1)  # must not signal us
@@ -487,7 +512,7 @@ async def test_process_stats_are_measured(tmp_path: Path) -> None:
         vm, _ = new_vm(opened, tmp_path, vcpus=2)
         await boot(vm)
         async with monitoring(vm) as events:
-            await expect(events, CONNECTED, within=2)
+            await expect(events, CONNECTED)
             vm.connected()
             first = await vm.stats()
             assert first.cpu_percent == -1  # no earlier sample to compare with
@@ -499,7 +524,7 @@ async def test_process_stats_are_measured(tmp_path: Path) -> None:
             vm.connected()
             assert (await vm.stats()).cpu_percent == -1  # connected() starts over
             await vm.stop_vm(grace=1)
-            await expect(events, CLOSED, within=1)
+            await expect(events, CLOSED)
         vm.lost_vm()
         assert await vm.stats() == VmStats(disk_mb=1)
 

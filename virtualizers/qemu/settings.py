@@ -66,6 +66,9 @@ class QemuSettings:
     destroy_orphans: bool = False  # destroy domains of ours that have no instance dir (else report only)
     libvirt_threads: int = 8  # worker threads in libvirt calls at once (hypervisor.py: hung calls keep theirs)
     libvirt_timeout_s: float = 60.0  # bound on any one libvirt call (commands are also bound by their phase)
+    # How often a running domain's state is re-read without a libvirt event: a backstop for a lost event
+    # (hypervisor.py), so it also bounds how late a death that libvirt did not report is noticed.
+    state_poll_s: float = attrs.field(default=5.0, validator=at_least(0.1))
 
     def __attrs_post_init__(self) -> None:
         ImportPolicy.from_settings(self.image_dirs, self.image_url or None, self.import_sources)  # ValueError

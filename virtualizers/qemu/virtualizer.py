@@ -16,7 +16,7 @@ are those of `instance_files`; every libvirt call is a bounded `Hypervisor.call`
     it; a domain that already runs is adopted.
 ``monitor_vm``
     libvirt's lifecycle events (`hypervisor.DomainWatch`): the domain's state is re-read after each event and every
-    `STATE_POLL_S` as a backstop. A guest paused by an I/O error (a full disk) is reported with an
+    ``qemu.state_poll_s`` as a backstop. A guest paused by an I/O error (a full disk) is reported with an
     ``instance_paused`` event and a log line, and left paused for the operator.
 ``stop_vm``
     the ACPI power button, then ``destroy`` once `grace` seconds have passed.
@@ -98,7 +98,6 @@ class QemuParts(Protocol):
         """What the instance's domain XML is made from."""
 
 UNPLUG_POLL_S = 0.02  # how often a hot-unplug reads the live XML for the disk (one small libvirt call)
-STATE_POLL_S = 5.0  # re-read a domain's state this often even without events (a backstop, see hypervisor.py)
 MIB = 1 << 20
 QEMU_PID_DIR = Path("/run/libvirt/qemu")  # where the system libvirtd writes <domain>.pid
 
@@ -324,6 +323,7 @@ class QemuVirtualizer:
 
     async def monitor_vm(self, inbox: MonitorInbox, recover: bool) -> None:
         hypervisor = self._backend.hypervisor
+        poll_s = self._backend.settings.state_poll_s
         sent_connected = False
         with hypervisor.watch(self._name) as watch:
             while True:
@@ -333,7 +333,7 @@ class QemuVirtualizer:
                     await hypervisor.wait_connected()  # the VM does not stop because libvirtd did
                     continue
                 except Unresponsive:
-                    await watch.wait(STATE_POLL_S)  # no answer is not "down": ask again
+                    await watch.wait(poll_s)  # no answer is not "down": ask again
                     continue
                 if state not in ACTIVE_STATES:
                     await inbox.send(MonitorEvent.CLOSED)
@@ -342,7 +342,7 @@ class QemuVirtualizer:
                     await inbox.send(MonitorEvent.CONNECTED)
                     sent_connected = True
                 self._check_paused(state, reason)
-                await watch.wait(STATE_POLL_S)
+                await watch.wait(poll_s)
 
     def _check_paused(self, state: int, reason: int) -> None:
         """Report a guest that QEMU paused on an I/O error (e.g. ENOSPC), once per pause."""
@@ -367,7 +367,7 @@ class QemuVirtualizer:
                     self._log(f"ACPI shutdown sent; forced off after {grace:g} s")
                     with trio.move_on_after(grace):
                         while await self._is_active():
-                            await watch.wait(min(STATE_POLL_S, 0.5))
+                            await watch.wait(min(self._backend.settings.state_poll_s, 0.5))
                 if await self._is_active():
                     await hypervisor.call(partial(domain_calls.destroy_domain, name=self._name))
                     self._log("domain destroyed" + (" (the guest did not power off in time)" if grace > 0 else ""))
