@@ -22,7 +22,8 @@ has one home):
   journal (`emit`), the per-instance log (`log`) and its own START steps' timings for /metrics (`observe_step`).
 - `settings`: `parse_section` and the validators `one_of`, `at_least`, `at_most`: the one way to declare and
   check a plugin's own config section (`ConfigError`).
-- `files`: crash-safe private writes (`atomic_write`, `fsync_dir`) and the instance dir's modes.
+- `files`: crash-safe private writes (`atomic_write`, `create_new`, `make_dirs`, `fsync_dir`) and the instance
+  dir's modes.
 - `locks`: `KeyedLocks`, one lock per key: how a store serialises the operations on one image or volume id.
 - `usage`: `CpuMeter`, a VM's CPU use between two `stats()` calls (`VmStats.cpu_percent`).
 - `tools`: `run_tool`, the one way to run an external program (qemu-img, mkswap, ...) under a bound, with
