@@ -22,6 +22,7 @@ import http.client
 import json
 import os
 import random
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -47,6 +48,7 @@ YAML = "application/yaml"
 SETTINGS = {
     "simulation": {"mode": "memory", "boot_delay_s": 0.01},
     "recovery": {"restart_running": "always", "max_parallel": 64},
+    "events": {"rotate_bytes": 16384, "keep_files": 8},  # rotations, and their renames, under the cuts too
     "admission": {"vcpu_overcommit": 1000.0, "memory_overcommit": 1000.0},
 }
 UNANSWERED = ("unreachable", "no_answer", "http_error")  # the cut took the answer: the command may have happened
@@ -83,6 +85,7 @@ class Model:
     def __init__(self, workers: list[Worker]) -> None:
         self.workers = workers
         self.events: dict[int, dict[str, Any]] = {}  # seq -> event, as served to a follower
+        self.journal_end = 0  # the last seq of the journal at the last check: the follower starts after it
 
     @property
     def instances(self) -> dict[str, Instance]:
@@ -305,12 +308,28 @@ def check(client: Client, data_dir: Path, model: Model, where: str) -> None:
     for path in (data_dir / "sim-volumes").glob("*"):
         assert path.suffix == ".json", f"{where}: a temporary file was left behind: {path.name}"
         json.loads(path.read_bytes())
-    journal = [json.loads(line) for line in b"".join(client.stream("/v1/events")).splitlines()]
+    journal = retained_events(client)
     seqs = [event["seq"] for event in journal]
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), f"{where}: the journal has a gap"
     by_seq = {event["seq"]: event for event in journal}
+    for seq in [seq for seq in model.events if seq < seqs[0]]:
+        del model.events[seq]  # rotated out of the journal (keep_files), as documented
     lost = [event for seq, event in model.events.items() if by_seq.get(seq) != event]
+    model.journal_end = seqs[-1]
     assert not lost, f"{where}: events served before the cut are not in the journal as served: {lost[:5]}"
+
+
+def retained_events(client: Client) -> list[dict[str, Any]]:
+    """Every event the journal still keeps (older ones were rotated out: `410 events_expired` names the first)."""
+    since = 0
+    while True:
+        try:
+            return [json.loads(line) for line in b"".join(client.stream("/v1/events", since=since)).splitlines()]
+        except ClientError as exc:
+            oldest = re.search(r"seq (\d+)", exc.reason)
+            if exc.code != "events_expired" or oldest is None:
+                raise
+            since = int(oldest.group(1)) - 1
 
 
 def observe(client: Client) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -366,9 +385,9 @@ def test_acknowledged_effects_survive_power_cuts(power_cut_dirs: tuple[Path, Pat
             cut = Cut(after_acks=rng.randrange(1, 30))
             for worker in workers:
                 worker.round = round_number
-            since = max(model.events, default=0)
             threads = [threading.Thread(target=worker.run, args=(client, cut)) for worker in workers]
-            threads.append(threading.Thread(target=follow_events, args=(client, since, cut, model), daemon=True))
+            follower = threading.Thread(target=follow_events, args=(client, model.journal_end, cut, model), daemon=True)
+            threads.append(follower)
             for thread in threads:
                 thread.start()
             assert cut.due.wait(timeout=120), f"{where}: the storm stalled: {launcher.output()[-2000:]}"
