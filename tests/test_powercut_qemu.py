@@ -69,7 +69,7 @@ SOURCES_PER_WORKER = ROUNDS + 2  # images each worker may import, one new id eac
 GUEST_IMAGE = EXAMPLE_IMAGE_IDS[0]
 SYSTEM_PYTHON = Path("/usr/bin/python3")  # the Python with Debian's cloud-init (tests/cloudinit_read.py)
 READER = Path(__file__).resolve().parent / "cloudinit_read.py"
-SETTLE_S = 120.0  # instances back from recovery, on TCG
+LOG = ROOT / ".cache" / "powercut" / "qemu-serve.log"  # the launchers' log of the last run, kept for a failure
 
 
 @attrs.define
@@ -105,8 +105,10 @@ class QemuWorker(Worker):
         if choice < 0.25 and len(instances) < LIVE_INSTANCES or not instances and choice < 0.5:
             uuid = self.new_id()
             self.instances[uuid] = instance = Instance()
-            self.command(cut, f"START {uuid}", instance, ("running", frozenset()),
-                         lambda: client.request("POST", "/v1/instances", start_payload(uuid), YAML))
+            wait = self.rng.random() < 0.5  # answered once the VM runs: a cut after its files were made
+            self.command(cut, f"START {uuid}{' (wait)' if wait else ''}", instance, ("running", frozenset()),
+                         lambda: client.request("POST", "/v1/instances", start_payload(uuid), YAML,
+                                                **({"wait": 1, "timeout": 120} if wait else {})), waited=wait)
         elif choice < 0.35 and instances:
             uuid = self.rng.choice(instances)
             instance = self.instances[uuid]
@@ -224,9 +226,10 @@ def defined_domains() -> set[str]:
 
 def check_overlays(disk: Path, where: str) -> None:
     """`qemu-img check` passes on every overlay the cut left (leaked clusters, exit 3, are allowed: a crash may
-    leak, never corrupt)."""
+    leak, never corrupt). Its backing file is named by its path on the mount, so it is checked without it."""
     for overlay in sorted(disk.glob(f"instances/*/{OVERLAY}")):
-        done = subprocess.run(["qemu-img", "check", str(overlay)], capture_output=True, text=True, timeout=120)
+        alone = json.dumps({"driver": "qcow2", "file": {"driver": "file", "filename": str(overlay)}, "backing": None})
+        done = subprocess.run(["qemu-img", "check", f"json:{alone}"], capture_output=True, text=True, timeout=120)
         assert done.returncode in (0, 3), f"{where}: qemu-img check {overlay}: {done.stdout}{done.stderr}"
 
 
@@ -271,8 +274,9 @@ def check_qemu(client: Client, data_dir: Path, model: QemuModel, where: str) -> 
             problems.append(f"instance {uuid}: no {', '.join(missing)}")
         problems += [f"instance {uuid}: a temp file was left behind: {path.name}" for path in instance_dir.iterdir()
                      if path.name.endswith(".tmp")]
-    found = read_seeds({uuid: data_dir / "instances" / uuid / SEED for uuid in sorted(live)})
-    problems += [f"instance {uuid}: its seed's instance-id is {found[uuid]!r}" for uuid in live
+    seeds = {uuid: data_dir / "instances" / uuid / SEED for uuid in sorted(live)}
+    found = read_seeds({uuid: seed for uuid, seed in seeds.items() if seed.exists()})
+    problems += [f"instance {uuid}: its seed's instance-id is {found[uuid]!r}" for uuid in found
                  if found[uuid] != uuid]
     if problems:
         ids = {problem.split()[1].rstrip(":") for problem in problems}
@@ -318,7 +322,7 @@ class Node:
     disk: Path
     mountpoint: Path
     settings: dict[str, Any]
-    keep: Path  # where the launchers' log is kept (pytest's tmp dir of the test)
+    keep: Path  # where the launchers' log is kept
     fs: PowerCutMount | None = None
     launcher: LauncherProcess | None = None
 
@@ -358,13 +362,14 @@ class Node:
             finally:
                 unmount_stale(self.mountpoint)
                 if self.launcher is not None and self.launcher.log_path.exists():
-                    shutil.copy(self.launcher.log_path, self.keep / self.launcher.log_path.name)
+                    self.keep.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy(self.launcher.log_path, self.keep)
                 self.root.remove()
         assert not failed, f"launcher hard-reset failed: {failed}"
 
 
 @pytest.fixture
-def node(guest_image_dir: Path, stale_test_runs_removed: None, tmp_path: Path) -> Iterator[Node]:
+def node(guest_image_dir: Path, stale_test_runs_removed: None) -> Iterator[Node]:
     root = QemuTestRoot.create()
     disk, mountpoint, sources = root.path / "disk", root.path / "data", root.path / "sources"
     for directory in (disk, mountpoint, sources):
@@ -374,7 +379,7 @@ def node(guest_image_dir: Path, stale_test_runs_removed: None, tmp_path: Path) -
         "qemu": {"image_dirs": [str(guest_image_dir)], "import_sources": [str(sources)]},
         "recovery": {"restart_running": "always"},
     }
-    made = Node(root, disk, mountpoint, settings, tmp_path)
+    made = Node(root, disk, mountpoint, settings, LOG)
     try:
         yield made
     finally:
