@@ -180,10 +180,11 @@ def stale_test_runs_removed() -> None:
 class QemuTestRoot:
     """The directory of one qemu test's data dirs, /var/tmp/launcher-tests/test-*, owned by one pytest process.
 
-    `remove()` kills the launchers serving from it, destroys and undefines every libvirt domain whose launcher
-    metadata names a data dir under it and every storage pool whose target is under it (straight through
-    libvirt, so it works whatever state the launcher or its config is in), then deletes it. A run killed before
-    its teardown leaves its root behind: the next session removes it, knowing it stale by its owner pid."""
+    `remove()` kills the launchers serving from it and the power-cut file systems mounted in it (tests/powercut.py,
+    then unmounted), destroys and undefines every libvirt domain whose launcher metadata names a data dir under
+    it and every storage pool whose target is under it (straight through libvirt, so it works whatever state the
+    launcher or its config is in), then deletes it. A run killed before its teardown leaves its root behind: the
+    next session removes it, knowing it stale by its owner pid."""
 
     OWNER_FILE = "owner-pid"
 
@@ -207,9 +208,13 @@ class QemuTestRoot:
         """Remove everything of this root; the names of the domains it destroyed."""
         for proc in psutil.process_iter(["cmdline"]):
             cmdline = proc.info["cmdline"] or []
-            if "serve" in cmdline and any(part.startswith(str(self.path) + "/") for part in cmdline):
+            ours = "serve" in cmdline or any(part.endswith("powercut_fs.py") for part in cmdline)
+            if ours and any(part.startswith(str(self.path) + "/") for part in cmdline):
                 with contextlib.suppress(psutil.Error):
                     proc.kill()
+        for mount in psutil.disk_partitions(all=True):  # a power-cut file system (tests/powercut.py) left mounted
+            if mount.mountpoint.startswith(str(self.path) + "/"):
+                subprocess.run(["umount", "-l", mount.mountpoint], capture_output=True, timeout=30)
         removed = remove_domains_under(self.path)
         remove_pools_under(self.path)
         shutil.rmtree(self.path, ignore_errors=True)

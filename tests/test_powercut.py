@@ -295,7 +295,7 @@ def check(client: Client, data_dir: Path, model: Model, where: str) -> None:
             break
         time.sleep(0.1)
     if problems:
-        ids = {problem.split()[1] for problem in problems}
+        ids = {problem.split()[1].rstrip(":") for problem in problems}
         history = [line for worker in model.workers for line in worker.history if set(line.split()) & ids]
         raise AssertionError(f"{where}: {problems[:10]}\nwhat the clients did with them:\n" + "\n".join(history))
     for uuid, instance in model.instances.items():

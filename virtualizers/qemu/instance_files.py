@@ -7,6 +7,9 @@
 - ``nvram.fd`` (`NVRAM`): the EFI variables, libvirt's copy of the OVMF template (undefined with the domain);
 - ``console.log`` (`CONSOLE_LOG`): the guest's serial console, written by virtlogd.
 
+The overlay and the seed are committed with a directory fsync, and `make_dir_durable` makes the dir's own name
+durable before they are made (the launcher's instance log does not).
+
 The dir is the launcher's user's only (0700); `let_group_search` lets QEMU's group enter it, and libvirt hands
 QEMU the disks it needs while the VM runs (dynamic_ownership). The plain functions here block: callers run them
 in worker threads under the launcher's limiter.
@@ -49,6 +52,14 @@ def let_group_search(directory: Path, gid: int) -> None:
     libvirt hands QEMU the disks it needs (dynamic_ownership) while the VM runs."""
     os.chown(directory, -1, gid)
     os.chmod(directory, INSTANCE_DIR_MODE | stat.S_IXGRP)
+
+
+def make_dir_durable(instance_dir: Path) -> None:
+    """fsync the instances dir that holds `instance_dir`, so that the dir's name survives a power loss, and with
+    it the files made durable in it (the overlay, the seed). The launcher's instance log (launcher/durable/
+    persist.py) makes the dir without an fsync: after a power loss its replay makes it again holding
+    instance.json alone, and an instance the log says was started would come back without its disk."""
+    fsync_dir(instance_dir.parent)
 
 
 def allocated_mb(path: Path) -> int:

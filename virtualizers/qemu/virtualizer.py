@@ -7,10 +7,11 @@ are those of `instance_files`; every libvirt call is a bounded `Hypervisor.call`
     the image store's `ensure` (images.py): ``<data_dir>/images/<image_uuid>.img``, imported once from
     ``qemu.image_dirs`` or ``qemu.image_url`` if the store lacks it.
 ``create_image``
-    local volumes through the volume store, swap ones formatted with mkswap (`VolumeStore.format_swap`); the
-    overlay (`instance_files.make_overlay`), as large as the payload's disk size, or the image's if that is
-    larger; the seed (`cloudinit`: NoCloud or ConfigDrive, per ``qemu.seed_format``), its meta-data carrying
-    the tagged volumes (`devices_metadata`).
+    the instance dir's name made durable (`instance_files.make_dir_durable`); local volumes through the volume
+    store, swap ones formatted with mkswap (`VolumeStore.format_swap`); the overlay
+    (`instance_files.make_overlay`), as large as the payload's disk size, or the image's if that is larger; the
+    seed (`cloudinit`: NoCloud or ConfigDrive, per ``qemu.seed_format``), its meta-data carrying the tagged
+    volumes (`devices_metadata`).
 ``start_vm``
     defines the persistent domain (`domain`) with its disks in `disk_plan`'s order and boot orders, then starts
     it; a domain that already runs is adopted.
@@ -162,6 +163,11 @@ class QemuVirtualizer:
     async def create_image(self, user_data: str, meta_data: str, network_config: str | None) -> None:
         """The START's local volumes, the overlay (unless it boots from a volume), then the seed. `network_config`,
         when given, replaces NoCloud's derived one."""
+        try:
+            await trio.to_thread.run_sync(instance_files.make_dir_durable, self._dir,
+                                          limiter=self._backend.host.limiter)
+        except OSError as exc:
+            raise self._fail(IMAGE_FAILURE, f"cannot make {self._dir} durable: {exc}") from exc
         if any(entry.local for entry in self._spec.storage):
             await self._make_local_volumes()
         if self._spec.image_uuid:

@@ -50,6 +50,7 @@ import trio
 
 from launcher.plugin import errors
 from launcher.plugin.errors import LauncherError, SetupError
+from launcher.plugin.files import fsync_dir
 from launcher.plugin.locks import KeyedLocks
 from launcher.plugin.protocol import MAX_VOLUME_MB, VOLUME_FORMATS, VolumeCatalog, VolumeInfo, is_valid_volume_id
 from launcher.plugin.tools import ToolError
@@ -235,6 +236,7 @@ class VolumeStore:
             try:
                 if image is not None and not cow:
                     await self._copy(image, record)
+                await self._make_durable(record, new=True)
                 await self._write_record(record)
             except BaseException:
                 with trio.CancelScope(shield=True):
@@ -282,6 +284,7 @@ class VolumeStore:
                                              capacity=size_mb * MIB))
                 except (Unavailable, libvirt.libvirtError) as exc:
                     raise _failure(exc, f"cannot resize volume {record.name} to {size_mb} MiB") from exc
+                await self._make_durable(record)
                 log.info("volume %s resized to %d MiB", volume_id, size_mb)
             return self._info(record, await self._describe(record))
 
@@ -367,6 +370,20 @@ class VolumeStore:
             code = errors.STORAGE_FULL if _says_full(exc.stderr) else errors.VOLUME_FAILURE
             raise LauncherError(code, f"copying image {image.id} into volume {record.id} failed: {exc}") from exc
 
+    async def _make_durable(self, record: VolumeRecord, new: bool = False) -> None:
+        """fsync the own pool's file of the volume (and, if `new`, the pool's directory, for its name): libvirt
+        syncs neither when it creates or resizes a volume, nor does ``qemu-img convert`` (its default cache
+        mode is unsafe), so a power loss after the record was written would lose the volume, its size or its
+        content. The operator's pools are left to their own durability."""
+        if not self.own_pool or not preflight.is_local(self._hypervisor.uri):
+            return
+        try:
+            await self._run(_fsync_file, self.pool_path / record.name)
+            if new:
+                await self._run(fsync_dir, self.pool_path)
+        except OSError as exc:
+            raise errors.write_failure(exc, f"volume {record.id}", errors.VOLUME_FAILURE) from exc
+
     async def _write_record(self, record: VolumeRecord) -> None:
         try:
             await self._run(volume_records.write_record, self._records_dir, record)
@@ -394,6 +411,14 @@ class VolumeStore:
 if TYPE_CHECKING:
     def _is_a_volume_catalog(store: VolumeStore) -> VolumeCatalog:
         return store  # mypy checks that VolumeStore has the protocol's methods and signatures
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 # -- checks ----------------------------------------------------------------------------------------------
