@@ -36,7 +36,10 @@ first 64 bytes of each data disk (every virtio disk but ``vda``) held: ``<instan
 guest that booted with it, or ``-``. After that line the guest writes its own mark on each data disk (durably),
 and prints ``guest-disks disks=... marks=...`` whenever its disks change (a hot-plug or hot-unplug, seen
 within 0.2 s). An ACPI power button press makes it print ``guest-poweroff``, sync, unmount its disk and power
-off.
+off. With ``test_guest_mode: ignore-unplug`` as a top-level key of its user-data, the guest ignores hot-unplug
+requests: once it has seen a hot-plugged disk it prints ``guest-holds-disks gpes=<the ACPI GPEs it disabled>
+disks=...`` and disables the ACPI general-purpose events that announced it (QEMU's q35 signals PCI hot-plug and
+unplug through one), so the disk stays (a DETACH then runs into its timeout).
 
 Inputs come only from Debian packages, fetched with ``apt-get download`` (the apt lists must be
 up to date) and unpacked with ``dpkg-deb -x``: ``linux-image-amd64`` (resolved to its
