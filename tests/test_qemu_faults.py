@@ -481,9 +481,10 @@ IGNORE_UNPLUG = "test_guest_mode: ignore-unplug\n"  # the test guest's mode (tes
 
 def test_detach_from_a_guest_that_ignores_the_unplug_request(qemu_factory: Any) -> None:
     """A guest that keeps a hot-plugged disk (it ignores the unplug request): DETACH fails with `502
-    detach_failure` once `detach_timeout_s` has passed (not later), with a `detach_volume_failure` event; the disk
-    stays the VM's and the instance's (live XML, record, volume's `attached_to`), across a kill -9 too; the
-    launcher keeps serving. Once the VM is stopped, DETACH only changes the record, and the volume is free."""
+    detach_failure` once `detach_timeout_s` has passed (not later), with a `detach_volume_failure` event, and so
+    does a second DETACH; the disk stays the VM's and the instance's (live XML, record, volume's `attached_to`),
+    across a kill -9 too; the launcher keeps serving. Once the VM is stopped, DETACH only changes the record, and
+    the volume is free."""
     launcher = qemu_factory({"volumes": {"detach_timeout_s": DETACH_TIMEOUT_S}})
     client = launcher.client()
     uuid, volume = new_uuid(), new_uuid()
@@ -510,6 +511,10 @@ def test_detach_from_a_guest_that_ignores_the_unplug_request(qemu_factory: Any) 
     assert_still_attached(client, uuid, volume)
     assert disk_lines(launcher, uuid)[-1]["disks"] == f"vda:-,vdb:{volume[:20]}"  # the guest still has it
     assert serving(launcher)
+    with pytest.raises(ClientError) as again:  # QEMU's request is still pending: asked again, the guest is no better
+        client.request("DELETE", f"/v1/instances/{uuid}/volumes/{volume}", wait=1, timeout=120)
+    assert again.value.code == "detach_failure", again.value
+    assert_still_attached(client, uuid, volume)
 
     launcher.kill(signal.SIGKILL)
     client = launcher.start(timeout=60)
