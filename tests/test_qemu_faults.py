@@ -4,9 +4,10 @@ faults under the simulation virtualizer.)
 
 - `kill -9` of the launcher in each phase of a START: while its backing image is imported (held half-way by the
   test's HTTP server), while its overlay is made (`qemu-img create` held in its open() of the backing image by a
-  write lease the test holds), while its domain is defined (libvirtd frozen with SIGSTOP), and once its VM runs.
-  Each phase is entered for certain before the kill: the test sees it (the half-written import, the lease being
-  broken, the instance dir handed to QEMU's group), never guesses it with a sleep.
+  write lease the test holds), while its domain is defined (libvirtd frozen with SIGSTOP), while the defined
+  domain is started (virtlogd frozen), and once its VM runs. Each phase is entered for certain before the kill:
+  the test sees it (the half-written import, the lease being broken, the instance dir handed to QEMU's group, the
+  define step in the instance's log), never guesses it with a sleep.
 - the data dir on a small tmpfs that fills up: an image import cut short by ENOSPC, a START whose record the disk
   refuses, and START working again once there is room.
 - a guest that ignores hot-unplug requests: DETACH fails with `detach_failure` within `detach_timeout_s`.
@@ -14,7 +15,7 @@ faults under the simulation virtualizer.)
 
 Every wait is a poll with a deadline; teardown leaves no domain, pool, mount or process behind (`qemu_factory`,
 `qemu_test_root`, and `small_data_dir` for the tmpfs). `test_kill_9_while_the_domain_is_defined` freezes the
-shared system libvirtd for about a second."""
+shared system libvirtd, and `test_kill_9_while_the_domain_is_started` virtlogd, for about a second each."""
 
 from __future__ import annotations
 
@@ -328,11 +329,11 @@ def test_kill_9_while_the_overlay_is_made(qemu_factory: Any, guest_image: Path) 
 
 
 @contextlib.contextmanager
-def libvirtd_frozen() -> Iterator[None]:
-    """The system libvirtd stopped with SIGSTOP (as tests/test_qemu.py's bounded-calls test does: there is no
-    second system libvirtd to freeze instead); SIGCONT whatever happens, then wait until it answers again."""
-    pid = int(subprocess.run(["pgrep", "-x", "libvirtd"], capture_output=True, text=True,
-                             check=True).stdout.split()[0])
+def frozen(daemon: str) -> Iterator[None]:
+    """The system's `daemon` (libvirtd, virtlogd) stopped with SIGSTOP (there is no second system daemon to freeze
+    instead; tests/test_qemu.py's bounded-calls test freezes libvirtd the same way); SIGCONT whatever happens,
+    then wait until libvirt answers again."""
+    pid = int(subprocess.run(["pgrep", "-x", daemon], capture_output=True, text=True, check=True).stdout.split()[0])
     os.kill(pid, signal.SIGSTOP)
     try:
         yield
@@ -353,7 +354,7 @@ def test_kill_9_while_the_domain_is_defined(qemu_factory: Any, guest_image: Path
     import_guest(launcher, guest_image)  # ensure_backing_image then finds it at once
     qemu_group = grp.getgrnam("libvirt-qemu").gr_gid
     directory = instance_dir(launcher, uuid)
-    with libvirtd_frozen():
+    with frozen("libvirtd"):
         assert start(client, small_payload(uuid))["state"] == "pending"
         # start_vm hands the instance dir to QEMU's group right before it calls defineXML, which cannot return.
         wait_for("start_vm", lambda: "step seed:" in instance_log(launcher, uuid)
@@ -367,6 +368,38 @@ def test_kill_9_while_the_domain_is_defined(qemu_factory: Any, guest_image: Path
     assert dom is None or not dom.isActive()  # defined or not, never started
 
     client = resumed_to_running(launcher, uuid, seq)
+    assert half_written(launcher.data_dir) == []
+    stop_delete_and_nothing_left(launcher, client, uuid)
+
+
+def test_kill_9_while_the_domain_is_started(qemu_factory: Any, guest_image: Path) -> None:
+    """Killed in start_vm after the domain was defined, while libvirt starts it (held by virtlogd, which must open
+    the domain's logs first, frozen with SIGSTOP): libvirtd finishes that start on its own once virtlogd runs
+    again, so the VM runs while the record still says `created: false` (start_vm never returned). The restarted
+    launcher reconnects to it (`running`, `recovered`: the same QEMU, no second boot) and completes the record;
+    one domain, removed by DELETE."""
+    launcher = qemu_factory()
+    client = launcher.client()
+    uuid = new_uuid()
+    import_guest(launcher, guest_image)
+    with frozen("virtlogd"):
+        assert start(client, small_payload(uuid))["state"] == "pending"
+        wait_for("the domain defined", lambda: "step define:" in instance_log(launcher, uuid), timeout=60)
+        assert state(client, uuid) == "pending" and "step start:" not in instance_log(launcher, uuid)
+        launcher.kill(signal.SIGKILL)
+    seq = journal_seq(launcher.data_dir)
+    assert record_of(launcher, uuid).created is False
+    dom = domain_of(uuid)
+    assert dom is not None
+    wait_for("libvirtd to finish the start", dom.isActive, timeout=60)
+    pid = qemu_pid(uuid)
+
+    client = launcher.start(timeout=60)
+    wait_for("the recovered event", lambda: instance_states(client, uuid, seq))
+    assert instance_states(client, uuid, seq) == [("running", None, True)]
+    assert wait_for("the record completed", lambda: record_of(launcher, uuid).created, timeout=30)
+    assert qemu_pid(uuid) == pid and wait_guest_ready(launcher, uuid)["boots"] == "1"
+    assert len(guest_lines(launcher, uuid)) == 1 and domains_of(launcher.data_dir) == [f"launcher-{uuid}"]
     assert half_written(launcher.data_dir) == []
     stop_delete_and_nothing_left(launcher, client, uuid)
 
