@@ -222,15 +222,28 @@ class QemuTestRoot:
 
 
 @pytest.fixture
-def qemu_factory(guest_image_dir: Path, stale_test_runs_removed: None) -> Iterator[Any]:
+def qemu_test_root(stale_test_runs_removed: None) -> Iterator[QemuTestRoot]:
+    """The test's own `QemuTestRoot` (`qemu_factory` makes its data dirs in it), removed afterwards with every
+    domain and pool left under it. A test that mounts a file system at a data dir before `qemu_factory` makes
+    it asks for this fixture first, so that its unmount runs after the factory's teardown and before this one."""
+    root = QemuTestRoot.create()
+    try:
+        yield root
+    finally:
+        root.remove()
+
+
+@pytest.fixture
+def qemu_factory(guest_image_dir: Path, qemu_test_root: QemuTestRoot) -> Iterator[Any]:
     """make(qemu_settings, **settings) → a started `launcher serve` with the qemu virtualizer.
 
-    Its data dir is under /var/tmp (QEMU, running as libvirt-qemu, cannot enter pytest's 0700 tmp dirs).
-    Afterwards, whatever the test's outcome, each launcher is killed and its VMs destroyed with
+    Its data dir is under /var/tmp (QEMU, running as libvirt-qemu, cannot enter pytest's 0700 tmp dirs), in
+    `qemu_test_root`. Afterwards, whatever the test's outcome, each launcher is killed and its VMs destroyed with
     `launcher hard-reset` (which must succeed, or the teardown fails), and then the test root is removed with
-    every domain still left under it (`QemuTestRoot.remove`), so that no failure leaves a domain defined."""
+    every domain still left under it (`QemuTestRoot.remove`, by `qemu_test_root`), so that no failure leaves a
+    domain defined."""
     made: list[LauncherProcess] = []
-    root = QemuTestRoot.create()
+    root = qemu_test_root
 
     def make(qemu: dict[str, Any] | None = None, name: str = "data", **settings: Any) -> LauncherProcess:
         data_dir = root.path / name
@@ -243,15 +256,12 @@ def qemu_factory(guest_image_dir: Path, stale_test_runs_removed: None) -> Iterat
 
     yield make
     failed_resets = []
-    try:
-        for launcher in made:
-            launcher.kill()
-            reset = subprocess.run(
-                [sys.executable, "-m", "launcher.cli", "hard-reset", "--yes", "--config",
-                 str(launcher.config_path), "--data-dir", str(launcher.data_dir)],
-                capture_output=True, text=True, timeout=120, cwd=ROOT)
-            if reset.returncode != 0:
-                failed_resets.append(f"{launcher.data_dir}: {reset.stderr.strip()}")
-    finally:
-        root.remove()
+    for launcher in made:
+        launcher.kill()
+        reset = subprocess.run(
+            [sys.executable, "-m", "launcher.cli", "hard-reset", "--yes", "--config",
+             str(launcher.config_path), "--data-dir", str(launcher.data_dir)],
+            capture_output=True, text=True, timeout=120, cwd=ROOT)
+        if reset.returncode != 0:
+            failed_resets.append(f"{launcher.data_dir}: {reset.stderr.strip()}")
     assert not failed_resets, f"launcher hard-reset failed: {failed_resets}"

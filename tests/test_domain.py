@@ -587,6 +587,12 @@ def test_hot_plug_xml_is_the_volume_disk_on_the_first_free_target() -> None:
         ET.indent(element)
     assert ET.tostring(plugged) == ET.tostring(defined)  # the same element as at define time, on its new target
     assert domain.find_volume_disk(xml, "0a1b-0009") is None
+    assert domain.volume_disk_alias(xml, "0a1b-0002") is None  # a defined domain's XML: libvirt names devices live
+    live = ET.fromstring(xml)
+    for disk in live.iterfind("devices/disk"):
+        ET.SubElement(disk, "alias", name=f"virtio-disk{disk.findtext('serial') or '0'}")
+    assert domain.volume_disk_alias(ET.tostring(live, encoding="unicode"), "0a1b-0002") == "virtio-disk0a1b-0002"
+    assert domain.volume_disk_alias(ET.tostring(live, encoding="unicode"), "0a1b-0009") is None
     # Once vdb is free again (its volume detached), a hot-plug takes it.
     without_first = domain_xml(attrs.evolve(make_params(), volumes=(second,)))
     assert domain.free_target(without_first) == "vdc"

@@ -159,9 +159,22 @@ def free_target(xml: str) -> str | None:
 
 def find_volume_disk(xml: str, volume_id: str) -> str | None:
     """The `<disk>` element (as XML text) of the domain whose serial is `volume_id`, or None."""
+    disk = _volume_disk_element(xml, volume_id)
+    return None if disk is None else ET.tostring(disk, encoding="unicode")
+
+
+def volume_disk_alias(xml: str, volume_id: str) -> str | None:
+    """The device alias (`<alias name=.../>`, which libvirt gives every device of a running domain) of the disk
+    whose serial is `volume_id` in the domain's live XML; None if there is no such disk, or it has no alias."""
+    disk = _volume_disk_element(xml, volume_id)
+    alias = None if disk is None else disk.find("alias")
+    return None if alias is None else alias.get("name")
+
+
+def _volume_disk_element(xml: str, volume_id: str) -> ET.Element | None:
     for disk in ET.fromstring(xml).iterfind("devices/disk"):
         if disk.findtext("serial") == volume_id:
-            return ET.tostring(disk, encoding="unicode")
+            return disk
     return None
 
 

@@ -102,15 +102,25 @@ def hot_plug(conn: libvirt.virConnect, name: str, disk: domain.VolumeDisk) -> st
 
 
 def request_unplug(conn: libvirt.virConnect, name: str, volume_id: str) -> bool:
-    """Ask the running domain's guest to let go of the volume's disk; False if the domain does not run or has no
-    such disk (then there is nothing to wait for)."""
+    """Ask the running domain's guest to let go of the volume's disk, and return at once: the caller waits for the
+    disk to go (`has_disk`), bounded by its own timeout. False if the domain does not run or has no such disk (then
+    there is nothing to wait for).
+
+    By the disk's alias (`detachDeviceAlias`, asynchronous): `detachDeviceFlags` would first wait up to 5 s of
+    libvirt's own for the guest, so a guest that ignores the request would be given the caller's bound plus
+    those 5 s. (A live disk without an alias, which libvirt does not make, falls back to it.)"""
     dom = conn.lookupByName(name)
     if not dom.isActive():
         return False
-    disk = domain.find_volume_disk(dom.XMLDesc(0), volume_id)
+    xml = dom.XMLDesc(0)
+    disk = domain.find_volume_disk(xml, volume_id)
     if disk is None:
         return False
-    dom.detachDeviceFlags(disk, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+    alias = domain.volume_disk_alias(xml, volume_id)
+    if alias is not None:
+        dom.detachDeviceAlias(alias, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+    else:
+        dom.detachDeviceFlags(disk, libvirt.VIR_DOMAIN_AFFECT_LIVE)
     return True
 
 

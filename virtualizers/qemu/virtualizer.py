@@ -25,9 +25,10 @@ are those of `instance_files`; every libvirt call is a bounded `Hypervisor.call`
     destroys the domain if it still runs and undefines it with its NVRAM (`domain_calls.remove_domain`).
 ``attach_volume`` / ``detach_volume``
     the volume as one more virtio disk (its serial the volume id): ``attachDeviceFlags``, live only (the domain
-    is defined again at every start with the instance's volumes); ``detachDeviceFlags``, then the live XML is
-    read every `UNPLUG_POLL_S` until the disk is gone, bounded by ``qemu.volumes.detach_timeout_s``. On a q35
-    machine each hot-plug takes one of ``qemu.hotplug_slots`` spare PCIe root ports.
+    is defined again at every start with the instance's volumes); ``detachDeviceAlias`` (which only sends the
+    request), then the live XML is read every `UNPLUG_POLL_S` until the disk is gone, bounded by
+    ``qemu.volumes.detach_timeout_s``. On a q35 machine each hot-plug takes one of ``qemu.hotplug_slots`` spare
+    PCIe root ports.
 ``stats``
     PSS of the QEMU process (found through libvirtd's pidfile), CPU time from libvirt over the allotted vCPUs,
     MiB allocated to the overlay (0 for an instance that boots from a volume, as in ciao: the volume's figures
