@@ -427,3 +427,17 @@ def test_an_instance_has_at_most_24_volumes(launcher_factory: Any) -> None:
     assert client.request("DELETE", f"/v1/instances/ab-0801/volumes/{ids[0]}", wait=1)["state"] == "running"
     assert client.request("POST", f"/v1/instances/ab-0801/volumes/{ids[24]}", wait=1)["state"] == "running"
     assert client.request("GET", "/v1/instances/ab-0801")["volumes"] == ids[1:]
+
+
+def test_a_broken_record_is_reported_and_hides_no_other_volume(launcher_factory: Any) -> None:
+    """A record the disk broke (here: cut short) is `volume_failure` naming its file; the list still has the rest."""
+    launcher = launcher_factory()
+    client = launcher.client()
+    create(client, id=VOL, size_mb=64)
+    create(client, id="0a1b-0002", size_mb=32)
+    record = launcher.data_dir / "sim-volumes" / f"{VOL}.json"
+    record.write_bytes(record.read_bytes()[:20])
+    assert [v["id"] for v in client.request("GET", "/v1/volumes")["volumes"]] == ["0a1b-0002"]
+    broken = error_of(lambda: client.request("GET", f"/v1/volumes/{VOL}"))
+    assert (broken.status, broken.code) == (502, "volume_failure") and str(record) in broken.reason
+    assert "is unreadable" in launcher.output()

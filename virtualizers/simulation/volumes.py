@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import builtins
 import json
+import logging
 from pathlib import Path
 
 import attrs
@@ -20,6 +21,8 @@ from launcher.plugin import errors, files
 from launcher.plugin.errors import LauncherError
 from launcher.plugin.locks import KeyedLocks
 from launcher.plugin.protocol import VolumeInfo, is_valid_volume_id
+
+log = logging.getLogger(__name__)
 
 VOLUMES_DIR = "sim-volumes"
 IMAGE_SIZE_MB = 2048
@@ -89,16 +92,29 @@ class SimulatedVolumes:
                 leftover.unlink(missing_ok=True)
 
     def _read(self, volume_id: str) -> VolumeInfo | None:
+        """The volume, None if there is none; LauncherError (volume_failure) if its file cannot be read as one."""
+        path = self._path(volume_id)
         try:
-            return VolumeInfo(**json.loads(self._path(volume_id).read_bytes()))
+            return VolumeInfo(**json.loads(path.read_bytes()))
         except FileNotFoundError:
             return None
+        except (OSError, ValueError, TypeError) as exc:
+            raise LauncherError(errors.VOLUME_FAILURE, f"volume {volume_id}: its record {path} is unreadable "
+                                                       f"({type(exc).__name__}: {exc})") from None
 
     def _read_all(self) -> builtins.list[VolumeInfo]:
         if not self.root.is_dir():
             return []
-        found = (self._read(path.stem) for path in sorted(self.root.glob("*.json")))
-        return [volume for volume in found if volume is not None]
+        found = []
+        for path in sorted(self.root.glob("*.json")):
+            try:
+                volume = self._read(path.stem)
+            except LauncherError as exc:  # one broken record must not hide the others
+                log.error("%s", exc.reason)
+                continue
+            if volume is not None:
+                found.append(volume)
+        return found
 
     def _write(self, volume: VolumeInfo, new: bool) -> None:
         path = self._path(volume.id)
