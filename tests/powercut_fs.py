@@ -85,7 +85,7 @@ def _fuse_errors(handler: Callable[..., Awaitable[T]]) -> Callable[..., Awaitabl
 
     @functools.wraps(handler)
     async def guarded(self: PowerCutFS, *args: Any) -> T:
-        if self.power_off.is_set():
+        if self.power_off:
             raise pyfuse3.FUSEError(errno.EIO)
         try:
             return await handler(self, *args)
@@ -108,7 +108,7 @@ class PowerCutFS(pyfuse3.Operations):  # type: ignore[misc]
         self.listings: dict[int, list[tuple[bytes, int]]] = {}  # fh of an open directory -> its entries
         self.next_fh = 1
         self.cross_renames: list[CrossRename] = []
-        self.power_off = trio.Event()
+        self.power_off = False
 
     # ------------------------------------------------------------------ the tree in DIR, in and out
 
@@ -133,8 +133,7 @@ class PowerCutFS(pyfuse3.Operations):  # type: ignore[misc]
                 os.unlink(entry.path)
             elif stat.S_ISDIR(st.st_mode):
                 child = self._new_node(stat.S_IFDIR)
-                shutil.copystat(entry.path, self._path(child.ino), follow_symlinks=False)
-                os.chmod(self._path(child.ino), stat.S_IMODE(st.st_mode))
+                shutil.copystat(entry.path, self._path(child.ino))  # mode and times
                 os.chown(self._path(child.ino), st.st_uid, st.st_gid)
                 self._import_dir(Path(entry.path), child, seen)
                 os.rmdir(entry.path)
@@ -512,14 +511,14 @@ async def serve(fs: PowerCutFS, mountpoint: Path) -> None:
             print("ready", flush=True)
             with trio.open_signal_receiver(signal.SIGUSR1, signal.SIGTERM, signal.SIGINT) as signals:
                 async for signum in signals:
-                    if signum == signal.SIGUSR1 and not fs.power_off.is_set():
-                        fs.power_off.set()
+                    if signum == signal.SIGUSR1 and not fs.power_off:
+                        fs.power_off = True
                         fs.write_out()
                         print("cut", flush=True)
                     elif signum != signal.SIGUSR1:
                         break
-            if not fs.power_off.is_set():
-                fs.power_off.set()
+            if not fs.power_off:
+                fs.power_off = True
                 fs.make_all_durable()
                 fs.write_out()
             pyfuse3.terminate()

@@ -25,7 +25,7 @@ import random
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -257,6 +257,31 @@ def _call(call: Any) -> Any:
         return _UNANSWERED
 
 
+def storm(client: Client, workers: Sequence[Worker], model: Model, cut: Cut, round_number: int, where: str,
+          launcher: LauncherProcess, cut_power: Callable[[], object], stall_s: float = 120) -> None:
+    """One round: the workers and an event follower run until `cut` is due, then `cut_power()` cuts the power and
+    takes the launcher down (under the cut's lock: no answer counts after it); then the workers are joined, and
+    an error of a worker's own is raised."""
+    for worker in workers:
+        worker.round = round_number
+    threads = [threading.Thread(target=worker.run, args=(client, cut)) for worker in workers]
+    follower = threading.Thread(target=follow_events, args=(client, model.journal_end, cut, model), daemon=True)
+    for thread in [*threads, follower]:
+        thread.start()
+    stalled = not cut.due.wait(timeout=stall_s)
+    output = launcher.output()[-2000:] if stalled else ""
+    with cut.lock:
+        cut.happened = True
+        cut_power()
+    assert not stalled, f"{where}: the storm stalled: {output}"
+    for thread in threads:
+        thread.join(timeout=90)
+        assert not thread.is_alive(), f"{where}: a client is stuck"
+    for worker in workers:
+        if worker.error is not None:
+            raise worker.error
+
+
 def follow_events(client: Client, since: int, cut: Cut, model: Model) -> None:
     """Record each event served before the cut (until the stream breaks)."""
     buffer = b""
@@ -383,26 +408,11 @@ def test_acknowledged_effects_survive_power_cuts(power_cut_dirs: tuple[Path, Pat
             client = launcher.start(timeout=60)
             check(client, mountpoint, model, where)
             cut = Cut(after_acks=rng.randrange(1, 30))
-            for worker in workers:
-                worker.round = round_number
-            threads = [threading.Thread(target=worker.run, args=(client, cut)) for worker in workers]
-            follower = threading.Thread(target=follow_events, args=(client, model.journal_end, cut, model), daemon=True)
-            threads.append(follower)
-            for thread in threads:
-                thread.start()
-            assert cut.due.wait(timeout=120), f"{where}: the storm stalled: {launcher.output()[-2000:]}"
-            with cut.lock:
-                cut.happened = True
-                fs.cut()
+            storm(client, workers, model, cut, round_number, where, launcher,
+                  cut_power=lambda: (fs.cut(), launcher.kill(), fs.stop()))
         finally:
             launcher.kill()
             fs.stop()
-        for thread in threads[:-1]:
-            thread.join(timeout=60)
-            assert not thread.is_alive(), f"{where}: a client is stuck"
-        for worker in workers:
-            if worker.error is not None:
-                raise worker.error
         (disk / BOOT_ID_FILE).write_text(OTHER_BOOT + "\n")  # the power cut was a host reboot
     fs = PowerCutMount(disk, mountpoint)
     fs.start()

@@ -37,7 +37,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import uuid as uuid_module
 from collections.abc import Iterator
 from pathlib import Path
@@ -49,7 +48,7 @@ import pytest
 from conftest import EXAMPLE_IMAGE_IDS, ROOT, LauncherProcess, QemuTestRoot
 from powercut import PowerCutMount, launcher_env, unmount_stale
 from test_host_reboot import OTHER_BOOT
-from test_powercut import JSON, YAML, Cut, Instance, Model, Volume, Worker, _Unanswered, check, follow_events
+from test_powercut import JSON, YAML, Cut, Instance, Model, Volume, Worker, _Unanswered, check, storm
 
 from launcher.cli.client import Client, ClientError
 from launcher.core.bootid import BOOT_ID_FILE
@@ -407,25 +406,9 @@ def test_acknowledged_effects_survive_power_cuts_with_qemu(node: Node) -> None:
         check(client, node.mountpoint, model, where)
         check_qemu(client, node.mountpoint, model, where)
         print(f"{where}: {summary(model)}")
-        cut = Cut(after_acks=rng.randrange(1, 12))
-        for worker in workers:
-            worker.round = round_number
-        since = max(model.events, default=0)
-        threads = [threading.Thread(target=worker.run, args=(client, cut)) for worker in workers]
-        threads.append(threading.Thread(target=follow_events, args=(client, since, cut, model), daemon=True))
-        for thread in threads:
-            thread.start()
-        assert cut.due.wait(timeout=180), f"{where}: the storm stalled: {node.launcher.output()[-2000:]}"
-        with cut.lock:
-            cut.happened = True
-            node.fs.cut()
-        node.power_cut()
-        for thread in threads[:-1]:
-            thread.join(timeout=90)
-            assert not thread.is_alive(), f"{where}: a client is stuck"
-        for worker in workers:
-            if worker.error is not None:
-                raise worker.error
+        fs, launcher = node.fs, node.launcher
+        storm(client, workers, model, Cut(after_acks=rng.randrange(1, 12)), round_number, where, launcher,
+              cut_power=lambda: (fs.cut(), node.power_cut()), stall_s=180)
         check_overlays(node.disk, where)
     where = f"seed {SEED_NUMBER}, after the last round"
     client = node.up()
