@@ -28,8 +28,27 @@ def write_all(fd: int, data: bytes) -> None:
 def fsync_dir(path: Path) -> None:
     """fsync the directory `path`, so that the names created, renamed or removed in it are durable. Blocks;
     OSError if it fails."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    _fsync(path, os.O_DIRECTORY)
+
+
+def fsync_file(path: Path) -> None:
+    """fsync the file `path` (one that another program wrote, e.g. libvirt or qemu-img). Blocks; OSError."""
+    _fsync(path, 0)
+
+
+def _fsync(path: Path, flags: int) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | flags)
     try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_synced(path: Path, data: bytes, mode: int, flags: int) -> None:
+    """Write `data` to `path`, opened with `flags` besides O_WRONLY | O_CREAT, and fsync it."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | flags, mode)
+    try:
+        write_all(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -41,13 +60,8 @@ def create_new(path: Path, data: bytes, mode: int = 0o600) -> None:
     fsync'd. Unlike creating the file empty and then writing it, no crash ever leaves `path` empty or torn. A crash
     can leave the temp file, ``.<name>.<8 hex digits>.tmp``, which its store removes."""
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    _write_synced(tmp, data, mode, os.O_EXCL)
     try:
-        try:
-            write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
         os.link(tmp, path)
     finally:
         tmp.unlink()
@@ -80,12 +94,7 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
     If writing fails, the temp file is removed and `path` is left as it was."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
-        try:
-            write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _write_synced(tmp, data, mode, os.O_TRUNC)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -50,7 +50,7 @@ import trio
 
 from launcher.plugin import errors
 from launcher.plugin.errors import LauncherError, SetupError
-from launcher.plugin.files import fsync_dir
+from launcher.plugin.files import fsync_dir, fsync_file
 from launcher.plugin.locks import KeyedLocks
 from launcher.plugin.protocol import MAX_VOLUME_MB, VOLUME_FORMATS, VolumeCatalog, VolumeInfo, is_valid_volume_id
 from launcher.plugin.tools import ToolError
@@ -378,7 +378,7 @@ class VolumeStore:
         if not self.own_pool or not preflight.is_local(self._hypervisor.uri):
             return
         try:
-            await self._run(_fsync_file, self.pool_path / record.name)
+            await self._run(fsync_file, self.pool_path / record.name)
             if new:
                 await self._run(fsync_dir, self.pool_path)
         except OSError as exc:
@@ -411,14 +411,6 @@ class VolumeStore:
 if TYPE_CHECKING:
     def _is_a_volume_catalog(store: VolumeStore) -> VolumeCatalog:
         return store  # mypy checks that VolumeStore has the protocol's methods and signatures
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # -- checks ----------------------------------------------------------------------------------------------
