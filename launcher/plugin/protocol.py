@@ -91,6 +91,9 @@ class Virtualizer(Protocol):
         May be called again after a partial earlier attempt (launcher killed mid-START): it must overwrite. The
         actor passes ``network_config=None``: the virtualizer derives the guest's network from
         ``spec.networking`` (a value would replace the derived network-config of a NoCloud seed).
+        The instance dir exists, but its name is not yet durable (the instance log would make it again, holding
+        instance.json alone): files written into it that must survive a power loss need an fsync of its parent
+        first (``files.fsync_dir(instance_dir.parent)``, as qemu's does).
         Bounded by ``timeouts.create_image_s``. Fails with image_failure."""
 
     async def delete_image(self) -> None:

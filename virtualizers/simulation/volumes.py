@@ -37,8 +37,8 @@ class SimulatedVolumes:
         self._locks = KeyedLocks()  # one operation per id at a time: a resize never rewrites a deleted volume
 
     async def open(self) -> None:
-        """Remove the temp files of writes a crash interrupted (names starting with a dot)."""
-        await trio.to_thread.run_sync(self._remove_leftovers, limiter=self.limiter)
+        """Make the store's dir (durably), and remove the temp files of writes a crash interrupted."""
+        await trio.to_thread.run_sync(self._prepare, limiter=self.limiter)
 
     async def list(self) -> builtins.list[VolumeInfo]:
         return await trio.to_thread.run_sync(self._read_all, limiter=self.limiter)
@@ -86,10 +86,10 @@ class SimulatedVolumes:
             raise LauncherError(errors.INVALID_DATA, f"{volume_id[:70]!r} is not a volume id")
         return self.root / f"{volume_id}.json"
 
-    def _remove_leftovers(self) -> None:
-        if self.root.is_dir():
-            for leftover in self.root.glob(".*.tmp"):
-                leftover.unlink(missing_ok=True)
+    def _prepare(self) -> None:
+        files.make_dirs(self.root, mode=0o700)
+        for leftover in self.root.glob(".*.tmp"):
+            leftover.unlink(missing_ok=True)
 
     def _read(self, volume_id: str) -> VolumeInfo | None:
         """The volume, None if there is none; LauncherError (volume_failure) if its file cannot be read as one."""
@@ -103,8 +103,6 @@ class SimulatedVolumes:
                                                        f"({type(exc).__name__}: {exc})") from None
 
     def _read_all(self) -> builtins.list[VolumeInfo]:
-        if not self.root.is_dir():
-            return []
         found = []
         for path in sorted(self.root.glob("*.json")):
             try:
@@ -118,7 +116,6 @@ class SimulatedVolumes:
 
     def _write(self, volume: VolumeInfo, new: bool) -> None:
         path = self._path(volume.id)
-        files.make_dirs(self.root, mode=0o700)
         data = json.dumps(attrs.asdict(volume)).encode()
         try:
             if new:  # claims the id atomically: two creates of one id never both succeed
