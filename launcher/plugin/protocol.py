@@ -169,12 +169,23 @@ class Backend(Protocol):
       its VMs as configured; `launcher serve` awaits it before it serves (`launcher hard-reset` does not).
     - ``async destroy_all() -> list[str]``: `launcher hard-reset` calls it to destroy the VMs of this data dir
       that outlive the launcher process; their names.
+    - ``check_start(spec: InstanceSpec) -> str | None``: why this virtualizer cannot run `spec` as given, as
+      "start.<field>: <reason>" (which image field it needs, what it does not support), or None. No I/O: the
+      supervisor calls it at dispatch, before admission, and refuses the START with invalid_data.
+
+    `name` is the virtualizer's entry-point name, and the ``vm_type`` of the STARTs it runs.
     """
 
     name: str
 
     def new_virtualizer(self) -> Virtualizer:
         """A fresh, uninitialised Virtualizer for one instance (its actor calls `init` first)."""
+
+
+def start_problem(backend: Backend, spec: InstanceSpec) -> str | None:
+    """The backend's `check_start` verdict on `spec`, or None if it has no such check."""
+    check: Callable[[InstanceSpec], str | None] | None = getattr(backend, "check_start", None)
+    return None if check is None else check(spec)
 
 
 def image_catalog(backend: Backend) -> ImageCatalog | None:

@@ -22,6 +22,17 @@ def is_valid_image_id(image: str) -> bool:
     return len(image) <= MAX_IMAGE_LEN and IMAGE_RE.fullmatch(image) is not None and image not in (".", "..")
 
 
+def vm_image_problem(spec: InstanceSpec) -> str | None:
+    """Why a VM virtualizer cannot boot `spec` for want of an image, as "start.<field>: <reason>", or None. A VM
+    boots from ``image_uuid`` or, without one, from a ``boot: true`` storage entry; ``docker_image`` is a
+    container's field and makes no sense for a VM. A VM backend's ``check_start`` returns it."""
+    if spec.docker_image:
+        return "start.docker_image: must be empty for a VM (it names a container's image)"
+    if not spec.image_uuid and not any(entry.boot for entry in spec.storage):
+        return "start.image_uuid: required unless a storage entry has boot: true"
+    return None
+
+
 @attrs.frozen
 class Networking:
     """The START's ``networking`` section, in ciao's names: the VM's NIC (`vnic_mac`, which the virtualizer gives
@@ -60,9 +71,13 @@ class InstanceSpec:
 
     instance_uuid: str
     tenant_uuid: str = ""
-    image_uuid: str = ""
+    image_uuid: str = ""  # the backing image of a VM
+    docker_image: str = ""  # the image of a container (ciao's field): a Docker reference such as busybox:latest
     fw_type: str = ""  # "legacy", "efi" or "" (which means EFI, as in ciao)
-    vm_type: str = ""  # "qemu" or "" (qemu)
+    # The virtualizer that runs the instance, by name ("qemu", "docker", ...): "" in a START means the node's
+    # first enabled one, and the supervisor writes that name here before the instance is admitted, so that an
+    # instance keeps its virtualizer for life (records of older launchers may still hold "").
+    vm_type: str = ""
     persistence: str = ""
     # What the instance is given, once the node's defaults (config `defaults:`) filled what the START did not
     # name; the class defaults here are the launcher's shipped defaults, for specs built in code.

@@ -28,7 +28,7 @@ from launcher.plugin import files
 from launcher.plugin.errors import SetupError
 from launcher.plugin.host import BackendHost
 from launcher.plugin.settings import parse_section
-from launcher.plugin.spec import InstanceSpec
+from launcher.plugin.spec import InstanceSpec, vm_image_problem
 from virtualizers.qemu import domain, domain_calls, preflight
 from virtualizers.qemu.hypervisor import Hypervisor, open_hypervisor
 from virtualizers.qemu.image_errors import ImageError
@@ -65,6 +65,10 @@ class QemuBackend:
     def new_virtualizer(self) -> QemuVirtualizer:
         """A fresh QemuVirtualizer for one instance (`Backend.new_virtualizer`)."""
         return QemuVirtualizer(self)
+
+    def check_start(self, spec: InstanceSpec) -> str | None:
+        """A VM needs an image or a boot volume, and no container image (`Backend.check_start`)."""
+        return vm_image_problem(spec)
 
     def domain_params(self, spec: InstanceSpec, instance_dir: Path) -> domain.DomainParams:
         """What the domain XML of the instance `spec` in `instance_dir` is made from: the spec, the settings and

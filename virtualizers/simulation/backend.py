@@ -19,6 +19,7 @@ import trio
 
 from launcher.plugin.host import BackendHost
 from launcher.plugin.settings import parse_section
+from launcher.plugin.spec import InstanceSpec, vm_image_problem
 from virtualizers.simulation.memory_vm import MemoryVirtualizer
 from virtualizers.simulation.process_vm import ProcessVirtualizer
 from virtualizers.simulation.settings import SECTION, SimulationSettings
@@ -44,6 +45,10 @@ class SimulationBackend:
         if self.settings.mode == "process":
             return ProcessVirtualizer(self)
         return MemoryVirtualizer(self)
+
+    def check_start(self, spec: InstanceSpec) -> str | None:
+        """The simulated VMs follow the VMs' image rule (`Backend.check_start`)."""
+        return vm_image_problem(spec)
 
 
 @asynccontextmanager

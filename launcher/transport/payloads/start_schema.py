@@ -44,7 +44,12 @@ from launcher.transport.payloads.loader import data_error, json_loads, show
 MAC_RE = re.compile(r"[0-9a-fA-F]{2}(?::[0-9a-fA-F]{2}){5}")
 
 FW_TYPES = ("legacy", "efi", "")
-VM_TYPES = ("qemu", "")
+# A virtualizer's name: ciao's `qemu` and `docker`, or another installed one. Whether it is enabled on this node is
+# the supervisor's check (`invalid_data` naming the enabled ones), as is which image field it needs.
+VM_TYPE_RE = re.compile(r"[a-z][a-z0-9_-]{0,31}")
+# A Docker image reference: [registry[:port]/]path[:tag][@digest], as Docker's reference grammar allows.
+DOCKER_IMAGE_RE = re.compile(r"[a-z0-9][a-z0-9._:/@-]*(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?")
+MAX_DOCKER_IMAGE_LEN = 255
 PERSISTENCE_TYPES = ("all", "vm", "host", "")
 
 # Resource names ciao payloads know (§3.1, plus INIT's disk_mb). Only READ_RESOURCES are used.
@@ -82,11 +87,11 @@ def start_command(body: dict[Any, Any], uuid: str, user_data: Any, meta_data: An
     tenant = get_str(body, "tenant_uuid", path)
     if tenant:
         check_uuid(tenant, "start.tenant_uuid")
-    if get_str(body, "docker_image", path):
-        raise data_error("start.docker_image", "must be empty: docker instances are not supported")
     fw_type = get_choice(body, "fw_type", path, FW_TYPES)
     persistence = get_choice(body, "persistence", path, PERSISTENCE_TYPES)
-    vm_type = get_choice(body, "vm_type", path, VM_TYPES)
+    vm_type = get_str(body, "vm_type", path)
+    if vm_type and VM_TYPE_RE.fullmatch(vm_type) is None:
+        raise data_error("start.vm_type", f"invalid virtualizer name {show(vm_type)} (e.g. qemu or docker)")
     get_str(body, "workload_agent_uuid", path)
     requested = _resource_list(body.get("requested_resources"), "start.requested_resources", read=True)
     _resource_list(body.get("estimated_resources"), "start.estimated_resources", read=False)
@@ -96,7 +101,8 @@ def start_command(body: dict[Any, Any], uuid: str, user_data: Any, meta_data: An
     spec = InstanceSpec(
         instance_uuid=uuid,
         tenant_uuid=tenant,
-        image_uuid=_image_uuid(get_str(body, "image_uuid", path), storage, "start.image_uuid"),
+        image_uuid=_image_uuid(get_str(body, "image_uuid", path), "start.image_uuid"),
+        docker_image=_docker_image(get_str(body, "docker_image", path), "start.docker_image"),
         fw_type=fw_type,
         vm_type=vm_type,
         persistence=persistence,
@@ -117,17 +123,27 @@ def start_command(body: dict[Any, Any], uuid: str, user_data: Any, meta_data: An
     return StartCommand(spec, frozenset(name for name in RESOURCE_FIELDS if name not in resources))
 
 
-def _image_uuid(image: str, storage: tuple[StorageEntry, ...], path: str) -> str:
-    """The backing image's name: a plain file name, never a path. Optional only with a bootable volume."""
+def _image_uuid(image: str, path: str) -> str:
+    """The backing image's name, if given: a plain file name, never a path. (Whether the instance needs one is
+    its virtualizer's rule, checked at dispatch: `launcher.plugin.spec.vm_image_problem` for VMs.)"""
     if not image:
-        if any(entry.boot for entry in storage):
-            return ""
-        raise data_error(path, "required unless a storage entry has boot: true")
+        return ""
     if len(image) > MAX_IMAGE_LEN:
         raise data_error(path, f"longer than {MAX_IMAGE_LEN} characters")
     if IMAGE_RE.fullmatch(image) is None or image in (".", ".."):
         raise data_error(path, f"invalid image name {show(image)} (letters, digits, '.', '_' and '-' only, "
                                 "not '.' or '..')")
+    return image
+
+
+def _docker_image(image: str, path: str) -> str:
+    """A container's image, if given: a Docker reference such as ``busybox:latest`` or ``registry:5000/a/b:1``."""
+    if not image:
+        return ""
+    if len(image) > MAX_DOCKER_IMAGE_LEN:
+        raise data_error(path, f"longer than {MAX_DOCKER_IMAGE_LEN} characters")
+    if DOCKER_IMAGE_RE.fullmatch(image) is None or "//" in image or image.endswith(("/", ":", "@")):
+        raise data_error(path, f"invalid image reference {show(image)} (e.g. busybox:latest)")
     return image
 
 
