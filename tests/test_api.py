@@ -106,6 +106,18 @@ def test_bad_input_gets_a_code_and_the_launcher_keeps_serving(launcher: Launcher
         exc = error_of(lambda: client.request("POST", "/v1/instances", body, content_type))
         assert (exc.status, exc.code) == (status, code), (body[:60], exc.reason)
         assert exc.reason
+    # Refused at dispatch, by the virtualizer's rules: each names its field and the launcher keeps serving.
+    for body, reason in [
+        (start_yaml("aa-02").replace(b"  image_uuid: test-image\n", b""),
+         "start.image_uuid: required unless a storage entry has boot: true"),
+        (start_yaml("aa-03") + b"  docker_image: busybox:latest\n",
+         "start.docker_image: must be empty for a VM (it names a container's image)"),
+        (start_yaml("aa-04") + b"  vm_type: docker\n",
+         "start.vm_type: 'docker' is not enabled on this node (enabled: simulation)"),
+    ]:
+        exc = error_of(lambda: client.request("POST", "/v1/instances", body, YAML))
+        assert (exc.status, exc.code, exc.reason) == (400, "invalid_data", reason)
+    assert [i["instance_uuid"] for i in client.request("GET", "/v1/instances")["instances"]] == []
     fw = error_of(lambda: client.request("POST", "/v1/instances",
                                          start_yaml("aa-01").replace(b"legacy", b"bios"), YAML))
     assert "fw_type" in fw.reason

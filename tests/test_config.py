@@ -24,7 +24,7 @@ SHIPPED = ROOT / "configs" / "launcher.yaml"
 # The documented defaults (configs/launcher.yaml, docs/configuration.md), written out: a default that changes
 # fails here, whether or not the shipped file changed with it.
 DEFAULTS: dict[str, Any] = {
-    "data_dir": Path("/var/lib/launcher"), "listen": "127.0.0.1:7361", "listen_unix": "", "virtualizer": "qemu",
+    "data_dir": Path("/var/lib/launcher"), "listen": "127.0.0.1:7361", "listen_unix": "", "virtualizers": ("qemu",),
     "max_payload_bytes": 1048576, "inbox_size": 16, "log_max_bytes": 1048576, "worker_threads": 8,
     "admission": {"max_instances": 4096, "keep_free_memory_mb": 1024, "keep_free_disk_mb": 4096,
                   "vcpu_overcommit": 4.0, "memory_overcommit": 1.0, "disk_overcommit": 1.0},
@@ -56,8 +56,8 @@ def settings_of(loaded: Config) -> tuple[dict[str, Any], dict[str, Any], dict[st
     def plain(settings: attrs.AttrsInstance) -> dict[str, Any]:
         return attrs.asdict(settings)
 
-    sections = loaded.virtualizers
-    return ({key: value for key, value in plain(loaded).items() if key != "virtualizers"},
+    sections = loaded.sections
+    return ({key: value for key, value in plain(loaded).items() if key != "sections"},
             plain(parse_section(QemuSettings, sections.get("qemu", {}), "qemu.")),
             plain(parse_section(SimulationSettings, sections.get("simulation", {}), "simulation.")))
 
@@ -68,7 +68,7 @@ def test_the_defaults_are_the_documented_ones() -> None:
 
 def test_shipped_file_states_the_defaults() -> None:
     shipped = config.load(SHIPPED)
-    assert sorted(shipped.virtualizers) == ["qemu", "simulation"]  # each virtualizer's section is there
+    assert sorted(shipped.sections) == ["qemu", "simulation"]  # each virtualizer's section is there
     assert settings_of(shipped) == (DEFAULTS, QEMU_DEFAULTS, SIMULATION_DEFAULTS)
 
 
@@ -85,7 +85,7 @@ def test_the_shipped_file_names_every_setting_and_what_it_does() -> None:
     paths = (_setting_paths(config.Config, "") + _setting_paths(QemuSettings, "qemu.")
              + _setting_paths(SimulationSettings, "simulation."))
     assert "qemu.volumes.detach_timeout_s" in paths and "timeouts.volume_s" in paths  # the walk reaches leaves
-    assert sorted(path for path, _ in settings) == sorted(p for p in paths if p != "virtualizers")
+    assert sorted(path for path, _ in settings) == sorted(p for p in paths if p != "sections")
     assert [path for path, comment in settings if not comment] == []
 
 
@@ -109,7 +109,20 @@ def _setting_paths(cls: type, prefix: str) -> list[str]:
 
 def test_overrides_win() -> None:
     cfg = config.load(SHIPPED, data_dir=Path("/tmp/x"), listen="0.0.0.0:1", virtualizer="simulation")
-    assert (cfg.data_dir, cfg.listen, cfg.virtualizer) == (Path("/tmp/x"), "0.0.0.0:1", "simulation")
+    assert (cfg.data_dir, cfg.listen, cfg.virtualizers) == (Path("/tmp/x"), "0.0.0.0:1", ("simulation",))
+
+
+def test_virtualizers_list_and_the_single_key(tmp_path: Path) -> None:
+    """`virtualizers:` lists the node's virtualizers, the first being the default; the older single key and
+    --virtualizer are a list of one (the option replaces the file's list)."""
+    path = tmp_path / "c.yaml"
+    path.write_text("virtualizers: [simulation, qemu]\n")
+    cfg = config.load(path)
+    assert (cfg.virtualizers, cfg.virtualizer) == (("simulation", "qemu"), "simulation")
+    path.write_text("virtualizer: simulation\n")
+    assert config.load(path).virtualizers == ("simulation",)
+    path.write_text("virtualizers: [qemu, simulation]\n")
+    assert config.load(path, virtualizer="simulation").virtualizers == ("simulation",)
 
 
 @pytest.mark.parametrize("raw, message", [
@@ -119,6 +132,12 @@ def test_overrides_win() -> None:
     ({"inbox_size": -1}, "inbox_size: expected a non-negative integer"),
     ({"listen": "7361"}, "listen: expected HOST:PORT"),
     ({"simulation": [1]}, "simulation: must be a mapping"),
+    ({"virtualizers": []}, "virtualizers: name at least one"),
+    ({"virtualizers": "qemu"}, "virtualizers: expected a list"),
+    ({"virtualizers": ["qemu", "qemu"]}, "virtualizers: qemu named twice"),
+    ({"virtualizers": ["qemu", "vmware"]}, "virtualizers: unknown virtualizer 'vmware'; available: "),
+    ({"virtualizer": "qemu", "virtualizers": ["qemu"]}, "give either virtualizer or virtualizers, not both"),
+    ({"sections": {}}, "sections: unknown setting"),
     ({"recovery": {"restart_running": "sometimes"}}, "recovery.restart_running: must be one of never, requested"),
     ({"recovery": {"max_parallel": 0}}, "recovery.max_parallel: must be at least 1"),
 ])

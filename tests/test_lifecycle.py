@@ -53,7 +53,7 @@ async def into(node: Node, status: Status, verb: Verb) -> None:
     """Bring instance U into `status` (GONE: there is none), with volume V made for ATTACH and DETACH, and
     attached to U (by its START) for DETACH."""
     if verb in (Verb.ATTACH, Verb.DETACH):
-        volumes = node.supervisor.backend.volumes  # type: ignore[attr-defined]
+        volumes = node.supervisor.backends["simulation"].volumes  # type: ignore[attr-defined]
         await volumes.create(V, 64, "qcow2")
     if status is Status.GONE:
         return

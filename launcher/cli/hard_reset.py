@@ -1,9 +1,9 @@
 """`launcher hard-reset`: forget every instance of a data dir, and destroy their VMs.
 
 For when the node must start from a clean slate (ciao-launcher had the same command). With the launcher
-stopped (the data dir's lock proves it), it opens the configured virtualizer's backend, lets it destroy and
-undefine every VM it made for this data dir (`Backend.destroy_all`, if the backend has VMs outside the
-launcher process), then removes every instance directory and the instance write-ahead log. Backing images,
+stopped (the data dir's lock proves it), it opens each enabled virtualizer's backend in turn, lets it destroy
+and undefine every VM (or container) it made for this data dir (`Backend.destroy_all`, if the backend has VMs
+outside the launcher process), then removes every instance directory and the instance write-ahead log. Backing images,
 the event journal (which records a `hard_reset` event), the API token and the node id stay.
 """
 
@@ -29,7 +29,7 @@ async def hard_reset(config: Config) -> tuple[list[str], list[str]]:
     """Destroy our VMs and remove every instance; (names of the destroyed VMs, uuids of removed instances).
 
     SetupError (DataDirBusy) if a launcher is running on this data dir, or if the virtualizer cannot be opened."""
-    opener = load_backend(config.virtualizer)
+    openers = {name: load_backend(name) for name in config.virtualizers}
     config.data_dir.mkdir(parents=True, exist_ok=True)
     lock = datadir.lock_data_dir(config.data_dir)
     try:
@@ -38,9 +38,11 @@ async def hard_reset(config: Config) -> tuple[list[str], list[str]]:
         async with trio.open_nursery() as nursery:
             await nursery.start(journal.run)
             host = BackendHost(config.data_dir, limiter, journal.emit, log=lambda instance_dir, message: None)
-            async with opener(config.virtualizer_settings(), host) as backend:
-                destroy_all: Callable[[], Awaitable[list[str]]] | None = getattr(backend, "destroy_all", None)
-                destroyed = [] if destroy_all is None else await destroy_all()
+            destroyed: list[str] = []
+            for name, opener in openers.items():  # each enabled virtualizer destroys its own, in turn
+                async with opener(config.section(name), host) as backend:
+                    destroy_all: Callable[[], Awaitable[list[str]]] | None = getattr(backend, "destroy_all", None)
+                    destroyed += [] if destroy_all is None else await destroy_all()
             removed = await trio.to_thread.run_sync(_remove_instances, config.data_dir, limiter=limiter)
             journal.emit("hard_reset", destroyed_vms=len(destroyed), removed_instances=len(removed))
             await journal.wait_durable(journal.last_seq)

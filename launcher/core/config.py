@@ -95,6 +95,18 @@ class Recovery:
     max_parallel: int = attrs.field(default=4, validator=at_least(1))  # VMs booted by recovery at once
 
 
+def _virtualizer_list(instance: Any, attribute: attrs.Attribute[Any], value: tuple[str, ...]) -> None:
+    if not value:
+        raise ValueError("virtualizers: name at least one")
+    doubled = sorted({name for name in value if value.count(name) > 1})
+    if doubled:
+        raise ValueError(f"virtualizers: {', '.join(doubled)} named twice")
+    unknown = [name for name in value if name not in available_backends()]
+    if unknown:
+        raise ValueError(f"virtualizers: unknown virtualizer {unknown[0]!r}; available: "
+                         f"{', '.join(available_backends()) or 'none'}")
+
+
 @attrs.frozen
 class Config:
     """The launcher's configuration: one YAML file (`load`), every key optional (`configs/launcher.yaml` lists
@@ -103,7 +115,9 @@ class Config:
     data_dir: Path = Path("/var/lib/launcher")
     listen: str = "127.0.0.1:7361"  # HOST:PORT; port 0 picks a free port (written to <data_dir>/api-url)
     listen_unix: str = ""  # a unix socket path (mode 0600) served beside `listen`; "" for none
-    virtualizer: str = "qemu"
+    # The virtualizers this node runs, by entry-point name; the first one serves a START with an empty vm_type.
+    # (The single `virtualizer: NAME` key, and --virtualizer, mean `virtualizers: [NAME]`.)
+    virtualizers: tuple[str, ...] = attrs.field(default=("qemu",), validator=_virtualizer_list)
     max_payload_bytes: int = 1 << 20
     inbox_size: int = 16  # commands queued per instance before `instance_busy`
     log_max_bytes: int = 1 << 20  # per-instance launcher.log, one rotated copy kept
@@ -116,11 +130,16 @@ class Config:
     recovery: Recovery = Recovery()
     http: HttpLimits = HttpLimits()
     # Each virtualizer's own section, checked by that virtualizer: `simulation: {mode: memory, ...}`.
-    virtualizers: dict[str, dict[str, Any]] = attrs.field(factory=dict)
+    sections: dict[str, dict[str, Any]] = attrs.field(factory=dict)
 
-    def virtualizer_settings(self) -> dict[str, Any]:
-        """The configured virtualizer's own section, raw (its backend checks it with `parse_section`)."""
-        return self.virtualizers.get(self.virtualizer, {})
+    @property
+    def virtualizer(self) -> str:
+        """The default virtualizer: the first of `virtualizers`, which runs STARTs with an empty vm_type."""
+        return self.virtualizers[0]
+
+    def section(self, virtualizer: str) -> dict[str, Any]:
+        """The virtualizer's own section, raw (its backend checks it with `parse_section`); {} if absent."""
+        return self.sections.get(virtualizer, {})
 
     @property
     def instances_dir(self) -> Path:
@@ -139,6 +158,13 @@ def load(path: Path | None = None, **overrides: Any) -> Config:
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the configuration must be a mapping")
         raw = dict(loaded or {})
+    if "virtualizer" in raw:  # the single-virtualizer key of older files: a list of one
+        if "virtualizers" in raw:
+            raise ConfigError("virtualizer: give either virtualizer or virtualizers, not both")
+        raw["virtualizers"] = [raw.pop("virtualizer")]
+    if overrides.get("virtualizer") is not None:  # --virtualizer NAME replaces the file's list
+        raw["virtualizers"] = [overrides.pop("virtualizer")]
+    overrides.pop("virtualizer", None)
     raw.update({k: v for k, v in overrides.items() if v is not None})
     # A top-level key naming a registered virtualizer is that virtualizer's own section.
     registered = set(available_backends())
@@ -146,7 +172,9 @@ def load(path: Path | None = None, **overrides: Any) -> Config:
     for name, section in sections.items():
         if section is not None and not isinstance(section, dict):
             raise ConfigError(f"{name}: must be a mapping")
-    raw["virtualizers"] = {k: v or {} for k, v in sections.items()}
+    if "sections" in raw:
+        raise ConfigError("sections: unknown setting")
+    raw["sections"] = {k: v or {} for k, v in sections.items()}
     config: Config = parse_section(Config, raw, "")
     # Paths handed to libvirt, QEMU and virtlogd (other processes, other working dirs) must be absolute.
     config = attrs.evolve(config, data_dir=config.data_dir.absolute())

@@ -1,7 +1,8 @@
 """The running core, without its transports: the data dir's lock, then the event journal, the per-instance
-logs and the instance-file persister (so that everything after them can report), the virtualizer backend and its
-preflight, then the supervisor, which recovers the instances on disk. `launcher serve` runs the transports over
-it (`launcher.cli.serve`); in-process tests run it alone. Leaving it stops everything in the reverse order; VMs
+logs and the instance-file persister (so that everything after them can report), the enabled virtualizers'
+backends (config `virtualizers:`, in that order) and their preflights, then the supervisor, which recovers the
+instances on disk. `launcher serve` runs the transports over it (`launcher.cli.serve`); in-process tests run it
+alone. Leaving it stops everything in the reverse order; VMs
 keep running.
 """
 
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from functools import partial
 
 import attrs
@@ -25,7 +26,7 @@ from launcher.durable.logs import InstanceLogs
 from launcher.durable.persist import Persister
 from launcher.plugin import files
 from launcher.plugin.host import BackendHost
-from launcher.plugin.protocol import OpenBackend
+from launcher.plugin.protocol import Backend, OpenBackend
 
 
 def journal_for(config: Config, limiter: trio.CapacityLimiter) -> EventJournal:
@@ -48,20 +49,20 @@ class Core:
 
 @asynccontextmanager
 async def running_core(config: Config) -> AsyncIterator[Core]:
-    """Journal, logs and persister, then the virtualizer backend and its preflight, then the supervisor (which
-    recovers the instances on disk). Leaving the block stops them in the reverse order; VMs keep running."""
-    opener = load_backend(config.virtualizer)
+    """Journal, logs and persister, then the virtualizers' backends and their preflights, then the supervisor
+    (which recovers the instances on disk). Leaving the block stops them in the reverse order; VMs keep running."""
+    openers = {name: load_backend(name) for name in config.virtualizers}
     files.make_dirs(config.data_dir)
     lock = datadir.lock_data_dir(config.data_dir)
     try:
-        async with _core_under_lock(config, opener) as core:
+        async with _core_under_lock(config, openers) as core:
             yield core
     finally:
         os.close(lock)
 
 
 @asynccontextmanager
-async def _core_under_lock(config: Config, opener: OpenBackend) -> AsyncIterator[Core]:
+async def _core_under_lock(config: Config, openers: dict[str, OpenBackend]) -> AsyncIterator[Core]:
     files.make_dirs(config.instances_dir)
     limiter = trio.CapacityLimiter(config.worker_threads)
     journal = journal_for(config, limiter)
@@ -73,14 +74,18 @@ async def _core_under_lock(config: Config, opener: OpenBackend) -> AsyncIterator
         await infrastructure.start(logs.run)
         await infrastructure.start(persister.run)
         metrics = Metrics()
-        host = BackendHost(config.data_dir, limiter, journal.emit, logs.write,
-                           observe_step=partial(metrics.virtualizer_step, config.virtualizer))
-        async with opener(config.virtualizer_settings(), host) as backend:
-            preflight: Callable[[], Awaitable[None]] | None = getattr(backend, "preflight", None)
-            if preflight is not None:
-                await preflight()  # SetupError: `launcher serve` prints it and exits 2
+        async with AsyncExitStack() as opened:
+            backends: dict[str, Backend] = {}
+            for name, opener in openers.items():
+                host = BackendHost(config.data_dir, limiter, journal.emit, logs.write,
+                                   observe_step=partial(metrics.virtualizer_step, name))
+                backends[name] = await opened.enter_async_context(opener(config.section(name), host))
+            for backend in backends.values():
+                preflight: Callable[[], Awaitable[None]] | None = getattr(backend, "preflight", None)
+                if preflight is not None:
+                    await preflight()  # SetupError: `launcher serve` prints it and exits 2
             async with trio.open_nursery() as actors:
-                supervisor = Supervisor(config, backend, journal, logs, persister, metrics)
+                supervisor = Supervisor(config, backends, journal, logs, persister, metrics)
                 await actors.start(supervisor.run)
                 yield Core(config, limiter, journal, logs, supervisor)
                 actors.cancel_scope.cancel()

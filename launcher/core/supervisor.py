@@ -9,6 +9,10 @@ Admission counts what admitted instances were *promised* (vCPUs, memory, disk), 
 START is admitted or an instance is gone, so a burst of STARTs can never overcommit the node (ciao checked a
 value refreshed every 6 s; reference §18). The live free space of the data dir is checked as well.
 
+Several virtualizers (config `virtualizers:`, in `backends`): a START's `vm_type` picks one, an empty one the
+first; the supervisor writes the name into the spec before admission, so that the record keeps it and the
+instance keeps its virtualizer for life. The chosen backend's `check_start` may refuse the spec first.
+
 Recovery at start-up: each instance dir becomes an actor that reconciles its record with its VM
 (InstanceActor._recover); whether the host rebooted since the last run (`bootid`) and the
 `recovery:` policy are shared through a RecoveryPlan.
@@ -19,7 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from pathlib import Path
 
 import attrs
@@ -53,7 +57,7 @@ from launcher.durable.persist import Persister
 from launcher.durable.records import InstanceRecord
 from launcher.plugin import errors, files
 from launcher.plugin.errors import LauncherError
-from launcher.plugin.protocol import Backend
+from launcher.plugin.protocol import Backend, ImageCatalog, VolumeCatalog, image_catalog, start_problem, volume_catalog
 from launcher.plugin.spec import InstanceSpec
 from launcher.plugin.volumes import local_volumes_mb, promised_disk_mb
 
@@ -119,15 +123,18 @@ class Supervisor:
     def __init__(
         self,
         config: Config,
-        backend: Backend,
+        backends: Mapping[str, Backend],
         journal: EventJournal,
         logs: InstanceLogs,
         persister: Persister,
         metrics: Metrics,
     ) -> None:
-        """A supervisor with an empty table; `run` recovers the instances on disk."""
+        """A supervisor with an empty table; `run` recovers the instances on disk. `backends`: the enabled
+        virtualizers' backends by name, in the config's order (the first is the default)."""
         self.config = config
-        self.backend = backend
+        self.backends = dict(backends)
+        # Instance dirs whose virtualizer is not enabled now: left alone on disk, never driven (`_recover_all`).
+        self.unmanaged: dict[str, str] = {}
         self.journal = journal
         self.actors: dict[str, InstanceActor] = {}  # the core's own table; the transport reads `instances()`
         self.allocated = Resources()
@@ -260,8 +267,36 @@ class Supervisor:
         return counts
 
     def _with_defaults(self, command: StartCommand) -> InstanceSpec:
+        """The spec to run: the node's default resources where the START named none, and its virtualizer's name
+        in `vm_type`. invalid_data if that virtualizer is not enabled here, or refuses the spec."""
         d = self.config.defaults
-        return command.with_defaults(vcpus=d.vcpus, mem_mb=d.mem_mb, disk_mb=d.disk_mb)
+        spec = command.with_defaults(vcpus=d.vcpus, mem_mb=d.mem_mb, disk_mb=d.disk_mb)
+        backend = self.backends.get(spec.vm_type or self.config.virtualizer)
+        if backend is None:
+            raise LauncherError(errors.INVALID_DATA, f"start.vm_type: {spec.vm_type!r} is not enabled on this node "
+                                f"(enabled: {', '.join(self.backends)})", spec.instance_uuid)
+        if not spec.vm_type:
+            spec = attrs.evolve(spec, vm_type=backend.name)
+        problem = start_problem(backend, spec)
+        if problem is not None:
+            raise LauncherError(errors.INVALID_DATA, problem, spec.instance_uuid)
+        return spec
+
+    def image_store(self) -> tuple[str, ImageCatalog] | None:
+        """The image store served at /v1/images: the first enabled virtualizer's that keeps one, with its name."""
+        for name, backend in self.backends.items():
+            catalog = image_catalog(backend)
+            if catalog is not None:
+                return name, catalog
+        return None
+
+    def volume_store(self) -> tuple[str, VolumeCatalog] | None:
+        """The volume store served at /v1/volumes: the first enabled virtualizer's that keeps one, with its name."""
+        for name, backend in self.backends.items():
+            catalog = volume_catalog(backend)
+            if catalog is not None:
+                return name, catalog
+        return None
 
     # ----------------------------------------------------------------- admission and node status
 
@@ -345,7 +380,8 @@ class Supervisor:
     def _add(self, spec: InstanceSpec, *, created: bool, recovered: bool, goal: str = "running",
              volumes: tuple[str, ...] | None = None) -> InstanceActor:
         assert self._nursery is not None
-        actor = InstanceActor(self._ctx, self.backend.new_virtualizer(), spec, created=created, recovered=recovered,
+        virtualizer = self.backends[spec.vm_type].new_virtualizer()
+        actor = InstanceActor(self._ctx, virtualizer, spec, created=created, recovered=recovered,
                               goal=goal, volumes=volumes)
         self.actors[actor.uuid] = actor
         self.allocated += Resources.of(spec)
@@ -389,9 +425,21 @@ class Supervisor:
                                                   limiter=limiter)
             log.error("instance dir %s is unreadable (%s): moved to %s", path, detail, aside)
             self.journal.emit("instance_corrupt", instance_uuid=path.name, detail=detail, moved_to=str(aside))
-        self._ctx.recovery.expect(len(loaded))
+        managed: list[tuple[InstanceRecord, InstanceSpec]] = []
         for record in loaded:
-            self._add(record.spec, created=record.created, recovered=True, goal=record.goal, volumes=record.volumes)
+            name = record.spec.vm_type or self.config.virtualizer  # "": a record of a one-virtualizer launcher
+            if name in self.backends:
+                spec = record.spec if record.spec.vm_type else attrs.evolve(record.spec, vm_type=name)
+                managed.append((record, spec))
+                continue
+            uuid = record.spec.instance_uuid
+            self.unmanaged[uuid] = name
+            log.error("instance %s runs on the %s virtualizer, which is not enabled (virtualizers: %s): it is left "
+                      "as it is, and not served", uuid, name, ", ".join(self.backends))
+            self.journal.emit("instance_unmanaged", instance_uuid=uuid, vm_type=name)
+        self._ctx.recovery.expect(len(managed))
+        for record, spec in managed:
+            self._add(spec, created=record.created, recovered=True, goal=record.goal, volumes=record.volumes)
         if loaded or broken:
             log.info("recovered %d instances, %d unreadable dirs moved aside", len(loaded), len(broken))
 

@@ -40,7 +40,7 @@ from launcher.durable.events import EventJournal, EventsExpired
 from launcher.durable.logs import InstanceLogs
 from launcher.plugin import errors
 from launcher.plugin.errors import LauncherError
-from launcher.plugin.protocol import VolumeInfo, volume_catalog
+from launcher.plugin.protocol import VolumeInfo
 from launcher.transport import payloads
 from launcher.transport.http import Handler, Request, Response, Stream
 from launcher.transport.image_routes import ImageRoutes
@@ -284,7 +284,9 @@ class Api:
             "node_uuid": self.stats.node_id,
             "status": s.status,
             "maintenance": s.maintenance,
-            "virtualizer": self.config.virtualizer,
+            "virtualizer": self.config.virtualizer,  # the default one, which runs an empty vm_type
+            "virtualizers": list(self.config.virtualizers),
+            "unmanaged_instances": len(s.unmanaged),
             "instances": len(s.instances()),
             "instance_states": s.state_counts(),
             "allocated": attrs.asdict(s.allocated),
@@ -301,10 +303,10 @@ class Api:
     async def get_metrics(self, request: Request) -> Response:
         """GET /metrics: the Prometheus text. Re-reads the volume store's list for the gauges first; if the
         store fails, the gauges keep the last list it gave."""
-        catalog = volume_catalog(self.supervisor.backend)
-        if catalog is not None:
+        store = self.supervisor.volume_store()
+        if store is not None:
             try:
-                self._volumes = await catalog.list()
+                self._volumes = await store[1].list()
             except LauncherError as exc:  # the gauges keep the last list the store gave
                 log.warning("/metrics: cannot list the volumes: %s", exc)
         return Response(200, self.metrics.render(), CONTENT_TYPE)

@@ -25,7 +25,7 @@ import trio
 from launcher.core.supervisor import Supervisor
 from launcher.plugin import errors
 from launcher.plugin.errors import LauncherError
-from launcher.plugin.protocol import ImageCatalog, ImageRecord, image_catalog
+from launcher.plugin.protocol import ImageCatalog, ImageRecord
 from launcher.plugin.spec import is_valid_image_id
 from launcher.transport.http import Handler, Request, Response, Stream, Write
 
@@ -56,8 +56,8 @@ class ImagesInUse(Collection[str]):
 
 
 class ImageRoutes:
-    """The /v1/images routes, over the backend's `ImageCatalog`; `not_found` where the virtualizer keeps no
-    backing images."""
+    """The /v1/images routes, over the `ImageCatalog` of the first enabled virtualizer that keeps one
+    (`Supervisor.image_store`); `not_found` where none does."""
 
     def __init__(self, supervisor: Supervisor) -> None:
         """Routes over `supervisor`'s backend; an image is in use while one of its instances names it."""
@@ -75,11 +75,11 @@ class ImageRoutes:
         ]
 
     def _catalog(self) -> ImageCatalog:
-        catalog = image_catalog(self.supervisor.backend)
-        if catalog is None:
-            raise LauncherError(errors.NOT_FOUND, f"the {self.supervisor.config.virtualizer} virtualizer keeps "
-                                                  "no backing images")
-        return catalog
+        store = self.supervisor.image_store()
+        if store is None:
+            raise LauncherError(errors.NOT_FOUND, f"no enabled virtualizer ({', '.join(self.supervisor.backends)}) "
+                                                  "keeps backing images")
+        return store[1]
 
     async def list_images(self, request: Request) -> Response:
         """GET /v1/images: every backing image, each marked in use or not."""

@@ -26,7 +26,7 @@ import attrs
 from launcher.core.supervisor import Supervisor
 from launcher.plugin import errors
 from launcher.plugin.errors import LauncherError
-from launcher.plugin.protocol import MAX_VOLUME_MB, VOLUME_FORMATS, VolumeCatalog, VolumeInfo, volume_catalog
+from launcher.plugin.protocol import MAX_VOLUME_MB, VOLUME_FORMATS, VolumeCatalog, VolumeInfo
 from launcher.plugin.spec import is_valid_image_id
 from launcher.transport.http import Handler, Request, Response
 from launcher.transport.payloads import is_valid_uuid
@@ -36,9 +36,10 @@ _CREATE_KEYS = frozenset({"id", "size_mb", "format", "source_image", "clone"})
 
 
 class VolumeRoutes:
-    """The /v1/volumes routes, over the backend's `VolumeCatalog`; `not_supported` where the virtualizer keeps
-    no volumes. Creating, resizing and deleting a volume emit their event; a volume an instance has (or has an
-    ATTACH queued for) is `volume_in_use` for resize and delete."""
+    """The /v1/volumes routes, over the `VolumeCatalog` of the first enabled virtualizer that keeps one
+    (`Supervisor.volume_store`); `not_supported` where none does. Creating, resizing and deleting a volume
+    emit their event; a volume an instance has (or has an ATTACH queued for) is `volume_in_use` for resize and
+    delete."""
 
     def __init__(self, supervisor: Supervisor) -> None:
         """Routes over `supervisor`'s backend, its volume users and its journal."""
@@ -107,11 +108,11 @@ class VolumeRoutes:
     # ----------------------------------------------------------------- helpers
 
     def _catalog(self) -> VolumeCatalog:
-        catalog = volume_catalog(self.supervisor.backend)
-        if catalog is None:
-            raise LauncherError(errors.NOT_SUPPORTED, f"the {self.supervisor.config.virtualizer} virtualizer keeps "
-                                                      "no volumes")
-        return catalog
+        store = self.supervisor.volume_store()
+        if store is None:
+            raise LauncherError(errors.NOT_SUPPORTED, f"no enabled virtualizer ({', '.join(self.supervisor.backends)})"
+                                                      " keeps volumes")
+        return store[1]
 
     def _users(self) -> dict[str, str]:
         """Volume id → the uuid of the instance that has it or an ATTACH queued for it (`Supervisor.volume_users`)."""
