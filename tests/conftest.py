@@ -34,7 +34,10 @@ class LauncherProcess:
         self.config_path = data_dir.parent / f"{data_dir.name}-launcher.yaml"
         # This 2-CPU machine admits 8 vCPUs by default; tests start more small instances than that.
         base = {"listen": "127.0.0.1:0", "virtualizer": "simulation", "admission": {"vcpu_overcommit": 64.0}}
-        self.config_path.write_text(yaml.safe_dump({**base, **settings}))
+        merged = {**base, **settings}
+        if "virtualizers" in merged:  # a list of virtualizers replaces the single one
+            merged.pop("virtualizer", None)
+        self.config_path.write_text(yaml.safe_dump(merged))
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = data_dir.parent / f"{data_dir.name}-serve.log"
 
