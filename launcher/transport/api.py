@@ -387,7 +387,9 @@ def _summary(instance: InstanceView) -> dict[str, Any]:
     return {
         **instance_figures(instance),
         "activity": instance.activity,
+        "vm_type": instance.spec.vm_type,
         "image_uuid": instance.spec.image_uuid,
+        "docker_image": instance.spec.docker_image,
         "vcpus": instance.spec.vcpus,
         "mem_mb": instance.spec.mem_mb,
         "disk_mb": instance.spec.disk_mb,
