@@ -13,6 +13,7 @@ import json
 from typing import Any
 
 from conftest import LauncherProcess
+from test_metrics import promtool_check, samples_of, scrape, value
 from test_qemu import domain_of, wait_for
 
 from launcher.cli.client import Client, ClientError
@@ -104,6 +105,11 @@ def test_an_instance_whose_virtualizer_is_not_enabled_is_left_alone(qemu_factory
     node = client.request("GET", "/v1/node")
     assert (node["virtualizers"], node["unmanaged_instances"], node["instances"]) == (["simulation"], 1, 1)
     assert [e["vm_type"] for e in events(client, "instance_unmanaged") if e["instance_uuid"] == "bb-02"] == ["qemu"]
+    text = scrape(client)
+    promtool_check(text)
+    samples = samples_of(text)
+    assert [value(samples, "launcher_virtualizer_instances", virtualizer=name) for name in ("simulation", "unmanaged")
+            ] == [1, 1]
     try:
         client.request("GET", "/v1/instances/bb-02")
         raise AssertionError("an unmanaged instance is served")

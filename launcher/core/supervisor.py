@@ -266,6 +266,15 @@ class Supervisor:
             counts[actor.public_state] += 1
         return counts
 
+    def virtualizer_counts(self) -> dict[str, int]:
+        """How many instances each enabled virtualizer runs (every one present), and under "unmanaged" how many
+        instance dirs are left alone because theirs is not enabled."""
+        counts = dict.fromkeys(self.backends, 0)
+        for actor in self.actors.values():
+            counts[actor.spec.vm_type] += 1
+        counts["unmanaged"] = len(self.unmanaged)
+        return counts
+
     def _with_defaults(self, command: StartCommand) -> InstanceSpec:
         """The spec to run: the node's default resources where the START named none, and its virtualizer's name
         in `vm_type`. invalid_data if that virtualizer is not enabled here, or refuses the spec."""

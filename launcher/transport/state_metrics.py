@@ -37,6 +37,11 @@ class StateCollector(Collector):
         for state, n in s.state_counts().items():
             states.add_metric([state], n)
         yield states
+        by_virtualizer = GaugeMetricFamily("launcher_virtualizer_instances", "Instances by virtualizer (vm_type); "
+                                           "unmanaged: those whose virtualizer is not enabled", labels=["virtualizer"])
+        for name, n in s.virtualizer_counts().items():
+            by_virtualizer.add_metric([name], n)
+        yield by_virtualizer
         status = GaugeMetricFamily("launcher_node_status", "1 for the node's current status, 0 for the others",
                                    labels=["status"])
         for name in ("READY", "FULL", "MAINTENANCE"):
