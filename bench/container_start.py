@@ -1,0 +1,158 @@
+"""START → running latency of a container (docker virtualizer) beside a VM (qemu), on one launcher.
+
+    .venv/bin/python bench/container_start.py [--runs 20] [--json]
+
+One real `launcher serve` with `virtualizers: [qemu, docker]` (the Docker Engine of `.ci/docker-up`, libvirtd of
+`.ci/libvirt-up`). Each round, interleaved (alternating which goes first): a START of a container
+(`vm_type: docker`, the busybox-static image of tests/guest/container.py, its `runcmd` a long sleep) and a
+START of a VM (`vm_type: qemu`, the tiny test guest of tests/guest/build.py, legacy firmware), each
+`POST /v1/instances?wait=1` timed until the launcher answers `running`; then each is deleted (not timed). The
+first round of each (image load into the engine, image import into the qemu store) is a warm-up, not counted.
+
+"running" is the launcher's: for a VM, the domain runs (not: the guest has booted); for a container, the engine
+reports its process started. Prints p50/p95 of both and their ratio; with --json the last line is one JSON
+object: runs, container_running_p50_s, vm_running_p50_s, their p95s and the ratio of the medians. Not a test:
+the machine is noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "guest"), str(ROOT / "tests")]
+
+from build import ensure_guest_image  # noqa: E402  (tests/guest/build.py)
+from container import ensure_rootfs  # noqa: E402  (tests/guest/container.py)
+from libvirt_cleanup import remove_pools_under  # noqa: E402  (tests/libvirt_cleanup.py)
+
+from launcher.cli.client import Client  # noqa: E402
+
+WORK_ROOT = Path("/var/tmp/launcher-bench")  # QEMU runs as libvirt-qemu: it must reach these files
+VM_IMAGE_ID = "bench-guest"
+CONTAINER_IMAGE = "launcher-bench/busybox:1"  # found as <image_dir>/launcher-bench/busybox/1.rootfs.tar
+CONTAINER_USER_DATA = "#cloud-config\nruncmd:\n  - [sleep, '3600']\n"
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def prepare(work: Path) -> Path:
+    """The VM image dir and the container image dir under `work`; the launcher's config file."""
+    vm_images = work / "vm-images"
+    vm_images.mkdir()
+    (vm_images / f"{VM_IMAGE_ID}.qcow2").symlink_to(ensure_guest_image(ROOT / ".cache" / "guest"))
+    container_images = work / "container-images" / "launcher-bench" / "busybox"
+    container_images.mkdir(parents=True)
+    shutil.copyfile(ensure_rootfs(), container_images / "1.rootfs.tar")
+    config = work / "launcher.yaml"
+    config.write_text(yaml.safe_dump({
+        "listen": "127.0.0.1:0", "virtualizers": ["qemu", "docker"],
+        "qemu": {"image_dirs": [str(vm_images)]},
+        "docker": {"image_dir": str(work / "container-images")},
+        "admission": {"vcpu_overcommit": 64.0},
+    }))
+    return config
+
+
+def start_launcher(work: Path, config: Path) -> tuple[subprocess.Popen[bytes], Client]:
+    data_dir = work / "data"
+    data_dir.mkdir(mode=0o711)
+    log = open(work / "serve.log", "ab")
+    proc = subprocess.Popen([sys.executable, "-m", "launcher.cli", "serve", "--config", str(config),
+                             "--data-dir", str(data_dir)], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    deadline = time.monotonic() + 60
+    while not (data_dir / "api-url").exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"launcher did not start:\n{(work / 'serve.log').read_text()}")
+        time.sleep(0.05)
+    return proc, Client.discover(None, data_dir)
+
+
+def stop_launcher(proc: subprocess.Popen[bytes], work: Path) -> None:
+    """Stop the launcher, destroy what it left (`launcher hard-reset`: domains and containers), remove `work`."""
+    proc.terminate()
+    proc.wait(timeout=30)
+    subprocess.run([sys.executable, "-m", "launcher.cli", "hard-reset", "--yes", "--config",
+                    str(work / "launcher.yaml"), "--data-dir", str(work / "data")], cwd=ROOT,
+                   capture_output=True, timeout=120)
+    remove_pools_under(work)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def start_body(uuid: str, kind: str) -> bytes:
+    start: dict[str, Any] = {"instance_uuid": uuid, "vm_type": kind, "requirements": {"vcpus": 1, "mem_mb": 128}}
+    if kind == "docker":
+        start["docker_image"] = CONTAINER_IMAGE
+        return json.dumps({"start": start, "user_data": CONTAINER_USER_DATA}).encode()
+    start.update(image_uuid=VM_IMAGE_ID, fw_type="legacy")
+    return json.dumps({"start": start}).encode()
+
+
+def timed_start(client: Client, uuid: str, kind: str) -> float:
+    """One START → running, timed; then the instance is deleted (not timed)."""
+    body = start_body(uuid, kind)
+    started = time.perf_counter()
+    answer = client.request("POST", "/v1/instances", body, "application/json", wait=1, timeout=120)
+    elapsed = time.perf_counter() - started
+    if answer.get("state") != "running":
+        raise SystemExit(f"{kind} START did not reach running: {answer}")
+    client.request("DELETE", f"/v1/instances/{uuid}", wait=1, timeout=120)
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--json", action="store_true", help="end with one JSON line of the figures")
+    args = parser.parse_args()
+
+    WORK_ROOT.mkdir(mode=0o711, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="containers-", dir=WORK_ROOT))
+    work.chmod(0o711)
+    config = prepare(work)
+    proc, client = start_launcher(work, config)
+    times: dict[str, list[float]] = {"docker": [], "qemu": []}
+    try:
+        timed_start(client, "c0000000-0000-4000-8000-000000000000", "docker")  # warm-up: image into the engine
+        timed_start(client, "a0000000-0000-4000-8000-000000000000", "qemu")  # warm-up: image into the store
+        for n in range(args.runs):
+            order = ("docker", "qemu") if n % 2 == 0 else ("qemu", "docker")
+            for kind in order:
+                uuid = f"{'c' if kind == 'docker' else 'a'}{n + 1:07x}-0000-4000-8000-000000000000"
+                times[kind].append(timed_start(client, uuid, kind))
+    finally:
+        stop_launcher(proc, work)
+
+    figures = {
+        "runs": args.runs,
+        "container_running_p50_s": round(statistics.median(times["docker"]), 4),
+        "container_running_p95_s": round(percentile(times["docker"], 0.95), 4),
+        "vm_running_p50_s": round(statistics.median(times["qemu"]), 4),
+        "vm_running_p95_s": round(percentile(times["qemu"], 0.95), 4),
+    }
+    figures["vm_to_container_p50_ratio"] = round(figures["vm_running_p50_s"] / figures["container_running_p50_s"], 2)
+    print(f"container_start: {args.runs} runs each, interleaved, one launcher with qemu and docker")
+    for kind, label in (("docker", "container"), ("qemu", "vm")):
+        print(f"  {label:<9} START→running p50 {figures[f'{label}_running_p50_s'] * 1000:7.1f} ms  "
+              f"p95 {figures[f'{label}_running_p95_s'] * 1000:7.1f} ms")
+    print(f"  VM / container p50: {figures['vm_to_container_p50_ratio']:.2f}")
+    if args.json:
+        print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
