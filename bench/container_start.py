@@ -146,7 +146,7 @@ def main() -> None:
     }
     figures["vm_to_container_p50_ratio"] = round(figures["vm_running_p50_s"] / figures["container_running_p50_s"], 2)
     print(f"container_start: {args.runs} runs each, interleaved, one launcher with qemu and docker")
-    for kind, label in (("docker", "container"), ("qemu", "vm")):
+    for label in ("container", "vm"):
         print(f"  {label:<9} START→running p50 {figures[f'{label}_running_p50_s'] * 1000:7.1f} ms  "
               f"p95 {figures[f'{label}_running_p95_s'] * 1000:7.1f} ms")
     print(f"  VM / container p50: {figures['vm_to_container_p50_ratio']:.2f}")
