@@ -232,7 +232,7 @@ def initramfs(busybox: Path, modules: Sequence[Path], net_modules: Sequence[Path
     entries: list[tuple[str, int, bytes, int]] = [
         (name, directory, b"", 0)
         for name in ("bin", "dev", "proc", "sys", "run", "mnt", "mnt/seed", "mnt/data", "etc", "etc/acpi",
-                     "etc/acpi/PWRF", "lib", "lib/modules", "usr", "usr/share", "usr/share/udhcpc")
+                     "etc/acpi/PWRF", "lib", "lib/modules", "etc/udhcpc")
     ]
     entries += [
         ("dev/console", 0o020600, b"", os.makedev(5, 1)),
@@ -241,8 +241,8 @@ def initramfs(busybox: Path, modules: Sequence[Path], net_modules: Sequence[Path
         ("init", executable, (HERE / "init").read_bytes(), 0),
         # busybox acpid runs /etc/acpi/PWRF/00000080 for the power button (its default table).
         ("etc/acpi/PWRF/00000080", executable, (HERE / "power-button").read_bytes(), 0),
-        # busybox udhcpc runs /usr/share/udhcpc/default.script (its default) to apply a lease.
-        ("usr/share/udhcpc/default.script", executable, (HERE / "udhcpc-script").read_bytes(), 0),
+        # busybox udhcpc runs it to apply a lease (init names it with -s; Debian's busybox also defaults to it).
+        ("etc/udhcpc/default.script", executable, (HERE / "udhcpc-script").read_bytes(), 0),
         ("lib/modules/load.list", regular, "".join(f"{ko.stem}\n" for ko in modules).encode(), 0),
         ("lib/modules/net.list", regular, "".join(f"{ko.stem}\n" for ko in net_modules).encode(), 0),
     ]
