@@ -14,7 +14,13 @@ A second VM, booted alongside, is the negative control: a DROP rule at the top o
 `reached=no`, and the rule's counter shows that its probes were dropped there.
 
 Note: libvirt's own FORWARD rules (LIBVIRT_FWO/FWI) accept its NAT network's traffic before the chain's policy
-applies, so the probe alone would not see a DROP policy; the policy is asserted directly (`iptables -S FORWARD`).
+applies (checked: a DROP rule appended at the end of FORWARD, where the policy acts, does not stop the probe), so the
+probe alone would not see a DROP policy; what that policy cuts off is forwarding no libvirt rule accepts (e.g. VMs on
+a plain bridge). The policy is asserted directly (`iptables -S FORWARD`).
+
+The namespace is `launcher-fwd-<pytest pid>` with the veth pair `lfwd<pid>h`/`lfwd<pid>n`; those of a killed run are
+removed by the next one. 10.99.0.0/24 must not be routed on the host otherwise (two runs of this test at once: the
+second fails, saying so).
 """
 
 from __future__ import annotations
@@ -29,13 +35,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from conftest import ROOT, LauncherProcess
 from test_qemu import console, new_uuid, payload_for, start, wait_for, wait_guest_ready
 
 DOCKER_SOCKET = Path("/run/docker.sock")
 DOCKERD_FLAGS = ("--iptables=false", "--ip-forward=false", "--ip-masq=false", "--bridge=none", "--live-restore")
-DOCKERD_LOG = Path("/var/log/launcher-tests-dockerd.log")  # when this test starts dockerd itself
+DOCKERD_LOG = Path("/var/log/dockerd.log")  # when this test starts dockerd itself (as .ci/docker-up logs)
 DOCKERD_TIMEOUT_S = 60.0
 
 NETWORK = ipaddress.IPv4Network("192.168.122.0/24")  # libvirt's `default` network
@@ -87,8 +94,8 @@ def dockerd_cmdlines() -> list[str]:
 @pytest.fixture(scope="module")
 def dockerd() -> dict[str, Any]:
     """A Docker Engine answering on /run/docker.sock, left running afterwards (other tests use it): `.ci/docker-up`
-    if the repository has it, else dockerd started here with `DOCKERD_FLAGS` unless one answers already. Returns
-    the FORWARD policy before and after, and how it came up."""
+    if the repository has it, else dockerd started here with `DOCKERD_FLAGS` unless one answers already (or is
+    starting: then it is waited for). Returns the FORWARD policy before and after, and how it came up."""
     before = forward_policy()
     docker_up = ROOT / ".ci" / "docker-up"
     if docker_up.exists():
@@ -97,12 +104,15 @@ def dockerd() -> dict[str, Any]:
     elif docker_ping():
         how = "already running"
     else:
-        how = "started by the test"
-        with DOCKERD_LOG.open("ab") as log:
-            subprocess.Popen(["dockerd", "--pidfile", "/run/docker.pid", "-H", f"unix://{DOCKER_SOCKET}",
-                              *DOCKERD_FLAGS], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                             start_new_session=True)
-        wait_for(f"dockerd to answer on {DOCKER_SOCKET} (log: {DOCKERD_LOG})", docker_ping,
+        if dockerd_cmdlines():  # one is starting (or restarting): no second one
+            how = "already starting"
+        else:
+            how = "started by the test"
+            with DOCKERD_LOG.open("ab") as log:
+                subprocess.Popen(["dockerd", "--pidfile", "/run/docker.pid", "-H", f"unix://{DOCKER_SOCKET}",
+                                  *DOCKERD_FLAGS], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
+        wait_for(f"dockerd ({how}) to answer on {DOCKER_SOCKET} (log: {DOCKERD_LOG})", docker_ping,
                  timeout=DOCKERD_TIMEOUT_S, every=0.2)
     assert docker_ping(), f"dockerd ({how}) does not answer GET /_ping on {DOCKER_SOCKET}"
     return {"how": how, "policy_before": before, "policy_after": forward_policy(), "cmdlines": dockerd_cmdlines()}
@@ -112,7 +122,12 @@ def dockerd() -> dict[str, Any]:
 def far_end() -> Iterator[str]:
     """A network namespace holding FAR_END/24 on one end of a veth pair whose host end is HOST_END/24 (its
     default route back via HOST_END); both removed afterwards. Yields the namespace's name."""
-    tag = f"{os.getpid() % 100000}"
+    for stale in sh("ip", "netns", "list").split():
+        pid = stale.removeprefix("launcher-fwd-")
+        if stale.startswith("launcher-fwd-") and pid.isdigit() and not psutil.pid_exists(int(pid)):
+            sh("ip", "link", "del", f"lfwd{pid}h", check=False)
+            sh("ip", "netns", "del", stale, check=False)
+    tag = str(os.getpid())  # at most 7 digits: interface names have 15 characters at most
     netns, host_if, ns_if = f"launcher-fwd-{tag}", f"lfwd{tag}h", f"lfwd{tag}n"
     stale = [line for line in sh("ip", "-4", "route", "show", PROBE_NET).splitlines() if line.strip()]
     assert not stale, f"{PROBE_NET} is already routed on this host ({stale}): a probe would not be unambiguous"
@@ -211,5 +226,6 @@ def test_a_vm_forwards_through_the_host_while_dockerd_runs(dockerd: dict[str, An
         # The guest-ready line is still there and unchanged in shape (the probe runs after it).
         assert wait_guest_ready(launcher, free_uuid)["datasource"] in ("nocloud", "configdrive")
 
-    assert docker_ping(), "dockerd stopped answering during the test"
+    # Still there (waited for: another test, e.g. of live-restore, may be restarting it right now).
+    wait_for("dockerd to answer after the test", docker_ping, timeout=DOCKERD_TIMEOUT_S, every=0.2)
     assert forward_rules()[0] == "-P FORWARD ACCEPT"
