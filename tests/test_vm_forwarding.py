@@ -129,8 +129,8 @@ def far_end() -> Iterator[str]:
             sh("ip", "netns", "del", stale, check=False)
     tag = str(os.getpid())  # at most 7 digits: interface names have 15 characters at most
     netns, host_if, ns_if = f"launcher-fwd-{tag}", f"lfwd{tag}h", f"lfwd{tag}n"
-    stale = [line for line in sh("ip", "-4", "route", "show", PROBE_NET).splitlines() if line.strip()]
-    assert not stale, f"{PROBE_NET} is already routed on this host ({stale}): a probe would not be unambiguous"
+    routed = [line for line in sh("ip", "-4", "route", "show", PROBE_NET).splitlines() if line.strip()]
+    assert not routed, f"{PROBE_NET} is already routed on this host ({routed}): the probe would be ambiguous"
     try:
         sh("ip", "netns", "add", netns)
         sh("ip", "link", "add", host_if, "type", "veth", "peer", "name", ns_if)
