@@ -4,7 +4,8 @@ Contract
 --------
 ``ensure_guest_image(cache_dir)`` returns ``cache_dir/guest-<key>.qcow2``, building it first if it
 is absent. ``<key>`` is a short hash of this file, of the files it puts in the guest (``init``,
-``power-button``) and of the Debian package versions used, so any change to them makes a new image.
+``power-button``, ``udhcpc-script``) and of the Debian package versions used, so any change to them makes a new
+image.
 The image is built into a temporary file and renamed into place; an exclusive lock on
 ``cache_dir/build.lock`` keeps concurrent callers from building it twice. Old images are left in
 place (overlays may still use them as backing files).
@@ -41,6 +42,15 @@ requests: once it has seen a hot-plugged disk it prints ``guest-holds-disks gpes
 disks=...`` and disables the ACPI general-purpose events that announced it (QEMU's q35 signals PCI hot-plug and
 unplug through one), so the disk stays (a DETACH then runs into its timeout).
 
+With ``test_guest_mode: net-probe <ipv4>`` in its user-data, the guest, after its guest-ready line (which does not
+wait for it), loads the virtio-net driver (``NET_MODULES``, loaded in this mode only), brings ``eth0`` up, asks
+DHCP for an address (busybox ``udhcpc``, bounded: about 20 s at most; its hook ``udhcpc-script`` applies the
+lease), pings ``<ipv4>`` (up to 5 tries of one echo request, 2 s each) and prints one line::
+
+    guest-net addr=<address/prefix|none> gw=<router|none> probe=<ipv4> reached=<yes|no>
+
+``reached=no`` also when there was no lease (``addr=none``).
+
 Inputs come only from Debian packages, fetched with ``apt-get download`` (the apt lists must be
 up to date) and unpacked with ``dpkg-deb -x``: ``linux-image-amd64`` (resolved to its
 ``linux-image-<abi>-amd64``), ``busybox-static``, ``grub-pc-bin``, ``systemd-boot-efi``.
@@ -60,12 +70,12 @@ import struct
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_CACHE_DIR = HERE.parent.parent / ".cache" / "guest"
-GUEST_FILES = (HERE / "init", HERE / "power-button")
+GUEST_FILES = (HERE / "init", HERE / "power-button", HERE / "udhcpc-script")
 
 KERNEL_METAPACKAGE = "linux-image-amd64"
 PACKAGES = ("busybox-static", "grub-pc-bin", "systemd-boot-efi")
@@ -78,6 +88,9 @@ MODULES = (
     "vfat", "nls_cp437", "nls_ascii",
     "button", "evdev",
 )
+# Loaded (after MODULES, each after its dependencies: failover, net_failover) by the net-probe mode only, so that
+# the other modes boot as before.
+NET_MODULES = ("virtio_net",)
 # no_timer_check: under TCG on a loaded host (20 guests booting on 2 cores) the kernel's check that the timer
 # interrupt works can miss its window and panic ("IO-APIC + timer doesn't work!"); virtual machines skip it.
 KERNEL_CMDLINE = "console=ttyS0,115200 quiet loglevel=3 no_timer_check"
@@ -212,13 +225,14 @@ def cpio_newc(entries: list[tuple[str, int, bytes, int]]) -> bytes:
     return bytes(out)
 
 
-def initramfs(busybox: Path, modules: list[Path]) -> bytes:
-    """The gzip'ed initramfs: busybox, the init script, the acpid handler, the modules."""
+def initramfs(busybox: Path, modules: Sequence[Path], net_modules: Sequence[Path] = ()) -> bytes:
+    """The gzip'ed initramfs: busybox, the init script, the acpid handler, udhcpc's hook, the modules
+    (`modules` loaded at every boot, listed in ``load.list``; `net_modules` by the net-probe mode, ``net.list``)."""
     directory, executable, regular = 0o040755, 0o100755, 0o100644
     entries: list[tuple[str, int, bytes, int]] = [
         (name, directory, b"", 0)
         for name in ("bin", "dev", "proc", "sys", "run", "mnt", "mnt/seed", "mnt/data", "etc", "etc/acpi",
-                     "etc/acpi/PWRF", "lib", "lib/modules")
+                     "etc/acpi/PWRF", "lib", "lib/modules", "etc/udhcpc")
     ]
     entries += [
         ("dev/console", 0o020600, b"", os.makedev(5, 1)),
@@ -227,9 +241,12 @@ def initramfs(busybox: Path, modules: list[Path]) -> bytes:
         ("init", executable, (HERE / "init").read_bytes(), 0),
         # busybox acpid runs /etc/acpi/PWRF/00000080 for the power button (its default table).
         ("etc/acpi/PWRF/00000080", executable, (HERE / "power-button").read_bytes(), 0),
+        # busybox udhcpc runs it to apply a lease (init names it with -s; Debian's busybox also defaults to it).
+        ("etc/udhcpc/default.script", executable, (HERE / "udhcpc-script").read_bytes(), 0),
         ("lib/modules/load.list", regular, "".join(f"{ko.stem}\n" for ko in modules).encode(), 0),
+        ("lib/modules/net.list", regular, "".join(f"{ko.stem}\n" for ko in net_modules).encode(), 0),
     ]
-    entries += [(f"lib/modules/{ko.name}", regular, ko.read_bytes(), 0) for ko in modules]
+    entries += [(f"lib/modules/{ko.name}", regular, ko.read_bytes(), 0) for ko in [*modules, *net_modules]]
     return gzip.compress(cpio_newc(entries), compresslevel=6, mtime=0)
 
 
@@ -327,7 +344,8 @@ def build_image(versions: dict[str, str], dest: Path, scratch: Path) -> None:
     efi_tree(tree, roots["systemd-boot-efi"])
     shutil.copyfile(vmlinuz, tree / "vmlinuz")
     modules = module_closure(moddir, MODULES)
-    (tree / "initrd.img").write_bytes(initramfs(roots["busybox-static"] / "bin/busybox", modules))
+    net_modules = [ko for ko in module_closure(moddir, MODULES + NET_MODULES) if ko not in modules]
+    (tree / "initrd.img").write_bytes(initramfs(roots["busybox-static"] / "bin/busybox", modules, net_modules))
     core = grub_core(roots["grub-pc-bin"], scratch)
 
     boot_fs, data_fs, raw = scratch / "boot.fat", scratch / "data.fat", scratch / "disk.raw"
