@@ -24,7 +24,8 @@ Networking
     Used only when it has a ``vnic_mac`` (six hex octets joined by ``:``, written lower-case). The NIC is matched
     by that MAC and named ``eth0`` in both formats. The address is static when both ``private_ip`` and ``subnet``
     are given (``private_ip`` must be a host address of the IPv4 CIDR ``subnet``; its prefix length is the
-    subnet's: `launcher.plugin.guest_network`, the rule containers follow too); otherwise the guest asks DHCP. The node's `GuestNetwork` settings (``qemu.guest_network``) add:
+    subnet's: `launcher.plugin.guest_network`, the rule containers follow too); otherwise the guest asks DHCP.
+    The node's `GuestNetwork` settings (``qemu.guest_network``) add:
     a default route for a static address (``gateway``: the subnet's first host, as ciao's networks used, an
     address in the subnet, or none; never the instance's own address), DNS servers and search domains (static
     or DHCP), and the MTU. Both formats carry the same configuration, so that cloud-init renders the same one
