@@ -2,7 +2,8 @@
 answer, never skipped), a test engine network, the busybox image (tests/guest/container.py) in an image dir, and
 a docker backend opened through the plugin API with a real limiter and recorded events and log lines.
 
-A test module gets the fixtures with ``pytest_plugins = ["docker_support"]``."""
+A test module imports the fixtures it uses by name (and says ``# ruff: noqa: F811``: they are its arguments).
+"""
 
 from __future__ import annotations
 

@@ -2,18 +2,28 @@
 image dir (rootfs tarball → import, image archive → load), however many STARTs ask at once, with image_progress
 events; a reference with no file is an image_failure that says where it looked."""
 
+# ruff: noqa: F811 (fixtures imported from docker_support are test arguments)
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
 import trio
-from docker_support import Recorder, docker, docker_backend, put_archive, put_rootfs, spec_for
+from docker_support import (  # noqa: F401 (fixtures)
+    Recorder,
+    busybox_rootfs,
+    docker,
+    docker_backend,
+    docker_engine,
+    image_ref,
+    put_archive,
+    put_rootfs,
+    spec_for,
+)
 
 from launcher.plugin.errors import IMAGE_FAILURE, VirtualizerError
 from virtualizers.docker.images import ImageLoadError, candidates, parse_reference
-
-pytest_plugins = ["docker_support"]  # its fixtures: docker_engine, busybox_rootfs, image_ref, ...
 
 
 def test_the_image_dir_rule_cuts_a_reference_into_dirs_and_a_file_name(tmp_path: Path) -> None:
