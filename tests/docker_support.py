@@ -125,10 +125,11 @@ class Recorder:
 
 
 @asynccontextmanager
-async def docker_backend(data_dir: Path, settings: dict[str, Any],
-                         recorder: Recorder) -> AsyncIterator[DockerBackend]:
+async def docker_backend(data_dir: Path, settings: dict[str, Any], recorder: Recorder, *,
+                         cleanup: bool = True) -> AsyncIterator[DockerBackend]:
     """The docker backend on `data_dir` with `settings` (the docker: section), through its entry point's function;
-    every container of the data dir is removed afterwards (destroy_all)."""
+    with `cleanup`, every container of the data dir is removed afterwards (destroy_all); without, they stay, as
+    a launcher killed with -9 leaves them."""
     host = BackendHost(data_dir=data_dir, limiter=trio.CapacityLimiter(8), emit=recorder.emit, log=recorder.log,
                        observe_step=lambda step, s: recorder.steps.append((step, s)))
     async with open_backend(settings, host) as backend:
@@ -136,8 +137,9 @@ async def docker_backend(data_dir: Path, settings: dict[str, Any],
             await backend.preflight()
             yield backend
         finally:
-            with trio.CancelScope(shield=True):
-                await backend.destroy_all()
+            if cleanup:
+                with trio.CancelScope(shield=True):
+                    await backend.destroy_all()
 
 
 class Inbox:
