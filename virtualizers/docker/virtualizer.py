@@ -146,7 +146,8 @@ class DockerVirtualizer:
         except (EngineError, NoAnswer) as exc:
             with trio.CancelScope(shield=True), trio.move_on_after(self._backend.settings.call_timeout_s):
                 await self._remove_quietly()
-            raise self._fail(IMAGE_FAILURE, f"cannot create container {self._name}: {exc}") from exc
+            hint = " (the user-data has no runcmd, so the image's own command runs)" if user.command is None else ""
+            raise self._fail(IMAGE_FAILURE, f"cannot create container {self._name}: {exc}{hint}") from exc
         for note in params.notes:
             self._log(note)
         if user.ignored:
