@@ -177,3 +177,15 @@ async def test_an_engine_that_stops_under_a_running_container_is_no_answer_not_d
             with trio.fail_after(10):  # well before poll_s: the event stream woke the monitor
                 await inbox.wait_for(MonitorEvent.CLOSED)
     assert recorder.of("container_exited")[0]["exit_code"] == 143
+
+
+def test_the_engine_leaves_the_forward_chain_and_nat_alone(docker_engine: str) -> None:
+    """dockerd runs with iptables off (.ci/docker-up): no DOCKER chains, and a FORWARD policy it did not set to
+    DROP, so libvirt's NAT network (the VMs') keeps working beside the engine."""
+    rules = subprocess.run(["iptables", "-S"], capture_output=True, text=True, check=True, timeout=30).stdout
+    nat = subprocess.run(["iptables", "-t", "nat", "-S"], capture_output=True, text=True, check=True,
+                         timeout=30).stdout
+    assert "DOCKER" not in rules and "DOCKER" not in nat
+    assert "-P FORWARD DROP" not in rules
+    flags = Path(f"/proc/{int(DOCKERD_PIDFILE.read_text())}/cmdline").read_bytes().split(b"\0")
+    assert {b"--iptables=false", b"--ip-masq=false", b"--bridge=none", b"--live-restore"} <= set(flags)

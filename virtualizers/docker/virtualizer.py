@@ -66,6 +66,14 @@ FIRST_RETRY_S = 0.1
 CONSOLE_CATCH_UP_S = 5.0  # for the last of a stopped container's output
 
 
+@attrs.define(eq=False)
+class _Follower:
+    """A monitor session's console follower: `down` tells it the container stopped, `done` says it finished."""
+
+    down: trio.Event = attrs.Factory(trio.Event)
+    done: trio.Event = attrs.Factory(trio.Event)
+
+
 class DockerParts(Protocol):
     """What a container instance reads of its backend (`backend.DockerBackend` is one)."""
 
@@ -207,9 +215,9 @@ class DockerVirtualizer:
     async def monitor_vm(self, inbox: MonitorInbox, recover: bool) -> None:
         settings = self._backend.settings
         retry_s = FIRST_RETRY_S
-        sent_connected = False
         console_file = console.ConsoleFile(self._dir / console.CONSOLE_LOG, settings.console_max_bytes,
                                            settings.console_backups)
+        follower: _Follower | None = None
         with self._backend.events.watch(self._name) as watch:
             async with trio.open_nursery() as nursery:
                 while True:
@@ -222,37 +230,48 @@ class DockerVirtualizer:
                     retry_s = FIRST_RETRY_S
                     state = data.get("State") if data is not None else None
                     if not isinstance(state, dict) or not state.get("Running"):
-                        nursery.cancel_scope.cancel()
                         break
-                    if not sent_connected:
+                    if follower is None:
                         await inbox.send(MonitorEvent.CONNECTED)
-                        sent_connected = True
-                        nursery.start_soon(self._follow_console, console_file)
+                        follower = _Follower()
+                        nursery.start_soon(self._follow_console, console_file, follower)
                     await watch.wait(settings.poll_s)
-        await self._catch_up_console(console_file)
+                # Down: the output's last lines, by the follower (its stream ends with the container) or at once.
+                with trio.move_on_after(CONSOLE_CATCH_UP_S):
+                    if follower is not None:
+                        follower.down.set()
+                        await follower.done.wait()
+                    else:
+                        await self._read_console(console_file, follow=False)
+                nursery.cancel_scope.cancel()
         self._report_exit(state)
         await inbox.send(MonitorEvent.CLOSED)
 
-    async def _follow_console(self, console_file: console.ConsoleFile) -> None:
-        """The container's output into its console.log while it runs, following again after a dropped stream."""
+    async def _follow_console(self, console_file: console.ConsoleFile, follower: _Follower) -> None:
+        """The container's output into its console.log while it runs, following again after a dropped stream;
+        once `follower.down` is set, one last read, then `follower.done`."""
         retry_s = FIRST_RETRY_S
-        while True:
-            try:
-                await console.follow(self._engine, self._name, console_file, self._backend.host.limiter)
-                retry_s = FIRST_RETRY_S
-            except (NoAnswer, EngineError, OSError):
-                pass
-            await trio.sleep(retry_s)
-            retry_s = min(retry_s * 2, self._backend.settings.poll_s)
+        try:
+            while True:
+                final = follower.down.is_set()
+                if await self._read_console(console_file, follow=True):
+                    retry_s = FIRST_RETRY_S
+                if final:
+                    return
+                with trio.move_on_after(retry_s):
+                    await follower.down.wait()
+                retry_s = min(retry_s * 2, self._backend.settings.poll_s)
+        finally:
+            follower.done.set()
 
-    async def _catch_up_console(self, console_file: console.ConsoleFile) -> None:
-        """What a stopped container wrote since the follower's last write (bounded)."""
-        with trio.move_on_after(CONSOLE_CATCH_UP_S):
-            try:
-                await console.follow(self._engine, self._name, console_file, self._backend.host.limiter,
-                                     follow=False)
-            except (NoAnswer, EngineError, OSError):
-                pass
+    async def _read_console(self, console_file: console.ConsoleFile, *, follow: bool) -> bool:
+        """One pass of `console.follow`; whether it ended normally (not on an engine or file error)."""
+        try:
+            await console.follow(self._engine, self._name, console_file, self._backend.host.limiter,
+                                 follow=follow)
+        except (NoAnswer, EngineError, OSError):
+            return False
+        return True
 
     def _report_exit(self, state: Any) -> None:
         """A `container_exited` event and a log line: how the container ended (gone: exit code -1)."""
