@@ -133,13 +133,13 @@ def stop_engine() -> None:
     --live-restore keeps the containers running."""
     pid = int(DOCKERD_PIDFILE.read_text())
     os.kill(pid, signal.SIGTERM)
-    for _ in range(300):
+    for _ in range(900):  # it may take a minute to let go of its containerd (seen once in 20 runs)
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
             return
         subprocess.run(["sleep", "0.1"], check=True)
-    raise AssertionError("dockerd did not stop within 30 s")
+    raise AssertionError("dockerd did not stop within 90 s")
 
 
 async def test_an_engine_that_stops_under_a_running_container_is_no_answer_not_down(
