@@ -61,10 +61,11 @@ class LauncherProcess:
         return Client.discover(None, self.data_dir)
 
     def cli(self, *args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[str]:
-        """Run the `launcher` command against this launcher."""
+        """Run the `launcher` command against this launcher (in the launcher's environment)."""
         return subprocess.run(
             [sys.executable, "-m", "launcher.cli", *args, "--data-dir", str(self.data_dir)],
             input=stdin.decode() if stdin else None, capture_output=True, text=True, timeout=60, cwd=ROOT,
+            env=self.env,
         )
 
     def kill(self, sig: int = signal.SIGKILL) -> None:

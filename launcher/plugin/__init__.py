@@ -13,7 +13,9 @@ has one home):
 - `spec`: the instance model, `InstanceSpec` (with `Networking` and `StorageEntry`), resources already filled
   from the node's defaults, and the image-id rule.
 - `identity`: what a START's meta-data means for the guest (instance-id, hostname, SSH keys), whatever the
-  seed format, and the hostname rule.
+  seed format or virtualizer: `parse_meta_data` (the text), `read_identity`, and the hostname rule.
+- `guest_network`: what a START's `networking` means for the guest's address: the MAC, the static address
+  (private_ip in subnet) and the default-gateway rule, for a VM's seed and a container's engine network alike.
 - `volumes`: what a START's `storage` entries mean (boot, local, ephemeral, swap, tags, the disk plan), the same
   for every virtualizer, carried out on a backend's volume store; `MAX_VOLUMES`.
 - `errors`: ciao's error codes and the exceptions: `LauncherError`, `VirtualizerError` for a failed call,

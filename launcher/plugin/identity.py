@@ -16,8 +16,13 @@ a hostname must pass `hostname_problem`. SSH keys may be one string (one key a l
 mapping of key names to a string or a list of strings; each key is one non-empty line. Every other key is kept,
 in its order, for the seed writer to pass through.
 
-The payload parser checks the meta-data with `read_identity` (a bad one is `invalid_data`), and the qemu
-virtualizer writes its seed from it, so a START that parses gets the identity it asked for.
+Meta-data text (`parse_meta_data`) is YAML or JSON (JSON is YAML) holding a mapping with string keys, as ciao
+sends it (for instance ``{"uuid": "ciao", "hostname": "ciao"}``); blank text, or a document that is null, is an
+empty mapping, anything else a `MetaDataError`.
+
+The payload parser checks the meta-data with `read_identity` (a bad one is `invalid_data`), and every virtualizer
+reads it with `parse_meta_data` and `read_identity` (the qemu virtualizer's seed, the docker virtualizer's
+container hostname), so a START that parses gets the identity it asked for.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import attrs
+import yaml
 
 INSTANCE_ID_KEYS = ("instance-id", "uuid")
 HOSTNAME_KEYS = ("local-hostname", "hostname")
@@ -36,6 +42,12 @@ IDENTITY_KEYS = frozenset(INSTANCE_ID_KEYS + HOSTNAME_KEYS + PUBLIC_KEYS_KEYS)
 MAX_HOSTNAME_LEN = 253  # RFC 1123 (a name in DNS)
 MAX_LABEL_LEN = 63  # RFC 1123; also the longest name Linux takes as its hostname is 64 bytes
 _LABEL_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+# yaml.safe_load, with libyaml's implementation when available (several times faster)
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class MetaDataError(ValueError):
+    """Meta-data text that is not a mapping with string keys; the message begins with "meta-data: "."""
 
 
 class IdentityError(ValueError):
@@ -77,6 +89,32 @@ def hostname_problem(name: str) -> str | None:
 def default_hostname(instance_uuid: str) -> str:
     """The hostname of a guest whose meta-data names none: its uuid, cut to a valid label."""
     return instance_uuid[:MAX_LABEL_LEN].rstrip("-") or "instance"
+
+
+def parse_meta_data(text: str | bytes) -> dict[str, Any]:
+    """The meta-data mapping of `text` (YAML or JSON); blank text or a null document is an empty one.
+    MetaDataError ("meta-data: ...") for text that does not parse or is not a mapping with string keys."""
+    if not text.strip():
+        return {}
+    try:
+        value = yaml.load(text, Loader=_YAML_LOADER)
+    except yaml.YAMLError as exc:
+        raise MetaDataError(f"meta-data: not valid YAML or JSON: {yaml_problem(exc)}") from None
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise MetaDataError(f"meta-data: must be a mapping, got {type(value).__name__}")
+    for key in value:
+        if not isinstance(key, str):
+            raise MetaDataError(f"meta-data: keys must be strings, got {key!r}")
+    return value
+
+
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """What is wrong with a YAML text, and where, on one line."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        return f"{exc.problem} (line {exc.problem_mark.line + 1}, column {exc.problem_mark.column + 1})"
+    return " ".join(str(exc).split())
 
 
 def read_identity(metadata: Mapping[str, Any]) -> GuestIdentity:

@@ -9,10 +9,9 @@ Identity
     instance-id is the instance uuid and the hostname the uuid cut to 63 characters.
 
 Meta-data
-    YAML or JSON text (JSON is YAML) holding a mapping with string keys, as ciao sends it (for instance
-    ``{"uuid": "ciao", "hostname": "ciao"}``). Blank text, or a document that is null, means an empty mapping.
-    Anything else (unparseable text, a list, a scalar) is an error. Keys other than the identity's are passed
-    through unchanged, in their order.
+    YAML or JSON text holding a mapping with string keys, read by `launcher.plugin.identity.parse_meta_data`
+    (blank text or a null document is an empty mapping; anything else is an error). Keys other than the
+    identity's are passed through unchanged, in their order.
 
 Devices
     `make_seed`'s ``devices`` (OpenStack's device role tagging, `launcher.plugin.volumes.devices_metadata`: one
@@ -25,7 +24,8 @@ Networking
     Used only when it has a ``vnic_mac`` (six hex octets joined by ``:``, written lower-case). The NIC is matched
     by that MAC and named ``eth0`` in both formats. The address is static when both ``private_ip`` and ``subnet``
     are given (``private_ip`` must be a host address of the IPv4 CIDR ``subnet``; its prefix length is the
-    subnet's); otherwise the guest asks DHCP. The node's `GuestNetwork` settings (``qemu.guest_network``) add:
+    subnet's: `launcher.plugin.guest_network`, the rule containers follow too); otherwise the guest asks DHCP.
+    The node's `GuestNetwork` settings (``qemu.guest_network``) add:
     a default route for a static address (``gateway``: the subnet's first host, as ciao's networks used, an
     address in the subnet, or none; never the instance's own address), DNS servers and search domains (static
     or DHCP), and the MTU. Both formats carry the same configuration, so that cloud-init renders the same one
@@ -75,8 +75,18 @@ import pycdlib
 import yaml
 from pycdlib.pycdlibexception import PyCdlibException
 
+from launcher.plugin import guest_network
 from launcher.plugin.files import atomic_write
-from launcher.plugin.identity import GuestIdentity, IdentityError, default_hostname, hostname_problem, read_identity
+from launcher.plugin.guest_network import GATEWAYS, NetworkError
+from launcher.plugin.identity import (
+    GuestIdentity,
+    IdentityError,
+    MetaDataError,
+    default_hostname,
+    hostname_problem,
+    parse_meta_data,
+    read_identity,
+)
 from launcher.plugin.spec import Networking
 
 SEED_FORMATS = ("nocloud", "configdrive")
@@ -84,12 +94,9 @@ SEED_FORMATS = ("nocloud", "configdrive")
 _LABELS = {"nocloud": "cidata", "configdrive": "config-2"}
 _OPENSTACK = "openstack/latest"
 _GUEST_NIC = "eth0"  # the name the matched NIC gets in both formats
-GATEWAYS = ("first_host", "none")  # or an IPv4 address
-_MAC_RE = re.compile(r"[0-9a-fA-F]{2}(?::[0-9a-fA-F]{2}){5}")
 _NOT_D_CHARACTER = re.compile(r"[^A-Z0-9_]")
 _YAML_WIDTH = 1 << 30  # never fold a long scalar over several lines
-# yaml.safe_load / safe_dump, with libyaml's implementation when available (several times faster)
-_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+# yaml.safe_dump, with libyaml's implementation when available (several times faster)
 _YAML_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 
 
@@ -192,21 +199,11 @@ def make_seed(fmt: str, instance_uuid: str, user_data: str, meta_data: str, netw
 
 
 def _parse_meta_data(text: bytes) -> dict[str, Any]:
-    """The meta-data mapping; blank text or a null document is an empty one."""
-    if not text.strip():
-        return {}
+    """The meta-data mapping (`launcher.plugin.identity.parse_meta_data`), its error a SeedError."""
     try:
-        value = yaml.load(text, Loader=_YAML_LOADER)
-    except yaml.YAMLError as exc:
-        raise SeedError(f"meta-data: not valid YAML or JSON: {_yaml_problem(exc)}") from None
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise SeedError(f"meta-data: must be a mapping, got {type(value).__name__}")
-    for key in value:
-        if not isinstance(key, str):
-            raise SeedError(f"meta-data: keys must be strings, got {key!r}")
-    return value
+        return parse_meta_data(text)
+    except MetaDataError as exc:
+        raise SeedError(str(exc)) from None
 
 
 def _with_devices(meta: dict[str, Any], devices: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -225,55 +222,18 @@ def _utf8(text: str, field: str) -> bytes:
 
 
 def _nic(networking: Networking, settings: GuestNetwork) -> _Nic | None:
-    """The validated network config of `networking` with the node's settings; None without a MAC."""
-    if not networking.vnic_mac:
-        return None
-    if _MAC_RE.fullmatch(networking.vnic_mac) is None:
-        raise SeedError(
-            f"networking.vnic_mac {networking.vnic_mac!r:.60} is not a MAC address (xx:xx:xx:xx:xx:xx)"
-        )
-    mac = networking.vnic_mac.lower()
-    interface = _static_address(networking)
-    gateway = None if interface is None else _gateway(interface, settings.gateway)
+    """The validated network config of `networking` with the node's settings; None without a MAC. The address
+    rules are `launcher.plugin.guest_network`'s; their errors are SeedErrors."""
+    try:
+        mac = guest_network.mac(networking)
+        if not mac:
+            return None
+        interface = guest_network.static_address(networking)
+        gateway = None if interface is None else guest_network.default_gateway(
+            interface, settings.gateway, "qemu.guest_network.gateway")
+    except NetworkError as exc:
+        raise SeedError(str(exc)) from None
     return _Nic(mac, interface, gateway, settings.dns_servers, settings.dns_search, settings.mtu)
-
-
-def _static_address(networking: Networking) -> ipaddress.IPv4Interface | None:
-    """The static address of `networking`, None for DHCP (no private_ip or no subnet)."""
-    if not (networking.private_ip and networking.subnet):
-        return None
-    subnet = _subnet(networking.subnet)
-    try:
-        ip = ipaddress.IPv4Address(networking.private_ip)
-    except ValueError:
-        raise SeedError(f"networking.private_ip {networking.private_ip!r:.60} is not an IPv4 address") from None
-    if ip not in subnet:
-        raise SeedError(f"networking.private_ip {ip} is not in subnet {subnet}")
-    if subnet.prefixlen < 31 and ip in (subnet.network_address, subnet.broadcast_address):
-        raise SeedError(f"networking.private_ip {ip} is not a host address of subnet {subnet}")
-    return ipaddress.IPv4Interface((ip, subnet.prefixlen))
-
-
-def _gateway(interface: ipaddress.IPv4Interface, setting: str) -> ipaddress.IPv4Address | None:
-    """The default gateway of a static address: none, the subnet's first host, or the configured address (which
-    must be in the subnet). Never the instance's own address (then it has no default route)."""
-    subnet = interface.network
-    if setting == "none" or (setting == "first_host" and subnet.prefixlen >= 31):
-        return None
-    gateway = subnet.network_address + 1 if setting == "first_host" else ipaddress.IPv4Address(setting)
-    if gateway not in subnet:
-        raise SeedError(f"the gateway {gateway} (qemu.guest_network.gateway) is not in networking.subnet {subnet}")
-    return None if gateway == interface.ip else gateway
-
-
-def _subnet(cidr: str) -> ipaddress.IPv4Network:
-    """The IPv4 network of `cidr` ("a.b.c.d/n"; host bits may be set)."""
-    try:
-        if "/" not in cidr:
-            raise ValueError(cidr)
-        return ipaddress.IPv4Network(cidr, strict=False)
-    except ValueError:
-        raise SeedError(f"networking.subnet {cidr!r:.60} is not an IPv4 CIDR (a.b.c.d/n)") from None
 
 
 def _nocloud_files(
@@ -363,13 +323,6 @@ def _json(value: Mapping[str, Any]) -> bytes:
     """Strict JSON (no NaN) indented by 2, with a final newline. TypeError or ValueError if `value` has no JSON
     form."""
     return (json.dumps(value, indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode()
-
-
-def _yaml_problem(exc: yaml.YAMLError) -> str:
-    """What is wrong, and where, on one line."""
-    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
-        return f"{exc.problem} (line {exc.problem_mark.line + 1}, column {exc.problem_mark.column + 1})"
-    return " ".join(str(exc).split())
 
 
 # --------------------------------------------------------------------------------------------------------------------
