@@ -14,6 +14,7 @@ from config_reference import reference_table, rows
 from launcher.core import config
 from launcher.core.config import Config
 from launcher.plugin.settings import ConfigError, parse_section
+from virtualizers.docker.settings import DockerSettings
 from virtualizers.qemu.settings import QemuSettings
 from virtualizers.simulation.settings import SimulationSettings
 
@@ -47,29 +48,35 @@ QEMU_DEFAULTS: dict[str, Any] = {
     "ovmf_vars": Path("/usr/share/OVMF/OVMF_VARS_4M.fd"), "destroy_orphans": False, "libvirt_threads": 8,
     "libvirt_timeout_s": 60.0, "state_poll_s": 5.0,
 }
+DOCKER_DEFAULTS: dict[str, Any] = {
+    "socket": "unix:///run/docker.sock", "api_version": "1.41", "image_dir": Path(""), "pull": False, "network": "",
+    "disk_quota": False, "name_prefix": "launcher-", "call_timeout_s": 30.0, "image_timeout_s": 600.0, "poll_s": 5.0,
+    "console_max_bytes": 2097152, "console_backups": 3, "destroy_orphans": False,
+}
 SIMULATION_DEFAULTS: dict[str, Any] = {"mode": "memory", "boot_delay_s": 0.05, "stop_delay_s": 0.0, "failures": ()}
 
 
-def settings_of(loaded: Config) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """The launcher's own settings, and the qemu and simulation sections as their backends parse them, as plain
-    values."""
+def settings_of(loaded: Config) -> tuple[dict[str, Any], ...]:
+    """The launcher's own settings, and the qemu, simulation and docker sections as their backends parse them, as
+    plain values."""
     def plain(settings: attrs.AttrsInstance) -> dict[str, Any]:
         return attrs.asdict(settings)
 
     sections = loaded.sections
     return ({key: value for key, value in plain(loaded).items() if key != "sections"},
             plain(parse_section(QemuSettings, sections.get("qemu", {}), "qemu.")),
-            plain(parse_section(SimulationSettings, sections.get("simulation", {}), "simulation.")))
+            plain(parse_section(SimulationSettings, sections.get("simulation", {}), "simulation.")),
+            plain(parse_section(DockerSettings, sections.get("docker", {}), "docker.")))
 
 
 def test_the_defaults_are_the_documented_ones() -> None:
-    assert settings_of(config.load(None)) == (DEFAULTS, QEMU_DEFAULTS, SIMULATION_DEFAULTS)
+    assert settings_of(config.load(None)) == (DEFAULTS, QEMU_DEFAULTS, SIMULATION_DEFAULTS, DOCKER_DEFAULTS)
 
 
 def test_shipped_file_states_the_defaults() -> None:
     shipped = config.load(SHIPPED)
-    assert sorted(shipped.sections) == ["qemu", "simulation"]  # each virtualizer's section is there
-    assert settings_of(shipped) == (DEFAULTS, QEMU_DEFAULTS, SIMULATION_DEFAULTS)
+    assert sorted(shipped.sections) == ["docker", "qemu", "simulation"]  # each virtualizer's section is there
+    assert settings_of(shipped) == (DEFAULTS, QEMU_DEFAULTS, SIMULATION_DEFAULTS, DOCKER_DEFAULTS)
 
 
 def test_the_configuration_page_holds_the_reference() -> None:
@@ -83,7 +90,7 @@ def test_the_shipped_file_names_every_setting_and_what_it_does() -> None:
     not only those whose default differs), each with what it does."""
     settings = [(path, comment) for path, value, comment in rows(SHIPPED.read_text()) if value]
     paths = (_setting_paths(config.Config, "") + _setting_paths(QemuSettings, "qemu.")
-             + _setting_paths(SimulationSettings, "simulation."))
+             + _setting_paths(SimulationSettings, "simulation.") + _setting_paths(DockerSettings, "docker."))
     assert "qemu.volumes.detach_timeout_s" in paths and "timeouts.volume_s" in paths  # the walk reaches leaves
     assert sorted(path for path, _ in settings) == sorted(p for p in paths if p != "sections")
     assert [path for path, comment in settings if not comment] == []

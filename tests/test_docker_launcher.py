@@ -1,21 +1,16 @@
 """The docker virtualizer end to end: a real `launcher serve` with `virtualizer: docker` and a real Docker Engine.
 START (vm_type docker) → running with the payload's hostname, limits and MAC inside; a container that exits is
 `exited` with its exit code in `container_exited`; STOP / RESTART / DELETE; kill -9 of the launcher and a restart
-reconnect without restarting the container; hard reset leaves a foreign container alone.
-
-Until the branch is installed (pip install -e), the venv's metadata lacks the ``docker`` entry point; the tests
-then give the launcher process a dist-info dir that declares it (`entry_point_shim`)."""
+reconnect without restarting the container; hard reset leaves a foreign container alone."""
 
 # ruff: noqa: F811 (fixtures imported from docker_support are test arguments)
 
 from __future__ import annotations
 
 import json
-import os
 import time
 import uuid as uuid_module
 from collections.abc import Callable, Iterator
-from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
@@ -35,32 +30,17 @@ from docker_support import (  # noqa: F401 (fixtures)
 
 from launcher.cli.client import Client
 
-ROOT = Path(__file__).resolve().parent.parent
 MIB = 1 << 20
 
 
-@pytest.fixture(scope="session")
-def entry_point_shim(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """The environment a launcher process needs to find the docker entry point: nothing once it is installed."""
-    if any(ep.name == "docker" for ep in entry_points(group="launcher.virtualizers")):
-        return {}
-    shim = tmp_path_factory.mktemp("entry-point")
-    info = shim / "launcher_docker_shim-0.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: launcher-docker-shim\nVersion: 0\n")
-    (info / "entry_points.txt").write_text(
-        "[launcher.virtualizers]\ndocker = virtualizers.docker.backend:open_backend\n")
-    return {"PYTHONPATH": os.pathsep.join([str(ROOT), str(shim)])}
-
-
 @pytest.fixture
-def docker_launcher(tmp_path: Path, entry_point_shim: dict[str, str], docker_network: str, busybox_rootfs: Path,
+def docker_launcher(tmp_path: Path, docker_network: str, busybox_rootfs: Path,
                     image_ref: str) -> Iterator[LauncherProcess]:
     image_dir = tmp_path / "images"
     put_rootfs(image_dir, image_ref, busybox_rootfs)
     data_dir = tmp_path / "data"
     launcher = LauncherProcess(data_dir, {"virtualizer": "docker", "docker": {
-        "image_dir": str(image_dir), "network": docker_network}}, env=entry_point_shim)
+        "image_dir": str(image_dir), "network": docker_network}})
     launcher.start()
     yield launcher
     launcher.kill()
