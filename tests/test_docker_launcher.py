@@ -120,6 +120,20 @@ def test_start_stop_restart_delete_and_a_container_that_exits(docker_launcher: L
     assert (docker_launcher.data_dir / "instances" / other / "console.log").read_text() == "bye\n"
 
 
+def test_an_oom_killed_container_is_exited_with_the_reason(docker_launcher: LauncherProcess, image_ref: str) -> None:
+    """A container whose command needs more than its mem_mb is killed by the kernel's OOM killer: the instance is
+    `exited` and `container_exited` says so (exit code 137, oom_killed), as its launcher.log does."""
+    client = docker_launcher.client()
+    uuid = str(uuid_module.uuid4())
+    hog = ["sh", "-c", "x=$(head -c 67108864 /dev/zero | tr '\\0' a); sleep 60"]  # 64 MiB in a 32 MiB container
+    client.request("POST", "/v1/instances", start_payload(uuid, image_ref, [hog], mem_mb=32), "application/json")
+    wait_for("the container to be OOM-killed", lambda: state(client, uuid) == "exited", timeout=60)
+    [exited] = events(client, "container_exited", uuid)
+    assert (exited["exit_code"], exited["oom_killed"]) == (137, True), exited
+    log = b"".join(client.stream(f"/v1/instances/{uuid}/log", read_timeout=10)).decode()
+    assert "killed by the OOM killer" in log
+
+
 def test_kill_9_and_restart_reconnects_without_restarting_the_container(docker_launcher: LauncherProcess,
                                                                         image_ref: str) -> None:
     client = docker_launcher.client()
