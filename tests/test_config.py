@@ -51,7 +51,7 @@ QEMU_DEFAULTS: dict[str, Any] = {
 DOCKER_DEFAULTS: dict[str, Any] = {
     "socket": "unix:///run/docker.sock", "api_version": "1.41", "image_dir": Path(""), "pull": False, "network": "",
     "disk_quota": False, "name_prefix": "launcher-", "call_timeout_s": 30.0, "image_timeout_s": 600.0, "poll_s": 5.0,
-    "console_max_bytes": 2097152, "console_backups": 3, "destroy_orphans": False,
+    "console_max_bytes": 2097152, "console_backups": 3, "destroy_orphans": False, "allow_privileged": False,
 }
 SIMULATION_DEFAULTS: dict[str, Any] = {"mode": "memory", "boot_delay_s": 0.05, "stop_delay_s": 0.0, "failures": ()}
 

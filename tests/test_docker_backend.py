@@ -55,6 +55,11 @@ async def test_check_start_says_what_a_container_needs(tmp_path: Path) -> None:
             "start.image_uuid: must be empty for a container (its image is docker_image)"
         with_storage = InstanceSpec(instance_uuid="a", docker_image="b", storage=(StorageEntry(id="v", boot=True),))
         assert (backend.check_start(with_storage) or "").startswith("start.storage: not supported for a container")
+        privileged = InstanceSpec(instance_uuid="a", docker_image="b", privileged=True)
+        assert backend.check_start(privileged) == ("start.requirements.privileged: privileged containers are not "
+                                                   "allowed on this node (docker.allow_privileged)")
+    async with open_backend({"allow_privileged": True}, host(tmp_path, Recorder())) as backend:
+        assert backend.check_start(privileged) is None
 
 
 async def test_settings_are_checked_by_key(tmp_path: Path) -> None:

@@ -63,6 +63,9 @@ class DockerBackend:
             return "start.image_uuid: must be empty for a container (its image is docker_image)"
         if spec.storage:
             return "start.storage: not supported for a container (the docker virtualizer keeps no volumes)"
+        if spec.privileged and not self.settings.allow_privileged:
+            return ("start.requirements.privileged: privileged containers are not allowed on this node "
+                    "(docker.allow_privileged)")
         return None
 
     async def preflight(self) -> None:

@@ -51,6 +51,9 @@ class DockerSettings:
     console_max_bytes: int = attrs.field(default=2 * MIB, validator=at_least(4096))  # as virtlogd's max_size
     console_backups: int = attrs.field(default=3, validator=at_most(20))  # console.log.1 .. .N, as max_backups
     destroy_orphans: bool = False  # remove containers of ours that have no instance dir (else report only)
+    # Whether a START may ask for a privileged container (requirements.privileged, as ciao HEAD honoured it): a
+    # privileged container is root on the host, so a node must opt in.
+    allow_privileged: bool = False
 
     def image_root(self, data_dir: Path) -> Path:
         """The image dir: `image_dir`, or <data_dir>/docker-images if it is not set."""
