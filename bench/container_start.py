@@ -4,7 +4,8 @@
 
 One real `launcher serve` with `virtualizers: [qemu, docker]` (the Docker Engine of `.ci/docker-up`, libvirtd of
 `.ci/libvirt-up`). Each round, interleaved (alternating which goes first): a START of a container
-(`vm_type: docker`, the busybox-static image of tests/guest/container.py, its `runcmd` a long sleep) and a
+(`vm_type: docker`, the busybox-static image of tests/guest/container.py, its `runcmd` a long sleep, with its
+MAC and address on the engine network `launcher-test`, made if missing, as the tests use it) and a
 START of a VM (`vm_type: qemu`, the tiny test guest of tests/guest/build.py, legacy firmware), each
 `POST /v1/instances?wait=1` timed until the launcher answers `running`; then each is deleted (not timed). The
 first round of each (image load into the engine, image import into the qemu store) is a warm-up, not counted.
@@ -43,6 +44,15 @@ WORK_ROOT = Path("/var/tmp/launcher-bench")  # QEMU runs as libvirt-qemu: it mus
 VM_IMAGE_ID = "bench-guest"
 CONTAINER_IMAGE = "launcher-bench/busybox:1"  # found as <image_dir>/launcher-bench/busybox/1.rootfs.tar
 CONTAINER_USER_DATA = "#cloud-config\nruncmd:\n  - [sleep, '3600']\n"
+NETWORK, SUBNET = "launcher-test", "172.31.250.0/24"  # tests/docker_support.py's
+DOCKER = ["docker", "-H", "unix:///run/docker.sock"]
+
+
+def engine_network() -> None:
+    """The engine network the containers join (a bridge with a subnet, no NAT), made if it is missing."""
+    if subprocess.run([*DOCKER, "network", "inspect", NETWORK], capture_output=True).returncode != 0:
+        subprocess.run([*DOCKER, "network", "create", "--driver", "bridge", "--subnet", SUBNET, NETWORK],
+                       check=True, capture_output=True, timeout=60)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -62,7 +72,7 @@ def prepare(work: Path) -> Path:
     config.write_text(yaml.safe_dump({
         "listen": "127.0.0.1:0", "virtualizers": ["qemu", "docker"],
         "qemu": {"image_dirs": [str(vm_images)]},
-        "docker": {"image_dir": str(work / "container-images")},
+        "docker": {"image_dir": str(work / "container-images"), "network": NETWORK},
         "admission": {"vcpu_overcommit": 64.0},
     }))
     return config
@@ -96,7 +106,10 @@ def stop_launcher(proc: subprocess.Popen[bytes], work: Path) -> None:
 def start_body(uuid: str, kind: str) -> bytes:
     start: dict[str, Any] = {"instance_uuid": uuid, "vm_type": kind, "requirements": {"vcpus": 1, "mem_mb": 128}}
     if kind == "docker":
+        n = int(uuid[1:8], 16)
         start["docker_image"] = CONTAINER_IMAGE
+        start["networking"] = {"vnic_mac": f"02:42:be:00:{n >> 8 & 255:02x}:{n & 255:02x}", "subnet": SUBNET,
+                               "private_ip": f"172.31.250.{200 + n % 50}"}
         return json.dumps({"start": start, "user_data": CONTAINER_USER_DATA}).encode()
     start.update(image_uuid=VM_IMAGE_ID, fw_type="legacy")
     return json.dumps({"start": start}).encode()
@@ -123,6 +136,7 @@ def main() -> None:
     WORK_ROOT.mkdir(mode=0o711, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="containers-", dir=WORK_ROOT))
     work.chmod(0o711)
+    engine_network()
     config = prepare(work)
     proc, client = start_launcher(work, config)
     times: dict[str, list[float]] = {"docker": [], "qemu": []}
