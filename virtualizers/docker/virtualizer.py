@@ -145,7 +145,7 @@ class DockerVirtualizer:
         except (userdata.UserDataError, container.ContainerSpecError) as exc:
             raise self._fail(IMAGE_FAILURE, str(exc)) from exc
         try:
-            await self._remove(IMAGE_FAILURE)
+            await self._remove()
             await self._engine.call("POST", "/containers/create", params={"name": self._name}, body=params.body)
             if user.files:
                 await self._engine.call("PUT", f"{self._path}/archive", params={"path": "/"},
@@ -165,7 +165,7 @@ class DockerVirtualizer:
         self._step_done("disk", started, f"container {self._name} created (hostname {params.hostname}, "
                                          f"{command}{files})")
 
-    async def _remove(self, code: str) -> bool:
+    async def _remove(self) -> bool:
         """Remove the container (with its writable layer and anonymous volumes) if it exists; whether it did."""
         try:
             await self._engine.call("DELETE", self._path, params={"force": True, "v": True})
@@ -177,13 +177,13 @@ class DockerVirtualizer:
 
     async def _remove_quietly(self) -> None:
         try:
-            await self._remove(IMAGE_FAILURE)
+            await self._remove()
         except (EngineError, NoAnswer) as exc:
             self._log(f"cannot remove container {self._name}: {exc}")
 
     async def delete_image(self) -> None:
         try:
-            removed = await self._remove(STOP_FAILURE)
+            removed = await self._remove()
         except (EngineError, NoAnswer) as exc:
             self._log(f"cannot remove container {self._name}: {exc}")
             raise self._fail(STOP_FAILURE, f"cannot remove container {self._name}: {exc}") from exc
