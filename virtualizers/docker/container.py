@@ -16,8 +16,8 @@
   IPAM gives; the network's gateway is the default route. With no network configured the container has none
   (loopback only), and a payload's MAC and address are noted as unused;
 - an init process (the engine's docker-init) as PID 1, so that SIGTERM reaches the command; restart policy
-  ``no`` (the launcher decides); ``privileged`` as the START says (ciao did the same) where ``docker.allow_privileged`` lets it (the backend's
-  check_start refuses it otherwise);
+  ``no`` (the launcher decides); ``privileged`` as the START says (ciao did the same) where
+  ``docker.allow_privileged`` lets it (the backend's check_start refuses it otherwise);
 - the engine's own copy of the output (json-file driver) bounded to ``docker.console_max_bytes``.
 """
 
