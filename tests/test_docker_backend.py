@@ -35,6 +35,7 @@ from launcher.plugin.protocol import MonitorEvent
 from launcher.plugin.settings import ConfigError
 from launcher.plugin.spec import InstanceSpec, StorageEntry
 from virtualizers.docker.backend import DockerBackend, open_backend
+from virtualizers.simulation.backend import open_backend as open_simulation
 
 DOCKERD_PIDFILE = Path("/var/run/docker.pid")
 SLEEP = '#cloud-config\n{"runcmd": [["sleep", "600"]]}'
@@ -53,8 +54,18 @@ async def test_check_start_says_what_a_container_needs(tmp_path: Path) -> None:
             "start.docker_image: required for a container"
         assert backend.check_start(InstanceSpec(instance_uuid="a", docker_image="b", image_uuid="c")) == \
             "start.image_uuid: must be empty for a container (its image is docker_image)"
-        with_storage = InstanceSpec(instance_uuid="a", docker_image="b", storage=(StorageEntry(id="v", boot=True),))
-        assert (backend.check_start(with_storage) or "").startswith("start.storage: not supported for a container")
+        with_storage = InstanceSpec(instance_uuid="a", docker_image="b", storage=(StorageEntry(id="v"),))
+        assert backend.check_start(with_storage) == ("start.storage: this node has no volume store a container can "
+                                                     "use (enable a virtualizer that keeps volumes, such as qemu)")
+        async with open_simulation({}, host(tmp_path, Recorder())) as simulation:
+            backend.use_volume_store(simulation.volumes)  # what the launcher lends it: the node's store
+            assert backend.check_start(with_storage) is None
+            booting = InstanceSpec(instance_uuid="a", docker_image="b", storage=(StorageEntry(id="v", boot=True),))
+            assert backend.check_start(booting) == "start.storage[0].boot: a container does not boot from a volume"
+            local = InstanceSpec(instance_uuid="a", docker_image="b",
+                                 storage=(StorageEntry(id="w"), StorageEntry(id="v", local=True, size=1)))
+            assert backend.check_start(local) == ("start.storage[1].local: a container mounts existing volumes only "
+                                                  "(create a raw one through /v1/volumes first)")
         privileged = InstanceSpec(instance_uuid="a", docker_image="b", privileged=True)
         assert backend.check_start(privileged) == ("start.requirements.privileged: privileged containers are not "
                                                    "allowed on this node (docker.allow_privileged)")

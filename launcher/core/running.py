@@ -26,7 +26,19 @@ from launcher.durable.logs import InstanceLogs
 from launcher.durable.persist import Persister
 from launcher.plugin import files
 from launcher.plugin.host import BackendHost
-from launcher.plugin.protocol import Backend, OpenBackend
+from launcher.plugin.protocol import Backend, OpenBackend, VolumeCatalog, volume_catalog
+
+
+def _lend_volume_store(backends: dict[str, Backend]) -> None:
+    """Hand the node's volume store (the first backend's that keeps one, as /v1/volumes serves it) to each backend
+    without a store of its own that can use it (`Backend.use_volume_store`, e.g. docker's bind mounts)."""
+    store = next((c for c in map(volume_catalog, backends.values()) if c is not None), None)
+    if store is None:
+        return
+    for backend in backends.values():
+        use: Callable[[VolumeCatalog], None] | None = getattr(backend, "use_volume_store", None)
+        if use is not None and volume_catalog(backend) is None:
+            use(store)
 
 
 def journal_for(config: Config, limiter: trio.CapacityLimiter) -> EventJournal:
@@ -84,6 +96,7 @@ async def _core_under_lock(config: Config, openers: dict[str, OpenBackend]) -> A
                 preflight: Callable[[], Awaitable[None]] | None = getattr(backend, "preflight", None)
                 if preflight is not None:
                     await preflight()  # SetupError: `launcher serve` prints it and exits 2
+            _lend_volume_store(backends)
             async with trio.open_nursery() as actors:
                 supervisor = Supervisor(config, backends, journal, logs, persister, metrics)
                 await actors.start(supervisor.run)

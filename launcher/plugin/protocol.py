@@ -169,6 +169,9 @@ class Backend(Protocol):
       its VMs as configured; `launcher serve` awaits it before it serves (`launcher hard-reset` does not).
     - ``async destroy_all() -> list[str]``: `launcher hard-reset` calls it to destroy the VMs of this data dir
       that outlive the launcher process; their names.
+    - ``use_volume_store(store: VolumeCatalog) -> None``: a backend that keeps no volumes of its own but can give
+      its instances those of the node's store (the one /v1/volumes serves: another virtualizer's) is handed it
+      once every backend has run its preflight, before any instance is recovered or started. No I/O.
     - ``check_start(spec: InstanceSpec) -> str | None``: why this virtualizer cannot run `spec` as given, as
       "start.<field>: <reason>" (which image field it needs, what it does not support), or None. No I/O: the
       supervisor calls it at dispatch, before admission, and refuses the START with invalid_data.

@@ -8,11 +8,14 @@ the event stream (`events`, events.py, a task of the backend's nursery for the b
 
 - `preflight`: the engine answers (else a SetupError saying to start it: ``bash .ci/docker-up``), speaks the
   API version asked for, and has the configured network.
-- `check_start`: a container needs ``docker_image`` (and no ``image_uuid``); ``storage`` entries are refused
-  (this virtualizer keeps no volumes: docs/containers.md).
+- `check_start`: a container needs ``docker_image`` (and no ``image_uuid``); its ``storage`` entries name
+  existing volumes of the node's store (no boot, no local ones), which it mounts (mounts.py).
+- `use_volume_store`: the node's volume store (another virtualizer's, as /v1/volumes serves it), kept as
+  `node_volumes`; without one, a container has no volumes.
 - At start-up, the orphan scan: a container labelled with this data dir but without an instance dir is reported
   (``orphan_container`` event) and removed only when ``docker.destroy_orphans`` is set.
-- `destroy_all` (`launcher hard-reset`): removes every container labelled with this data dir, and no other.
+- `destroy_all` (`launcher hard-reset`): removes every container labelled with this data dir, and no other, and
+  unmounts their volumes.
 """
 
 from __future__ import annotations
@@ -27,9 +30,10 @@ import trio
 
 from launcher.plugin.errors import SetupError
 from launcher.plugin.host import BackendHost
+from launcher.plugin.protocol import VolumeCatalog
 from launcher.plugin.settings import parse_section
 from launcher.plugin.spec import InstanceSpec
-from virtualizers.docker import container
+from virtualizers.docker import container, mounts
 from virtualizers.docker.engine import NOT_FOUND, Engine, EngineError, NoAnswer, open_engine, path_part
 from virtualizers.docker.events import EventHub
 from virtualizers.docker.images import ImageLoader, LoadProgress
@@ -50,19 +54,34 @@ class DockerBackend:
     loader: ImageLoader
     events: EventHub
     name: str = attrs.field(default="docker", init=False)
+    # The node's volume store, lent by the launcher (`use_volume_store`); not `volumes`, which would make it this
+    # backend's own store, served at /v1/volumes.
+    node_volumes: VolumeCatalog | None = attrs.field(default=None, init=False)
+
+    def use_volume_store(self, store: VolumeCatalog) -> None:
+        """Keep the node's volume store, whose raw volumes containers mount (`Backend.use_volume_store`)."""
+        self.node_volumes = store
 
     def new_virtualizer(self) -> DockerVirtualizer:
         """A fresh DockerVirtualizer for one instance (`Backend.new_virtualizer`)."""
         return DockerVirtualizer(self)
 
     def check_start(self, spec: InstanceSpec) -> str | None:
-        """A container needs docker_image and takes no image_uuid or storage entries (`Backend.check_start`)."""
+        """A container needs docker_image and no image_uuid; its storage entries name existing volumes of the
+        node's store, and none boots (`Backend.check_start`)."""
         if not spec.docker_image:
             return "start.docker_image: required for a container"
         if spec.image_uuid:
             return "start.image_uuid: must be empty for a container (its image is docker_image)"
-        if spec.storage:
-            return "start.storage: not supported for a container (the docker virtualizer keeps no volumes)"
+        if spec.storage and self.node_volumes is None:
+            return ("start.storage: this node has no volume store a container can use (enable a virtualizer that "
+                    "keeps volumes, such as qemu)")
+        for index, entry in enumerate(spec.storage):
+            if entry.boot:
+                return f"start.storage[{index}].boot: a container does not boot from a volume"
+            if entry.local:
+                return (f"start.storage[{index}].local: a container mounts existing volumes only (create a raw one "
+                        "through /v1/volumes first)")
         if spec.privileged and not self.settings.allow_privileged:
             return ("start.requirements.privileged: privileged containers are not allowed on this node "
                     "(docker.allow_privileged)")
@@ -119,6 +138,12 @@ class DockerBackend:
         except NoAnswer as exc:
             raise SetupError(f"{SECTION}: the Docker Engine does not answer at {self.settings.socket}: start it "
                              f"(bash .ci/docker-up) to remove this data dir's containers ({exc})") from exc
+        for uuid in await mounts.instances_with_mounts(self.host.data_dir, self.host.limiter):
+            try:
+                for volume in await mounts.unmount_all(self.host.data_dir, uuid, self.host.limiter):
+                    log.warning("hard reset: volume %s of instance %s unmounted", volume, uuid)
+            except mounts.MountError as exc:
+                raise SetupError(f"{SECTION}: {exc}") from exc
         return names
 
     async def handle_orphans(self) -> None:

@@ -15,6 +15,7 @@
   `launcher.plugin.guest_network` (``private_ip`` in ``subnet``) as its IPv4 address, else one the network's
   IPAM gives; the network's gateway is the default route. With no network configured the container has none
   (loopback only), and a payload's MAC and address are noted as unused;
+- volumes: each bound at ``/volumes/<volume id>`` from its host mount point (mounts.py);
 - an init process (the engine's docker-init) as PID 1, so that SIGTERM reaches the command; restart policy
   ``no`` (the launcher decides); ``privileged`` as the START says (ciao did the same) where
   ``docker.allow_privileged`` lets it (the backend's check_start refuses it otherwise);
@@ -23,6 +24,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,7 @@ from launcher.plugin import guest_network
 from launcher.plugin.guest_network import NetworkError
 from launcher.plugin.identity import IdentityError, MetaDataError, default_hostname, parse_meta_data, read_identity
 from launcher.plugin.spec import InstanceSpec
+from virtualizers.docker import mounts
 from virtualizers.docker.settings import DockerSettings
 from virtualizers.docker.userdata import ContainerUserData
 
@@ -75,9 +78,10 @@ class CreateParams:
     notes: tuple[str, ...] = ()
 
 
-def create_body(spec: InstanceSpec, settings: DockerSettings, data_dir: Path,
-                user: ContainerUserData) -> CreateParams:
-    """The create parameters of `spec`'s container (module doc); ContainerSpecError naming the field at fault."""
+def create_body(spec: InstanceSpec, settings: DockerSettings, data_dir: Path, user: ContainerUserData,
+                volume_ids: Sequence[str] = ()) -> CreateParams:
+    """The create parameters of `spec`'s container (module doc), with its volumes `volume_ids` bound at
+    /volumes/<id> (mounts.py); ContainerSpecError naming the field at fault."""
     notes: list[str] = []
     hostname = hostname_of(spec)
     host, _, domain = hostname.partition(".")
@@ -92,6 +96,8 @@ def create_body(spec: InstanceSpec, settings: DockerSettings, data_dir: Path,
         "LogConfig": {"Type": "json-file", "Config": {"max-size": str(settings.console_max_bytes), "max-file": "1"}},
         "NetworkMode": settings.network or "none",
     }
+    if volume_ids:
+        host_config["Binds"] = mounts.binds(data_dir, spec.instance_uuid, volume_ids)
     if spec.disk_mb and settings.disk_quota:
         host_config["StorageOpt"] = {"size": f"{spec.disk_mb}M"}
     elif spec.disk_mb:

@@ -29,6 +29,11 @@ call is an `engine.Engine` call, bounded (engine.py).
 ``attach_volume`` / ``detach_volume``
     not_supported, as in ciao: a container's mounts are fixed when it is created.
 
+Volumes (mounts.py): ``ensure_backing_image`` checks the START's volumes exist in the node's store and can be
+mounted (raw, a file); ``create_image`` binds them at ``/volumes/<id>``; ``start_vm`` mounts them on the host
+first; ``stop_vm`` unmounts them once the container is down, ``delete_image`` too, and deletes the ``ephemeral``
+ones (`launcher.plugin.volumes.remove_ephemeral_volumes`).
+
 Parts of a START (image, create, start) are ``step <name>: ... in <ms> ms`` lines in the instance's log and
 observations for /metrics (`BackendHost.observe_step`).
 """
@@ -49,13 +54,15 @@ from launcher.plugin.errors import (
     LAUNCH_FAILURE,
     NOT_SUPPORTED,
     STOP_FAILURE,
+    LauncherError,
     VirtualizerError,
 )
 from launcher.plugin.host import BackendHost
-from launcher.plugin.protocol import MonitorEvent, MonitorInbox, VmStats
+from launcher.plugin.protocol import MonitorEvent, MonitorInbox, VmStats, VolumeCatalog, VolumeInfo
 from launcher.plugin.spec import InstanceSpec
 from launcher.plugin.usage import CpuMeter
-from virtualizers.docker import console, container, userdata
+from launcher.plugin.volumes import remove_ephemeral_volumes
+from virtualizers.docker import console, container, mounts, userdata
 from virtualizers.docker.engine import CONFLICT, NOT_FOUND, NOT_MODIFIED, Engine, EngineError, NoAnswer, path_part
 from virtualizers.docker.events import EventHub
 from virtualizers.docker.images import ImageLoader, ImageLoadError
@@ -82,6 +89,7 @@ class DockerParts(Protocol):
     engine: Engine
     loader: ImageLoader  # not `images`: that name is a backend's ImageCatalog, which this backend has none of
     events: EventHub
+    node_volumes: VolumeCatalog | None  # the node's volume store, lent by the launcher
 
 
 @attrs.define(eq=False)
@@ -92,10 +100,12 @@ class DockerVirtualizer:
     _spec: InstanceSpec = attrs.field(init=False)
     _dir: Path = attrs.field(init=False)
     _cpu: CpuMeter = attrs.field(factory=CpuMeter, init=False)
+    _volumes: Callable[[], Sequence[str]] = attrs.field(init=False)
 
     def init(self, spec: InstanceSpec, instance_dir: Path, volumes: Callable[[], Sequence[str]]) -> None:
         self._spec = spec
         self._dir = instance_dir
+        self._volumes = volumes
 
     @property
     def _name(self) -> str:
@@ -125,9 +135,11 @@ class DockerVirtualizer:
     async def ensure_backing_image(self) -> None:
         if not self._spec.docker_image:
             raise self._fail(IMAGE_FAILURE, "a container needs start.docker_image")
-        if self._spec.storage:
-            raise self._fail(IMAGE_FAILURE, "storage entries are not supported for a container")
         started = time.monotonic()
+        for info in await self._volume_infos(IMAGE_FAILURE):
+            problem = mounts.volume_problem(info)
+            if problem is not None:
+                raise self._fail(IMAGE_FAILURE, problem)
         try:
             how = await self._backend.loader.ensure(self._spec.docker_image)
         except ImageLoadError as exc:
@@ -141,7 +153,7 @@ class DockerVirtualizer:
         try:
             user = userdata.read_user_data(user_data)
             params = container.create_body(attrs.evolve(self._spec, meta_data=meta_data), self._backend.settings,
-                                           self._backend.host.data_dir, user)
+                                           self._backend.host.data_dir, user, self._volumes())
         except (userdata.UserDataError, container.ContainerSpecError) as exc:
             raise self._fail(IMAGE_FAILURE, str(exc)) from exc
         try:
@@ -164,6 +176,28 @@ class DockerVirtualizer:
         command = "the image's command" if user.command is None else f"command {list(user.command)!r:.200}"
         self._step_done("disk", started, f"container {self._name} created (hostname {params.hostname}, "
                                          f"{command}{files})")
+
+    async def _volume_infos(self, code: str) -> list[VolumeInfo]:
+        """The instance's volumes as the node's store has them; `code` if one is missing or there is no store."""
+        ids = list(self._volumes())
+        if not ids:
+            return []
+        store = self._backend.node_volumes
+        if store is None:
+            raise self._fail(code, "this node has no volume store a container can use")
+        infos = []
+        for volume in ids:
+            try:
+                infos.append(await store.get(volume))
+            except LauncherError as exc:
+                raise self._fail(code, f"volume {volume}: {exc.reason}") from exc
+        return infos
+
+    async def _unmount(self) -> None:
+        """Unmount the instance's volumes from the host (logged); MountError if one stays mounted."""
+        host = self._backend.host
+        for volume in await mounts.unmount_all(host.data_dir, self._spec.instance_uuid, host.limiter):
+            self._log(f"volume {volume} unmounted")
 
     async def _remove(self) -> bool:
         """Remove the container (with its writable layer and anonymous volumes) if it exists; whether it did."""
@@ -189,11 +223,30 @@ class DockerVirtualizer:
             raise self._fail(STOP_FAILURE, f"cannot remove container {self._name}: {exc}") from exc
         if removed:
             self._log(f"container {self._name} removed (the image stays)")
+        try:
+            await self._unmount()
+        except mounts.MountError as exc:
+            raise self._fail(STOP_FAILURE, str(exc)) from exc
+        store = self._backend.node_volumes
+        if store is not None and self._spec.storage:
+            try:
+                deleted = await remove_ephemeral_volumes(store, self._spec, self._volumes())
+            except LauncherError as exc:
+                raise self._fail(STOP_FAILURE, f"cannot delete an ephemeral volume: {exc.reason}") from exc
+            for volume in deleted:
+                self._log(f"ephemeral volume {volume} deleted")
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
     async def start_vm(self) -> None:
         started = time.monotonic()
+        host = self._backend.host
+        try:
+            for line in await mounts.mount_all(host.data_dir, self._spec.instance_uuid,
+                                               await self._volume_infos(LAUNCH_FAILURE), host.limiter):
+                self._log(line)
+        except mounts.MountError as exc:
+            raise self._fail(LAUNCH_FAILURE, str(exc)) from exc
         try:
             await self._engine.call("POST", f"{self._path}/start", ok_statuses=(NOT_MODIFIED,))
         except (EngineError, NoAnswer) as exc:
@@ -292,15 +345,29 @@ class DockerVirtualizer:
             if grace <= 0:
                 await self._engine.call("POST", f"{self._path}/kill", params={"signal": "KILL"},
                                         ok_statuses=(NOT_FOUND, CONFLICT))
+                # The kill only sends the signal: down is once the engine says it no longer runs.
+                await self._engine.call("POST", f"{self._path}/wait", params={"condition": "not-running"},
+                                        ok_statuses=(NOT_FOUND,))
                 self._log("container killed (SIGKILL)")
-                return
-            seconds = math.ceil(grace)
-            await self._engine.call("POST", f"{self._path}/stop", params={"t": seconds},
-                                    timeout_s=seconds + self._backend.settings.call_timeout_s,
-                                    ok_statuses=(NOT_MODIFIED, NOT_FOUND))
-            self._log(f"container stopped (SIGTERM, SIGKILL after {seconds} s)")
+            else:
+                seconds = math.ceil(grace)
+                await self._engine.call("POST", f"{self._path}/stop", params={"t": seconds},
+                                        timeout_s=seconds + self._backend.settings.call_timeout_s,
+                                        ok_statuses=(NOT_MODIFIED, NOT_FOUND))
+                self._log(f"container stopped (SIGTERM, SIGKILL after {seconds} s)")
         except (EngineError, NoAnswer) as exc:
             raise self._fail(STOP_FAILURE, f"cannot stop container {self._name}: {exc}") from exc
+        # Only once it is down: a volume unmounted under a container that still runs would stay in use there, and
+        # the next start would mount its file system a second time.
+        await self._unmount_after_stop()
+
+    async def _unmount_after_stop(self) -> None:
+        """Take the volumes off the host once the container is down; one that stays mounted is only logged (the
+        next start keeps it, DELETE tries again)."""
+        try:
+            await self._unmount()
+        except mounts.MountError as exc:
+            self._log(str(exc))
 
     # -- figures -------------------------------------------------------------------------------------------
 
