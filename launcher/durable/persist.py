@@ -16,7 +16,13 @@ emptied; while running, once the log passes `checkpoint_bytes`, everything logge
 anything reads the instance dirs.
 
 An operation that fails after it was logged (e.g. ENOSPC) raises in its caller, which undoes it with another
-logged operation (a failed START removes its dir), so a replay ends in the state the callers reported.
+logged operation (a failed START removes its dir), so a replay ends in the state the callers reported. So that
+this is so even on a file system that fills up, a round's creates and writes are logged only while the file
+system has room for them applied (each file and dir, at least a block each) and for their undo, plus
+`ROOM_MARGIN_BYTES`: otherwise they fail with ENOSPC before anything is logged or made (one statvfs per round).
+Removals are always logged: they are how room is made. Without that, an append
+that fits in the log's last page could be acknowledged, its apply then fail, and its undo find no room to be
+logged, leaving a refused START's dir behind, and its record in the log for the next replay.
 Callers must not start two operations on one path at once (an actor awaits each of its own).
 
 The log is self-delimiting and checked record by record: each line is ``<crc32, 8 hex digits> <JSON>\n``. An
@@ -30,6 +36,7 @@ those after it; each skipped record is logged and passed to `on_dropped`.
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import logging
 import math
@@ -52,6 +59,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 WAL_FILE = "instances.wal"
+ROOM_MARGIN_BYTES = 256 << 10  # free space a round must leave on the data dir's file system (module doc)
+BLOCK_BYTES = 4096  # what a new file or dir takes at least
 MAX_BATCH = 1024
 APPLY_THREADS = 4  # own limit, so slow applies never keep a log round (the acknowledgements) waiting
 
@@ -150,6 +159,9 @@ class Persister:
 
         The append is a few KiB into the page cache, so it is done right here; only fdatasync goes to a
         thread: each return from a thread has to win the GIL back from the busy event loop."""
+        batch = self._refuse_without_room(batch)
+        if not batch:
+            return
         data = b"".join(_record(self.data_dir, op) for op in batch)
         if self._fragment:
             data = b"\n" + data
@@ -164,6 +176,20 @@ class Persister:
             self._cut_back(before)
             for op in batch:
                 op.error = exc
+
+    def _refuse_without_room(self, batch: list[_Op]) -> list[_Op]:
+        """Fail the round's creates and writes with ENOSPC if the file system has no room for them (module doc);
+        the operations left to log. Removals are always tried: they are how room is made."""
+        adding = [op for op in batch if op.kind != "remove"]
+        if not adding:
+            return batch
+        problem = _no_room(self.data_dir, adding)
+        if problem is None:
+            return batch
+        log.error("instance log: %s", problem.strerror)
+        for op in adding:
+            op.error = problem
+        return [op for op in batch if op.kind == "remove"]
 
     def _cut_back(self, length: int) -> None:
         """Cut the log back to `length` after a failed append (a quick metadata change, done right here)."""
@@ -207,6 +233,19 @@ class Persister:
         os.ftruncate(self._wal, 0)
         os.fsync(self._wal)
         self._wal_bytes = 0
+
+
+def _no_room(data_dir: Path, ops: list[_Op]) -> OSError | None:
+    """OSError(ENOSPC) if the data dir's file system lacks room for `ops`: their log lines (twice: with the
+    undo's), the files applied (each rounded up to blocks, plus a block for its dir), and `ROOM_MARGIN_BYTES`;
+    else None. One statvfs."""
+    need = ROOM_MARGIN_BYTES + sum(3 * (len(op.data) + 512) + 2 * BLOCK_BYTES for op in ops)
+    st = os.statvfs(data_dir)
+    free = st.f_bavail * st.f_frsize
+    if free >= need:
+        return None
+    return OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} ({free} bytes free in {data_dir}, "
+                                 f"{len(ops)} writes need {need})")
 
 
 async def _in_thread(fn: Callable[[int], None], fd: int) -> None:
