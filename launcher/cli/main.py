@@ -351,13 +351,15 @@ def _parser() -> argparse.ArgumentParser:
     serve = verbs.add_parser("serve", help="run the launcher")
     serve.add_argument("--config", type=Path, help="YAML configuration (default: built-in defaults)")
     serve.add_argument("--data-dir", type=Path)
-    serve.add_argument("--virtualizer")
+    serve.add_argument("--virtualizer", metavar="NAME", help="run this one virtualizer only (replaces the config's "
+                                                            "virtualizers list)")
     serve.add_argument("--listen", metavar="HOST:PORT")
 
     reset = verbs.add_parser("hard-reset", help="with the launcher stopped: destroy its VMs, forget every instance")
     reset.add_argument("--config", type=Path, help="YAML configuration (default: built-in defaults)")
     reset.add_argument("--data-dir", type=Path)
-    reset.add_argument("--virtualizer")
+    reset.add_argument("--virtualizer", metavar="NAME", help="only this virtualizer's VMs (replaces the config's "
+                                                            "virtualizers list)")
     reset.add_argument("--yes", action="store_true", help="really do it")
 
     def verb(name: str, run: Callable[[Client, argparse.Namespace], None], help_text: str,
