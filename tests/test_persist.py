@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import trio
 
-from launcher.durable.persist import WAL_FILE, Persister
+from launcher.durable.persist import ROOM_MARGIN_BYTES, WAL_FILE, Persister
 
 
 async def run_persister(data_dir: Path, nursery: trio.Nursery, **kw: int) -> Persister:
@@ -95,3 +99,45 @@ async def test_checkpoint_while_running_empties_the_log(tmp_path: Path) -> None:
         nursery.cancel_scope.cancel()
     assert (tmp_path / WAL_FILE).stat().st_size < 2000 + 200
     assert len(list((tmp_path / "instances").iterdir())) == 40
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A real 2 MiB tmpfs (the persister's data dir), unmounted afterwards."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=0755", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+async def test_creates_and_writes_need_room_to_be_applied_and_undone_removals_do_not(small_tmpfs: Path) -> None:
+    """With less free space than a create needs applied and undone (+ ROOM_MARGIN_BYTES), it fails with ENOSPC
+    before anything is logged or made, though its log line alone would fit in the log's last page; a write
+    likewise; a removal is logged and done all the same (it is how room is made). With room, a create works."""
+    instances = small_tmpfs / "instances"
+    instances.mkdir()
+    async with trio.open_nursery() as nursery:
+        p = await run_persister(small_tmpfs, nursery)
+        kept = instances / "aa" / "instance.json"
+        await p.create(kept, b"kept")
+        filler = small_tmpfs / "filler"
+        filler.write_bytes(b"\0" * (shutil.disk_usage(small_tmpfs).free - ROOM_MARGIN_BYTES // 2))
+        wal_before = (small_tmpfs / WAL_FILE).stat().st_size
+        refused = instances / "bb" / "instance.json"
+        with pytest.raises(OSError) as full:
+            await p.create(refused, b"x" * 100)
+        assert full.value.errno == errno.ENOSPC and "bytes free" in str(full.value)
+        with pytest.raises(OSError) as full:
+            await p.write(kept, b"changed")
+        assert full.value.errno == errno.ENOSPC
+        assert not refused.parent.exists() and kept.read_bytes() == b"kept"
+        assert (small_tmpfs / WAL_FILE).stat().st_size == wal_before  # nothing logged
+        await p.remove(kept.parent)  # no room asked: removing is how room is made
+        assert not kept.parent.exists()
+        filler.unlink()
+        await p.create(refused, b"x" * 100)
+        assert refused.read_bytes() == b"x" * 100
+        nursery.cancel_scope.cancel()
