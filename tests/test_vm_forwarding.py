@@ -49,6 +49,9 @@ NETWORK = ipaddress.IPv4Network("192.168.122.0/24")  # libvirt's `default` netwo
 GATEWAY = "192.168.122.1"
 HOST_END, FAR_END = "10.99.0.1", "10.99.0.2"  # the veth pair: the host's end, the namespace's end
 PROBE_NET = "10.99.0.0/24"
+# The guest's `guest-net` line (tests/guest/init), whole.
+GUEST_NET_LINE = re.compile(r"guest-net addr=(?P<addr>\S+) gw=(?P<gw>\S+) probe=(?P<probe>\S+) "
+                            r"reached=(?P<reached>yes|no)\s*$")
 PROBE_TIMEOUT_S = 240.0  # two tiny guests booting at once under TCG, then DHCP and up to 10 s of pings
 
 
@@ -185,9 +188,9 @@ def probe_payload(uuid: str, target: str) -> tuple[bytes, str]:
 def guest_net(launcher: LauncherProcess, uuid: str) -> dict[str, str]:
     """The guest's `guest-net ...` line as a dict, once it is on the console."""
     def line() -> dict[str, str] | None:
-        found = [dict(re.findall(r"(\S+?)=(\S*)", text.split("guest-net ", 1)[1]))
-                 for text in console(launcher, uuid).splitlines() if "guest-net " in text]
-        return found[-1] if found else None
+        # The first whole line: a kernel message on the serial console may cut one in two (the guest prints it thrice).
+        whole = [GUEST_NET_LINE.search(text) for text in console(launcher, uuid).splitlines()]
+        return next((match.groupdict() for match in whole if match is not None), None)
 
     found: dict[str, str] = wait_for(f"the guest-net line on {uuid}'s console", line, timeout=PROBE_TIMEOUT_S,
                                      every=0.5)
