@@ -32,7 +32,7 @@ from launcher.plugin.protocol import Backend, OpenBackend, VolumeCatalog, volume
 def _lend_volume_store(backends: dict[str, Backend]) -> None:
     """Hand the node's volume store (the first backend's that keeps one, as /v1/volumes serves it) to each backend
     without a store of its own that can use it (`Backend.use_volume_store`, e.g. docker's bind mounts)."""
-    store = next((c for c in map(volume_catalog, backends.values()) if c is not None), None)
+    store = next(filter(None, map(volume_catalog, backends.values())), None)
     if store is None:
         return
     for backend in backends.values():

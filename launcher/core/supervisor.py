@@ -291,21 +291,13 @@ class Supervisor:
             raise LauncherError(errors.INVALID_DATA, problem, spec.instance_uuid)
         return spec
 
-    def image_store(self) -> tuple[str, ImageCatalog] | None:
-        """The image store served at /v1/images: the first enabled virtualizer's that keeps one, with its name."""
-        for name, backend in self.backends.items():
-            catalog = image_catalog(backend)
-            if catalog is not None:
-                return name, catalog
-        return None
+    def image_store(self) -> ImageCatalog | None:
+        """The image store served at /v1/images: the first enabled virtualizer's that keeps one."""
+        return next(filter(None, map(image_catalog, self.backends.values())), None)
 
-    def volume_store(self) -> tuple[str, VolumeCatalog] | None:
-        """The volume store served at /v1/volumes: the first enabled virtualizer's that keeps one, with its name."""
-        for name, backend in self.backends.items():
-            catalog = volume_catalog(backend)
-            if catalog is not None:
-                return name, catalog
-        return None
+    def volume_store(self) -> VolumeCatalog | None:
+        """The volume store served at /v1/volumes: the first enabled virtualizer's that keeps one."""
+        return next(filter(None, map(volume_catalog, self.backends.values())), None)
 
     # ----------------------------------------------------------------- admission and node status
 

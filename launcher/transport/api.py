@@ -306,7 +306,7 @@ class Api:
         store = self.supervisor.volume_store()
         if store is not None:
             try:
-                self._volumes = await store[1].list()
+                self._volumes = await store.list()
             except LauncherError as exc:  # the gauges keep the last list the store gave
                 log.warning("/metrics: cannot list the volumes: %s", exc)
         return Response(200, self.metrics.render(), CONTENT_TYPE)

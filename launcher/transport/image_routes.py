@@ -79,7 +79,7 @@ class ImageRoutes:
         if store is None:
             raise LauncherError(errors.NOT_FOUND, f"no enabled virtualizer ({', '.join(self.supervisor.backends)}) "
                                                   "keeps backing images")
-        return store[1]
+        return store
 
     async def list_images(self, request: Request) -> Response:
         """GET /v1/images: every backing image, each marked in use or not."""

@@ -112,7 +112,7 @@ class VolumeRoutes:
         if store is None:
             raise LauncherError(errors.NOT_SUPPORTED, f"no enabled virtualizer ({', '.join(self.supervisor.backends)})"
                                                       " keeps volumes")
-        return store[1]
+        return store
 
     def _users(self) -> dict[str, str]:
         """Volume id → the uuid of the instance that has it or an ATTACH queued for it (`Supervisor.volume_users`)."""
