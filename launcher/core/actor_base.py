@@ -32,7 +32,7 @@ from launcher.durable.persist import Persister
 from launcher.durable.records import record_json, spec_json, storage_ids
 from launcher.plugin import errors
 from launcher.plugin.errors import LauncherError, VirtualizerError
-from launcher.plugin.protocol import MonitorEvent, Virtualizer, VmStats
+from launcher.plugin.protocol import MonitorEvent, Virtualizer, VmStats, start_path_of
 from launcher.plugin.spec import InstanceSpec
 
 log = logging.getLogger("launcher.core.actor")
@@ -252,7 +252,12 @@ class ActorBase:
         if self._booting.ticket is not None:
             self._booting.ticket.finish("running")
             self._booting.ticket = None
-        self._emit_state()
+        self._emit_state(start_path=self.start_path)
+
+    @property
+    def start_path(self) -> str:
+        """How the VM that runs now (or ran last) was started: cold, pool or template (`start_path_of`)."""
+        return start_path_of(self.vm)
 
     def _on_down(self) -> None:
         """The VM is down (a monitor said so): the instance is exited. The caller reports it at once."""

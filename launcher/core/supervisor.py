@@ -5,9 +5,9 @@ will be in once its queued commands have run), admit, and put the command into t
 Nothing here awaits an actor, so a slow or stuck instance never delays commands to the others. The caller
 gets a `Ticket` and waits on it by itself, with its own timeout.
 
-Admission counts what admitted instances were *promised* (vCPUs, memory, disk), updated at the moment a
-START is admitted or an instance is gone, so a burst of STARTs can never overcommit the node (ciao checked a
-value refreshed every 6 s; reference §18). The live free space of the data dir is checked as well.
+Admission (`launcher.core.admission`) counts what admitted instances were *promised* and what the virtualizers'
+prepared slots hold. An admitted START of a ready slot's shape gets that slot set aside for it (`launcher.plugin.warm`);
+once the instances are recovered, the supervisor keeps the pools filled while admission has room for their slots.
 
 Several virtualizers (config `virtualizers:`, in `backends`): a START's `vm_type` picks one, an empty one the
 first; the supervisor writes the name into the spec before admission, so that the record keeps it and the
@@ -27,12 +27,12 @@ from collections.abc import Collection, Mapping
 from pathlib import Path
 
 import attrs
-import psutil
 import trio
 
 from launcher.core import bootid, lifecycle
 from launcher.core.actor import InstanceActor
 from launcher.core.actor_base import ActorBase, ActorContext
+from launcher.core.admission import Admission, Capacity, Resources
 from launcher.core.commands import (
     AttachVolumeCommand,
     Command,
@@ -59,7 +59,8 @@ from launcher.plugin import errors, files
 from launcher.plugin.errors import LauncherError
 from launcher.plugin.protocol import Backend, ImageCatalog, VolumeCatalog, image_catalog, start_problem, volume_catalog
 from launcher.plugin.spec import InstanceSpec
-from launcher.plugin.volumes import local_volumes_mb, promised_disk_mb
+from launcher.plugin.volumes import local_volumes_mb
+from launcher.plugin.warm import WarmPools, warm_pools
 
 log = logging.getLogger(__name__)
 
@@ -68,53 +69,6 @@ _VERB = {StopCommand: Verb.STOP, RestartCommand: Verb.RESTART, DeleteCommand: Ve
          AttachVolumeCommand: Verb.ATTACH, DetachVolumeCommand: Verb.DETACH}
 MAINTENANCE_FILE = "maintenance"
 MAINTENANCE_QUEUE = 16  # EVACUATE / RESTORE commands waiting for their file write
-
-
-@attrs.frozen
-class Resources:
-    """vCPUs, memory and disk, as promised to instances (admission adds and subtracts them)."""
-
-    vcpus: int = 0
-    mem_mb: int = 0
-    disk_mb: int = 0
-
-    def __add__(self, other: Resources) -> Resources:
-        """Both together."""
-        return Resources(self.vcpus + other.vcpus, self.mem_mb + other.mem_mb, self.disk_mb + other.disk_mb)
-
-    def __sub__(self, other: Resources) -> Resources:
-        """What is left once `other` is given back."""
-        return Resources(self.vcpus - other.vcpus, self.mem_mb - other.mem_mb, self.disk_mb - other.disk_mb)
-
-    @classmethod
-    def of(cls, spec: InstanceSpec) -> Resources:
-        """What admission promises the instance; its disk is its overlay's plus its local volumes'
-        (`launcher.plugin.volumes.promised_disk_mb`)."""
-        return cls(spec.vcpus, spec.mem_mb, promised_disk_mb(spec))
-
-
-@attrs.frozen
-class Capacity:
-    """What the node can promise to VMs, from the host's size and the admission settings."""
-
-    instances: int
-    vcpus: float
-    mem_mb: float
-    disk_mb: float
-
-    @classmethod
-    def measure(cls, config: Config) -> Capacity:
-        """The host's CPUs, memory and the data dir's disk, less what the admission settings keep free, times
-        their overcommit ratios (blocking: a few reads)."""
-        a = config.admission
-        total_mem_mb = psutil.virtual_memory().total // 2**20
-        disk_total_mb = psutil.disk_usage(str(config.data_dir)).total // 2**20
-        return cls(
-            instances=a.max_instances,
-            vcpus=(os.cpu_count() or 1) * a.vcpu_overcommit,
-            mem_mb=max(0, total_mem_mb - a.keep_free_memory_mb) * a.memory_overcommit,
-            disk_mb=max(0, disk_total_mb - a.keep_free_disk_mb) * a.disk_overcommit,
-        )
 
 
 class Supervisor:
@@ -137,11 +91,11 @@ class Supervisor:
         self.unmanaged: dict[str, str] = {}
         self.journal = journal
         self.actors: dict[str, InstanceActor] = {}  # the core's own table; the transport reads `instances()`
-        self.allocated = Resources()
+        self.admission = Admission(config, {name: pools for name, backend in backends.items()
+                                            if (pools := warm_pools(backend)) is not None})
         # volume id → the instance it is reserved for: one of the instance's volumes (`InstanceActor.volumes`), or
         # one an ATTACH queued for it will add. Never two instances: a volume is attached to one VM at most.
         self.volume_users: dict[str, str] = {}
-        self.capacity = Capacity.measure(config)
         self.maintenance = (config.data_dir / MAINTENANCE_FILE).exists()
         self.status = READY
         self._boot = bootid.detect(config.data_dir)  # two small reads, once, like the maintenance check above
@@ -165,6 +119,8 @@ class Supervisor:
                             self.config.recovery.restart_running)
             await self._recover_all()
             nursery.start_soon(self._remember_boot)
+            for pools in self.admission.pools.values():
+                nursery.start_soon(pools.run, self._room_for_slot)
             self._update_status(force=True)
             task_status.started()
             await trio.sleep_forever()
@@ -223,7 +179,9 @@ class Supervisor:
             raise LauncherError(errors.NODE_MAINTENANCE, "the node is in maintenance", spec.instance_uuid)
         need = Resources.of(spec)
         free_mb = _free_disk_mb(self.config.data_dir)  # read once: statvfs is not free at 500 STARTs/s
-        refusal = self._no_room(need, free_mb)
+        pools = self.admission.pools.get(spec.vm_type)
+        slot = None if pools is None else pools.ready_for(spec)
+        refusal = self.admission.no_room(need, free_mb, len(self.actors), slot=slot)
         if refusal:
             local_mb = local_volumes_mb(spec)
             note = f" (the START's disk includes {local_mb} MiB of local volumes)" if local_mb else ""
@@ -237,6 +195,8 @@ class Supervisor:
             # A dir nobody owns (made by hand since start-up): never let a START write into it or remove it.
             raise LauncherError(errors.INSTANCE_EXISTS, "an instance dir with this uuid exists", spec.instance_uuid)
         actor = self._add(spec, created=False, recovered=False)
+        if pools is not None and slot is not None:
+            pools.reserve(spec)
         ticket = Ticket(spec.instance_uuid)
         actor.post(StartCommand(spec), ticket)
         self._update_status(free_mb - need.disk_mb)
@@ -301,21 +261,25 @@ class Supervisor:
 
     # ----------------------------------------------------------------- admission and node status
 
-    def _no_room(self, need: Resources, free_mb: int) -> str:
-        """Why an instance needing `need` cannot be admitted now, or "" if it can; `free_mb` is the free
-        space in the data dir."""
-        cap, after = self.capacity, self.allocated + need
-        if len(self.actors) + 1 > cap.instances:
-            return f"{len(self.actors)} instances, the limit is {cap.instances}"
-        if after.vcpus > cap.vcpus:
-            return f"{after.vcpus} vCPUs would be promised, the limit is {cap.vcpus:g}"
-        if after.mem_mb > cap.mem_mb:
-            return f"{after.mem_mb} MiB of memory would be promised, the limit is {cap.mem_mb:g} MiB"
-        if after.disk_mb > cap.disk_mb:
-            return f"{after.disk_mb} MiB of disk would be promised, the limit is {cap.disk_mb:g} MiB"
-        if free_mb - need.disk_mb < self.config.admission.keep_free_disk_mb:
-            return f"only {free_mb} MiB free in {self.config.data_dir}"
-        return ""
+    @property
+    def allocated(self) -> Resources:
+        """What admitted instances were promised."""
+        return self.admission.allocated
+
+    @property
+    def capacity(self) -> Capacity:
+        """What the node may promise."""
+        return self.admission.capacity
+
+    def warm_pools(self) -> dict[str, WarmPools]:
+        """The enabled virtualizers' prepared pools, by virtualizer name (those that have some configured)."""
+        return self.admission.pools
+
+    def _room_for_slot(self, vcpus: int, mem_mb: int) -> bool:
+        """Whether admission has room for one more slot of `vcpus` and `mem_mb` (`WarmPools.run` asks)."""
+        need = Resources(vcpus, mem_mb)
+        return not self.admission.no_room(need, _free_disk_mb(self.config.data_dir), len(self.actors),
+                                          new_instance=False)
 
     def _compute_status(self, free_mb: int | None) -> str:
         if self.maintenance:
@@ -323,7 +287,8 @@ class Supervisor:
         d = self.config.defaults
         if free_mb is None:
             free_mb = _free_disk_mb(self.config.data_dir)
-        return FULL if self._no_room(Resources(d.vcpus, d.mem_mb, d.disk_mb), free_mb) else READY
+        return FULL if self.admission.no_room(Resources(d.vcpus, d.mem_mb, d.disk_mb), free_mb,
+                                              len(self.actors)) else READY
 
     def _update_status(self, free_mb: int | None = None, *, force: bool = False) -> None:
         """Recompute the node status (emitting `node_status` if it changed); `free_mb` if just read."""
@@ -385,7 +350,7 @@ class Supervisor:
         actor = InstanceActor(self._ctx, virtualizer, spec, created=created, recovered=recovered,
                               goal=goal, volumes=volumes)
         self.actors[actor.uuid] = actor
-        self.allocated += Resources.of(spec)
+        self.admission.allocated += Resources.of(spec)
         for volume in actor.volumes:
             # Two records naming one volume (made by hand, or by a launcher older than the check): the first keeps it.
             self.volume_users.setdefault(volume, actor.uuid)
@@ -395,7 +360,9 @@ class Supervisor:
     def _on_gone(self, actor: ActorBase) -> None:
         if self.actors.get(actor.uuid) is actor:
             del self.actors[actor.uuid]
-            self.allocated -= Resources.of(actor.spec)
+            self.admission.allocated -= Resources.of(actor.spec)
+            for pools in self.admission.pools.values():
+                pools.wake()  # room freed: a pool short of slots may fill now
             if self.volume_users:  # its volumes, and those ATTACHes still queued for it had reserved
                 for volume in [v for v, user in self.volume_users.items() if user == actor.uuid]:
                     del self.volume_users[volume]

@@ -46,3 +46,8 @@ class InstanceView(Protocol):
     @property
     def volumes(self) -> tuple[str, ...]:
         """Its volumes, in disk order."""
+
+    @property
+    def start_path(self) -> str:
+        """How its VM that runs now (or ran last) was started: cold, pool or template
+        (`launcher.plugin.protocol.start_path_of`)."""

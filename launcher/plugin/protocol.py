@@ -156,6 +156,20 @@ class Virtualizer(Protocol):
     def lost_vm(self) -> None:
         """Bookkeeping when the actor learns the VM is down (forget its pid). No I/O; cannot fail."""
 
+    # Optional: ``start_path: str``, how the VM that runs now (or ran last) was started: one of START_PATHS.
+    # The actor reads it (`start_path_of`) once start_vm has returned and once a recovered VM is found running,
+    # for the instance's `running` event and GET /v1/instances/{uuid}. Without it every start is "cold".
+
+
+START_PATHS = ("cold", "pool", "template")
+
+
+def start_path_of(vm: Virtualizer) -> str:
+    """How `vm` was started (its optional `start_path`): "cold" (booted from nothing), "pool" (a prepared slot
+    claimed, `launcher.plugin.warm`) or "template" (a clone of a booted template restored)."""
+    path: str = getattr(vm, "start_path", "cold")
+    return path
+
 
 class Backend(Protocol):
     """Per-process state of one virtualizer kind, from its `OpenBackend` until the launcher ends.
@@ -175,6 +189,9 @@ class Backend(Protocol):
     - ``check_start(spec: InstanceSpec) -> str | None``: why this virtualizer cannot run `spec` as given, as
       "start.<field>: <reason>" (which image field it needs, what it does not support), or None. No I/O: the
       supervisor calls it at dispatch, before admission, and refuses the START with invalid_data.
+    - ``warm: launcher.plugin.warm.WarmPools``: prepared pools of VMs made ahead of any START, which admission
+      counts, the supervisor sets aside for an admitted START of their shape and keeps filled
+      (`launcher.plugin.warm` says how).
 
     `name` is the virtualizer's entry-point name, and the ``vm_type`` of the STARTs it runs.
     """

@@ -287,6 +287,7 @@ class Api:
             "virtualizer": self.config.virtualizer,  # the default one, which runs an empty vm_type
             "virtualizers": list(self.config.virtualizers),
             "unmanaged_instances": len(s.unmanaged),
+            "warm_pools": {name: pools.describe() for name, pools in s.warm_pools().items()},
             "instances": len(s.instances()),
             "instance_states": s.state_counts(),
             "allocated": attrs.asdict(s.allocated),
@@ -390,6 +391,7 @@ def _summary(instance: InstanceView) -> dict[str, Any]:
         "vm_type": instance.spec.vm_type,
         "image_uuid": instance.spec.image_uuid,
         "docker_image": instance.spec.docker_image,
+        "start_path": instance.start_path,
         "vcpus": instance.spec.vcpus,
         "mem_mb": instance.spec.mem_mb,
         "disk_mb": instance.spec.disk_mb,

@@ -42,6 +42,13 @@ class StateCollector(Collector):
         for name, n in s.virtualizer_counts().items():
             by_virtualizer.add_metric([name], n)
         yield by_virtualizer
+        slots = GaugeMetricFamily("launcher_warm_slots", "Prepared slots of the warm pools, by virtualizer, image and "
+                                  "state (making, ready, reserved for an instance)",
+                                  labels=["virtualizer", "image_uuid", "state"])
+        for name, pools in s.warm_pools().items():
+            for (image, state), n in pools.slot_counts().items():
+                slots.add_metric([name, image, state], n)
+        yield slots
         status = GaugeMetricFamily("launcher_node_status", "1 for the node's current status, 0 for the others",
                                    labels=["status"])
         for name in ("READY", "FULL", "MAINTENANCE"):

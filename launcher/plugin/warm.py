@@ -1,0 +1,291 @@
+"""Warm starts from a prepared pool: VMs made ahead of any START, each held before its guest runs a single
+instruction, which a START of their shape claims instead of booting from nothing (part of the plugin API,
+`launcher.plugin`; docs/warm-starts.md is the operator's page).
+
+A backend that keeps such pools has a ``warm`` attribute, a `WarmPools`, made from its ``pools`` settings
+(`PoolSettings`) and a `SlotMaker` (how that backend makes, discards and finds its slots). The core uses it in
+three places, all in the Trio thread:
+
+- admission counts what the pools' slots hold (`WarmPools.held`) beside what instances were promised: a slot
+  holds its memory, even while QEMU has touched little of it;
+- at dispatch, an admitted START of a slot's shape (`slot_shape`) gets a ready slot set aside for it
+  (`WarmPools.reserve`); from then on its resources are the instance's. The instance's virtualizer takes it
+  (`WarmPools.take`) in its create_image and claims it in start_vm; a slot taken is the virtualizer's to claim or
+  discard, never given back: a slot that may have seen an identity is never handed to another instance;
+- `WarmPools.run`, in the supervisor's nursery once the instances are recovered, makes slots until each pool has
+  its `size`, one at a time and only while admission has room for them (`room_for`).
+
+A slot's life: ``making`` → ``ready`` → ``reserved`` (for one instance) → taken. A slot made by an earlier launcher
+process that is still ready (never claimed, never run) is adopted by `WarmPools.recover` when the backend opens,
+as long as its pool still wants it; the maker discards the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import attrs
+import trio
+
+from launcher.plugin.settings import at_least, at_most, one_of
+from launcher.plugin.spec import InstanceSpec
+
+log = logging.getLogger(__name__)
+
+MAX_POOL_SIZE = 64
+FW_TYPES = ("efi", "legacy")
+RETRY_FIRST_S = 2.0  # a pool whose last slot could not be made waits this long, doubling up to RETRY_MAX_S
+RETRY_MAX_S = 120.0
+ROOM_RECHECK_S = 5.0  # how often a pool short of slots asks admission again while the node has no room
+
+
+@attrs.frozen
+class SlotShape:
+    """What a slot fits: a START of this image, vCPUs, memory, firmware and disk size (``disk_mb`` 0: the image's
+    own size), with no volumes."""
+
+    image_uuid: str
+    vcpus: int
+    mem_mb: int
+    fw_type: str  # "efi" or "legacy"
+    disk_mb: int = 0
+
+    def describe(self) -> dict[str, Any]:
+        """The shape as JSON-able data (/v1/node)."""
+        return attrs.asdict(self)
+
+
+def slot_shape(spec: InstanceSpec) -> SlotShape | None:
+    """The shape of slot that could run `spec`, or None if no slot can: it boots from a volume, or has volumes
+    (a slot is made without them: they would change its devices and its seed), or names no image."""
+    if not spec.image_uuid or spec.storage:
+        return None
+    return SlotShape(spec.image_uuid, spec.vcpus, spec.mem_mb, "legacy" if spec.legacy_boot else "efi", spec.disk_mb)
+
+
+@attrs.frozen
+class PoolSettings:
+    """One entry of a virtualizer's ``pools`` list: keep `size` slots of this shape."""
+
+    image_uuid: str
+    vcpus: int = attrs.field(default=1, validator=at_least(1))
+    mem_mb: int = attrs.field(default=256, validator=at_least(16))
+    fw_type: str = attrs.field(default="efi", validator=one_of(*FW_TYPES))
+    disk_mb: int = 0  # the disk size a START names (0: the image's own)
+    size: int = attrs.field(default=1, validator=[at_least(1), at_most(MAX_POOL_SIZE)])
+
+    @property
+    def shape(self) -> SlotShape:
+        """The shape of this pool's slots."""
+        return SlotShape(self.image_uuid, self.vcpus, self.mem_mb, self.fw_type, self.disk_mb)
+
+
+def check_pools(pools: Sequence[PoolSettings]) -> None:
+    """ValueError("pools: ...") if two pools have the same shape (one would never be used)."""
+    shapes = [pool.shape for pool in pools]
+    for index, shape in enumerate(shapes):
+        if shape in shapes[:index]:
+            raise ValueError(f"pools[{index}]: the same shape as pools[{shapes.index(shape)}]; raise that one's size")
+
+
+class SlotMaker(Protocol):
+    """How a backend makes, discards and finds its slots (the virtualizer claims them: that is its own)."""
+
+    async def make_slot(self, slot_id: str, shape: SlotShape) -> None:
+        """Make the slot `slot_id` ready: its VM made and held before its guest runs. Raises (any exception, with
+        a reason) if it cannot; leaves nothing behind then, nor if cancelled."""
+
+    async def discard_slot(self, slot_id: str) -> None:
+        """Remove the slot and everything it holds (its VM, its files); nothing if it is gone already."""
+
+    async def surviving_slots(self) -> list[tuple[str, SlotShape]]:
+        """The ready slots an earlier launcher process left (never claimed, never run), with their shapes. Anything
+        else slot-like that nothing owns (a half-made slot, a slot's files without its VM) is removed by then."""
+
+
+@attrs.define(eq=False)
+class _Slot:
+    id: str
+    shape: SlotShape
+    state: str = "making"  # making, ready, reserved
+    instance_uuid: str = ""  # the instance it is reserved for
+
+
+@attrs.define(eq=False)
+class _PoolState:
+    settings: PoolSettings
+    made: int = 0  # slots made since the launcher started
+    claimed: int = 0  # slots taken by instances
+    failures: int = 0  # slots that could not be made
+    last_error: str = ""
+    retry_at: float = 0.0  # trio.current_time() before which no slot is tried again after a failure
+    retry_s: float = RETRY_FIRST_S
+
+
+class WarmPools:
+    """The prepared pools of one backend (module doc). Used from the Trio thread only."""
+
+    def __init__(self, pools: Sequence[PoolSettings], maker: SlotMaker, *, make_timeout_s: float,
+                 emit: Callable[..., object]) -> None:
+        """`make_timeout_s` bounds the making of one slot; `emit(type, **fields)` reports to the journal."""
+        self._pools = {pool.shape: _PoolState(pool) for pool in pools}
+        self._maker = maker
+        self._make_timeout_s = make_timeout_s
+        self._emit = emit
+        self._slots: dict[str, _Slot] = {}
+        self._changed = trio.Event()
+
+    @property
+    def configured(self) -> bool:
+        """Whether any pool is configured."""
+        return bool(self._pools)
+
+    async def recover(self) -> None:
+        """Adopt the ready slots an earlier launcher left, as many as their pools want; discard the others."""
+        for slot_id, shape in await self._maker.surviving_slots():
+            pool = self._pools.get(shape)
+            if pool is not None and self._count(shape) < pool.settings.size:
+                self._slots[slot_id] = _Slot(slot_id, shape, state="ready")
+                log.info("warm pool %s: slot %s adopted", _label(shape), slot_id)
+            else:
+                await self._maker.discard_slot(slot_id)
+                log.info("warm pool: slot %s discarded (%s)", slot_id,
+                         "no pool of its shape" if pool is None else "its pool is full")
+
+    def held(self) -> tuple[int, int]:
+        """(vCPUs, MiB of memory) that the slots not yet reserved hold (a reserved slot's are its instance's)."""
+        slots = [slot.shape for slot in self._slots.values() if slot.state != "reserved"]
+        return sum(shape.vcpus for shape in slots), sum(shape.mem_mb for shape in slots)
+
+    def ready_for(self, spec: InstanceSpec) -> SlotShape | None:
+        """The shape of a ready slot that `spec` could take now, or None. No change."""
+        shape = slot_shape(spec)
+        if shape is None or not any(s.shape == shape and s.state == "ready" for s in self._slots.values()):
+            return None
+        return shape
+
+    def reserve(self, spec: InstanceSpec) -> bool:
+        """Set a ready slot of `spec`'s shape aside for its instance (the supervisor, once the START is admitted);
+        False if there is none. Its pool starts making the next one."""
+        shape = slot_shape(spec)
+        slot = next((s for s in self._slots.values() if s.shape == shape and s.state == "ready"), None)
+        if slot is None:
+            return False
+        slot.state, slot.instance_uuid = "reserved", spec.instance_uuid
+        self.wake()
+        return True
+
+    def take(self, instance_uuid: str) -> tuple[str, SlotShape] | None:
+        """The slot reserved for `instance_uuid`, now the caller's own (to claim, or to discard with
+        `discard`); None if none is. The pool forgets it."""
+        slot = next((s for s in self._slots.values() if s.instance_uuid == instance_uuid), None)
+        if slot is None:
+            return None
+        del self._slots[slot.id]
+        pool = self._pools.get(slot.shape)
+        if pool is not None:
+            pool.claimed += 1
+        return slot.id, slot.shape
+
+    async def discard(self, slot_id: str) -> None:
+        """Remove a taken slot (a claim that failed or was abandoned); never back to the pool."""
+        await self._maker.discard_slot(slot_id)
+
+    def wake(self) -> None:
+        """Something changed (a slot reserved, room freed): the refill looks again."""
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Each pool with its slots by state and its counters, as JSON-able data (/v1/node)."""
+        described = []
+        for shape, pool in self._pools.items():
+            states = [slot.state for slot in self._slots.values() if slot.shape == shape]
+            described.append({**shape.describe(), "size": pool.settings.size, "ready": states.count("ready"),
+                              "making": states.count("making"), "reserved": states.count("reserved"),
+                              "made": pool.made, "claimed": pool.claimed, "failures": pool.failures,
+                              "last_error": pool.last_error})
+        return described
+
+    def slot_counts(self) -> dict[tuple[str, str], int]:
+        """How many slots of each (image, state) there are, every configured image and state present (/metrics)."""
+        counts = {(shape.image_uuid, state): 0 for shape in self._pools for state in ("making", "ready", "reserved")}
+        for slot in self._slots.values():
+            counts[slot.shape.image_uuid, slot.state] += 1
+        return counts
+
+    async def run(self, room_for: Callable[[int, int], bool]) -> None:
+        """Keep each pool at its size, one slot at a time, while `room_for(vcpus, mem_mb)` says admission has room
+        for one more; until cancelled (a slot being made then is left to its maker's cleanup)."""
+        while True:
+            changed = self._changed
+            pool = self._next_short_pool(room_for)
+            if pool is None:
+                with trio.move_on_after(self._idle_wait()):
+                    await changed.wait()
+                continue
+            await self._make_one(pool)
+
+    def _count(self, shape: SlotShape) -> int:
+        """Slots of `shape` made or being made, not yet reserved."""
+        return sum(1 for slot in self._slots.values() if slot.shape == shape and slot.state != "reserved")
+
+    def _next_short_pool(self, room_for: Callable[[int, int], bool]) -> _PoolState | None:
+        now = trio.current_time()
+        for shape, pool in self._pools.items():
+            if self._count(shape) < pool.settings.size and now >= pool.retry_at and room_for(shape.vcpus,
+                                                                                             shape.mem_mb):
+                return pool
+        return None
+
+    def _idle_wait(self) -> float:
+        """How long the refill may sleep when no pool can be served now: until the next retry, or a recheck of the
+        node's room if a pool is short; forever if every pool is full."""
+        now, wait = trio.current_time(), math.inf
+        for shape, pool in self._pools.items():
+            if self._count(shape) < pool.settings.size:
+                wait = min(wait, max(pool.retry_at - now, 0) or ROOM_RECHECK_S)
+        return wait
+
+    async def _make_one(self, pool: _PoolState) -> None:
+        shape = pool.settings.shape
+        slot = _Slot(uuid.uuid4().hex, shape)
+        self._slots[slot.id] = slot
+        started = time.monotonic()
+        try:
+            with trio.fail_after(self._make_timeout_s):
+                await self._maker.make_slot(slot.id, shape)
+        except Exception as exc:  # noqa: BLE001 - any failure of the maker: reported, retried later
+            del self._slots[slot.id]
+            reason = f"timed out after {self._make_timeout_s:g} s" if isinstance(exc, trio.TooSlowError) else str(exc)
+            pool.failures += 1
+            pool.last_error = reason
+            pool.retry_at = trio.current_time() + pool.retry_s
+            pool.retry_s = min(pool.retry_s * 2, RETRY_MAX_S)
+            log.warning("warm pool %s: cannot make a slot: %s (next try in %g s)", _label(shape), reason,
+                        pool.retry_at - trio.current_time())
+            self._emit("warm_slot_failed", image_uuid=shape.image_uuid, reason=reason)
+            return
+        except BaseException:
+            del self._slots[slot.id]
+            raise
+        slot.state = "ready"
+        pool.made += 1
+        pool.last_error = ""
+        pool.retry_s = RETRY_FIRST_S
+        log.info("warm pool %s: slot %s ready in %.3f s", _label(shape), slot.id, time.monotonic() - started)
+
+
+def warm_pools(backend: object) -> WarmPools | None:
+    """The backend's prepared pools (its `warm` attribute), or None if it keeps none or has none configured."""
+    pools: WarmPools | None = getattr(backend, "warm", None)
+    return pools if pools is not None and pools.configured else None
+
+
+def _label(shape: SlotShape) -> str:
+    return f"{shape.image_uuid}/{shape.vcpus}cpu/{shape.mem_mb}MiB/{shape.fw_type}"
