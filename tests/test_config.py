@@ -53,7 +53,8 @@ DOCKER_DEFAULTS: dict[str, Any] = {
     "disk_quota": False, "name_prefix": "launcher-", "call_timeout_s": 30.0, "image_timeout_s": 600.0, "poll_s": 5.0,
     "console_max_bytes": 2097152, "console_backups": 3, "destroy_orphans": False, "allow_privileged": False,
 }
-SIMULATION_DEFAULTS: dict[str, Any] = {"mode": "memory", "boot_delay_s": 0.05, "stop_delay_s": 0.0, "failures": ()}
+SIMULATION_DEFAULTS: dict[str, Any] = {"mode": "memory", "boot_delay_s": 0.05, "stop_delay_s": 0.0, "pools": (),
+                                       "slot_delay_s": 0.01, "failures": ()}
 
 
 def settings_of(loaded: Config) -> tuple[dict[str, Any], ...]:

@@ -362,6 +362,7 @@ class Supervisor:
             del self.actors[actor.uuid]
             self.admission.allocated -= Resources.of(actor.spec)
             for pools in self.admission.pools.values():
+                pools.release(actor.uuid)  # a slot still set aside for it is discarded
                 pools.wake()  # room freed: a pool short of slots may fill now
             if self.volume_users:  # its volumes, and those ATTACHes still queued for it had reserved
                 for volume in [v for v, user in self.volume_users.items() if user == actor.uuid]:

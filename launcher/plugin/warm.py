@@ -13,11 +13,13 @@ three places, all in the Trio thread:
   (`WarmPools.take`) in its create_image and claims it in start_vm; a slot taken is the virtualizer's to claim or
   discard, never given back: a slot that may have seen an identity is never handed to another instance;
 - `WarmPools.run`, in the supervisor's nursery once the instances are recovered, makes slots until each pool has
-  its `size`, one at a time and only while admission has room for them (`room_for`).
+  its `size`, one at a time and only while admission has room for them (`room_for`);
+- once an instance is gone, `WarmPools.release` has the slot still reserved for it (never taken: the START ended
+  before its create_image) discarded by `run`.
 
-A slot's life: ``making`` → ``ready`` → ``reserved`` (for one instance) → taken. A slot made by an earlier launcher
-process that is still ready (never claimed, never run) is adopted by `WarmPools.recover` when the backend opens,
-as long as its pool still wants it; the maker discards the rest.
+A slot's life: ``making`` → ``ready`` → ``reserved`` (for one instance) → taken, or → ``discarding`` → gone. A
+slot made by an earlier launcher process that is still ready (never claimed, never run) is adopted by
+`WarmPools.recover` when the backend opens, as long as its pool still wants it; the maker discards the rest.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ log = logging.getLogger(__name__)
 
 MAX_POOL_SIZE = 64
 FW_TYPES = ("efi", "legacy")
+SLOT_STATES = ("making", "ready", "reserved", "discarding")
 RETRY_FIRST_S = 2.0  # a pool whose last slot could not be made waits this long, doubling up to RETRY_MAX_S
 RETRY_MAX_S = 120.0
 ROOM_RECHECK_S = 5.0  # how often a pool short of slots asks admission again while the node has no room
@@ -112,7 +115,7 @@ class SlotMaker(Protocol):
 class _Slot:
     id: str
     shape: SlotShape
-    state: str = "making"  # making, ready, reserved
+    state: str = "making"  # one of SLOT_STATES
     instance_uuid: str = ""  # the instance it is reserved for
 
 
@@ -158,7 +161,8 @@ class WarmPools:
                          "no pool of its shape" if pool is None else "its pool is full")
 
     def held(self) -> tuple[int, int]:
-        """(vCPUs, MiB of memory) that the slots not yet reserved hold (a reserved slot's are its instance's)."""
+        """(vCPUs, MiB of memory) that the slots not reserved hold (a reserved slot's are its instance's; one being
+        discarded still holds them)."""
         slots = [slot.shape for slot in self._slots.values() if slot.state != "reserved"]
         return sum(shape.vcpus for shape in slots), sum(shape.mem_mb for shape in slots)
 
@@ -196,6 +200,13 @@ class WarmPools:
         """Remove a taken slot (a claim that failed or was abandoned); never back to the pool."""
         await self._maker.discard_slot(slot_id)
 
+    def release(self, instance_uuid: str) -> None:
+        """`instance_uuid` is gone: a slot still reserved for it (never taken) is discarded by `run`."""
+        for slot in self._slots.values():
+            if slot.instance_uuid == instance_uuid and slot.state == "reserved":
+                slot.state = "discarding"
+                self.wake()
+
     def wake(self) -> None:
         """Something changed (a slot reserved, room freed): the refill looks again."""
         self._changed.set()
@@ -208,13 +219,14 @@ class WarmPools:
             states = [slot.state for slot in self._slots.values() if slot.shape == shape]
             described.append({**shape.describe(), "size": pool.settings.size, "ready": states.count("ready"),
                               "making": states.count("making"), "reserved": states.count("reserved"),
+                              "discarding": states.count("discarding"),
                               "made": pool.made, "claimed": pool.claimed, "failures": pool.failures,
                               "last_error": pool.last_error})
         return described
 
     def slot_counts(self) -> dict[tuple[str, str], int]:
         """How many slots of each (image, state) there are, every configured image and state present (/metrics)."""
-        counts = {(shape.image_uuid, state): 0 for shape in self._pools for state in ("making", "ready", "reserved")}
+        counts = {(shape.image_uuid, state): 0 for shape in self._pools for state in SLOT_STATES}
         for slot in self._slots.values():
             counts[slot.shape.image_uuid, slot.state] += 1
         return counts
@@ -224,6 +236,10 @@ class WarmPools:
         for one more; until cancelled (a slot being made then is left to its maker's cleanup)."""
         while True:
             changed = self._changed
+            doomed = next((slot for slot in self._slots.values() if slot.state == "discarding"), None)
+            if doomed is not None:
+                await self._discard_doomed(doomed)
+                continue
             pool = self._next_short_pool(room_for)
             if pool is None:
                 with trio.move_on_after(self._idle_wait()):
@@ -231,9 +247,16 @@ class WarmPools:
                 continue
             await self._make_one(pool)
 
+    async def _discard_doomed(self, slot: _Slot) -> None:
+        try:
+            await self._maker.discard_slot(slot.id)
+        except Exception as exc:  # noqa: BLE001 - reported; the maker's recovery removes it at the next start
+            log.warning("warm pool %s: cannot discard slot %s: %s", _label(slot.shape), slot.id, exc)
+        del self._slots[slot.id]
+
     def _count(self, shape: SlotShape) -> int:
-        """Slots of `shape` made or being made, not yet reserved."""
-        return sum(1 for slot in self._slots.values() if slot.shape == shape and slot.state != "reserved")
+        """Slots of `shape` made or being made, not yet reserved (nor being discarded)."""
+        return sum(1 for slot in self._slots.values() if slot.shape == shape and slot.state in ("making", "ready"))
 
     def _next_short_pool(self, room_for: Callable[[int, int], bool]) -> _PoolState | None:
         now = trio.current_time()

@@ -17,6 +17,7 @@ import trio
 from launcher.plugin.errors import IMAGE_FAILURE, STOP_FAILURE, LauncherError, VirtualizerError
 from launcher.plugin.spec import InstanceSpec
 from launcher.plugin.volumes import check_storage, make_local_volumes, remove_ephemeral_volumes
+from launcher.plugin.warm import WarmPools
 from virtualizers.simulation.settings import SimulationSettings, inject
 from virtualizers.simulation.vm_table import VmTable
 from virtualizers.simulation.volumes import SimulatedVolumes
@@ -29,6 +30,7 @@ class SimulationParts(Protocol):
     limiter: trio.CapacityLimiter  # the launcher's shared limit on worker threads
     volumes: SimulatedVolumes
     vms: VmTable  # memory mode's fake VMs
+    warm: WarmPools  # the prepared pools
 
 
 @attrs.define(eq=False)
@@ -39,6 +41,22 @@ class SimulatedInstance:
     _spec: InstanceSpec = attrs.field(init=False)
     _dir: Path = attrs.field(init=False)
     _volumes: Callable[[], Sequence[str]] = attrs.field(init=False)  # the instance's (Virtualizer.init)
+    _slot: str | None = attrs.field(default=None, init=False)  # the prepared slot taken by create_image
+    start_path: str = attrs.field(default="cold", init=False)  # Virtualizer.start_path
+
+    def _take_slot(self) -> None:
+        """Take the prepared slot the supervisor set aside for this START, if any (create_image)."""
+        taken = self._backend.warm.take(self._uuid)
+        if taken is not None:
+            self._slot = taken[0]
+
+    async def _claim_slot(self) -> None:
+        """start_vm: the taken slot's "VM" becomes the instance's (its file goes), so the start path is pool;
+        without one, cold."""
+        slot, self._slot = self._slot, None
+        self.start_path = "cold" if slot is None else "pool"
+        if slot is not None:
+            await self._backend.warm.discard(slot)
 
     @property
     def _uuid(self) -> str:
@@ -78,8 +96,12 @@ class SimulatedInstance:
         await self._inject("ensure")
 
     async def delete_image(self) -> None:
-        """Delete the START's ephemeral volumes; a simulated instance keeps nothing else outside its directory."""
+        """Discard a slot taken and never claimed; delete the START's ephemeral volumes. A simulated instance keeps
+        nothing else outside its directory."""
         await trio.lowlevel.checkpoint()
+        slot, self._slot = self._slot, None
+        if slot is not None:
+            await self._backend.warm.discard(slot)
         try:
             await remove_ephemeral_volumes(self._backend.volumes, self._spec, self._volumes())
         except LauncherError as exc:

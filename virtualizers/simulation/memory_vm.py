@@ -25,12 +25,14 @@ class MemoryVirtualizer(SimulatedInstance):
         """There is no disk in memory mode, only the START's local volumes; the `create` failure rules apply."""
         await self._inject("create")
         await self._make_local_volumes()
+        self._take_slot()
 
     async def start_vm(self) -> None:
         """Register a fake VM that is up after boot_delay_s. launch_failure if one already runs."""
         await self._inject("start")
         if self._backend.vms.get(self._uuid) is not None:
             raise VirtualizerError(LAUNCH_FAILURE, "a simulated VM already runs for this instance", self._uuid)
+        await self._claim_slot()
         up_at = trio.current_time() + self._backend.settings.boot_delay_s
         crash_s = crash_after(self._backend.settings, self._uuid)
         crash_at = math.inf if crash_s is None else up_at + crash_s

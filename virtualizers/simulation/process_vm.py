@@ -54,6 +54,7 @@ class ProcessVirtualizer(SimulatedInstance):
         ones raw, not formatted: there is no guest to use them)."""
         await self._inject("create")
         await self._make_local_volumes()
+        self._take_slot()
         disk = {"user_data": user_data, "meta_data": meta_data, "network_config": network_config,
                 "disks": [attrs.asdict(planned) for planned in disk_plan(self._spec, self._volumes())]}
         try:
@@ -69,6 +70,7 @@ class ProcessVirtualizer(SimulatedInstance):
         await self._inject("start")
         if _live_vm_pid(self._dir, self._uuid) is not None:
             raise VirtualizerError(LAUNCH_FAILURE, "a simulated VM already runs for this instance", self._uuid)
+        await self._claim_slot()
         # The process run here only waits for the VM to detach (stdout to /dev/null: the VM keeps no pipe of
         # ours), so killing it on a timeout or cancellation (e.g. the launcher shutting down) is harmless.
         try:

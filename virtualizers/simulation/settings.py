@@ -5,12 +5,15 @@ Settings (unknown keys or bad values are a SetupError naming the key, from `pars
 ``mode``: ``memory`` | ``process`` (the package docstring says what each is)
 ``boot_delay_s`` (0.05): time from start_vm until the VM is up (monitor_vm sends CONNECTED).
 ``stop_delay_s`` (0.0): how long a graceful shutdown takes in the guest.
+``pools`` (none): prepared pools of simulated slots (`launcher.plugin.warm.PoolSettings`; slots.py).
+``slot_delay_s`` (0.01): how long making one slot takes.
 ``failures``: a list of failure-injection rules (`FailureRule`), tried in order; the first whose ``phase`` is the
-    current one, whose ``match`` regex (default: anything) is found in the instance uuid and whose random draw
-    succeeds (``probability``, default 1.0) applies. For ``ensure`` / ``create`` / ``start`` / ``attach`` /
-    ``detach`` (attach_volume, detach_volume) its ``action`` is ``fail`` (the call raises VirtualizerError with
-    the phase's code) or ``hang`` (the call never returns, so the launcher's timeouts and cancellation are
-    exercised): `inject`. For ``crash`` the VM dies ``after_s`` seconds after it came up: `crash_after`.
+    current one, whose ``match`` regex (default: anything) is found in the instance uuid (the slot id for
+    ``slot``) and whose random draw succeeds (``probability``, default 1.0) applies. For ``ensure`` / ``create``
+    / ``start`` / ``attach`` / ``detach`` (attach_volume, detach_volume) and ``slot`` (making a prepared slot)
+    its ``action`` is ``fail`` (the call raises VirtualizerError with the phase's code) or ``hang`` (the call
+    never returns, so the launcher's timeouts and cancellation are exercised): `inject`. For ``crash`` the VM
+    dies ``after_s`` seconds after it came up: `crash_after`.
 """
 
 from __future__ import annotations
@@ -24,12 +27,13 @@ import trio
 
 from launcher.plugin.errors import ATTACH_FAILURE, DETACH_FAILURE, IMAGE_FAILURE, LAUNCH_FAILURE, VirtualizerError
 from launcher.plugin.settings import at_most, one_of
+from launcher.plugin.warm import PoolSettings, check_pools
 
 SECTION = "simulation"  # the config section these settings come from; error messages name keys under it
 MODES = ("memory", "process")
-PHASES = ("ensure", "create", "start", "crash", "attach", "detach")
+PHASES = ("ensure", "create", "start", "crash", "attach", "detach", "slot")
 _PHASE_CODES = {"ensure": IMAGE_FAILURE, "create": IMAGE_FAILURE, "start": LAUNCH_FAILURE, "attach": ATTACH_FAILURE,
-                "detach": DETACH_FAILURE}
+                "detach": DETACH_FAILURE, "slot": LAUNCH_FAILURE}
 
 
 def _regular_expression(instance: Any, attribute: attrs.Attribute[str], value: str) -> None:
@@ -70,7 +74,12 @@ class SimulationSettings:
     mode: str = attrs.field(default="memory", validator=one_of(*MODES))
     boot_delay_s: float = 0.05
     stop_delay_s: float = 0.0
+    pools: tuple[PoolSettings, ...] = ()
+    slot_delay_s: float = 0.01
     failures: tuple[FailureRule, ...] = ()
+
+    def __attrs_post_init__(self) -> None:
+        check_pools(self.pools)  # ValueError naming the pool
 
     def rule_for(self, phase: str, instance_uuid: str) -> tuple[int, FailureRule] | None:
         """The failure rule that applies to this call, if any, with its index in `failures`."""
