@@ -23,24 +23,17 @@ import json
 import shutil
 import statistics
 import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import yaml
+from bench_launcher import ROOT, percentile, start_launcher, stop_launcher, work_dir
+from build import ensure_guest_image  # tests/guest/build.py (bench_launcher put it on sys.path)
+from container import ensure_rootfs  # tests/guest/container.py
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "guest"), str(ROOT / "tests")]
+from launcher.cli.client import Client
 
-from build import ensure_guest_image  # noqa: E402  (tests/guest/build.py)
-from container import ensure_rootfs  # noqa: E402  (tests/guest/container.py)
-from libvirt_cleanup import remove_pools_under  # noqa: E402  (tests/libvirt_cleanup.py)
-
-from launcher.cli.client import Client  # noqa: E402
-
-WORK_ROOT = Path("/var/tmp/launcher-bench")  # QEMU runs as libvirt-qemu: it must reach these files
 VM_IMAGE_ID = "bench-guest"
 CONTAINER_IMAGE = "launcher-bench/busybox:1"  # found as <image_dir>/launcher-bench/busybox/1.rootfs.tar
 CONTAINER_USER_DATA = "#cloud-config\nruncmd:\n  - [sleep, '3600']\n"
@@ -53,11 +46,6 @@ def engine_network() -> None:
     if subprocess.run([*DOCKER, "network", "inspect", NETWORK], capture_output=True).returncode != 0:
         subprocess.run([*DOCKER, "network", "create", "--driver", "bridge", "--subnet", SUBNET, NETWORK],
                        check=True, capture_output=True, timeout=60)
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def prepare(work: Path) -> Path:
@@ -76,31 +64,6 @@ def prepare(work: Path) -> Path:
         "admission": {"vcpu_overcommit": 64.0},
     }))
     return config
-
-
-def start_launcher(work: Path, config: Path) -> tuple[subprocess.Popen[bytes], Client]:
-    data_dir = work / "data"
-    data_dir.mkdir(mode=0o711)
-    log = open(work / "serve.log", "ab")
-    proc = subprocess.Popen([sys.executable, "-m", "launcher.cli", "serve", "--config", str(config),
-                             "--data-dir", str(data_dir)], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-    deadline = time.monotonic() + 60
-    while not (data_dir / "api-url").exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"launcher did not start:\n{(work / 'serve.log').read_text()}")
-        time.sleep(0.05)
-    return proc, Client.discover(None, data_dir)
-
-
-def stop_launcher(proc: subprocess.Popen[bytes], work: Path) -> None:
-    """Stop the launcher, destroy what it left (`launcher hard-reset`: domains and containers), remove `work`."""
-    proc.terminate()
-    proc.wait(timeout=30)
-    subprocess.run([sys.executable, "-m", "launcher.cli", "hard-reset", "--yes", "--config",
-                    str(work / "launcher.yaml"), "--data-dir", str(work / "data")], cwd=ROOT,
-                   capture_output=True, timeout=120)
-    remove_pools_under(work)
-    shutil.rmtree(work, ignore_errors=True)
 
 
 def start_body(uuid: str, kind: str) -> bytes:
@@ -133,9 +96,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="end with one JSON line of the figures")
     args = parser.parse_args()
 
-    WORK_ROOT.mkdir(mode=0o711, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="containers-", dir=WORK_ROOT))
-    work.chmod(0o711)
+    work = work_dir("containers-")
     engine_network()
     config = prepare(work)
     proc, client = start_launcher(work, config)
@@ -149,7 +110,7 @@ def main() -> None:
                 uuid = f"{'c' if kind == 'docker' else 'a'}{n + 1:07x}-0000-4000-8000-000000000000"
                 times[kind].append(timed_start(client, uuid, kind))
     finally:
-        stop_launcher(proc, work)
+        stop_launcher(proc, work, config)
 
     figures = {
         "runs": args.runs,
