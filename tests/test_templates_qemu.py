@@ -133,9 +133,9 @@ async def test_two_clones_of_a_template_have_their_own_identity_and_memory(qemu_
                 result = await templates.restore_clone(hv, template, clone, instance_id=f"clone-{index}",
                                                        mac=macs[index], network_kind="network",
                                                        network_source="default")
-                total = time.monotonic() - started
                 results[index] = result
-                figures[f"clone{index}"] = {"ready_s": round(total, 2), "files_s": round(prepared, 3),
+                figures[f"clone{index}"] = {"ready_s": round(prepared + result.timings["ready"], 3),
+                                            "files_s": round(prepared, 3),
                                             **{k: round(v, 3) for k, v in result.timings.items()}}
 
             # Both run at once, persistent, each with its own name, UUID, MAC and identity.

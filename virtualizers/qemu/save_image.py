@@ -135,14 +135,14 @@ def clone_xml(saved_xml: str, clone: CloneIdentity) -> str:
     ET.register_namespace(domain.METADATA_PREFIX, domain.METADATA_NS)
     ET.register_namespace(TEMPLATE_PREFIX, TEMPLATE_NS)
     root = ET.fromstring(saved_xml)
-    _find(root, "name").text = clone.name
-    _find(root, "uuid").text = clone.uuid
+    child(root, "name").text = clone.name
+    child(root, "uuid").text = clone.uuid
     metadata = root.find("metadata")
     if metadata is None:
         metadata = ET.SubElement(root, "metadata")
-    for child in list(metadata):
-        if child.tag.startswith((f"{{{domain.METADATA_NS}}}", f"{{{TEMPLATE_NS}}}")):
-            metadata.remove(child)
+    for element in list(metadata):
+        if element.tag.startswith((f"{{{domain.METADATA_NS}}}", f"{{{TEMPLATE_NS}}}")):
+            metadata.remove(element)
     instance = ET.SubElement(metadata, f"{{{domain.METADATA_NS}}}instance")
     ET.SubElement(instance, f"{{{domain.METADATA_NS}}}uuid").text = clone.metadata.instance_uuid
     ET.SubElement(instance, f"{{{domain.METADATA_NS}}}data-dir").text = clone.metadata.data_dir
@@ -157,21 +157,22 @@ def clone_xml(saved_xml: str, clone: CloneIdentity) -> str:
             cdrom = element
     if disk is None or cdrom is None:
         raise ValueError("the saved XML has no vda disk or no cdrom")
-    _find(disk, "source").set("file", str(clone.overlay))
+    child(disk, "source").set("file", str(clone.overlay))
     for backing in disk.findall("backingStore"):
         disk.remove(backing)
-    _find(cdrom, "source").set("file", str(clone.seed))
+    child(cdrom, "source").set("file", str(clone.seed))
     logs = root.findall("devices/serial/log")
     if not logs:
         raise ValueError("the saved XML has no serial console log")
     for log in logs:
         log.set("file", str(clone.console_log))
     if clone.nvram is not None:
-        _find(root, "os/nvram").text = str(clone.nvram)
+        child(root, "os/nvram").text = str(clone.nvram)
     return ET.tostring(root, encoding="unicode")
 
 
-def _find(parent: ET.Element, path: str) -> ET.Element:
+def child(parent: ET.Element, path: str) -> ET.Element:
+    """`parent.find(path)`; ValueError if there is none."""
     found = parent.find(path)
     if found is None:
         raise ValueError(f"the saved XML has no <{path}>")

@@ -53,7 +53,7 @@ import trio
 from launcher.plugin.files import fsync_dir
 from virtualizers.qemu import cloudinit, domain, domain_calls, qemu_img, save_image
 from virtualizers.qemu.domain import DomainParams, Firmware
-from virtualizers.qemu.hypervisor import Hypervisor
+from virtualizers.qemu.hypervisor import Hypervisor, or_none
 from virtualizers.qemu.images import ImageInfo
 
 log = logging.getLogger(__name__)
@@ -235,24 +235,18 @@ def template_xml(spec: TemplateSpec, key: str, data_dir: Path, directory: Path) 
         nvram=directory / NVRAM, hotplug_slots=spec.hotplug_slots)
     ET.register_namespace(save_image.TEMPLATE_PREFIX, save_image.TEMPLATE_NS)
     root = ET.fromstring(domain.domain_xml(params))
-    _child(root, "name").text = template_domain_name(key)
-    _child(root, "uuid").text = str(uuid_module.uuid4())
-    metadata = _child(root, "metadata")
+    save_image.child(root, "name").text = template_domain_name(key)
+    save_image.child(root, "uuid").text = str(uuid_module.uuid4())
+    metadata = save_image.child(root, "metadata")
     for child in list(metadata):
         metadata.remove(child)
     ET.SubElement(metadata, f"{{{save_image.TEMPLATE_NS}}}template", {"key": key, "data-dir": str(data_dir.absolute())})
     genid = ET.Element("genid")  # empty: libvirt picks one, and a new one at every restore
-    root.insert(list(root).index(_child(root, "uuid")) + 1, genid)
+    root.insert(list(root).index(save_image.child(root, "uuid")) + 1, genid)
     backing = ET.Element("memoryBacking")
     ET.SubElement(backing, "nosharepages")
-    root.insert(list(root).index(_child(root, "memory")) + 1, backing)
+    root.insert(list(root).index(save_image.child(root, "memory")) + 1, backing)
     return ET.tostring(root, encoding="unicode")
-
-
-def _child(root: ET.Element, tag: str) -> ET.Element:
-    found = root.find(tag)
-    assert found is not None, tag
-    return found
 
 
 def read_template_metadata(xml: str) -> dict[str, str] | None:
@@ -299,7 +293,8 @@ def fields(line: str) -> dict[str, str]:
 
 @attrs.frozen
 class CloneResult:
-    """What `restore_clone` did: per-step seconds, and the guest's new guest-ready and guest-identity lines."""
+    """What `restore_clone` did: the seconds from its start to the end of each step (restore, nic, define) and to
+    the guest's new guest-ready and guest-identity lines (ready, identity), and those two lines."""
 
     timings: dict[str, float]
     ready_line: str
@@ -340,8 +335,8 @@ async def restore_clone(hypervisor: Hypervisor, template: Template, clone: save_
         timings["nic"] = time.monotonic() - started
         await hypervisor.call(partial(_make_persistent, name=clone.name))
         timings["define"] = time.monotonic() - started
-        ready, identity = await _kick(hypervisor, clone, instance_id, ready_timeout_s)
-        timings["ready"] = time.monotonic() - started
+        ready, ready_at, identity, identity_at = await _kick(hypervisor, clone, instance_id, ready_timeout_s)
+        timings["ready"], timings["identity"] = ready_at - started, identity_at - started
     except BaseException:
         with trio.CancelScope(shield=True):
             try:
@@ -353,20 +348,21 @@ async def restore_clone(hypervisor: Hypervisor, template: Template, clone: save_
 
 
 async def _kick(hypervisor: Hypervisor, clone: save_image.CloneIdentity, instance_id: str,
-                timeout_s: float) -> tuple[str, str]:
+                timeout_s: float) -> tuple[str, float, str, float]:
     """Type KICK on the clone's serial console, keeping the console stream open until the guest's new identity is
-    on its console log (finishing it at once can lose the input); again every KICK_AGAIN_S."""
+    on its console log (finishing it at once can lose the input); again every KICK_AGAIN_S. Returns the new
+    guest-ready line, when it was seen, the guest-identity line and when it was seen."""
     stream = await hypervisor.call(partial(_open_console, name=clone.name))
     try:
         with trio.move_on_after(timeout_s):
             while True:
                 await hypervisor.call(lambda c: stream.send(KICK))
                 with trio.move_on_after(KICK_AGAIN_S):
-                    identity, _ = await wait_for_line(clone.console_log, lambda line: _reidentified(line, instance_id),
-                                                      timeout_s)
-                    ready, _ = await wait_for_line(clone.console_log, lambda line: line.startswith(
-                        "guest-ready ") and fields(line).get("instance-id") == instance_id, 1)
-                    return ready, identity
+                    ready, ready_at = await wait_for_line(clone.console_log, lambda line: line.startswith(
+                        "guest-ready ") and fields(line).get("instance-id") == instance_id, timeout_s)
+                    identity, identity_at = await wait_for_line(
+                        clone.console_log, lambda line: _reidentified(line, instance_id), timeout_s)
+                    return ready, ready_at, identity, identity_at
         raise TemplateBuildError(f"{clone.name} did not take its identity within {timeout_s:g} s")
     finally:
         with trio.CancelScope(shield=True):
@@ -403,16 +399,15 @@ def _make_persistent(conn: libvirt.virConnect, name: str) -> None:
 
 def _undefine(conn: libvirt.virConnect, name: str) -> None:
     """Destroy (if it runs) and undefine the template domain `name`, keeping its nvram file; nothing if none."""
-    try:
-        dom = conn.lookupByName(name)
-    except libvirt.libvirtError as exc:
-        if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-            return
-        raise
+    dom = or_none(lambda: conn.lookupByName(name), libvirt.VIR_ERR_NO_DOMAIN)
+    if dom is None:
+        return
     if dom.isActive():
         dom.destroy()
     if dom.isPersistent():
-        dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_KEEP_NVRAM | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE)
+        keep = ET.fromstring(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)).find("os/nvram") is not None
+        dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | (libvirt.VIR_DOMAIN_UNDEFINE_KEEP_NVRAM if keep
+                                                                      else 0))
 
 
 def _remove_template_domains(conn: libvirt.virConnect, data_dir: Path) -> list[str]:
@@ -466,7 +461,6 @@ def _freeze(partial_dir: Path, final: Path, record: dict[str, Any]) -> None:
 
 def _remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
-
 
 def qcow2_backing(path: Path) -> str | None:
     """The backing file name in the qcow2 header of `path` (None if none, or not a readable qcow2 file)."""
