@@ -4,8 +4,8 @@ Contract
 --------
 ``ensure_guest_image(cache_dir)`` returns ``cache_dir/guest-<key>.qcow2``, building it first if it
 is absent. ``<key>`` is a short hash of this file, of the files it puts in the guest (``init``,
-``power-button``, ``udhcpc-script``) and of the Debian package versions used, so any change to them makes a new
-image.
+``power-button``, ``udhcpc-script``, ``on-uevent``) and of the Debian package versions used, so any change to them
+makes a new image.
 The image is built into a temporary file and renamed into place; an exclusive lock on
 ``cache_dir/build.lock`` keeps concurrent callers from building it twice. Old images are left in
 place (overlays may still use them as backing files).
@@ -42,14 +42,27 @@ requests: once it has seen a hot-plugged disk it prints ``guest-holds-disks gpes
 disks=...`` and disables the ACPI general-purpose events that announced it (QEMU's q35 signals PCI hot-plug and
 unplug through one), so the disk stays (a DETACH then runs into its timeout).
 
+Right after its guest-ready line the guest prints one line of what a clone must not share (see "Template clones")::
+
+    guest-identity instance-id=<id> hostname=<name> rng=<16 bytes of /dev/urandom, hex> macs=<nic>=<mac>,...|none
+    time=<wall clock, s> reidentified=<n> vmgenid=<yes|no> gpe05=<count>
+
 With ``test_guest_mode: net-probe <ipv4>`` in its user-data, the guest, after its guest-ready line (which does not
-wait for it), loads the virtio-net driver (``NET_MODULES``, loaded in this mode only), brings ``eth0`` up, asks
+wait for it), waits for ``eth0`` (the virtio-net driver, ``NET_MODULES``, is loaded at every boot), brings it up, asks
 DHCP for an address (busybox ``udhcpc``, bounded: about 20 s at most; its hook ``udhcpc-script`` applies the
 lease), pings ``<ipv4>`` (up to 5 tries of one echo request, 2 s each) and prints one line::
 
     guest-net addr=<address/prefix|none> gw=<router|none> probe=<ipv4> reached=<yes|no>
 
 ``reached=no`` also when there was no lease (``addr=none``).
+
+Template clones (issue 19): the guest copies its seed's files to ``/run/seed`` and unmounts the seed at once. A
+line holding ``reidentify`` typed on its serial console (console echo is off), or a ``NEW_VMGENID=1`` uevent
+(kernels >= 6.10 send it when the VM generation ID changes), makes it, within 0.1 s: set its clock from the RTC
+(``hwclock -s -u``), read the seed again, print its ``guest-ready`` line again with the new identity, then a
+``guest-identity`` line with ``reidentified`` one higher and a fresh RNG value. A hot-plugged NIC (a ``net`` add
+uevent, seen by busybox ``uevent`` running ``on-uevent``) makes it print ``guest-nic-added nic=<nic> mac=<mac>``,
+bring the NIC up, ask DHCP (bounded: about 10 s) and print ``guest-nic-up nic=<nic> mac=<mac> addr=<a/p|none>``.
 
 Inputs come only from Debian packages, fetched with ``apt-get download`` (the apt lists must be
 up to date) and unpacked with ``dpkg-deb -x``: ``linux-image-amd64`` (resolved to its
@@ -75,7 +88,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_CACHE_DIR = HERE.parent.parent / ".cache" / "guest"
-GUEST_FILES = (HERE / "init", HERE / "power-button", HERE / "udhcpc-script")
+GUEST_FILES = (HERE / "init", HERE / "power-button", HERE / "udhcpc-script", HERE / "on-uevent")
 
 KERNEL_METAPACKAGE = "linux-image-amd64"
 PACKAGES = ("busybox-static", "grub-pc-bin", "systemd-boot-efi")
@@ -88,8 +101,8 @@ MODULES = (
     "vfat", "nls_cp437", "nls_ascii",
     "button", "evdev",
 )
-# Loaded (after MODULES, each after its dependencies: failover, net_failover) by the net-probe mode only, so that
-# the other modes boot as before.
+# Loaded after MODULES (each after its dependencies: failover, net_failover) at every boot: a template clone's NIC is
+# hot-plugged after its restore.
 NET_MODULES = ("virtio_net",)
 # no_timer_check: under TCG on a loaded host (20 guests booting on 2 cores) the kernel's check that the timer
 # interrupt works can miss its window and panic ("IO-APIC + timer doesn't work!"); virtual machines skip it.
@@ -226,8 +239,8 @@ def cpio_newc(entries: list[tuple[str, int, bytes, int]]) -> bytes:
 
 
 def initramfs(busybox: Path, modules: Sequence[Path], net_modules: Sequence[Path] = ()) -> bytes:
-    """The gzip'ed initramfs: busybox, the init script, the acpid handler, udhcpc's hook, the modules
-    (`modules` loaded at every boot, listed in ``load.list``; `net_modules` by the net-probe mode, ``net.list``)."""
+    """The gzip'ed initramfs: busybox, the init script, the acpid handler, udhcpc's hook, the uevent handler, the
+    modules (`modules` listed in ``load.list``, then `net_modules` in ``net.list``; init loads both at every boot)."""
     directory, executable, regular = 0o040755, 0o100755, 0o100644
     entries: list[tuple[str, int, bytes, int]] = [
         (name, directory, b"", 0)
@@ -243,6 +256,8 @@ def initramfs(busybox: Path, modules: Sequence[Path], net_modules: Sequence[Path
         ("etc/acpi/PWRF/00000080", executable, (HERE / "power-button").read_bytes(), 0),
         # busybox udhcpc runs it to apply a lease (init names it with -s; Debian's busybox also defaults to it).
         ("etc/udhcpc/default.script", executable, (HERE / "udhcpc-script").read_bytes(), 0),
+        # busybox uevent runs it for every kernel uevent (init starts `uevent /etc/on-uevent`).
+        ("etc/on-uevent", executable, (HERE / "on-uevent").read_bytes(), 0),
         ("lib/modules/load.list", regular, "".join(f"{ko.stem}\n" for ko in modules).encode(), 0),
         ("lib/modules/net.list", regular, "".join(f"{ko.stem}\n" for ko in net_modules).encode(), 0),
     ]

@@ -1,0 +1,493 @@
+"""Booted templates and their clones (issue 19): boot an image once to guest-ready, save it, restore clones of it.
+
+A *template* lives in ``<data_dir>/templates/<key>/`` (`TemplateStore`):
+
+- ``disk.qcow2``: the template's disk, a qcow2 overlay on the image, frozen (0444) once saved: from then on only a
+  backing file of the clones' overlays;
+- ``state.sav``: libvirt's save file of the running template (save_image.py reads it);
+- ``template.json``: the key's inputs, the versions, sizes, timings and when it was made;
+- ``seed.iso``, ``console.log`` (and ``nvram.fd`` for EFI): the template's own, kept for diagnosis (and the nvram
+  as the clones' starting copy).
+
+It is built in ``<key>.partial/`` and renamed into place: the directory exists if and only if the template is
+complete. `template_key` hashes everything a template's validity depends on (`TemplateSpec`: the image id and its
+content identity, vcpus, mem_mb, firmware, machine, hotplug_slots, kvm; `TEMPLATE_VERSION`; QEMU's and libvirt's
+versions): a template whose image changed (another import, gc and import) has another key, so it is rebuilt, never
+used stale.
+
+The template domain is `domain.domain_xml`'s domain with no NIC, with `<genid/>` (libvirt gives each restore a new
+VM generation ID: the guest kernel reseeds its RNG) and `<memoryBacking><nosharepages/>` (KSM never merges clones'
+pages; each clone's RAM is its own anonymous memory), named ``launcher-template-<key[:12]>``, with the template
+metadata of save_image.TEMPLATE_NS (not the instance metadata: recovery must not take it for an instance). It is
+booted, saved running once its console says ``guest-ready``, and undefined; it never stays defined.
+
+A *clone* (`restore_clone`) is restored from a save file of its own streamed through a pipe (save_image.py), with
+its name, UUID, metadata, overlay, seed and console log; then it gets its NIC by hot-plug (the payload's MAC),
+is made persistent, and is told to take its identity by the line ``reidentify`` on its serial console (the test
+guest's protocol, tests/guest/init). Clones keep the template's memory size, vCPUs, machine and devices.
+
+Blocking libvirt work goes through `Hypervisor.call`; file work through worker threads under the given limiter.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+import uuid as uuid_module
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Collection, Iterable
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar
+
+import attrs
+import libvirt
+import trio
+
+from launcher.plugin.files import fsync_dir
+from virtualizers.qemu import cloudinit, domain, domain_calls, qemu_img, save_image
+from virtualizers.qemu.domain import DomainParams, Firmware
+from virtualizers.qemu.hypervisor import Hypervisor, or_none
+from virtualizers.qemu.images import ImageInfo
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+TEMPLATE_VERSION = 1  # bump whenever the template domain, the build or the guest protocol changes
+TEMPLATES_DIR = "templates"
+PARTIAL_SUFFIX = ".partial"
+DOMAIN_PREFIX = "launcher-template-"
+DISK, STATE, RECORD, SEED, CONSOLE_LOG, NVRAM = "disk.qcow2", "state.sav", "template.json", "seed.iso", \
+    "console.log", "nvram.fd"
+DIR_MODE = 0o711  # QEMU (libvirt-qemu) must reach the disk and the seed
+BOOT_TIMEOUT_S = 300.0  # a template's boot to guest-ready (TCG on a loaded host)
+SETTLE_S = 1.0  # after guest-identity: the guest's console reader and uevent listener are up before the save
+READY_TIMEOUT_S = 60.0  # a clone's kick to its new guest-identity line
+KICK = b"reidentify\r"  # "\r": the console's line discipline ends the line; "\n" plus an at-once finish lost it
+KICK_AGAIN_S = 5.0  # type the kick again if the guest said nothing for this long
+POLL_S = 0.05
+
+
+@attrs.frozen
+class TemplateSpec:
+    """What a template is built from; every field is part of its key."""
+
+    image: ImageInfo
+    vcpus: int
+    mem_mb: int
+    firmware: Firmware
+    machine: str
+    hotplug_slots: int
+    kvm: bool
+
+    def key_inputs(self, qemu_version: int, libvirt_version: int) -> dict[str, Any]:
+        """The canonical inputs of `template_key`. The image's content identity is its sha256 and size as the
+        image store recorded them at import (a re-import of other content under the same id changes both)."""
+        return {
+            "template_version": TEMPLATE_VERSION, "image_id": self.image.id, "image_path": str(self.image.path),
+            "image_format": self.image.format, "image_sha256": self.image.sha256, "image_size": self.image.size,
+            "image_virtual_size": self.image.virtual_size, "vcpus": self.vcpus, "mem_mb": self.mem_mb,
+            "fw_type": "efi" if self.firmware.efi else "legacy",
+            "ovmf": [str(self.firmware.ovmf_code), str(self.firmware.ovmf_vars_template)]
+            if self.firmware.efi else None,
+            "machine": self.machine, "hotplug_slots": self.hotplug_slots, "kvm": self.kvm,
+            "qemu_version": qemu_version, "libvirt_version": libvirt_version,
+        }
+
+
+def template_key(inputs: dict[str, Any]) -> str:
+    """sha256 (hex) of the canonical JSON of `inputs` (`TemplateSpec.key_inputs`)."""
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def template_domain_name(key: str) -> str:
+    return DOMAIN_PREFIX + key[:12]
+
+
+@attrs.frozen
+class Template:
+    """A complete template (its directory exists). `header` is its save file's header (with the saved XML)."""
+
+    key: str
+    path: Path
+    record: dict[str, Any]
+    header: save_image.SaveHeader
+
+    @property
+    def disk(self) -> Path:
+        return self.path / DISK
+
+    @property
+    def state(self) -> Path:
+        return self.path / STATE
+
+    @property
+    def disk_size(self) -> int:
+        """The virtual size of the template's disk: a clone's overlay must have the same."""
+        return int(self.record["disk_size"])
+
+
+@attrs.define(eq=False)
+class TemplateStore:
+    """The templates of one data dir (module doc). One process owns it."""
+
+    data_dir: Path
+    hypervisor: Hypervisor
+    limiter: trio.CapacityLimiter
+    boot_timeout_s: float = BOOT_TIMEOUT_S
+    _locks: dict[str, trio.Lock] = attrs.field(factory=dict, init=False)
+
+    @property
+    def root(self) -> Path:
+        return self.data_dir / TEMPLATES_DIR
+
+    async def key_of(self, spec: TemplateSpec) -> tuple[str, dict[str, Any]]:
+        """(key, its inputs) of `spec` on this host (asks libvirt for the QEMU and libvirt versions)."""
+        qemu_version, libvirt_version = await self.hypervisor.call(lambda c: (c.getVersion(), c.getLibVersion()))
+        inputs = spec.key_inputs(qemu_version, libvirt_version)
+        return template_key(inputs), inputs
+
+    async def get(self, key: str) -> Template | None:
+        """The complete template `key`, or None."""
+        return await self._run(_load, self.root / key, key)
+
+    async def ensure(self, spec: TemplateSpec) -> Template:
+        """The template of `spec`, built first if there is none (one build per key at a time). A failed build
+        raises (TemplateBuildError, libvirt's or an OSError) and leaves neither a domain nor a directory."""
+        key, inputs = await self.key_of(spec)
+        lock = self._locks.setdefault(key, trio.Lock())
+        async with lock:
+            found = await self.get(key)
+            if found is not None:
+                return found
+            return await self._build(spec, key, inputs)
+
+    async def _build(self, spec: TemplateSpec, key: str, inputs: dict[str, Any]) -> Template:
+        name = template_domain_name(key)
+        final, partial_dir = self.root / key, self.root / (key + PARTIAL_SUFFIX)
+        timings: dict[str, float] = {}
+        started = time.monotonic()
+        await self._run(_fresh_dir, self.root, partial_dir)
+        try:
+            await qemu_img.create_overlay(partial_dir / DISK, spec.image.path, spec.image.format,
+                                          spec.image.virtual_size)
+            seed = cloudinit.Seed(label="cidata", files={
+                "meta-data": f"instance-id: template-{key[:12]}\nlocal-hostname: template-{key[:12]}\n".encode(),
+                "user-data": b"#cloud-config\n"}, instance_id=f"template-{key[:12]}", hostname=f"template-{key[:12]}")
+            await self._run(cloudinit.write_seed, seed, partial_dir / SEED)
+            xml = template_xml(spec, key, self.data_dir, partial_dir)
+            await self.hypervisor.call(lambda c: c.defineXML(xml).create())
+            timings["define_start"] = time.monotonic() - started
+            await wait_for_line(partial_dir / CONSOLE_LOG, lambda line: line.startswith("guest-identity "),
+                                self.boot_timeout_s)
+            timings["boot"] = time.monotonic() - started
+            await trio.sleep(SETTLE_S)
+            saving = time.monotonic()
+            await self.hypervisor.call(lambda c: c.lookupByName(name).saveFlags(
+                str(partial_dir / STATE), None, libvirt.VIR_DOMAIN_SAVE_RUNNING))
+            timings["save"] = time.monotonic() - saving
+            await self.hypervisor.call(partial(_undefine, name=name))
+            header = await self._run(save_image.read_header_file, partial_dir / STATE)
+            record = {"key": key, "inputs": inputs, "domain": name, "disk_size": spec.image.virtual_size,
+                      "created_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                      "state_bytes": (partial_dir / STATE).stat().st_size, "timings_s": timings,
+                      "saved_xml": header.xml}
+            await self._run(_freeze, partial_dir, final, record)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self.hypervisor.call(partial(_undefine, name=name))
+                await self._run(_remove_tree, partial_dir)
+            raise
+        log.info("template %s built in %.1f s", key[:12], time.monotonic() - started)
+        found = await self.get(key)
+        assert found is not None
+        return found
+
+    async def cleanup(self, wanted: Collection[str], overlays: Iterable[Path]) -> list[str]:
+        """At startup (nothing of this store in flight): destroy and undefine every template domain of this data
+        dir, remove every ``.partial`` dir, and every template whose key is not in `wanted` unless one of
+        `overlays` (the instances' overlay files) names its disk as its backing file. That check reads each
+        overlay's qcow2 header only (its direct backing file): a clone's overlay backs directly onto the template's
+        disk, and nothing else backs onto it. Returns what it removed (domain names and dir names)."""
+        removed = await self.hypervisor.call(partial(_remove_template_domains, data_dir=self.data_dir))
+        return removed + await self._run(_remove_dirs, self.root, set(wanted), list(overlays))
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
+
+
+class TemplateBuildError(Exception):
+    """The template did not reach guest-ready in time, or a clone did not answer its kick."""
+
+
+def template_xml(spec: TemplateSpec, key: str, data_dir: Path, directory: Path) -> str:
+    """The template domain's XML (module doc), its files in `directory`."""
+    params = DomainParams(
+        instance_uuid=f"template-{key[:12]}", data_dir=data_dir, vcpus=spec.vcpus, mem_mb=spec.mem_mb, kvm=spec.kvm,
+        machine=spec.machine, firmware=spec.firmware, overlay=directory / DISK, seed=directory / SEED,
+        network_kind="none", network_source="", mac="", console_log=directory / CONSOLE_LOG,
+        nvram=directory / NVRAM, hotplug_slots=spec.hotplug_slots)
+    ET.register_namespace(save_image.TEMPLATE_PREFIX, save_image.TEMPLATE_NS)
+    root = ET.fromstring(domain.domain_xml(params))
+    save_image.child(root, "name").text = template_domain_name(key)
+    save_image.child(root, "uuid").text = str(uuid_module.uuid4())
+    metadata = save_image.child(root, "metadata")
+    for child in list(metadata):
+        metadata.remove(child)
+    ET.SubElement(metadata, f"{{{save_image.TEMPLATE_NS}}}template", {"key": key, "data-dir": str(data_dir.absolute())})
+    genid = ET.Element("genid")  # empty: libvirt picks one, and a new one at every restore
+    root.insert(list(root).index(save_image.child(root, "uuid")) + 1, genid)
+    backing = ET.Element("memoryBacking")
+    ET.SubElement(backing, "nosharepages")
+    root.insert(list(root).index(save_image.child(root, "memory")) + 1, backing)
+    return ET.tostring(root, encoding="unicode")
+
+
+def read_template_metadata(xml: str) -> dict[str, str] | None:
+    """The template metadata of a domain's XML ({"key", "data-dir"}), or None if it is not a template domain."""
+    element = ET.fromstring(xml).find(f"metadata/{{{save_image.TEMPLATE_NS}}}template")
+    return None if element is None else dict(element.attrib)
+
+
+async def wait_for_line(console_log: Path, wanted: Callable[[str], bool], timeout_s: float) -> tuple[str, float]:
+    """(the first line of `console_log` that `wanted` accepts, time.monotonic() when it was seen); polls every
+    POLL_S. TemplateBuildError after `timeout_s`. Lines are matched from their start after stray carriage returns
+    (the kernel may write its own messages into the console)."""
+    with trio.move_on_after(timeout_s):
+        offset, pending = 0, b""
+        while True:
+            chunk = await trio.to_thread.run_sync(_read_from, console_log, offset)
+            offset += len(chunk)
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for raw in lines:
+                line = raw.decode(errors="replace").replace("\r", "").strip()
+                if wanted(line):
+                    return line, time.monotonic()
+            await trio.sleep(POLL_S)
+    raise TemplateBuildError(f"no such line on {console_log} within {timeout_s:g} s")
+
+
+def _read_from(path: Path, offset: int) -> bytes:
+    try:
+        with path.open("rb") as file:
+            file.seek(offset)
+            return file.read()
+    except FileNotFoundError:
+        return b""
+
+
+def fields(line: str) -> dict[str, str]:
+    """The key=value fields of a guest line."""
+    return dict(re.findall(r"(\S+?)=(\S*)", line))
+
+
+# -- clones ------------------------------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class CloneResult:
+    """What `restore_clone` did: the seconds from its start to the end of each step (restore, nic, define) and to
+    the guest's new guest-ready and guest-identity lines (ready, identity), and those two lines."""
+
+    timings: dict[str, float]
+    ready_line: str
+    identity_line: str
+
+
+async def make_clone_overlay(template: Template, overlay: Path) -> None:
+    """`overlay`: a qcow2 child of the template's disk, of its size (made under a temp name, then renamed)."""
+    tmp = overlay.with_name(overlay.name + ".tmp")
+    await qemu_img.create_overlay(tmp, template.disk, "qcow2", template.disk_size)
+    os.replace(tmp, overlay)
+
+
+async def restore_clone(hypervisor: Hypervisor, template: Template, clone: save_image.CloneIdentity, *,
+                        instance_id: str, mac: str, network_kind: str, network_source: str,
+                        ready_timeout_s: float = READY_TIMEOUT_S) -> CloneResult:
+    """Restore a clone of `template` as `clone` (its overlay on the template's disk and its seed already made, its
+    console log absent), hot-plug its NIC with `mac` (none if `network_kind` is "none"), define it (persistent),
+    and kick the guest until its console says ``guest-identity instance-id=<instance_id> ... reidentified=N``
+    (N >= 1), bounded by `ready_timeout_s` (TemplateBuildError). On any failure the clone's domain is removed."""
+    started = time.monotonic()
+    timings: dict[str, float] = {}
+    xml = save_image.clone_xml(template.header.xml, clone)
+    if clone.nvram is not None and template.record["inputs"]["fw_type"] == "efi":
+        await trio.to_thread.run_sync(shutil.copyfile, template.path / NVRAM, clone.nvram)
+    fifo = clone.overlay.parent / "restore.fifo"
+    try:
+        async with save_image.clone_pipe(template.state, fifo, xml) as pipe:
+            await hypervisor.call(partial(save_image.restore_running, path=fifo))
+            with trio.move_on_after(5):
+                await pipe.done.wait()
+        timings["restore"] = time.monotonic() - started
+        if network_kind != "none":
+            nic = (f"<interface type='{network_kind}'><mac address='{mac.lower()}'/>"
+                   f"<source {network_kind}='{network_source}'/><model type='virtio'/></interface>")
+            await hypervisor.call(lambda c: c.lookupByName(clone.name).attachDeviceFlags(
+                nic, libvirt.VIR_DOMAIN_AFFECT_LIVE))
+        timings["nic"] = time.monotonic() - started
+        await hypervisor.call(partial(_make_persistent, name=clone.name))
+        timings["define"] = time.monotonic() - started
+        ready, ready_at, identity, identity_at = await _kick(hypervisor, clone, instance_id, ready_timeout_s)
+        timings["ready"], timings["identity"] = ready_at - started, identity_at - started
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            try:
+                await hypervisor.call(partial(domain_calls.remove_domain, name=clone.name))
+            except Exception as exc:  # noqa: BLE001 - the first failure is the one to report
+                log.warning("cannot remove the failed clone %s: %s", clone.name, exc)
+        raise
+    return CloneResult(timings, ready, identity)
+
+
+async def _kick(hypervisor: Hypervisor, clone: save_image.CloneIdentity, instance_id: str,
+                timeout_s: float) -> tuple[str, float, str, float]:
+    """Type KICK on the clone's serial console, keeping the console stream open until the guest's new identity is
+    on its console log (finishing it at once can lose the input); again every KICK_AGAIN_S. Returns the new
+    guest-ready line, when it was seen, the guest-identity line and when it was seen."""
+    stream = await hypervisor.call(partial(_open_console, name=clone.name))
+    try:
+        with trio.move_on_after(timeout_s):
+            while True:
+                await hypervisor.call(lambda c: stream.send(KICK))
+                with trio.move_on_after(KICK_AGAIN_S):
+                    ready, ready_at = await wait_for_line(clone.console_log, lambda line: line.startswith(
+                        "guest-ready ") and fields(line).get("instance-id") == instance_id, timeout_s)
+                    identity, identity_at = await wait_for_line(
+                        clone.console_log, lambda line: _reidentified(line, instance_id), timeout_s)
+                    return ready, ready_at, identity, identity_at
+        raise TemplateBuildError(f"{clone.name} did not take its identity within {timeout_s:g} s")
+    finally:
+        with trio.CancelScope(shield=True):
+            await hypervisor.call(lambda c: _finish_quietly(stream))
+
+
+def _reidentified(line: str, instance_id: str) -> bool:
+    found = fields(line)
+    return (line.startswith("guest-identity ") and found.get("instance-id") == instance_id
+            and found.get("reidentified", "0").isdigit() and int(found["reidentified"]) >= 1)
+
+
+def _open_console(conn: libvirt.virConnect, name: str) -> libvirt.virStream:
+    stream = conn.newStream(0)
+    conn.lookupByName(name).openConsole(None, stream, libvirt.VIR_DOMAIN_CONSOLE_FORCE)
+    return stream
+
+
+def _finish_quietly(stream: libvirt.virStream) -> None:
+    try:
+        stream.finish()
+    except libvirt.libvirtError:
+        try:
+            stream.abort()
+        except libvirt.libvirtError:
+            pass
+
+
+def _make_persistent(conn: libvirt.virConnect, name: str) -> None:
+    """Define the restored (transient) domain from its live XML: it stays defined, shut off, when it stops."""
+    dom = conn.lookupByName(name)
+    conn.defineXML(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE))
+
+
+def _undefine(conn: libvirt.virConnect, name: str) -> None:
+    """Destroy (if it runs) and undefine the template domain `name`, keeping its nvram file; nothing if none."""
+    dom = or_none(lambda: conn.lookupByName(name), libvirt.VIR_ERR_NO_DOMAIN)
+    if dom is None:
+        return
+    if dom.isActive():
+        dom.destroy()
+    if dom.isPersistent():
+        keep = ET.fromstring(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)).find("os/nvram") is not None
+        dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | (libvirt.VIR_DOMAIN_UNDEFINE_KEEP_NVRAM if keep
+                                                                      else 0))
+
+
+def _remove_template_domains(conn: libvirt.virConnect, data_dir: Path) -> list[str]:
+    removed, ours = [], str(data_dir.absolute())
+    for dom in conn.listAllDomains():
+        try:
+            name = dom.name()
+            meta = read_template_metadata(dom.XMLDesc(0)) if name.startswith(DOMAIN_PREFIX) else None
+        except libvirt.libvirtError:
+            continue
+        if meta is not None and meta.get("data-dir") == ours:
+            _undefine(conn, name)
+            removed.append(name)
+    return removed
+
+
+# -- files (blocking) ---------------------------------------------------------------------------------------------
+
+
+def _load(path: Path, key: str) -> Template | None:
+    try:
+        record = json.loads((path / RECORD).read_text())
+        header = save_image.read_header_file(path / STATE)
+    except (OSError, ValueError):
+        return None
+    return Template(key, path, record, header)
+
+
+def _fresh_dir(root: Path, directory: Path) -> None:
+    root.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    os.chmod(root, DIR_MODE)
+    _remove_tree(directory)
+    directory.mkdir(mode=DIR_MODE)
+    os.chmod(directory, DIR_MODE)
+
+
+def _freeze(partial_dir: Path, final: Path, record: dict[str, Any]) -> None:
+    """Write the record, freeze the disk (0444) and the state (0400), fsync all, rename into place."""
+    (partial_dir / RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    for name, mode in ((DISK, 0o444), (STATE, 0o400), (RECORD, 0o444)):
+        fd = os.open(partial_dir / name, os.O_RDONLY)
+        try:
+            os.fchmod(fd, mode)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    fsync_dir(partial_dir)
+    os.replace(partial_dir, final)
+    fsync_dir(final.parent)
+
+
+def _remove_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+def qcow2_backing(path: Path) -> str | None:
+    """The backing file name in the qcow2 header of `path` (None if none, or not a readable qcow2 file)."""
+    try:
+        with path.open("rb") as file:
+            head = file.read(20)
+            if len(head) < 20 or head[:4] != b"QFI\xfb":
+                return None
+            offset, size = int.from_bytes(head[8:16], "big"), int.from_bytes(head[16:20], "big")
+            if not offset or not size:
+                return None
+            file.seek(offset)
+            return file.read(size).decode(errors="replace")
+    except OSError:
+        return None
+
+
+def _remove_dirs(root: Path, wanted: set[str], overlays: list[Path]) -> list[str]:
+    if not root.is_dir():
+        return []
+    backed = {os.path.realpath(b) for b in map(qcow2_backing, overlays) if b is not None}
+    removed = []
+    for entry in sorted(root.iterdir()):
+        if entry.name.endswith(PARTIAL_SUFFIX):
+            _remove_tree(entry)
+            removed.append(entry.name)
+        elif entry.is_dir() and entry.name not in wanted and os.path.realpath(entry / DISK) not in backed:
+            _remove_tree(entry)
+            removed.append(entry.name)
+    return removed
