@@ -546,7 +546,8 @@ def test_slot_domain_xml() -> None:
     assert ET.canonicalize(domain.cdrom_xml(seed), strip_text=True) == ET.canonicalize(
         ET.tostring(cold.find("devices/disk[@device='cdrom']"), encoding="unicode"), strip_text=True)
     metadata = ET.fromstring(domain.instance_metadata_xml(UUID, DATA_DIR))
-    assert metadata.tag == f"{{{domain.METADATA_NS}}}instance"
+    assert (metadata.tag, metadata.findtext("uuid"), metadata.findtext("data-dir")) == ("instance", UUID,
+                                                                                         str(DATA_DIR))
 
 
 def test_resolve_accel(monkeypatch: pytest.MonkeyPatch) -> None:

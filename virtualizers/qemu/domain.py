@@ -174,9 +174,12 @@ def domain_xml(params: DomainParams) -> str:
 
 
 def instance_metadata_xml(instance_uuid: str, data_dir: Path) -> str:
-    """The `<instance>` element of `METADATA_NS` that `domain_xml` writes, alone: what a claim sets on the slot's
-    domain (setMetadata) to make it the instance's."""
-    return ET.tostring(_instance_metadata(ET.Element("metadata"), instance_uuid, data_dir), encoding="unicode")
+    """The `<instance>` element that `domain_xml` writes in `METADATA_NS`, without its namespace (setMetadata puts
+    it there): what a claim sets on the slot's domain to make it the instance's."""
+    instance = ET.Element("instance")
+    _text(instance, "uuid", instance_uuid)
+    _text(instance, "data-dir", str(data_dir))
+    return ET.tostring(instance, encoding="unicode")
 
 
 def cdrom_xml(seed: Path) -> str:
@@ -269,12 +272,11 @@ def _metadata(metadata: ET.Element, params: DomainParams) -> None:
                   mem=str(shape.mem_mb), fw=shape.fw_type, disk=str(shape.disk_mb))
 
 
-def _instance_metadata(metadata: ET.Element, instance_uuid: str, data_dir: Path) -> ET.Element:
+def _instance_metadata(metadata: ET.Element, instance_uuid: str, data_dir: Path) -> None:
     ET.register_namespace(METADATA_PREFIX, METADATA_NS)
     instance = ET.SubElement(metadata, f"{{{METADATA_NS}}}instance")
     _text(instance, f"{{{METADATA_NS}}}uuid", instance_uuid)
     _text(instance, f"{{{METADATA_NS}}}data-dir", str(data_dir))
-    return instance
 
 
 def _os(os_element: ET.Element, params: DomainParams) -> None:
