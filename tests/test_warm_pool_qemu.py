@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import time
+import uuid as uuid_module
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,13 @@ from conftest import LauncherProcess
 from test_qemu import IMAGE_ID, conn, console, events, new_uuid, payload_for, start, wait_for, wait_guest_ready
 
 from launcher.cli.client import Client
-from virtualizers.qemu.domain import read_metadata, read_slot_metadata
+from virtualizers.qemu.domain import (
+    METADATA_NS,
+    METADATA_PREFIX,
+    instance_metadata_xml,
+    read_metadata,
+    read_slot_metadata,
+)
 
 POOL = {"image_uuid": IMAGE_ID, "vcpus": 1, "mem_mb": 256, "fw_type": "legacy", "size": 2}
 GUEST_NET = re.compile(r"guest-net addr=(?P<addr>\S+) gw=(?P<gw>\S+) probe=(?P<probe>\S+) reached=(?P<reached>\S+)")
@@ -153,23 +160,34 @@ def test_pool_claim_refill_cold_fallback_power_cycle_and_delete(qemu_factory: An
 
 def test_kill_mid_claim_leaks_nothing(qemu_factory: Any) -> None:
     """(c) kill -9 with slots ready and claims in flight; after a restart every slot domain and slot dir of the data
-    dir is a ready slot (/v1/node) or an instance's domain, and every instance runs."""
-    launcher = qemu_factory({"pools": [POOL]})
+    dir is a ready slot (/v1/node) or an instance's domain, and every instance runs. Added before the restart: a
+    claim cut short in prelaunch (a ready slot given instance metadata) and a half-made slot's dir; both go."""
+    launcher = qemu_factory({"pools": [{**POOL, "size": 3}]})
     client = launcher.client()
     data_dir = launcher.data_dir
-    wait_ready(client)
-    uuids = [new_uuid() for _ in range(3)]
+    wait_ready(client, 3)
+    uuids = [new_uuid() for _ in range(2)]
     for uuid in uuids:
         start(client, pool_payload(uuid)[0])
     time.sleep(0.3)
     launcher.kill(signal.SIGKILL)
+    ready_slots = [name for name, (owner, slot) in data_dir_domains(data_dir).items() if slot and not owner
+                   and conn().lookupByName(name).state()[0] == libvirt.VIR_DOMAIN_PAUSED]
+    cut_short = ready_slots[0]
+    conn().lookupByName(cut_short).setMetadata(
+        libvirt.VIR_DOMAIN_METADATA_ELEMENT, instance_metadata_xml(new_uuid(), data_dir), METADATA_PREFIX,
+        METADATA_NS, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+    half_made = data_dir / "slots" / uuid_module.uuid4().hex
+    half_made.mkdir()
+    (half_made / "overlay.qcow2").write_bytes(b"")
 
-    restarted = qemu_factory({"pools": [POOL]})
-    client = restarted.client()
+    client = launcher.start(timeout=60)
     for uuid in uuids:  # each START was accepted (durable) before the kill: carried on
         wait_for(f"{uuid} running", lambda uuid=uuid: instance(client, uuid)["state"] == "running")
-    ready = wait_ready(client)
+    ready = wait_ready(client, 3)
     domains = data_dir_domains(data_dir)
+    assert cut_short not in domains and not half_made.exists()
+    assert not (data_dir / "slots" / cut_short.removeprefix("launcher-slot-")).exists()
     owners = [owner for owner, _ in domains.values() if owner]
     assert sorted(owners) == sorted(uuids), domains  # one domain per instance
     free_slots = {slot for owner, slot in domains.values() if slot and not owner}
