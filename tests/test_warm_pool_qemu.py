@@ -12,6 +12,7 @@ import subprocess
 import time
 import uuid as uuid_module
 import xml.etree.ElementTree as ET
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,17 @@ def steps(launcher: LauncherProcess, uuid: str, last: str) -> dict[str, int]:
     return parsed
 
 
+def to_running(launcher: LauncherProcess, uuid: str) -> int:
+    """Milliseconds from the instance log's "START accepted" line to its first "VM is running" line."""
+    stamps = {}
+    for line in (launcher.data_dir / "instances" / uuid / "launcher.log").read_text().splitlines():
+        stamp, _, text = line.partition(" ")
+        for mark in ("START accepted", "VM is running"):
+            if text.startswith(mark):
+                stamps.setdefault(mark, datetime.fromisoformat(stamp.replace("Z", "+00:00")))
+    return round((stamps["VM is running"] - stamps["START accepted"]).total_seconds() * 1000)
+
+
 def data_dir_domains(data_dir: Path) -> dict[str, tuple[str, str]]:
     """Every domain of `data_dir`: name → (its instance uuid or "", its slot id or "")."""
     found = {}
@@ -135,7 +147,8 @@ def test_pool_claim_refill_cold_fallback_power_cycle_and_delete(qemu_factory: An
     assert instance(client, c)["start_path"] == "cold"
     cold_steps = steps(launcher, c, "start")
     assert {"overlay", "define", "start"} <= set(cold_steps) and "claim" not in cold_steps
-    print(f"START steps: pool {pool_steps}, cold {cold_steps}")
+    print(f"START steps (ms): pool {pool_steps}, cold {cold_steps}; START accepted → VM running: "
+          f"pool {to_running(launcher, a)} ms, cold {to_running(launcher, c)} ms")
 
     # (e) a power cycle of a claimed instance: its domain and files come back to the cold layout.
     assert client.request("POST", f"/v1/instances/{a}/stop", wait=1, timeout=120)["state"] == "exited"

@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
 from typing import TypeVar
@@ -48,17 +48,20 @@ async def claim(slots: QemuSlots, slot_id: str, spec: InstanceSpec, instance_dir
     """Make the taken slot `slot_id` the domain of `spec`'s instance and let it run (module doc); ClaimFailed."""
     name, hypervisor, network = domain.slot_domain_name(slot_id), slots.hypervisor, slots.settings.network
     started = time.monotonic()
+    parts: list[str] = []  # each part's time, for the claim's step line
     try:
-        await _run(slots, _bind, instance_dir, slot_id, slots.slot_dir(slot_id))
+        await _timed(parts, "bind", _run(slots, _bind, instance_dir, slot_id, slots.slot_dir(slot_id)))
         slots.bound[spec.instance_uuid] = slot_id
-        await hypervisor.call(partial(slot_calls.set_instance_metadata, name=name, instance_uuid=spec.instance_uuid,
-                                      data_dir=slots.host.data_dir))
-        await hypervisor.call(partial(slot_calls.insert_seed, name=name, seed=instance_dir / SEED))
+        await _timed(parts, "metadata", hypervisor.call(partial(
+            slot_calls.set_instance_metadata, name=name, instance_uuid=spec.instance_uuid,
+            data_dir=slots.host.data_dir)))
+        await _timed(parts, "seed", hypervisor.call(partial(slot_calls.insert_seed, name=name,
+                                                            seed=instance_dir / SEED)))
         if network.kind != "none":
-            await hypervisor.call(partial(slot_calls.plug_nic, name=name, kind=network.kind, source=network.source,
-                                          mac=spec.networking.vnic_mac))
-        step("claim", started, f"slot {slot_id} ({name}): instance metadata, seed, "
-                               f"{'no NIC' if network.kind == 'none' else 'NIC ' + spec.networking.vnic_mac}")
+            await _timed(parts, f"NIC {spec.networking.vnic_mac}", hypervisor.call(partial(
+                slot_calls.plug_nic, name=name, kind=network.kind, source=network.source,
+                mac=spec.networking.vnic_mac)))
+        step("claim", started, f"slot {slot_id} ({name}) is the instance's domain ({', '.join(parts)})")
         started = time.monotonic()
         await hypervisor.call(partial(slot_calls.resume_if_prelaunch, name=name))
     except (OSError, Unavailable, libvirt.libvirtError) as exc:
@@ -119,6 +122,13 @@ async def forget_stale(slots: QemuSlots, instance_uuid: str, instance_dir: Path)
     the instance's) forgets it."""
     if instance_uuid not in slots.bound:
         await _run(slots, _unbind, instance_dir)
+
+
+async def _timed(parts: list[str], what: str, call: Awaitable[object]) -> None:
+    """Await `call`; "<what> <ms> ms" appended to `parts`."""
+    started = time.monotonic()
+    await call
+    parts.append(f"{what} {round((time.monotonic() - started) * 1000)} ms")
 
 
 async def _is_active(slots: QemuSlots, name: str) -> bool | None:
