@@ -10,9 +10,10 @@ claimed domain back to the cold layout at its next cold start, `release` removes
 3. resume, once QMP says the domain is still in prelaunch: step ``resume``; from here the domain is the instance's;
 4. defined from its own XML (step ``persist``), so that it powers off into "shut off" and stays defined.
 
-Any failure before the resume undoes the binding and raises `ClaimFailed`; the caller discards the slot (never
-back to a pool) and starts the instance cold. A failure to define is only logged: the domain runs as the instance's,
-and the next open makes it persistent (slots.py) or, should it die meanwhile, `converge` takes its files.
+Any failure before the resume (or a cancellation) undoes the binding and discards the slot (never back to a
+pool); a failure raises `ClaimFailed`, and the caller starts the instance cold. A failure to define is only logged:
+the domain runs as the instance's, and the next open makes it persistent (slots.py) or, should it die meanwhile,
+`converge` takes its files.
 """
 
 from __future__ import annotations
@@ -64,11 +65,14 @@ async def claim(slots: QemuSlots, slot_id: str, spec: InstanceSpec, instance_dir
         step("claim", started, f"slot {slot_id} ({name}) is the instance's domain ({', '.join(parts)})")
         started = time.monotonic()
         await hypervisor.call(partial(slot_calls.resume_if_prelaunch, name=name))
-    except (OSError, Unavailable, libvirt.libvirtError) as exc:
+    except BaseException as exc:  # cancelled too: a slot that may have seen an identity never stays
         slots.bound.pop(spec.instance_uuid, None)
         with trio.CancelScope(shield=True):
             await _run(slots, _unbind, instance_dir)
-        raise ClaimFailed(f"slot {slot_id}: {error_text(exc)}") from exc
+            await slots.discard_slot(slot_id)
+        if isinstance(exc, (OSError, Unavailable, libvirt.libvirtError)):
+            raise ClaimFailed(f"slot {slot_id}: {error_text(exc)}") from exc
+        raise
     step("resume", started, f"domain {name} resumed")
     started = time.monotonic()
     try:

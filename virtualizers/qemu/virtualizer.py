@@ -184,9 +184,8 @@ class QemuVirtualizer:
             raise self._fail(IMAGE_FAILURE, f"cannot make {self._dir} durable: {exc}") from exc
         if any(entry.local for entry in self._spec.storage):
             await self._make_local_volumes()
-        taken = self._backend.warm.take(self._uuid) if self._backend.warm.configured else None
-        if taken is not None:
-            self._taken = taken[0]
+        self._taken = self._take_reserved()
+        if self._taken is not None:
             self._log(f"slot {self._taken} taken: its overlay is the instance's disk")
         elif self._spec.image_uuid:
             await self._make_overlay()
@@ -221,6 +220,10 @@ class QemuVirtualizer:
                     raise self._fail(IMAGE_FAILURE, f"swap volume {entry.id}: {exc.reason}") from exc
                 self._log(f"swap volume {entry.id} {'formatted (mkswap)' if formatted else 'is swap space already'}")
 
+    def _take_reserved(self) -> str | None:
+        """The id of the slot the supervisor reserved for this instance, now its own (`WarmPools.take`); or None."""
+        return (self._backend.warm.take(self._uuid) or (None,))[0]
+
     async def _make_overlay(self) -> None:
         """The cold path's disk: overlay.qcow2 in the instance dir (a stale slot binding forgotten)."""
         await claim.forget_stale(self._backend.slots, self._uuid, self._dir)
@@ -248,9 +251,10 @@ class QemuVirtualizer:
         """Destroy the domain if it still runs, and undefine it with its NVRAM (a claimed slot's with its slot dir;
         a slot taken but never claimed is discarded); the actor removes the dir."""
         try:
-            if self._taken is not None:
-                await self._backend.warm.discard(self._taken)
-                self._log(f"slot {self._taken} discarded (never claimed)")
+            taken = self._taken or self._take_reserved()
+            if taken is not None:  # taken in create_image, or still reserved by a START that failed before it
+                await self._backend.warm.discard(taken)
+                self._log(f"slot {taken} discarded (never claimed)")
                 self._taken = None
             released = await claim.release(self._backend.slots, self._uuid, self._dir)
             if released is not None:
@@ -378,8 +382,6 @@ class QemuVirtualizer:
             return True
         except claim.ClaimFailed as exc:
             self._log(f"cannot claim {exc}; slot discarded, starting cold")
-        with trio.CancelScope(shield=True):
-            await self._backend.warm.discard(slot_id)
         await self._make_overlay()
         return False
 
