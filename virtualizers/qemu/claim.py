@@ -47,7 +47,25 @@ class ClaimFailed(Exception):
 
 async def claim(slots: QemuSlots, slot_id: str, spec: InstanceSpec, instance_dir: Path, step: StepDone) -> None:
     """Make the taken slot `slot_id` the domain of `spec`'s instance and let it run (module doc); ClaimFailed."""
-    name, hypervisor, network = domain.slot_domain_name(slot_id), slots.hypervisor, slots.settings.network
+    name, hypervisor = domain.slot_domain_name(slot_id), slots.hypervisor
+    try:
+        await _claim(slots, slot_id, name, spec, instance_dir, step)
+        started = time.monotonic()
+        try:
+            await hypervisor.call(partial(slot_calls.make_persistent, name=name))
+        except (Unavailable, libvirt.libvirtError) as exc:
+            slots.host.log(instance_dir, f"domain {name} runs but could not be defined (the next launcher start "
+                                         f"does): {error_text(exc)}")
+            return
+        step("persist", started, f"domain {name} defined")
+    finally:
+        slots.settled(slot_id)  # the refill may start its next QEMU
+
+
+async def _claim(slots: QemuSlots, slot_id: str, name: str, spec: InstanceSpec, instance_dir: Path,
+                 step: StepDone) -> None:
+    """Steps 1 to 3 of `claim`."""
+    hypervisor, network = slots.hypervisor, slots.settings.network
     started = time.monotonic()
     parts: list[str] = []  # each part's time, for the claim's step line
     try:
@@ -74,14 +92,6 @@ async def claim(slots: QemuSlots, slot_id: str, spec: InstanceSpec, instance_dir
             raise ClaimFailed(f"slot {slot_id}: {error_text(exc)}") from exc
         raise
     step("resume", started, f"domain {name} resumed")
-    started = time.monotonic()
-    try:
-        await hypervisor.call(partial(slot_calls.make_persistent, name=name))
-    except (Unavailable, libvirt.libvirtError) as exc:
-        slots.host.log(instance_dir, f"domain {name} runs but could not be defined (the next launcher start "
-                                     f"does): {error_text(exc)}")
-        return
-    step("persist", started, f"domain {name} defined")
 
 
 async def converge(slots: QemuSlots, instance_uuid: str, instance_dir: Path) -> bool:

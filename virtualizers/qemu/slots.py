@@ -47,6 +47,7 @@ SLOTS_DIR = "slots"  # under the data dir
 SLOT_FILE = "slot"  # in an instance dir whose domain is (or was) a claimed slot: the slot's id
 SLOT_DIR_MODE = 0o711  # QEMU (libvirt-qemu) must reach the files libvirt hands it
 MIB = 1 << 20
+CLAIM_WAIT_S = 5.0  # how long a slot being made waits for the claims in flight before starting its QEMU anyway
 T = TypeVar("T")
 
 
@@ -60,6 +61,8 @@ class QemuSlots:
     images: ImageStore
     kvm: bool
     bound: dict[str, str] = attrs.field(factory=dict)  # instance uuid → slot id: its domain is that claimed slot
+    _claims: set[str] = attrs.field(factory=set, init=False)  # slots taken and not yet claimed or discarded
+    _no_claims: trio.Event = attrs.field(factory=trio.Event, init=False)  # set when the last of those settles
 
     @property
     def root(self) -> Path:
@@ -73,8 +76,22 @@ class QemuSlots:
         slot_id = self.bound.get(instance_uuid)
         return domain.domain_name(instance_uuid) if slot_id is None else domain.slot_domain_name(slot_id)
 
+    def taken(self, slot_id: str) -> None:
+        """An instance took the slot: until it is claimed or discarded (`settled`), slots being made wait to start
+        their QEMU (at most CLAIM_WAIT_S): a QEMU start-up takes a core for about half a second, which the claim's
+        libvirt calls would wait for."""
+        self._claims.add(slot_id)
+
+    def settled(self, slot_id: str) -> None:
+        """The taken slot was claimed (resumed) or discarded; nothing if it was not taken."""
+        self._claims.discard(slot_id)
+        if not self._claims:
+            self._no_claims.set()
+            self._no_claims = trio.Event()
+
     async def make_slot(self, slot_id: str, shape: SlotShape) -> None:
-        """The slot's dir and overlay, then its domain started held in prelaunch (`SlotMaker.make_slot`)."""
+        """The slot's dir and overlay, then its domain started held in prelaunch, once no claim is in flight
+        (`taken`; `SlotMaker.make_slot`)."""
         started = trio.current_time()
         try:
             image = await self.images.ensure(shape.image_uuid)
@@ -82,6 +99,9 @@ class QemuSlots:
             await self._thread(_make_slot_dir, directory)
             size = max(image.virtual_size, shape.disk_mb * MIB)
             await instance_files.make_overlay(directory, image, size, self.host.limiter)
+            with trio.move_on_after(CLAIM_WAIT_S):
+                while self._claims:
+                    await self._no_claims.wait()
             await self.hypervisor.call(partial(slot_calls.create_paused, xml=domain.domain_xml(self._params(
                 slot_id, shape))))
         except BaseException:
@@ -102,6 +122,7 @@ class QemuSlots:
 
     async def discard_slot(self, slot_id: str) -> None:
         """Destroy the slot's domain if there is one, and remove its dir (`SlotMaker.discard_slot`)."""
+        self.settled(slot_id)
         await self.hypervisor.call(partial(domain_calls.remove_domain, name=domain.slot_domain_name(slot_id)))
         await self._thread(shutil.rmtree, self.slot_dir(slot_id), True)
 

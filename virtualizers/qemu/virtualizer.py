@@ -222,7 +222,9 @@ class QemuVirtualizer:
 
     def _take_reserved(self) -> str | None:
         """The id of the slot the supervisor reserved for this instance, now its own (`WarmPools.take`); or None."""
-        return (self._backend.warm.take(self._uuid) or (None,))[0]
+        if (taken := self._backend.warm.take(self._uuid)) is not None:
+            self._backend.slots.taken(taken[0])
+        return None if taken is None else taken[0]
 
     async def _make_overlay(self) -> None:
         """The cold path's disk: overlay.qcow2 in the instance dir (a stale slot binding forgotten)."""
@@ -336,8 +338,6 @@ class QemuVirtualizer:
             self._log(f"volume {volume_id} detached: gone from the next start (the VM does not run)")
 
     async def start_vm(self) -> None:
-        """A slot taken in create_image is claimed (claim.py; cold if that fails); else, or then, the cold
-        define and start, after a claimed slot's domain that is down has been converged (`claim.converge`)."""
         user = self._backend.qemu_user
         if user is not None:
             try:
