@@ -150,7 +150,7 @@ def test_pool_claim_refill_cold_fallback_power_cycle_and_delete(qemu_factory: An
     print(f"START steps (ms): pool {pool_steps}, cold {cold_steps}; START accepted → VM running: "
           f"pool {to_running(launcher, a)} ms, cold {to_running(launcher, c)} ms")
     print(*[line for line in (data_dir / "instances" / a / "launcher.log").read_text().splitlines()
-            if "step claim" in line])
+            if "step claim" in line or " ok in " in line or "VM is running" in line or "START accepted" in line])
 
     # (e) a power cycle of a claimed instance: its domain and files come back to the cold layout.
     assert client.request("POST", f"/v1/instances/{a}/stop", wait=1, timeout=120)["state"] == "exited"
