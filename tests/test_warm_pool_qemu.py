@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import libvirt
-from conftest import LauncherProcess
+from conftest import LauncherProcess, example
 from test_qemu import IMAGE_ID, conn, console, events, new_uuid, payload_for, start, wait_for, wait_guest_ready
 
 from launcher.cli.client import Client
@@ -212,3 +212,30 @@ def test_kill_mid_claim_leaks_nothing(qemu_factory: Any) -> None:
     for owner, slot in domains.values():
         if owner:
             assert instance(client, owner)["start_path"] == ("pool" if slot else "cold")
+
+
+def test_efi_pool_with_a_ciao_style_uuid_and_configdrive(qemu_factory: Any) -> None:
+    """An EFI slot (OVMF, its nvram in the slot dir) claimed by a ciao-style instance uuid with a ConfigDrive seed:
+    the guest boots with the seed's identity; a power cycle moves the nvram into the instance dir and boots again."""
+    efi_image = re.search(r"image_uuid: (\S+)", example("start_efi.yaml").decode())
+    assert efi_image is not None
+    pool = {"image_uuid": efi_image.group(1), "vcpus": 2, "mem_mb": 256, "fw_type": "efi", "size": 1}
+    launcher = qemu_factory({"pools": [pool], "seed_format": "configdrive"})
+    client = launcher.client()
+    wait_ready(client, 1)
+    uuid = new_uuid(ciao_style=True)
+    assert start(client, payload_for("start_efi.yaml", uuid), wait=1, timeout=120)["state"] == "running"
+    assert instance(client, uuid)["start_path"] == "pool"
+    line = wait_guest_ready(launcher, uuid)
+    assert (line["instance-id"], line["hostname"], line["datasource"]) == ("ciao", "ciao", "configdrive")
+    (name,) = [name for name, (owner, _) in data_dir_domains(launcher.data_dir).items() if owner == uuid]
+    slot_dir = launcher.data_dir / "slots" / name.removeprefix("launcher-slot-")
+    assert (slot_dir / "nvram.fd").is_file()
+
+    assert client.request("POST", f"/v1/instances/{uuid}/stop", wait=1, timeout=120)["state"] == "exited"
+    assert client.request("POST", f"/v1/instances/{uuid}/restart", wait=1, timeout=120)["state"] == "running"
+    assert not slot_dir.exists() and (launcher.data_dir / "instances" / uuid / "nvram.fd").is_file()
+    line = wait_guest_ready(launcher, uuid, boots=2)
+    assert (line["instance-id"], line["boots"]) == ("ciao", "2")
+    assert client.request("DELETE", f"/v1/instances/{uuid}", wait=1, timeout=120)["state"] == "deleted"
+    assert all(owner == "" for owner, _ in data_dir_domains(launcher.data_dir).values())
