@@ -9,7 +9,7 @@ from pathlib import Path
 
 import libvirt
 
-from virtualizers.qemu.domain import read_metadata
+from virtualizers.qemu.domain import read_metadata, read_slot_metadata
 from virtualizers.qemu.domain_calls import remove_domain
 
 
@@ -21,9 +21,10 @@ def remove_domains_under(root: Path) -> list[str]:
     try:
         for dom in connection.listAllDomains():
             try:
-                meta = read_metadata(dom.XMLDesc(0))
+                xml = dom.XMLDesc(0)
             except libvirt.libvirtError:
                 continue  # undefined meanwhile
+            meta = read_metadata(xml) or read_slot_metadata(xml)  # a prepared slot's domain has only the latter
             if meta is not None and (meta.data_dir + "/").startswith(prefix):
                 remove_domain(connection, dom.name())
                 removed.append(dom.name())

@@ -29,6 +29,7 @@ from launcher.plugin.host import BackendHost
 from launcher.plugin.settings import ConfigError, parse_section
 from launcher.plugin.spec import InstanceSpec, Networking, StorageEntry
 from launcher.plugin.volumes import MAX_VOLUMES
+from launcher.plugin.warm import PoolSettings, SlotShape
 from virtualizers.qemu import domain, preflight
 from virtualizers.qemu import instance_files as qemu
 from virtualizers.qemu.backend import QemuBackend
@@ -472,6 +473,8 @@ def test_settings_full_section() -> None:
         "guest_network": {"gateway": "10.0.0.254", "dns_servers": ["10.0.0.53", "fd00::53"],
                           "dns_search": ["example.org"], "mtu": 9000},
         "volumes": {"pool": "ceph-volumes", "detach_timeout_s": 12}, "hotplug_slots": 2, "state_poll_s": 600,
+        "pools": [{"image_uuid": "img", "vcpus": 2, "mem_mb": 512, "fw_type": "legacy", "size": 3}],
+        "slot_make_timeout_s": 30,
     }
     assert parse_section(QemuSettings, raw, "qemu.") == QemuSettings(
         uri="qemu+ssh://host/system", accel="tcg", machine="pc", seed_format="configdrive",
@@ -481,6 +484,7 @@ def test_settings_full_section() -> None:
         import_sources=("/srv/more", "https://mirror.example/images"), image_max_bytes=1 << 30,
         guest_network=GuestNetwork("10.0.0.254", ("10.0.0.53", "fd00::53"), ("example.org",), 9000),
         volumes=VolumeSettings(pool="ceph-volumes", detach_timeout_s=12.0), hotplug_slots=2, state_poll_s=600.0,
+        pools=(PoolSettings("img", vcpus=2, mem_mb=512, fw_type="legacy", size=3),), slot_make_timeout_s=30.0,
     )
     assert {f.name for f in attrs.fields(QemuSettings)} == set(raw)  # the section above is complete
 
@@ -502,11 +506,48 @@ def test_settings_full_section() -> None:
     ({"guest_network": {"dns_search": ["bad domain"]}}, "qemu.guest_network.dns_search"),
     ({"guest_network": {"mtu": 20}}, "qemu.guest_network.mtu"),
     ({"guest_network": {"mtu": 70000}}, "qemu.guest_network.mtu"),
+    ({"pools": [{"image_uuid": "i", "size": 0}]}, "qemu.pools[0].size"),
+    ({"pools": [{"image_uuid": "i"}, {"image_uuid": "i"}]}, "qemu.pools[1]"),
+    ({"pools": [{"image_uuid": "i"}], "hotplug_slots": 4}, "qemu.pools"),
 ])
 def test_settings_errors_name_the_key(raw: dict[str, Any], key: str) -> None:
     with pytest.raises(ConfigError) as caught:
         parse_section(QemuSettings, raw, "qemu.")
     assert str(caught.value).startswith(f"{key}: ")
+
+
+def test_pools_hotplug_slots_leave_a_root_port_for_the_nic() -> None:
+    """A claim plugs the NIC into a spare root port: on q35 with a NIC, hotplug_slots 1..4 leave none (the spike)."""
+    pools = [{"image_uuid": "i"}]
+    for ok in ({"hotplug_slots": 0}, {"hotplug_slots": 5}, {"hotplug_slots": 2, "machine": "pc"},
+               {"hotplug_slots": 2, "network": {"kind": "none"}}, {"hotplug_slots": 2, "pools": []}):
+        parse_section(QemuSettings, {"pools": pools, **ok}, "qemu.")
+
+
+def test_slot_domain_xml() -> None:
+    """A slot's domain: its own name, uuid and metadata (not an instance's), an empty cdrom, no NIC; a claim's
+    pieces are the cold domain's elements."""
+    shape = SlotShape("img", 1, 256, "legacy", 0)
+    slot_id = uuid.uuid4().hex
+    params = attrs.evolve(make_params(), seed=None, slot=domain.SlotMetadata(slot_id, str(DATA_DIR), shape))
+    xml = domain_xml(params)
+    root = ET.fromstring(xml)
+    assert root.findtext("name") == f"launcher-slot-{slot_id}"
+    assert root.findtext("uuid") == str(uuid.UUID(hex=slot_id))
+    assert domain.read_metadata(xml) is None
+    assert domain.read_slot_metadata(xml) == domain.SlotMetadata(slot_id, str(DATA_DIR), shape)
+    assert root.find("devices/interface") is None
+    cdrom = root.find("devices/disk[@device='cdrom']")
+    assert cdrom is not None and cdrom.find("source") is None and cdrom.find("target").get("bus") == "sata"
+    cold = ET.fromstring(domain_xml(make_params()))
+    assert ET.canonicalize(domain.nic_xml("network", "default", MAC), strip_text=True) == ET.canonicalize(
+        ET.tostring(cold.find("devices/interface"), encoding="unicode"), strip_text=True)
+    seed = DATA_DIR / "instances" / UUID / qemu.SEED
+    assert ET.canonicalize(domain.cdrom_xml(seed), strip_text=True) == ET.canonicalize(
+        ET.tostring(cold.find("devices/disk[@device='cdrom']"), encoding="unicode"), strip_text=True)
+    metadata = ET.fromstring(domain.instance_metadata_xml(UUID, DATA_DIR))
+    assert (metadata.tag, metadata.findtext("uuid"), metadata.findtext("data-dir")) == ("instance", UUID,
+                                                                                         str(DATA_DIR))
 
 
 def test_resolve_accel(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -7,8 +7,9 @@
     POST   /v1/images/gc[?older_than=S]    {"removed": [ids]}: unused images not used for S seconds (default:
                                            the virtualizer's setting)
 
-An image is "in use" while any instance the supervisor knows (in whatever state, pending included) names it:
-the check is made under the image's lock, against the live instance table.
+An image is "in use" while any instance the supervisor knows (in whatever state, pending included) names it, or a
+warm pool is configured on it (its slots' disks are on it): the check is made under the image's lock, against the
+live instance table.
 """
 
 from __future__ import annotations
@@ -33,14 +34,16 @@ NDJSON = "application/x-ndjson"
 
 
 class ImagesInUse(Collection[str]):
-    """The image ids that the supervisor's instances use, read live at each question."""
+    """The image ids that the supervisor's instances and warm pools (whose slots' disks are on them) use, read live
+    at each question."""
 
     def __init__(self, supervisor: Supervisor) -> None:
         """Reads `supervisor`'s instances at each question; keeps no copy."""
         self._supervisor = supervisor
 
     def _ids(self) -> set[str]:
-        return {i.spec.image_uuid for i in self._supervisor.instances() if i.spec.image_uuid}
+        pools = {pool["image_uuid"] for warm in self._supervisor.warm_pools().values() for pool in warm.describe()}
+        return pools | {i.spec.image_uuid for i in self._supervisor.instances() if i.spec.image_uuid}
 
     def __contains__(self, image_id: object) -> bool:
         """Whether an instance uses `image_id` now."""

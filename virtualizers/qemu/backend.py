@@ -10,7 +10,12 @@ hard-reset`), and the host checks (`preflight`, preflight.py). Each instance get
 
 At start-up, the orphan scan: a domain carrying our metadata for this data dir but without an instance dir is
 reported (``orphan_domain`` event) and destroyed only when ``qemu.destroy_orphans`` is set. `destroy_all`
-destroys and undefines every domain of this data dir (`launcher hard-reset`).
+destroys and undefines every domain of this data dir, prepared slots' too (`launcher hard-reset`).
+
+Prepared slots (issue 19, slots.py): `warm` keeps the ``qemu.pools`` filled with `slots`; at open, after the
+orphan scan, `WarmPools.recover` adopts the slots an earlier process left ready and `QemuSlots.surviving_slots`
+cleans up the rest (claims cut short, slot dirs nothing owns) and rebinds the instances whose domains are claimed
+slots.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from launcher.plugin.errors import SetupError
 from launcher.plugin.host import BackendHost
 from launcher.plugin.settings import parse_section
 from launcher.plugin.spec import InstanceSpec, vm_image_problem
+from launcher.plugin.warm import WarmPools
 from virtualizers.qemu import domain, domain_calls, preflight
 from virtualizers.qemu.hypervisor import Hypervisor, open_hypervisor
 from virtualizers.qemu.image_errors import ImageError
@@ -36,6 +42,7 @@ from virtualizers.qemu.image_import import ImportProgress
 from virtualizers.qemu.images import ImageStore
 from virtualizers.qemu.instance_files import CONSOLE_LOG, NVRAM, OVERLAY, SEED
 from virtualizers.qemu.settings import SECTION, QemuSettings, resolve_accel
+from virtualizers.qemu.slots import QemuSlots
 from virtualizers.qemu.virtualizer import QemuVirtualizer
 from virtualizers.qemu.volumes import VOLUMES_DIR, VolumeStore
 
@@ -61,6 +68,13 @@ class QemuBackend:
     name: str = attrs.field(default="qemu", init=False)
     # Whom QEMU runs as, found by the preflight: its group may search instance dirs (which are 0700 otherwise).
     qemu_user: preflight.QemuUser | None = attrs.field(default=None, init=False)
+    slots: QemuSlots = attrs.field(init=False)  # prepared slots (slots.py), and the instances bound to claimed ones
+    warm: WarmPools = attrs.field(init=False)  # `launcher.plugin.warm`'s pools of `slots`
+
+    def __attrs_post_init__(self) -> None:
+        self.slots = QemuSlots(self.settings, self.host, self.hypervisor, self.images, self.kvm)
+        self.warm = WarmPools(self.settings.pools, self.slots, make_timeout_s=self.settings.slot_make_timeout_s,
+                              emit=self.host.emit)
 
     def new_virtualizer(self) -> QemuVirtualizer:
         """A fresh QemuVirtualizer for one instance (`Backend.new_virtualizer`)."""
@@ -124,10 +138,13 @@ class QemuBackend:
         return await self.hypervisor.call(partial(domain_calls.our_domains, data_dir=self.host.data_dir))
 
     async def destroy_all(self) -> list[str]:
-        """Destroy and undefine every domain of this data dir (`launcher hard-reset`); their names."""
-        names = [domain.domain_name(meta.instance_uuid) for meta in await self.our_domains()]
+        """Destroy and undefine every domain of this data dir, slots' too, and remove the slot dirs (`launcher
+        hard-reset`); their names."""
+        names = [meta.name for meta in await self.our_domains()]
         for name in names:
             await self.hypervisor.call(partial(domain_calls.remove_domain, name=name))
+        names += [name for name in await self.slots.remove_all() if name not in names]
+        for name in names:
             log.warning("hard reset: domain %s destroyed and undefined", name)
         return names
 
@@ -137,7 +154,7 @@ class QemuBackend:
             if self.host.instance_dir(meta.instance_uuid).exists():
                 continue
             destroy = self.settings.destroy_orphans
-            name = domain.domain_name(meta.instance_uuid)
+            name = meta.name
             log.warning("orphan domain %s: no instance dir for %s; %s", name, meta.instance_uuid,
                         "destroying it" if destroy else "left alone (qemu.destroy_orphans is false)")
             self.host.emit("orphan_domain", instance_uuid=meta.instance_uuid, domain=name, destroyed=destroy)
@@ -180,4 +197,5 @@ async def open_backend(raw: Mapping[str, Any], host: BackendHost) -> AsyncIterat
                  "kvm" if backend.kvm else "tcg", settings.seed_format, settings.network.kind,
                  settings.network.source)
         await backend.handle_orphans()
+        await backend.warm.recover()
         yield backend

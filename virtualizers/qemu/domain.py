@@ -10,6 +10,10 @@ The domain:
 - is named `launcher-<instance uuid>`; its libvirt `<uuid>` is the instance uuid when that is a valid
   RFC 4122 UUID (ciao's instance uuids need not be), else a UUID derived from it (uuid5), so that defining
   the domain again (RESTART) names the same domain;
+- or, for a prepared slot (`DomainParams.slot`, slots.py), is named `launcher-slot-<slot id>` with the slot id as
+  its libvirt `<uuid>`, carries the slot's metadata (`SLOT_NS`, `read_slot_metadata`) instead of an instance's,
+  and has an empty cdrom (`seed` None) and no NIC: a claim inserts the seed (`cdrom_xml`) and plugs the NIC
+  (`nic_xml`) before its first instruction;
 - boots with SeaBIOS (legacy) or OVMF (EFI, `<loader>` + a per-instance `<nvram>` copied from the vars
   template by libvirt);
 - has the overlay as a virtio disk (`vda`), its volumes as virtio disks `vdb`, `vdc`, ... (the volume id as
@@ -37,10 +41,14 @@ from pathlib import Path
 import attrs
 
 from launcher.plugin.volumes import MAX_VOLUMES
+from launcher.plugin.warm import SlotShape
 
 METADATA_NS = "http://launcher.invalid/xmlns/instance/1"  # our key for virDomainGetMetadata
 METADATA_PREFIX = "launcher"
+SLOT_NS = "http://launcher.invalid/xmlns/slot/1"  # a prepared slot's own metadata (slots.py), never an instance's
+SLOT_PREFIX = "launcherslot"
 DOMAIN_PREFIX = "launcher-"
+SLOT_PREFIX_NAME = "launcher-slot-"
 GUEST_AGENT_CHANNEL = "org.qemu.guest_agent.0"
 VIRTIO_TARGETS = tuple(f"vd{chr(ord('a') + index)}" for index in range(26))  # the overlay's, then the volumes'
 NETWORK_KINDS = ("network", "bridge", "none")
@@ -80,7 +88,7 @@ class DomainParams:
     machine: str  # e.g. "q35"
     firmware: Firmware
     overlay: Path | None  # None: the instance boots from a volume and has no image disk
-    seed: Path
+    seed: Path | None  # None: an empty cdrom (a slot's, which a claim fills)
     network_kind: str  # "network", "bridge" or "none"
     network_source: str  # the libvirt network's or bridge's name
     mac: str  # "" lets libvirt pick one
@@ -89,6 +97,7 @@ class DomainParams:
     volumes: tuple[VolumeDisk, ...] = ()  # at most MAX_VOLUMES
     overlay_boot_order: int | None = None  # the overlay's per-device boot order, None for none
     hotplug_slots: int = 0  # spare PCIe root ports (q35 machines only)
+    slot: SlotMetadata | None = None  # a prepared slot's domain (module doc); instance_uuid is then ignored
 
     @property
     def boot_orders(self) -> bool:
@@ -97,13 +106,30 @@ class DomainParams:
 
     @property
     def name(self) -> str:
-        return domain_name(self.instance_uuid)
+        return domain_name(self.instance_uuid) if self.slot is None else slot_domain_name(self.slot.slot_id)
 
 
 @attrs.frozen
 class DomainMetadata:
+    """A domain's instance metadata (`read_metadata`), with the domain's name (`name`: "" when read from XML
+    alone; a claimed slot's domain keeps its slot's name)."""
+
     instance_uuid: str
     data_dir: str
+    name: str = ""
+
+
+@attrs.frozen
+class SlotMetadata:
+    """A prepared slot's metadata: its id (a uuid4 hex), its data dir and the shape it was made for."""
+
+    slot_id: str
+    data_dir: str
+    shape: SlotShape
+
+
+def slot_domain_name(slot_id: str) -> str:
+    return SLOT_PREFIX_NAME + slot_id
 
 
 def domain_name(instance_uuid: str) -> str:
@@ -127,7 +153,8 @@ def libvirt_uuid(instance_uuid: str) -> str:
 def domain_xml(params: DomainParams) -> str:
     domain = ET.Element("domain", type="kvm" if params.kvm else "qemu")
     _text(domain, "name", params.name)
-    _text(domain, "uuid", libvirt_uuid(params.instance_uuid))
+    _text(domain, "uuid", libvirt_uuid(params.instance_uuid) if params.slot is None
+          else str(uuid_module.UUID(hex=params.slot.slot_id)))
     _metadata(ET.SubElement(domain, "metadata"), params)
     _text(domain, "memory", str(params.mem_mb), unit="MiB")
     _text(domain, "vcpu", str(params.vcpus), placement="static")
@@ -144,6 +171,25 @@ def domain_xml(params: DomainParams) -> str:
     _devices(ET.SubElement(domain, "devices"), params)
     ET.indent(domain)
     return ET.tostring(domain, encoding="unicode")
+
+
+def instance_metadata_xml(instance_uuid: str, data_dir: Path) -> str:
+    """The `<instance>` element that `domain_xml` writes in `METADATA_NS`, without its namespace (setMetadata puts
+    it there): what a claim sets on the slot's domain to make it the instance's."""
+    instance = ET.Element("instance")
+    _text(instance, "uuid", instance_uuid)
+    _text(instance, "data-dir", str(data_dir))
+    return ET.tostring(instance, encoding="unicode")
+
+
+def cdrom_xml(seed: Path) -> str:
+    """The seed cdrom as `domain_xml` writes it: what a claim puts in a slot's empty cdrom (updateDeviceFlags)."""
+    return ET.tostring(_cdrom(ET.Element("devices"), seed), encoding="unicode")
+
+
+def nic_xml(kind: str, source: str, mac: str) -> str:
+    """The NIC as `domain_xml` writes it (`kind` network or bridge): what a claim plugs into a slot."""
+    return ET.tostring(_nic(ET.Element("devices"), kind, source, mac), encoding="unicode")
 
 
 def volume_disk_xml(volume: VolumeDisk, target: str) -> str:
@@ -190,6 +236,23 @@ def read_metadata(xml: str) -> DomainMetadata | None:
     )
 
 
+def read_slot_metadata(xml: str) -> SlotMetadata | None:
+    """The slot metadata of a domain's XML (from XMLDesc), or None if it has none (or an unreadable shape)."""
+    element = ET.fromstring(xml).find(f"metadata/{{{SLOT_NS}}}slot")
+    if element is None:
+        return None
+    shape = element.find(f"{{{SLOT_NS}}}shape")
+    if shape is None:
+        return None
+    try:
+        parsed = SlotShape(shape.get("image", ""), int(shape.get("vcpus", "")), int(shape.get("mem", "")),
+                           shape.get("fw", ""), int(shape.get("disk", "")))
+    except ValueError:
+        return None
+    return SlotMetadata(element.findtext(f"{{{SLOT_NS}}}id", ""), element.findtext(f"{{{SLOT_NS}}}data-dir", ""),
+                        parsed)
+
+
 def _text(parent: ET.Element, tag: str, text: str, **attributes: str) -> ET.Element:
     element = ET.SubElement(parent, tag, attributes)
     element.text = text
@@ -197,10 +260,23 @@ def _text(parent: ET.Element, tag: str, text: str, **attributes: str) -> ET.Elem
 
 
 def _metadata(metadata: ET.Element, params: DomainParams) -> None:
+    if params.slot is None:
+        _instance_metadata(metadata, params.instance_uuid, params.data_dir)
+        return
+    ET.register_namespace(SLOT_PREFIX, SLOT_NS)
+    slot = ET.SubElement(metadata, f"{{{SLOT_NS}}}slot")
+    _text(slot, f"{{{SLOT_NS}}}id", params.slot.slot_id)
+    _text(slot, f"{{{SLOT_NS}}}data-dir", params.slot.data_dir)
+    shape = params.slot.shape
+    ET.SubElement(slot, f"{{{SLOT_NS}}}shape", image=shape.image_uuid, vcpus=str(shape.vcpus),
+                  mem=str(shape.mem_mb), fw=shape.fw_type, disk=str(shape.disk_mb))
+
+
+def _instance_metadata(metadata: ET.Element, instance_uuid: str, data_dir: Path) -> None:
     ET.register_namespace(METADATA_PREFIX, METADATA_NS)
     instance = ET.SubElement(metadata, f"{{{METADATA_NS}}}instance")
-    _text(instance, f"{{{METADATA_NS}}}uuid", params.instance_uuid)
-    _text(instance, f"{{{METADATA_NS}}}data-dir", str(params.data_dir))
+    _text(instance, f"{{{METADATA_NS}}}uuid", instance_uuid)
+    _text(instance, f"{{{METADATA_NS}}}data-dir", str(data_dir))
 
 
 def _os(os_element: ET.Element, params: DomainParams) -> None:
@@ -233,18 +309,9 @@ def _devices(devices: ET.Element, params: DomainParams) -> None:
     for volume in params.volumes:
         _volume_disk(devices, volume, next(targets))
 
-    cdrom = ET.SubElement(devices, "disk", type="file", device="cdrom")
-    ET.SubElement(cdrom, "driver", name="qemu", type="raw")
-    ET.SubElement(cdrom, "source", file=str(params.seed))
-    ET.SubElement(cdrom, "target", dev="sda", bus="sata")
-    ET.SubElement(cdrom, "readonly")
-
-    if params.network_kind != "none":
-        nic = ET.SubElement(devices, "interface", type=params.network_kind)
-        if params.mac:
-            ET.SubElement(nic, "mac", address=params.mac.lower())
-        ET.SubElement(nic, "source", {params.network_kind: params.network_source})
-        ET.SubElement(nic, "model", type="virtio")
+    _cdrom(devices, params.seed)
+    if params.network_kind != "none" and params.slot is None:
+        _nic(devices, params.network_kind, params.network_source, params.mac)
 
     serial = ET.SubElement(devices, "serial", type="pty")
     ET.SubElement(serial, "log", file=str(params.console_log), append="on")
@@ -265,6 +332,25 @@ def _devices(devices: ET.Element, params: DomainParams) -> None:
         ET.SubElement(devices, "controller", type="pci", index="0", model="pcie-root")
         for _ in range(params.hotplug_slots):
             ET.SubElement(devices, "controller", type="pci", model="pcie-root-port")
+
+
+def _cdrom(devices: ET.Element, seed: Path | None) -> ET.Element:
+    cdrom = ET.SubElement(devices, "disk", type="file", device="cdrom")
+    ET.SubElement(cdrom, "driver", name="qemu", type="raw")
+    if seed is not None:
+        ET.SubElement(cdrom, "source", file=str(seed))
+    ET.SubElement(cdrom, "target", dev="sda", bus="sata")
+    ET.SubElement(cdrom, "readonly")
+    return cdrom
+
+
+def _nic(devices: ET.Element, kind: str, source: str, mac: str) -> ET.Element:
+    nic = ET.SubElement(devices, "interface", type=kind)
+    if mac:
+        ET.SubElement(nic, "mac", address=mac.lower())
+    ET.SubElement(nic, "source", {kind: source})
+    ET.SubElement(nic, "model", type="virtio")
+    return nic
 
 
 def _volume_disk(devices: ET.Element, volume: VolumeDisk, target: str) -> ET.Element:

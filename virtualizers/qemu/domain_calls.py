@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import attrs
 import libvirt
 
 from virtualizers.qemu import domain
@@ -23,15 +24,17 @@ ACTIVE_STATES = frozenset({
 
 
 def our_domains(conn: libvirt.virConnect, data_dir: Path) -> list[domain.DomainMetadata]:
-    """The launcher metadata of every domain that belongs to `data_dir` (its `<metadata>`, domain.py)."""
+    """The launcher metadata of every domain that belongs to `data_dir` (its `<metadata>`, domain.py), with the
+    domain's name (a claimed slot's domain keeps its slot's name)."""
     found, ours = [], str(data_dir.absolute())
     for dom in conn.listAllDomains():
         try:
             meta = domain.read_metadata(dom.XMLDesc(0))
+            name = dom.name()
         except libvirt.libvirtError:
             continue  # undefined meanwhile
         if meta is not None and meta.data_dir == ours:
-            found.append(meta)
+            found.append(attrs.evolve(meta, name=name))
     return found
 
 
@@ -69,8 +72,9 @@ def destroy_domain(conn: libvirt.virConnect, name: str) -> None:
             raise
 
 
-def remove_domain(conn: libvirt.virConnect, name: str) -> bool:
-    """Destroy (if active) and undefine domain `name` with its NVRAM; False if there was none."""
+def remove_domain(conn: libvirt.virConnect, name: str, keep_nvram: bool = False) -> bool:
+    """Destroy (if active) and undefine domain `name` with its NVRAM (or without, `keep_nvram`: the file stays);
+    False if there was none."""
     dom = or_none(lambda: conn.lookupByName(name), libvirt.VIR_ERR_NO_DOMAIN)
     if dom is None:
         return False
@@ -81,7 +85,9 @@ def remove_domain(conn: libvirt.virConnect, name: str) -> bool:
         if not _down_or_gone(exc):
             raise
     try:
-        dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE)
+        nvram = libvirt.VIR_DOMAIN_UNDEFINE_KEEP_NVRAM if keep_nvram else libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
+        if dom.isPersistent():
+            dom.undefineFlags(nvram | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE)
     except libvirt.libvirtError as exc:
         if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
             raise

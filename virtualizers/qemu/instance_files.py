@@ -5,7 +5,9 @@
   half-made overlay never has the real name (create_image may run again after a crash: it overwrites);
 - ``seed.iso`` (`SEED`): the cloud-init seed (cloudinit.py);
 - ``nvram.fd`` (`NVRAM`): the EFI variables, libvirt's copy of the OVMF template (undefined with the domain);
-- ``console.log`` (`CONSOLE_LOG`): the guest's serial console, written by virtlogd.
+- ``console.log`` (`CONSOLE_LOG`): the guest's serial console, written by virtlogd;
+- ``slot`` (`slots.SLOT_FILE`), only while the domain is a claimed prepared slot (claim.py): the slot's id; the
+  overlay, NVRAM and console are then in the slot's dir, and ``console.log`` here is a symlink to its console.
 
 The overlay and the seed are committed with a directory fsync, and `make_dir_durable` makes the dir's own name
 durable before they are made (the launcher's instance log does not).

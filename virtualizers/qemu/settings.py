@@ -13,6 +13,7 @@ import attrs
 
 from launcher.plugin.settings import at_least, at_most, one_of
 from launcher.plugin.volumes import MAX_VOLUMES
+from launcher.plugin.warm import PoolSettings, check_pools
 from virtualizers.qemu import cloudinit, domain, preflight
 from virtualizers.qemu.images import DEFAULT_MAX_BYTES
 from virtualizers.qemu.import_policy import ImportPolicy
@@ -69,9 +70,17 @@ class QemuSettings:
     # How often a running domain's state is re-read without a libvirt event: a backstop for a lost event
     # (hypervisor.py), so it also bounds how late a death that libvirt did not report is noticed.
     state_poll_s: float = attrs.field(default=5.0, validator=at_least(0.1))
+    # Prepared pools (issue 19, slots.py, docs/warm-starts.md): keep `size` VMs of each shape held before their
+    # first instruction, which a START of that shape claims.
+    pools: tuple[PoolSettings, ...] = ()
+    slot_make_timeout_s: float = attrs.field(default=120.0, validator=at_least(1))  # bound on making one slot
 
     def __attrs_post_init__(self) -> None:
         ImportPolicy.from_settings(self.image_dirs, self.image_url or None, self.import_sources)  # ValueError
+        check_pools(self.pools)
+        if self.pools and "q35" in self.machine and self.network.kind != "none" and 0 < self.hotplug_slots < 5:
+            raise ValueError(f"pools: a claim plugs the NIC into a spare PCIe root port, and hotplug_slots "
+                             f"{self.hotplug_slots} leaves none on q35: set it to 0 or at least 5")
 
 
 def resolve_accel(accel: str) -> bool:

@@ -9,12 +9,15 @@ are those of `instance_files`; every libvirt call is a bounded `Hypervisor.call`
 ``create_image``
     the instance dir's name made durable (`instance_files.make_dir_durable`); local volumes through the volume
     store, swap ones formatted with mkswap (`VolumeStore.format_swap`); the overlay
-    (`instance_files.make_overlay`), as large as the payload's disk size, or the image's if that is larger; the
+    (`instance_files.make_overlay`), as large as the payload's disk size, or the image's if that is larger, unless
+    the START takes the prepared slot the supervisor reserved for it (`WarmPools.take`: the slot has one); the
     seed (`cloudinit`: NoCloud or ConfigDrive, per ``qemu.seed_format``), its meta-data carrying the tagged
     volumes (`devices_metadata`).
 ``start_vm``
-    defines the persistent domain (`domain`) with its disks in `disk_plan`'s order and boot orders, then starts
-    it; a domain that already runs is adopted.
+    claims the taken slot (claim.py: seed, NIC, resume; cold if that fails). Else defines the persistent domain
+    (`domain`) with its disks in `disk_plan`'s order and boot orders, then starts it; a domain that already runs
+    is adopted. A claimed slot's domain keeps its slot's name (`QemuSlots.domain_name`) until a cold start moves
+    its files into the instance dir (`claim.converge`).
 ``monitor_vm``
     libvirt's lifecycle events (`hypervisor.DomainWatch`): the domain's state is re-read after each event and every
     ``qemu.state_poll_s`` as a backstop. A guest paused by an I/O error (a full disk) is reported with an
@@ -75,12 +78,14 @@ from launcher.plugin.volumes import (
     make_local_volumes,
     remove_ephemeral_volumes,
 )
-from virtualizers.qemu import cloudinit, domain, domain_calls, instance_files, preflight
+from launcher.plugin.warm import WarmPools
+from virtualizers.qemu import claim, cloudinit, domain, domain_calls, instance_files, preflight
 from virtualizers.qemu.domain_calls import ACTIVE_STATES
 from virtualizers.qemu.hypervisor import Disconnected, Hypervisor, Unavailable, Unresponsive, error_text
 from virtualizers.qemu.images import ImageInfo, ImageStore
 from virtualizers.qemu.instance_files import OVERLAY, SEED
 from virtualizers.qemu.settings import QemuSettings
+from virtualizers.qemu.slots import QemuSlots
 from virtualizers.qemu.volumes import VolumeStore
 
 
@@ -95,6 +100,8 @@ class QemuParts(Protocol):
     kvm: bool
     volumes: VolumeStore | None  # None until the preflight has set the store up
     qemu_user: preflight.QemuUser | None
+    slots: QemuSlots  # prepared slots, and which instances' domains are claimed ones
+    warm: WarmPools  # the pools of `slots` (configured or not)
 
     def domain_params(self, spec: InstanceSpec, instance_dir: Path) -> domain.DomainParams:
         """What the instance's domain XML is made from."""
@@ -116,10 +123,16 @@ class QemuVirtualizer:
     _pid: int | None = attrs.field(default=None, init=False)  # QEMU's, found by stats()
     _cpu: CpuMeter = attrs.field(factory=CpuMeter, init=False)
     _paused_reported: bool = attrs.field(default=False, init=False)
+    _taken: str | None = attrs.field(default=None, init=False)  # the slot taken in create_image, until start_vm
 
     @property
     def _name(self) -> str:
-        return domain.domain_name(self._spec.instance_uuid)
+        return self._backend.slots.domain_name(self._spec.instance_uuid)
+
+    @property
+    def start_path(self) -> str:
+        """"pool" while the instance's domain is a claimed slot (claim.py), else "cold"."""
+        return "pool" if self._uuid in self._backend.slots.bound else "cold"
 
     @property
     def _uuid(self) -> str:
@@ -171,11 +184,11 @@ class QemuVirtualizer:
             raise self._fail(IMAGE_FAILURE, f"cannot make {self._dir} durable: {exc}") from exc
         if any(entry.local for entry in self._spec.storage):
             await self._make_local_volumes()
-        if self._spec.image_uuid:
-            image = self._image or await self._backend.images.ensure(self._spec.image_uuid)
-            started = time.monotonic()
-            size = await self._create_overlay(image)
-            self._step_done("overlay", started, f"{OVERLAY} ({size / MIB:.0f} MiB on {image.id})")
+        self._taken = self._take_reserved()
+        if self._taken is not None:
+            self._log(f"slot {self._taken} taken: its overlay is the instance's disk")
+        elif self._spec.image_uuid:
+            await self._make_overlay()
         started = time.monotonic()
         fmt = self._backend.settings.seed_format
         devices = devices_metadata(disk_plan(self._spec, self._volumes()))
@@ -207,6 +220,20 @@ class QemuVirtualizer:
                     raise self._fail(IMAGE_FAILURE, f"swap volume {entry.id}: {exc.reason}") from exc
                 self._log(f"swap volume {entry.id} {'formatted (mkswap)' if formatted else 'is swap space already'}")
 
+    def _take_reserved(self) -> str | None:
+        """The id of the slot the supervisor reserved for this instance, now its own (`WarmPools.take`); or None."""
+        if (taken := self._backend.warm.take(self._uuid)) is not None:
+            self._backend.slots.taken(taken[0])
+        return None if taken is None else taken[0]
+
+    async def _make_overlay(self) -> None:
+        """The cold path's disk: overlay.qcow2 in the instance dir (a stale slot binding forgotten)."""
+        await claim.forget_stale(self._backend.slots, self._uuid, self._dir)
+        image = self._image or await self._backend.images.ensure(self._spec.image_uuid)
+        started = time.monotonic()
+        size = await self._create_overlay(image)
+        self._step_done("overlay", started, f"{OVERLAY} ({size / MIB:.0f} MiB on {image.id})")
+
     async def _create_overlay(self, image: ImageInfo) -> int:
         """overlay.qcow2 on `image` (`instance_files.make_overlay`); its size."""
         size = image.virtual_size
@@ -223,10 +250,19 @@ class QemuVirtualizer:
         return size
 
     async def delete_image(self) -> None:
-        """Destroy the domain if it still runs, and undefine it with its NVRAM; the actor removes the dir."""
+        """Destroy the domain if it still runs, and undefine it with its NVRAM (a claimed slot's with its slot dir;
+        a slot taken but never claimed is discarded); the actor removes the dir."""
         try:
+            taken = self._taken or self._take_reserved()
+            if taken is not None:  # taken in create_image, or still reserved by a START that failed before it
+                await self._backend.warm.discard(taken)
+                self._log(f"slot {taken} discarded (never claimed)")
+                self._taken = None
+            released = await claim.release(self._backend.slots, self._uuid, self._dir)
+            if released is not None:
+                self._log(f"domain {released} (a claimed slot) undefined, its slot dir removed")
             removed = await self._backend.hypervisor.call(partial(domain_calls.remove_domain, name=self._name))
-        except (Unavailable, libvirt.libvirtError) as exc:
+        except (Unavailable, libvirt.libvirtError, OSError) as exc:
             self._log(f"cannot undefine domain {self._name}: {error_text(exc)}")
             raise self._fail(STOP_FAILURE, f"cannot undefine domain {self._name}: {error_text(exc)}") from exc
         if removed:
@@ -302,12 +338,6 @@ class QemuVirtualizer:
             self._log(f"volume {volume_id} detached: gone from the next start (the VM does not run)")
 
     async def start_vm(self) -> None:
-        # The overlay or the boot volume first, then the instance's other volumes, those attached later too.
-        plan = disk_plan(self._spec, self._volumes())
-        overlay_order = plan[0].boot_order if plan and plan[0].is_overlay else None
-        params = attrs.evolve(self._backend.domain_params(self._spec, self._dir),
-                              volumes=await self._volume_disks(plan), overlay_boot_order=overlay_order)
-        xml = domain.domain_xml(params)
         user = self._backend.qemu_user
         if user is not None:
             try:
@@ -315,6 +345,22 @@ class QemuVirtualizer:
                                               limiter=self._backend.host.limiter)
             except OSError as exc:
                 raise self._fail(LAUNCH_FAILURE, f"cannot let QEMU ({user.name}) into {self._dir}: {exc}") from exc
+        if self._taken is not None and await self._claim(self._taken):
+            self._paused_reported = False
+            return
+        try:
+            if await claim.converge(self._backend.slots, self._uuid, self._dir):
+                self._log(f"domain {self._name} (a claimed slot) runs already: adopted")
+                return
+        except (Unavailable, libvirt.libvirtError, OSError) as exc:
+            raise self._fail(LAUNCH_FAILURE, f"cannot move claimed slot {self._name}'s files: "
+                                             f"{error_text(exc)}") from exc
+        # The overlay or the boot volume first, then the instance's other volumes, those attached later too.
+        plan = disk_plan(self._spec, self._volumes())
+        overlay_order = plan[0].boot_order if plan and plan[0].is_overlay else None
+        params = attrs.evolve(self._backend.domain_params(self._spec, self._dir),
+                              volumes=await self._volume_disks(plan), overlay_boot_order=overlay_order)
+        xml = domain.domain_xml(params)
         started = time.monotonic()
         try:
             dom = await self._backend.hypervisor.call(lambda conn: conn.defineXML(xml))
@@ -327,6 +373,17 @@ class QemuVirtualizer:
             raise self._fail(LAUNCH_FAILURE, f"libvirt could not start {self._name}: {error_text(exc)}") from exc
         self._paused_reported = False
         self._step_done("start", started, f"domain {self._name} started", f" ({'kvm' if self._backend.kvm else 'tcg'})")
+
+    async def _claim(self, slot_id: str) -> bool:
+        """Claim the taken slot; False (the slot discarded, the overlay made for a cold start) if that fails."""
+        self._taken = None
+        try:
+            await claim.claim(self._backend.slots, slot_id, self._spec, self._dir, self._step_done)
+            return True
+        except claim.ClaimFailed as exc:
+            self._log(f"cannot claim {exc}; slot discarded, starting cold")
+        await self._make_overlay()
+        return False
 
     async def monitor_vm(self, inbox: MonitorInbox, recover: bool) -> None:
         hypervisor = self._backend.hypervisor
@@ -392,7 +449,9 @@ class QemuVirtualizer:
     async def stats(self) -> VmStats:
         disk_mb = 0  # no overlay: it boots from a volume (module docstring)
         if self._spec.image_uuid:
-            disk_mb = await trio.to_thread.run_sync(instance_files.allocated_mb, self._dir / OVERLAY,
+            slot_id = self._backend.slots.bound.get(self._uuid)
+            files_dir = self._dir if slot_id is None else self._backend.slots.slot_dir(slot_id)
+            disk_mb = await trio.to_thread.run_sync(instance_files.allocated_mb, files_dir / OVERLAY,
                                                     limiter=self._backend.host.limiter)
         try:
             info = await self._backend.hypervisor.call(lambda conn: conn.lookupByName(self._name).info())
