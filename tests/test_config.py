@@ -47,6 +47,7 @@ QEMU_DEFAULTS: dict[str, Any] = {
     "image_gc_age_s": 604800.0, "ovmf_code": Path("/usr/share/OVMF/OVMF_CODE_4M.fd"),
     "ovmf_vars": Path("/usr/share/OVMF/OVMF_VARS_4M.fd"), "destroy_orphans": False, "libvirt_threads": 8,
     "libvirt_timeout_s": 60.0, "state_poll_s": 5.0, "pools": (), "slot_make_timeout_s": 120.0,
+    "templates": (), "template_boot_timeout_s": 300.0, "clone_ready_timeout_s": 60.0,
 }
 DOCKER_DEFAULTS: dict[str, Any] = {
     "socket": "unix:///run/docker.sock", "api_version": "1.41", "image_dir": Path(""), "pull": False, "network": "",

@@ -25,6 +25,7 @@ import os
 import shutil
 from collections.abc import Collection, Mapping
 from pathlib import Path
+from typing import Any
 
 import attrs
 import trio
@@ -57,7 +58,15 @@ from launcher.durable.persist import Persister
 from launcher.durable.records import InstanceRecord
 from launcher.plugin import errors, files
 from launcher.plugin.errors import LauncherError
-from launcher.plugin.protocol import Backend, ImageCatalog, VolumeCatalog, image_catalog, start_problem, volume_catalog
+from launcher.plugin.protocol import (
+    Backend,
+    ImageCatalog,
+    VolumeCatalog,
+    image_catalog,
+    start_problem,
+    template_catalog,
+    volume_catalog,
+)
 from launcher.plugin.spec import InstanceSpec
 from launcher.plugin.volumes import local_volumes_mb
 from launcher.plugin.warm import WarmPools, warm_pools
@@ -274,6 +283,11 @@ class Supervisor:
     def warm_pools(self) -> dict[str, WarmPools]:
         """The enabled virtualizers' prepared pools, by virtualizer name (those that have some configured)."""
         return self.admission.pools
+
+    def warm_templates(self) -> dict[str, list[dict[str, Any]]]:
+        """The enabled virtualizers' booted templates (those that have some configured), described, by name."""
+        return {name: catalog.describe() for name, backend in self.backends.items()
+                if (catalog := template_catalog(backend)) is not None}
 
     def _room_for_slot(self, vcpus: int, mem_mb: int) -> bool:
         """Whether admission has room for one more slot of `vcpus` and `mem_mb` (`WarmPools.run` asks)."""

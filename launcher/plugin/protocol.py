@@ -192,6 +192,8 @@ class Backend(Protocol):
     - ``warm: launcher.plugin.warm.WarmPools``: prepared pools of VMs made ahead of any START, which admission
       counts, the supervisor sets aside for an admitted START of their shape and keeps filled
       (`launcher.plugin.warm` says how).
+    - ``templates: TemplateCatalog``: booted templates the backend restores clones of (qemu's ``qemu.templates``);
+      GET /v1/node lists them (`template_catalog`).
 
     `name` is the virtualizer's entry-point name, and the ``vm_type`` of the STARTs it runs.
     """
@@ -206,6 +208,23 @@ def start_problem(backend: Backend, spec: InstanceSpec) -> str | None:
     """The backend's `check_start` verdict on `spec`, or None if it has no such check."""
     check: Callable[[InstanceSpec], str | None] | None = getattr(backend, "check_start", None)
     return None if check is None else check(spec)
+
+
+class TemplateCatalog(Protocol):
+    """A backend's booted templates, if it keeps any (its `templates` attribute)."""
+
+    @property
+    def configured(self) -> bool:
+        """Whether any template is configured."""
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Each configured template: its shape, whether it is built, its counters, as JSON-able data."""
+
+
+def template_catalog(backend: Backend) -> TemplateCatalog | None:
+    """The backend's templates (its `templates` attribute), or None if it keeps none or has none configured."""
+    catalog: TemplateCatalog | None = getattr(backend, "templates", None)
+    return catalog if catalog is not None and catalog.configured else None
 
 
 def image_catalog(backend: Backend) -> ImageCatalog | None:

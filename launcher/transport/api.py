@@ -288,6 +288,7 @@ class Api:
             "virtualizers": list(self.config.virtualizers),
             "unmanaged_instances": len(s.unmanaged),
             "warm_pools": {name: pools.describe() for name, pools in s.warm_pools().items()},
+            "warm_templates": s.warm_templates(),
             "instances": len(s.instances()),
             "instance_states": s.state_counts(),
             "allocated": attrs.asdict(s.allocated),

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import trio
 
 from launcher.plugin import files
 from launcher.plugin.errors import SetupError
@@ -36,6 +37,7 @@ from launcher.plugin.settings import parse_section
 from launcher.plugin.spec import InstanceSpec, vm_image_problem
 from launcher.plugin.warm import WarmPools
 from virtualizers.qemu import domain, domain_calls, preflight
+from virtualizers.qemu.clones import Templates, clone_instances, default_spec
 from virtualizers.qemu.hypervisor import Hypervisor, open_hypervisor
 from virtualizers.qemu.image_errors import ImageError
 from virtualizers.qemu.image_import import ImportProgress
@@ -43,6 +45,7 @@ from virtualizers.qemu.images import ImageStore
 from virtualizers.qemu.instance_files import CONSOLE_LOG, NVRAM, OVERLAY, SEED
 from virtualizers.qemu.settings import SECTION, QemuSettings, resolve_accel
 from virtualizers.qemu.slots import QemuSlots
+from virtualizers.qemu.templates import TemplateStore
 from virtualizers.qemu.virtualizer import QemuVirtualizer
 from virtualizers.qemu.volumes import VOLUMES_DIR, VolumeStore
 
@@ -70,11 +73,17 @@ class QemuBackend:
     qemu_user: preflight.QemuUser | None = attrs.field(default=None, init=False)
     slots: QemuSlots = attrs.field(init=False)  # prepared slots (slots.py), and the instances bound to claimed ones
     warm: WarmPools = attrs.field(init=False)  # `launcher.plugin.warm`'s pools of `slots`
+    templates: Templates = attrs.field(init=False)  # booted templates (clones.py), and which domains are clones
+    may_build: trio.Event = attrs.field(factory=trio.Event, init=False)  # set once the preflight has passed
 
     def __attrs_post_init__(self) -> None:
         self.slots = QemuSlots(self.settings, self.host, self.hypervisor, self.images, self.kvm)
         self.warm = WarmPools(self.settings.pools, self.slots, make_timeout_s=self.settings.slot_make_timeout_s,
                               emit=self.host.emit)
+        store = TemplateStore(self.host.data_dir, self.hypervisor, self.host.limiter,
+                              boot_timeout_s=self.settings.template_boot_timeout_s)
+        self.templates = Templates(self.settings.templates, store, self.images, self.host,
+                                   default_spec(self.settings, self.kvm))
 
     def new_virtualizer(self) -> QemuVirtualizer:
         """A fresh QemuVirtualizer for one instance (`Backend.new_virtualizer`)."""
@@ -121,6 +130,7 @@ class QemuBackend:
             await preflight.check_reachable(self.hypervisor, [data_dir / VOLUMES_DIR])
         if self.qemu_user is not None:
             self.images.share_with_group(self.qemu_user.gid)  # QEMU reads the images even without libvirt's chown
+        self.may_build.set()  # the templates may be built now (clones.Templates.run)
 
     async def open_volumes(self) -> VolumeStore:
         """Set the volume store up (its pool, its records: volumes.py) and make it the backend's `volumes`;
@@ -144,6 +154,7 @@ class QemuBackend:
         for name in names:
             await self.hypervisor.call(partial(domain_calls.remove_domain, name=name))
         names += [name for name in await self.slots.remove_all() if name not in names]
+        names += await self.templates.store.cleanup(set(), [])  # template domains being built, and the templates
         for name in names:
             log.warning("hard reset: domain %s destroyed and undefined", name)
         return names
@@ -198,4 +209,9 @@ async def open_backend(raw: Mapping[str, Any], host: BackendHost) -> AsyncIterat
                  settings.network.source)
         await backend.handle_orphans()
         await backend.warm.recover()
-        yield backend
+        backend.templates.clones = await hypervisor.call(partial(clone_instances, data_dir=host.data_dir))
+        async with trio.open_nursery() as nursery:
+            if backend.templates.configured:
+                nursery.start_soon(backend.templates.run, backend.may_build, host.data_dir / "instances")
+            yield backend
+            nursery.cancel_scope.cancel()

@@ -15,6 +15,7 @@ from launcher.plugin.settings import at_least, at_most, one_of
 from launcher.plugin.volumes import MAX_VOLUMES
 from launcher.plugin.warm import PoolSettings, check_pools
 from virtualizers.qemu import cloudinit, domain, preflight
+from virtualizers.qemu.clones import TemplateSettings
 from virtualizers.qemu.images import DEFAULT_MAX_BYTES
 from virtualizers.qemu.import_policy import ImportPolicy
 from virtualizers.qemu.volumes import COPY_TIMEOUT_S
@@ -74,10 +75,19 @@ class QemuSettings:
     # first instruction, which a START of that shape claims.
     pools: tuple[PoolSettings, ...] = ()
     slot_make_timeout_s: float = attrs.field(default=120.0, validator=at_least(1))  # bound on making one slot
+    # Booted templates (clones.py, templates.py, docs/warm-starts.md): boot each shape's image once, save it, and
+    # restore a clone of it for a START of that shape.
+    templates: tuple[TemplateSettings, ...] = ()
+    template_boot_timeout_s: float = attrs.field(default=300.0, validator=at_least(1))  # a template's boot to ready
+    clone_ready_timeout_s: float = attrs.field(default=60.0, validator=at_least(1))  # a clone's restore to its identity
 
     def __attrs_post_init__(self) -> None:
         ImportPolicy.from_settings(self.image_dirs, self.image_url or None, self.import_sources)  # ValueError
         check_pools(self.pools)
+        shapes = [entry.shape for entry in self.templates]
+        for index, shape in enumerate(shapes):
+            if shape in shapes[:index]:
+                raise ValueError(f"templates[{index}]: the same shape as templates[{shapes.index(shape)}]")
         if self.pools and "q35" in self.machine and self.network.kind != "none" and 0 < self.hotplug_slots < 5:
             raise ValueError(f"pools: a claim plugs the NIC into a spare PCIe root port, and hotplug_slots "
                              f"{self.hotplug_slots} leaves none on q35: set it to 0 or at least 5")

@@ -328,7 +328,8 @@ async def restore_clone(hypervisor: Hypervisor, template: Template, clone: save_
                 await pipe.done.wait()
         timings["restore"] = time.monotonic() - started
         if network_kind != "none":
-            nic = (f"<interface type='{network_kind}'><mac address='{mac.lower()}'/>"
+            mac_element = f"<mac address='{mac.lower()}'/>" if mac else ""  # "": libvirt picks one
+            nic = (f"<interface type='{network_kind}'>{mac_element}"
                    f"<source {network_kind}='{network_source}'/><model type='virtio'/></interface>")
             await hypervisor.call(lambda c: c.lookupByName(clone.name).attachDeviceFlags(
                 nic, libvirt.VIR_DOMAIN_AFFECT_LIVE))

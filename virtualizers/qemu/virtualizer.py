@@ -44,10 +44,8 @@ instance's log (bench/start_latency.py reads them) and observations for /metrics
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Protocol
 
 import attrs
 import libvirt
@@ -55,22 +53,14 @@ import psutil
 import trio
 
 from launcher.plugin.errors import (
-    ATTACH_FAILURE,
-    DETACH_FAILURE,
     IMAGE_FAILURE,
     LAUNCH_FAILURE,
-    NOT_FOUND,
     STOP_FAILURE,
     LauncherError,
-    VirtualizerError,
 )
-from launcher.plugin.host import BackendHost
 from launcher.plugin.protocol import MonitorEvent, MonitorInbox, VmStats
-from launcher.plugin.spec import InstanceSpec
 from launcher.plugin.tools import ToolError
-from launcher.plugin.usage import CpuMeter
 from launcher.plugin.volumes import (
-    PlannedDisk,
     boot_volume,
     check_storage,
     devices_metadata,
@@ -78,33 +68,13 @@ from launcher.plugin.volumes import (
     make_local_volumes,
     remove_ephemeral_volumes,
 )
-from launcher.plugin.warm import WarmPools
-from virtualizers.qemu import claim, cloudinit, domain, domain_calls, instance_files, preflight
+from virtualizers.qemu import claim, clones, cloudinit, domain, domain_calls, instance_files
 from virtualizers.qemu.domain_calls import ACTIVE_STATES
-from virtualizers.qemu.hypervisor import Disconnected, Hypervisor, Unavailable, Unresponsive, error_text
-from virtualizers.qemu.images import ImageInfo, ImageStore
+from virtualizers.qemu.hypervisor import Disconnected, Unavailable, Unresponsive, error_text
+from virtualizers.qemu.images import ImageInfo
 from virtualizers.qemu.instance_files import OVERLAY, SEED
-from virtualizers.qemu.settings import QemuSettings
-from virtualizers.qemu.slots import QemuSlots
-from virtualizers.qemu.volumes import VolumeStore
-
-
-class QemuParts(Protocol):
-    """What a QEMU instance reads of its backend (`backend.QemuBackend` is one): the shared libvirt connection,
-    the stores, the settings and what the preflight found."""
-
-    settings: QemuSettings
-    host: BackendHost
-    hypervisor: Hypervisor
-    images: ImageStore
-    kvm: bool
-    volumes: VolumeStore | None  # None until the preflight has set the store up
-    qemu_user: preflight.QemuUser | None
-    slots: QemuSlots  # prepared slots, and which instances' domains are claimed ones
-    warm: WarmPools  # the pools of `slots` (configured or not)
-
-    def domain_params(self, spec: InstanceSpec, instance_dir: Path) -> domain.DomainParams:
-        """What the instance's domain XML is made from."""
+from virtualizers.qemu.templates import Template, TemplateBuildError
+from virtualizers.qemu.vm_base import VmBase
 
 UNPLUG_POLL_S = 0.02  # how often a hot-unplug reads the live XML for the disk (one small libvirt call)
 MIB = 1 << 20
@@ -112,49 +82,17 @@ QEMU_PID_DIR = Path("/run/libvirt/qemu")  # where the system libvirtd writes <do
 
 
 @attrs.define(eq=False)
-class QemuVirtualizer:
+class QemuVirtualizer(VmBase):
     """One instance's VM (module doc). Called by its actor only, one call at a time (`Virtualizer`)."""
-
-    _backend: QemuParts
-    _spec: InstanceSpec = attrs.field(init=False)
-    _dir: Path = attrs.field(init=False)
-    _volumes: Callable[[], Sequence[str]] = attrs.field(init=False)  # the instance's, in disk order (init)
-    _image: ImageInfo | None = attrs.field(default=None, init=False)
-    _pid: int | None = attrs.field(default=None, init=False)  # QEMU's, found by stats()
-    _cpu: CpuMeter = attrs.field(factory=CpuMeter, init=False)
-    _paused_reported: bool = attrs.field(default=False, init=False)
-    _taken: str | None = attrs.field(default=None, init=False)  # the slot taken in create_image, until start_vm
-
-    @property
-    def _name(self) -> str:
-        return self._backend.slots.domain_name(self._spec.instance_uuid)
 
     @property
     def start_path(self) -> str:
-        """"pool" while the instance's domain is a claimed slot (claim.py), else "cold"."""
-        return "pool" if self._uuid in self._backend.slots.bound else "cold"
+        """"pool" while the instance's domain is a claimed slot (claim.py), "template" while it is a restored clone
+        (clones.py), else "cold"."""
+        if self._uuid in self._backend.slots.bound:
+            return "pool"
+        return "template" if self._uuid in self._backend.templates.clones else "cold"
 
-    @property
-    def _uuid(self) -> str:
-        return self._spec.instance_uuid
-
-    def init(self, spec: InstanceSpec, instance_dir: Path, volumes: Callable[[], Sequence[str]]) -> None:
-        self._spec = spec
-        self._dir = instance_dir
-        self._volumes = volumes
-
-    def _step_done(self, step: str, started: float, what: str, note: str = "") -> None:
-        """A part of a START went through: a "step <step>: <what> in <ms> ms<note>" line in the instance's log
-        (bench/start_latency.py reads them) and an observation for /metrics."""
-        seconds = time.monotonic() - started
-        self._log(f"step {step}: {what} in {round(seconds * 1000)} ms{note}")
-        self._backend.host.observe_step(step, seconds)
-
-    def _log(self, message: str) -> None:
-        self._backend.host.log(self._dir, message)
-
-    def _fail(self, code: str, reason: str) -> VirtualizerError:
-        return VirtualizerError(code, reason, self._uuid)
 
     # -- images --------------------------------------------------------------------------------------------
 
@@ -226,10 +164,23 @@ class QemuVirtualizer:
             self._backend.slots.taken(taken[0])
         return None if taken is None else taken[0]
 
-    async def _make_overlay(self) -> None:
-        """The cold path's disk: overlay.qcow2 in the instance dir (a stale slot binding forgotten)."""
+    async def _make_overlay(self, *, clone: bool = True) -> None:
+        """The instance's disk in its dir (a stale slot binding forgotten): a child of the built template of its
+        shape if there is one and `clone` (start_vm then restores a clone of it), else of the image (cold)."""
         await claim.forget_stale(self._backend.slots, self._uuid, self._dir)
         image = self._image or await self._backend.images.ensure(self._spec.image_uuid)
+        templates = self._backend.templates
+        template = await templates.template_for(self._spec, image) if clone and templates.configured else None
+        if template is not None:
+            started = time.monotonic()
+            try:
+                await clones.make_clone_disk(template, self._dir)
+            except (ToolError, OSError) as exc:
+                raise self._fail(IMAGE_FAILURE, f"cannot create {OVERLAY} on template {template.key[:12]}: "
+                                                f"{exc}") from exc
+            self._template = template
+            self._step_done("overlay", started, f"{OVERLAY} (on template {template.key[:12]} of {image.id})")
+            return
         started = time.monotonic()
         size = await self._create_overlay(image)
         self._step_done("overlay", started, f"{OVERLAY} ({size / MIB:.0f} MiB on {image.id})")
@@ -258,6 +209,7 @@ class QemuVirtualizer:
                 await self._backend.warm.discard(taken)
                 self._log(f"slot {taken} discarded (never claimed)")
                 self._taken = None
+            self._backend.templates.clones.discard(self._uuid)
             released = await claim.release(self._backend.slots, self._uuid, self._dir)
             if released is not None:
                 self._log(f"domain {released} (a claimed slot) undefined, its slot dir removed")
@@ -278,65 +230,6 @@ class QemuVirtualizer:
 
     # -- lifecycle -----------------------------------------------------------------------------------------
 
-    def _volume_store(self, code: str) -> VolumeStore:
-        if self._backend.volumes is None:
-            raise self._fail(code, "this launcher's volume store is not open (qemu.volumes)")
-        return self._backend.volumes
-
-    async def _volume_disks(self, plan: tuple[PlannedDisk, ...]) -> tuple[domain.VolumeDisk, ...]:
-        """The volumes of `disk_plan` as disks, in its order and with its boot orders; launch_failure if one is
-        gone (it was there at the START or ATTACH) or the store cannot answer."""
-        return tuple([await self._volume_disk(disk.volume_id, LAUNCH_FAILURE, disk.boot_order)
-                      for disk in plan if not disk.is_overlay])
-
-    async def _volume_disk(self, volume_id: str, code: str, boot_order: int | None = None) -> domain.VolumeDisk:
-        """The volume as a `<disk type='file'>`: its path and format from the store; VirtualizerError `code` (with
-        the store's reason) if the store cannot give them."""
-        try:
-            volume = await self._volume_store(code).get(volume_id)
-        except LauncherError as exc:
-            raise self._fail(code, f"volume {volume_id}: {exc.reason}") from exc
-        return domain.VolumeDisk(Path(volume.path), volume.format, volume_id, boot_order)
-
-    async def attach_volume(self, volume_id: str) -> None:
-        store = self._volume_store(ATTACH_FAILURE)
-        try:
-            volume = await store.get(volume_id)
-        except LauncherError as exc:  # no such volume is the caller's mistake (not_found), not the VM's
-            code = NOT_FOUND if exc.code == NOT_FOUND else ATTACH_FAILURE
-            raise self._fail(code, f"volume {volume_id}: {exc.reason}") from exc
-        disk = domain.VolumeDisk(Path(volume.path), volume.format, volume_id)
-        started = time.monotonic()
-        try:
-            attached = await self._backend.hypervisor.call(partial(domain_calls.hot_plug, name=self._name, disk=disk))
-        except (Unavailable, libvirt.libvirtError) as exc:
-            raise self._fail(ATTACH_FAILURE, f"cannot hot-plug volume {volume_id}: {error_text(exc)}") from exc
-        if attached:
-            self._log(f"volume {volume_id} hot-plugged as {attached} in {_since_ms(started)} ms")
-        else:
-            self._log(f"volume {volume_id} attached: a disk from the next start (the VM does not run)")
-
-    async def detach_volume(self, volume_id: str) -> None:
-        started = time.monotonic()
-        timeout = self._backend.settings.volumes.detach_timeout_s
-        hypervisor = self._backend.hypervisor
-        try:
-            requested = await hypervisor.call(partial(domain_calls.request_unplug, name=self._name,
-                                                      volume_id=volume_id))
-            with trio.move_on_after(timeout) as waited:
-                while requested and await hypervisor.call(partial(domain_calls.has_disk, name=self._name,
-                                                                  volume_id=volume_id)):
-                    await trio.sleep(UNPLUG_POLL_S)
-        except (Unavailable, libvirt.libvirtError) as exc:
-            raise self._fail(DETACH_FAILURE, f"cannot hot-unplug volume {volume_id}: {error_text(exc)}") from exc
-        if waited.cancelled_caught:
-            raise self._fail(DETACH_FAILURE, f"the guest did not let go of volume {volume_id} within {timeout:g} s; "
-                                             "it stays attached (the unplug request stays pending in QEMU)")
-        if requested:
-            self._log(f"volume {volume_id} hot-unplugged in {_since_ms(started)} ms")
-        else:
-            self._log(f"volume {volume_id} detached: gone from the next start (the VM does not run)")
-
     async def start_vm(self) -> None:
         user = self._backend.qemu_user
         if user is not None:
@@ -348,6 +241,10 @@ class QemuVirtualizer:
         if self._taken is not None and await self._claim(self._taken):
             self._paused_reported = False
             return
+        if self._template is not None and await self._start_clone(self._template):
+            self._paused_reported = False
+            return
+        self._backend.templates.clones.discard(self._uuid)  # defined again below: a cold domain from now on
         try:
             if await claim.converge(self._backend.slots, self._uuid, self._dir):
                 self._log(f"domain {self._name} (a claimed slot) runs already: adopted")
@@ -382,8 +279,28 @@ class QemuVirtualizer:
             return True
         except claim.ClaimFailed as exc:
             self._log(f"cannot claim {exc}; slot discarded, starting cold")
-        await self._make_overlay()
+        await self._make_overlay(clone=False)
         return False
+
+    async def _start_clone(self, template: Template) -> bool:
+        """Restore a clone of the template create_image made the disk on (clones.start_clone); False (its domain
+        removed, the disk made again on the image for a cold start) if that fails."""
+        self._template = None
+        started = time.monotonic()
+        s = self._backend.settings
+        try:
+            timings = await clones.start_clone(self._backend.hypervisor, template, self._spec, self._dir,
+                                               self._backend.host.data_dir, (s.network.kind, s.network.source),
+                                               s.clone_ready_timeout_s)
+        except (Unavailable, libvirt.libvirtError, OSError, ValueError, TemplateBuildError) as exc:
+            self._log(f"cannot start a clone of template {template.key[:12]}: {error_text(exc)}; starting cold")
+            await self._make_overlay(clone=False)
+            return False
+        self._backend.templates.cloned(self._uuid, template)
+        parts = ", ".join(f"{name} {round(seconds * 1000)}" for name, seconds in timings.items())
+        self._step_done("clone", started, f"domain {self._name} restored from template {template.key[:12]} and "
+                        f"re-identified (ms since the restore began: {parts})")
+        return True
 
     async def monitor_vm(self, inbox: MonitorInbox, recover: bool) -> None:
         hypervisor = self._backend.hypervisor
@@ -483,10 +400,6 @@ class QemuVirtualizer:
     def lost_vm(self) -> None:
         self._pid = None
         self._cpu.reset()
-
-
-def _since_ms(started: float) -> int:
-    return round((time.monotonic() - started) * 1000)
 
 
 def _qemu_pid(name: str) -> int | None:
