@@ -90,6 +90,17 @@ def pool_full(client: Client) -> bool:
     return all(pool["ready"] == pool["size"] for pool in pools)
 
 
+def wait_warm(client: Client) -> None:
+    """Until the pools are full and the templates built (the template's first boot and save are no run's)."""
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        node = client.request("GET", "/v1/node")
+        if pool_full(client) and all(t["built"] for t in node["warm_templates"].get("qemu", [])):
+            return
+        time.sleep(0.5)
+    raise SystemExit(f"the pool or the template was not ready in {READY_TIMEOUT_S:g} s: {node}")
+
+
 def timed_start(client: Client, data_dir: Path, uuid: str, path: str) -> tuple[float, float, int]:
     """One START: (seconds to running, seconds to its guest-ready line, identity mismatches); then deleted."""
     if path == "pool":
@@ -133,6 +144,7 @@ def main() -> None:
     ready: dict[str, list[float]] = {path: [] for path in paths}
     mismatches = 0
     try:
+        wait_warm(client)
         for n in range(args.runs + 1):
             for path in paths[n % len(paths):] + paths[:n % len(paths)]:
                 uuid = f"{PATHS.index(path) + 10:02x}{n:06x}-0000-4000-8000-000000000000"
