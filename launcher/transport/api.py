@@ -292,6 +292,7 @@ class Api:
             "instances": len(s.instances()),
             "instance_states": s.state_counts(),
             "allocated": attrs.asdict(s.allocated),
+            "held_by_slots": attrs.asdict(s.admission.held_by_slots()),
             "capacity": attrs.asdict(s.capacity),
             **figures,
         })
