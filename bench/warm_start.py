@@ -45,6 +45,7 @@ PATHS = ("cold", "pool", "template")
 MEM_MB = {"cold": 128, "pool": 256, "template": 192}  # the shape picks the path
 READY_TIMEOUT_S = 300.0
 READY_RE = re.compile(r"guest-ready (.*)")
+STEP_RE = re.compile(r"step (?:overlay|seed|define|start|claim|resume|persist|clone): .*")  # the instance log's
 
 
 def prepare(work: Path, paths: tuple[str, ...]) -> Path:
@@ -125,6 +126,9 @@ def timed_start(client: Client, data_dir: Path, uuid: str, path: str) -> tuple[f
     if taken != path:
         raise SystemExit(f"START {uuid} took the {taken} path, not {path}")
     mismatches = int(fields.get("hostname") != f"h{uuid[:8]}")
+    log = b"".join(client.stream(f"/v1/instances/{uuid}/log", read_timeout=10)).decode()
+    for step in STEP_RE.finditer(log):
+        print(f"    {path} {uuid[:8]}: {step.group(0)}")
     client.request("DELETE", f"/v1/instances/{uuid}", wait=1, timeout=120)
     return running, ready, mismatches
 

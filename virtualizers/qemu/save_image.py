@@ -25,6 +25,7 @@ as saved: libvirt checks it, and QEMU's stream depends on it.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import struct
 import xml.etree.ElementTree as ET
@@ -223,6 +224,7 @@ async def clone_pipe(template_state: Path, fifo: Path, xml: str) -> AsyncIterato
         except BaseException:
             fifo.unlink()
             raise
+        _widen(fd)
         pipe = ClonePipe(fifo, total=len(head) + size - header.stream_offset)
         try:
             async with trio.open_nursery() as nursery:
@@ -234,6 +236,15 @@ async def clone_pipe(template_state: Path, fifo: Path, xml: str) -> AsyncIterato
             os.close(fd)
     finally:
         state_file.close()
+
+
+def _widen(fd: int) -> None:
+    """Give the pipe up to PIPE_CHUNK of buffer (Linux's default is 64 KiB; the limit for users is
+    /proc/sys/fs/pipe-max-size, 1 MiB by default): fewer wake-ups of the writer per restore. Best effort."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_CHUNK)
+    except OSError:
+        pass
 
 
 async def _write_all(fd: int, head: bytes, source: int, offset: int, end: int, pipe: ClonePipe) -> None:

@@ -71,7 +71,7 @@ SETTLE_S = 1.0  # after guest-identity: the guest's console reader and uevent li
 READY_TIMEOUT_S = 60.0  # a clone's kick to its new guest-identity line
 KICK = b"reidentify\r"  # "\r": the console's line discipline ends the line; "\n" plus an at-once finish lost it
 KICK_AGAIN_S = 5.0  # type the kick again if the guest said nothing for this long
-POLL_S = 0.05
+POLL_S = 0.02
 
 
 @attrs.frozen
@@ -327,16 +327,17 @@ async def restore_clone(hypervisor: Hypervisor, template: Template, clone: save_
             with trio.move_on_after(5):
                 await pipe.done.wait()
         timings["restore"] = time.monotonic() - started
-        if network_kind != "none":
-            mac_element = f"<mac address='{mac.lower()}'/>" if mac else ""  # "": libvirt picks one
-            nic = (f"<interface type='{network_kind}'>{mac_element}"
-                   f"<source {network_kind}='{network_source}'/><model type='virtio'/></interface>")
-            await hypervisor.call(lambda c: c.lookupByName(clone.name).attachDeviceFlags(
-                nic, libvirt.VIR_DOMAIN_AFFECT_LIVE))
-        timings["nic"] = time.monotonic() - started
-        await hypervisor.call(partial(_make_persistent, name=clone.name))
-        timings["define"] = time.monotonic() - started
-        ready, ready_at, identity, identity_at = await _kick(hypervisor, clone, instance_id, ready_timeout_s)
+        # The guest takes its identity while its NIC goes in and the domain is defined: the kick goes first.
+        stream = await hypervisor.call(partial(_open_console, name=clone.name))
+        try:
+            await hypervisor.call(lambda c: stream.send(KICK))
+            timings["kick"] = time.monotonic() - started
+            await _plug_nic_and_define(hypervisor, clone.name, mac, network_kind, network_source, timings, started)
+            ready, ready_at, identity, identity_at = await _await_identity(hypervisor, stream, clone, instance_id,
+                                                                           ready_timeout_s)
+        finally:
+            with trio.CancelScope(shield=True):
+                await hypervisor.call(lambda c: _finish_quietly(stream))
         timings["ready"], timings["identity"] = ready_at - started, identity_at - started
     except BaseException:
         with trio.CancelScope(shield=True):
@@ -348,26 +349,35 @@ async def restore_clone(hypervisor: Hypervisor, template: Template, clone: save_
     return CloneResult(timings, ready, identity)
 
 
-async def _kick(hypervisor: Hypervisor, clone: save_image.CloneIdentity, instance_id: str,
-                timeout_s: float) -> tuple[str, float, str, float]:
-    """Type KICK on the clone's serial console, keeping the console stream open until the guest's new identity is
-    on its console log (finishing it at once can lose the input); again every KICK_AGAIN_S. Returns the new
-    guest-ready line, when it was seen, the guest-identity line and when it was seen."""
-    stream = await hypervisor.call(partial(_open_console, name=clone.name))
-    try:
-        with trio.move_on_after(timeout_s):
-            while True:
-                await hypervisor.call(lambda c: stream.send(KICK))
-                with trio.move_on_after(KICK_AGAIN_S):
-                    ready, ready_at = await wait_for_line(clone.console_log, lambda line: line.startswith(
-                        "guest-ready ") and fields(line).get("instance-id") == instance_id, timeout_s)
-                    identity, identity_at = await wait_for_line(
-                        clone.console_log, lambda line: _reidentified(line, instance_id), timeout_s)
-                    return ready, ready_at, identity, identity_at
-        raise TemplateBuildError(f"{clone.name} did not take its identity within {timeout_s:g} s")
-    finally:
-        with trio.CancelScope(shield=True):
-            await hypervisor.call(lambda c: _finish_quietly(stream))
+async def _plug_nic_and_define(hypervisor: Hypervisor, name: str, mac: str, network_kind: str, network_source: str,
+                               timings: dict[str, float], started: float) -> None:
+    """Hot-plug the clone's NIC (none if `network_kind` is "none"), then make the domain persistent."""
+    if network_kind != "none":
+        mac_element = f"<mac address='{mac.lower()}'/>" if mac else ""  # "": libvirt picks one
+        nic = (f"<interface type='{network_kind}'>{mac_element}"
+               f"<source {network_kind}='{network_source}'/><model type='virtio'/></interface>")
+        await hypervisor.call(lambda c: c.lookupByName(name).attachDeviceFlags(nic, libvirt.VIR_DOMAIN_AFFECT_LIVE))
+    timings["nic"] = time.monotonic() - started
+    await hypervisor.call(partial(_make_persistent, name=name))
+    timings["define"] = time.monotonic() - started
+
+
+async def _await_identity(hypervisor: Hypervisor, stream: libvirt.virStream, clone: save_image.CloneIdentity,
+                          instance_id: str, timeout_s: float) -> tuple[str, float, str, float]:
+    """Wait until the guest's new identity is on its console log, the console `stream` (on which KICK was typed)
+    kept open meanwhile (finishing it at once can lose the input); KICK typed again every KICK_AGAIN_S of silence.
+    Returns the new guest-ready line, when it was seen, the guest-identity line and when it was seen;
+    TemplateBuildError after `timeout_s`."""
+    with trio.move_on_after(timeout_s):
+        while True:
+            with trio.move_on_after(KICK_AGAIN_S):
+                ready, ready_at = await wait_for_line(clone.console_log, lambda line: line.startswith(
+                    "guest-ready ") and fields(line).get("instance-id") == instance_id, timeout_s)
+                identity, identity_at = await wait_for_line(
+                    clone.console_log, lambda line: _reidentified(line, instance_id), timeout_s)
+                return ready, ready_at, identity, identity_at
+            await hypervisor.call(lambda c: stream.send(KICK))
+    raise TemplateBuildError(f"{clone.name} did not take its identity within {timeout_s:g} s")
 
 
 def _reidentified(line: str, instance_id: str) -> bool:
