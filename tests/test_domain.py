@@ -33,6 +33,7 @@ from launcher.plugin.warm import PoolSettings, SlotShape
 from virtualizers.qemu import domain, preflight
 from virtualizers.qemu import instance_files as qemu
 from virtualizers.qemu.backend import QemuBackend
+from virtualizers.qemu.clones import TemplateSettings
 from virtualizers.qemu.cloudinit import GuestNetwork
 from virtualizers.qemu.domain import (
     DomainParams,
@@ -474,7 +475,8 @@ def test_settings_full_section() -> None:
                           "dns_search": ["example.org"], "mtu": 9000},
         "volumes": {"pool": "ceph-volumes", "detach_timeout_s": 12}, "hotplug_slots": 2, "state_poll_s": 600,
         "pools": [{"image_uuid": "img", "vcpus": 2, "mem_mb": 512, "fw_type": "legacy", "size": 3}],
-        "slot_make_timeout_s": 30,
+        "slot_make_timeout_s": 30, "templates": [{"image_uuid": "img", "vcpus": 2, "mem_mb": 384, "fw_type": "efi"}],
+        "template_boot_timeout_s": 90, "clone_ready_timeout_s": 20,
     }
     assert parse_section(QemuSettings, raw, "qemu.") == QemuSettings(
         uri="qemu+ssh://host/system", accel="tcg", machine="pc", seed_format="configdrive",
@@ -485,6 +487,8 @@ def test_settings_full_section() -> None:
         guest_network=GuestNetwork("10.0.0.254", ("10.0.0.53", "fd00::53"), ("example.org",), 9000),
         volumes=VolumeSettings(pool="ceph-volumes", detach_timeout_s=12.0), hotplug_slots=2, state_poll_s=600.0,
         pools=(PoolSettings("img", vcpus=2, mem_mb=512, fw_type="legacy", size=3),), slot_make_timeout_s=30.0,
+        templates=(TemplateSettings("img", vcpus=2, mem_mb=384, fw_type="efi"),), template_boot_timeout_s=90.0,
+        clone_ready_timeout_s=20.0,
     )
     assert {f.name for f in attrs.fields(QemuSettings)} == set(raw)  # the section above is complete
 

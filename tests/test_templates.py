@@ -11,7 +11,7 @@ import attrs
 import libvirt
 import pytest
 
-from virtualizers.qemu import domain, save_image, templates
+from virtualizers.qemu import clone_restore, domain, save_image, templates
 from virtualizers.qemu.domain import Firmware
 from virtualizers.qemu.images import ImageInfo
 
@@ -95,7 +95,7 @@ def test_cleanup_keeps_wanted_and_backed_templates_only(tmp_path: Path) -> None:
     ("guest-ready instance-id=i-1 reidentified=1", False),
 ])
 def test_a_clone_is_reidentified_by_its_own_identity_line_only(line: str, expected: bool) -> None:
-    assert templates._reidentified(line, "i-1") is expected
+    assert clone_restore._reidentified(line, "i-1") is expected
 
 
 def test_the_template_namespace_is_the_clones_too() -> None:

@@ -22,7 +22,7 @@ import libvirt
 import pytest
 import trio
 
-from virtualizers.qemu import cloudinit, domain, domain_calls, qemu_img, save_image, templates
+from virtualizers.qemu import clone_restore, cloudinit, domain, domain_calls, qemu_img, save_image, templates
 from virtualizers.qemu.domain import DomainParams, Firmware
 from virtualizers.qemu.hypervisor import Hypervisor, open_hypervisor
 from virtualizers.qemu.images import ImageInfo
@@ -122,7 +122,7 @@ async def test_two_clones_of_a_template_have_their_own_identity_and_memory(qemu_
                 directory.mkdir(mode=0o711, parents=True)
                 macs[index] = random_mac()
                 started = time.monotonic()
-                await templates.make_clone_overlay(template, directory / "overlay.qcow2")
+                await clone_restore.make_clone_overlay(template, directory / "overlay.qcow2")
                 await trio.to_thread.run_sync(cloudinit.write_seed, seed_of(f"clone-{index}", f"host-{index}"),
                                               directory / "seed.iso")
                 prepared = time.monotonic() - started
@@ -130,7 +130,7 @@ async def test_two_clones_of_a_template_have_their_own_identity_and_memory(qemu_
                     name=name, uuid=instance_uuid, metadata=domain.DomainMetadata(instance_uuid, str(data_dir)),
                     template_key=template.key, overlay=directory / "overlay.qcow2", seed=directory / "seed.iso",
                     console_log=directory / "console.log")
-                result = await templates.restore_clone(hv, template, clone, instance_id=f"clone-{index}",
+                result = await clone_restore.restore_clone(hv, template, clone, instance_id=f"clone-{index}",
                                                        mac=macs[index], network_kind="network",
                                                        network_source="default")
                 results[index] = result

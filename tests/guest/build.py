@@ -59,7 +59,8 @@ lease), pings ``<ipv4>`` (up to 5 tries of one echo request, 2 s each) and print
 Template clones (issue 19): the guest copies its seed's files to ``/run/seed`` and unmounts the seed at once. A
 line holding ``reidentify`` typed on its serial console (console echo is off), or a ``NEW_VMGENID=1`` uevent
 (kernels >= 6.10 send it when the VM generation ID changes), makes it, within 0.1 s: set its clock from the RTC
-(the RTC read from sysfs, ``hwclock -s -u`` if that fails), read the seed again, print its ``guest-ready`` line again with the new identity, then a
+(the RTC read from sysfs, ``hwclock -s -u`` if that fails), read the seed again, print its ``guest-ready`` line
+again with the new identity, then a
 ``guest-identity`` line with ``reidentified`` one higher and a fresh RNG value. A hot-plugged NIC (a ``net`` add
 uevent, seen by busybox ``uevent`` running ``on-uevent``) makes it print ``guest-nic-added nic=<nic> mac=<mac>``,
 bring the NIC up, ask DHCP (bounded: about 10 s) and print ``guest-nic-up nic=<nic> mac=<mac> addr=<a/p|none>``.

@@ -29,7 +29,7 @@ from launcher.plugin.host import BackendHost
 from launcher.plugin.settings import at_least, one_of
 from launcher.plugin.spec import InstanceSpec
 from launcher.plugin.warm import FW_TYPES, SlotShape, slot_shape
-from virtualizers.qemu import domain, save_image, templates
+from virtualizers.qemu import clone_restore, domain, save_image
 from virtualizers.qemu.domain import Firmware
 from virtualizers.qemu.hypervisor import Hypervisor
 from virtualizers.qemu.images import ImageInfo, ImageStore
@@ -188,14 +188,14 @@ class Templates:
 
 async def make_clone_disk(template: Template, instance_dir: Path) -> None:
     """The clone's overlay.qcow2 in `instance_dir`, a child of the template's frozen disk."""
-    await templates.make_clone_overlay(template, instance_dir / OVERLAY)
+    await clone_restore.make_clone_overlay(template, instance_dir / OVERLAY)
 
 
 async def start_clone(hypervisor: Hypervisor, template: Template, spec: InstanceSpec, instance_dir: Path,
                       data_dir: Path, network: tuple[str, str], ready_timeout_s: float) -> dict[str, float]:
     """Restore a clone of `template` as the instance's domain (``launcher-<uuid>``, its libvirt uuid, its
     metadata, its overlay, seed and console log in `instance_dir`), give it its NIC (`network`: kind and source,
-    the payload's MAC), make it persistent and have the guest take its identity (`templates.restore_clone`);
+    the payload's MAC), make it persistent and have the guest take its identity (`clone_restore.restore_clone`);
     the seconds each step took. Raises (and leaves no domain) if any step fails."""
     uuid = spec.instance_uuid
     clone = save_image.CloneIdentity(
@@ -204,7 +204,7 @@ async def start_clone(hypervisor: Hypervisor, template: Template, spec: Instance
         template_key=template.key, overlay=instance_dir / OVERLAY, seed=instance_dir / SEED,
         console_log=instance_dir / CONSOLE_LOG, nvram=None if spec.legacy_boot else instance_dir / NVRAM)
     kind, source = network
-    result = await templates.restore_clone(hypervisor, template, clone, instance_id=uuid,
+    result = await clone_restore.restore_clone(hypervisor, template, clone, instance_id=uuid,
                                            mac=spec.networking.vnic_mac, network_kind=kind, network_source=source,
                                            ready_timeout_s=ready_timeout_s)
     return result.timings

@@ -21,10 +21,8 @@ pages; each clone's RAM is its own anonymous memory), named ``launcher-template-
 metadata of save_image.TEMPLATE_NS (not the instance metadata: recovery must not take it for an instance). It is
 booted, saved running once its console says ``guest-ready``, and undefined; it never stays defined.
 
-A *clone* (`restore_clone`) is restored from a save file of its own streamed through a pipe (save_image.py), with
-its name, UUID, metadata, overlay, seed and console log; then it gets its NIC by hot-plug (the payload's MAC),
-is made persistent, and is told to take its identity by the line ``reidentify`` on its serial console (the test
-guest's protocol, tests/guest/init). Clones keep the template's memory size, vCPUs, machine and devices.
+A *clone* (clone_restore.py) is restored from a save file of its own, with its name, UUID, metadata, overlay, seed
+and console log, and then told to take its identity; clones.py decides when.
 
 Blocking libvirt work goes through `Hypervisor.call`; file work through worker threads under the given limiter.
 """
@@ -51,7 +49,7 @@ import libvirt
 import trio
 
 from launcher.plugin.files import fsync_dir
-from virtualizers.qemu import cloudinit, domain, domain_calls, qemu_img, save_image
+from virtualizers.qemu import cloudinit, domain, qemu_img, save_image
 from virtualizers.qemu.domain import DomainParams, Firmware
 from virtualizers.qemu.hypervisor import Hypervisor, or_none
 from virtualizers.qemu.images import ImageInfo
@@ -68,9 +66,6 @@ DISK, STATE, RECORD, SEED, CONSOLE_LOG, NVRAM = "disk.qcow2", "state.sav", "temp
 DIR_MODE = 0o711  # QEMU (libvirt-qemu) must reach the disk and the seed
 BOOT_TIMEOUT_S = 300.0  # a template's boot to guest-ready (TCG on a loaded host)
 SETTLE_S = 1.0  # after guest-identity: the guest's console reader and uevent listener are up before the save
-READY_TIMEOUT_S = 60.0  # a clone's kick to its new guest-identity line
-KICK = b"reidentify\r"  # "\r": the console's line discipline ends the line; "\n" plus an at-once finish lost it
-KICK_AGAIN_S = 5.0  # type the kick again if the guest said nothing for this long
 POLL_S = 0.02
 
 
@@ -286,126 +281,6 @@ def _read_from(path: Path, offset: int) -> bytes:
 def fields(line: str) -> dict[str, str]:
     """The key=value fields of a guest line."""
     return dict(re.findall(r"(\S+?)=(\S*)", line))
-
-
-# -- clones ------------------------------------------------------------------------------------------------------
-
-
-@attrs.frozen
-class CloneResult:
-    """What `restore_clone` did: the seconds from its start to the end of each step (restore, nic, define) and to
-    the guest's new guest-ready and guest-identity lines (ready, identity), and those two lines."""
-
-    timings: dict[str, float]
-    ready_line: str
-    identity_line: str
-
-
-async def make_clone_overlay(template: Template, overlay: Path) -> None:
-    """`overlay`: a qcow2 child of the template's disk, of its size (made under a temp name, then renamed)."""
-    tmp = overlay.with_name(overlay.name + ".tmp")
-    await qemu_img.create_overlay(tmp, template.disk, "qcow2", template.disk_size)
-    os.replace(tmp, overlay)
-
-
-async def restore_clone(hypervisor: Hypervisor, template: Template, clone: save_image.CloneIdentity, *,
-                        instance_id: str, mac: str, network_kind: str, network_source: str,
-                        ready_timeout_s: float = READY_TIMEOUT_S) -> CloneResult:
-    """Restore a clone of `template` as `clone` (its overlay on the template's disk and its seed already made, its
-    console log absent), hot-plug its NIC with `mac` (none if `network_kind` is "none"), define it (persistent),
-    and kick the guest until its console says ``guest-identity instance-id=<instance_id> ... reidentified=N``
-    (N >= 1), bounded by `ready_timeout_s` (TemplateBuildError). On any failure the clone's domain is removed."""
-    started = time.monotonic()
-    timings: dict[str, float] = {}
-    xml = save_image.clone_xml(template.header.xml, clone)
-    if clone.nvram is not None and template.record["inputs"]["fw_type"] == "efi":
-        await trio.to_thread.run_sync(shutil.copyfile, template.path / NVRAM, clone.nvram)
-    fifo = clone.overlay.parent / "restore.fifo"
-    try:
-        async with save_image.clone_pipe(template.state, fifo, xml) as pipe:
-            await hypervisor.call(partial(save_image.restore_running, path=fifo))
-            with trio.move_on_after(5):
-                await pipe.done.wait()
-        timings["restore"] = time.monotonic() - started
-        # The guest takes its identity while its NIC goes in and the domain is defined: the kick goes first.
-        stream = await hypervisor.call(partial(_open_console, name=clone.name))
-        try:
-            await hypervisor.call(lambda c: stream.send(KICK))
-            timings["kick"] = time.monotonic() - started
-            await _plug_nic_and_define(hypervisor, clone.name, mac, network_kind, network_source, timings, started)
-            ready, ready_at, identity, identity_at = await _await_identity(hypervisor, stream, clone, instance_id,
-                                                                           ready_timeout_s)
-        finally:
-            with trio.CancelScope(shield=True):
-                await hypervisor.call(lambda c: _finish_quietly(stream))
-        timings["ready"], timings["identity"] = ready_at - started, identity_at - started
-    except BaseException:
-        with trio.CancelScope(shield=True):
-            try:
-                await hypervisor.call(partial(domain_calls.remove_domain, name=clone.name))
-            except Exception as exc:  # noqa: BLE001 - the first failure is the one to report
-                log.warning("cannot remove the failed clone %s: %s", clone.name, exc)
-        raise
-    return CloneResult(timings, ready, identity)
-
-
-async def _plug_nic_and_define(hypervisor: Hypervisor, name: str, mac: str, network_kind: str, network_source: str,
-                               timings: dict[str, float], started: float) -> None:
-    """Hot-plug the clone's NIC (none if `network_kind` is "none"), then make the domain persistent."""
-    if network_kind != "none":
-        mac_element = f"<mac address='{mac.lower()}'/>" if mac else ""  # "": libvirt picks one
-        nic = (f"<interface type='{network_kind}'>{mac_element}"
-               f"<source {network_kind}='{network_source}'/><model type='virtio'/></interface>")
-        await hypervisor.call(lambda c: c.lookupByName(name).attachDeviceFlags(nic, libvirt.VIR_DOMAIN_AFFECT_LIVE))
-    timings["nic"] = time.monotonic() - started
-    await hypervisor.call(partial(_make_persistent, name=name))
-    timings["define"] = time.monotonic() - started
-
-
-async def _await_identity(hypervisor: Hypervisor, stream: libvirt.virStream, clone: save_image.CloneIdentity,
-                          instance_id: str, timeout_s: float) -> tuple[str, float, str, float]:
-    """Wait until the guest's new identity is on its console log, the console `stream` (on which KICK was typed)
-    kept open meanwhile (finishing it at once can lose the input); KICK typed again every KICK_AGAIN_S of silence.
-    Returns the new guest-ready line, when it was seen, the guest-identity line and when it was seen;
-    TemplateBuildError after `timeout_s`."""
-    with trio.move_on_after(timeout_s):
-        while True:
-            with trio.move_on_after(KICK_AGAIN_S):
-                ready, ready_at = await wait_for_line(clone.console_log, lambda line: line.startswith(
-                    "guest-ready ") and fields(line).get("instance-id") == instance_id, timeout_s)
-                identity, identity_at = await wait_for_line(
-                    clone.console_log, lambda line: _reidentified(line, instance_id), timeout_s)
-                return ready, ready_at, identity, identity_at
-            await hypervisor.call(lambda c: stream.send(KICK))
-    raise TemplateBuildError(f"{clone.name} did not take its identity within {timeout_s:g} s")
-
-
-def _reidentified(line: str, instance_id: str) -> bool:
-    found = fields(line)
-    return (line.startswith("guest-identity ") and found.get("instance-id") == instance_id
-            and found.get("reidentified", "0").isdigit() and int(found["reidentified"]) >= 1)
-
-
-def _open_console(conn: libvirt.virConnect, name: str) -> libvirt.virStream:
-    stream = conn.newStream(0)
-    conn.lookupByName(name).openConsole(None, stream, libvirt.VIR_DOMAIN_CONSOLE_FORCE)
-    return stream
-
-
-def _finish_quietly(stream: libvirt.virStream) -> None:
-    try:
-        stream.finish()
-    except libvirt.libvirtError:
-        try:
-            stream.abort()
-        except libvirt.libvirtError:
-            pass
-
-
-def _make_persistent(conn: libvirt.virConnect, name: str) -> None:
-    """Define the restored (transient) domain from its live XML: it stays defined, shut off, when it stops."""
-    dom = conn.lookupByName(name)
-    conn.defineXML(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE))
 
 
 def _undefine(conn: libvirt.virConnect, name: str) -> None:
