@@ -43,8 +43,10 @@ def test_template_clones_have_their_own_identity_and_survive_a_restart(qemu_fact
     for uuid, (payload, _, _) in made.items():
         assert start(client, payload, wait=1, timeout=180)["state"] == "running"
         assert instance(client, uuid)["start_path"] == "template"
-        running = [e for e in events(client, type="instance_state", instance_uuid=uuid) if e["state"] == "running"]
-        assert running[-1]["start_path"] == "template"
+        running = wait_for("the running event", lambda u=uuid: [e for e in events(client, type="instance_state",
+                                                                                   instance_uuid=u)
+                                                                 if e["state"] == "running"], timeout=15, every=0.5)
+        assert running[-1]["start_path"] == "template"  # (the answer may come before the event is written)
     seen: dict[str, dict[str, str]] = {}
     for uuid, (_, mac, hostname) in made.items():
         # start_vm returned once the guest printed its new identity: it is on the console already.
