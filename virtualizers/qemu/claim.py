@@ -52,7 +52,7 @@ async def claim(slots: QemuSlots, slot_id: str, spec: InstanceSpec, instance_dir
         await _claim(slots, slot_id, name, spec, instance_dir, step)
         started = time.monotonic()
         try:
-            await hypervisor.call(partial(slot_calls.make_persistent, name=name))
+            await hypervisor.call(partial(domain_calls.make_persistent, name=name))
         except (Unavailable, libvirt.libvirtError) as exc:
             slots.host.log(instance_dir, f"domain {name} runs but could not be defined (the next launcher start "
                                          f"does): {error_text(exc)}")
@@ -78,7 +78,7 @@ async def _claim(slots: QemuSlots, slot_id: str, name: str, spec: InstanceSpec, 
                                                             seed=instance_dir / SEED)))
         if network.kind != "none":
             await _timed(parts, f"NIC {spec.networking.vnic_mac}", hypervisor.call(partial(
-                slot_calls.plug_nic, name=name, kind=network.kind, source=network.source,
+                domain_calls.plug_nic, name=name, kind=network.kind, source=network.source,
                 mac=spec.networking.vnic_mac)))
         step("claim", started, f"slot {slot_id} ({name}) is the instance's domain ({', '.join(parts)})")
         started = time.monotonic()

@@ -90,12 +90,10 @@ async def _plug_nic_and_define(hypervisor: Hypervisor, name: str, mac: str, netw
                                timings: dict[str, float], started: float) -> None:
     """Hot-plug the clone's NIC (none if `network_kind` is "none"), then make the domain persistent."""
     if network_kind != "none":
-        mac_element = f"<mac address='{mac.lower()}'/>" if mac else ""  # "": libvirt picks one
-        nic = (f"<interface type='{network_kind}'>{mac_element}"
-               f"<source {network_kind}='{network_source}'/><model type='virtio'/></interface>")
-        await hypervisor.call(lambda c: c.lookupByName(name).attachDeviceFlags(nic, libvirt.VIR_DOMAIN_AFFECT_LIVE))
+        await hypervisor.call(partial(domain_calls.plug_nic, name=name, kind=network_kind, source=network_source,
+                                      mac=mac))
     timings["nic"] = time.monotonic() - started
-    await hypervisor.call(partial(_make_persistent, name=name))
+    await hypervisor.call(partial(domain_calls.make_persistent, name=name))
     timings["define"] = time.monotonic() - started
 
 
@@ -137,9 +135,3 @@ def _finish_quietly(stream: libvirt.virStream) -> None:
             stream.abort()
         except libvirt.libvirtError:
             pass
-
-
-def _make_persistent(conn: libvirt.virConnect, name: str) -> None:
-    """Define the restored (transient) domain from its live XML: it stays defined, shut off, when it stops."""
-    dom = conn.lookupByName(name)
-    conn.defineXML(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE))

@@ -136,6 +136,20 @@ def has_disk(conn: libvirt.virConnect, name: str, volume_id: str) -> bool:
     return bool(dom.isActive()) and domain.find_volume_disk(dom.XMLDesc(0), volume_id) is not None
 
 
+def plug_nic(conn: libvirt.virConnect, name: str, kind: str, source: str, mac: str) -> None:
+    """Attach the NIC (`domain.nic_xml`) to the live domain (on q35, into a spare root port): a claimed slot's before
+    its first instruction (the guest finds an ordinary cold-plugged NIC), a restored clone's after its restore."""
+    conn.lookupByName(name).attachDeviceFlags(domain.nic_xml(kind, source, mac), libvirt.VIR_DOMAIN_AFFECT_LIVE)
+
+
+def make_persistent(conn: libvirt.virConnect, name: str) -> None:
+    """Define the running transient domain from its own configuration (with what a claim or a restore gave it), so
+    that it powers off into "shut off" and stays defined like a cold domain; nothing if it is persistent."""
+    dom = conn.lookupByName(name)
+    if not dom.isPersistent():
+        conn.defineXML(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE))
+
+
 def _down_or_gone(exc: libvirt.libvirtError) -> bool:
     """Whether `exc` says the domain is not running (any more) or does not exist (any more)."""
     return exc.get_error_code() in (libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_OPERATION_INVALID)

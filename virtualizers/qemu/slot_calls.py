@@ -69,12 +69,6 @@ def insert_seed(conn: libvirt.virConnect, name: str, seed: Path) -> None:
     conn.lookupByName(name).updateDeviceFlags(domain.cdrom_xml(seed), libvirt.VIR_DOMAIN_AFFECT_LIVE)
 
 
-def plug_nic(conn: libvirt.virConnect, name: str, kind: str, source: str, mac: str) -> None:
-    """Attach the NIC to the live domain (on q35, into a spare root port); before the first instruction the guest
-    finds it as an ordinary cold-plugged NIC."""
-    conn.lookupByName(name).attachDeviceFlags(domain.nic_xml(kind, source, mac), libvirt.VIR_DOMAIN_AFFECT_LIVE)
-
-
 def resume_if_prelaunch(conn: libvirt.virConnect, name: str) -> None:
     """Let the domain run its first instruction; libvirtError if QEMU is no longer in prelaunch (something ran
     it, or it is gone)."""
@@ -83,14 +77,6 @@ def resume_if_prelaunch(conn: libvirt.virConnect, name: str) -> None:
     if status != PRELAUNCH:
         raise libvirt.libvirtError(f"domain {name} is in QEMU state {status!r}, not {PRELAUNCH}")
     dom.resume()
-
-
-def make_persistent(conn: libvirt.virConnect, name: str) -> None:
-    """Define the running transient domain from its own configuration (with the seed and NIC a claim gave it), so
-    that it powers off into "shut off" and stays defined like a cold domain; nothing if it is persistent."""
-    dom = conn.lookupByName(name)
-    if not dom.isPersistent():
-        conn.defineXML(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE))
 
 
 def is_active(conn: libvirt.virConnect, name: str) -> bool | None:

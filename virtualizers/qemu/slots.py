@@ -154,7 +154,7 @@ class QemuSlots:
         self.bound[found.instance_uuid] = found.slot.slot_id
         if not found.persistent:
             try:
-                await self.hypervisor.call(partial(slot_calls.make_persistent, name=found.name))
+                await self.hypervisor.call(partial(domain_calls.make_persistent, name=found.name))
             except (Unavailable, libvirt.libvirtError) as exc:
                 log.error("domain %s of instance %s: cannot make it persistent: %s", found.name,
                           found.instance_uuid, error_text(exc))
