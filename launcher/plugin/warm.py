@@ -62,6 +62,11 @@ class SlotShape:
         """The shape as JSON-able data (/v1/node)."""
         return attrs.asdict(self)
 
+    @property
+    def label(self) -> str:
+        """The shape in a log line: image/vCPUs/memory/firmware."""
+        return f"{self.image_uuid}/{self.vcpus}cpu/{self.mem_mb}MiB/{self.fw_type}"
+
 
 def slot_shape(spec: InstanceSpec) -> SlotShape | None:
     """The shape of slot that could run `spec`, or None if no slot can: it boots from a volume, or has volumes
@@ -154,7 +159,7 @@ class WarmPools:
             pool = self._pools.get(shape)
             if pool is not None and self._count(shape) < pool.settings.size:
                 self._slots[slot_id] = _Slot(slot_id, shape, state="ready")
-                log.info("warm pool %s: slot %s adopted", _label(shape), slot_id)
+                log.info("warm pool %s: slot %s adopted", shape.label, slot_id)
             else:
                 await self._maker.discard_slot(slot_id)
                 log.info("warm pool: slot %s discarded (%s)", slot_id,
@@ -251,7 +256,7 @@ class WarmPools:
         try:
             await self._maker.discard_slot(slot.id)
         except Exception as exc:  # noqa: BLE001 - reported; the maker's recovery removes it at the next start
-            log.warning("warm pool %s: cannot discard slot %s: %s", _label(slot.shape), slot.id, exc)
+            log.warning("warm pool %s: cannot discard slot %s: %s", slot.shape.label, slot.id, exc)
         del self._slots[slot.id]
 
     def _count(self, shape: SlotShape) -> int:
@@ -290,7 +295,7 @@ class WarmPools:
             pool.last_error = reason
             pool.retry_at = trio.current_time() + pool.retry_s
             pool.retry_s = min(pool.retry_s * 2, RETRY_MAX_S)
-            log.warning("warm pool %s: cannot make a slot: %s (next try in %g s)", _label(shape), reason,
+            log.warning("warm pool %s: cannot make a slot: %s (next try in %g s)", shape.label, reason,
                         pool.retry_at - trio.current_time())
             self._emit("warm_slot_failed", image_uuid=shape.image_uuid, reason=reason)
             return
@@ -301,7 +306,7 @@ class WarmPools:
         pool.made += 1
         pool.last_error = ""
         pool.retry_s = RETRY_FIRST_S
-        log.info("warm pool %s: slot %s ready in %.3f s", _label(shape), slot.id, time.monotonic() - started)
+        log.info("warm pool %s: slot %s ready in %.3f s", shape.label, slot.id, time.monotonic() - started)
 
 
 def warm_pools(backend: object) -> WarmPools | None:
@@ -309,6 +314,3 @@ def warm_pools(backend: object) -> WarmPools | None:
     pools: WarmPools | None = getattr(backend, "warm", None)
     return pools if pools is not None and pools.configured else None
 
-
-def _label(shape: SlotShape) -> str:
-    return f"{shape.image_uuid}/{shape.vcpus}cpu/{shape.mem_mb}MiB/{shape.fw_type}"

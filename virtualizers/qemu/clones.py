@@ -5,8 +5,8 @@ nursery, waits until the backend's preflight has passed, removes what an earlier
 half-built and unwanted templates: `TemplateStore.cleanup`), then builds each missing template, one at a time,
 retrying a failed build after 10 s, doubling up to 10 min. A START of a template's shape (`template_for`: its
 image as the image store has it *now*, so that a re-imported image never gets a stale template) is cloned:
-`make_clone_disk` in create_image, `start_clone` in start_vm. A START whose template is not built yet takes the
-cold path and has its template built.
+`clone_restore.make_clone_overlay` in create_image, `start_clone` in start_vm. A START whose template is not built
+yet takes the cold path and has its template built.
 
 `clones` is the set of instances whose domain is a restored clone (read back from the domains' template marker
 when the backend opens): their `start_path` is ``template`` until a cold start defines their domain again.
@@ -174,21 +174,16 @@ class Templates:
         finally:
             entry.building = False
         entry.last_error, entry.retry_s = "", RETRY_FIRST_S
-        log.info("template %s ready (%s)", entry.template.key[:12], _label(entry.settings))
+        log.info("template %s ready (%s)", entry.template.key[:12], entry.settings.shape.label)
 
     def _failed(self, entry: _Entry, reason: str) -> None:
         entry.failures += 1
         entry.last_error = reason
         entry.retry_at = trio.current_time() + entry.retry_s
         entry.retry_s = min(entry.retry_s * 2, RETRY_MAX_S)
-        log.warning("template %s: %s (next try in %g s)", _label(entry.settings), reason,
+        log.warning("template %s: %s (next try in %g s)", entry.settings.shape.label, reason,
                     entry.retry_at - trio.current_time())
         self._host.emit("template_failed", image_uuid=entry.settings.image_uuid, reason=reason)
-
-
-async def make_clone_disk(template: Template, instance_dir: Path) -> None:
-    """The clone's overlay.qcow2 in `instance_dir`, a child of the template's frozen disk."""
-    await clone_restore.make_clone_overlay(template, instance_dir / OVERLAY)
 
 
 async def start_clone(hypervisor: Hypervisor, template: Template, spec: InstanceSpec, instance_dir: Path,
@@ -235,6 +230,3 @@ def default_spec(settings: Any, kvm: bool) -> Callable[[ImageInfo, TemplateSetti
                             machine=settings.machine, hotplug_slots=settings.hotplug_slots, kvm=kvm)
     return spec_of
 
-
-def _label(entry: TemplateSettings) -> str:
-    return f"{entry.image_uuid}/{entry.vcpus}cpu/{entry.mem_mb}MiB/{entry.fw_type}"

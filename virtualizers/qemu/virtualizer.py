@@ -68,7 +68,7 @@ from launcher.plugin.volumes import (
     make_local_volumes,
     remove_ephemeral_volumes,
 )
-from virtualizers.qemu import claim, clones, cloudinit, domain, domain_calls, instance_files
+from virtualizers.qemu import claim, clone_restore, clones, cloudinit, domain, domain_calls, instance_files
 from virtualizers.qemu.domain_calls import ACTIVE_STATES
 from virtualizers.qemu.hypervisor import Disconnected, Unavailable, Unresponsive, error_text
 from virtualizers.qemu.images import ImageInfo
@@ -174,7 +174,7 @@ class QemuVirtualizer(VmBase):
         if template is not None:
             started = time.monotonic()
             try:
-                await clones.make_clone_disk(template, self._dir)
+                await clone_restore.make_clone_overlay(template, self._dir / OVERLAY)
             except (ToolError, OSError) as exc:
                 raise self._fail(IMAGE_FAILURE, f"cannot create {OVERLAY} on template {template.key[:12]}: "
                                                 f"{exc}") from exc
@@ -202,12 +202,12 @@ class QemuVirtualizer(VmBase):
 
     async def delete_image(self) -> None:
         """Destroy the domain if it still runs, and undefine it with its NVRAM (a claimed slot's with its slot dir;
-        a slot taken but never claimed is discarded); the actor removes the dir."""
+        a slot taken but never claimed is discarded; one still only reserved is the supervisor's to release, as for
+        any virtualizer); the actor removes the dir."""
         try:
-            taken = self._taken or self._take_reserved()
-            if taken is not None:  # taken in create_image, or still reserved by a START that failed before it
-                await self._backend.warm.discard(taken)
-                self._log(f"slot {taken} discarded (never claimed)")
+            if self._taken is not None:  # taken in create_image, never claimed
+                await self._backend.warm.discard(self._taken)
+                self._log(f"slot {self._taken} discarded (never claimed)")
                 self._taken = None
             self._backend.templates.clones.discard(self._uuid)
             released = await claim.release(self._backend.slots, self._uuid, self._dir)
