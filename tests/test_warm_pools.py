@@ -91,8 +91,9 @@ async def test_admission_counts_what_slots_hold(tmp_path: Path) -> None:
         await node.done(node.start("bb-5", mem_mb=16, fw_type="legacy"))  # claims the last: 48 promised
         # The refill stops where admission would: one slot fits (48 + 16 = 64), a second would not.
         pool = await wait_pool(node, ready=1)
-        await trio.sleep(0.2)  # the refill had its chance to overfill
-        assert pool_state(node)["ready"] == 1 and pool["failures"] == 0
+        assert not node.supervisor._room_for_slot(1, 16)  # what stops the refill: 48 + 16 + 16 > 64
+        assert pool["failures"] == 0 and pool["making"] == 0
+        assert node.supervisor.admission.held_by_slots().mem_mb == 16  # one slot, none being made beyond it
         assert node.supervisor.status == "FULL"
         await node.done(node.dispatch(DeleteCommand("bb-5")))
         await wait_pool(node, ready=2)  # room freed: the pool fills up again
@@ -141,7 +142,8 @@ async def test_a_slot_set_aside_for_a_deleted_start_is_discarded(tmp_path: Path)
             [reserved] = slot_files(tmp_path)
             node.start(uuid, mem_mb=64, fw_type="legacy")
             assert pool_state(node)["reserved"] == 1
-            await trio.sleep(0.2)  # the actor is in its hanging phase
+            if uuid == "dd-2":
+                await wait_pool(node, claimed=1)  # its virtualizer took the slot: its start phase hangs
             await node.done(node.dispatch(DeleteCommand(uuid)), timeout=30)
             pool = await wait_pool(node, ready=1, reserved=0, discarding=0)
             assert reserved not in slot_files(tmp_path) and len(slot_files(tmp_path)) == 1
