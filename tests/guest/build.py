@@ -57,8 +57,10 @@ lease), pings ``<ipv4>`` (up to 5 tries of one echo request, 2 s each) and print
 ``reached=no`` also when there was no lease (``addr=none``).
 
 Template clones (issue 19): the guest copies its seed's files to ``/run/seed`` and unmounts the seed at once. A
-line holding ``reidentify`` typed on its serial console (console echo is off), or a ``NEW_VMGENID=1`` uevent
-(kernels >= 6.10 send it when the VM generation ID changes), makes it, within 0.1 s: set its clock from the RTC
+change of its VM generation ID (seen as one more ACPI GPE 05 event, QEMU's vmgenid notification, in
+``/sys/firmware/acpi/interrupts/gpe05``; or a ``NEW_VMGENID=1`` uevent, which kernels >= 6.10 send), or a line
+holding ``reidentify`` typed on its serial console (console echo is off), makes it, within 0.1 s: set its clock from
+the RTC
 (the RTC read from sysfs, ``hwclock -s -u`` if that fails), read the seed again, print its ``guest-ready`` line
 again with the new identity, then a
 ``guest-identity`` line with ``reidentified`` one higher and a fresh RNG value. A hot-plugged NIC (a ``net`` add

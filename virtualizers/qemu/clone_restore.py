@@ -1,7 +1,14 @@
 """A clone of a booted template, restored (templates.py keeps the templates; clones.py decides when): its save file
-of its own streamed through a pipe (save_image.py) and restored running, the `reidentify` kick typed on its serial
-console at once (the guest takes its identity while its NIC goes in), its NIC hot-plugged with the payload's MAC,
-the domain made persistent, then the wait for the guest's new identity on its console log.
+of its own streamed through a pipe (save_image.py) and restored running; the wait for the guest's new identity on
+its console log; then its NIC hot-plugged with the payload's MAC and the domain made persistent.
+
+The guest learns that it is a clone from its VM generation ID, which libvirt changes on every restore (a kernel
+>= 6.10 sends the NEW_VMGENID uevent; the test guest watches the ACPI event). For a guest that does not, the line
+`reidentify` is typed on the serial console at once, and again after each KICK_AGAIN_S of silence; typed input
+reaches the guest only once QEMU sees the console opened, which it checks once a second (its pty chardev), so that
+path is up to a second slower. The NIC goes in only after the guest has its new identity: until then it is the
+template's (hostname, instance-id), which it must not take onto the network (libvirt's dnsmasq, for one, puts
+the hostname a DHCP client sends into DNS).
 """
 
 from __future__ import annotations
@@ -30,8 +37,8 @@ KICK_AGAIN_S = 5.0  # type the kick again if the guest said nothing for this lon
 
 @attrs.frozen
 class CloneResult:
-    """What `restore_clone` did: the seconds from its start to the end of each step (restore, nic, define) and to
-    the guest's new guest-ready and guest-identity lines (ready, identity), and those two lines."""
+    """What `restore_clone` did: the seconds from its start to the end of each step (restore, kick, nic, define)
+    and to the guest's new guest-ready and guest-identity lines (ready, identity), and those two lines."""
 
     timings: dict[str, float]
     ready_line: str
@@ -49,9 +56,10 @@ async def restore_clone(hypervisor: Hypervisor, template: Template, clone: save_
                         instance_id: str, mac: str, network_kind: str, network_source: str,
                         ready_timeout_s: float = READY_TIMEOUT_S) -> CloneResult:
     """Restore a clone of `template` as `clone` (its overlay on the template's disk and its seed already made, its
-    console log absent), hot-plug its NIC with `mac` (none if `network_kind` is "none"), define it (persistent),
-    and kick the guest until its console says ``guest-identity instance-id=<instance_id> ... reidentified=N``
-    (N >= 1), bounded by `ready_timeout_s` (TemplateBuildError). On any failure the clone's domain is removed."""
+    console log absent), wait until its console says ``guest-identity instance-id=<instance_id> ... reidentified=N``
+    (N >= 1; kicking it meanwhile), bounded by `ready_timeout_s` (TemplateBuildError), then hot-plug its NIC with
+    `mac` (none if `network_kind` is "none") and define it (persistent). On any failure the clone's domain is
+    removed."""
     started = time.monotonic()
     timings: dict[str, float] = {}
     xml = save_image.clone_xml(template.header.xml, clone)
@@ -64,18 +72,17 @@ async def restore_clone(hypervisor: Hypervisor, template: Template, clone: save_
             with trio.move_on_after(5):
                 await pipe.done.wait()
         timings["restore"] = time.monotonic() - started
-        # The guest takes its identity while its NIC goes in and the domain is defined: the kick goes first.
         stream = await hypervisor.call(partial(_open_console, name=clone.name))
         try:
             await hypervisor.call(lambda c: stream.send(KICK))
             timings["kick"] = time.monotonic() - started
-            await _plug_nic_and_define(hypervisor, clone.name, mac, network_kind, network_source, timings, started)
             ready, ready_at, identity, identity_at = await _await_identity(hypervisor, stream, clone, instance_id,
                                                                            ready_timeout_s)
         finally:
             with trio.CancelScope(shield=True):
                 await hypervisor.call(lambda c: _finish_quietly(stream))
         timings["ready"], timings["identity"] = ready_at - started, identity_at - started
+        await _plug_nic_and_define(hypervisor, clone.name, mac, network_kind, network_source, timings, started)
     except BaseException:
         with trio.CancelScope(shield=True):
             try:
