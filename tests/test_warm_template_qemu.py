@@ -2,16 +2,20 @@
 templates.py, save_image.py): the launcher builds the template in the background; two STARTs of its shape are
 restored clones that never share instance-id, MAC or RNG value; a START of another shape boots cold; a launcher
 kill -9 and restart keeps the clones' start_path and leaves no template domain or half-built template; DELETE
-leaves nothing. Real libvirtd, real QEMU (TCG here), the test guest."""
+leaves nothing; an image that changes gets a new template, never the stale one. Real libvirtd, real QEMU (TCG
+here), the test guest."""
 
 from __future__ import annotations
 
 import re
+import shutil
 import signal
+import subprocess
+from pathlib import Path
 from typing import Any
 
 import libvirt
-from test_qemu import IMAGE_ID, conn, console, events, new_uuid, start, wait_for
+from test_qemu import IMAGE_ID, conn, console, events, guest_lines, new_uuid, start, wait_for
 from test_warm_pool_qemu import data_dir_domains, instance, mac_of, pool_payload
 
 from launcher.cli.client import Client
@@ -86,3 +90,72 @@ def test_template_clones_have_their_own_identity_and_survive_a_restart(qemu_fact
         raise AssertionError(f"launcher-{a} is still defined")
     except libvirt.libvirtError:
         pass
+
+
+def with_boot_count(source: Path, dest: Path, count: int, scratch: Path) -> None:
+    """`dest`: the test guest image `source` with its boot counter (``/boots`` on its data partition) set to
+    `count`, as a qcow2 of its own (another sha256, another content)."""
+    from build import DATA_PARTITION, SECTOR  # tests/guest/build.py, on sys.path through conftest's guest_image
+
+    raw = scratch / "guest.raw"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(source), str(raw)], check=True)
+    (scratch / "boots").write_text(f"{count}\n")
+    subprocess.run(["mcopy", "-o", "-i", f"{raw}@@{DATA_PARTITION[0] * SECTOR}", str(scratch / "boots"), "::/boots"],
+                   check=True)
+    subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(dest)], check=True)
+    raw.unlink()
+
+
+def test_a_changed_image_gets_a_new_template_and_never_the_stale_one(qemu_factory: Any, qemu_test_root: Any,
+                                                                      guest_image: Path) -> None:
+    # The image, in a search dir of its own: first the test guest as built (its template boots it once: boots=1).
+    images = qemu_test_root.path / "changing-images"
+    images.mkdir(mode=0o755)
+    image = images / f"{IMAGE_ID}.qcow2"
+    shutil.copyfile(guest_image, image)
+    image.chmod(0o644)
+    launcher = qemu_factory({"templates": [TEMPLATE], "image_dirs": [str(images)]})
+    client = launcher.client()
+    first = wait_for("the first template", lambda: (t := template_state(client))["built"] and t, timeout=400,
+                     every=1)
+
+    def started_from(uuid: str, path: str) -> dict[str, str]:
+        """START `uuid` (the template's shape), check the path it took; its guest's (last) guest-ready line."""
+        payload, _, _ = pool_payload(uuid)
+        assert start(client, payload, wait=1, timeout=180)["state"] == "running"
+        assert instance(client, uuid)["start_path"] == path
+        lines: list[dict[str, str]] = wait_for(f"{uuid}'s guest-ready line", lambda: [
+            found for found in guest_lines(launcher, uuid) if found.get("instance-id") == uuid])
+        return lines[-1]
+
+    old = new_uuid()
+    assert started_from(old, "template")["boots"] == "1"
+    assert client.request("DELETE", f"/v1/instances/{old}", wait=1, timeout=120)["state"] == "deleted"
+
+    # The image changes: removed from the store (nothing uses it now: a template does not hold it), and its file in
+    # the search dir replaced by another content, whose boot counter says 41.
+    assert client.request("DELETE", f"/v1/images/{IMAGE_ID}") == {"removed": IMAGE_ID}
+    with_boot_count(guest_image, images / "next.qcow2", 41, qemu_test_root.path)
+    (images / "next.qcow2").chmod(0o644)
+    (images / "next.qcow2").replace(image)
+
+    # The next START of the template's shape imports the new image and boots it cold: the old template, built on
+    # the old content, is not used; the new one is built meanwhile.
+    cold = new_uuid()
+    assert started_from(cold, "cold")["boots"] == "42"
+    second = wait_for("the template of the new image", lambda: (t := template_state(client))["built"]
+                      and t["key"] != first["key"] and t, timeout=400, every=1)
+    assert (launcher.data_dir / "templates" / second["key"] / "state.sav").is_file()
+    clone = new_uuid()
+    assert started_from(clone, "template")["boots"] == "42"  # the new template's guest booted the new image once
+    for uuid in (cold, clone):
+        assert client.request("DELETE", f"/v1/instances/{uuid}", wait=1, timeout=120)["state"] == "deleted"
+
+    # The old template stays until the launcher starts again, which removes it: no disk backs onto it any more.
+    assert (launcher.data_dir / "templates" / first["key"]).is_dir()
+    launcher.kill(signal.SIGTERM)
+    launcher.start()
+    client = launcher.client()
+    wait_for("the old template removed", lambda: not (launcher.data_dir / "templates" / first["key"]).exists(),
+             timeout=60)
+    assert (launcher.data_dir / "templates" / second["key"]).is_dir()
