@@ -96,8 +96,9 @@ def test_clone_xml_gives_the_clone_its_name_uuid_metadata_and_files(tmp_path: Pa
     xml = save_image.clone_xml(saved, clone)
     root = ET.fromstring(xml)
     assert (root.findtext("name"), root.findtext("uuid")) == (clone.name, clone.uuid)
-    assert domain.read_metadata(xml) == clone.metadata
-    marks = root.findall(f"metadata/{{{save_image.TEMPLATE_NS}}}clone")
+    assert domain.read_metadata(xml) == domain.DomainMetadata(clone.metadata.instance_uuid, clone.metadata.data_dir,
+                                                              template_key=clone.template_key)
+    marks = root.findall(f"metadata/{{{domain.TEMPLATE_NS}}}clone")
     assert [mark.get("key") for mark in marks] == [clone.template_key]
     disks = root.findall("devices/disk")
     assert [d.find("source").get("file") for d in disks] == [str(clone.overlay), str(clone.seed)]  # type: ignore[union-attr]

@@ -11,7 +11,7 @@ import attrs
 import libvirt
 import pytest
 
-from virtualizers.qemu import clone_restore, domain, save_image, templates
+from virtualizers.qemu import clone_restore, domain, templates
 from virtualizers.qemu.domain import Firmware
 from virtualizers.qemu.images import ImageInfo
 
@@ -99,4 +99,4 @@ def test_a_clone_is_reidentified_by_its_own_identity_line_only(line: str, expect
 
 
 def test_the_template_namespace_is_the_clones_too() -> None:
-    assert save_image.TEMPLATE_NS.startswith("http://launcher.invalid/")
+    assert domain.TEMPLATE_NS.startswith("http://launcher.invalid/")

@@ -145,7 +145,7 @@ async def test_two_clones_of_a_template_have_their_own_identity_and_memory(qemu_
                     c.lookupByName(n).state()[0], c.lookupByName(n).isPersistent(), c.lookupByName(n).XMLDesc(0)))
                 assert state == libvirt.VIR_DOMAIN_RUNNING and persistent
                 assert domain.read_metadata(live) == domain.DomainMetadata(name.removeprefix("launcher-"),
-                                                                           str(data_dir))
+                                                                           str(data_dir), template_key=template.key)
                 live_macs = [m.get("address") for m in ET.fromstring(live).iterfind("devices/interface/mac")]
                 assert live_macs == [macs[index]]
                 ready = templates.fields(results[index].ready_line)

@@ -77,20 +77,63 @@ def slot_shape(spec: InstanceSpec) -> SlotShape | None:
 
 
 @attrs.frozen
-class PoolSettings:
-    """One entry of a virtualizer's ``pools`` list: keep `size` slots of this shape."""
+class WarmShapeSettings:
+    """The START shape an entry of a warm-start setting serves (a pool here, a template in the qemu backend): its
+    image, vCPUs, memory and firmware, checked as settings."""
 
     image_uuid: str
     vcpus: int = attrs.field(default=1, validator=at_least(1))
     mem_mb: int = attrs.field(default=256, validator=at_least(16))
     fw_type: str = attrs.field(default="efi", validator=one_of(*FW_TYPES))
+
+    @property
+    def shape(self) -> SlotShape:
+        """The START shape served (the image's own disk size, no volumes)."""
+        return SlotShape(self.image_uuid, self.vcpus, self.mem_mb, self.fw_type)
+
+
+@attrs.define
+class Backoff:
+    """The failures of one job that is tried again and again (making a pool's slot, building a template): after a
+    failure the job waits `first_s`, doubling up to `max_s` after each further one; a success resets the wait.
+    Times are `trio.current_time()`."""
+
+    first_s: float
+    max_s: float
+    failures: int = 0  # since the launcher started
+    last_error: str = ""  # the last failure's reason, "" once the job succeeded
+    retry_at: float = 0.0  # no try before this
+    wait_s: float = attrs.field(default=attrs.Factory(lambda self: self.first_s, takes_self=True))
+
+    def failed(self, reason: str) -> float:
+        """Count a failure for `reason`; the seconds until the job may be tried again."""
+        self.failures += 1
+        self.last_error = reason
+        self.retry_at = trio.current_time() + self.wait_s
+        waited, self.wait_s = self.wait_s, min(self.wait_s * 2, self.max_s)
+        return waited
+
+    def succeeded(self) -> None:
+        """The job worked: no error to show, and the next failure waits `first_s` again."""
+        self.last_error = ""
+        self.wait_s = self.first_s
+
+    def due(self, now: float) -> bool:
+        """Whether the job may be tried at `now`."""
+        return now >= self.retry_at
+
+
+@attrs.frozen
+class PoolSettings(WarmShapeSettings):
+    """One entry of a virtualizer's ``pools`` list: keep `size` slots of this shape."""
+
     disk_mb: int = 0  # the disk size a START names (0: the image's own)
     size: int = attrs.field(default=1, validator=[at_least(1), at_most(MAX_POOL_SIZE)])
 
     @property
     def shape(self) -> SlotShape:
         """The shape of this pool's slots."""
-        return SlotShape(self.image_uuid, self.vcpus, self.mem_mb, self.fw_type, self.disk_mb)
+        return attrs.evolve(super().shape, disk_mb=self.disk_mb)
 
 
 def check_pools(pools: Sequence[PoolSettings]) -> None:
@@ -129,10 +172,7 @@ class _PoolState:
     settings: PoolSettings
     made: int = 0  # slots made since the launcher started
     claimed: int = 0  # slots taken by instances
-    failures: int = 0  # slots that could not be made
-    last_error: str = ""
-    retry_at: float = 0.0  # trio.current_time() before which no slot is tried again after a failure
-    retry_s: float = RETRY_FIRST_S
+    backoff: Backoff = attrs.Factory(lambda: Backoff(RETRY_FIRST_S, RETRY_MAX_S))  # slots that could not be made
 
 
 class WarmPools:
@@ -225,8 +265,8 @@ class WarmPools:
             described.append({**shape.describe(), "size": pool.settings.size, "ready": states.count("ready"),
                               "making": states.count("making"), "reserved": states.count("reserved"),
                               "discarding": states.count("discarding"),
-                              "made": pool.made, "claimed": pool.claimed, "failures": pool.failures,
-                              "last_error": pool.last_error})
+                              "made": pool.made, "claimed": pool.claimed, "failures": pool.backoff.failures,
+                              "last_error": pool.backoff.last_error})
         return described
 
     def slot_counts(self) -> dict[tuple[str, str], int]:
@@ -266,8 +306,8 @@ class WarmPools:
     def _next_short_pool(self, room_for: Callable[[int, int], bool]) -> _PoolState | None:
         now = trio.current_time()
         for shape, pool in self._pools.items():
-            if self._count(shape) < pool.settings.size and now >= pool.retry_at and room_for(shape.vcpus,
-                                                                                             shape.mem_mb):
+            if self._count(shape) < pool.settings.size and pool.backoff.due(now) and room_for(shape.vcpus,
+                                                                                              shape.mem_mb):
                 return pool
         return None
 
@@ -277,7 +317,7 @@ class WarmPools:
         now, wait = trio.current_time(), math.inf
         for shape, pool in self._pools.items():
             if self._count(shape) < pool.settings.size:
-                wait = min(wait, max(pool.retry_at - now, 0) or ROOM_RECHECK_S)
+                wait = min(wait, max(pool.backoff.retry_at - now, 0) or ROOM_RECHECK_S)
         return wait
 
     async def _make_one(self, pool: _PoolState) -> None:
@@ -291,12 +331,8 @@ class WarmPools:
         except Exception as exc:  # noqa: BLE001 - any failure of the maker: reported, retried later
             del self._slots[slot.id]
             reason = f"timed out after {self._make_timeout_s:g} s" if isinstance(exc, trio.TooSlowError) else str(exc)
-            pool.failures += 1
-            pool.last_error = reason
-            pool.retry_at = trio.current_time() + pool.retry_s
-            pool.retry_s = min(pool.retry_s * 2, RETRY_MAX_S)
             log.warning("warm pool %s: cannot make a slot: %s (next try in %g s)", shape.label, reason,
-                        pool.retry_at - trio.current_time())
+                        pool.backoff.failed(reason))
             self._emit("warm_slot_failed", image_uuid=shape.image_uuid, reason=reason)
             return
         except BaseException:
@@ -304,8 +340,7 @@ class WarmPools:
             raise
         slot.state = "ready"
         pool.made += 1
-        pool.last_error = ""
-        pool.retry_s = RETRY_FIRST_S
+        pool.backoff.succeeded()
         log.info("warm pool %s: slot %s ready in %.3f s", shape.label, slot.id, time.monotonic() - started)
 
 

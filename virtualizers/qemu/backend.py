@@ -37,7 +37,7 @@ from launcher.plugin.settings import parse_section
 from launcher.plugin.spec import InstanceSpec, vm_image_problem
 from launcher.plugin.warm import WarmPools
 from virtualizers.qemu import domain, domain_calls, preflight
-from virtualizers.qemu.clones import Templates, clone_instances, default_spec
+from virtualizers.qemu.clones import Templates, default_spec
 from virtualizers.qemu.hypervisor import Hypervisor, open_hypervisor
 from virtualizers.qemu.image_errors import ImageError
 from virtualizers.qemu.image_import import ImportProgress
@@ -104,7 +104,7 @@ class QemuBackend:
             mem_mb=spec.mem_mb,
             kvm=self.kvm,
             machine=s.machine,
-            firmware=domain.Firmware(efi=not spec.legacy_boot, ovmf_code=s.ovmf_code, ovmf_vars_template=s.ovmf_vars),
+            firmware=s.firmware(efi=not spec.legacy_boot),
             overlay=instance_dir / OVERLAY if spec.image_uuid else None,  # none when it boots from a volume
             seed=instance_dir / SEED,
             network_kind=s.network.kind,
@@ -209,7 +209,7 @@ async def open_backend(raw: Mapping[str, Any], host: BackendHost) -> AsyncIterat
                  settings.network.source)
         await backend.handle_orphans()
         await backend.warm.recover()
-        backend.templates.clones = await hypervisor.call(partial(clone_instances, data_dir=host.data_dir))
+        backend.templates.clones = {meta.instance_uuid for meta in await backend.our_domains() if meta.template_key}
         async with trio.open_nursery() as nursery:
             if backend.templates.configured:
                 nursery.start_soon(backend.templates.run, backend.may_build, host.data_dir / "instances")

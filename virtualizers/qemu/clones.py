@@ -16,25 +16,24 @@ from __future__ import annotations
 
 import logging
 import math
-import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
-import libvirt
 import trio
 
 from launcher.plugin.host import BackendHost
-from launcher.plugin.settings import at_least, one_of
 from launcher.plugin.spec import InstanceSpec
-from launcher.plugin.warm import FW_TYPES, SlotShape, slot_shape
+from launcher.plugin.warm import Backoff, WarmShapeSettings, slot_shape
 from virtualizers.qemu import clone_restore, domain, save_image
-from virtualizers.qemu.domain import Firmware
 from virtualizers.qemu.hypervisor import Hypervisor
 from virtualizers.qemu.images import ImageInfo, ImageStore
 from virtualizers.qemu.instance_files import CONSOLE_LOG, NVRAM, OVERLAY, SEED
 from virtualizers.qemu.templates import Template, TemplateSpec, TemplateStore
+
+if TYPE_CHECKING:
+    from virtualizers.qemu.settings import QemuSettings  # which imports this module
 
 log = logging.getLogger(__name__)
 
@@ -43,18 +42,8 @@ RETRY_MAX_S = 600.0
 
 
 @attrs.frozen
-class TemplateSettings:
+class TemplateSettings(WarmShapeSettings):
     """One entry of ``qemu.templates``: keep a booted template of this shape, and clone it for matching STARTs."""
-
-    image_uuid: str
-    vcpus: int = attrs.field(default=1, validator=at_least(1))
-    mem_mb: int = attrs.field(default=256, validator=at_least(16))
-    fw_type: str = attrs.field(default="efi", validator=one_of(*FW_TYPES))
-
-    @property
-    def shape(self) -> SlotShape:
-        """The START shape this template serves (the image's own disk size, no volumes)."""
-        return SlotShape(self.image_uuid, self.vcpus, self.mem_mb, self.fw_type)
 
 
 @attrs.define(eq=False)
@@ -62,10 +51,7 @@ class _Entry:
     settings: TemplateSettings
     template: Template | None = None  # the one built for the image as it was then
     building: bool = False
-    failures: int = 0
-    last_error: str = ""
-    retry_at: float = 0.0
-    retry_s: float = RETRY_FIRST_S
+    backoff: Backoff = attrs.Factory(lambda: Backoff(RETRY_FIRST_S, RETRY_MAX_S))  # builds that failed
     clones: int = 0  # clones started since the launcher started
 
 
@@ -127,7 +113,7 @@ class Templates:
                               "key": built.key if built else "", "clones": entry.clones,
                               "state_bytes": built.record.get("state_bytes", 0) if built else 0,
                               "build_s": round(sum(built.record.get("timings_s", {}).values()), 3) if built else 0,
-                              "failures": entry.failures, "last_error": entry.last_error})
+                              "failures": entry.backoff.failures, "last_error": entry.backoff.last_error})
         return described
 
     async def run(self, may_build: trio.Event, instances_dir: Path) -> None:
@@ -156,11 +142,11 @@ class Templates:
 
     def _next_to_build(self) -> _Entry | None:
         now = trio.current_time()
-        return next((e for e in self._entries.values() if e.template is None and now >= e.retry_at), None)
+        return next((e for e in self._entries.values() if e.template is None and e.backoff.due(now)), None)
 
     def _idle_wait(self) -> float:
         now = trio.current_time()
-        waits = [max(e.retry_at - now, 0.0) for e in self._entries.values() if e.template is None]
+        waits = [max(e.backoff.retry_at - now, 0.0) for e in self._entries.values() if e.template is None]
         return min(waits, default=math.inf)
 
     async def _build(self, entry: _Entry) -> None:
@@ -173,16 +159,12 @@ class Templates:
             return
         finally:
             entry.building = False
-        entry.last_error, entry.retry_s = "", RETRY_FIRST_S
+        entry.backoff.succeeded()
         log.info("template %s ready (%s)", entry.template.key[:12], entry.settings.shape.label)
 
     def _failed(self, entry: _Entry, reason: str) -> None:
-        entry.failures += 1
-        entry.last_error = reason
-        entry.retry_at = trio.current_time() + entry.retry_s
-        entry.retry_s = min(entry.retry_s * 2, RETRY_MAX_S)
         log.warning("template %s: %s (next try in %g s)", entry.settings.shape.label, reason,
-                    entry.retry_at - trio.current_time())
+                    entry.backoff.failed(reason))
         self._host.emit("template_failed", image_uuid=entry.settings.image_uuid, reason=reason)
 
 
@@ -205,28 +187,10 @@ async def start_clone(hypervisor: Hypervisor, template: Template, spec: Instance
     return result.timings
 
 
-def clone_instances(conn: libvirt.virConnect, data_dir: Path) -> set[str]:
-    """The instance uuids of `data_dir` whose domain is a restored clone (it carries the template marker that
-    `save_image.clone_xml` writes). Blocking: for `Hypervisor.call`."""
-    ours, found = str(data_dir.absolute()), set()
-    for dom in conn.listAllDomains():
-        try:
-            xml = dom.XMLDesc(0)
-        except libvirt.libvirtError:
-            continue  # undefined meanwhile
-        meta = domain.read_metadata(xml)
-        marker = ET.fromstring(xml).find(f"metadata/{{{save_image.TEMPLATE_NS}}}clone")
-        if meta is not None and meta.data_dir == ours and marker is not None:
-            found.add(meta.instance_uuid)
-    return found
-
-
-def default_spec(settings: Any, kvm: bool) -> Callable[[ImageInfo, TemplateSettings], TemplateSpec]:
+def default_spec(settings: QemuSettings, kvm: bool) -> Callable[[ImageInfo, TemplateSettings], TemplateSpec]:
     """The `spec_of` of a backend with these qemu `settings` (machine, OVMF files, hot-plug ports) and `kvm`."""
     def spec_of(image: ImageInfo, entry: TemplateSettings) -> TemplateSpec:
-        firmware = Firmware(efi=entry.fw_type == "efi", ovmf_code=settings.ovmf_code,
-                            ovmf_vars_template=settings.ovmf_vars)
-        return TemplateSpec(image=image, vcpus=entry.vcpus, mem_mb=entry.mem_mb, firmware=firmware,
-                            machine=settings.machine, hotplug_slots=settings.hotplug_slots, kvm=kvm)
+        return TemplateSpec(image=image, vcpus=entry.vcpus, mem_mb=entry.mem_mb,
+                            firmware=settings.firmware(efi=entry.fw_type == "efi"), machine=settings.machine,
+                            hotplug_slots=settings.hotplug_slots, kvm=kvm)
     return spec_of
-

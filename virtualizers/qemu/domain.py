@@ -47,6 +47,8 @@ METADATA_NS = "http://launcher.invalid/xmlns/instance/1"  # our key for virDomai
 METADATA_PREFIX = "launcher"
 SLOT_NS = "http://launcher.invalid/xmlns/slot/1"  # a prepared slot's own metadata (slots.py), never an instance's
 SLOT_PREFIX = "launcherslot"
+TEMPLATE_NS = "http://launcher.invalid/xmlns/template/1"  # a template domain's metadata and its clones' marker
+TEMPLATE_PREFIX = "launchertpl"
 DOMAIN_PREFIX = "launcher-"
 SLOT_PREFIX_NAME = "launcher-slot-"
 GUEST_AGENT_CHANNEL = "org.qemu.guest_agent.0"
@@ -112,11 +114,13 @@ class DomainParams:
 @attrs.frozen
 class DomainMetadata:
     """A domain's instance metadata (`read_metadata`), with the domain's name (`name`: "" when read from XML
-    alone; a claimed slot's domain keeps its slot's name)."""
+    alone; a claimed slot's domain keeps its slot's name) and, for a clone restored from a template
+    (save_image.clone_xml marks it), the template's key (`template_key`, "" for any other domain)."""
 
     instance_uuid: str
     data_dir: str
     name: str = ""
+    template_key: str = ""
 
 
 @attrs.frozen
@@ -230,9 +234,11 @@ def read_metadata(xml: str) -> DomainMetadata | None:
     element = root.find(f"metadata/{{{METADATA_NS}}}instance")
     if element is None:
         return None
+    clone = root.find(f"metadata/{{{TEMPLATE_NS}}}clone")
     return DomainMetadata(
         instance_uuid=element.findtext(f"{{{METADATA_NS}}}uuid", ""),
         data_dir=element.findtext(f"{{{METADATA_NS}}}data-dir", ""),
+        template_key="" if clone is None else clone.get("key", ""),
     )
 
 

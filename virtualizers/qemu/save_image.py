@@ -44,8 +44,6 @@ MAGIC = b"LibvirtQemudSave"
 PARTIAL_MAGIC = b"LibvirtQemudPart"  # libvirt's magic while a save is being written
 HEADER = struct.Struct("<16sIIIII56s")  # magic, version, data_len, was_running, format, cookieOffset, unused[14]
 SUPPORTED_VERSIONS = (2,)
-TEMPLATE_NS = "http://launcher.invalid/xmlns/template/1"  # the metadata of a template domain and of its clones
-TEMPLATE_PREFIX = "launchertpl"
 PIPE_CHUNK = 1 << 20  # bytes per sendfile into the pipe
 
 
@@ -134,7 +132,7 @@ def clone_xml(saved_xml: str, clone: CloneIdentity) -> str:
     """The template's saved domain XML turned into `clone`'s (module doc). Pure. ValueError if the XML lacks the
     element to edit (name, uuid, the `vda` disk, the cdrom, the serial log; `<nvram>` when `clone.nvram` is set)."""
     ET.register_namespace(domain.METADATA_PREFIX, domain.METADATA_NS)
-    ET.register_namespace(TEMPLATE_PREFIX, TEMPLATE_NS)
+    ET.register_namespace(domain.TEMPLATE_PREFIX, domain.TEMPLATE_NS)
     root = ET.fromstring(saved_xml)
     child(root, "name").text = clone.name
     child(root, "uuid").text = clone.uuid
@@ -142,12 +140,12 @@ def clone_xml(saved_xml: str, clone: CloneIdentity) -> str:
     if metadata is None:
         metadata = ET.SubElement(root, "metadata")
     for element in list(metadata):
-        if element.tag.startswith((f"{{{domain.METADATA_NS}}}", f"{{{TEMPLATE_NS}}}")):
+        if element.tag.startswith((f"{{{domain.METADATA_NS}}}", f"{{{domain.TEMPLATE_NS}}}")):
             metadata.remove(element)
     instance = ET.SubElement(metadata, f"{{{domain.METADATA_NS}}}instance")
     ET.SubElement(instance, f"{{{domain.METADATA_NS}}}uuid").text = clone.metadata.instance_uuid
     ET.SubElement(instance, f"{{{domain.METADATA_NS}}}data-dir").text = clone.metadata.data_dir
-    ET.SubElement(metadata, f"{{{TEMPLATE_NS}}}clone", key=clone.template_key)
+    ET.SubElement(metadata, f"{{{domain.TEMPLATE_NS}}}clone", key=clone.template_key)
 
     disk = cdrom = None
     for element in root.iterfind("devices/disk"):

@@ -92,6 +92,10 @@ class QemuSettings:
             raise ValueError(f"pools: a claim plugs the NIC into a spare PCIe root port, and hotplug_slots "
                              f"{self.hotplug_slots} leaves none on q35: set it to 0 or at least 5")
 
+    def firmware(self, efi: bool) -> domain.Firmware:
+        """A domain's firmware: UEFI from the OVMF files set here if `efi`, else legacy BIOS."""
+        return domain.Firmware(efi=efi, ovmf_code=self.ovmf_code, ovmf_vars_template=self.ovmf_vars)
+
 
 def resolve_accel(accel: str) -> bool:
     """True for KVM, False for TCG. `auto` is KVM where it really works (`preflight.kvm_problem`)."""

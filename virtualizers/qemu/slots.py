@@ -115,7 +115,7 @@ class QemuSlots:
         return domain.DomainParams(
             instance_uuid="", data_dir=self.host.data_dir, vcpus=shape.vcpus, mem_mb=shape.mem_mb, kvm=self.kvm,
             machine=s.machine,
-            firmware=domain.Firmware(efi=shape.fw_type == "efi", ovmf_code=s.ovmf_code, ovmf_vars_template=s.ovmf_vars),
+            firmware=s.firmware(efi=shape.fw_type == "efi"),
             overlay=directory / OVERLAY, seed=None, network_kind=s.network.kind, network_source=s.network.source,
             mac="", console_log=directory / CONSOLE_LOG, nvram=directory / NVRAM, hotplug_slots=s.hotplug_slots,
             slot=domain.SlotMetadata(slot_id, str(self.host.data_dir.absolute()), shape))

@@ -18,7 +18,7 @@ used stale.
 The template domain is `domain.domain_xml`'s domain with no NIC, with `<genid/>` (libvirt gives each restore a new
 VM generation ID: the guest kernel reseeds its RNG) and `<memoryBacking><nosharepages/>` (KSM never merges clones'
 pages; each clone's RAM is its own anonymous memory), named ``launcher-template-<key[:12]>``, with the template
-metadata of save_image.TEMPLATE_NS (not the instance metadata: recovery must not take it for an instance). It is
+metadata of domain.TEMPLATE_NS (not the instance metadata: recovery must not take it for an instance). It is
 booted, saved running once its console says ``guest-ready``, and undefined; it never stays defined.
 
 A *clone* (clone_restore.py) is restored from a save file of its own, with its name, UUID, metadata, overlay, seed
@@ -228,14 +228,14 @@ def template_xml(spec: TemplateSpec, key: str, data_dir: Path, directory: Path) 
         machine=spec.machine, firmware=spec.firmware, overlay=directory / DISK, seed=directory / SEED,
         network_kind="none", network_source="", mac="", console_log=directory / CONSOLE_LOG,
         nvram=directory / NVRAM, hotplug_slots=spec.hotplug_slots)
-    ET.register_namespace(save_image.TEMPLATE_PREFIX, save_image.TEMPLATE_NS)
+    ET.register_namespace(domain.TEMPLATE_PREFIX, domain.TEMPLATE_NS)
     root = ET.fromstring(domain.domain_xml(params))
     save_image.child(root, "name").text = template_domain_name(key)
     save_image.child(root, "uuid").text = str(uuid_module.uuid4())
     metadata = save_image.child(root, "metadata")
     for child in list(metadata):
         metadata.remove(child)
-    ET.SubElement(metadata, f"{{{save_image.TEMPLATE_NS}}}template", {"key": key, "data-dir": str(data_dir.absolute())})
+    ET.SubElement(metadata, f"{{{domain.TEMPLATE_NS}}}template", {"key": key, "data-dir": str(data_dir.absolute())})
     genid = ET.Element("genid")  # empty: libvirt picks one, and a new one at every restore
     root.insert(list(root).index(save_image.child(root, "uuid")) + 1, genid)
     backing = ET.Element("memoryBacking")
@@ -246,7 +246,7 @@ def template_xml(spec: TemplateSpec, key: str, data_dir: Path, directory: Path) 
 
 def read_template_metadata(xml: str) -> dict[str, str] | None:
     """The template metadata of a domain's XML ({"key", "data-dir"}), or None if it is not a template domain."""
-    element = ET.fromstring(xml).find(f"metadata/{{{save_image.TEMPLATE_NS}}}template")
+    element = ET.fromstring(xml).find(f"metadata/{{{domain.TEMPLATE_NS}}}template")
     return None if element is None else dict(element.attrib)
 
 
