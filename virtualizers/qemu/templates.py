@@ -143,7 +143,9 @@ class TemplateStore:
         return self.data_dir / TEMPLATES_DIR
 
     async def key_of(self, spec: TemplateSpec) -> tuple[str, dict[str, Any]]:
-        """(key, its inputs) of `spec` on this host (asks libvirt for the QEMU and libvirt versions)."""
+        """(key, its inputs) of `spec` on this host. Asks libvirt for the QEMU and libvirt versions each time (one
+        small call per template START): QEMU or libvirt upgraded while the launcher runs changes the key, so that
+        a state saved by the older QEMU is never restored by the newer one."""
         qemu_version, libvirt_version = await self.hypervisor.call(lambda c: (c.getVersion(), c.getLibVersion()))
         inputs = spec.key_inputs(qemu_version, libvirt_version)
         return template_key(inputs), inputs
