@@ -239,3 +239,36 @@ def test_efi_pool_with_a_ciao_style_uuid_and_configdrive(qemu_factory: Any) -> N
     assert (line["instance-id"], line["boots"]) == ("ciao", "2")
     assert client.request("DELETE", f"/v1/instances/{uuid}", wait=1, timeout=120)["state"] == "deleted"
     assert all(owner == "" for owner, _ in data_dir_domains(launcher.data_dir).values())
+
+
+def test_a_claim_plugs_the_nic_into_a_bridge(qemu_factory: Any) -> None:
+    """`network.kind: bridge`: a slot claimed from a pool gets its NIC, with the payload's MAC, on the configured
+    Linux bridge (a bridge of this test's own), and the guest sees that MAC at its first boot."""
+    bridge = f"lbr{uuid_module.uuid4().hex[:8]}"
+    subprocess.run(["ip", "link", "add", bridge, "type", "bridge"], check=True)
+    try:
+        subprocess.run(["ip", "link", "set", bridge, "up"], check=True)
+        pool = {"image_uuid": IMAGE_ID, "vcpus": 1, "mem_mb": 256, "fw_type": "legacy", "size": 1}
+        launcher = qemu_factory({"pools": [pool], "network": {"kind": "bridge", "source": bridge}})
+        client = launcher.client()
+        wait_ready(client, 1)
+        uuid = new_uuid()
+        payload, mac, hostname = pool_payload(uuid)
+        assert start(client, payload, wait=1, timeout=120)["state"] == "running"
+        assert instance(client, uuid)["start_path"] == "pool"
+        (name,) = [name for name, (owner, _) in data_dir_domains(launcher.data_dir).items() if owner == uuid]
+        interfaces = ET.fromstring(conn().lookupByName(name).XMLDesc(0)).findall("devices/interface")
+        assert [(i.get("type"), i.find("source").get("bridge"), i.find("mac").get("address"))  # type: ignore[union-attr]
+                for i in interfaces] == [("bridge", bridge, mac)]
+        line = wait_guest_ready(launcher, uuid)
+        assert (line["instance-id"], line["hostname"]) == (uuid, hostname)
+        identity = wait_for("the guest-identity line", lambda: re.search(r"guest-identity .*macs=(\S+)",
+                                                                         console(launcher, uuid)))
+        assert identity.group(1) == f"eth0={mac}"
+        # libvirt put the NIC's tap on the bridge.
+        taps = subprocess.run(["ip", "-o", "link", "show", "master", bridge], capture_output=True, text=True,
+                              check=True).stdout
+        assert taps.count(" master ") == 1, taps
+        assert client.request("DELETE", f"/v1/instances/{uuid}", wait=1, timeout=120)["state"] == "deleted"
+    finally:
+        subprocess.run(["ip", "link", "del", bridge], check=False)

@@ -15,7 +15,18 @@ from pathlib import Path
 from typing import Any
 
 import libvirt
-from test_qemu import IMAGE_ID, conn, console, events, guest_lines, new_uuid, start, wait_for
+from conftest import example
+from test_qemu import (
+    IMAGE_ID,
+    conn,
+    console,
+    events,
+    guest_lines,
+    new_uuid,
+    payload_for,
+    start,
+    wait_for,
+)
 from test_warm_pool_qemu import data_dir_domains, instance, mac_of, pool_payload
 
 from launcher.cli.client import Client
@@ -159,3 +170,31 @@ def test_a_changed_image_gets_a_new_template_and_never_the_stale_one(qemu_factor
     wait_for("the old template removed", lambda: not (launcher.data_dir / "templates" / first["key"]).exists(),
              timeout=60)
     assert (launcher.data_dir / "templates" / second["key"]).is_dir()
+
+
+def test_an_efi_template_cloned_for_a_ciao_payload_whose_meta_data_names_its_own_instance_id(
+        qemu_factory: Any) -> None:
+    """An EFI template (OVMF; each clone gets its own copy of the saved variables) cloned for ciao's
+    start_efi.yaml, whose meta-data says instance-id and hostname "ciao" (not the instance uuid): the clone takes
+    the seed's identity, and a power cycle boots its disk cold with its own nvram."""
+    efi_image = re.search(r"image_uuid: (\S+)", example("start_efi.yaml").decode())
+    assert efi_image is not None
+    launcher = qemu_factory({"templates": [{"image_uuid": efi_image.group(1), "vcpus": 2, "mem_mb": 256,
+                                            "fw_type": "efi"}]})
+    client = launcher.client()
+    wait_for("the EFI template", lambda: template_state(client)["built"], timeout=400, every=1)
+    uuid = new_uuid(ciao_style=True)
+    assert start(client, payload_for("start_efi.yaml", uuid), wait=1, timeout=180)["state"] == "running"
+    assert instance(client, uuid)["start_path"] == "template"
+    reidentified = [line for line in identity_lines(console(launcher, uuid)) if line.get("reidentified", "0") != "0"]
+    assert reidentified and (reidentified[0]["instance-id"], reidentified[0]["hostname"]) == ("ciao", "ciao")
+    nvram = launcher.data_dir / "instances" / uuid / "nvram.fd"
+    assert nvram.is_file()
+
+    assert client.request("POST", f"/v1/instances/{uuid}/stop", wait=1, timeout=120)["state"] == "exited"
+    assert client.request("POST", f"/v1/instances/{uuid}/restart", wait=1, timeout=180)["state"] == "running"
+    assert instance(client, uuid)["start_path"] == "cold"
+    boots = wait_for("the cold boot's guest-ready line", lambda: [
+        line for line in guest_lines(launcher, uuid) if line.get("boots") == "2"])
+    assert boots[0]["instance-id"] == "ciao"
+    assert client.request("DELETE", f"/v1/instances/{uuid}", wait=1, timeout=120)["state"] == "deleted"

@@ -168,12 +168,14 @@ class Templates:
         self._host.emit("template_failed", image_uuid=entry.settings.image_uuid, reason=reason)
 
 
-async def start_clone(hypervisor: Hypervisor, template: Template, spec: InstanceSpec, instance_dir: Path,
-                      data_dir: Path, network: tuple[str, str], ready_timeout_s: float) -> dict[str, float]:
+async def start_clone(hypervisor: Hypervisor, template: Template, spec: InstanceSpec, seed_instance_id: str,
+                      instance_dir: Path, data_dir: Path, network: tuple[str, str],
+                      ready_timeout_s: float) -> dict[str, float]:
     """Restore a clone of `template` as the instance's domain (``launcher-<uuid>``, its libvirt uuid, its
-    metadata, its overlay, seed and console log in `instance_dir`), give it its NIC (`network`: kind and source,
-    the payload's MAC), make it persistent and have the guest take its identity (`clone_restore.restore_clone`);
-    the seconds each step took. Raises (and leaves no domain) if any step fails."""
+    metadata, its overlay, seed and console log in `instance_dir`), have the guest take the identity of its seed
+    (`seed_instance_id`: the meta-data's instance-id, which need not be the instance uuid), give it its NIC
+    (`network`: kind and source, the payload's MAC) and make it persistent (`clone_restore.restore_clone`); the
+    seconds each step took. Raises (and leaves no domain) if any step fails."""
     uuid = spec.instance_uuid
     clone = save_image.CloneIdentity(
         name=domain.domain_name(uuid), uuid=domain.libvirt_uuid(uuid),
@@ -181,7 +183,7 @@ async def start_clone(hypervisor: Hypervisor, template: Template, spec: Instance
         template_key=template.key, overlay=instance_dir / OVERLAY, seed=instance_dir / SEED,
         console_log=instance_dir / CONSOLE_LOG, nvram=None if spec.legacy_boot else instance_dir / NVRAM)
     kind, source = network
-    result = await clone_restore.restore_clone(hypervisor, template, clone, instance_id=uuid,
+    result = await clone_restore.restore_clone(hypervisor, template, clone, instance_id=seed_instance_id,
                                            mac=spec.networking.vnic_mac, network_kind=kind, network_source=source,
                                            ready_timeout_s=ready_timeout_s)
     return result.timings

@@ -29,7 +29,7 @@ are those of `instance_files`; every libvirt call is a bounded `Hypervisor.call`
 ``attach_volume`` / ``detach_volume``
     the volume as one more virtio disk (its serial the volume id): ``attachDeviceFlags``, live only (the domain
     is defined again at every start with the instance's volumes); ``detachDeviceAlias`` (which only sends the
-    request), then the live XML is read every `UNPLUG_POLL_S` until the disk is gone, bounded by
+    request), then the live XML is read every `vm_base.UNPLUG_POLL_S` until the disk is gone, bounded by
     ``qemu.volumes.detach_timeout_s``. On a q35 machine each hot-plug takes one of ``qemu.hotplug_slots`` spare
     PCIe root ports.
 ``stats``
@@ -76,7 +76,6 @@ from virtualizers.qemu.instance_files import OVERLAY, SEED
 from virtualizers.qemu.templates import Template, TemplateBuildError
 from virtualizers.qemu.vm_base import VmBase
 
-UNPLUG_POLL_S = 0.02  # how often a hot-unplug reads the live XML for the disk (one small libvirt call)
 MIB = 1 << 20
 QEMU_PID_DIR = Path("/run/libvirt/qemu")  # where the system libvirtd writes <domain>.pid
 
@@ -139,6 +138,7 @@ class QemuVirtualizer(VmBase):
                                           limiter=self._backend.host.limiter)
         except (cloudinit.SeedError, OSError) as exc:
             raise self._fail(IMAGE_FAILURE, f"cannot write {SEED}: {exc}") from exc
+        self._seed_instance_id = seed.instance_id  # a clone's guest takes this identity (the meta-data's, if any)
         self._step_done("seed", started, f"{SEED} ({fmt}, instance-id {seed.instance_id}, hostname {seed.hostname})")
 
     async def _make_local_volumes(self) -> None:
@@ -289,9 +289,9 @@ class QemuVirtualizer(VmBase):
         started = time.monotonic()
         s = self._backend.settings
         try:
-            timings = await clones.start_clone(self._backend.hypervisor, template, self._spec, self._dir,
-                                               self._backend.host.data_dir, (s.network.kind, s.network.source),
-                                               s.clone_ready_timeout_s)
+            timings = await clones.start_clone(self._backend.hypervisor, template, self._spec, self._seed_instance_id,
+                                               self._dir, self._backend.host.data_dir,
+                                               (s.network.kind, s.network.source), s.clone_ready_timeout_s)
         except (Unavailable, libvirt.libvirtError, OSError, ValueError, TemplateBuildError) as exc:
             self._log(f"cannot start a clone of template {template.key[:12]}: {error_text(exc)}; starting cold")
             await self._make_overlay(clone=False)

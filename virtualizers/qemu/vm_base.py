@@ -74,6 +74,7 @@ class VmBase:
     _paused_reported: bool = attrs.field(default=False, init=False)
     _taken: str | None = attrs.field(default=None, init=False)  # the slot taken in create_image, until start_vm
     _template: Template | None = attrs.field(default=None, init=False)  # the template cloned by create_image
+    _seed_instance_id: str = attrs.field(default="", init=False)  # the instance-id in the seed create_image wrote
 
     @property
     def _name(self) -> str:
