@@ -198,3 +198,34 @@ def test_an_efi_template_cloned_for_a_ciao_payload_whose_meta_data_names_its_own
         line for line in guest_lines(launcher, uuid) if line.get("boots") == "2"])
     assert boots[0]["instance-id"] == "ciao"
     assert client.request("DELETE", f"/v1/instances/{uuid}", wait=1, timeout=120)["state"] == "deleted"
+
+
+def test_an_image_that_does_not_take_part_fails_its_template_build_and_boots_cold(qemu_factory: Any,
+                                                                                  qemu_test_root: Any) -> None:
+    """An image whose guest never prints guest-identity (here a blank disk: nothing boots): the build fails after
+    template_boot_timeout_s with a template_failed event and a reason that says what to check, leaves neither a
+    template domain nor a half-built template, and a START of the shape boots cold at once."""
+    images = qemu_test_root.path / "blank-images"
+    images.mkdir(mode=0o755)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(images / "blank.qcow2"), "64M"], check=True)
+    (images / "blank.qcow2").chmod(0o644)
+    launcher = qemu_factory({"templates": [{**TEMPLATE, "image_uuid": "blank"}], "image_dirs": [str(images)],
+                             "template_boot_timeout_s": 5})
+    client = launcher.client()
+    failed = wait_for("the failed build", lambda: (t := template_state(client))["failures"] >= 1 and t, timeout=120,
+                      every=0.5)
+    assert not failed["built"] and "guest-identity" in failed["last_error"]
+    assert "template_boot_timeout_s" in failed["last_error"]
+    reported = events(client, type="template_failed")
+    assert reported and reported[0]["image_uuid"] == "blank" and "guest-identity" in reported[0]["reason"]
+    wait_for("the failed build removed", lambda: not [
+        d.name() for d in conn().listAllDomains() if d.name().startswith("launcher-template-")
+        and str(launcher.data_dir) in d.XMLDesc(0)] and not list((launcher.data_dir / "templates").glob("*.partial")),
+        timeout=30)
+
+    uuid = new_uuid()
+    payload, _, _ = pool_payload(uuid)
+    payload = payload.replace(IMAGE_ID.encode(), b"blank")
+    assert start(client, payload, wait=1, timeout=60)["state"] == "running"
+    assert instance(client, uuid)["start_path"] == "cold"
+    assert client.request("DELETE", f"/v1/instances/{uuid}", wait=1, timeout=120)["state"] == "deleted"

@@ -181,8 +181,14 @@ class TemplateStore:
             xml = template_xml(spec, key, self.data_dir, partial_dir)
             await self.hypervisor.call(lambda c: c.defineXML(xml).create())
             timings["define_start"] = time.monotonic() - started
-            await wait_for_line(partial_dir / CONSOLE_LOG, lambda line: line.startswith("guest-identity "),
-                                self.boot_timeout_s)
+            try:
+                await wait_for_line(partial_dir / CONSOLE_LOG, lambda line: line.startswith("guest-identity "),
+                                    self.boot_timeout_s)
+            except TemplateBuildError:
+                raise TemplateBuildError(
+                    f"the guest printed no guest-identity line on its console within {self.boot_timeout_s:g} s: "
+                    "either it boots slower than template_boot_timeout_s, or the image does not take part in the "
+                    "template protocol (docs/warm-starts.md: what a guest must do)") from None
             timings["boot"] = time.monotonic() - started
             await trio.sleep(SETTLE_S)
             saving = time.monotonic()
