@@ -37,15 +37,15 @@ from launcher.plugin.settings import parse_section
 from launcher.plugin.spec import InstanceSpec, vm_image_problem
 from launcher.plugin.warm import WarmPools
 from virtualizers.qemu import domain, domain_calls, preflight
-from virtualizers.qemu.clones import Templates, default_spec
+from virtualizers.qemu.clones import Templates, TemplateSettings
 from virtualizers.qemu.hypervisor import Hypervisor, open_hypervisor
 from virtualizers.qemu.image_errors import ImageError
 from virtualizers.qemu.image_import import ImportProgress
-from virtualizers.qemu.images import ImageStore
+from virtualizers.qemu.images import ImageInfo, ImageStore
 from virtualizers.qemu.instance_files import CONSOLE_LOG, NVRAM, OVERLAY, SEED
 from virtualizers.qemu.settings import SECTION, QemuSettings, resolve_accel
 from virtualizers.qemu.slots import QemuSlots
-from virtualizers.qemu.templates import TemplateStore
+from virtualizers.qemu.templates import TemplateSpec, TemplateStore
 from virtualizers.qemu.virtualizer import QemuVirtualizer
 from virtualizers.qemu.volumes import VOLUMES_DIR, VolumeStore
 
@@ -82,8 +82,15 @@ class QemuBackend:
                               emit=self.host.emit)
         store = TemplateStore(self.host.data_dir, self.hypervisor, self.host.limiter,
                               boot_timeout_s=self.settings.template_boot_timeout_s)
-        self.templates = Templates(self.settings.templates, store, self.images, self.host,
-                                   default_spec(self.settings, self.kvm))
+        self.templates = Templates(self.settings.templates, store, self.images, self.host, self._template_spec)
+
+    def _template_spec(self, image: ImageInfo, entry: TemplateSettings) -> TemplateSpec:
+        """The TemplateSpec of a template of `entry` on `image` with this backend's machine, firmware files,
+        hot-plug ports and accelerator (the `spec_of` of `Templates`)."""
+        s = self.settings
+        return TemplateSpec(image=image, vcpus=entry.vcpus, mem_mb=entry.mem_mb,
+                            firmware=s.firmware(efi=entry.fw_type == "efi"), machine=s.machine,
+                            hotplug_slots=s.hotplug_slots, kvm=self.kvm)
 
     def new_virtualizer(self) -> QemuVirtualizer:
         """A fresh QemuVirtualizer for one instance (`Backend.new_virtualizer`)."""

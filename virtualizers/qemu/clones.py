@@ -18,7 +18,7 @@ import logging
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import attrs
 import trio
@@ -31,9 +31,6 @@ from virtualizers.qemu.hypervisor import Hypervisor
 from virtualizers.qemu.images import ImageInfo, ImageStore
 from virtualizers.qemu.instance_files import CONSOLE_LOG, NVRAM, OVERLAY, SEED
 from virtualizers.qemu.templates import Template, TemplateSpec, TemplateStore
-
-if TYPE_CHECKING:
-    from virtualizers.qemu.settings import QemuSettings  # which imports this module
 
 log = logging.getLogger(__name__)
 
@@ -187,12 +184,3 @@ async def start_clone(hypervisor: Hypervisor, template: Template, spec: Instance
                                            mac=spec.networking.vnic_mac, network_kind=kind, network_source=source,
                                            ready_timeout_s=ready_timeout_s)
     return result.timings
-
-
-def default_spec(settings: QemuSettings, kvm: bool) -> Callable[[ImageInfo, TemplateSettings], TemplateSpec]:
-    """The `spec_of` of a backend with these qemu `settings` (machine, OVMF files, hot-plug ports) and `kvm`."""
-    def spec_of(image: ImageInfo, entry: TemplateSettings) -> TemplateSpec:
-        return TemplateSpec(image=image, vcpus=entry.vcpus, mem_mb=entry.mem_mb,
-                            firmware=settings.firmware(efi=entry.fw_type == "efi"), machine=settings.machine,
-                            hotplug_slots=settings.hotplug_slots, kvm=kvm)
-    return spec_of
