@@ -37,6 +37,9 @@ DEFAULTS: dict[str, Any] = {
     "http": {"idle_timeout_s": 75.0, "body_timeout_s": 60.0, "send_timeout_s": 60.0, "max_connections": 4096},
     "events": {"rotate_bytes": 67108864, "keep_files": 4, "memory_events": 20000, "memory_bytes": 16777216},
     "recovery": {"restart_running": "always", "max_parallel": 4},
+    "fleet": {"servers": (), "cluster": "", "node": "", "labels": {}, "user": "", "password": "",
+              "tls": {"ca_file": "", "cert_file": "", "key_file": ""}, "liveness_ttl_s": 15, "refresh_s": 5.0,
+              "bid_ttl_s": 1.0, "request_timeout_s": 5.0, "replicas": 1},
 }
 QEMU_DEFAULTS: dict[str, Any] = {
     "uri": "qemu:///system", "accel": "auto", "machine": "q35", "hotplug_slots": 8, "seed_format": "nocloud",
@@ -147,6 +150,14 @@ def test_virtualizers_list_and_the_single_key(tmp_path: Path) -> None:
     ({"virtualizers": ["qemu", "vmware"]}, "virtualizers: unknown virtualizer 'vmware'; available: "),
     ({"virtualizer": "qemu", "virtualizers": ["qemu"]}, "give either virtualizer or virtualizers, not both"),
     ({"sections": {}}, "sections: unknown setting"),
+    ({"fleet": {"servers": ["http://n:4222"], "cluster": "c"}}, "fleet.servers: 'http://n:4222' is not a nats://"),
+    ({"fleet": {"servers": ["nats://n:4222"]}}, "fleet.cluster: '' must be letters, digits, '-' or '_'"),
+    ({"fleet": {"servers": ["nats://n:4222"], "cluster": "a.b"}}, "fleet.cluster: 'a.b' must be letters"),
+    ({"fleet": {"node": "n>"}}, "fleet.node: 'n>' must be letters"),
+    ({"fleet": {"labels": {"zone": 1}}}, "fleet.labels: must be a mapping of strings to strings"),
+    ({"fleet": {"user": "u"}}, "fleet.user, password: give both or neither"),
+    ({"fleet": {"refresh_s": 20}}, "fleet.refresh_s: 20 must be shorter than liveness_ttl_s"),
+    ({"fleet": {"tls": {"cert_file": "/c.pem"}}}, "fleet.tls.cert_file, key_file: give both or neither"),
     ({"recovery": {"restart_running": "sometimes"}}, "recovery.restart_running: must be one of never, requested"),
     ({"recovery": {"max_parallel": 0}}, "recovery.max_parallel: must be at least 1"),
 ])

@@ -3,7 +3,8 @@ under one root nursery.
 
 Start order: the API token (checked, or created, before anything else: `launcher.transport.api_token`), journal,
 per-instance logs and the instance-file persister (so everything after can report), the virtualizer backend,
-the supervisor (which recovers the instances on disk), the stats reporter, then the HTTP API. On SIGTERM or
+the supervisor (which recovers the instances on disk), the stats reporter, the HTTP API, then (with a `fleet:`
+section) the fleet member, which connects to NATS in the background. On SIGTERM or
 SIGINT everything is cancelled in the reverse order: actors and monitors stop, VMs keep running (a restarted
 launcher reconnects to them), pending events and log lines are flushed.
 """
@@ -28,6 +29,7 @@ from launcher.durable import datadir
 from launcher.plugin import files
 from launcher.transport import api_token, http
 from launcher.transport.api import Api
+from launcher.transport.fleet.node import FleetNode
 from launcher.transport.unix_listener import open_unix_listener, remove_socket
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,8 @@ async def serve(config: Config) -> None:
             await work.start(partial(http.serve, max_body=config.max_payload_bytes, limits=limits),
                              api.handle, listeners)
             work.start_soon(_publish_url, config.data_dir / datadir.URL_FILE, url, core.limiter)
+            if config.fleet.enabled:
+                work.start_soon(FleetNode(config.fleet, core.supervisor, core.journal, api, stats, url).run)
             log.info("launcher serving on %s%s (virtualizer %s, data dir %s, pid %d)", url,
                      f" and unix://{config.listen_unix}" if config.listen_unix else "", config.virtualizer,
                      config.data_dir, os.getpid())

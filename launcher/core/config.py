@@ -6,6 +6,8 @@ type is a `ConfigError` that names the key, so a typo never silently falls back 
 
 from __future__ import annotations
 
+import re
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +15,7 @@ import attrs
 import yaml
 
 from launcher.core.backends import available_backends
-from launcher.plugin.settings import ConfigError, at_least, one_of, parse_section
+from launcher.plugin.settings import ConfigError, at_least, at_most, one_of, parse_section
 
 
 @attrs.frozen
@@ -95,6 +97,83 @@ class Recovery:
     max_parallel: int = attrs.field(default=4, validator=at_least(1))  # VMs booted by recovery at once
 
 
+SUBJECT_TOKEN = re.compile(r"[A-Za-z0-9_-]+")  # one token of a NATS subject: no dots, spaces or wildcards
+
+
+def default_node() -> str:
+    """The host name, its dots made dashes (a node id is one subject token)."""
+    return socket.gethostname().replace(".", "-") or "node"
+
+
+@attrs.frozen
+class FleetTls:
+    """TLS to the NATS servers: the CA file that signs them ("": none, plain NATS) and, for servers that ask for
+    one, this node's certificate and key."""
+
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+
+    def __attrs_post_init__(self) -> None:
+        """ValueError unless the certificate and key come together, with a CA."""
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ValueError("cert_file, key_file: give both or neither")
+        if self.cert_file and not self.ca_file:
+            raise ValueError("ca_file: required with a certificate")
+
+
+@attrs.frozen
+class FleetConfig:
+    """The `fleet:` section: join a fleet of launchers on NATS JetStream (docs/fleet.md); with no `servers`, the
+    launcher is on its own."""
+
+    servers: tuple[str, ...] = ()
+    cluster: str = ""
+    node: str = ""  # "": the host name (`node_id`)
+    labels: dict[str, str] = attrs.field(factory=dict)
+    user: str = ""  # user and password, or neither (a server without authorization)
+    password: str = ""
+    tls: FleetTls = FleetTls()
+    # The node's key in the nodes bucket expires this long after its last refresh (whole seconds, as NATS keeps
+    # them); it is refreshed every `refresh_s`, and must outlive a JetStream leader election (up to ~8 s measured).
+    liveness_ttl_s: int = attrs.field(default=15, validator=at_least(2))
+    refresh_s: float = attrs.field(default=5.0, validator=at_least(0.1))
+    bid_ttl_s: float = attrs.field(default=1.0, validator=at_least(0.05))  # an auction bid's reservation
+    request_timeout_s: float = attrs.field(default=5.0, validator=at_least(0.1))  # a call to NATS (a publish's ack)
+    replicas: int = attrs.field(default=1, validator=[at_least(1), at_most(5)])  # of the stream and bucket it makes
+
+    def __attrs_post_init__(self) -> None:
+        """ValueError for a bad server URL, cluster or node name, labels that are not strings, half-given
+        credentials, or a refresh as long as the TTL."""
+        for url in self.servers:
+            if not url.startswith(("nats://", "tls://")):
+                raise ValueError(f"servers: {url!r} is not a nats:// or tls:// URL")
+        if self.servers and not SUBJECT_TOKEN.fullmatch(self.cluster):
+            raise ValueError(f"cluster: {self.cluster!r} must be letters, digits, '-' or '_' (one token of the NATS "
+                             "subjects)")
+        if self.node and not SUBJECT_TOKEN.fullmatch(self.node):
+            raise ValueError(f"node: {self.node!r} must be letters, digits, '-' or '_' (one token of the NATS "
+                             "subjects)")
+        if not isinstance(self.labels, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                        for k, v in self.labels.items()):
+            raise ValueError("labels: must be a mapping of strings to strings")
+        if bool(self.user) != bool(self.password):
+            raise ValueError("user, password: give both or neither")
+        if self.refresh_s >= self.liveness_ttl_s:
+            raise ValueError(f"refresh_s: {self.refresh_s:g} must be shorter than liveness_ttl_s "
+                             f"({self.liveness_ttl_s})")
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the launcher joins a fleet (servers are given)."""
+        return bool(self.servers)
+
+    @property
+    def node_id(self) -> str:
+        """This node's id in the fleet: `node`, or the host name."""
+        return self.node or default_node()
+
+
 def _virtualizer_list(instance: Any, attribute: attrs.Attribute[Any], value: tuple[str, ...]) -> None:
     if not value:
         raise ValueError("virtualizers: name at least one")
@@ -129,6 +208,7 @@ class Config:
     events: EventsConfig = EventsConfig()
     recovery: Recovery = Recovery()
     http: HttpLimits = HttpLimits()
+    fleet: FleetConfig = FleetConfig()
     # Each virtualizer's own section, checked by that virtualizer: `simulation: {mode: memory, ...}`.
     sections: dict[str, dict[str, Any]] = attrs.field(factory=dict)
 

@@ -157,6 +157,10 @@ class StatsReporter:
         self._taken.set()
         self._taken = trio.Event()
 
+    async def taken(self) -> None:
+        """Wait until the next snapshot is taken."""
+        await self._taken.wait()
+
     async def follow(self) -> AsyncIterator[bytes]:
         """The current snapshot, then each new one as it is taken, as NDJSON lines, until cancelled."""
         while True:

@@ -51,6 +51,9 @@ def parse_section(cls: type, raw: Any, where: str) -> Any:
 
 
 def _convert(kind: Any, value: Any, where: str) -> Any:
+    arguments = typing.get_args(kind)
+    if typing.get_origin(kind) in (typing.Union, types.UnionType) and len(arguments) == 2 and type(None) in arguments:
+        return None if value is None else _convert(next(a for a in arguments if a is not type(None)), value, where)
     if attrs.has(kind):
         return parse_section(kind, value, where + ".")
     if kind is Path:

@@ -203,6 +203,19 @@ class Api:
                                          max_bytes=self.config.max_payload_bytes)
         return await self._run(request, command)
 
+    async def command_answer(self, body: bytes, content_type: str, query: dict[str, str]) -> Response:
+        """What POST /v1/commands?<query> answers to `body`, for a transport that checked its caller itself (the
+        fleet's command subject): the same parser, dispatch, status and JSON body. Never raises (but for
+        cancellation); not counted among the HTTP requests of /metrics (the command itself is)."""
+        request = Request("POST", "/v1/commands", query, {"content-type": content_type}, body)
+        try:
+            return await self.command(request)
+        except LauncherError as exc:
+            return Response.json(STATUS_OF.get(exc.code, 500), exc.as_dict())
+        except Exception as exc:  # a bug: report it, keep serving
+            log.exception("a command from the fleet failed")
+            return Response.json(500, {"error": errors.INTERNAL, "reason": repr(exc), "instance_uuid": ""})
+
     async def stop(self, request: Request) -> Response:
         """POST /v1/instances/{uuid}/stop, with an optional ?grace=<seconds>."""
         return await self._run(request, StopCommand(self._uuid(request), _number(request, "grace", None)))

@@ -1,0 +1,106 @@
+"""The node's journal events into the fleet's JetStream stream: every event once, in order, none missing.
+
+Each event is published, one at a time and waiting for its ack, to ``launcher.<c>.node.<n>.events`` with
+``Nats-Msg-Id: <n>:<seq>`` (`seq` the journal's) and ``Nats-Expected-Last-Subject-Sequence``: the stream seq of
+this node's previous event there. The stream's own last event of this node is the truth about what is stored,
+so `EventPublisher.run` reads it back (a direct get, one subject) before it publishes, and again after any
+failure, and resumes after it:
+
+- an event whose ack was lost (NATS went away, the launcher was killed) is found stored and not sent again;
+- an event that was sent, timed out, and got stored later (nats-py sends what it buffered once it reconnects)
+  makes the next publish fail (its expected seq is stale): read back, resume after it;
+- an event stored twice cannot happen: the expected seq refuses a second copy, whatever the time since (the
+  message id only guards JetStream's duplicate window).
+
+While NATS is away the journal keeps the events (its files, `events.keep_files`); a tail rotated away before NATS
+came back is logged as lost, and publishing goes on from the oldest event kept.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import nats.js.errors
+import trio
+from nats.js import JetStreamContext
+
+from launcher.durable.events import EventJournal, EventsExpired
+from launcher.transport.fleet.bridge import AsyncioThread
+from launcher.transport.fleet.streams import NATS_ERRORS, ensure_events_stream
+from launcher.transport.fleet.subjects import EXPECTED_LAST_HEADER, MSG_ID_HEADER, Subjects
+
+log = logging.getLogger(__name__)
+
+RETRY_FIRST_S = 0.2  # after a failure, read back and resume after this long, doubling up to RETRY_MAX_S
+RETRY_MAX_S = 5.0
+
+
+class EventPublisher:
+    """Publishes the journal's events to the stream (module doc)."""
+
+    def __init__(self, journal: EventJournal, bridge: AsyncioThread, js: JetStreamContext, subjects: Subjects,
+                 replicas: int, timeout_s: float) -> None:
+        """For node `subjects.node`; a publish waits `timeout_s` for its ack; `replicas`: the stream's, if this
+        node makes it."""
+        self.journal = journal
+        self.bridge = bridge
+        self.js = js
+        self.subjects = subjects
+        self.replicas = replicas
+        self.timeout_s = timeout_s
+        self.acked_seq = 0  # the journal seq of the last event known stored
+
+    async def run(self) -> None:
+        """Publish until cancelled; every failure is logged (once per outage) and followed by a read-back."""
+        wait = RETRY_FIRST_S
+        failing = False
+        while True:
+            try:
+                await ensure_events_stream(self.bridge, self.js, self.subjects, self.replicas)
+                stored, stream_seq = await self.last_stored()
+                if failing:
+                    log.info("fleet: publishing events again, after journal seq %d", stored)
+                failing, wait = False, RETRY_FIRST_S
+                await self._publish_after(stored, stream_seq)
+            except (*NATS_ERRORS, EventsExpired) as exc:
+                if not failing:
+                    log.warning("fleet: events not published: %s; the journal keeps them (tried again)",
+                                exc or type(exc).__name__)
+                failing = True
+            await trio.sleep(wait)
+            wait = min(wait * 2, RETRY_MAX_S)
+
+    async def last_stored(self) -> tuple[int, int]:
+        """(journal seq, stream seq) of this node's last event in the stream; (0, 0) if it has none."""
+        try:
+            msg = await self.bridge.call(self.js.get_last_msg, self.subjects.stream, self.subjects.events, direct=True)
+        except nats.js.errors.NotFoundError:
+            return 0, 0
+        msg_id = (msg.headers or {}).get(MSG_ID_HEADER, "")
+        node, _, seq = msg_id.rpartition(":")
+        if node != self.subjects.node or not seq.isdigit():
+            raise nats.js.errors.Error(f"the last event of node {self.subjects.node} in {self.subjects.stream} has "
+                                       f"message id {msg_id!r}, not <node>:<seq>")
+        return int(seq), msg.seq or 0
+
+    async def _publish_after(self, stored: int, stream_seq: int) -> None:
+        """Publish the journal's events after seq `stored`, following it, the first expecting the node's last
+        stream seq to be `stream_seq`. Returns only if the journal stops; raises on any failure."""
+        since = stored
+        if since > self.journal.last_seq:
+            log.warning("fleet: the stream has this node's events up to seq %d, the journal only to %d (a new data "
+                        "dir?): publishing the journal's from its start", since, self.journal.last_seq)
+            since = 0
+        if since < self.journal.oldest_seq - 1:
+            log.warning("fleet: events %d to %d were rotated out of the journal before NATS had them: lost",
+                        since + 1, self.journal.oldest_seq - 1)
+            since = self.journal.oldest_seq - 1
+        self.acked_seq = since
+        async for event in self.journal.events_since(since, follow=True):
+            seq = event["seq"]
+            headers = {MSG_ID_HEADER: f"{self.subjects.node}:{seq}", EXPECTED_LAST_HEADER: str(stream_seq)}
+            ack = await self.bridge.call(self.js.publish, self.subjects.events,
+                                         json.dumps(event, separators=(",", ":")).encode(), timeout=self.timeout_s,
+                                         headers=headers)
+            stream_seq, self.acked_seq = ack.seq, seq

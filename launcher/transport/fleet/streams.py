@@ -1,0 +1,41 @@
+"""The fleet's JetStream stream and key-value bucket, made by the first launcher that needs them (an operator may
+make them beforehand, with other limits: an existing one is used as it is)."""
+
+from __future__ import annotations
+
+import nats.errors
+import nats.js.errors
+from nats.js import JetStreamContext
+from nats.js.api import KeyValueConfig, StorageType, StreamConfig
+
+from launcher.transport.fleet.bridge import AsyncioThread
+from launcher.transport.fleet.subjects import Subjects
+
+NATS_ERRORS = (nats.errors.Error, TimeoutError, OSError)  # what a NATS call raises when NATS is away or refuses
+DUPLICATE_WINDOW_S = 120.0  # a re-published event id within this long is dropped by JetStream
+MARKER_TTL_S = 300  # how long the marker of an expired node key stays for watchers (a controller away longer
+#                     sees the key missing, not its expiry)
+
+
+async def ensure_events_stream(bridge: AsyncioThread, js: JetStreamContext, subjects: Subjects, replicas: int) -> None:
+    """The events stream (`subjects.stream`, every node's events subject), made if it does not exist."""
+    try:
+        await bridge.call(js.stream_info, subjects.stream)
+        return
+    except nats.js.errors.NotFoundError:
+        pass
+    config = StreamConfig(name=subjects.stream, subjects=[subjects.for_node("*").events], storage=StorageType.FILE,
+                          duplicate_window=DUPLICATE_WINDOW_S, allow_direct=True, num_replicas=replicas)
+    await bridge.call(js.add_stream, config)
+
+
+async def ensure_nodes_bucket(bridge: AsyncioThread, js: JetStreamContext, subjects: Subjects, replicas: int) -> None:
+    """The nodes bucket (`subjects.bucket`: one key per node, with per-key TTLs and a marker when one expires),
+    made if it does not exist."""
+    try:
+        await bridge.call(js.key_value, subjects.bucket)
+        return
+    except nats.js.errors.BucketNotFoundError:
+        pass
+    await bridge.call(js.create_key_value, KeyValueConfig(bucket=subjects.bucket, history=1, direct=True,
+                                                          limit_marker_ttl=MARKER_TTL_S, replicas=replicas))

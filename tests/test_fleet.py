@@ -1,0 +1,148 @@
+"""A launcher in a fleet on NATS JetStream (issue 20; launcher/transport/fleet/, docs/fleet.md), with real
+nats-server processes and real `launcher serve` processes (simulation): it joins (its key in the nodes bucket),
+answers commands on its cmd subject exactly as its HTTP API does, publishes every journal event to the stream once
+and in order, leaves (its key purged) on SIGTERM; a kill -9 lets its key expire, and neither that nor a NATS
+restart loses or duplicates an event; a launcher started before NATS joins once NATS is there."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+import uuid as uuid_module
+from pathlib import Path
+from typing import Any
+
+import nats.js.errors
+import pytest
+from fleet_support import NatsServer, command, controller, node_key, stream_events, wait_until
+from nats.aio.client import Client as NatsClient
+
+from launcher.cli.client import Client, ClientError
+
+CLUSTER = "t1"
+
+
+def fleet(server: NatsServer, node: str = "n1", **settings: Any) -> dict[str, Any]:
+    return {"fleet": {"servers": [server.url], "cluster": CLUSTER, "node": node, "refresh_s": 0.5,
+                      "liveness_ttl_s": 2, **settings}}
+
+
+def start_json(uuid: str) -> bytes:
+    return json.dumps({"start": {"instance_uuid": uuid, "image_uuid": "img",
+                                 "requirements": {"vcpus": 1, "mem_mb": 64}}}).encode()
+
+
+def journal(client: Client) -> list[dict[str, Any]]:
+    lines = b"".join(client.stream("/v1/events", read_timeout=10)).splitlines()
+    return [json.loads(line) for line in lines if line]
+
+
+def http_answer(client: Client, body: bytes) -> dict[str, Any]:
+    """POST /v1/commands' answer to `body`, with its HTTP status as "status"."""
+    try:
+        answer: dict[str, Any] = client.request("POST", "/v1/commands", body, "application/json")
+    except ClientError as exc:
+        return {"error": exc.code, "reason": exc.reason, "instance_uuid": exc.instance_uuid, "status": exc.status}
+    return {**answer, "status": 200}
+
+
+def stream_matches_journal(server: NatsServer, client: Client, node: str = "n1") -> bool:
+    """Whether the stream holds exactly the node's journal events: each once, in order, ids `<node>:<seq>`."""
+    stored = stream_events(server.url, f"launcher-{CLUSTER}-events", f"launcher.{CLUSTER}.node.{node}.events")
+    events = journal(client)
+    return [mid for mid, _ in stored] == [f"{node}:{e['seq']}" for e in events] and [e for _, e in stored] == events
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Any:
+    started = NatsServer(tmp_path / "nats")
+    started.start()
+    yield started
+    started.kill()
+
+
+def test_a_launcher_joins_answers_commands_as_its_http_api_publishes_its_events_and_leaves(
+        server: NatsServer, launcher_factory: Any) -> None:
+    launcher = launcher_factory(fleet(server, labels={"zone": "a"}))
+    client = launcher.client()
+    key = wait_until("the node's key", lambda: node_key(server.url, CLUSTER, "n1"))
+    assert key["status"] == "READY" and key["labels"] == {"zone": "a"} and key["virtualizers"] == ["simulation"]
+    assert key["url"] == (launcher.data_dir / "api-url").read_text().strip()
+    assert set(key["capacity"]) == {"instances", "vcpus", "mem_mb", "disk_mb"}
+    assert key["free"]["vcpus"] == key["capacity"]["vcpus"]
+
+    uuid = str(uuid_module.uuid4())
+    answer = command(server.url, CLUSTER, "n1", start_json(uuid), headers={"Launcher-Wait": "30"})
+    assert answer == {"instance_uuid": uuid, "state": "running", "done": True, "status": 200}
+    # The same START again, one with a bad field, and a document that is not JSON: the answers the HTTP API
+    # gives, with their status.
+    bad_field = json.loads(start_json(str(uuid_module.uuid4())))
+    bad_field["start"]["requirements"]["mem_mb"] = "lots"
+    for body, status in ((start_json(uuid), 200), (json.dumps(bad_field).encode(), 400), (b"{not json", 400)):
+        answer = command(server.url, CLUSTER, "n1", body, headers={"Content-Type": "application/json"})
+        assert answer == http_answer(client, body) and answer["status"] == status
+    free = wait_until("the key to count the instance", lambda: (k := node_key(server.url, CLUSTER, "n1"))
+                      and k["free"]["vcpus"] == k["capacity"]["vcpus"] - 1 and k)
+    assert free["free"]["mem_mb"] == free["capacity"]["mem_mb"] - 64
+
+    wait_until("the journal's events in the stream", lambda: stream_matches_journal(server, client))
+    launcher.kill(signal.SIGTERM)
+    assert node_key(server.url, CLUSTER, "n1") is None  # purged on leaving, not left to expire
+
+
+def test_kill_9_lets_the_key_expire_and_neither_it_nor_a_nats_restart_loses_or_doubles_an_event(
+        server: NatsServer, launcher_factory: Any) -> None:
+    launcher = launcher_factory(fleet(server))
+    client = launcher.client()
+    for _ in range(10):
+        client.request("POST", "/v1/instances", start_json(str(uuid_module.uuid4())), "application/json")
+    wait_until("the node's key", lambda: node_key(server.url, CLUSTER, "n1"))
+
+    async def expiry_seen(nc: NatsClient) -> tuple[str, float]:
+        """Kill the launcher while watching its key: the operation that ends it, and how long after the kill."""
+        kv = await nc.jetstream().key_value(f"launcher-{CLUSTER}-nodes")
+        watcher = await kv.watch("n1")
+        killed = time.monotonic()
+        await asyncio.to_thread(launcher.kill, signal.SIGKILL)
+        while time.monotonic() - killed < 20:
+            try:
+                entry = await watcher.updates(timeout=1)
+            except nats.errors.TimeoutError:
+                continue
+            if entry is not None and entry.operation in ("PURGE", "DEL"):
+                return entry.operation, time.monotonic() - killed
+        raise AssertionError("the watcher saw no end of the key")
+
+    operation, after = controller(server.url, expiry_seen)
+    assert operation == "PURGE" and after < 2 + 0.5 + 3  # the TTL after the last refresh, plus slack
+    assert node_key(server.url, CLUSTER, "n1") is None
+
+    client = launcher.start()
+    wait_until("the node's key again", lambda: node_key(server.url, CLUSTER, "n1"))
+    # NATS killed and started again (same store) while STARTs go on: the events of the outage follow.
+    server.kill()
+    for _ in range(10):
+        client.request("POST", "/v1/instances", start_json(str(uuid_module.uuid4())), "application/json")
+    server.start()
+    for _ in range(10):
+        client.request("POST", "/v1/instances", start_json(str(uuid_module.uuid4())), "application/json")
+    wait_until("every event in the stream once", lambda: stream_matches_journal(server, client), timeout=30,
+               every=0.5)
+    assert len(journal(client)) > 30
+
+
+def test_a_launcher_started_before_nats_serves_and_joins_when_nats_comes(tmp_path: Path,
+                                                                         launcher_factory: Any) -> None:
+    server = NatsServer(tmp_path / "late-nats")
+    launcher = launcher_factory(fleet(server))
+    client = launcher.client()
+    uuid = str(uuid_module.uuid4())
+    assert client.request("POST", "/v1/instances", start_json(uuid), "application/json", wait=1)["state"] == "running"
+    try:
+        server.start()
+        wait_until("the node's key", lambda: node_key(server.url, CLUSTER, "n1"), timeout=30)
+        wait_until("the events from before NATS came", lambda: stream_matches_journal(server, client), timeout=30)
+    finally:
+        server.kill()
