@@ -4,8 +4,8 @@ or one more warm slot would not fit (`Admission.no_room`).
 Admission counts what admitted instances were *promised* (vCPUs, memory, disk), updated at the moment a START is
 admitted or an instance is gone, so a burst of STARTs can never overcommit the node (ciao checked a value refreshed
 every 6 s; reference §18), and what the virtualizers' prepared slots hold (`launcher.plugin.warm`): a slot holds its
-memory from the moment it is made. The live free space of the data dir is checked as well (by the caller, which
-reads it once per START).
+memory from the moment it is made, and what the fleet's auction bids reserve (`launcher.core.bids`). The live
+free space of the data dir is checked as well (by the caller, which reads it once per START).
 """
 
 from __future__ import annotations
@@ -16,33 +16,10 @@ from collections.abc import Mapping
 import attrs
 import psutil
 
+from launcher.core.bids import Bids
 from launcher.core.config import Config
-from launcher.plugin.spec import InstanceSpec
-from launcher.plugin.volumes import promised_disk_mb
+from launcher.core.resources import Resources
 from launcher.plugin.warm import SlotShape, WarmPools
-
-
-@attrs.frozen
-class Resources:
-    """vCPUs, memory and disk, as promised to instances (admission adds and subtracts them)."""
-
-    vcpus: int = 0
-    mem_mb: int = 0
-    disk_mb: int = 0
-
-    def __add__(self, other: Resources) -> Resources:
-        """Both together."""
-        return Resources(self.vcpus + other.vcpus, self.mem_mb + other.mem_mb, self.disk_mb + other.disk_mb)
-
-    def __sub__(self, other: Resources) -> Resources:
-        """What is left once `other` is given back."""
-        return Resources(self.vcpus - other.vcpus, self.mem_mb - other.mem_mb, self.disk_mb - other.disk_mb)
-
-    @classmethod
-    def of(cls, spec: InstanceSpec) -> Resources:
-        """What admission promises the instance; its disk is its overlay's plus its local volumes'
-        (`launcher.plugin.volumes.promised_disk_mb`)."""
-        return cls(spec.vcpus, spec.mem_mb, promised_disk_mb(spec))
 
 
 @attrs.frozen
@@ -70,7 +47,8 @@ class Capacity:
 
 
 class Admission:
-    """The node's promises and limits: `allocated` (the instances'), the pools' slots, and `capacity`."""
+    """The node's promises and limits: `allocated` (the instances'), the pools' slots, the auction bids, and
+    `capacity`."""
 
     def __init__(self, config: Config, pools: Mapping[str, WarmPools]) -> None:
         """Nothing promised yet; `pools`: the enabled virtualizers' prepared pools, by virtualizer name."""
@@ -78,6 +56,7 @@ class Admission:
         self.capacity = Capacity.measure(config)
         self.allocated = Resources()
         self.pools = dict(pools)
+        self.bids = Bids()  # auction bids' reservations (launcher.core.bids)
 
     def held_by_slots(self) -> Resources:
         """What the pools' slots hold (those set aside for an instance are counted in its `allocated`)."""
@@ -91,19 +70,22 @@ class Admission:
                 new_instance: bool = True) -> str:
         """Why `need` cannot be promised now, or "" if it can. `free_mb`: the free space in the data dir;
         `instances`: how many instances there are; `slot`: the shape of the ready slot the START would take (its
-        resources are then no longer the slot's but the instance's); `new_instance` False for a slot being made."""
+        resources are then no longer the slot's but the instance's); `new_instance` False for a slot being made.
+        The live auction bids count as instances already promised (a START consuming one takes it first)."""
         cap = self.capacity
-        after = self.allocated + self.held_by_slots() + need
+        bids = self.bids.held()
+        after = self.allocated + self.held_by_slots() + bids + need
         if slot is not None:
             after -= Resources(slot.vcpus, slot.mem_mb)
-        if new_instance and instances + 1 > cap.instances:
-            return f"{instances} instances, the limit is {cap.instances}"
+        if new_instance and instances + len(self.bids) + 1 > cap.instances:
+            return f"{instances} instances and {len(self.bids)} bids, the limit is {cap.instances}"
         if after.vcpus > cap.vcpus:
             return f"{after.vcpus} vCPUs would be promised, the limit is {cap.vcpus:g}"
         if after.mem_mb > cap.mem_mb:
             return f"{after.mem_mb} MiB of memory would be promised, the limit is {cap.mem_mb:g} MiB"
         if after.disk_mb > cap.disk_mb:
             return f"{after.disk_mb} MiB of disk would be promised, the limit is {cap.disk_mb:g} MiB"
-        if free_mb - need.disk_mb < self.config.admission.keep_free_disk_mb:
-            return f"only {free_mb} MiB free in {self.config.data_dir}"
+        if free_mb - bids.disk_mb - need.disk_mb < self.config.admission.keep_free_disk_mb:
+            return f"only {free_mb} MiB free in {self.config.data_dir}" + (
+                f", {bids.disk_mb} MiB of it held by bids" if bids.disk_mb else "")
         return ""

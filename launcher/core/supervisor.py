@@ -33,7 +33,8 @@ import trio
 from launcher.core import bootid, lifecycle
 from launcher.core.actor import InstanceActor
 from launcher.core.actor_base import ActorBase, ActorContext
-from launcher.core.admission import Admission, Capacity, Resources
+from launcher.core.admission import Admission, Capacity
+from launcher.core.bids import Bid
 from launcher.core.commands import (
     AttachVolumeCommand,
     Command,
@@ -50,6 +51,7 @@ from launcher.core.lifecycle import State, Verb
 from launcher.core.messages import Ticket
 from launcher.core.metrics import Metrics
 from launcher.core.recovery import RecoveryPlan
+from launcher.core.resources import Resources
 from launcher.core.view import InstanceView
 from launcher.durable import datadir
 from launcher.durable.events import EventJournal
@@ -69,7 +71,7 @@ from launcher.plugin.protocol import (
 )
 from launcher.plugin.spec import InstanceSpec
 from launcher.plugin.volumes import local_volumes_mb
-from launcher.plugin.warm import WarmPools, warm_pools
+from launcher.plugin.warm import SlotShape, WarmPools, warm_pools
 
 log = logging.getLogger(__name__)
 
@@ -136,11 +138,13 @@ class Supervisor:
 
     # ----------------------------------------------------------------- dispatch
 
-    def dispatch(self, command: Command) -> Ticket:
+    def dispatch(self, command: Command, *, bid: str = "") -> Ticket:
         """Route one command. Raises LauncherError for a refusal known at once; otherwise the ticket
-        reports the outcome."""
+        reports the outcome. `bid`: the id of the auction bid (`bid`) a START was placed with: its reservation
+        is consumed and the START admitted in its place; a START with no live bid of that id (expired, never
+        made) is admitted as any other."""
         if isinstance(command, StartCommand):
-            return self._dispatch_start(command)
+            return self._dispatch_start(command, bid)
         if isinstance(command, EvacuateCommand):
             return self.evacuate()
         if isinstance(command, RestoreCommand):
@@ -179,15 +183,40 @@ class Supervisor:
         self.volume_users[volume] = actor.uuid
         return ticket
 
-    def _dispatch_start(self, command: StartCommand) -> Ticket:
+    def _dispatch_start(self, command: StartCommand, bid: str) -> Ticket:
         spec = self._with_defaults(command)
+        if bid:
+            self.admission.bids.take(bid)
         existing = self.actors.get(spec.instance_uuid)
         if existing is not None:
             return self._repeated_start(existing, spec)
+        free_mb = _free_disk_mb(self.config.data_dir)  # read once: statvfs is not free at 500 STARTs/s
+        need, slot = self._admit(spec, free_mb)
+        actor = self._add(spec, created=False, recovered=False)
+        if slot is not None:
+            self.admission.pools[spec.vm_type].reserve(spec)
+        ticket = Ticket(spec.instance_uuid)
+        actor.post(StartCommand(spec), ticket)
+        self._update_status(free_mb - need.disk_mb)
+        return ticket
+
+    def bid(self, command: StartCommand, ttl_s: float) -> Bid:
+        """This node's bid in an auction for `command` (the fleet's placement): what it needs, reserved for
+        `ttl_s` seconds (`launcher.core.bids`). LauncherError, with the code and reason a START would get now, if
+        the node would not admit it; instance_exists if the instance is already here."""
+        spec = self._with_defaults(command)
+        if spec.instance_uuid in self.actors:
+            raise LauncherError(errors.INSTANCE_EXISTS, "the instance is on this node already", spec.instance_uuid)
+        need, _ = self._admit(spec, _free_disk_mb(self.config.data_dir))
+        return self.admission.bids.add(need, ttl_s)
+
+    def _admit(self, spec: InstanceSpec, free_mb: int) -> tuple[Resources, SlotShape | None]:
+        """What a new instance of `spec` needs, and the shape of the ready slot it would take (None: none); or
+        LauncherError: the node is in maintenance (node_maintenance), has no room (full_cn), one of its volumes
+        is in use (volume_in_use), or an instance dir of that uuid exists that nobody owns (instance_exists)."""
         if self.maintenance:
             raise LauncherError(errors.NODE_MAINTENANCE, "the node is in maintenance", spec.instance_uuid)
         need = Resources.of(spec)
-        free_mb = _free_disk_mb(self.config.data_dir)  # read once: statvfs is not free at 500 STARTs/s
         pools = self.admission.pools.get(spec.vm_type)
         slot = None if pools is None else pools.ready_for(spec)
         refusal = self.admission.no_room(need, free_mb, len(self.actors), slot=slot)
@@ -203,13 +232,7 @@ class Supervisor:
         if (self.config.instances_dir / spec.instance_uuid).exists():
             # A dir nobody owns (made by hand since start-up): never let a START write into it or remove it.
             raise LauncherError(errors.INSTANCE_EXISTS, "an instance dir with this uuid exists", spec.instance_uuid)
-        actor = self._add(spec, created=False, recovered=False)
-        if pools is not None and slot is not None:
-            pools.reserve(spec)
-        ticket = Ticket(spec.instance_uuid)
-        actor.post(StartCommand(spec), ticket)
-        self._update_status(free_mb - need.disk_mb)
-        return ticket
+        return need, slot
 
     def _repeated_start(self, actor: InstanceActor, spec: InstanceSpec) -> Ticket:
         """Same uuid again: identical payload is idempotent; anything else is a conflict (`lifecycle`)."""

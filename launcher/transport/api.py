@@ -49,6 +49,8 @@ from launcher.transport.volume_routes import VolumeRoutes
 
 log = logging.getLogger(__name__)
 
+BID_HEADER = "launcher-bid"  # (lower case, as Request keeps header names) the auction bid a START consumes
+
 STATUS_OF = {
     errors.INVALID_PAYLOAD: 400,
     errors.INVALID_DATA: 400,
@@ -203,11 +205,13 @@ class Api:
                                          max_bytes=self.config.max_payload_bytes)
         return await self._run(request, command)
 
-    async def command_answer(self, body: bytes, content_type: str, query: dict[str, str]) -> Response:
-        """What POST /v1/commands?<query> answers to `body`, for a transport that checked its caller itself (the
-        fleet's command subject): the same parser, dispatch, status and JSON body. Never raises (but for
-        cancellation); not counted among the HTTP requests of /metrics (the command itself is)."""
-        request = Request("POST", "/v1/commands", query, {"content-type": content_type}, body)
+    async def command_answer(self, body: bytes, content_type: str, query: dict[str, str], bid: str = "") -> Response:
+        """What POST /v1/commands?<query> answers to `body` (with header ``Launcher-Bid: <bid>`` if `bid`), for a
+        transport that checked its caller itself (the fleet's command subject): the same parser, dispatch, status
+        and JSON body. Never raises (but for cancellation); not counted among the HTTP requests of /metrics (the
+        command itself is)."""
+        headers = {"content-type": content_type, **({BID_HEADER: bid} if bid else {})}
+        request = Request("POST", "/v1/commands", query, headers, body)
         try:
             return await self.command(request)
         except LauncherError as exc:
@@ -247,10 +251,11 @@ class Api:
 
     async def _run(self, request: Request, command: Command) -> Response:
         """Dispatch, then answer once accepted (202) or, with ?wait=1, once finished (200) or failed. The
-        command's result (ok or its ciao code) is counted in /metrics once it is known, even after a 202."""
+        command's result (ok or its ciao code) is counted in /metrics once it is known, even after a 202. A START
+        with the header ``Launcher-Bid`` consumes that auction bid (`Supervisor.dispatch`; docs/fleet.md)."""
         kind = COMMAND_KIND[type(command)]
         try:
-            ticket = self.supervisor.dispatch(command)
+            ticket = self.supervisor.dispatch(command, bid=request.headers.get(BID_HEADER, ""))
         except LauncherError as exc:
             self.metrics.command_refused(kind, exc.code)
             raise

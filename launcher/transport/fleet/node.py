@@ -2,10 +2,12 @@
 
 `FleetNode.run` runs beside the HTTP API, in `launcher serve`'s nursery. It connects (again and again until NATS
 answers: the launcher serves its instances meanwhile, and nats-py reconnects by itself afterwards), makes sure the
-events stream and the nodes bucket exist, then runs four tasks, each of which survives NATS going away:
+events stream and the nodes bucket exist, then runs five tasks, each of which survives NATS going away:
 
 - commands: each request on `launcher.<c>.node.<n>.cmd` is answered in a task of its own by the HTTP API's own
-  code (`Api.command_answer`), its JSON plus ``"status"``;
+  code (`Api.command_answer`), its JSON plus ``"status"``; a START with ``Launcher-Bid`` consumes that bid;
+- auctions: a START on `launcher.<c>.auction` that this node would admit now gets a bid, which reserves what the
+  START needs for `bid_ttl_s` (`Supervisor.bid`, `launcher.core.bids`);
 - events: every journal event is published to the stream, in order, with ``Nats-Msg-Id: <n>:<seq>`` and the stream
   seq of the node's previous event as ``Nats-Expected-Last-Subject-Sequence`` (`EventPublisher`);
 - liveness: the node's key in the nodes bucket, rewritten every `refresh_s` with a per-key TTL of `liveness_ttl_s`;
@@ -33,11 +35,13 @@ from launcher.core.config import FleetConfig
 from launcher.core.stats import StatsReporter
 from launcher.core.supervisor import Supervisor
 from launcher.durable.events import EventJournal
+from launcher.plugin.errors import LauncherError
+from launcher.transport import payloads
 from launcher.transport.api import Api
 from launcher.transport.fleet.bridge import AsyncioThread, Inbox, open_asyncio_thread
 from launcher.transport.fleet.publisher import EventPublisher
 from launcher.transport.fleet.streams import NATS_ERRORS, ensure_nodes_bucket
-from launcher.transport.fleet.subjects import CONTENT_TYPE_HEADER, WAIT_HEADER, Subjects
+from launcher.transport.fleet.subjects import BID_HEADER, CONTENT_TYPE_HEADER, WAIT_HEADER, Subjects
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +50,7 @@ CONNECT_RETRY_MAX_S = 10.0
 PING_INTERVAL_S = 2  # a dead link is noticed after about 2 missed pings (nats-py's default: 2 minutes)
 COMMAND_INBOX = 1024  # commands received and not yet being answered; beyond, they are dropped (the caller times out)
 MAX_COMMANDS_AT_ONCE = 256
+AUCTION_INBOX = 4096  # auctions received and not yet bid on; beyond, they are dropped (this node does not bid)
 REJOIN_S = 5.0
 LEAVE_TIMEOUT_S = 2.0  # purging the key and draining the connection on the way out, each
 
@@ -84,6 +89,7 @@ class FleetNode:
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._serve_commands, bridge, client)
+                    nursery.start_soon(self._serve_auctions, bridge, client)
                     nursery.start_soon(EventPublisher(self.journal, bridge, js, self.subjects, self.fleet.replicas,
                                                       self.fleet.request_timeout_s).run)
                     nursery.start_soon(self._refresh_liveness, bridge, js)
@@ -151,7 +157,8 @@ class FleetNode:
         try:
             headers = msg.headers or {}
             query = {"wait": "1", "timeout": headers[WAIT_HEADER]} if WAIT_HEADER in headers else {}
-            answer = await self.api.command_answer(msg.data, headers.get(CONTENT_TYPE_HEADER, ""), query)
+            answer = await self.api.command_answer(msg.data, headers.get(CONTENT_TYPE_HEADER, ""), query,
+                                                   bid=headers.get(BID_HEADER, ""))
             if not msg.reply:
                 return  # a command published without a reply subject: done, nobody to tell
             body = {**json.loads(answer.body), "status": answer.status}
@@ -162,14 +169,45 @@ class FleetNode:
         finally:
             limit.release()
 
+    # ----------------------------------------------------------------- auctions
+
+    async def _serve_auctions(self, bridge: AsyncioThread, client: NatsClient) -> None:
+        """Bid on every auction whose START this node would admit now (`bid`); say nothing otherwise."""
+        inbox: Inbox[Msg] = Inbox(bridge, AUCTION_INBOX)
+
+        async def received(msg: Msg) -> None:
+            inbox.put(msg)
+
+        await bridge.call(client.subscribe, self.subjects.auction, cb=received)
+        async for msg in inbox.receive:
+            offer = self.bid(msg.data, (msg.headers or {}).get(CONTENT_TYPE_HEADER, ""))
+            if offer is not None and msg.reply:
+                try:
+                    await bridge.call(client.publish, msg.reply, json.dumps(offer).encode())
+                except NATS_ERRORS as exc:
+                    log.debug("fleet: cannot send a bid: %s", exc)
+
+    def bid(self, body: bytes, content_type: str) -> dict[str, Any] | None:
+        """This node's bid for the START document `body`: node, free room (after this bid's reservation),
+        labels, bid_id and expires_in_ms (the reservation's `bid_ttl_s`); None if it is not a START this node
+        would admit now (the reason is logged at debug level)."""
+        try:
+            start = payloads.parse_start(body, content_type, max_bytes=self.supervisor.config.max_payload_bytes)
+            made = self.supervisor.bid(start, self.fleet.bid_ttl_s)
+        except LauncherError as exc:
+            log.debug("fleet: no bid: %s %s", exc.code, exc.reason)
+            return None
+        return {"node": self.subjects.node, "free": self.node_document()["free"], "labels": dict(self.fleet.labels),
+                "bid_id": made.bid_id, "expires_in_ms": round(self.fleet.bid_ttl_s * 1000)}
+
     # ----------------------------------------------------------------- liveness and stats
 
     def node_document(self) -> dict[str, Any]:
         """The value of this node's key: status, capacity, free (capacity less what instances were promised and
-        slots hold), labels, virtualizers and the HTTP API's URL."""
+        what slots and bids hold), labels, virtualizers and the HTTP API's URL."""
         s = self.supervisor
         capacity = attrs.asdict(s.capacity)
-        used = s.allocated + s.admission.held_by_slots()
+        used = s.allocated + s.admission.held_by_slots() + s.admission.bids.held()
         free = {"vcpus": capacity["vcpus"] - used.vcpus, "mem_mb": capacity["mem_mb"] - used.mem_mb,
                 "disk_mb": capacity["disk_mb"] - used.disk_mb}
         return {"status": s.status, "capacity": capacity, "free": free, "labels": dict(self.fleet.labels),
