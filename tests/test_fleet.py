@@ -20,6 +20,7 @@ from fleet_support import NatsServer, command, controller, node_key, stream_even
 from nats.aio.client import Client as NatsClient
 
 from launcher.cli.client import Client, ClientError
+from launcher.cli.fleet_client import FleetClient, NoBid, Placement
 
 CLUSTER = "t1"
 
@@ -146,3 +147,39 @@ def test_a_launcher_started_before_nats_serves_and_joins_when_nats_comes(tmp_pat
         wait_until("the events from before NATS came", lambda: stream_matches_journal(server, client), timeout=30)
     finally:
         server.kill()
+
+
+def test_auctions_place_starts_across_nodes_and_never_overcommit_one(server: NatsServer,
+                                                                      launcher_factory: Any) -> None:
+    """Three launchers that each admit 5 instances; 20 STARTs placed at once through auctions (the reference
+    controller, `FleetClient.place`): 15 run, 5 on each node, and the other 5 find no bidder."""
+    launchers = [launcher_factory({**fleet(server, node=f"n{i}"), "admission": {"max_instances": 5,
+                                                                                 "vcpu_overcommit": 64.0}},
+                                  name=f"data{i}") for i in range(3)]
+    wait_until("three nodes", lambda: all(node_key(server.url, CLUSTER, f"n{i}") for i in range(3)))
+
+    async def place_all(nc: NatsClient) -> tuple[list[Placement], int]:
+        fleet_client = FleetClient(nc, CLUSTER)
+        placed: list[Placement] = []
+        refused = 0
+
+        async def one() -> None:
+            nonlocal refused
+            try:
+                placed.append(await fleet_client.place(start_json(str(uuid_module.uuid4())), expected=3,
+                                                       window_s=0.5))
+            except NoBid:
+                refused += 1
+        await asyncio.gather(*(one() for _ in range(20)))
+        return placed, refused
+
+    placed, refused = controller(server.url, place_all)
+    assert refused == 5 and len(placed) == 15
+    assert all(p.answer["status"] in (200, 202) and "error" not in p.answer for p in placed)
+    assert sorted(p.node for p in placed) == sorted(["n0", "n1", "n2"] * 5)
+    for launcher in launchers:
+        assert len(launcher.client().request("GET", "/v1/instances")["instances"]) == 5
+
+    # A START sent with a bid that outlived its node's room: refused full_cn, never admitted over capacity.
+    answer = command(server.url, CLUSTER, "n0", start_json(str(uuid_module.uuid4())), headers={"Launcher-Bid": "x"})
+    assert answer["status"] == 503 and answer["error"] == "full_cn"

@@ -7,7 +7,8 @@ events stream and the nodes bucket exist, then runs five tasks, each of which su
 - commands: each request on `launcher.<c>.node.<n>.cmd` is answered in a task of its own by the HTTP API's own
   code (`Api.command_answer`), its JSON plus ``"status"``; a START with ``Launcher-Bid`` consumes that bid;
 - auctions: a START on `launcher.<c>.auction` that this node would admit now gets a bid, which reserves what the
-  START needs for `bid_ttl_s` (`Supervisor.bid`, `launcher.core.bids`);
+  START needs for `bid_ttl_s` (`Supervisor.bid`, `launcher.core.bids`), or until a controller releases it on
+  `launcher.<c>.node.<n>.release` (it picked another node);
 - events: every journal event is published to the stream, in order, with ``Nats-Msg-Id: <n>:<seq>`` and the stream
   seq of the node's previous event as ``Nats-Expected-Last-Subject-Sequence`` (`EventPublisher`);
 - liveness: the node's key in the nodes bucket, rewritten every `refresh_s` with a per-key TTL of `liveness_ttl_s`;
@@ -172,13 +173,18 @@ class FleetNode:
     # ----------------------------------------------------------------- auctions
 
     async def _serve_auctions(self, bridge: AsyncioThread, client: NatsClient) -> None:
-        """Bid on every auction whose START this node would admit now (`bid`); say nothing otherwise."""
+        """Bid on every auction whose START this node would admit now (`bid`), say nothing otherwise; drop the
+        reservation of a bid a controller released."""
         inbox: Inbox[Msg] = Inbox(bridge, AUCTION_INBOX)
 
         async def received(msg: Msg) -> None:
             inbox.put(msg)
 
+        async def released(msg: Msg) -> None:
+            bridge.to_trio(self.supervisor.admission.bids.take, msg.data.decode(errors="replace"))
+
         await bridge.call(client.subscribe, self.subjects.auction, cb=received)
+        await bridge.call(client.subscribe, self.subjects.release, cb=released)
         async for msg in inbox.receive:
             offer = self.bid(msg.data, (msg.headers or {}).get(CONTENT_TYPE_HEADER, ""))
             if offer is not None and msg.reply:

@@ -30,6 +30,12 @@ class Subjects:
         return f"launcher.{self.cluster}.auction"
 
     @property
+    def release(self) -> str:
+        """Bids the node made that a controller did not pick: each message's body is one bid id, whose reservation
+        the node drops at once (else it holds until it expires)."""
+        return f"launcher.{self.cluster}.node.{self.node}.release"
+
+    @property
     def events(self) -> str:
         """The node's journal events, in the events stream."""
         return f"launcher.{self.cluster}.node.{self.node}.events"
