@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import subprocess
+import sys
 import time
 import uuid as uuid_module
 from pathlib import Path
@@ -16,7 +18,8 @@ from typing import Any
 
 import nats.js.errors
 import pytest
-from fleet_support import NatsServer, command, controller, node_key, stream_events, wait_until
+from conftest import ROOT
+from fleet_support import NatsServer, command, controller, free_port, node_key, stream_events, wait_until
 from nats.aio.client import Client as NatsClient
 
 from launcher.cli.client import Client, ClientError
@@ -183,3 +186,40 @@ def test_auctions_place_starts_across_nodes_and_never_overcommit_one(server: Nat
     # A START sent with a bid that outlived its node's room: refused full_cn, never admitted over capacity.
     answer = command(server.url, CLUSTER, "n0", start_json(str(uuid_module.uuid4())), headers={"Launcher-Bid": "x"})
     assert answer["status"] == 503 and answer["error"] == "full_cn"
+
+
+def fleet_cli(server: NatsServer, *args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[str]:
+    """`launcher fleet ARGS --servers URL --cluster t1` (the reference controller's verbs)."""
+    return subprocess.run([sys.executable, "-m", "launcher.cli", "fleet", *args, "--servers", server.url,
+                           "--cluster", CLUSTER], input=stdin.decode() if stdin else None, capture_output=True,
+                          text=True, timeout=60, cwd=ROOT)
+
+
+def test_the_reference_controller_verbs(server: NatsServer, launcher_factory: Any) -> None:
+    launcher = launcher_factory(fleet(server, labels={"zone": "b"}))
+    wait_until("the node's key", lambda: node_key(server.url, CLUSTER, "n1"))
+    nodes = fleet_cli(server, "nodes", "--json")
+    assert nodes.returncode == 0, nodes.stderr
+    assert json.loads(nodes.stdout)["n1"]["labels"] == {"zone": "b"}
+    assert "n1" in fleet_cli(server, "nodes").stdout
+
+    uuid = str(uuid_module.uuid4())
+    placed = fleet_cli(server, "place", "-", "--wait", "--json", stdin=start_json(uuid))
+    assert placed.returncode == 0, placed.stderr
+    assert json.loads(placed.stdout) == {"node": "n1", "bids": 1, "instance_uuid": uuid, "state": "running",
+                                         "done": True, "status": 200}
+    assert launcher.client().request("GET", f"/v1/instances/{uuid}")["state"] == "running"
+    listed = wait_until("the instance in fleet ls", lambda: json.loads(fleet_cli(server, "ls", "--json").stdout))
+    assert listed == [{"instance_uuid": uuid, "node": "n1", "state": "running"}]
+    events = [json.loads(line) for line in fleet_cli(server, "events", "--node", "n1").stdout.splitlines()]
+    assert [e["seq"] for e in events] == [e["seq"] for e in journal(launcher.client())]
+    assert all(e["node"] == "n1" for e in events)
+
+    big = json.loads(start_json(str(uuid_module.uuid4())))
+    big["start"]["requirements"]["mem_mb"] = 10**9
+    refused = fleet_cli(server, "place", "-", stdin=json.dumps(big).encode())
+    assert refused.returncode == 1 and "full_cn: no node bid" in refused.stderr
+    away = subprocess.run([sys.executable, "-m", "launcher.cli", "fleet", "nodes", "--servers",
+                           f"nats://127.0.0.1:{free_port()}", "--cluster", CLUSTER], capture_output=True, text=True,
+                          timeout=60, cwd=ROOT)
+    assert away.returncode == 1 and away.stderr.count("\n") == 1 and "no servers available" in away.stderr

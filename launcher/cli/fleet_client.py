@@ -67,7 +67,11 @@ class FleetClient:
     async def connect(cls, servers: list[str], cluster: str, *, user: str = "", password: str = "",
                       ca_file: str = "", cert_file: str = "", key_file: str = "") -> FleetClient:
         """A connection to `servers` (nats:// or tls:// URLs) as a controller of `cluster`."""
-        options: dict[str, Any] = {"connect_timeout": 5, "max_reconnect_attempts": 60, "reconnect_time_wait": 0.5}
+        async def quiet(exc: Exception) -> None:
+            """nats-py prints a traceback for each error without this; the caller sees the exception it gets."""
+
+        options: dict[str, Any] = {"connect_timeout": 5, "max_reconnect_attempts": 2, "reconnect_time_wait": 0.5,
+                                   "error_cb": quiet}
         if user:
             options.update(user=user, password=password)
         if ca_file:

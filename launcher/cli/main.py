@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from launcher.cli import fleet_cli
 from launcher.cli.client import Client, ClientError
 from launcher.core import config as config_module
 from launcher.plugin.errors import SetupError
@@ -29,6 +30,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve(args)
     if args.verb == "hard-reset":
         return _hard_reset(args)
+    if args.verb == "fleet":
+        return fleet_cli.run(args)
     try:
         client = Client.discover(args.url, args.data_dir)
         args.run(client, args)
@@ -434,6 +437,7 @@ def _parser() -> argparse.ArgumentParser:
 
     verb("evacuate", _evacuate, "enter maintenance and stop every instance")
     verb("restore", _restore, "leave maintenance")
+    fleet_cli.add_parser(verbs)
     return parser
 
 

@@ -114,13 +114,21 @@ class FleetNode:
     def _options(self, bridge: AsyncioThread) -> dict[str, Any]:
         f = self.fleet
 
+        failing = False  # an error was logged and NATS has not come back since: the next ones are not
+
         async def error(exc: Exception) -> None:
-            log.warning("fleet: NATS: %s", exc or type(exc).__name__)
+            nonlocal failing
+            if not failing:
+                log.warning("fleet: NATS: %s (further errors are not logged until it reconnects)",
+                            exc or type(exc).__name__)
+            failing = True
 
         async def disconnected() -> None:
             log.warning("fleet: disconnected from NATS")
 
         async def reconnected() -> None:
+            nonlocal failing
+            failing = False
             log.info("fleet: reconnected to NATS")
 
         options: dict[str, Any] = {
