@@ -34,8 +34,10 @@ class NatsServer:
     """One nats-server with JetStream, its store in `store_dir`; `start()` again after `kill()` is a restart on the
     same port and store."""
 
-    def __init__(self, store_dir: Path, port: int | None = None) -> None:
+    def __init__(self, store_dir: Path, port: int | None = None, config: dict[str, Any] | None = None) -> None:
+        """`config`: more of nats-server's configuration (e.g. `authorization`), written as JSON, which it reads."""
         self.store_dir = store_dir
+        self.config = config
         self.port = port or free_port()
         self.url = f"nats://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -43,9 +45,14 @@ class NatsServer:
 
     def start(self, timeout: float = 10.0) -> None:
         self.store_dir.mkdir(parents=True, exist_ok=True)
+        extra: list[str] = []
+        if self.config is not None:
+            config_path = self.store_dir.parent / f"{self.store_dir.name}-nats.conf"
+            config_path.write_text(json.dumps({"jetstream": "enabled", **self.config}))
+            extra = ["-c", str(config_path)]
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen([str(NATS_SERVER), "-a", "127.0.0.1", "-p", str(self.port), "-js",
-                                          "-sd", str(self.store_dir)], stdout=log, stderr=subprocess.STDOUT)
+                                          "-sd", str(self.store_dir), *extra], stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -62,10 +69,11 @@ class NatsServer:
             self.proc.wait(timeout=10)
 
 
-def controller(url: str, work: Callable[[NatsClient], Awaitable[T]]) -> T:
-    """`await work(client)` with a fresh connection to `url`, in an asyncio run of its own."""
+def controller(url: str, work: Callable[[NatsClient], Awaitable[T]], **options: Any) -> T:
+    """`await work(client)` with a fresh connection to `url` (nats.connect's `options` added), in an asyncio run of
+    its own."""
     async def run() -> T:
-        client = await nats.connect(url, connect_timeout=2, allow_reconnect=False)
+        client = await nats.connect(url, connect_timeout=2, allow_reconnect=False, **options)
         try:
             return await work(client)
         finally:

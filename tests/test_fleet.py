@@ -52,9 +52,10 @@ def http_answer(client: Client, body: bytes) -> dict[str, Any]:
     return {**answer, "status": 200}
 
 
-def stream_matches_journal(server: NatsServer, client: Client, node: str = "n1") -> bool:
-    """Whether the stream holds exactly the node's journal events: each once, in order, ids `<node>:<seq>`."""
-    stored = stream_events(server.url, f"launcher-{CLUSTER}-events", f"launcher.{CLUSTER}.node.{node}.events")
+def stream_matches_journal(url: str, client: Client, node: str = "n1") -> bool:
+    """Whether the stream (NATS at `url`) holds exactly the node's journal events: each once, in order, ids
+    `<node>:<seq>`."""
+    stored = stream_events(url, f"launcher-{CLUSTER}-events", f"launcher.{CLUSTER}.node.{node}.events")
     events = journal(client)
     return [mid for mid, _ in stored] == [f"{node}:{e['seq']}" for e in events] and [e for _, e in stored] == events
 
@@ -91,7 +92,7 @@ def test_a_launcher_joins_answers_commands_as_its_http_api_publishes_its_events_
                       and k["free"]["vcpus"] == k["capacity"]["vcpus"] - 1 and k)
     assert free["free"]["mem_mb"] == free["capacity"]["mem_mb"] - 64
 
-    wait_until("the journal's events in the stream", lambda: stream_matches_journal(server, client))
+    wait_until("the journal's events in the stream", lambda: stream_matches_journal(server.url, client))
     launcher.kill(signal.SIGTERM)
     assert node_key(server.url, CLUSTER, "n1") is None  # purged on leaving, not left to expire
 
@@ -132,7 +133,7 @@ def test_kill_9_lets_the_key_expire_and_neither_it_nor_a_nats_restart_loses_or_d
     server.start()
     for _ in range(10):
         client.request("POST", "/v1/instances", start_json(str(uuid_module.uuid4())), "application/json")
-    wait_until("every event in the stream once", lambda: stream_matches_journal(server, client), timeout=30,
+    wait_until("every event in the stream once", lambda: stream_matches_journal(server.url, client), timeout=30,
                every=0.5)
     assert len(journal(client)) > 30
 
@@ -147,7 +148,7 @@ def test_a_launcher_started_before_nats_serves_and_joins_when_nats_comes(tmp_pat
     try:
         server.start()
         wait_until("the node's key", lambda: node_key(server.url, CLUSTER, "n1"), timeout=30)
-        wait_until("the events from before NATS came", lambda: stream_matches_journal(server, client), timeout=30)
+        wait_until("the events from before NATS came", lambda: stream_matches_journal(server.url, client), timeout=30)
     finally:
         server.kill()
 

@@ -5,6 +5,8 @@
     launcher fleet events [-f] [--node N] [--from SEQ]
                                          the events stream, as JSON lines with "node" and "stream_seq" added
     launcher fleet ls                    every instance of the fleet and its state, folded from the events stream
+    launcher fleet permissions NODE --cluster C
+                                         the nats-server permissions that node needs (JSON)
 
 The fleet comes from `--config` (its `fleet:` section: servers, cluster, user and password, TLS), or from
 `--servers` and `--cluster`, which win.
@@ -23,6 +25,8 @@ from typing import Any
 from launcher.cli.fleet_client import FleetClient, NoBid
 from launcher.core import config as config_module
 from launcher.plugin.errors import SetupError
+from launcher.transport.fleet.permissions import node_permissions
+from launcher.transport.fleet.subjects import Subjects
 
 EXIT_FAILED, EXIT_USAGE = 1, 2
 
@@ -52,10 +56,17 @@ def add_parser(verbs: Any) -> None:
     p.add_argument("--node", default="*", help="one node's events only")
     p.add_argument("--from", dest="from_seq", type=int, default=1, help="from this stream seq")
     verb("ls", _ls, "every instance of the fleet, from the events stream")
+    p = fleet_verbs.add_parser("permissions", help="the nats-server permissions a node needs (JSON), to paste into "
+                                                   "the server's authorization block")
+    p.add_argument("node")
+    p.add_argument("--cluster", required=True)
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the fleet verb of `args`; the exit status."""
+    if args.fleet_verb == "permissions":
+        print(json.dumps(node_permissions(Subjects(args.cluster, args.node)), indent=2))
+        return 0
     try:
         fleet = config_module.load(args.config).fleet
     except SetupError as exc:

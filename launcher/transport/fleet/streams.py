@@ -17,25 +17,34 @@ MARKER_TTL_S = 300  # how long the marker of an expired node key stays for watch
 #                     sees the key missing, not its expiry)
 
 
+def events_stream(subjects: Subjects, replicas: int) -> StreamConfig:
+    """The events stream's config: every node's events subject, on disk, JetStream's duplicate window, direct
+    gets (a node reads back its own last event by its subject alone)."""
+    return StreamConfig(name=subjects.stream, subjects=[subjects.for_node("*").events], storage=StorageType.FILE,
+                        duplicate_window=DUPLICATE_WINDOW_S, allow_direct=True, num_replicas=replicas)
+
+
+def nodes_bucket(subjects: Subjects, replicas: int) -> KeyValueConfig:
+    """The nodes bucket's config: one key per node, with per-key TTLs and a marker when one expires."""
+    return KeyValueConfig(bucket=subjects.bucket, history=1, direct=True, limit_marker_ttl=MARKER_TTL_S,
+                          replicas=replicas)
+
+
 async def ensure_events_stream(bridge: AsyncioThread, js: JetStreamContext, subjects: Subjects, replicas: int) -> None:
-    """The events stream (`subjects.stream`, every node's events subject), made if it does not exist."""
+    """The events stream (`events_stream`), made if it does not exist."""
     try:
         await bridge.call(js.stream_info, subjects.stream)
         return
     except nats.js.errors.NotFoundError:
         pass
-    config = StreamConfig(name=subjects.stream, subjects=[subjects.for_node("*").events], storage=StorageType.FILE,
-                          duplicate_window=DUPLICATE_WINDOW_S, allow_direct=True, num_replicas=replicas)
-    await bridge.call(js.add_stream, config)
+    await bridge.call(js.add_stream, events_stream(subjects, replicas))
 
 
 async def ensure_nodes_bucket(bridge: AsyncioThread, js: JetStreamContext, subjects: Subjects, replicas: int) -> None:
-    """The nodes bucket (`subjects.bucket`: one key per node, with per-key TTLs and a marker when one expires),
-    made if it does not exist."""
+    """The nodes bucket (`nodes_bucket`), made if it does not exist."""
     try:
         await bridge.call(js.key_value, subjects.bucket)
         return
     except nats.js.errors.BucketNotFoundError:
         pass
-    await bridge.call(js.create_key_value, KeyValueConfig(bucket=subjects.bucket, history=1, direct=True,
-                                                          limit_marker_ttl=MARKER_TTL_S, replicas=replicas))
+    await bridge.call(js.create_key_value, nodes_bucket(subjects, replicas))
