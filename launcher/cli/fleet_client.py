@@ -66,13 +66,15 @@ class FleetClient:
 
     @classmethod
     async def connect(cls, servers: list[str], cluster: str, *, user: str = "", password: str = "",
-                      ca_file: str = "", cert_file: str = "", key_file: str = "") -> FleetClient:
-        """A connection to `servers` (nats:// or tls:// URLs) as a controller of `cluster`."""
+                      ca_file: str = "", cert_file: str = "", key_file: str = "",
+                      reconnect_attempts: int = 2) -> FleetClient:
+        """A connection to `servers` (nats:// or tls:// URLs) as a controller of `cluster`; once connected, it
+        tries `reconnect_attempts` times (-1: forever), 0.5 s apart, to get back a lost connection."""
         async def quiet(exc: Exception) -> None:
             """nats-py prints a traceback for each error without this; the caller sees the exception it gets."""
 
-        options: dict[str, Any] = {"connect_timeout": 5, "max_reconnect_attempts": 2, "reconnect_time_wait": 0.5,
-                                   "error_cb": quiet}
+        options: dict[str, Any] = {"connect_timeout": 5, "max_reconnect_attempts": reconnect_attempts,
+                                   "reconnect_time_wait": 0.5, "error_cb": quiet}
         if user:
             options.update(user=user, password=password)
         if ca_file:
@@ -83,8 +85,9 @@ class FleetClient:
         return cls(await nats.connect(servers, **options), cluster)
 
     async def close(self) -> None:
-        """Drain and close the connection."""
-        await self.nc.drain()
+        """Drain and close the connection (if it is not closed already)."""
+        if not self.nc.is_closed:
+            await self.nc.drain()
 
     async def prepare(self, replicas: int = 1) -> None:
         """Make the events stream and the nodes bucket, as a launcher would (for a server where launchers may

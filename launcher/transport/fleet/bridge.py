@@ -40,6 +40,7 @@ class AsyncioThread:
         self.token = token
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self._run, name="nats-asyncio", daemon=True)
+        self._submitted: set[asyncio.Task[Any]] = set()  # `submit`'s, until they end (the loop holds tasks weakly)
 
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
@@ -64,6 +65,22 @@ class AsyncioThread:
             future.cancel()
             raise
         return future.result()
+
+    def submit(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        """Start `await fn(*args)` on the loop without waiting for it, from any thread; its failure is logged.
+        For what its sender need not wait for (a reply, a bid: nats-py's publish only buffers the message), so
+        that Trio pays no round trip through the loop's thread. The loop cancels what is left when it stops."""
+        self.loop.call_soon_threadsafe(self._start, fn, args)
+
+    def _start(self, fn: Callable[..., Awaitable[Any]], args: tuple[Any, ...]) -> None:
+        task = self.loop.create_task(_awaited(fn, args, {}))
+        self._submitted.add(task)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[Any]) -> None:
+        self._submitted.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("fleet: %s", task.exception())
 
     def run_soon(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run the plain function `fn(*args)` on the loop soon, from any thread; never waits."""

@@ -171,10 +171,7 @@ class FleetNode:
             if not msg.reply:
                 return  # a command published without a reply subject: done, nobody to tell
             body = {**json.loads(answer.body), "status": answer.status}
-            try:
-                await bridge.call(client.publish, msg.reply, json.dumps(body).encode())
-            except NATS_ERRORS as exc:
-                log.warning("fleet: cannot answer a command: %s", exc or type(exc).__name__)
+            bridge.submit(client.publish, msg.reply, json.dumps(body).encode())
         finally:
             limit.release()
 
@@ -196,10 +193,7 @@ class FleetNode:
         async for msg in inbox.receive:
             offer = self.bid(msg.data, (msg.headers or {}).get(CONTENT_TYPE_HEADER, ""))
             if offer is not None and msg.reply:
-                try:
-                    await bridge.call(client.publish, msg.reply, json.dumps(offer).encode())
-                except NATS_ERRORS as exc:
-                    log.debug("fleet: cannot send a bid: %s", exc)
+                bridge.submit(client.publish, msg.reply, json.dumps(offer).encode())
 
     def bid(self, body: bytes, content_type: str) -> dict[str, Any] | None:
         """This node's bid for the START document `body`: node, free room (after this bid's reservation),
