@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import nats
+import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NatsClient
 
@@ -70,10 +71,14 @@ class NatsServer:
 
 
 def controller(url: str, work: Callable[[NatsClient], Awaitable[T]], **options: Any) -> T:
-    """`await work(client)` with a fresh connection to `url` (nats.connect's `options` added), in an asyncio run of
-    its own."""
+    """`await work(client)` with a fresh connection to `url` (several: comma-separated; nats.connect's `options`
+    added), in an asyncio run of its own."""
+    async def quiet(exc: Exception) -> None:
+        """(nats-py prints a traceback for each error without an error_cb)"""
+
     async def run() -> T:
-        client = await nats.connect(url, connect_timeout=2, allow_reconnect=False, **options)
+        client = await nats.connect(url.split(","), **{"connect_timeout": 2, "allow_reconnect": False,
+                                                       "error_cb": quiet, **options})
         try:
             return await work(client)
         finally:
@@ -120,6 +125,8 @@ def node_key(url: str, cluster: str, node: str) -> dict[str, Any] | None:
             entry = await kv.get(node)
         except (nats.js.errors.BucketNotFoundError, nats.js.errors.KeyNotFoundError):
             return None
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.js.errors.ServiceUnavailableError):
+            return None  # JetStream not ready yet (a cluster electing its leaders)
         return json.loads(entry.value) if entry.value else None
     return controller(url, read)
 
