@@ -27,7 +27,7 @@ async def test_unexpected_exception_is_500_logged_and_serving_goes_on(
     async with running_node(tmp_path) as node:
         api = Api(node.supervisor, node.journal, node.logs, StatsReporter(node.supervisor, None, "n"), TOKEN)
 
-        def broken(command: object) -> None:
+        def broken(command: object, bid: str = "") -> None:
             raise RuntimeError("a bug")
 
         monkeypatch.setattr(node.supervisor, "dispatch", broken)
