@@ -274,3 +274,45 @@ def test_a_three_server_cluster_loses_a_server_under_load_and_no_command_or_even
     finally:
         for server in servers:
             server.kill()
+
+
+def test_ten_thousand_starts_placed_through_auctions_across_four_launchers_overcommit_no_node(
+        server: NatsServer, launcher_factory: Any) -> None:
+    """The issue's placement run: 4 launchers that admit 2 500 instances each, 10 000 STARTs placed through
+    auctions, 64 at a time (the reference controller). The fleet is full at the end, so a node that took one
+    more would be overcommitted: none holds more than 2 500 or is promised beyond its capacity, and every START
+    is either running on one node or was refused for lack of a bid (a few of the last ones may find every
+    remaining room held by other auctions' bids for longer than their five tries)."""
+    per_node, nodes = 2500, [f"n{i}" for i in range(4)]
+    admission = {"max_instances": per_node, "vcpu_overcommit": 100000.0, "memory_overcommit": 1000.0}
+    launchers = [launcher_factory({**fleet(server, node=node), "admission": admission}, name=node) for node in nodes]
+    wait_until("four nodes", lambda: all(node_key(server.url, CLUSTER, node) for node in nodes))
+
+    async def place_all(nc: NatsClient) -> tuple[int, int]:
+        fleet_client = FleetClient(nc, CLUSTER)
+        queue = list(range(10_000))
+        placed = refused = 0
+
+        async def worker() -> None:
+            nonlocal placed, refused
+            while queue:
+                queue.pop()
+                try:
+                    answer = (await fleet_client.place(start_json(str(uuid_module.uuid4())), expected=4)).answer
+                except NoBid:
+                    refused += 1
+                    continue
+                assert "error" not in answer, answer
+                placed += 1
+        await asyncio.gather(*(worker() for _ in range(64)))
+        return placed, refused
+
+    placed, refused = controller(server.url, place_all)
+    assert placed + refused == 10_000 and refused <= 100, (placed, refused)
+    counts = []
+    for launcher in launchers:
+        node = launcher.client().request("GET", "/v1/node")
+        assert node["instances"] <= per_node
+        assert all(node["allocated"][k] <= node["capacity"][k] for k in ("vcpus", "mem_mb", "disk_mb"))
+        counts.append(node["instances"])
+    assert sum(counts) == placed
