@@ -69,7 +69,6 @@ class FleetNode:
         self.api = api
         self.stats = stats
         self.url = url
-        self.connected = trio.Event()  # set once the first connection is made
         self._bucket_made = False
 
     async def run(self) -> None:
@@ -85,7 +84,6 @@ class FleetNode:
     async def _member(self) -> None:
         async with open_asyncio_thread() as bridge:
             client = await self._connect(bridge)
-            self.connected.set()
             js = client.jetstream(timeout=self.fleet.request_timeout_s)
             try:
                 async with trio.open_nursery() as nursery:
@@ -104,14 +102,16 @@ class FleetNode:
         wait = CONNECT_RETRY_FIRST_S
         while True:
             try:
-                return await bridge.call(nats.connect, list(self.fleet.servers), **self._options(bridge))
+                return await bridge.call(nats.connect, list(self.fleet.servers), **self._options())
             except NATS_ERRORS as exc:
                 log.warning("fleet: cannot connect to %s: %s (next try in %g s)", ", ".join(self.fleet.servers),
                             exc or type(exc).__name__, wait)
             await trio.sleep(wait)
             wait = min(wait * 2, CONNECT_RETRY_MAX_S)
 
-    def _options(self, bridge: AsyncioThread) -> dict[str, Any]:
+    def _options(self) -> dict[str, Any]:
+        """nats.connect's options: reconnect forever, ping every PING_INTERVAL_S, one logged error per outage,
+        the node's inbox prefix (its permissions allow only that one), credentials and TLS."""
         f = self.fleet
 
         failing = False  # an error was logged and NATS has not come back since: the next ones are not
