@@ -66,10 +66,13 @@ def console(launcher: LauncherProcess, uuid: str) -> str:
 
 
 def guest_lines(launcher: LauncherProcess, uuid: str) -> list[dict[str, str]]:
-    """The guest-ready lines of the console so far, as dicts."""
+    """The whole guest-ready lines of the console so far, as dicts: a last line without its newline is still
+    being written (a read in the middle of it lacks its last fields) and is left for the next read."""
+    text = console(launcher, uuid)
+    whole = text[:text.rfind("\n") + 1]
     # Firmware or kernel text may precede the line on the same console line.
     return [dict(re.findall(r"(\S+?)=(\S*)", line.split("guest-ready ", 1)[1]))
-            for line in console(launcher, uuid).splitlines() if "guest-ready " in line]
+            for line in whole.splitlines() if "guest-ready " in line]
 
 
 def wait_guest_ready(launcher: LauncherProcess, uuid: str, boots: int = 1) -> dict[str, str]:
