@@ -104,18 +104,6 @@ def stream_events(url: str, stream: str, subject: str) -> list[tuple[str, dict[s
     return controller(url, read)
 
 
-def wait_until(what: str, check: Callable[[], T], timeout: float = 20.0, every: float = 0.1) -> T:
-    """`check()`'s first truthy value, polled every `every` s; AssertionError after `timeout` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(every)
-
-
 def node_key(url: str, cluster: str, node: str) -> dict[str, Any] | None:
     """The value of `node`'s key in the cluster's nodes bucket, or None if it has none (expired, purged, never)."""
     async def read(client: NatsClient) -> dict[str, Any] | None:

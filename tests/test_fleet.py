@@ -19,8 +19,9 @@ from typing import Any
 import nats.js.errors
 import pytest
 from conftest import ROOT
-from fleet_support import NatsServer, command, controller, free_port, node_key, stream_events, wait_until
+from fleet_support import NatsServer, command, controller, free_port, node_key, stream_events
 from nats.aio.client import Client as NatsClient
+from test_qemu import wait_for
 
 from launcher.cli.client import Client, ClientError
 from launcher.cli.fleet_client import FleetClient, NoBid, Placement
@@ -75,7 +76,7 @@ def test_a_launcher_joins_answers_commands_as_its_http_api_publishes_its_events_
         server: NatsServer, launcher_factory: Any) -> None:
     launcher = launcher_factory(fleet(server, labels={"zone": "a"}))
     client = launcher.client()
-    key = wait_until("the node's key", lambda: node_key(server.url, CLUSTER, "n1"))
+    key = wait_for("the node's key", lambda: node_key(server.url, CLUSTER, "n1"))
     assert key["status"] == "READY" and key["labels"] == {"zone": "a"} and key["virtualizers"] == ["simulation"]
     assert key["url"] == (launcher.data_dir / "api-url").read_text().strip()
     assert set(key["capacity"]) == {"instances", "vcpus", "mem_mb", "disk_mb"}
@@ -91,11 +92,11 @@ def test_a_launcher_joins_answers_commands_as_its_http_api_publishes_its_events_
     for body, status in ((start_json(uuid), 200), (json.dumps(bad_field).encode(), 400), (b"{not json", 400)):
         answer = command(server.url, CLUSTER, "n1", body, headers={"Content-Type": "application/json"})
         assert answer == http_answer(client, body) and answer["status"] == status
-    free = wait_until("the key to count the instance", lambda: (k := node_key(server.url, CLUSTER, "n1"))
+    free = wait_for("the key to count the instance", lambda: (k := node_key(server.url, CLUSTER, "n1"))
                       and k["free"]["vcpus"] == k["capacity"]["vcpus"] - 1 and k)
     assert free["free"]["mem_mb"] == free["capacity"]["mem_mb"] - 64
 
-    wait_until("the journal's events in the stream", lambda: stream_matches_journal(server.url, client))
+    wait_for("the journal's events in the stream", lambda: stream_matches_journal(server.url, client))
     launcher.kill(signal.SIGTERM)
     assert node_key(server.url, CLUSTER, "n1") is None  # purged on leaving, not left to expire
 
@@ -106,7 +107,7 @@ def test_kill_9_lets_the_key_expire_and_neither_it_nor_a_nats_restart_loses_or_d
     client = launcher.client()
     for _ in range(10):
         client.request("POST", "/v1/instances", start_json(str(uuid_module.uuid4())), "application/json")
-    wait_until("the node's key", lambda: node_key(server.url, CLUSTER, "n1"))
+    wait_for("the node's key", lambda: node_key(server.url, CLUSTER, "n1"))
 
     async def expiry_seen(nc: NatsClient) -> tuple[str, float]:
         """Kill the launcher while watching its key: the operation that ends it, and how long after the kill."""
@@ -128,7 +129,7 @@ def test_kill_9_lets_the_key_expire_and_neither_it_nor_a_nats_restart_loses_or_d
     assert node_key(server.url, CLUSTER, "n1") is None
 
     client = launcher.start()
-    wait_until("the node's key again", lambda: node_key(server.url, CLUSTER, "n1"))
+    wait_for("the node's key again", lambda: node_key(server.url, CLUSTER, "n1"))
     # NATS killed and started again (same store) while STARTs go on: the events of the outage follow.
     server.kill()
     for _ in range(10):
@@ -136,7 +137,7 @@ def test_kill_9_lets_the_key_expire_and_neither_it_nor_a_nats_restart_loses_or_d
     server.start()
     for _ in range(10):
         client.request("POST", "/v1/instances", start_json(str(uuid_module.uuid4())), "application/json")
-    wait_until("every event in the stream once", lambda: stream_matches_journal(server.url, client), timeout=30,
+    wait_for("every event in the stream once", lambda: stream_matches_journal(server.url, client), timeout=30,
                every=0.5)
     assert len(journal(client)) > 30
 
@@ -150,8 +151,8 @@ def test_a_launcher_started_before_nats_serves_and_joins_when_nats_comes(tmp_pat
     assert client.request("POST", "/v1/instances", start_json(uuid), "application/json", wait=1)["state"] == "running"
     try:
         server.start()
-        wait_until("the node's key", lambda: node_key(server.url, CLUSTER, "n1"), timeout=30)
-        wait_until("the events from before NATS came", lambda: stream_matches_journal(server.url, client), timeout=30)
+        wait_for("the node's key", lambda: node_key(server.url, CLUSTER, "n1"), timeout=30)
+        wait_for("the events from before NATS came", lambda: stream_matches_journal(server.url, client), timeout=30)
     finally:
         server.kill()
 
@@ -163,7 +164,7 @@ def test_auctions_place_starts_across_nodes_and_never_overcommit_one(server: Nat
     launchers = [launcher_factory({**fleet(server, node=f"n{i}"), "admission": {"max_instances": 5,
                                                                                  "vcpu_overcommit": 64.0}},
                                   name=f"data{i}") for i in range(3)]
-    wait_until("three nodes", lambda: all(node_key(server.url, CLUSTER, f"n{i}") for i in range(3)))
+    wait_for("three nodes", lambda: all(node_key(server.url, CLUSTER, f"n{i}") for i in range(3)))
 
     async def place_all(nc: NatsClient) -> tuple[list[Placement], int]:
         fleet_client = FleetClient(nc, CLUSTER)
@@ -201,7 +202,7 @@ def fleet_cli(server: NatsServer, *args: str, stdin: bytes | None = None) -> sub
 
 def test_the_reference_controller_verbs(server: NatsServer, launcher_factory: Any) -> None:
     launcher = launcher_factory(fleet(server, labels={"zone": "b"}))
-    wait_until("the node's key", lambda: node_key(server.url, CLUSTER, "n1"))
+    wait_for("the node's key", lambda: node_key(server.url, CLUSTER, "n1"))
     nodes = fleet_cli(server, "nodes", "--json")
     assert nodes.returncode == 0, nodes.stderr
     assert json.loads(nodes.stdout)["n1"]["labels"] == {"zone": "b"}
@@ -213,7 +214,7 @@ def test_the_reference_controller_verbs(server: NatsServer, launcher_factory: An
     assert json.loads(placed.stdout) == {"node": "n1", "bids": 1, "instance_uuid": uuid, "state": "running",
                                          "done": True, "status": 200}
     assert launcher.client().request("GET", f"/v1/instances/{uuid}")["state"] == "running"
-    listed = wait_until("the instance in fleet ls", lambda: json.loads(fleet_cli(server, "ls", "--json").stdout))
+    listed = wait_for("the instance in fleet ls", lambda: json.loads(fleet_cli(server, "ls", "--json").stdout))
     assert listed == [{"instance_uuid": uuid, "node": "n1", "state": "running"}]
     events = [json.loads(line) for line in fleet_cli(server, "events", "--node", "n1").stdout.splitlines()]
     assert [e["seq"] for e in events] == [e["seq"] for e in journal(launcher.client())]
@@ -248,7 +249,7 @@ def test_a_three_server_cluster_loses_a_server_under_load_and_no_command_or_even
         launcher = launcher_factory({"fleet": {"servers": urls, "cluster": CLUSTER, "node": "n1", "replicas": 3,
                                                "refresh_s": 0.5, "liveness_ttl_s": 10}})
         client = launcher.client()
-        wait_until("the node's key", lambda: node_key(urls[1], CLUSTER, "n1"), timeout=60, every=0.5)
+        wait_for("the node's key", lambda: node_key(urls[1], CLUSTER, "n1"), timeout=60, every=0.5)
 
         async def load(nc: NatsClient) -> list[dict[str, Any]]:
             fleet_client = FleetClient(nc, CLUSTER)
@@ -269,7 +270,7 @@ def test_a_three_server_cluster_loses_a_server_under_load_and_no_command_or_even
                              reconnect_time_wait=0.2, dont_randomize=True)
         assert len(answers) == 30 and all(a["status"] in (200, 202) for a in answers), answers
         assert len(client.request("GET", "/v1/instances")["instances"]) == 30
-        wait_until("every event in the stream once, read from a server left",
+        wait_for("every event in the stream once, read from a server left",
                    lambda: stream_matches_journal(urls[1], client), timeout=60, every=0.5)
     finally:
         for server in servers:
@@ -286,7 +287,7 @@ def test_ten_thousand_starts_placed_through_auctions_across_four_launchers_overc
     per_node, nodes = 2500, [f"n{i}" for i in range(4)]
     admission = {"max_instances": per_node, "vcpu_overcommit": 100000.0, "memory_overcommit": 1000.0}
     launchers = [launcher_factory({**fleet(server, node=node), "admission": admission}, name=node) for node in nodes]
-    wait_until("four nodes", lambda: all(node_key(server.url, CLUSTER, node) for node in nodes))
+    wait_for("four nodes", lambda: all(node_key(server.url, CLUSTER, node) for node in nodes))
 
     async def place_all(nc: NatsClient) -> tuple[int, int]:
         fleet_client = FleetClient(nc, CLUSTER)

@@ -13,9 +13,10 @@ from typing import Any
 import nats
 import nats.errors
 import pytest
-from fleet_support import NatsServer, command, controller, node_key, wait_until
+from fleet_support import NatsServer, command, controller, node_key
 from nats.aio.client import Client as NatsClient
 from test_fleet import CLUSTER, start_json, stream_matches_journal
+from test_qemu import wait_for
 
 from launcher.cli.fleet_client import FleetClient
 from launcher.transport.fleet.permissions import node_permissions
@@ -47,11 +48,11 @@ def test_each_node_works_with_its_own_permissions_and_cannot_touch_another(serve
                                                    "user": node, "password": f"pw-{node}", "refresh_s": 0.5,
                                                    "liveness_ttl_s": 2}}, name=node) for node in NODES}
     for node, launcher in launchers.items():
-        wait_until(f"{node}'s key", lambda n=node: node_key(admin, CLUSTER, n))
+        wait_for(f"{node}'s key", lambda n=node: node_key(admin, CLUSTER, n))
         uuid = str(uuid_module.uuid4())
         answer = command(admin, CLUSTER, node, start_json(uuid), headers={"Launcher-Wait": "30"})
         assert answer["state"] == "running" and answer["status"] == 200
-        wait_until(f"{node}'s events in the stream",
+        wait_for(f"{node}'s events in the stream",
                    lambda n=node, launcher=launcher: stream_matches_journal(admin, launcher.client(), n))
 
     # With node na's credentials: no command to nb, no write of nb's key, no read of nb's last event.

@@ -30,7 +30,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
-from launcher.transport.fleet.streams import events_stream, nodes_bucket
+from launcher.transport.fleet.streams import ensure_events_stream, ensure_nodes_bucket
 from launcher.transport.fleet.subjects import BID_HEADER, CONTENT_TYPE_HEADER, WAIT_HEADER, Subjects
 
 AUCTION_WINDOW_S = 0.1  # how long an auction collects bids (the nodes' bids hold for their bid_ttl_s, 1 s)
@@ -92,14 +92,8 @@ class FleetClient:
     async def prepare(self, replicas: int = 1) -> None:
         """Make the events stream and the nodes bucket, as a launcher would (for a server where launchers may
         not make them); an existing one is left as it is."""
-        try:
-            await self.js.stream_info(self.subjects.stream)
-        except nats.js.errors.NotFoundError:
-            await self.js.add_stream(events_stream(self.subjects, replicas))
-        try:
-            await self.js.key_value(self.subjects.bucket)
-        except nats.js.errors.BucketNotFoundError:
-            await self.js.create_key_value(nodes_bucket(self.subjects, replicas))
+        await ensure_events_stream(self.js, self.subjects, replicas)
+        await ensure_nodes_bucket(self.js, self.subjects, replicas)
 
     async def nodes(self) -> dict[str, dict[str, Any]]:
         """Every node that is up: its id → its key's value (status, capacity, free, labels, virtualizers, url)."""

@@ -226,7 +226,7 @@ class FleetNode:
         while True:
             try:
                 if failing or not self._bucket_made:
-                    await ensure_nodes_bucket(bridge, js, self.subjects, self.fleet.replicas)
+                    await bridge.call(ensure_nodes_bucket, js, self.subjects, self.fleet.replicas)
                     self._bucket_made = True
                 await bridge.call(js.publish, self.subjects.node_key, json.dumps(self.node_document()).encode(),
                                   msg_ttl=self.fleet.liveness_ttl_s)

@@ -62,7 +62,7 @@ class EventPublisher:
         failing = False
         while True:
             try:
-                await ensure_events_stream(self.bridge, self.js, self.subjects, self.replicas)
+                await self.bridge.call(ensure_events_stream, self.js, self.subjects, self.replicas)
                 stored, stream_seq = await self.last_stored()
                 if failing:
                     log.info("fleet: publishing events again, after journal seq %d", stored)

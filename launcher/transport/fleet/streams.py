@@ -8,7 +8,6 @@ import nats.js.errors
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType, StreamConfig
 
-from launcher.transport.fleet.bridge import AsyncioThread
 from launcher.transport.fleet.subjects import Subjects
 
 NATS_ERRORS = (nats.errors.Error, TimeoutError, OSError)  # what a NATS call raises when NATS is away or refuses
@@ -30,21 +29,18 @@ def nodes_bucket(subjects: Subjects, replicas: int) -> KeyValueConfig:
                           replicas=replicas)
 
 
-async def ensure_events_stream(bridge: AsyncioThread, js: JetStreamContext, subjects: Subjects, replicas: int) -> None:
-    """The events stream (`events_stream`), made if it does not exist."""
+async def ensure_events_stream(js: JetStreamContext, subjects: Subjects, replicas: int) -> None:
+    """The events stream (`events_stream`), made if it does not exist. On nats-py's loop (a launcher runs it
+    through `AsyncioThread.call`)."""
     try:
-        await bridge.call(js.stream_info, subjects.stream)
-        return
+        await js.stream_info(subjects.stream)
     except nats.js.errors.NotFoundError:
-        pass
-    await bridge.call(js.add_stream, events_stream(subjects, replicas))
+        await js.add_stream(events_stream(subjects, replicas))
 
 
-async def ensure_nodes_bucket(bridge: AsyncioThread, js: JetStreamContext, subjects: Subjects, replicas: int) -> None:
-    """The nodes bucket (`nodes_bucket`), made if it does not exist."""
+async def ensure_nodes_bucket(js: JetStreamContext, subjects: Subjects, replicas: int) -> None:
+    """The nodes bucket (`nodes_bucket`), made if it does not exist. On nats-py's loop."""
     try:
-        await bridge.call(js.key_value, subjects.bucket)
-        return
+        await js.key_value(subjects.bucket)
     except nats.js.errors.BucketNotFoundError:
-        pass
-    await bridge.call(js.create_key_value, nodes_bucket(subjects, replicas))
+        await js.create_key_value(nodes_bucket(subjects, replicas))
