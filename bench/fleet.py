@@ -30,6 +30,7 @@ import argparse
 import asyncio
 import datetime
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -87,15 +88,31 @@ class Launcher:
         return Client.discover(None, self.data_dir)
 
 
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) the process `pid` has used so far; 0 if it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_snapshot(server: NatsServer, launchers: list[Launcher]) -> dict[str, float]:
+    """CPU seconds so far of the launchers (together), the server, and this process (the controller and the
+    follower)."""
+    return {"launchers": sum(cpu_s(launcher.proc.pid) for launcher in launchers if launcher.proc),
+            "nats_server": cpu_s(server.proc.pid) if server.proc else 0.0, "controller": cpu_s(os.getpid())}
+
+
 def start_json(uuid: str) -> bytes:
     return json.dumps({"start": {"instance_uuid": uuid, "image_uuid": "img",
                                  "requirements": {"vcpus": 1, "mem_mb": 64}}}).encode()
 
 
 async def place_all(server: NatsServer, launchers: list[Launcher], starts: int, concurrency: int,
-                    faults: list[tuple[str, float]], with_faults: bool) -> tuple[int, int, float]:
+                    faults: list[tuple[str, float]], with_faults: bool) -> tuple[int, int, float, dict[str, float]]:
     """Place `starts` STARTs, `concurrency` at a time, with the faults (noted in `faults`) unless not
-    `with_faults`; (placed, no bid, seconds)."""
+    `with_faults`; (placed, no bid, seconds, CPU seconds used meanwhile as in `cpu_snapshot`)."""
     fleet = await FleetClient.connect([server.url], CLUSTER, reconnect_attempts=-1)
     await fleet.prepare()
     queue: asyncio.Queue[int] = asyncio.Queue()
@@ -137,12 +154,13 @@ async def place_all(server: NatsServer, launchers: list[Launcher], starts: int, 
                     expected = 0
                     await asyncio.sleep(0.2)
 
-    started = time.perf_counter()
+    started, cpu_before = time.perf_counter(), cpu_snapshot(server, launchers)
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     seconds = time.perf_counter() - started
+    cpu = {name: used - cpu_before[name] for name, used in cpu_snapshot(server, launchers).items()}
     await asyncio.gather(*fault_tasks)  # a restart still under way when the placements ended
     await fleet.close()
-    return placed, refused, seconds
+    return placed, refused, seconds, cpu
 
 
 async def follow_events(server: NatsServer, latencies: list[tuple[float, float]]) -> None:
@@ -222,7 +240,7 @@ def main() -> None:
         for launcher in launchers:
             launcher.start()
 
-        async def run() -> tuple[int, int, float]:
+        async def run() -> tuple[int, int, float, dict[str, float]]:
             follower = asyncio.create_task(follow_events(server, latencies))
             try:
                 return await place_all(server, launchers, args.starts, args.concurrency, faults,
@@ -232,7 +250,7 @@ def main() -> None:
                 follower.cancel()
                 await asyncio.gather(follower, return_exceptions=True)
 
-        placed, refused, seconds = asyncio.run(run())
+        placed, refused, seconds, cpu = asyncio.run(run())
         missing, duplicated = check_stream(server, launchers)
         over = overcommitted(launchers, per_node)
     finally:
@@ -250,6 +268,7 @@ def main() -> None:
         "events_timed": len(calm), "event_latency_p50_ms": round(percentile(calm, 0.5) * 1000, 2),
         "event_latency_p99_ms": round(percentile(calm, 0.99) * 1000, 2),
         "faults": [kind for kind, _ in faults],
+        "cpu_ms_per_placement": {name: round(used * 1000 / max(placed, 1), 3) for name, used in cpu.items()},
     }
     print(f"fleet: {args.launchers} launchers (simulation) admitting {per_node} each, one nats-server; "
           f"{args.starts} STARTs, {args.concurrency} at a time; faults: {', '.join(figures['faults'])}")
@@ -258,6 +277,8 @@ def main() -> None:
     print(f"  event latency (journal → controller, {len(calm)} events outside the faults): "
           f"p50 {figures['event_latency_p50_ms']} ms, p99 {figures['event_latency_p99_ms']} ms")
     print(f"  events missing {missing}, duplicated {duplicated}; overcommitted nodes {over}")
+    print("  CPU per placement: " + ", ".join(f"{name} {ms} ms" for name, ms in figures["cpu_ms_per_placement"].items())
+          + (" (a killed launcher's CPU is not counted)" if faults else ""))
     if args.json:
         print(json.dumps(figures))
 

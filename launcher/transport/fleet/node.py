@@ -89,7 +89,7 @@ class FleetNode:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._serve_commands, bridge, client)
                     nursery.start_soon(self._serve_auctions, bridge, client)
-                    nursery.start_soon(EventPublisher(self.journal, bridge, js, self.subjects, self.fleet.replicas,
+                    nursery.start_soon(EventPublisher(self.journal, bridge, client, self.subjects, self.fleet.replicas,
                                                       self.fleet.request_timeout_s).run)
                     nursery.start_soon(self._refresh_liveness, bridge, js)
                     nursery.start_soon(self._publish_stats, bridge, client)

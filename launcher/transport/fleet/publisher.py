@@ -1,19 +1,22 @@
 """The node's journal events into the fleet's JetStream stream: every event once, in order, none missing.
 
-Each event is published, one at a time and waiting for its ack, to ``launcher.<c>.node.<n>.events`` with
-``Nats-Msg-Id: <n>:<seq>`` (`seq` the journal's) and ``Nats-Expected-Last-Subject-Sequence``: the stream seq of
+Events go to ``launcher.<c>.node.<n>.events`` in JetStream atomic batches (all of a batch stored, or none of
+it), one batch at a time, each after the previous one's ack. Each event carries ``Nats-Msg-Id: <n>:<seq>``
+(`seq` the journal's); a batch's first event carries ``Nats-Expected-Last-Subject-Sequence``: the stream seq of
 this node's previous event there. The stream's own last event of this node is the truth about what is stored,
 so `EventPublisher.run` reads it back (a direct get, one subject) before it publishes, and again after any
 failure, and resumes after it:
 
-- an event whose ack was lost (NATS went away, the launcher was killed) is found stored and not sent again;
-- an event that was sent, timed out, and got stored later (nats-py sends what it buffered once it reconnects)
-  makes the next publish fail (its expected seq is stale): read back, resume after it;
+- a batch whose ack was lost (NATS went away, the launcher was killed) is found stored and not sent again;
+- a batch that was sent, timed out, and got stored later (nats-py sends what it buffered once it reconnects)
+  makes the next batch fail (its expected seq is stale): read back, resume after it;
+- a batch cut short (the connection dropped in its middle) is not stored at all: JetStream refuses a batch with
+  a missing part, so the stream never has a gap;
 - an event stored twice cannot happen: the expected seq refuses a second copy, whatever the time since (the
   message id only guards JetStream's duplicate window).
 
-The events durable in the journal at a time go to nats-py's thread as one batch (up to BATCH_EVENTS), published
-there one by one: a round trip between Trio and that thread per batch, not per event.
+A batch is the events durable in the journal at the time (up to BATCH_EVENTS): under load, one round trip for
+many events, between Trio and nats-py's thread and between the launcher and the server alike.
 
 While NATS is away the journal keeps the events (its files, `events.keep_files`); a tail rotated away before NATS
 came back is logged as lost, and publishing goes on from the oldest event kept.
@@ -23,34 +26,44 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 from typing import Any
 
 import nats.js.errors
 import trio
+from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 
 from launcher.durable.events import EventJournal, EventsExpired
 from launcher.transport.fleet.bridge import AsyncioThread
 from launcher.transport.fleet.streams import NATS_ERRORS, ensure_events_stream
-from launcher.transport.fleet.subjects import EXPECTED_LAST_HEADER, MSG_ID_HEADER, Subjects
+from launcher.transport.fleet.subjects import (
+    BATCH_COMMIT_HEADER,
+    BATCH_ID_HEADER,
+    BATCH_SEQUENCE_HEADER,
+    EXPECTED_LAST_HEADER,
+    MSG_ID_HEADER,
+    Subjects,
+)
 
 log = logging.getLogger(__name__)
 
 RETRY_FIRST_S = 0.2  # after a failure, read back and resume after this long, doubling up to RETRY_MAX_S
 RETRY_MAX_S = 5.0
-BATCH_EVENTS = 256  # events handed to the loop's thread at once (published there one by one, each acked)
+BATCH_EVENTS = 256  # events in one atomic batch (JetStream takes up to 1 000)
 
 
 class EventPublisher:
     """Publishes the journal's events to the stream (module doc)."""
 
-    def __init__(self, journal: EventJournal, bridge: AsyncioThread, js: JetStreamContext, subjects: Subjects,
+    def __init__(self, journal: EventJournal, bridge: AsyncioThread, client: NatsClient, subjects: Subjects,
                  replicas: int, timeout_s: float) -> None:
         """For node `subjects.node`; a publish waits `timeout_s` for its ack; `replicas`: the stream's, if this
         node makes it."""
         self.journal = journal
         self.bridge = bridge
-        self.js = js
+        self.client = client
+        self.js: JetStreamContext = client.jetstream()
         self.subjects = subjects
         self.replicas = replicas
         self.timeout_s = timeout_s
@@ -113,16 +126,23 @@ class EventPublisher:
 
     async def _publish_batch(self, batch: list[dict[str, Any]],
                              stream_seq: int) -> tuple[int, int, BaseException | None]:
-        """On the loop's thread: publish `batch` one event at a time, each after the previous one's ack (no
-        round trip through Trio in between); (the stream seq of the last event stored, its journal seq, the
-        error that stopped the batch or None)."""
-        acked = self.acked_seq
-        for event in batch:
-            headers = {MSG_ID_HEADER: f"{self.subjects.node}:{event['seq']}", EXPECTED_LAST_HEADER: str(stream_seq)}
-            try:
-                ack = await self.js.publish(self.subjects.events, json.dumps(event, separators=(",", ":")).encode(),
-                                            timeout=self.timeout_s, headers=headers)
-            except NATS_ERRORS as exc:
-                return stream_seq, acked, exc
-            stream_seq, acked = ack.seq, event["seq"]
-        return stream_seq, acked, None
+        """On the loop's thread: publish `batch` as one atomic batch, expecting the node's last stream seq to be
+        `stream_seq`; (the stream seq of the node's last event stored, its journal seq, the error that kept the
+        batch out or None)."""
+        batch_id = secrets.token_hex(16)
+        last = len(batch)
+        try:
+            for number, event in enumerate(batch, 1):
+                headers = {MSG_ID_HEADER: f"{self.subjects.node}:{event['seq']}", BATCH_ID_HEADER: batch_id,
+                           BATCH_SEQUENCE_HEADER: str(number)}
+                if number == 1:
+                    headers[EXPECTED_LAST_HEADER] = str(stream_seq)
+                body = json.dumps(event, separators=(",", ":")).encode()
+                if number < last:
+                    await self.client.publish(self.subjects.events, body, headers=headers)
+                else:
+                    headers[BATCH_COMMIT_HEADER] = "1"
+                    ack = await self.js.publish(self.subjects.events, body, timeout=self.timeout_s, headers=headers)
+        except NATS_ERRORS as exc:
+            return stream_seq, self.acked_seq, exc
+        return ack.seq, batch[-1]["seq"], None

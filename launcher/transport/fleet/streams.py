@@ -18,9 +18,11 @@ MARKER_TTL_S = 300  # how long the marker of an expired node key stays for watch
 
 def events_stream(subjects: Subjects, replicas: int) -> StreamConfig:
     """The events stream's config: every node's events subject, on disk, JetStream's duplicate window, direct
-    gets (a node reads back its own last event by its subject alone)."""
+    gets (a node reads back its own last event by its subject alone), atomic batches (a node's events go in
+    batches, each stored whole or not at all)."""
     return StreamConfig(name=subjects.stream, subjects=[subjects.for_node("*").events], storage=StorageType.FILE,
-                        duplicate_window=DUPLICATE_WINDOW_S, allow_direct=True, num_replicas=replicas)
+                        duplicate_window=DUPLICATE_WINDOW_S, allow_direct=True, allow_atomic=True,
+                        num_replicas=replicas)
 
 
 def nodes_bucket(subjects: Subjects, replicas: int) -> KeyValueConfig:
@@ -29,13 +31,22 @@ def nodes_bucket(subjects: Subjects, replicas: int) -> KeyValueConfig:
                           replicas=replicas)
 
 
+class StreamUnfit(nats.errors.Error):
+    """The events stream exists, made by someone else, without what the launcher needs of it."""
+
+
 async def ensure_events_stream(js: JetStreamContext, subjects: Subjects, replicas: int) -> None:
-    """The events stream (`events_stream`), made if it does not exist. On nats-py's loop (a launcher runs it
-    through `AsyncioThread.call`)."""
+    """The events stream (`events_stream`), made if it does not exist; StreamUnfit if it exists without atomic
+    batches (the launcher publishes in them: `publisher`). On nats-py's loop (a launcher runs it through
+    `AsyncioThread.call`)."""
     try:
-        await js.stream_info(subjects.stream)
+        info = await js.stream_info(subjects.stream)
     except nats.js.errors.NotFoundError:
         await js.add_stream(events_stream(subjects, replicas))
+        return
+    if not info.config.allow_atomic:
+        raise StreamUnfit(f"the stream {subjects.stream} does not allow atomic batches (allow_atomic, nats-server "
+                          ">= 2.12): the launcher publishes its events in them")
 
 
 async def ensure_nodes_bucket(js: JetStreamContext, subjects: Subjects, replicas: int) -> None:
