@@ -21,6 +21,7 @@ Recovery at start-up: each instance dir becomes an actor that reconciles its rec
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 from collections.abc import Collection, Mapping
@@ -80,6 +81,7 @@ _VERB = {StopCommand: Verb.STOP, RestartCommand: Verb.RESTART, DeleteCommand: Ve
          AttachVolumeCommand: Verb.ATTACH, DetachVolumeCommand: Verb.DETACH}
 MAINTENANCE_FILE = "maintenance"
 MAINTENANCE_QUEUE = 16  # EVACUATE / RESTORE commands waiting for their file write
+BID_DISK_READING_S = 0.5  # a bid uses a free-disk reading up to this old (`Supervisor.bid`)
 
 
 class Supervisor:
@@ -108,6 +110,7 @@ class Supervisor:
         # one an ATTACH queued for it will add. Never two instances: a volume is attached to one VM at most.
         self.volume_users: dict[str, str] = {}
         self.maintenance = (config.data_dir / MAINTENANCE_FILE).exists()
+        self._free_disk_reading = (-math.inf, 0)  # (trio time, MiB) of the last statvfs, for bids
         self.status = READY
         self._boot = bootid.detect(config.data_dir)  # two small reads, once, like the maintenance check above
         self.metrics = metrics  # served by the API at /metrics; the actors observe their START steps there
@@ -190,8 +193,11 @@ class Supervisor:
         existing = self.actors.get(spec.instance_uuid)
         if existing is not None:
             return self._repeated_start(existing, spec)
-        free_mb = _free_disk_mb(self.config.data_dir)  # read once: statvfs is not free at 500 STARTs/s
+        free_mb = self._read_free_disk_mb()  # read once: statvfs is not free at 500 STARTs/s
         need, slot = self._admit(spec, free_mb)
+        if (self.config.instances_dir / spec.instance_uuid).exists():
+            # A dir nobody owns (made by hand since start-up): never let a START write into it or remove it.
+            raise LauncherError(errors.INSTANCE_EXISTS, "an instance dir with this uuid exists", spec.instance_uuid)
         actor = self._add(spec, created=False, recovered=False)
         if slot is not None:
             self.admission.pools[spec.vm_type].reserve(spec)
@@ -203,17 +209,24 @@ class Supervisor:
     def bid(self, command: StartCommand, ttl_s: float) -> Bid:
         """This node's bid in an auction for `command` (the fleet's placement): what it needs, reserved for
         `ttl_s` seconds (`launcher.core.bids`). LauncherError, with the code and reason a START would get now, if
-        the node would not admit it; instance_exists if the instance is already here."""
+        the node would not admit it; instance_exists if the instance is already here.
+
+        A bid is an offer, and the START checks again: a bid reads the free disk as last read if that was within
+        BID_DISK_READING_S (an auction reaches every node, so a statvfs per bid would cost every node for every
+        placement), and a stray instance dir of that uuid, made by hand, is found by the START alone."""
         spec = self._with_defaults(command)
         if spec.instance_uuid in self.actors:
             raise LauncherError(errors.INSTANCE_EXISTS, "the instance is on this node already", spec.instance_uuid)
-        need, _ = self._admit(spec, _free_disk_mb(self.config.data_dir))
+        at, free_mb = self._free_disk_reading
+        if trio.current_time() - at > BID_DISK_READING_S:
+            free_mb = self._read_free_disk_mb()
+        need, _ = self._admit(spec, free_mb)
         return self.admission.bids.add(need, ttl_s)
 
     def _admit(self, spec: InstanceSpec, free_mb: int) -> tuple[Resources, SlotShape | None]:
         """What a new instance of `spec` needs, and the shape of the ready slot it would take (None: none); or
-        LauncherError: the node is in maintenance (node_maintenance), has no room (full_cn), one of its volumes
-        is in use (volume_in_use), or an instance dir of that uuid exists that nobody owns (instance_exists)."""
+        LauncherError: the node is in maintenance (node_maintenance), has no room (full_cn), or one of its volumes
+        is in use (volume_in_use)."""
         if self.maintenance:
             raise LauncherError(errors.NODE_MAINTENANCE, "the node is in maintenance", spec.instance_uuid)
         need = Resources.of(spec)
@@ -229,10 +242,13 @@ class Supervisor:
             if user is not None:
                 raise LauncherError(errors.VOLUME_IN_USE, f"volume {entry.id} is used by instance {user}",
                                     spec.instance_uuid)
-        if (self.config.instances_dir / spec.instance_uuid).exists():
-            # A dir nobody owns (made by hand since start-up): never let a START write into it or remove it.
-            raise LauncherError(errors.INSTANCE_EXISTS, "an instance dir with this uuid exists", spec.instance_uuid)
         return need, slot
+
+    def _read_free_disk_mb(self) -> int:
+        """The data dir's free disk now (statvfs), kept with the time it was read for `bid`."""
+        free_mb = _free_disk_mb(self.config.data_dir)
+        self._free_disk_reading = (trio.current_time(), free_mb)
+        return free_mb
 
     def _repeated_start(self, actor: InstanceActor, spec: InstanceSpec) -> Ticket:
         """Same uuid again: identical payload is idempotent; anything else is a conflict (`lifecycle`)."""
