@@ -17,6 +17,7 @@ from typing import Any
 import psutil
 import pytest
 import yaml
+from fleet_support import FleetNetwork
 from libvirt_cleanup import remove_domains_under, remove_pools_under
 
 from launcher.cli.client import Client
@@ -26,10 +27,13 @@ EXAMPLES = ROOT / "configs" / "examples"
 
 
 class LauncherProcess:
-    """One `launcher serve` child process. `start()` again after `kill()` is a launcher restart."""
+    """One `launcher serve` child process, in network namespace `netns` if given (`ip netns exec`, which execs
+    the launcher: the process is the launcher's own). `start()` again after `kill()` is a launcher restart."""
 
-    def __init__(self, data_dir: Path, settings: dict[str, Any], env: dict[str, str] | None = None) -> None:
+    def __init__(self, data_dir: Path, settings: dict[str, Any], env: dict[str, str] | None = None,
+                 netns: str = "") -> None:
         self.data_dir = data_dir
+        self.netns = netns
         self.env = {**os.environ, **(env or {})}
         self.config_path = data_dir.parent / f"{data_dir.name}-launcher.yaml"
         # This 2-CPU machine admits 8 vCPUs by default; tests start more small instances than that.
@@ -46,7 +50,8 @@ class LauncherProcess:
         url_file.unlink(missing_ok=True)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "launcher.cli", "serve", "--config", str(self.config_path),
+                [*(["ip", "netns", "exec", self.netns] if self.netns else []),
+                 sys.executable, "-m", "launcher.cli", "serve", "--config", str(self.config_path),
                  "--data-dir", str(self.data_dir)],
                 stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=self.env,
             )
@@ -90,13 +95,14 @@ def simvm_processes(data_dir: Path) -> list[psutil.Process]:
 
 @pytest.fixture
 def launcher_factory(tmp_path: Path) -> Iterator[Any]:
-    """make(settings) → a LauncherProcess, started; everything (and any fake VM) is killed afterwards."""
+    """make(settings, name, netns) → a LauncherProcess, started; everything (and any fake VM) is killed
+    afterwards."""
     made: list[LauncherProcess] = []
 
-    def make(settings: dict[str, Any] | None = None, name: str = "data") -> LauncherProcess:
+    def make(settings: dict[str, Any] | None = None, name: str = "data", netns: str = "") -> LauncherProcess:
         data_dir = tmp_path / name
         data_dir.mkdir(exist_ok=True)
-        launcher = LauncherProcess(data_dir, settings or {})
+        launcher = LauncherProcess(data_dir, settings or {}, netns=netns)
         launcher.start()
         made.append(launcher)
         return launcher
@@ -111,6 +117,15 @@ def launcher_factory(tmp_path: Path) -> Iterator[Any]:
 @pytest.fixture
 def launcher(launcher_factory: Any) -> LauncherProcess:
     return launcher_factory()
+
+
+@pytest.fixture
+def fleet_net() -> Iterator[FleetNetwork]:
+    """A bridge and network namespaces for fleet tests' launchers (`fleet_support.FleetNetwork`), removed after."""
+    network = FleetNetwork()
+    network.up()
+    yield network
+    network.down()
 
 
 def example(name: str) -> bytes:

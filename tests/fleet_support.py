@@ -1,5 +1,6 @@
-"""Real nats-server processes for the fleet tests, and a controller's side of the protocol in plain asyncio (nats-py),
-run from a synchronous test with `controller(...)`."""
+"""Real nats-server processes for the fleet tests, a network namespace of its own for each test launcher
+(`FleetNetwork`), and a controller's side of the protocol in plain asyncio (nats-py), run from a synchronous test
+with `controller(...)`."""
 
 from __future__ import annotations
 
@@ -35,12 +36,15 @@ class NatsServer:
     """One nats-server with JetStream, its store in `store_dir`; `start()` again after `kill()` is a restart on the
     same port and store."""
 
-    def __init__(self, store_dir: Path, port: int | None = None, config: dict[str, Any] | None = None) -> None:
-        """`config`: more of nats-server's configuration (e.g. `authorization`), written as JSON, which it reads."""
+    def __init__(self, store_dir: Path, port: int | None = None, config: dict[str, Any] | None = None,
+                 host: str = "127.0.0.1") -> None:
+        """`config`: more of nats-server's configuration (e.g. `authorization`), written as JSON, which it reads;
+        clients connect to `host` (a `FleetNetwork`'s bridge address reaches it from the launchers' namespaces)."""
         self.store_dir = store_dir
         self.config = config
+        self.host = host
         self.port = port or free_port()
-        self.url = f"nats://127.0.0.1:{self.port}"
+        self.url = f"nats://{host}:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = store_dir.parent / f"{store_dir.name}-nats.log"
 
@@ -52,12 +56,12 @@ class NatsServer:
             config_path.write_text(json.dumps({"jetstream": "enabled", **self.config}))
             extra = ["-c", str(config_path)]
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen([str(NATS_SERVER), "-a", "127.0.0.1", "-p", str(self.port), "-js",
+            self.proc = subprocess.Popen([str(NATS_SERVER), "-a", self.host, "-p", str(self.port), "-js",
                                           "-sd", str(self.store_dir), *extra], stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while True:
             try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                socket.create_connection((self.host, self.port), timeout=0.2).close()
                 return
             except OSError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -68,6 +72,74 @@ class NatsServer:
         if self.proc is not None and self.proc.poll() is None:
             os.kill(self.proc.pid, sig)
             self.proc.wait(timeout=10)
+
+
+class FleetNetwork:
+    """A bridge in the root network namespace, and a network namespace of its own for each launcher, joined to the
+    bridge by a veth pair: the launchers reach NATS (on the bridge's address) and the tests reach the launchers'
+    APIs (each on its namespace's address) as across a network, and `cut`/`mend` take one launcher's link down
+    and up without touching anything else. Names carry this process's pid, so that `remove_stale` can delete
+    what a killed test run left."""
+
+    PREFIX = "lft"  # lft<pid> the bridge, lft<pid>-<n> the namespaces, lfv<pid>-<n> the veths' root ends
+
+    def __init__(self) -> None:
+        pid = os.getpid()
+        self.tag = f"{self.PREFIX}{pid}"
+        self.bridge = self.tag
+        self.subnet = f"10.{200 + pid % 50}.{pid // 50 % 256}"  # a /24 for this run
+        self.address = f"{self.subnet}.1"  # the bridge's (the root namespace's) address
+        self.namespaces: list[str] = []
+
+    def up(self) -> None:
+        self.remove_stale()
+        _ip("link", "add", self.bridge, "type", "bridge")
+        _ip("addr", "add", f"{self.address}/24", "dev", self.bridge)
+        _ip("link", "set", self.bridge, "up")
+
+    def namespace(self) -> tuple[str, str]:
+        """A new namespace joined to the bridge: (its name, its address)."""
+        n = len(self.namespaces) + 1
+        name, veth, address = f"{self.tag}-{n}", f"lfv{os.getpid()}-{n}", f"{self.subnet}.{n + 1}"
+        _ip("netns", "add", name)
+        self.namespaces.append(name)
+        _ip("link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", name)
+        _ip("link", "set", veth, "master", self.bridge, "up")
+        _ip("-n", name, "addr", "add", f"{address}/24", "dev", "eth0")
+        _ip("-n", name, "link", "set", "lo", "up")
+        _ip("-n", name, "link", "set", "eth0", "up")
+        return name, address
+
+    def cut(self, namespace: str) -> None:
+        """Take the namespace's link to the bridge down: its launcher is cut off from NATS and from the tests."""
+        _ip("-n", namespace, "link", "set", "eth0", "down")
+
+    def mend(self, namespace: str) -> None:
+        _ip("-n", namespace, "link", "set", "eth0", "up")
+
+    def down(self) -> None:
+        for name in self.namespaces:
+            subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
+        subprocess.run(["ip", "link", "del", self.bridge], capture_output=True, check=False)
+
+    @classmethod
+    def remove_stale(cls) -> None:
+        """Delete the namespaces and bridges of test runs whose process is gone."""
+        names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False).stdout.split()
+        links = subprocess.run(["ip", "-o", "link", "show", "type", "bridge"], capture_output=True, text=True,
+                               check=False).stdout
+        bridges = [line.split(":")[1].strip() for line in links.splitlines()]
+        for name in [*names, *bridges]:
+            pid = name.removeprefix(cls.PREFIX).split("-")[0]
+            if name.startswith(cls.PREFIX) and pid.isdigit() and not Path(f"/proc/{pid}").exists():
+                kind = ["netns", "del"] if name in names else ["link", "del"]
+                subprocess.run(["ip", *kind, name], capture_output=True, check=False)
+
+
+def _ip(*args: str) -> None:
+    done = subprocess.run(["ip", *args], capture_output=True, text=True, check=False)
+    if done.returncode:
+        raise RuntimeError(f"ip {' '.join(args)}: {done.stderr.strip()}")
 
 
 def controller(url: str, work: Callable[[NatsClient], Awaitable[T]], **options: Any) -> T:

@@ -2,7 +2,9 @@
 nats-server processes and real `launcher serve` processes (simulation): it joins (its key in the nodes bucket),
 answers commands on its cmd subject exactly as its HTTP API does, publishes every journal event to the stream once
 and in order, leaves (its key purged) on SIGTERM; a kill -9 lets its key expire, and neither that nor a NATS
-restart loses or duplicates an event; a launcher started before NATS joins once NATS is there."""
+restart loses or duplicates an event; a launcher cut off from NATS keeps its instances and catches up; a launcher
+started before NATS joins once NATS is there. Each launcher runs in a network namespace of its own
+(`fleet_support.FleetNetwork`), its API on that namespace's address, NATS on the bridge's."""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from typing import Any
 import nats.js.errors
 import pytest
 from conftest import ROOT
-from fleet_support import NatsServer, command, controller, free_port, node_key, stream_events
+from fleet_support import FleetNetwork, NatsServer, command, controller, free_port, node_key, stream_events
 from nats.aio.client import Client as NatsClient
 from test_qemu import wait_for
 
@@ -65,20 +67,28 @@ def stream_matches_journal(url: str, client: Client, node: str = "n1") -> bool:
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Any:
-    started = NatsServer(tmp_path / "nats")
+def server(tmp_path: Path, fleet_net: FleetNetwork) -> Any:
+    started = NatsServer(tmp_path / "nats", host=fleet_net.address)
     started.start()
     yield started
     started.kill()
 
 
+def node_launcher(fleet_net: FleetNetwork, launcher_factory: Any, settings: dict[str, Any],
+                  name: str = "data") -> Any:
+    """A launcher (`launcher_factory`) in a new namespace of `fleet_net`, its API on the namespace's address."""
+    namespace, address = fleet_net.namespace()
+    return launcher_factory({"listen": f"{address}:0", **settings}, name=name, netns=namespace)
+
+
 def test_a_launcher_joins_answers_commands_as_its_http_api_publishes_its_events_and_leaves(
-        server: NatsServer, launcher_factory: Any) -> None:
-    launcher = launcher_factory(fleet(server, labels={"zone": "a"}))
+        fleet_net: FleetNetwork, server: NatsServer, launcher_factory: Any) -> None:
+    launcher = node_launcher(fleet_net, launcher_factory, fleet(server, labels={"zone": "a"}))
     client = launcher.client()
     key = wait_for("the node's key", lambda: node_key(server.url, CLUSTER, "n1"))
     assert key["status"] == "READY" and key["labels"] == {"zone": "a"} and key["virtualizers"] == ["simulation"]
     assert key["url"] == (launcher.data_dir / "api-url").read_text().strip()
+    assert key["url"].startswith(f"http://{fleet_net.subnet}.")  # its namespace's address, reached from here
     assert set(key["capacity"]) == {"instances", "vcpus", "mem_mb", "disk_mb"}
     assert key["free"]["vcpus"] == key["capacity"]["vcpus"]
 
@@ -102,8 +112,8 @@ def test_a_launcher_joins_answers_commands_as_its_http_api_publishes_its_events_
 
 
 def test_kill_9_lets_the_key_expire_and_neither_it_nor_a_nats_restart_loses_or_doubles_an_event(
-        server: NatsServer, launcher_factory: Any) -> None:
-    launcher = launcher_factory(fleet(server))
+        fleet_net: FleetNetwork, server: NatsServer, launcher_factory: Any) -> None:
+    launcher = node_launcher(fleet_net, launcher_factory, fleet(server))
     client = launcher.client()
     for _ in range(10):
         client.request("POST", "/v1/instances", start_json(str(uuid_module.uuid4())), "application/json")
@@ -142,10 +152,41 @@ def test_kill_9_lets_the_key_expire_and_neither_it_nor_a_nats_restart_loses_or_d
     assert len(journal(client)) > 30
 
 
-def test_a_launcher_started_before_nats_serves_and_joins_when_nats_comes(tmp_path: Path,
+def test_a_launcher_cut_off_from_nats_keeps_its_instances_and_catches_up_when_its_link_is_back(
+        tmp_path: Path, fleet_net: FleetNetwork, server: NatsServer, launcher_factory: Any) -> None:
+    """The launcher's link taken down (its namespace's veth): its key expires, so the controller sees the node
+    down; meanwhile it keeps its instances and takes commands (over its unix socket), and once the link is back
+    its key returns and the stream gets the events of the cut, each once."""
+    unix_socket = tmp_path / "n1.sock"
+    launcher = node_launcher(fleet_net, launcher_factory, {**fleet(server), "listen_unix": str(unix_socket)})
+    client = launcher.client()
+    before = [str(uuid_module.uuid4()) for _ in range(5)]
+    for uuid in before:
+        client.request("POST", "/v1/instances", start_json(uuid), "application/json", wait=1)
+    wait_for("the node's key", lambda: node_key(server.url, CLUSTER, "n1"))
+    wait_for("the events in the stream", lambda: stream_matches_journal(server.url, client))
+
+    fleet_net.cut(launcher.netns)
+    wait_for("the key to expire", lambda: node_key(server.url, CLUSTER, "n1") is None, timeout=15)
+    local = Client.discover(f"unix://{unix_socket}", launcher.data_dir)
+    assert {i["instance_uuid"]: i["state"] for i in local.request("GET", "/v1/instances")["instances"]} == \
+        dict.fromkeys(before, "running")
+    during = [str(uuid_module.uuid4()) for _ in range(5)]
+    for uuid in during:
+        assert local.request("POST", "/v1/instances", start_json(uuid), "application/json", wait=1)["state"] == \
+            "running"
+
+    fleet_net.mend(launcher.netns)
+    wait_for("the node's key again", lambda: node_key(server.url, CLUSTER, "n1"), timeout=30)
+    wait_for("the events of the cut in the stream, each once", lambda: stream_matches_journal(server.url, client),
+             timeout=30, every=0.5)
+    assert {e["instance_uuid"] for e in journal(client) if e.get("instance_uuid")} >= set(before + during)
+
+
+def test_a_launcher_started_before_nats_serves_and_joins_when_nats_comes(tmp_path: Path, fleet_net: FleetNetwork,
                                                                          launcher_factory: Any) -> None:
-    server = NatsServer(tmp_path / "late-nats")
-    launcher = launcher_factory(fleet(server))
+    server = NatsServer(tmp_path / "late-nats", host=fleet_net.address)
+    launcher = node_launcher(fleet_net, launcher_factory, fleet(server))
     client = launcher.client()
     uuid = str(uuid_module.uuid4())
     assert client.request("POST", "/v1/instances", start_json(uuid), "application/json", wait=1)["state"] == "running"
@@ -157,13 +198,13 @@ def test_a_launcher_started_before_nats_serves_and_joins_when_nats_comes(tmp_pat
         server.kill()
 
 
-def test_auctions_place_starts_across_nodes_and_never_overcommit_one(server: NatsServer,
+def test_auctions_place_starts_across_nodes_and_never_overcommit_one(fleet_net: FleetNetwork, server: NatsServer,
                                                                       launcher_factory: Any) -> None:
     """Three launchers that each admit 5 instances; 20 STARTs placed at once through auctions (the reference
     controller, `FleetClient.place`): 15 run, 5 on each node, and the other 5 find no bidder."""
-    launchers = [launcher_factory({**fleet(server, node=f"n{i}"), "admission": {"max_instances": 5,
-                                                                                 "vcpu_overcommit": 64.0}},
-                                  name=f"data{i}") for i in range(3)]
+    launchers = [node_launcher(fleet_net, launcher_factory, {**fleet(server, node=f"n{i}"),
+                                                       "admission": {"max_instances": 5, "vcpu_overcommit": 64.0}},
+                               name=f"data{i}") for i in range(3)]
     wait_for("three nodes", lambda: all(node_key(server.url, CLUSTER, f"n{i}") for i in range(3)))
 
     async def place_all(nc: NatsClient) -> tuple[list[Placement], int]:
@@ -200,8 +241,8 @@ def fleet_cli(server: NatsServer, *args: str, stdin: bytes | None = None) -> sub
                           text=True, timeout=60, cwd=ROOT)
 
 
-def test_the_reference_controller_verbs(server: NatsServer, launcher_factory: Any) -> None:
-    launcher = launcher_factory(fleet(server, labels={"zone": "b"}))
+def test_the_reference_controller_verbs(fleet_net: FleetNetwork, server: NatsServer, launcher_factory: Any) -> None:
+    launcher = node_launcher(fleet_net, launcher_factory, fleet(server, labels={"zone": "b"}))
     wait_for("the node's key", lambda: node_key(server.url, CLUSTER, "n1"))
     nodes = fleet_cli(server, "nodes", "--json")
     assert nodes.returncode == 0, nodes.stderr
@@ -231,13 +272,13 @@ def test_the_reference_controller_verbs(server: NatsServer, launcher_factory: An
 
 
 def test_a_three_server_cluster_loses_a_server_under_load_and_no_command_or_event_is_lost(
-        tmp_path: Path, launcher_factory: Any) -> None:
+        tmp_path: Path, fleet_net: FleetNetwork, launcher_factory: Any) -> None:
     """Three nats-servers in a cluster (the stream and bucket with 3 replicas); one is killed while commands go
     on: the launcher and the controller move to another server, every command is answered, and the stream still
     holds every event once."""
     ports = [(free_port(), free_port()) for _ in range(3)]
     routes = [f"nats-route://127.0.0.1:{route}" for _, route in ports]
-    servers = [NatsServer(tmp_path / f"s{i}", port=client_port,
+    servers = [NatsServer(tmp_path / f"s{i}", port=client_port, host=fleet_net.address,
                           config={"server_name": f"s{i}", "cluster": {"name": "fleet-test",
                                                                      "listen": f"127.0.0.1:{route}",
                                                                      "routes": routes}})
@@ -246,8 +287,8 @@ def test_a_three_server_cluster_loses_a_server_under_load_and_no_command_or_even
         server.start()
     try:
         urls = [server.url for server in servers]
-        launcher = launcher_factory({"fleet": {"servers": urls, "cluster": CLUSTER, "node": "n1", "replicas": 3,
-                                               "refresh_s": 0.5, "liveness_ttl_s": 10}})
+        launcher = node_launcher(fleet_net, launcher_factory, {"fleet": {
+            "servers": urls, "cluster": CLUSTER, "node": "n1", "replicas": 3, "refresh_s": 0.5, "liveness_ttl_s": 10}})
         client = launcher.client()
         wait_for("the node's key", lambda: node_key(urls[1], CLUSTER, "n1"), timeout=60, every=0.5)
 
@@ -278,7 +319,7 @@ def test_a_three_server_cluster_loses_a_server_under_load_and_no_command_or_even
 
 
 def test_ten_thousand_starts_placed_through_auctions_across_four_launchers_overcommit_no_node(
-        server: NatsServer, launcher_factory: Any) -> None:
+        fleet_net: FleetNetwork, server: NatsServer, launcher_factory: Any) -> None:
     """The issue's placement run: 4 launchers that admit 2 500 instances each, 10 000 STARTs placed through
     auctions, 64 at a time (the reference controller). The fleet is full at the end, so a node that took one
     more would be overcommitted: none holds more than 2 500 or is promised beyond its capacity, and every START
@@ -286,7 +327,8 @@ def test_ten_thousand_starts_placed_through_auctions_across_four_launchers_overc
     remaining room held by other auctions' bids for longer than their five tries)."""
     per_node, nodes = 2500, [f"n{i}" for i in range(4)]
     admission = {"max_instances": per_node, "vcpu_overcommit": 100000.0, "memory_overcommit": 1000.0}
-    launchers = [launcher_factory({**fleet(server, node=node), "admission": admission}, name=node) for node in nodes]
+    launchers = [node_launcher(fleet_net, launcher_factory, {**fleet(server, node=node), "admission": admission},
+                               name=node) for node in nodes]
     wait_for("four nodes", lambda: all(node_key(server.url, CLUSTER, node) for node in nodes))
 
     async def place_all(nc: NatsClient) -> tuple[int, int]:

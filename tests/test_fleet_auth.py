@@ -1,7 +1,8 @@
 """A fleet on an authorizing nats-server (docs/fleet.md, "Security"): each launcher logs in as its own user with
 exactly `node_permissions` (what `launcher fleet permissions` prints), and works: it joins, answers commands and
 publishes its events. With a node's credentials, nobody can command another node, write its key or read its
-events; a wrong password is refused at connect. Real nats-server and `launcher serve` processes."""
+events; a wrong password is refused at connect. Real nats-server and `launcher serve` processes, each launcher in a
+network namespace of its own."""
 
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ from typing import Any
 import nats
 import nats.errors
 import pytest
-from fleet_support import NatsServer, command, controller, node_key
+from fleet_support import FleetNetwork, NatsServer, command, controller, node_key
 from nats.aio.client import Client as NatsClient
-from test_fleet import CLUSTER, start_json, stream_matches_journal
+from test_fleet import CLUSTER, node_launcher, start_json, stream_matches_journal
 from test_qemu import wait_for
 
 from launcher.cli.fleet_client import FleetClient
@@ -30,23 +31,23 @@ def as_user(server: NatsServer, user: str, password: str) -> str:
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Any:
+def server(tmp_path: Path, fleet_net: FleetNetwork) -> Any:
     users: list[dict[str, Any]] = [{"user": "controller", "password": "pw-controller"}]  # no permissions: all
     users += [{"user": node, "password": f"pw-{node}", "permissions": node_permissions(Subjects(CLUSTER, node))}
               for node in NODES]
-    started = NatsServer(tmp_path / "nats", config={"authorization": {"users": users}})
+    started = NatsServer(tmp_path / "nats", config={"authorization": {"users": users}}, host=fleet_net.address)
     started.start()
     yield started
     started.kill()
 
 
-def test_each_node_works_with_its_own_permissions_and_cannot_touch_another(server: NatsServer,
+def test_each_node_works_with_its_own_permissions_and_cannot_touch_another(fleet_net: FleetNetwork, server: NatsServer,
                                                                           launcher_factory: Any) -> None:
     admin = as_user(server, "controller", "pw-controller")
     controller(admin, lambda nc: FleetClient(nc, CLUSTER).prepare())  # launchers may not make the stream
-    launchers = {node: launcher_factory({"fleet": {"servers": [server.url], "cluster": CLUSTER, "node": node,
-                                                   "user": node, "password": f"pw-{node}", "refresh_s": 0.5,
-                                                   "liveness_ttl_s": 2}}, name=node) for node in NODES}
+    launchers = {node: node_launcher(fleet_net, launcher_factory, {"fleet": {
+        "servers": [server.url], "cluster": CLUSTER, "node": node, "user": node, "password": f"pw-{node}",
+        "refresh_s": 0.5, "liveness_ttl_s": 2}}, name=node) for node in NODES}
     for node, launcher in launchers.items():
         wait_for(f"{node}'s key", lambda n=node: node_key(admin, CLUSTER, n))
         uuid = str(uuid_module.uuid4())
