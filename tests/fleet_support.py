@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -44,6 +45,7 @@ class NatsServer:
         self.config = config
         self.host = host
         self.port = port or free_port()
+        self.monitor_port = free_port()  # nats-server's monitoring endpoint (`client_names`)
         self.url = f"nats://{host}:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = store_dir.parent / f"{store_dir.name}-nats.log"
@@ -57,6 +59,7 @@ class NatsServer:
             extra = ["-c", str(config_path)]
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen([str(NATS_SERVER), "-a", self.host, "-p", str(self.port), "-js",
+                                          "-m", str(self.monitor_port),
                                           "-sd", str(self.store_dir), *extra], stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while True:
@@ -72,6 +75,11 @@ class NatsServer:
         if self.proc is not None and self.proc.poll() is None:
             os.kill(self.proc.pid, sig)
             self.proc.wait(timeout=10)
+
+    def client_names(self) -> list[str]:
+        """The names of the clients connected to this server now (its monitoring endpoint's /connz)."""
+        with urllib.request.urlopen(f"http://{self.host}:{self.monitor_port}/connz?limit=1024", timeout=5) as answer:
+            return [c.get("name", "") for c in json.load(answer).get("connections") or []]
 
 
 class FleetNetwork:

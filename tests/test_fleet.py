@@ -271,10 +271,11 @@ def test_the_reference_controller_verbs(fleet_net: FleetNetwork, server: NatsSer
     assert away.returncode == 1 and away.stderr.count("\n") == 1 and "no servers available" in away.stderr
 
 
-def test_a_three_server_cluster_loses_a_server_under_load_and_no_command_or_event_is_lost(
+def test_a_three_server_cluster_loses_servers_under_load_and_no_command_or_event_is_lost(
         tmp_path: Path, fleet_net: FleetNetwork, launcher_factory: Any) -> None:
-    """Three nats-servers in a cluster (the stream and bucket with 3 replicas); one is killed while commands go
-    on: the launcher and the controller move to another server, every command is answered, and the stream still
+    """Three nats-servers in a cluster (the stream and bucket with 3 replicas). While commands go on, the server
+    the launcher is connected to is killed; once it is back, the server that leads the events stream is killed.
+    The launcher and the controller move to another server each time, every command is answered, and the stream
     holds every event once."""
     ports = [(free_port(), free_port()) for _ in range(3)]
     routes = [f"nats-route://127.0.0.1:{route}" for _, route in ports]
@@ -291,13 +292,39 @@ def test_a_three_server_cluster_loses_a_server_under_load_and_no_command_or_even
             "servers": urls, "cluster": CLUSTER, "node": "n1", "replicas": 3, "refresh_s": 0.5, "liveness_ttl_s": 10}})
         client = launcher.client()
         wait_for("the node's key", lambda: node_key(urls[1], CLUSTER, "n1"), timeout=60, every=0.5)
+        killed: list[str] = []
+
+        async def kill(nc: NatsClient, which: str) -> None:
+            """Kill the launcher's own server ("own"), or the events stream's leader ("leader")."""
+            if which == "own":
+                victim = next(s for s in servers if "launcher-n1" in s.client_names())
+            else:
+                victim = servers[int((await stream_leader(nc)).removeprefix("s"))]
+            killed.append(f"{which}: {victim.url}")
+            await asyncio.to_thread(victim.kill)
+            if which == "own":
+                await asyncio.sleep(3)
+                await asyncio.to_thread(victim.start)  # back before the next kill: a quorum of 3 needs 2
+
+        async def stream_leader(nc: NatsClient) -> str:
+            """The name of the events stream's leader, once it has one (the cluster may still be electing)."""
+            for _ in range(60):
+                try:
+                    info = await nc.jetstream(timeout=2).stream_info(f"launcher-{CLUSTER}-events")
+                except (nats.errors.TimeoutError, nats.errors.NoRespondersError,
+                        nats.js.errors.ServiceUnavailableError):
+                    info = None
+                if info is not None and info.cluster is not None and info.cluster.leader:
+                    return info.cluster.leader
+                await asyncio.sleep(0.5)
+            raise AssertionError("the events stream has no leader")
 
         async def load(nc: NatsClient) -> list[dict[str, Any]]:
             fleet_client = FleetClient(nc, CLUSTER)
             answers = []
-            for n in range(30):
-                if n == 10:
-                    await asyncio.to_thread(servers[0].kill)
+            for n in range(40):
+                if n in (10, 25):
+                    await kill(nc, "own" if n == 10 else "leader")
                 for _ in range(60):  # a command that meets the failover is sent again (the same START: idempotent)
                     try:
                         answers.append(await fleet_client.command("n1", start_json(f"{n:08d}-0000-4000-8000-"
@@ -308,11 +335,13 @@ def test_a_three_server_cluster_loses_a_server_under_load_and_no_command_or_even
             return answers
 
         answers = controller(",".join(urls), load, allow_reconnect=True, max_reconnect_attempts=-1,
-                             reconnect_time_wait=0.2, dont_randomize=True)
-        assert len(answers) == 30 and all(a["status"] in (200, 202) for a in answers), answers
-        assert len(client.request("GET", "/v1/instances")["instances"]) == 30
+                             reconnect_time_wait=0.2)
+        assert len(killed) == 2, killed
+        assert len(answers) == 40 and all(a["status"] in (200, 202) for a in answers), answers
+        assert len(client.request("GET", "/v1/instances")["instances"]) == 40
+        left = next(server.url for server in servers if server.proc and server.proc.poll() is None)
         wait_for("every event in the stream once, read from a server left",
-                   lambda: stream_matches_journal(urls[1], client), timeout=60, every=0.5)
+                 lambda: stream_matches_journal(left, client), timeout=60, every=0.5)
     finally:
         for server in servers:
             server.kill()
