@@ -23,6 +23,7 @@ import pytest
 from conftest import ROOT
 from fleet_support import FleetNetwork, NatsServer, command, controller, free_port, node_key, stream_events
 from nats.aio.client import Client as NatsClient
+from nats.js.api import StreamConfig
 from test_qemu import wait_for
 
 from launcher.cli.client import Client, ClientError
@@ -196,6 +197,23 @@ def test_a_launcher_started_before_nats_serves_and_joins_when_nats_comes(tmp_pat
         wait_for("the events from before NATS came", lambda: stream_matches_journal(server.url, client), timeout=30)
     finally:
         server.kill()
+
+
+def test_an_events_stream_made_without_atomic_batches_is_refused_with_the_reason(
+        fleet_net: FleetNetwork, server: NatsServer, launcher_factory: Any) -> None:
+    """An operator made the stream beforehand without `allow_atomic`: the launcher says why it does not publish
+    (it would rather not publish than risk a gap), and keeps serving."""
+
+    async def make(nc: NatsClient) -> None:
+        await nc.jetstream().add_stream(StreamConfig(name=f"launcher-{CLUSTER}-events",
+                                                     subjects=[f"launcher.{CLUSTER}.node.*.events"]))
+    controller(server.url, make)
+    launcher = node_launcher(fleet_net, launcher_factory, fleet(server))
+    wait_for("the reason in the log", lambda: "does not allow atomic batches (allow_atomic" in launcher.output())
+    uuid = str(uuid_module.uuid4())
+    assert launcher.client().request("POST", "/v1/instances", start_json(uuid), "application/json",
+                                     wait=1)["state"] == "running"
+    assert stream_events(server.url, f"launcher-{CLUSTER}-events", f"launcher.{CLUSTER}.node.n1.events") == []
 
 
 def test_auctions_place_starts_across_nodes_and_never_overcommit_one(fleet_net: FleetNetwork, server: NatsServer,
