@@ -1,7 +1,8 @@
 """A fleet on NATS JetStream: placements per second through auctions, and event end-to-end latency, across real
 launchers, with one launcher killed and the NATS server restarted during the run.
 
-    .venv/bin/python bench/fleet.py [--launchers 4] [--starts 10000] [--concurrency 64] [--json]
+    .venv/bin/python bench/fleet.py [--launchers 4] [--starts 10000] [--concurrency 64] [--paced-rate 100]
+                                    [--paced-s 10] [--no-faults] [--json]
 
 One nats-server (JetStream) and `--launchers` real `launcher serve` processes (simulation, memory mode), each
 admitting `--per-node` instances, so that the fleet is nearly full at the end. The reference controller
@@ -13,15 +14,22 @@ event from its `time` (the launcher's clock, when it was journaled) to its arriv
 Faults, during the placements: at a third of them the first launcher is killed (SIGKILL) and started again 3 s
 later; at two thirds the NATS server is killed and started again 2 s later (same store). A placement that fails
 meanwhile is tried again. Event latency percentiles leave out events journaled from 1 s before a fault to 10 s
-after it (the backlog those leave is what the no-gap rule is about, not latency).
+after it (the backlog those leave is what the no-gap rule is about, not latency). Those placements, `--concurrency`
+at a time, keep the machine saturated: their event latency is mostly queueing. So a paced phase follows: STARTs
+placed at `--paced-rate` a second for `--paced-s` seconds (an open loop), whose events are timed apart
+(`event_latency_paced_*`).
+
+The CPU each process used during the placements is divided by the placements (`cpu_ms_per_placement`: the
+launchers together, the server, this process).
 
 After the run, each node's journal (`GET /v1/events`) is compared with its events in the stream: `events_missing`
 (journal events not in the stream), `events_duplicated` (stream messages whose id came before), and
 `overcommitted_nodes` (nodes with more instances than they admit, or more promised than their capacity).
 
 Prints the figures; with --json the last line is one JSON object with `launchers`, `placed`, `placements_per_s`,
-`overcommitted_nodes`, `events_missing`, `events_duplicated`, `event_latency_p50_ms`, `event_latency_p99_ms` and
-more. Not a test: the machine is noisy.
+`overcommitted_nodes`, `events_missing`, `events_duplicated`, `event_latency_p50_ms`, `event_latency_p99_ms` (the
+saturated placements, outside the faults), `event_latency_paced_p50_ms`, `event_latency_paced_p99_ms`, and more.
+Not a test: the machine is noisy.
 """
 
 from __future__ import annotations
@@ -163,6 +171,31 @@ async def place_all(server: NatsServer, launchers: list[Launcher], starts: int, 
     return placed, refused, seconds, cpu
 
 
+async def place_paced(server: NatsServer, launchers: int, rate: float, seconds: float) -> tuple[int, float, float]:
+    """Place STARTs at `rate` a second for `seconds`, each in a task of its own started on time whatever the
+    others do (an open loop, unlike `place_all`); (placed, wall time of the first, of the end)."""
+    fleet = await FleetClient.connect([server.url], CLUSTER, reconnect_attempts=-1)
+    placed = 0
+
+    async def one() -> None:
+        nonlocal placed
+        try:
+            answer = (await fleet.place(start_json(str(uuid_module.uuid4())), expected=launchers)).answer
+        except NoBid:
+            return
+        placed += "error" not in answer
+
+    tasks = []
+    began = time.time()
+    for n in range(round(rate * seconds)):
+        await asyncio.sleep(max(0.0, began + n / rate - time.time()))
+        tasks.append(asyncio.create_task(one()))
+    await asyncio.gather(*tasks)
+    ended = time.time()
+    await fleet.close()
+    return placed, began, ended
+
+
 async def follow_events(server: NatsServer, latencies: list[tuple[float, float]]) -> None:
     """(journaled at, latency s) of each event that reaches the stream, the first time it arrives; until
     cancelled. After NATS is restarted, it follows again from the stream seq after the last one it had."""
@@ -226,9 +259,13 @@ def main() -> None:
                                                                   "4 %% larger than --starts)")
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--no-faults", action="store_true", help="no launcher killed, no NATS restart (to compare)")
+    parser.add_argument("--paced-rate", type=float, default=100.0, help="placements a second of the paced phase "
+                                                                        "(after the others; 0: none)")
+    parser.add_argument("--paced-s", type=float, default=10.0, help="how long the paced phase lasts")
     parser.add_argument("--json", action="store_true", help="end with one JSON line of the figures")
     args = parser.parse_args()
-    per_node = args.per_node or -(-args.starts * 104 // 100 // args.launchers)
+    paced = round(args.paced_rate * args.paced_s)
+    per_node = args.per_node or -(-(args.starts * 104 // 100 + paced) // args.launchers)
 
     work = work_dir("fleet-")
     server = NatsServer(work / "nats")
@@ -240,17 +277,21 @@ def main() -> None:
         for launcher in launchers:
             launcher.start()
 
-        async def run() -> tuple[int, int, float, dict[str, float]]:
+        async def run() -> tuple[int, int, float, dict[str, float], tuple[int, float, float]]:
             follower = asyncio.create_task(follow_events(server, latencies))
             try:
-                return await place_all(server, launchers, args.starts, args.concurrency, faults,
-                                       with_faults=not args.no_faults)
+                placements = await place_all(server, launchers, args.starts, args.concurrency, faults,
+                                             with_faults=not args.no_faults)
+                await asyncio.sleep(3)  # the backlog of the saturated phase is gone
+                window = await place_paced(server, args.launchers, args.paced_rate, args.paced_s) if paced else \
+                    (0, time.time(), time.time())
+                return (*placements, window)
             finally:
                 await asyncio.sleep(3)  # the last events reach the follower
                 follower.cancel()
                 await asyncio.gather(follower, return_exceptions=True)
 
-        placed, refused, seconds, cpu = asyncio.run(run())
+        placed, refused, seconds, cpu, (paced_placed, paced_from, paced_to) = asyncio.run(run())
         missing, duplicated = check_stream(server, launchers)
         over = overcommitted(launchers, per_node)
     finally:
@@ -259,8 +300,9 @@ def main() -> None:
         server.kill()
         shutil.rmtree(work, ignore_errors=True)
 
-    calm = [latency for at, latency in latencies
-            if not any(t - FAULT_MARGIN_S[0] <= at <= t + FAULT_MARGIN_S[1] for _, t in faults)]
+    calm = [latency for at, latency in latencies if at < paced_from
+            and not any(t - FAULT_MARGIN_S[0] <= at <= t + FAULT_MARGIN_S[1] for _, t in faults)]
+    paced_latencies = [latency for at, latency in latencies if paced_from <= at <= paced_to]
     figures = {
         "launchers": args.launchers, "starts": args.starts, "per_node": per_node, "placed": placed,
         "no_bid": refused, "placement_s": round(seconds, 2), "placements_per_s": round(placed / seconds, 1),
@@ -269,6 +311,9 @@ def main() -> None:
         "event_latency_p99_ms": round(percentile(calm, 0.99) * 1000, 2),
         "faults": [kind for kind, _ in faults],
         "cpu_ms_per_placement": {name: round(used * 1000 / max(placed, 1), 3) for name, used in cpu.items()},
+        "paced_rate": args.paced_rate if paced else 0, "paced_placed": paced_placed,
+        "event_latency_paced_p50_ms": round(percentile(paced_latencies, 0.5) * 1000, 2) if paced_latencies else None,
+        "event_latency_paced_p99_ms": round(percentile(paced_latencies, 0.99) * 1000, 2) if paced_latencies else None,
     }
     print(f"fleet: {args.launchers} launchers (simulation) admitting {per_node} each, one nats-server; "
           f"{args.starts} STARTs, {args.concurrency} at a time; faults: {', '.join(figures['faults'])}")
@@ -276,6 +321,10 @@ def main() -> None:
           "placements/s")
     print(f"  event latency (journal → controller, {len(calm)} events outside the faults): "
           f"p50 {figures['event_latency_p50_ms']} ms, p99 {figures['event_latency_p99_ms']} ms")
+    if paced:
+        print(f"  paced phase, {args.paced_rate:g} placements/s for {args.paced_s:g} s ({paced_placed} placed): event "
+              f"latency p50 {figures['event_latency_paced_p50_ms']} ms, p99 {figures['event_latency_paced_p99_ms']} ms "
+              f"({len(paced_latencies)} events)")
     print(f"  events missing {missing}, duplicated {duplicated}; overcommitted nodes {over}")
     print("  CPU per placement: " + ", ".join(f"{name} {ms} ms" for name, ms in figures["cpu_ms_per_placement"].items())
           + (" (a killed launcher's CPU is not counted)" if faults else ""))
