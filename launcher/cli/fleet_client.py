@@ -19,7 +19,7 @@ import asyncio
 import json
 import secrets
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 import attrs
@@ -34,8 +34,9 @@ from launcher.transport.fleet.streams import ensure_events_stream, ensure_nodes_
 from launcher.transport.fleet.subjects import BID_HEADER, CONTENT_TYPE_HEADER, WAIT_HEADER, Subjects
 
 AUCTION_WINDOW_S = 0.1  # how long an auction collects bids (the nodes' bids hold for their bid_ttl_s, 1 s)
-COMMAND_TIMEOUT_S = 30.0
+COMMAND_TIMEOUT_S = 10.0  # for the answer to a command (a START is answered once accepted: milliseconds)
 PLACE_ATTEMPTS = 5  # auctions of one START while no node bids
+FOLLOW_HEARTBEAT_S = 1.0  # a followed events consumer's heartbeat (nats-py's default, 5 s, notices a loss in 10)
 
 
 @attrs.frozen
@@ -51,12 +52,45 @@ class NoBid(Exception):
     """No node bid for a START (every node is full, in maintenance, refused it, or none is up)."""
 
 
+class LinkLost(nats.errors.Error):
+    """The connection dropped while a command waited for its answer: the answer can no longer come. The command
+    may or may not have been carried out; sending it again is safe for a START (the same one is idempotent)."""
+
+
+class _Link:
+    """Ends the requests in flight when the connection drops (nats-py would let them wait for their timeout)."""
+
+    def __init__(self) -> None:
+        self._lost = asyncio.Event()
+
+    async def lost(self) -> None:
+        """nats-py's disconnected callback."""
+        self._lost.set()
+        self._lost = asyncio.Event()
+
+    async def answer(self, request: Awaitable[Msg]) -> Msg:
+        """`request`'s answer; LinkLost if the connection drops first."""
+        lost = self._lost
+        asked, dropped = asyncio.ensure_future(request), asyncio.ensure_future(lost.wait())
+        try:
+            await asyncio.wait({asked, dropped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            dropped.cancel()
+            if not asked.done():
+                asked.cancel()
+        if asked.done() and not asked.cancelled():
+            return asked.result()
+        raise LinkLost("the connection to NATS dropped before the answer came")
+
+
 class FleetClient:
     """One controller connection to a cluster's fleet (module doc)."""
 
-    def __init__(self, client: NatsClient, cluster: str) -> None:
-        """Over the connection `client` (see `connect`), for cluster `cluster`."""
+    def __init__(self, client: NatsClient, cluster: str, link: _Link | None = None) -> None:
+        """Over the connection `client` (see `connect`, which also ends the commands in flight when it drops), for
+        cluster `cluster`."""
         self.nc = client
+        self._link = link or _Link()
         self.js = client.jetstream()
         self.subjects = Subjects(cluster)
         self._auctions: dict[str, list[dict[str, Any]]] = {}
@@ -73,8 +107,9 @@ class FleetClient:
         async def quiet(exc: Exception) -> None:
             """nats-py prints a traceback for each error without this; the caller sees the exception it gets."""
 
+        link = _Link()
         options: dict[str, Any] = {"connect_timeout": 5, "max_reconnect_attempts": reconnect_attempts,
-                                   "reconnect_time_wait": 0.5, "error_cb": quiet}
+                                   "reconnect_time_wait": 0.5, "error_cb": quiet, "disconnected_cb": link.lost}
         if user:
             options.update(user=user, password=password)
         if ca_file:
@@ -82,7 +117,7 @@ class FleetClient:
             if cert_file:
                 context.load_cert_chain(cert_file, key_file)
             options["tls"] = context
-        return cls(await nats.connect(servers, **options), cluster)
+        return cls(await nats.connect(servers, **options), cluster, link)
 
     async def close(self) -> None:
         """Drain and close the connection (if it is not closed already)."""
@@ -181,7 +216,8 @@ class FleetClient:
     async def command(self, node: str, body: bytes, *, wait_s: float | None = None, bid: str = "",
                       content_type: str = "", timeout_s: float = COMMAND_TIMEOUT_S) -> dict[str, Any]:
         """The command document `body` sent to `node`; its answer (the HTTP API's JSON plus "status"). With
-        `wait_s`, the node answers once the command finished (or that long passed)."""
+        `wait_s`, the node answers once the command finished (or that long passed). nats.errors.TimeoutError if
+        no answer comes within `timeout_s`, LinkLost if the connection drops first."""
         headers = {}
         if wait_s is not None:
             headers[WAIT_HEADER] = str(wait_s)
@@ -190,17 +226,19 @@ class FleetClient:
             headers[BID_HEADER] = bid
         if content_type:
             headers[CONTENT_TYPE_HEADER] = content_type
-        reply = await self.nc.request(self.subjects.for_node(node).cmd, body, timeout=timeout_s,
-                                      headers=headers or None)
+        reply = await self._link.answer(self.nc.request(self.subjects.for_node(node).cmd, body, timeout=timeout_s,
+                                                        headers=headers or None))
         answer: dict[str, Any] = json.loads(reply.data)
         return answer
 
     async def events(self, node: str = "*", *, from_seq: int = 1, follow: bool = False,
                      idle_s: float = 1.0) -> AsyncIterator[tuple[str, int, dict[str, Any]]]:
         """(node, stream seq, event) of `node`'s events ("*": every node's), from stream seq `from_seq`; without
-        `follow`, it ends once nothing new came for `idle_s`."""
+        `follow`, it ends once nothing new came for `idle_s`. An ordered consumer: one lost on the server (NATS
+        restarted) is made again from where it was once two of its heartbeats (FOLLOW_HEARTBEAT_S) are missed."""
         subject = self.subjects.for_node(node).events
-        config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=from_seq)
+        config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=from_seq,
+                                idle_heartbeat=FOLLOW_HEARTBEAT_S)
         sub = await self.js.subscribe(subject, ordered_consumer=True, config=config)
         try:
             while True:

@@ -20,8 +20,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any, Generic, TypeVar
 
 import trio
@@ -133,3 +133,45 @@ class Inbox(Generic[T]):
             self.dropped += 1
         except trio.ClosedResourceError:
             pass  # Trio's side is gone: the fleet is shutting down
+
+
+class Pulse:
+    """Something that happens now and then (the connection to NATS dropped, or came back), for Trio tasks to wait
+    for: `wait` returns at the next `fire`. Used from Trio's thread only (the loop fires it through `to_trio`)."""
+
+    def __init__(self) -> None:
+        self._event = trio.Event()
+
+    def fire(self) -> None:
+        """Wake every task waiting now."""
+        self._event.set()
+        self._event = trio.Event()
+
+    async def wait(self) -> None:
+        """Until the next `fire`."""
+        await self._event.wait()
+
+
+class Link:
+    """The connection to NATS dropping and coming back, as nats-py's callbacks tell (through `to_trio`): a request
+    in flight when it drops gets no answer (nats-py would let it wait for its timeout), and work paused after a
+    failure may resume as soon as it is back. Used from Trio's thread only."""
+
+    def __init__(self) -> None:
+        self.back = Pulse()  # fired when the connection comes back
+        self._scopes: set[trio.CancelScope] = set()
+
+    def dropped(self) -> None:
+        """The connection dropped: cancel every `cancelled_on_drop` block."""
+        for scope in self._scopes:
+            scope.cancel()
+
+    @contextmanager
+    def cancelled_on_drop(self) -> Iterator[trio.CancelScope]:
+        """A cancel scope that the connection dropping cancels (see its `cancelled_caught` after the block)."""
+        with trio.CancelScope() as scope:
+            self._scopes.add(scope)
+            try:
+                yield scope
+            finally:
+                self._scopes.discard(scope)

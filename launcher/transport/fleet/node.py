@@ -39,7 +39,7 @@ from launcher.durable.events import EventJournal
 from launcher.plugin.errors import LauncherError
 from launcher.transport import payloads
 from launcher.transport.api import Api
-from launcher.transport.fleet.bridge import AsyncioThread, Inbox, open_asyncio_thread
+from launcher.transport.fleet.bridge import AsyncioThread, Inbox, Link, open_asyncio_thread
 from launcher.transport.fleet.publisher import EventPublisher
 from launcher.transport.fleet.streams import NATS_ERRORS, ensure_nodes_bucket
 from launcher.transport.fleet.subjects import BID_HEADER, CONTENT_TYPE_HEADER, WAIT_HEADER, Subjects
@@ -70,6 +70,7 @@ class FleetNode:
         self.stats = stats
         self.url = url
         self._bucket_made = False
+        self._link = Link()  # the connection dropping and coming back (the publisher stops waiting, and resumes)
 
     async def run(self) -> None:
         """Join the fleet and serve it until cancelled (module doc). A failure of the fleet's side (a bug: NATS
@@ -90,7 +91,7 @@ class FleetNode:
                     nursery.start_soon(self._serve_commands, bridge, client)
                     nursery.start_soon(self._serve_auctions, bridge, client)
                     nursery.start_soon(EventPublisher(self.journal, bridge, client, self.subjects, self.fleet.replicas,
-                                                      self.fleet.request_timeout_s).run)
+                                                      self.fleet.request_timeout_s, self._link).run)
                     nursery.start_soon(self._refresh_liveness, bridge, js)
                     nursery.start_soon(self._publish_stats, bridge, client)
             finally:
@@ -102,16 +103,17 @@ class FleetNode:
         wait = CONNECT_RETRY_FIRST_S
         while True:
             try:
-                return await bridge.call(nats.connect, list(self.fleet.servers), **self._options())
+                return await bridge.call(nats.connect, list(self.fleet.servers), **self._options(bridge))
             except NATS_ERRORS as exc:
                 log.warning("fleet: cannot connect to %s: %s (next try in %g s)", ", ".join(self.fleet.servers),
                             exc or type(exc).__name__, wait)
             await trio.sleep(wait)
             wait = min(wait * 2, CONNECT_RETRY_MAX_S)
 
-    def _options(self) -> dict[str, Any]:
-        """nats.connect's options: reconnect forever, ping every PING_INTERVAL_S, one logged error per outage,
-        the node's inbox prefix (its permissions allow only that one), credentials and TLS."""
+    def _options(self, bridge: AsyncioThread) -> dict[str, Any]:
+        """nats.connect's options: reconnect forever (firing `_link`'s pulses), ping every
+        PING_INTERVAL_S, one logged error per outage, the node's inbox prefix (its permissions allow only that
+        one), credentials and TLS."""
         f = self.fleet
 
         failing = False  # an error was logged and NATS has not come back since: the next ones are not
@@ -125,11 +127,13 @@ class FleetNode:
 
         async def disconnected() -> None:
             log.warning("fleet: disconnected from NATS")
+            bridge.to_trio(self._link.dropped)
 
         async def reconnected() -> None:
             nonlocal failing
             failing = False
             log.info("fleet: reconnected to NATS")
+            bridge.to_trio(self._link.back.fire)
 
         options: dict[str, Any] = {
             "name": f"launcher-{f.node_id}", "inbox_prefix": f"_INBOX_{f.node_id}", "error_cb": error,

@@ -34,13 +34,14 @@ import logging
 import secrets
 from typing import Any
 
+import nats.errors
 import nats.js.errors
 import trio
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 
 from launcher.durable.events import EventJournal, EventsExpired
-from launcher.transport.fleet.bridge import AsyncioThread
+from launcher.transport.fleet.bridge import AsyncioThread, Link
 from launcher.transport.fleet.streams import NATS_ERRORS, ensure_events_stream
 from launcher.transport.fleet.subjects import (
     BATCH_COMMIT_HEADER,
@@ -59,13 +60,17 @@ BATCH_EVENTS = 256  # events handed to the loop's thread at once (an atomic batc
 ATOMIC_FROM = 8  # a batch this long or longer is published as one atomic batch, a shorter one event by event
 
 
+class ConnectionLost(nats.errors.Error):
+    """The connection dropped while events were being published."""
+
+
 class EventPublisher:
     """Publishes the journal's events to the stream (module doc)."""
 
     def __init__(self, journal: EventJournal, bridge: AsyncioThread, client: NatsClient, subjects: Subjects,
-                 replicas: int, timeout_s: float) -> None:
-        """For node `subjects.node`; a publish waits `timeout_s` for its ack; `replicas`: the stream's, if this
-        node makes it."""
+                 replicas: int, timeout_s: float, link: Link) -> None:
+        """For node `subjects.node`; a publish waits `timeout_s` for its ack, and no longer once the connection
+        drops (`link`); `replicas`: the stream's, if this node makes it."""
         self.journal = journal
         self.bridge = bridge
         self.client = client
@@ -74,9 +79,12 @@ class EventPublisher:
         self.replicas = replicas
         self.timeout_s = timeout_s
         self.acked_seq = 0  # the journal seq of the last event known stored
+        self.link = link
 
     async def run(self) -> None:
-        """Publish until cancelled; every failure is logged (once per outage) and followed by a read-back."""
+        """Publish until cancelled; every failure (the connection dropping is one) is logged, once per outage, and
+        followed by a pause (doubling from RETRY_FIRST_S to RETRY_MAX_S; it ends early, back to the first, when
+        the connection comes back) and a read-back."""
         wait = RETRY_FIRST_S
         failing = False
         while True:
@@ -86,14 +94,25 @@ class EventPublisher:
                 if failing:
                     log.info("fleet: publishing events again, after journal seq %d", stored)
                 failing, wait = False, RETRY_FIRST_S
-                await self._publish_after(stored, stream_seq)
+                await self._publish_while_connected(stored, stream_seq)
             except (*NATS_ERRORS, EventsExpired) as exc:
                 if not failing:
                     log.warning("fleet: events not published: %s; the journal keeps them (tried again)",
                                 exc or type(exc).__name__)
                 failing = True
-            await trio.sleep(wait)
-            wait = min(wait * 2, RETRY_MAX_S)
+            reconnected = False
+            with trio.move_on_after(wait):
+                await self.link.back.wait()
+                reconnected = True
+            wait = RETRY_FIRST_S if reconnected else min(wait * 2, RETRY_MAX_S)
+
+    async def _publish_while_connected(self, stored: int, stream_seq: int) -> None:
+        """`_publish_after`, given up (ConnectionLost) when the connection drops: what was in flight gets no
+        ack, and the read-back after the pause tells what was stored."""
+        with self.link.cancelled_on_drop() as publishing:
+            await self._publish_after(stored, stream_seq)
+        if publishing.cancelled_caught:
+            raise ConnectionLost("the connection to NATS dropped")
 
     async def last_stored(self) -> tuple[int, int]:
         """(journal seq, stream seq) of this node's last event in the stream; (0, 0) if it has none."""
