@@ -14,11 +14,11 @@ event from its `time` (the launcher's clock, when it was journaled) to its arriv
 Faults, during the placements: at a third of them the first launcher is killed (SIGKILL) and started again 3 s
 later; at two thirds the NATS server is killed and started again 2 s later (same store). A placement that fails
 meanwhile is tried again with the same START (idempotent: a START accepted whose answer was lost is not doubled),
-and one that finds no bidder (NATS back before the launchers) up to NO_BID_TRIES times. Event latency percentiles leave out events journaled from 1 s before a fault to 10 s
-after it (the backlog those leave is what the no-gap rule is about, not latency). Those placements, `--concurrency`
-at a time, keep the machine saturated: their event latency is mostly queueing. So a paced phase follows: STARTs
-placed at `--paced-rate` a second for `--paced-s` seconds (an open loop), whose events are timed apart
-(`event_latency_paced_*`).
+and one that finds no bidder (NATS back before the launchers) up to NO_BID_TRIES times. Event latency percentiles
+leave out events journaled from 1 s before a fault to 10 s after it (the backlog those leave is what the no-gap rule
+is about, not latency). Those placements, `--concurrency` at a time, keep the machine saturated: their event latency
+is mostly queueing. So a paced phase follows: STARTs placed at `--paced-rate` a second for `--paced-s` seconds (an
+open loop), whose events are timed apart (`event_latency_paced_*`).
 
 The CPU each process used during the placements is divided by the placements (`cpu_ms_per_placement`: the
 launchers together, the server, this process).

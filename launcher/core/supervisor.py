@@ -208,19 +208,16 @@ class Supervisor:
 
     def bid(self, command: StartCommand, ttl_s: float) -> Bid:
         """This node's bid in an auction for `command` (the fleet's placement): what it needs, reserved for
-        `ttl_s` seconds (`launcher.core.bids`). LauncherError, with the code and reason a START would get now, if
-        the node would not admit it; instance_exists if the instance is already here.
-
-        A bid is an offer, and the START checks again: a bid reads the free disk as last read if that was within
-        BID_DISK_READING_S (an auction reaches every node, so a statvfs per bid would cost every node for every
-        placement), and a stray instance dir of that uuid, made by hand, is found by the START alone."""
+        `ttl_s` seconds (`launcher.core.bids`); LauncherError, with the code and reason a START would get now, if
+        the node would not admit it (instance_exists if it is here). An offer, which the START checks again: free
+        disk as read within BID_DISK_READING_S (a statvfs per bid would cost every node for every placement); a
+        stray instance dir made by hand is found by the START alone."""
         spec = self._with_defaults(command)
         if spec.instance_uuid in self.actors:
             raise LauncherError(errors.INSTANCE_EXISTS, "the instance is on this node already", spec.instance_uuid)
         at, free_mb = self._free_disk_reading
-        if trio.current_time() - at > BID_DISK_READING_S:
-            free_mb = self._read_free_disk_mb()
-        need, _ = self._admit(spec, free_mb)
+        fresh = trio.current_time() - at <= BID_DISK_READING_S
+        need, _ = self._admit(spec, free_mb if fresh else self._read_free_disk_mb())
         return self.admission.bids.add(need, ttl_s)
 
     def _admit(self, spec: InstanceSpec, free_mb: int) -> tuple[Resources, SlotShape | None]:
@@ -246,7 +243,8 @@ class Supervisor:
 
     def _read_free_disk_mb(self) -> int:
         """The data dir's free disk now (statvfs), kept with the time it was read for `bid`."""
-        free_mb = _free_disk_mb(self.config.data_dir)
+        st = os.statvfs(self.config.data_dir)
+        free_mb = st.f_bavail * st.f_frsize // 2**20
         self._free_disk_reading = (trio.current_time(), free_mb)
         return free_mb
 
@@ -331,7 +329,7 @@ class Supervisor:
     def _room_for_slot(self, vcpus: int, mem_mb: int) -> bool:
         """Whether admission has room for one more slot of `vcpus` and `mem_mb` (`WarmPools.run` asks)."""
         need = Resources(vcpus, mem_mb)
-        return not self.admission.no_room(need, _free_disk_mb(self.config.data_dir), len(self.actors),
+        return not self.admission.no_room(need, self._read_free_disk_mb(), len(self.actors),
                                           new_instance=False)
 
     def _compute_status(self, free_mb: int | None) -> str:
@@ -339,7 +337,7 @@ class Supervisor:
             return MAINTENANCE
         d = self.config.defaults
         if free_mb is None:
-            free_mb = _free_disk_mb(self.config.data_dir)
+            free_mb = self._read_free_disk_mb()
         return FULL if self.admission.no_room(Resources(d.vcpus, d.mem_mb, d.disk_mb), free_mb,
                                               len(self.actors)) else READY
 
@@ -487,11 +485,6 @@ def _scan(instances_dir: Path) -> tuple[list[InstanceRecord], list[tuple[Path, s
             continue
         loaded.append(record)
     return loaded, broken
-
-
-def _free_disk_mb(path: Path) -> int:
-    st = os.statvfs(path)
-    return st.f_bavail * st.f_frsize // 2**20
 
 
 def _write_maintenance_file(data_dir: Path, on: bool) -> None:
