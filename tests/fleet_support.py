@@ -166,8 +166,9 @@ def controller(url: str, work: Callable[[NatsClient], Awaitable[T]], **options: 
     return asyncio.run(run())
 
 
-def stream_events(url: str, stream: str, subject: str) -> list[tuple[str, dict[str, Any]]]:
-    """Every message of `subject` in `stream`, in order: (its Nats-Msg-Id, its JSON body)."""
+def stream_events(url: str, stream: str, subject: str, **options: Any) -> list[tuple[str, dict[str, Any]]]:
+    """Every message of `subject` in `stream`, in order: (its Nats-Msg-Id, its JSON body); `options` as for
+    `controller`."""
     async def read(client: NatsClient) -> list[tuple[str, dict[str, Any]]]:
         js = client.jetstream()
         info = await js.stream_info(stream)
@@ -181,11 +182,12 @@ def stream_events(url: str, stream: str, subject: str) -> list[tuple[str, dict[s
             found.append(((msg.headers or {}).get("Nats-Msg-Id", ""), json.loads(msg.data or b"{}")))
             seq = (msg.seq or seq) + 1
         return found
-    return controller(url, read)
+    return controller(url, read, **options)
 
 
-def node_key(url: str, cluster: str, node: str) -> dict[str, Any] | None:
-    """The value of `node`'s key in the cluster's nodes bucket, or None if it has none (expired, purged, never)."""
+def node_key(url: str, cluster: str, node: str, **options: Any) -> dict[str, Any] | None:
+    """The value of `node`'s key in the cluster's nodes bucket, or None if it has none (expired, purged, never);
+    `options` as for `controller`."""
     async def read(client: NatsClient) -> dict[str, Any] | None:
         js = client.jetstream()
         try:
@@ -196,14 +198,14 @@ def node_key(url: str, cluster: str, node: str) -> dict[str, Any] | None:
         except (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.js.errors.ServiceUnavailableError):
             return None  # JetStream not ready yet (a cluster electing its leaders)
         return json.loads(entry.value) if entry.value else None
-    return controller(url, read)
+    return controller(url, read, **options)
 
 
 def command(url: str, cluster: str, node: str, body: bytes, timeout: float = 30.0,
-            headers: dict[str, str] | None = None) -> dict[str, Any]:
-    """A command sent to `node`'s cmd subject; its JSON answer."""
+            headers: dict[str, str] | None = None, **options: Any) -> dict[str, Any]:
+    """A command sent to `node`'s cmd subject; its JSON answer; `options` as for `controller`."""
     async def send(client: NatsClient) -> dict[str, Any]:
         reply = await client.request(f"launcher.{cluster}.node.{node}.cmd", body, timeout=timeout, headers=headers)
         answer: dict[str, Any] = json.loads(reply.data)
         return answer
-    return controller(url, send)
+    return controller(url, send, **options)

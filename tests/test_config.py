@@ -37,7 +37,7 @@ DEFAULTS: dict[str, Any] = {
     "http": {"idle_timeout_s": 75.0, "body_timeout_s": 60.0, "send_timeout_s": 60.0, "max_connections": 4096},
     "events": {"rotate_bytes": 67108864, "keep_files": 4, "memory_events": 20000, "memory_bytes": 16777216},
     "recovery": {"restart_running": "always", "max_parallel": 4},
-    "fleet": {"servers": (), "cluster": "", "node": "", "labels": {}, "user": "", "password": "",
+    "fleet": {"servers": (), "cluster": "", "node": "", "labels": {}, "user": "", "password": "", "creds_file": "",
               "tls": {"ca_file": "", "cert_file": "", "key_file": ""}, "liveness_ttl_s": 15, "refresh_s": 5.0,
               "bid_ttl_s": 1.0, "request_timeout_s": 5.0, "replicas": 1},
 }
@@ -137,6 +137,19 @@ def test_virtualizers_list_and_the_single_key(tmp_path: Path) -> None:
     assert config.load(path, virtualizer="simulation").virtualizers == ("simulation",)
 
 
+def test_a_creds_file_others_may_read_is_refused(tmp_path: Path) -> None:
+    creds = tmp_path / "n1.creds"
+    creds.write_text("-----BEGIN NATS USER JWT-----\n")
+    creds.chmod(0o640)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"fleet": {"creds_file": str(creds)}}))
+    with pytest.raises(ConfigError, match=r"fleet.creds_file: .*n1.creds may be read by other users \(mode 0640\); "
+                                          "make it 0600"):
+        config.load(path)
+    creds.chmod(0o600)
+    assert config.load(path).fleet.creds_file == str(creds)
+
+
 @pytest.mark.parametrize("raw, message", [
     ({"admission": {"max_instancs": 3}}, "admission.max_instancs: unknown setting"),
     ({"timeouts": {"boot_s": "soon"}}, "timeouts.boot_s: expected a finite non-negative number"),
@@ -158,6 +171,10 @@ def test_virtualizers_list_and_the_single_key(tmp_path: Path) -> None:
     ({"fleet": {"user": "u"}}, "fleet.user, password: give both or neither"),
     ({"fleet": {"refresh_s": 20}}, "fleet.refresh_s: 20 must be shorter than liveness_ttl_s"),
     ({"fleet": {"tls": {"cert_file": "/c.pem"}}}, "fleet.tls.cert_file, key_file: give both or neither"),
+    ({"fleet": {"creds_file": "/nowhere/n1.creds"}}, "fleet.creds_file: /nowhere/n1.creds: No such file"),
+    ({"fleet": {"creds_file": "/etc"}}, "fleet.creds_file: /etc is not a file"),
+    ({"fleet": {"creds_file": "/nowhere/n1.creds", "user": "u", "password": "p"}},
+     "fleet.creds_file, user: give one or the other"),
     ({"recovery": {"restart_running": "sometimes"}}, "recovery.restart_running: must be one of never, requested"),
     ({"recovery": {"max_parallel": 0}}, "recovery.max_parallel: must be at least 1"),
 ])

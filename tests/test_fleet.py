@@ -56,11 +56,12 @@ def http_answer(client: Client, body: bytes) -> dict[str, Any]:
     return {**answer, "status": 200}
 
 
-def stream_matches_journal(url: str, client: Client, node: str = "n1") -> bool:
-    """Whether the stream (NATS at `url`) holds exactly the node's journal events: each once, in order, ids
-    `<node>:<seq>`."""
+def stream_matches_journal(url: str, client: Client, node: str = "n1", **options: Any) -> bool:
+    """Whether the stream (NATS at `url`; `options` as for `controller`) holds exactly the node's journal events:
+    each once, in order, ids `<node>:<seq>`."""
     try:
-        stored = stream_events(url, f"launcher-{CLUSTER}-events", f"launcher.{CLUSTER}.node.{node}.events")
+        stored = stream_events(url, f"launcher-{CLUSTER}-events", f"launcher.{CLUSTER}.node.{node}.events",
+                               **options)
     except (nats.errors.TimeoutError, nats.errors.NoRespondersError):
         return False  # the stream has no leader yet (a cluster that lost a server elects one)
     events = journal(client)

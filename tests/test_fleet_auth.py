@@ -1,8 +1,8 @@
-"""A fleet on an authorizing nats-server (docs/fleet.md, "Security"): each launcher logs in as its own user with
-exactly `node_permissions` (what `launcher fleet permissions` prints), and works: it joins, answers commands and
-publishes its events. With a node's credentials, nobody can command another node, write its key or read its
-events; a wrong password is refused at connect. Real nats-server and `launcher serve` processes, each launcher in a
-network namespace of its own."""
+"""A fleet on an authorizing nats-server (docs/fleet.md, "Security"): each launcher logs in as its own user with exactly
+`node_permissions` (what `launcher fleet permissions` prints), and works: it joins, answers commands and publishes
+its events. With a node's credentials, nobody can command another node, write its key or read its events; a wrong
+password is refused at connect. The same with a creds file on a server in operator mode (JWTs). Real nats-server and
+`launcher serve` processes, each launcher in a network namespace of its own."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import nats.errors
 import pytest
 from fleet_support import FleetNetwork, NatsServer, command, controller, node_key
 from nats.aio.client import Client as NatsClient
+from nats_jwt import Trust
 from test_fleet import CLUSTER, node_launcher, start_json, stream_matches_journal
 from test_qemu import wait_for
 
@@ -82,3 +83,41 @@ def test_each_node_works_with_its_own_permissions_and_cannot_touch_another(fleet
     with pytest.raises(nats.errors.Error, match="Authorization Violation"):
         controller(server.url, lambda nc: nc.flush(), user="na", password="wrong")
 
+
+
+def test_a_launcher_logs_in_with_a_creds_file_and_gets_only_its_permissions(tmp_path: Path, fleet_net: FleetNetwork,
+                                                                           launcher_factory: Any) -> None:
+    """A server in operator mode (JWTs, `nats_jwt.Trust`): the launcher logs in with a creds file whose user has
+    exactly `node_permissions`, joins and works; with that creds file, another node's commands are refused."""
+    trust = Trust()
+    admin = {"user_credentials": str(trust.user_creds(tmp_path / "admin.creds", "admin"))}
+    creds = trust.user_creds(tmp_path / "na.creds", "na", node_permissions(Subjects(CLUSTER, "na")))
+    server = NatsServer(tmp_path / "nats", config=trust.server_config(), host=fleet_net.address)
+    server.start()
+    try:
+        controller(server.url, lambda nc: FleetClient(nc, CLUSTER).prepare(), **admin)
+        launcher = node_launcher(fleet_net, launcher_factory, {"fleet": {
+            "servers": [server.url], "cluster": CLUSTER, "node": "na", "creds_file": str(creds), "refresh_s": 0.5,
+            "liveness_ttl_s": 2}}, name="na")
+        wait_for("na's key", lambda: node_key(server.url, CLUSTER, "na", **admin))
+        answer = command(server.url, CLUSTER, "na", start_json(str(uuid_module.uuid4())),
+                         headers={"Launcher-Wait": "30"}, **admin)
+        assert answer["state"] == "running" and answer["status"] == 200
+        wait_for("na's events in the stream",
+                 lambda: stream_matches_journal(server.url, launcher.client(), "na", **admin))
+
+        violations: list[str] = []
+
+        async def noted(exc: Exception) -> None:
+            violations.append(str(exc))
+
+        async def trespass(nc: NatsClient) -> None:
+            with pytest.raises(nats.errors.TimeoutError):
+                await nc.request(Subjects(CLUSTER, "nb").cmd, start_json(str(uuid_module.uuid4())), timeout=1)
+            await nc.flush()
+
+        controller(server.url, trespass, user_credentials=str(creds), inbox_prefix="_INBOX_na", error_cb=noted)
+        assert any("permissions violation" in v.lower() and "launcher.t1.node.nb.cmd" in v for v in violations), \
+            violations
+    finally:
+        server.kill()

@@ -8,8 +8,8 @@
     launcher fleet permissions NODE --cluster C
                                          the nats-server permissions that node needs (JSON)
 
-The fleet comes from `--config` (its `fleet:` section: servers, cluster, user and password, TLS), or from
-`--servers` and `--cluster`, which win.
+The fleet comes from `--config` (its `fleet:` section: servers, cluster, user and password or creds file, TLS), or
+from `--servers` and `--cluster`, which win.
 """
 
 from __future__ import annotations
@@ -81,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
 
     async def session() -> int:
         client = await FleetClient.connect(servers, cluster, user=fleet.user, password=fleet.password,
+                                           creds_file=fleet.creds_file,
                                            ca_file=fleet.tls.ca_file, cert_file=fleet.tls.cert_file,
                                            key_file=fleet.tls.key_file)
         try:

@@ -100,10 +100,11 @@ class FleetClient:
 
     @classmethod
     async def connect(cls, servers: list[str], cluster: str, *, user: str = "", password: str = "",
-                      ca_file: str = "", cert_file: str = "", key_file: str = "",
+                      creds_file: str = "", ca_file: str = "", cert_file: str = "", key_file: str = "",
                       reconnect_attempts: int = 2) -> FleetClient:
-        """A connection to `servers` (nats:// or tls:// URLs) as a controller of `cluster`; once connected, it
-        tries `reconnect_attempts` times (-1: forever), 0.5 s apart, to get back a lost connection."""
+        """A connection to `servers` (nats:// or tls:// URLs) as a controller of `cluster` (with a user and
+        password, or a NATS creds file); once connected, it tries `reconnect_attempts` times (-1: forever), 0.5 s
+        apart, to get back a lost connection."""
         async def quiet(exc: Exception) -> None:
             """nats-py prints a traceback for each error without this; the caller sees the exception it gets."""
 
@@ -112,6 +113,8 @@ class FleetClient:
                                    "reconnect_time_wait": 0.5, "error_cb": quiet, "disconnected_cb": link.lost}
         if user:
             options.update(user=user, password=password)
+        if creds_file:
+            options["user_credentials"] = creds_file
         if ca_file:
             context = ssl.create_default_context(cafile=ca_file)
             if cert_file:

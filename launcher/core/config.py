@@ -6,8 +6,10 @@ type is a `ConfigError` that names the key, so a typo never silently falls back 
 
 from __future__ import annotations
 
+import os
 import re
 import socket
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -133,6 +135,7 @@ class FleetConfig:
     labels: dict[str, str] = attrs.field(factory=dict)
     user: str = ""  # user and password, or neither (a server without authorization)
     password: str = ""
+    creds_file: str = ""  # or a NATS credentials file (a user JWT and its nkey seed; a server in operator mode)
     tls: FleetTls = FleetTls()
     # The node's key in the nodes bucket expires this long after its last refresh (whole seconds, as NATS keeps
     # them); it is refreshed every `refresh_s`, and must outlive a JetStream leader election (up to ~8 s measured).
@@ -143,8 +146,9 @@ class FleetConfig:
     replicas: int = attrs.field(default=1, validator=[at_least(1), at_most(5)])  # of the stream and bucket it makes
 
     def __attrs_post_init__(self) -> None:
-        """ValueError for a bad server URL, cluster or node name, labels that are not strings, half-given
-        credentials, or a refresh as long as the TTL."""
+        """ValueError for a bad server URL, cluster or node name, labels that are not strings, half-given or
+        doubled credentials, a creds file that is missing or that others may read, or a refresh as long as the
+        TTL."""
         for url in self.servers:
             if not url.startswith(("nats://", "tls://")):
                 raise ValueError(f"servers: {url!r} is not a nats:// or tls:// URL")
@@ -159,6 +163,10 @@ class FleetConfig:
             raise ValueError("labels: must be a mapping of strings to strings")
         if bool(self.user) != bool(self.password):
             raise ValueError("user, password: give both or neither")
+        if self.creds_file:
+            if self.user:
+                raise ValueError("creds_file, user: give one or the other")
+            _check_private_file(self.creds_file)
         if self.refresh_s >= self.liveness_ttl_s:
             raise ValueError(f"refresh_s: {self.refresh_s:g} must be shorter than liveness_ttl_s "
                              f"({self.liveness_ttl_s})")
@@ -172,6 +180,19 @@ class FleetConfig:
     def node_id(self) -> str:
         """This node's id in the fleet: `node`, or the host name."""
         return self.node or default_node()
+
+
+def _check_private_file(path: str) -> None:
+    """ValueError unless `path` is a regular file that only its owner may read (it holds a secret)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise ValueError(f"creds_file: {path}: {exc.strerror}") from None
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"creds_file: {path} is not a file")
+    if mode & 0o077:
+        raise ValueError(f"creds_file: {path} may be read by other users (mode {stat.S_IMODE(mode):04o}); "
+                         "make it 0600")
 
 
 def _virtualizer_list(instance: Any, attribute: attrs.Attribute[Any], value: tuple[str, ...]) -> None:

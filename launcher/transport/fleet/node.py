@@ -143,6 +143,8 @@ class FleetNode:
         }
         if f.user:
             options.update(user=f.user, password=f.password)
+        if f.creds_file:
+            options["user_credentials"] = f.creds_file
         if f.tls.ca_file:
             context = ssl.create_default_context(cafile=f.tls.ca_file)
             if f.tls.cert_file:
