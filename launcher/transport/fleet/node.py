@@ -111,7 +111,7 @@ class FleetNode:
             wait = min(wait * 2, CONNECT_RETRY_MAX_S)
 
     def _options(self, bridge: AsyncioThread) -> dict[str, Any]:
-        """nats.connect's options: reconnect forever (firing `_link`'s pulses), ping every
+        """nats.connect's options: reconnect forever (telling `_link` of each drop and return), ping every
         PING_INTERVAL_S, one logged error per outage, the node's inbox prefix (its permissions allow only that
         one), credentials and TLS."""
         f = self.fleet
