@@ -9,8 +9,8 @@ BID_HEADER = "Launcher-Bid"  # on a START sent to a node's cmd subject: the bid 
 WAIT_HEADER = "Launcher-Wait"  # on a command: answer once it finished, waiting up to this many seconds
 CONTENT_TYPE_HEADER = "Content-Type"  # on a command: its document's type, as for POST /v1/commands
 MSG_ID_HEADER = "Nats-Msg-Id"  # on an event: "<n>:<seq>", JetStream's key for dropping a duplicate
-EXPECTED_LAST_HEADER = "Nats-Expected-Last-Subject-Sequence"  # on a batch's first event: the stream seq of the
-#                                                                 node's previous event
+EXPECTED_LAST_HEADER = "Nats-Expected-Last-Subject-Sequence"  # on an event published alone, or an atomic batch's
+#                                                                 first: the stream seq of the node's previous event
 BATCH_ID_HEADER = "Nats-Batch-Id"  # on each event of an atomic batch (JetStream, nats-server >= 2.12): the batch
 BATCH_SEQUENCE_HEADER = "Nats-Batch-Sequence"  # its place in the batch, from 1
 BATCH_COMMIT_HEADER = "Nats-Batch-Commit"  # on the batch's last event: "1", store the batch (all of it or none)
