@@ -135,36 +135,28 @@ class Inbox(Generic[T]):
             pass  # Trio's side is gone: the fleet is shutting down
 
 
-class Pulse:
-    """Something that happens now and then (the connection to NATS dropped, or came back), for Trio tasks to wait
-    for: `wait` returns at the next `fire`. Used from Trio's thread only (the loop fires it through `to_trio`)."""
-
-    def __init__(self) -> None:
-        self._event = trio.Event()
-
-    def fire(self) -> None:
-        """Wake every task waiting now."""
-        self._event.set()
-        self._event = trio.Event()
-
-    async def wait(self) -> None:
-        """Until the next `fire`."""
-        await self._event.wait()
-
-
 class Link:
     """The connection to NATS dropping and coming back, as nats-py's callbacks tell (through `to_trio`): a request
     in flight when it drops gets no answer (nats-py would let it wait for its timeout), and work paused after a
     failure may resume as soon as it is back. Used from Trio's thread only."""
 
     def __init__(self) -> None:
-        self.back = Pulse()  # fired when the connection comes back
+        self._back = trio.Event()  # set when the connection comes back, then replaced by a new one
         self._scopes: set[trio.CancelScope] = set()
 
     def dropped(self) -> None:
         """The connection dropped: cancel every `cancelled_on_drop` block."""
         for scope in self._scopes:
             scope.cancel()
+
+    def came_back(self) -> None:
+        """The connection is back: wake every `wait_back`."""
+        self._back.set()
+        self._back = trio.Event()
+
+    async def wait_back(self) -> None:
+        """Until the connection next comes back."""
+        await self._back.wait()
 
     @contextmanager
     def cancelled_on_drop(self) -> Iterator[trio.CancelScope]:
