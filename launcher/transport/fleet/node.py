@@ -133,7 +133,7 @@ class FleetNode:
             nonlocal failing
             failing = False
             log.info("fleet: reconnected to NATS")
-            bridge.to_trio(self._link.back.fire)
+            bridge.to_trio(self._link.came_back)
 
         options: dict[str, Any] = {
             "name": f"launcher-{f.node_id}", "inbox_prefix": f"_INBOX_{f.node_id}", "error_cb": error,
@@ -211,21 +211,26 @@ class FleetNode:
         except LauncherError as exc:
             log.debug("fleet: no bid: %s %s", exc.code, exc.reason)
             return None
-        return {"node": self.subjects.node, "free": self.node_document()["free"], "labels": dict(self.fleet.labels),
+        return {"node": self.subjects.node, "free": self.free(), "labels": dict(self.fleet.labels),
                 "bid_id": made.bid_id, "expires_in_ms": round(self.fleet.bid_ttl_s * 1000)}
 
     # ----------------------------------------------------------------- liveness and stats
 
     def node_document(self) -> dict[str, Any]:
-        """The value of this node's key: status, capacity, free (capacity less what instances were promised and
-        what slots and bids hold), labels, virtualizers and the HTTP API's URL."""
+        """The value of this node's key: status, capacity, free (`free`), labels, virtualizers and the HTTP API's
+        URL."""
         s = self.supervisor
-        capacity = attrs.asdict(s.capacity)
+        return {"status": s.status, "capacity": attrs.asdict(s.capacity), "free": self.free(),
+                "labels": dict(self.fleet.labels), "virtualizers": list(s.config.virtualizers), "url": self.url}
+
+    def free(self) -> dict[str, float]:
+        """What the node may still promise: capacity less what instances were promised and what warm slots and
+        live bids hold."""
+        s = self.supervisor
+        capacity = s.capacity
         used = s.allocated + s.admission.held_by_slots() + s.admission.bids.held()
-        free = {"vcpus": capacity["vcpus"] - used.vcpus, "mem_mb": capacity["mem_mb"] - used.mem_mb,
-                "disk_mb": capacity["disk_mb"] - used.disk_mb}
-        return {"status": s.status, "capacity": capacity, "free": free, "labels": dict(self.fleet.labels),
-                "virtualizers": list(s.config.virtualizers), "url": self.url}
+        return {"vcpus": capacity.vcpus - used.vcpus, "mem_mb": capacity.mem_mb - used.mem_mb,
+                "disk_mb": capacity.disk_mb - used.disk_mb}
 
     async def _refresh_liveness(self, bridge: AsyncioThread, js: JetStreamContext) -> None:
         failing = False
