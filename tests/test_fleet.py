@@ -205,15 +205,17 @@ def test_an_events_stream_made_without_atomic_batches_is_refused_with_the_reason
     """An operator made the stream beforehand without `allow_atomic`: the launcher says why it does not publish
     (it would rather not publish than risk a gap), and keeps serving."""
 
-    async def make(nc: NatsClient) -> None:
-        await nc.jetstream().add_stream(StreamConfig(name=f"launcher-{CLUSTER}-events",
+    async def make(nc: NatsClient) -> None:  # all the launcher needs but atomic batches
+        await nc.jetstream().add_stream(StreamConfig(name=f"launcher-{CLUSTER}-events", allow_direct=True,
                                                      subjects=[f"launcher.{CLUSTER}.node.*.events"]))
     controller(server.url, make)
     launcher = node_launcher(fleet_net, launcher_factory, fleet(server))
     wait_for("the reason in the log", lambda: "does not allow atomic batches (allow_atomic" in launcher.output())
     uuid = str(uuid_module.uuid4())
-    assert launcher.client().request("POST", "/v1/instances", start_json(uuid), "application/json",
-                                     wait=1)["state"] == "running"
+    client = launcher.client()
+    assert client.request("POST", "/v1/instances", start_json(uuid), "application/json", wait=1)["state"] == "running"
+    time.sleep(2 * (0.2 + 0.4 + 0.8))  # the publisher's next three tries (its pauses double from 0.2 s), twice
+    assert len(journal(client)) >= 3  # events it would have published ...
     assert stream_events(server.url, f"launcher-{CLUSTER}-events", f"launcher.{CLUSTER}.node.n1.events") == []
 
 
